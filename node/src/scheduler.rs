@@ -1,0 +1,1 @@
+//! Download scheduler (sans-IO): which chunk from which peer, retries, penalties.

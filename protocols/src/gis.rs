@@ -1,0 +1,200 @@
+//! The GIS protocol: hosts register, heartbeat (liveness and transfer counters), publish what
+//! they hold and look up hierarchical host lists; the admin revokes certificates.
+
+use crate::cert::{BridgeheadCert, Revocations};
+use crate::ids::{Idc, ImageId, ImageRef, Policy, Role};
+use crate::manifest::MAX_MANIFEST_BYTES;
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/bids/gis/1");
+/// A request may carry one manifest plus a bounded amount of other data.
+pub const MAX_REQUEST_BYTES: usize = MAX_MANIFEST_BYTES + 256 * 1024;
+/// A response may carry one manifest plus host lists.
+pub const MAX_RESPONSE_BYTES: usize = MAX_MANIFEST_BYTES + 1024 * 1024;
+/// Most addresses one host may register.
+pub const MAX_ADDRS: usize = 16;
+/// Most hosts per level in a host list.
+pub const MAX_LEVEL_HOSTS: usize = 64;
+
+/// Byte and chunk counters, split LAN (same IDC) / WAN (other IDC).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub lan_sent_bytes: u64,
+    pub lan_recv_bytes: u64,
+    pub wan_sent_bytes: u64,
+    pub wan_recv_bytes: u64,
+    pub lan_sent_chunks: u64,
+    pub lan_recv_chunks: u64,
+    pub wan_sent_chunks: u64,
+    pub wan_recv_chunks: u64,
+    /// Chunks that failed verification (received from others).
+    pub bad_chunks: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.lan_sent_bytes += o.lan_sent_bytes;
+        self.lan_recv_bytes += o.lan_recv_bytes;
+        self.wan_sent_bytes += o.wan_sent_bytes;
+        self.wan_recv_bytes += o.wan_recv_bytes;
+        self.lan_sent_chunks += o.lan_sent_chunks;
+        self.lan_recv_chunks += o.lan_recv_chunks;
+        self.wan_sent_chunks += o.wan_sent_chunks;
+        self.wan_recv_chunks += o.wan_recv_chunks;
+        self.bad_chunks += o.bad_chunks;
+    }
+}
+
+/// What a host reports in each heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStats {
+    /// Totals since the node started.
+    pub total: Counters,
+    /// Per image.
+    pub images: BTreeMap<ImageId, Counters>,
+    /// Cross-IDC connections refused (bad or missing certificate, IDC rule).
+    pub refusals: u64,
+}
+
+/// How much of an image a host holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    pub image: ImageId,
+    /// Data chunks held (zero chunks count as held).
+    pub chunks_held: u32,
+    pub complete: bool,
+    /// The host is downloading it now.
+    pub fetching: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GisRequest {
+    /// A host joins (or rejoins after a restart).
+    Register {
+        idc: Idc,
+        addrs: Vec<Multiaddr>,
+        cert: Option<BridgeheadCert>,
+        policy: Policy,
+    },
+    /// Liveness plus counters.
+    Heartbeat { stats: HostStats },
+    /// The host holds (part of) an image. `manifest` is the manifest's canonical bytes; the
+    /// GIS checks they hash to `holding.image`.
+    Publish {
+        holding: Holding,
+        #[serde(with = "serde_bytes")]
+        manifest: Vec<u8>,
+    },
+    /// The host no longer holds an image.
+    Unpublish { image: ImageId },
+    /// Hierarchical host list for an image, by name or by id.
+    Lookup { image: ImageQuery },
+    /// Admin only: revoke a certificate serial.
+    Revoke { serial: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageQuery {
+    Ref(ImageRef),
+    Id(ImageId),
+}
+
+/// One host in a host list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostEntry {
+    pub peer: PeerId,
+    pub idc: Idc,
+    pub role: Role,
+    pub addrs: Vec<Multiaddr>,
+    pub chunks_held: u32,
+    pub complete: bool,
+}
+
+/// Summary of an image, as the GIS knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub name: String,
+    pub version: String,
+    pub id: ImageId,
+    pub size: u64,
+    pub chunk_size: u32,
+}
+
+/// The paper's hierarchical host list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostList {
+    pub image: ImageInfo,
+    #[serde(with = "serde_bytes")]
+    pub manifest: Vec<u8>,
+    /// Live hosts of the requester's IDC holding the image, best first.
+    pub level0: Vec<HostEntry>,
+    /// The bridgehead of the requester's IDC chosen for this image, when the image is not
+    /// fully present in the IDC.
+    pub level1: Vec<HostEntry>,
+    /// Only for a bridgehead: bridgeheads of other IDCs chosen for this image that hold or
+    /// are fetching it.
+    pub level2: Vec<HostEntry>,
+}
+
+/// Machine-readable error kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    BadRequest,
+    UnknownImage,
+    NotRegistered,
+    BadCert,
+    Forbidden,
+    ManifestMismatch,
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GisResponse {
+    Registered {
+        /// The role the GIS granted (bridgehead only with a valid certificate).
+        role: Role,
+        heartbeat_secs: u32,
+        /// Current revocations, so nodes can refuse revoked bridgeheads.
+        revocations: Revocations,
+    },
+    Ack {
+        revocations: Revocations,
+    },
+    HostList(Box<HostList>),
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+pub type Codec = crate::codec::CborCodec<GisRequest, GisResponse>;
+
+pub fn codec() -> Codec {
+    Codec::new(MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_round_trip() {
+        let r = GisRequest::Lookup {
+            image: ImageQuery::Ref("a:1".parse().unwrap()),
+        };
+        let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
+        let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();
+        assert_eq!(back, r);
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = crate::codec::decode_body::<GisRequest>(&bytes, MAX_REQUEST_BYTES);
+            let _ = crate::codec::decode_body::<GisResponse>(&bytes, MAX_RESPONSE_BYTES);
+        }
+    }
+}

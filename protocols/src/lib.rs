@@ -1,0 +1,32 @@
+//! Wire types of BIDS: identifiers, image manifests, bridgehead certificates and the
+//! messages of every protocol, with CBOR codecs that enforce size limits.
+//!
+//! This crate does no I/O of its own and spawns nothing: the GIS and the node drive it.
+
+pub mod cert;
+pub mod chunk;
+pub mod codec;
+pub mod gis;
+pub mod gossip;
+pub mod hello;
+pub mod ids;
+pub mod manifest;
+pub mod peer;
+
+pub use cert::{BridgeheadCert, CertBody, CertError, Revocations};
+pub use ids::{ChunkIndex, Idc, ImageId, ImageRef, Policy, Role};
+pub use manifest::{ChunkInfo, Manifest, ObjectKind};
+
+/// Largest chunk size a node accepts. Chunk messages are limited to this plus framing.
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Smallest chunk size (keeps manifests of large images bounded).
+pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+/// Default chunk size: 1 MiB, as in the design.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+/// Most chunks one manifest may list (1 GiB at 4 KiB chunks, 256 GiB at 1 MiB).
+pub const MAX_CHUNKS: u32 = 1 << 18;
+
+/// Seconds since the Unix epoch, the time unit of certificates and records.
+pub fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
