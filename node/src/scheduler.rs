@@ -1,1 +1,1577 @@
-//! Download scheduler (sans-IO): which chunk from which peer, retries, penalties.
+//! Download scheduler (sans-IO): for one image, decides which chunk to request from which
+//! peer, tracks requests in flight, retries, penalties and bans. It owns no socket, clock or
+//! store: the swarm driver sends the requests it returns, verifies and stores chunks, and
+//! reports results and the current time (`now: Instant`) back.
+//!
+//! # Strategy
+//!
+//! **Sources.** Ordinary LAN peers ([`SourceKind::Lan`]) serve only the chunks they are known
+//! to hold (from the GIS list and gossip have-announcements). Bridgeheads, local
+//! ([`SourceKind::LocalBridgehead`]) or remote ([`SourceKind::RemoteBridgehead`], over the
+//! WAN), are assumed to provide every chunk: a bridgehead that lacks one pulls it and answers
+//! later, so their requests are *deferred* and get the long `deferred_timeout`.
+//!
+//! **Piece selection** is rarest-first over LAN availability (how many usable LAN peers hold
+//! each chunk), ties broken by a per-download random permutation drawn from the seed, so
+//! hosts of one IDC pull different chunks and can trade them. Priority hints (chunks a local
+//! waiter needs) go first, in the order they were given. Each call makes one pass over the
+//! missing chunks (O(chunks + peers)); a call with every slot busy returns at once.
+//!
+//! **Peer choice**, per chunk, in this order:
+//! 1. a chunk some LAN peer holds goes to the least-loaded such LAN peer with a free slot;
+//! 2. a chunk no LAN peer holds goes to the local bridgehead, else to the least-loaded remote
+//!    bridgehead (rotating among equals, so different chunks go to different remote
+//!    bridgeheads and they work in parallel);
+//! 3. when every LAN holder is saturated, the local bridgehead takes LAN-available chunks only
+//!    while it has fewer than `bridgehead_spill` requests in flight: its upload relays every
+//!    chunk into the IDC, so hosts should mostly serve each other.
+//!
+//! **WAN once.** A chunk is requested over the WAN only when no usable LAN peer holds it and no
+//! request for it is in flight anywhere; it is never duplicated over the WAN (not even in
+//! endgame) and is re-requested over the WAN only after the previous request really failed
+//! (failure report, timeout, or removal/ban/drop of its peer).
+//!
+//! **Failures.** `NotHeld` clears the LAN peer's availability bit (a bridgehead is retried for
+//! that chunk after `retry_backoff`); `Corrupt` is counted against the peer, which is banned
+//! after `max_failures_before_ban` of them; `Timeout`/`Disconnected` re-request elsewhere (the
+//! peer cools down for `retry_backoff` and that chunk avoids it for as long); `Busy` cools the
+//! peer down exponentially; `Refused`/`UnknownImage` drop the peer from this download until a
+//! fresh [`Download::add_peer`]. Banning, dropping and removing a peer make its in-flight
+//! requests re-requestable at once.
+//!
+//! **Endgame** (LAN only): once every missing chunk is in flight, spare LAN slots duplicate
+//! in-flight chunks to other LAN peers holding them (at most `endgame_copies` requests per
+//! chunk); [`Download::on_chunk`] returns `false` for the late copies.
+
+use bids_protocols::chunk::ChunkResponse;
+use libp2p::PeerId;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Where a source sits relative to the downloading node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    /// An ordinary host of the same IDC: serves only what it holds.
+    Lan,
+    /// The bridgehead (level 1) of our IDC: provides every chunk, deferred if it must pull it.
+    LocalBridgehead,
+    /// A bridgehead of another IDC (level 2), reached over the WAN: provides every chunk.
+    RemoteBridgehead,
+}
+
+impl SourceKind {
+    /// Bridgeheads are assumed to provide every chunk (they pull what they lack).
+    pub fn is_bridgehead(self) -> bool {
+        !matches!(self, SourceKind::Lan)
+    }
+    /// Requests to this source cross the WAN into our IDC.
+    pub fn is_wan(self) -> bool {
+        matches!(self, SourceKind::RemoteBridgehead)
+    }
+}
+
+/// Tuning of one download.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Requests in flight to one LAN peer.
+    pub max_inflight_lan: usize,
+    /// Requests in flight to the local bridgehead (deferred ones included).
+    pub max_inflight_bridgehead: usize,
+    /// Requests in flight to one remote bridgehead.
+    pub max_inflight_wan: usize,
+    /// A LAN request unanswered this long counts as failed (`Timeout`).
+    pub request_timeout: Duration,
+    /// A bridgehead request (local or remote, possibly deferred) unanswered this long fails.
+    pub deferred_timeout: Duration,
+    /// Duplicate in-flight chunks to spare LAN peers once every missing chunk is in flight.
+    pub endgame: bool,
+    /// Corrupt chunks after which a peer is banned from this download (at least 1).
+    pub max_failures_before_ban: u32,
+    /// The local bridgehead takes chunks that LAN peers hold only while it has fewer than
+    /// this many requests in flight (its upload is kept for chunks nobody else has).
+    pub bridgehead_spill: usize,
+    /// During endgame, at most this many requests in flight for one chunk.
+    pub endgame_copies: usize,
+    /// First cool-down after `Busy`; doubles with each consecutive `Busy` up to `max_backoff`.
+    pub busy_backoff: Duration,
+    /// After `NotHeld` (bridgehead), `Timeout`, `Disconnected` or `Corrupt`, the same peer is
+    /// not asked the same chunk again for this long; after `Timeout`/`Disconnected` the peer
+    /// also cools down for this long.
+    pub retry_backoff: Duration,
+    /// Cap of every cool-down.
+    pub max_backoff: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_inflight_lan: 8,
+            max_inflight_bridgehead: 16,
+            max_inflight_wan: 8,
+            request_timeout: Duration::from_secs(30),
+            deferred_timeout: Duration::from_secs(120),
+            endgame: true,
+            max_failures_before_ban: 3,
+            bridgehead_spill: 2,
+            endgame_copies: 2,
+            busy_backoff: Duration::from_millis(200),
+            retry_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Requests in flight allowed to one peer of this kind.
+    pub fn limit(&self, kind: SourceKind) -> usize {
+        match kind {
+            SourceKind::Lan => self.max_inflight_lan,
+            SourceKind::LocalBridgehead => self.max_inflight_bridgehead,
+            SourceKind::RemoteBridgehead => self.max_inflight_wan,
+        }
+    }
+    /// How long a request to a peer of this kind may stay unanswered.
+    pub fn timeout(&self, kind: SourceKind) -> Duration {
+        match kind {
+            SourceKind::Lan => self.request_timeout,
+            SourceKind::LocalBridgehead | SourceKind::RemoteBridgehead => self.deferred_timeout,
+        }
+    }
+}
+
+/// Why a chunk request failed, as reported by the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Failure {
+    /// The peer does not hold that chunk.
+    NotHeld,
+    /// The chunk failed verification (SHA-256 or payload decoding).
+    Corrupt,
+    /// No answer in time.
+    Timeout,
+    /// The peer refused to serve us (IDC rule, sharing off, …).
+    Refused,
+    /// The peer has too many requests from us in flight.
+    Busy,
+    /// The connection closed before the answer came.
+    Disconnected,
+    /// The peer does not know the image (or disagrees about its chunk count).
+    UnknownImage,
+}
+
+impl Failure {
+    /// The failure a non-data chunk response reports; `None` for data, which the driver must
+    /// verify (a bad payload is [`Failure::Corrupt`]).
+    pub fn from_response(resp: &ChunkResponse) -> Option<Failure> {
+        match resp {
+            ChunkResponse::Data { .. } => None,
+            ChunkResponse::NotHeld => Some(Failure::NotHeld),
+            // A peer that places our index past the end has another manifest in mind.
+            ChunkResponse::UnknownImage | ChunkResponse::BadIndex => Some(Failure::UnknownImage),
+            ChunkResponse::Refused(_) => Some(Failure::Refused),
+            ChunkResponse::Busy => Some(Failure::Busy),
+        }
+    }
+}
+
+/// A fixed-size bit set with a count of ones.
+#[derive(Clone, Debug)]
+struct Bits {
+    words: Vec<u64>,
+    len: u32,
+    ones: u32,
+}
+
+impl Bits {
+    fn new(n: u32) -> Self {
+        Bits {
+            words: vec![0; (n as usize).div_ceil(64)],
+            len: n,
+            ones: 0,
+        }
+    }
+    fn get(&self, i: u32) -> bool {
+        i < self.len
+            && self
+                .words
+                .get(i as usize / 64)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+    /// Sets bit `i`; true when it was clear.
+    fn set(&mut self, i: u32) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        match self.words.get_mut(i as usize / 64) {
+            Some(w) if *w & (1 << (i % 64)) == 0 => {
+                *w |= 1 << (i % 64);
+                self.ones += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+    /// Clears bit `i`; true when it was set.
+    fn clear(&mut self, i: u32) -> bool {
+        match self.words.get_mut(i as usize / 64) {
+            Some(w) if *w & (1 << (i % 64)) != 0 => {
+                *w &= !(1 << (i % 64));
+                self.ones -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+    fn iter_ones(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros();
+                w &= w - 1;
+                Some(wi as u32 * 64 + b)
+            })
+        })
+    }
+}
+
+/// What the scheduler knows about one source.
+#[derive(Clone, Debug)]
+struct Peer {
+    id: PeerId,
+    kind: SourceKind,
+    /// Known and reachable as far as we know (false after `remove_peer`).
+    present: bool,
+    /// Refused us or does not know the image: not asked again until a fresh `add_peer`.
+    dropped: bool,
+    /// Sent too many corrupt chunks: never asked again by this download.
+    banned: bool,
+    /// Chunks it holds (meaningful for LAN peers; bridgeheads provide everything anyway).
+    have: Bits,
+    inflight: usize,
+    corrupt: u32,
+    failures: u32,
+    /// Consecutive `Busy` answers, for the exponential cool-down.
+    busy_streak: u32,
+    cooldown_until: Option<Instant>,
+}
+
+impl Peer {
+    fn usable(&self) -> bool {
+        self.present && !self.dropped && !self.banned
+    }
+    /// Counted in the LAN availability of the chunks it holds.
+    fn counts_for_lan(&self) -> bool {
+        self.usable() && self.kind == SourceKind::Lan
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Request {
+    deadline: Instant,
+    /// Sent to a WAN source (decided at send time, even if the peer's kind changes later).
+    wan: bool,
+}
+
+/// Peers with a free request slot during one `next_requests` call, by kind.
+#[derive(Default)]
+struct Free {
+    lan: Vec<usize>,
+    bridgehead: Vec<usize>,
+    wan: Vec<usize>,
+}
+
+impl Free {
+    fn list(&mut self, kind: SourceKind) -> &mut Vec<usize> {
+        match kind {
+            SourceKind::Lan => &mut self.lan,
+            SourceKind::LocalBridgehead => &mut self.bridgehead,
+            SourceKind::RemoteBridgehead => &mut self.wan,
+        }
+    }
+}
+
+/// The download of one image by one node: see the module documentation for the strategy.
+#[derive(Debug)]
+pub struct Download {
+    cfg: SchedulerConfig,
+    chunk_count: u32,
+    held: Vec<bool>,
+    held_count: u32,
+    /// Random permutation of the chunk indexes: the tie-break among equally rare chunks.
+    order: Vec<u32>,
+    /// Position of each chunk in `order`.
+    pos_of: Vec<u32>,
+    /// By position in `order`: the chunk is missing and no request for it is in flight.
+    /// Kept up to date so a scheduling pass skips 64 uninteresting chunks at a time.
+    wanted: Bits,
+    /// Usable LAN peers holding each chunk.
+    lan_avail: Vec<u32>,
+    /// Requests in flight per chunk, and how many of them cross the WAN (0 or 1).
+    req_count: Vec<u16>,
+    wan_count: Vec<u8>,
+    /// Priority hints not yet held, in the order given (`prio` flags membership).
+    prio: Vec<bool>,
+    prio_queue: VecDeque<u32>,
+    peers: Vec<Peer>,
+    slots: HashMap<PeerId, usize>,
+    /// In-flight requests keyed by (peer slot, chunk); ordered so iteration is deterministic.
+    requests: BTreeMap<(usize, u32), Request>,
+    /// (peer slot, chunk) pairs not to be asked again before the given time.
+    pair_backoff: BTreeMap<(usize, u32), Instant>,
+    /// Rotating start for least-loaded ties, so equal peers take turns.
+    rotation: usize,
+    last_progress: Option<Instant>,
+    /// Scratch space of `next_requests`, kept to avoid reallocating on every call.
+    buckets: Vec<Vec<u32>>,
+}
+
+impl Download {
+    /// A download of `chunk_count` chunks, of which those with `held(idx)` are already held.
+    /// `seed` makes piece order and tie-breaks reproducible.
+    pub fn new(
+        chunk_count: u32,
+        held: impl Fn(u32) -> bool,
+        cfg: SchedulerConfig,
+        seed: u64,
+    ) -> Self {
+        let n = chunk_count as usize;
+        let held: Vec<bool> = (0..chunk_count).map(held).collect();
+        let held_count = held.iter().filter(|h| **h).count() as u32;
+        let mut order: Vec<u32> = (0..chunk_count).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(seed));
+        let mut pos_of = vec![0; n];
+        let mut wanted = Bits::new(chunk_count);
+        for (pos, &idx) in order.iter().enumerate() {
+            pos_of[idx as usize] = pos as u32;
+            if !held[idx as usize] {
+                wanted.set(pos as u32);
+            }
+        }
+        Download {
+            cfg,
+            chunk_count,
+            held,
+            held_count,
+            order,
+            pos_of,
+            wanted,
+            lan_avail: vec![0; n],
+            req_count: vec![0; n],
+            wan_count: vec![0; n],
+            prio: vec![false; n],
+            prio_queue: VecDeque::new(),
+            peers: Vec::new(),
+            slots: HashMap::new(),
+            requests: BTreeMap::new(),
+            pair_backoff: BTreeMap::new(),
+            rotation: 0,
+            last_progress: None,
+            buckets: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn chunk_count(&self) -> u32 {
+        self.chunk_count
+    }
+
+    /// Adds a source, or refreshes one: it becomes present again and a dropped peer is
+    /// re-admitted (a banned one stays banned). `complete` marks every chunk held; a partial
+    /// listing keeps what announcements told. A bridgehead kind is not demoted by a later
+    /// `Lan` listing (the GIS may list the bridgehead at level 0 too); `remove_peer` first to
+    /// demote one.
+    pub fn add_peer(&mut self, peer: PeerId, kind: SourceKind, complete: bool) {
+        let slot = self.slot_or_insert(peer, kind);
+        self.update_peer(slot, |p| {
+            // A removed peer comes back as whatever it is listed as now.
+            if !(p.present && kind == SourceKind::Lan && p.kind.is_bridgehead()) {
+                p.kind = kind;
+            }
+            p.present = true;
+            p.dropped = false;
+        });
+        if complete {
+            self.set_have_range(slot, 0, self.chunk_count);
+        }
+    }
+
+    /// The peer announced it gained these chunks (half-open ranges, clamped to the image).
+    /// An unknown peer is remembered as a LAN peer; a removed one is present again (it is
+    /// evidently alive).
+    pub fn peer_has(&mut self, peer: &PeerId, ranges: &[(u32, u32)]) {
+        let slot = self.slot_or_insert(*peer, SourceKind::Lan);
+        self.update_peer(slot, |p| p.present = true);
+        for &(start, end) in ranges {
+            self.set_have_range(slot, start, end.min(self.chunk_count));
+        }
+    }
+
+    /// The peer now holds the whole image.
+    pub fn peer_complete(&mut self, peer: &PeerId) {
+        self.peer_has(peer, &[(0, self.chunk_count)]);
+    }
+
+    /// Forgets a source (disconnected, gone from the host list). Its in-flight requests become
+    /// re-requestable; its penalties and ban are kept.
+    pub fn remove_peer(&mut self, peer: &PeerId) {
+        let Some(&slot) = self.slots.get(peer) else {
+            return;
+        };
+        self.release(slot);
+        self.update_peer(slot, |p| {
+            p.present = false;
+            p.cooldown_until = None;
+            p.busy_streak = 0;
+        });
+        // What it held is re-learned from the GIS or its announcements if it comes back.
+        self.peers[slot].have = Bits::new(self.chunk_count);
+    }
+
+    /// Hint: a local waiter needs this chunk, fetch it before the others.
+    pub fn prioritize(&mut self, idx: u32) {
+        let i = idx as usize;
+        if i < self.held.len() && !self.held[i] && !self.prio[i] {
+            self.prio[i] = true;
+            self.prio_queue.push_back(idx);
+        }
+    }
+
+    /// The requests to send now, each marked in flight with its send time.
+    pub fn next_requests(&mut self, now: Instant) -> Vec<(PeerId, u32)> {
+        let mut out = Vec::new();
+        if self.is_complete() {
+            return out;
+        }
+        let mut free = Free::default();
+        for (slot, p) in self.peers.iter_mut().enumerate() {
+            if let Some(until) = p.cooldown_until {
+                if until > now {
+                    continue;
+                }
+                p.cooldown_until = None;
+            }
+            if !p.usable() || p.inflight >= self.cfg.limit(p.kind) {
+                continue;
+            }
+            // A LAN peer known to hold nothing cannot serve anything.
+            if p.kind == SourceKind::Lan && p.have.ones == 0 {
+                continue;
+            }
+            free.list(p.kind).push(slot);
+        }
+        if free.lan.is_empty() && free.bridgehead.is_empty() && free.wan.is_empty() {
+            return out;
+        }
+
+        // 1. Priority hints, oldest first.
+        let held = &self.held;
+        self.prio_queue.retain(|&i| !held[i as usize]);
+        let hints: Vec<u32> = self.prio_queue.iter().copied().collect();
+        for idx in hints {
+            if self.req_count[idx as usize] == 0 {
+                self.assign_fresh(idx, now, &mut free, &mut out);
+            }
+        }
+
+        // 2. One pass over the wanted chunks (missing, not in flight) in random order,
+        //    bucketed by LAN availability. Chunks no free source could take are skipped: a
+        //    LAN-available one is kept only if some free LAN peer holds it (or the bridgehead
+        //    may take spill), an unavailable one only if a bridgehead or WAN slot is free.
+        let cover = self.have_union(&free.lan);
+        let spill = self.spill_possible(&free);
+        let unavailable_ok = !free.bridgehead.is_empty() || !free.wan.is_empty();
+        let mut buckets = std::mem::take(&mut self.buckets);
+        buckets.iter_mut().for_each(Vec::clear);
+        for pos in self.wanted.iter_ones() {
+            let idx = self.order[pos as usize];
+            let i = idx as usize;
+            if self.prio[i] {
+                continue; // already tried above, with the same rules
+            }
+            let a = self.lan_avail[i] as usize;
+            let useful = if a == 0 {
+                unavailable_ok
+            } else {
+                spill || cover[i / 64] & (1 << (i % 64)) != 0
+            };
+            if !useful {
+                continue;
+            }
+            if buckets.len() <= a {
+                buckets.resize_with(a + 1, Vec::new);
+            }
+            buckets[a].push(idx);
+        }
+
+        // 3. Rarest first among chunks LAN peers hold, to LAN peers only.
+        'lan: for bucket in buckets.iter().skip(1) {
+            for &idx in bucket {
+                if free.lan.is_empty() {
+                    break 'lan;
+                }
+                if let Some(pos) = self.pick(&free.lan, idx, now, true) {
+                    self.assign(free.lan[pos], idx, now, &mut free, &mut out);
+                }
+            }
+        }
+
+        // 4. Chunks no LAN peer holds: the local bridgehead, else the WAN.
+        if let Some(bucket) = buckets.first() {
+            for &idx in bucket {
+                if free.bridgehead.is_empty() && free.wan.is_empty() {
+                    break;
+                }
+                self.assign_unavailable(idx, now, &mut free, &mut out);
+            }
+        }
+
+        // 5. LAN holders saturated: a little help from the local bridgehead.
+        'spill: for bucket in buckets.iter().skip(1) {
+            for &idx in bucket {
+                if !self.spill_possible(&free) {
+                    break 'spill;
+                }
+                if self.req_count[idx as usize] == 0 {
+                    self.assign_spill(idx, now, &mut free, &mut out);
+                }
+            }
+        }
+        self.buckets = buckets;
+
+        // 6. Endgame: everything missing is in flight; spare LAN slots duplicate.
+        if self.cfg.endgame && self.wanted.ones == 0 && !free.lan.is_empty() {
+            let mut chunks: Vec<u32> = self
+                .requests
+                .keys()
+                .map(|&(_, idx)| idx)
+                .filter(|&idx| !self.held[idx as usize])
+                .collect();
+            // Only chunks that were already in flight: a request just sent deserves its chance.
+            let just_sent: std::collections::HashSet<u32> = out.iter().map(|&(_, i)| i).collect();
+            chunks.retain(|idx| !just_sent.contains(idx));
+            // Random order again, and one entry per chunk.
+            chunks.sort_unstable_by_key(|&idx| self.pos_of[idx as usize]);
+            chunks.dedup();
+            for idx in chunks {
+                if free.lan.is_empty() {
+                    break;
+                }
+                if (self.req_count[idx as usize] as usize) < self.cfg.endgame_copies {
+                    if let Some(pos) = self.pick(&free.lan, idx, now, true) {
+                        self.assign(free.lan[pos], idx, now, &mut free, &mut out);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A verified chunk arrived (the driver checked its SHA-256 and stored it). Returns whether
+    /// it was new (`false` for a duplicate, e.g. a late endgame copy).
+    pub fn on_chunk(&mut self, peer: &PeerId, idx: u32, now: Instant) -> bool {
+        if idx >= self.chunk_count {
+            return false;
+        }
+        if let Some(&slot) = self.slots.get(peer) {
+            if self.finish_request(slot, idx).is_some() {
+                self.peers[slot].busy_streak = 0;
+            }
+            // It served the chunk, so it holds it.
+            if self.peers[slot].kind == SourceKind::Lan {
+                self.set_have(slot, idx);
+            }
+        }
+        let new = self.set_held(idx);
+        if new {
+            self.last_progress = Some(now);
+        }
+        new
+    }
+
+    /// A request failed; see the module documentation for what each failure does. Reports for
+    /// requests no longer in flight (expired, peer removed) still carry their evidence
+    /// (corrupt data, not held, refusal, busy) but are not counted twice.
+    pub fn on_failure(&mut self, peer: &PeerId, idx: u32, why: Failure, now: Instant) {
+        let Some(&slot) = self.slots.get(peer) else {
+            return;
+        };
+        if idx >= self.chunk_count {
+            return;
+        }
+        let was_inflight = self.finish_request(slot, idx).is_some();
+        let backoff_until = now + self.cfg.retry_backoff;
+        if was_inflight && why != Failure::Corrupt {
+            self.peers[slot].failures += 1;
+        }
+        match why {
+            Failure::NotHeld => {
+                if self.peers[slot].kind == SourceKind::Lan {
+                    self.clear_have(slot, idx);
+                } else {
+                    // A bridgehead provides everything eventually; ask it again later.
+                    self.pair_backoff.insert((slot, idx), backoff_until);
+                }
+            }
+            Failure::Corrupt => {
+                // Evidence of bad data counts even for a request we had already given up on.
+                self.peers[slot].corrupt += 1;
+                let corrupt = self.peers[slot].corrupt;
+                self.pair_backoff
+                    .insert((slot, idx), now + self.cfg.max_backoff);
+                if corrupt >= self.cfg.max_failures_before_ban.max(1) && !self.peers[slot].banned {
+                    tracing::warn!(%peer, corrupt, "banning peer from this download after corrupt chunks");
+                    self.update_peer(slot, |p| p.banned = true);
+                    self.release(slot);
+                }
+            }
+            Failure::Timeout | Failure::Disconnected => {
+                // A stale report (request already expired or released) was handled then.
+                if was_inflight {
+                    self.pair_backoff.insert((slot, idx), backoff_until);
+                    let p = &mut self.peers[slot];
+                    p.cooldown_until = Some(
+                        p.cooldown_until
+                            .map_or(backoff_until, |t| t.max(backoff_until)),
+                    );
+                }
+            }
+            Failure::Busy => {
+                let (base, cap) = (self.cfg.busy_backoff, self.cfg.max_backoff);
+                let p = &mut self.peers[slot];
+                p.busy_streak = p.busy_streak.saturating_add(1);
+                let factor = 1u32 << (p.busy_streak - 1).min(16);
+                p.cooldown_until = Some(now + base.saturating_mul(factor).min(cap));
+            }
+            Failure::Refused | Failure::UnknownImage => {
+                if !self.peers[slot].dropped {
+                    tracing::debug!(%peer, ?why, "dropping peer from this download");
+                    self.update_peer(slot, |p| p.dropped = true);
+                    self.release(slot);
+                }
+            }
+        }
+    }
+
+    /// A chunk gained some other way (e.g. written by another task): mark it held.
+    pub fn mark_held(&mut self, idx: u32) {
+        if idx < self.chunk_count {
+            self.set_held(idx);
+        }
+    }
+
+    /// Requests older than their timeout count as failed (`Timeout`); returns them so the
+    /// driver can forget their pending responses.
+    pub fn expire(&mut self, now: Instant) -> Vec<(PeerId, u32)> {
+        self.pair_backoff.retain(|_, until| *until > now);
+        let late: Vec<(usize, u32)> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = Vec::with_capacity(late.len());
+        for (slot, idx) in late {
+            let peer = self.peers[slot].id;
+            self.on_failure(&peer, idx, Failure::Timeout, now);
+            out.push((peer, idx));
+        }
+        out
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.held_count == self.chunk_count
+    }
+
+    pub fn is_held(&self, idx: u32) -> bool {
+        self.held.get(idx as usize).copied().unwrap_or(false)
+    }
+
+    pub fn held_count(&self) -> u32 {
+        self.held_count
+    }
+
+    pub fn missing(&self) -> u32 {
+        self.chunk_count - self.held_count
+    }
+
+    /// Requests in flight (endgame copies included).
+    pub fn inflight(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Requests in flight to one peer.
+    pub fn inflight_to(&self, peer: &PeerId) -> usize {
+        self.slots
+            .get(peer)
+            .map_or(0, |&slot| self.peers[slot].inflight)
+    }
+
+    /// True when nothing is in flight, chunks are missing and no known peer can provide them:
+    /// the driver then asks the GIS again or reports "no source". Peers only cooling down
+    /// still count as sources.
+    pub fn is_stalled(&self) -> bool {
+        if !self.requests.is_empty() || self.is_complete() {
+            return false;
+        }
+        let bridgehead = self
+            .peers
+            .iter()
+            .any(|p| p.usable() && p.kind.is_bridgehead());
+        let lan = (0..self.held.len()).any(|i| !self.held[i] && self.lan_avail[i] > 0);
+        !bridgehead && !lan
+    }
+
+    /// (peer, corrupt chunks, other failed requests) for every peer with any.
+    pub fn penalties(&self) -> Vec<(PeerId, u32, u32)> {
+        self.peers
+            .iter()
+            .filter(|p| p.corrupt > 0 || p.failures > 0)
+            .map(|p| (p.id, p.corrupt, p.failures))
+            .collect()
+    }
+
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.slots
+            .get(peer)
+            .is_some_and(|&slot| self.peers[slot].banned)
+    }
+
+    /// The peer's kind as this download sees it, if known.
+    pub fn peer_kind(&self, peer: &PeerId) -> Option<SourceKind> {
+        self.slots.get(peer).map(|&slot| self.peers[slot].kind)
+    }
+
+    /// The earliest time something may change without an event: a request deadline, the end
+    /// of a cool-down or of a per-chunk backoff. The driver wakes up then and calls
+    /// [`Download::expire`] and [`Download::next_requests`].
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let deadlines = self.requests.values().map(|r| r.deadline);
+        let cooldowns = self.peers.iter().filter_map(|p| p.cooldown_until);
+        let backoffs = self.pair_backoff.values().copied();
+        deadlines.chain(cooldowns).chain(backoffs).min()
+    }
+
+    /// When the last new chunk arrived through `on_chunk`.
+    pub fn last_progress(&self) -> Option<Instant> {
+        self.last_progress
+    }
+
+    // ---- internals ----
+
+    fn slot_or_insert(&mut self, peer: PeerId, kind: SourceKind) -> usize {
+        if let Some(&slot) = self.slots.get(&peer) {
+            return slot;
+        }
+        let slot = self.peers.len();
+        self.peers.push(Peer {
+            id: peer,
+            kind,
+            // Not counted anywhere until the caller makes it present.
+            present: false,
+            dropped: false,
+            banned: false,
+            have: Bits::new(self.chunk_count),
+            inflight: 0,
+            corrupt: 0,
+            failures: 0,
+            busy_streak: 0,
+            cooldown_until: None,
+        });
+        self.slots.insert(peer, slot);
+        slot
+    }
+
+    /// Changes a peer's status or kind, keeping LAN availability consistent.
+    fn update_peer(&mut self, slot: usize, f: impl FnOnce(&mut Peer)) {
+        let before = self.peers[slot].counts_for_lan();
+        f(&mut self.peers[slot]);
+        let after = self.peers[slot].counts_for_lan();
+        if before != after {
+            let Self {
+                peers, lan_avail, ..
+            } = self;
+            for i in peers[slot].have.iter_ones() {
+                let a = &mut lan_avail[i as usize];
+                *a = if after { *a + 1 } else { *a - 1 };
+            }
+        }
+    }
+
+    fn set_have(&mut self, slot: usize, idx: u32) {
+        if self.peers[slot].have.set(idx) && self.peers[slot].counts_for_lan() {
+            self.lan_avail[idx as usize] += 1;
+        }
+    }
+
+    fn set_have_range(&mut self, slot: usize, start: u32, end: u32) {
+        for idx in start..end {
+            self.set_have(slot, idx);
+        }
+    }
+
+    fn clear_have(&mut self, slot: usize, idx: u32) {
+        if self.peers[slot].have.clear(idx) && self.peers[slot].counts_for_lan() {
+            self.lan_avail[idx as usize] -= 1;
+        }
+    }
+
+    /// Keeps `wanted` equal to "missing and nothing in flight" for one chunk.
+    fn refresh_wanted(&mut self, idx: u32) {
+        let i = idx as usize;
+        let pos = self.pos_of[i];
+        if !self.held[i] && self.req_count[i] == 0 {
+            self.wanted.set(pos);
+        } else {
+            self.wanted.clear(pos);
+        }
+    }
+
+    /// The chunks at least one of these peers holds, as bitset words.
+    fn have_union(&self, slots: &[usize]) -> Vec<u64> {
+        let mut words = vec![0u64; (self.chunk_count as usize).div_ceil(64)];
+        for &slot in slots {
+            for (w, h) in words.iter_mut().zip(&self.peers[slot].have.words) {
+                *w |= h;
+            }
+        }
+        words
+    }
+
+    fn set_held(&mut self, idx: u32) -> bool {
+        let i = idx as usize;
+        if self.held[i] {
+            return false;
+        }
+        self.held[i] = true;
+        self.held_count += 1;
+        self.prio[i] = false;
+        self.refresh_wanted(idx);
+        true
+    }
+
+    /// Removes one in-flight request.
+    fn finish_request(&mut self, slot: usize, idx: u32) -> Option<Request> {
+        let req = self.requests.remove(&(slot, idx))?;
+        let i = idx as usize;
+        self.req_count[i] -= 1;
+        if req.wan {
+            self.wan_count[i] -= 1;
+        }
+        self.peers[slot].inflight -= 1;
+        self.refresh_wanted(idx);
+        Some(req)
+    }
+
+    /// Forgets every request in flight to a peer, so its chunks can be asked elsewhere.
+    fn release(&mut self, slot: usize) {
+        let keys: Vec<(usize, u32)> = self
+            .requests
+            .range((slot, 0)..=(slot, u32::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for (s, idx) in keys {
+            self.finish_request(s, idx);
+        }
+    }
+
+    fn backed_off(&self, slot: usize, idx: u32, now: Instant) -> bool {
+        self.pair_backoff
+            .get(&(slot, idx))
+            .is_some_and(|until| *until > now)
+    }
+
+    /// The least-loaded peer of `free` that may be asked chunk `idx` (holding it if
+    /// `need_have`), as a position in `free`. Ties go to the first after a rotating start.
+    fn pick(&self, free: &[usize], idx: u32, now: Instant, need_have: bool) -> Option<usize> {
+        let n = free.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.rotation % n;
+        let mut best: Option<(usize, usize)> = None;
+        for k in 0..n {
+            let pos = (start + k) % n;
+            let slot = free[pos];
+            let p = &self.peers[slot];
+            if need_have && !p.have.get(idx) {
+                continue;
+            }
+            // The map lookups only when they can hit (the common case is a fresh chunk).
+            if self.req_count[idx as usize] > 0 && self.requests.contains_key(&(slot, idx)) {
+                continue;
+            }
+            if !self.pair_backoff.is_empty() && self.backed_off(slot, idx, now) {
+                continue;
+            }
+            if best.is_none_or(|(_, load)| p.inflight < load) {
+                best = Some((pos, p.inflight));
+            }
+        }
+        best.map(|(pos, _)| pos)
+    }
+
+    /// Marks a request in flight and hands it out.
+    fn assign(
+        &mut self,
+        slot: usize,
+        idx: u32,
+        now: Instant,
+        free: &mut Free,
+        out: &mut Vec<(PeerId, u32)>,
+    ) {
+        let p = &mut self.peers[slot];
+        let kind = p.kind;
+        let wan = kind.is_wan();
+        debug_assert!(!self.held[idx as usize], "requesting held chunk {idx}");
+        debug_assert!(
+            !wan || self.wan_count[idx as usize] == 0,
+            "chunk {idx} twice over WAN"
+        );
+        p.inflight += 1;
+        let full = p.inflight >= self.cfg.limit(kind);
+        out.push((p.id, idx));
+        self.requests.insert(
+            (slot, idx),
+            Request {
+                deadline: now + self.cfg.timeout(kind),
+                wan,
+            },
+        );
+        let i = idx as usize;
+        self.req_count[i] = self.req_count[i].saturating_add(1);
+        if wan {
+            self.wan_count[i] += 1;
+        }
+        self.refresh_wanted(idx);
+        if full {
+            free.list(kind).retain(|&s| s != slot);
+        }
+        self.rotation = self.rotation.wrapping_add(1);
+    }
+
+    /// A chunk with no request in flight, by the normal rules (used for priority hints).
+    fn assign_fresh(
+        &mut self,
+        idx: u32,
+        now: Instant,
+        free: &mut Free,
+        out: &mut Vec<(PeerId, u32)>,
+    ) -> bool {
+        if self.lan_avail[idx as usize] == 0 {
+            return self.assign_unavailable(idx, now, free, out);
+        }
+        if let Some(pos) = self.pick(&free.lan, idx, now, true) {
+            self.assign(free.lan[pos], idx, now, free, out);
+            return true;
+        }
+        self.assign_spill(idx, now, free, out)
+    }
+
+    /// A chunk no usable LAN peer holds: local bridgehead first, then one WAN source.
+    fn assign_unavailable(
+        &mut self,
+        idx: u32,
+        now: Instant,
+        free: &mut Free,
+        out: &mut Vec<(PeerId, u32)>,
+    ) -> bool {
+        if let Some(pos) = self.pick(&free.bridgehead, idx, now, false) {
+            self.assign(free.bridgehead[pos], idx, now, free, out);
+            return true;
+        }
+        // The WAN rule: one WAN request per chunk, none for chunks the IDC already has.
+        if self.wan_count[idx as usize] == 0 && self.lan_avail[idx as usize] == 0 {
+            if let Some(pos) = self.pick(&free.wan, idx, now, false) {
+                self.assign(free.wan[pos], idx, now, free, out);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn spill_possible(&self, free: &Free) -> bool {
+        free.bridgehead
+            .iter()
+            .any(|&slot| self.peers[slot].inflight < self.cfg.bridgehead_spill)
+    }
+
+    /// A LAN-available chunk whose holders are saturated: the local bridgehead, if it is
+    /// nearly idle.
+    fn assign_spill(
+        &mut self,
+        idx: u32,
+        now: Instant,
+        free: &mut Free,
+        out: &mut Vec<(PeerId, u32)>,
+    ) -> bool {
+        let spill = self.cfg.bridgehead_spill;
+        let idle: Vec<usize> = free
+            .bridgehead
+            .iter()
+            .copied()
+            .filter(|&slot| self.peers[slot].inflight < spill)
+            .collect();
+        match self.pick(&idle, idx, now, false) {
+            Some(pos) => {
+                self.assign(idle[pos], idx, now, free, out);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn pid(n: u8) -> PeerId {
+        libp2p::identity::Keypair::ed25519_from_bytes([n; 32])
+            .expect("32 bytes make an ed25519 key")
+            .public()
+            .to_peer_id()
+    }
+
+    fn cfg() -> SchedulerConfig {
+        SchedulerConfig::default()
+    }
+
+    fn dl(n: u32) -> Download {
+        Download::new(n, |_| false, cfg(), 7)
+    }
+
+    fn to(reqs: &[(PeerId, u32)], peer: PeerId) -> Vec<u32> {
+        reqs.iter()
+            .filter(|(p, _)| *p == peer)
+            .map(|(_, i)| *i)
+            .collect()
+    }
+
+    #[test]
+    fn held_chunks_are_never_requested() {
+        let mut d = Download::new(64, |i| i % 2 == 0, cfg(), 1);
+        assert_eq!(d.held_count(), 32);
+        assert_eq!(d.missing(), 32);
+        d.add_peer(pid(1), SourceKind::LocalBridgehead, false);
+        let now = Instant::now();
+        let reqs = d.next_requests(now);
+        assert_eq!(reqs.len(), 16);
+        assert!(reqs.iter().all(|(_, i)| i % 2 == 1));
+        d.mark_held(1);
+        // Chunk 1 in flight and now held: never asked again; the rest go out as slots free.
+        for (p, i) in reqs {
+            d.on_chunk(&p, i, now);
+        }
+        let mut seen = HashSet::new();
+        while !d.is_complete() {
+            let reqs = d.next_requests(now);
+            assert!(!reqs.is_empty());
+            for (p, i) in reqs {
+                assert!(!d.is_held(i), "held chunk {i} requested");
+                assert!(seen.insert(i));
+                d.on_chunk(&p, i, now);
+            }
+        }
+    }
+
+    #[test]
+    fn rarest_chunks_go_first() {
+        let mut c = cfg();
+        c.max_inflight_lan = 2;
+        let mut d = Download::new(10, |_| false, c, 3);
+        let (a, b) = (pid(1), pid(2));
+        d.add_peer(a, SourceKind::Lan, true);
+        d.add_peer(b, SourceKind::Lan, false);
+        d.peer_has(&b, &[(0, 5)]);
+        let reqs = d.next_requests(Instant::now());
+        // 5..10 are held by A alone (rarest): A's two slots go to them, B serves 0..5.
+        assert_eq!(to(&reqs, a).len(), 2);
+        assert!(to(&reqs, a).iter().all(|i| (5..10).contains(i)));
+        assert_eq!(to(&reqs, b).len(), 2);
+        assert!(to(&reqs, b).iter().all(|i| (0..5).contains(i)));
+    }
+
+    #[test]
+    fn tie_break_is_random_but_seeded() {
+        let first = |seed| {
+            let mut d = Download::new(256, |_| false, cfg(), seed);
+            d.add_peer(pid(1), SourceKind::Lan, true);
+            d.next_requests(Instant::now())
+        };
+        assert_eq!(first(5), first(5));
+        assert_ne!(first(5), first(6));
+        let picks: Vec<u32> = first(5).iter().map(|(_, i)| *i).collect();
+        assert_ne!(
+            picks,
+            (0..8).collect::<Vec<_>>(),
+            "order should not be sequential"
+        );
+    }
+
+    #[test]
+    fn priority_hints_come_first_in_order() {
+        let mut d = dl(100);
+        d.prioritize(77);
+        d.prioritize(3);
+        d.prioritize(77); // a repeat hint keeps its place
+        d.add_peer(pid(1), SourceKind::Lan, true);
+        let reqs = d.next_requests(Instant::now());
+        assert_eq!(reqs.len(), 8);
+        assert_eq!(reqs[0].1, 77);
+        assert_eq!(reqs[1].1, 3);
+    }
+
+    #[test]
+    fn pipelines_up_to_the_limit_and_spreads_over_peers() {
+        let mut d = dl(100);
+        let peers = [pid(1), pid(2), pid(3)];
+        for p in peers {
+            d.add_peer(p, SourceKind::Lan, true);
+        }
+        let now = Instant::now();
+        let reqs = d.next_requests(now);
+        assert_eq!(reqs.len(), 24);
+        for p in peers {
+            assert_eq!(to(&reqs, p).len(), 8);
+            assert_eq!(d.inflight_to(&p), 8);
+        }
+        let distinct: HashSet<u32> = reqs.iter().map(|(_, i)| *i).collect();
+        assert_eq!(
+            distinct.len(),
+            24,
+            "no chunk requested twice outside endgame"
+        );
+        assert!(d.next_requests(now).is_empty(), "every slot is busy");
+        // One answer frees exactly one slot, on that peer.
+        d.on_chunk(&reqs[0].0, reqs[0].1, now);
+        let more = d.next_requests(now);
+        assert_eq!(more.len(), 1);
+        assert_eq!(more[0].0, reqs[0].0);
+    }
+
+    #[test]
+    fn local_bridgehead_serves_what_no_lan_peer_has() {
+        let mut d = dl(100);
+        let (a, bh) = (pid(1), pid(9));
+        d.add_peer(bh, SourceKind::LocalBridgehead, false);
+        d.add_peer(a, SourceKind::Lan, false);
+        d.peer_has(&a, &[(0, 50)]);
+        let reqs = d.next_requests(Instant::now());
+        assert_eq!(to(&reqs, a).len(), 8);
+        assert!(to(&reqs, a).iter().all(|i| *i < 50));
+        assert_eq!(to(&reqs, bh).len(), 16);
+        assert!(to(&reqs, bh).iter().all(|i| *i >= 50));
+    }
+
+    #[test]
+    fn bridgehead_share_stays_small_when_lan_peers_can_serve() {
+        let mut d = dl(100);
+        let (a, bh) = (pid(1), pid(9));
+        d.add_peer(bh, SourceKind::LocalBridgehead, true);
+        d.add_peer(a, SourceKind::Lan, true);
+        let now = Instant::now();
+        let reqs = d.next_requests(now);
+        assert_eq!(to(&reqs, a).len(), 8);
+        // Everything is on the LAN: the bridgehead only gets its small spill share.
+        assert_eq!(to(&reqs, bh).len(), cfg().bridgehead_spill);
+        assert!(d.next_requests(now).is_empty());
+        // Removing the LAN peer makes the bridgehead the only source: it gets its full share.
+        d.remove_peer(&a);
+        let reqs = d.next_requests(now);
+        assert_eq!(to(&reqs, bh).len(), 16 - cfg().bridgehead_spill);
+    }
+
+    #[test]
+    fn remote_bridgeheads_get_different_chunks_in_parallel() {
+        let mut d = dl(100);
+        let (r1, r2) = (pid(21), pid(22));
+        d.add_peer(r1, SourceKind::RemoteBridgehead, true);
+        d.add_peer(r2, SourceKind::RemoteBridgehead, true);
+        let now = Instant::now();
+        let reqs = d.next_requests(now);
+        assert_eq!(to(&reqs, r1).len(), 8);
+        assert_eq!(to(&reqs, r2).len(), 8);
+        let distinct: HashSet<u32> = reqs.iter().map(|(_, i)| *i).collect();
+        assert_eq!(distinct.len(), 16);
+        // Alternating: consecutive picks go to different remote bridgeheads.
+        assert!(reqs.windows(2).all(|w| w[0].0 != w[1].0));
+    }
+
+    #[test]
+    fn wan_is_never_used_for_chunks_the_lan_holds() {
+        let mut d = dl(100);
+        let (a, r) = (pid(1), pid(21));
+        d.add_peer(r, SourceKind::RemoteBridgehead, true);
+        d.add_peer(a, SourceKind::Lan, false);
+        d.peer_has(&a, &[(0, 90)]);
+        let now = Instant::now();
+        let mut wan = Vec::new();
+        // Drain the WAN; the LAN peer never answers, so LAN chunks stay wanted meanwhile.
+        for _ in 0..10 {
+            for (p, i) in d.next_requests(now) {
+                if p == r {
+                    wan.push(i);
+                    d.on_chunk(&p, i, now);
+                }
+            }
+        }
+        wan.sort_unstable();
+        assert_eq!(wan, (90..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn wan_chunk_is_re_requested_only_after_a_real_failure() {
+        let mut c = cfg();
+        c.max_inflight_wan = 1;
+        let mut d = Download::new(1, |_| false, c.clone(), 1);
+        let (r1, r2) = (pid(21), pid(22));
+        d.add_peer(r1, SourceKind::RemoteBridgehead, true);
+        d.add_peer(r2, SourceKind::RemoteBridgehead, true);
+        let t0 = Instant::now();
+        let reqs = d.next_requests(t0);
+        assert_eq!(reqs.len(), 1, "one chunk, one WAN request, no endgame copy");
+        let first = reqs[0].0;
+        // Long silence is not a failure until the deferred timeout.
+        assert!(d.next_requests(t0 + Duration::from_secs(60)).is_empty());
+        assert!(d.expire(t0 + Duration::from_secs(60)).is_empty());
+        let t1 = t0 + c.deferred_timeout;
+        assert_eq!(d.expire(t1), vec![(first, 0)]);
+        let again = d.next_requests(t1);
+        assert_eq!(again.len(), 1);
+        assert_ne!(
+            again[0].0, first,
+            "re-requested from the other remote bridgehead"
+        );
+        // The late answer of the first still counts; the second is then a duplicate.
+        assert!(d.on_chunk(&first, 0, t1));
+        assert!(!d.on_chunk(&again[0].0, 0, t1));
+        assert!(d.is_complete());
+        assert_eq!(d.inflight(), 0);
+    }
+
+    #[test]
+    fn not_held_clears_lan_availability() {
+        let mut d = dl(4);
+        let a = pid(1);
+        d.add_peer(a, SourceKind::Lan, true);
+        let now = Instant::now();
+        assert_eq!(d.next_requests(now).len(), 4);
+        for i in 0..4 {
+            d.on_failure(&a, i, Failure::NotHeld, now);
+        }
+        assert!(d.next_requests(now + Duration::from_secs(100)).is_empty());
+        assert!(d.is_stalled(), "the only peer holds nothing we miss");
+        assert_eq!(d.penalties(), vec![(a, 0, 4)]);
+        d.peer_has(&a, &[(2, 3)]);
+        assert!(!d.is_stalled());
+        assert_eq!(d.next_requests(now), vec![(a, 2)]);
+    }
+
+    #[test]
+    fn not_held_from_a_bridgehead_retries_after_backoff() {
+        let mut d = dl(1);
+        let bh = pid(9);
+        d.add_peer(bh, SourceKind::LocalBridgehead, false);
+        let t0 = Instant::now();
+        assert_eq!(d.next_requests(t0), vec![(bh, 0)]);
+        d.on_failure(&bh, 0, Failure::NotHeld, t0);
+        assert!(!d.is_stalled(), "a bridgehead can still provide it");
+        assert!(d.next_requests(t0 + Duration::from_millis(500)).is_empty());
+        assert_eq!(d.next_deadline(), Some(t0 + cfg().retry_backoff));
+        assert_eq!(d.next_requests(t0 + cfg().retry_backoff), vec![(bh, 0)]);
+    }
+
+    #[test]
+    fn corrupt_peers_are_penalised_then_banned() {
+        let mut c = cfg();
+        c.max_inflight_lan = 1;
+        let mut d = Download::new(10, |_| false, c, 2);
+        let (bad, good) = (pid(1), pid(2));
+        d.add_peer(bad, SourceKind::Lan, true);
+        let now = Instant::now();
+        let mut corrupted = Vec::new();
+        for _ in 0..3 {
+            let reqs = d.next_requests(now);
+            assert_eq!(reqs.len(), 1);
+            d.on_failure(&bad, reqs[0].1, Failure::Corrupt, now);
+            corrupted.push(reqs[0].1);
+        }
+        assert!(d.is_banned(&bad));
+        assert_eq!(d.penalties(), vec![(bad, 3, 0)]);
+        assert!(d.next_requests(now).is_empty(), "banned: no more requests");
+        assert!(d.is_stalled());
+        d.add_peer(bad, SourceKind::Lan, true);
+        assert!(d.is_banned(&bad), "a fresh listing does not lift a ban");
+        d.add_peer(good, SourceKind::Lan, true);
+        let reqs = d.next_requests(now);
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].0, good);
+    }
+
+    #[test]
+    fn corrupt_chunk_is_re_requested_elsewhere() {
+        let mut d = dl(1);
+        let (a, b) = (pid(1), pid(2));
+        d.add_peer(a, SourceKind::Lan, true);
+        d.add_peer(b, SourceKind::Lan, true);
+        let now = Instant::now();
+        let reqs = d.next_requests(now);
+        assert_eq!(reqs.len(), 1);
+        let (first, _) = reqs[0];
+        d.on_failure(&first, 0, Failure::Corrupt, now);
+        assert!(!d.is_banned(&first));
+        let other = if first == a { b } else { a };
+        assert_eq!(d.next_requests(now), vec![(other, 0)]);
+    }
+
+    #[test]
+    fn lan_timeouts_expire_and_move_to_another_peer() {
+        let mut d = dl(1);
+        let (a, b) = (pid(1), pid(2));
+        d.add_peer(a, SourceKind::Lan, true);
+        let t0 = Instant::now();
+        assert_eq!(d.next_requests(t0), vec![(a, 0)]);
+        assert_eq!(d.next_deadline(), Some(t0 + cfg().request_timeout));
+        d.add_peer(b, SourceKind::Lan, true);
+        let t1 = t0 + cfg().request_timeout;
+        assert_eq!(d.expire(t1), vec![(a, 0)]);
+        assert_eq!(d.penalties(), vec![(a, 0, 1)]);
+        assert_eq!(d.next_requests(t1), vec![(b, 0)]);
+        // A stale timeout report from the driver is not counted twice.
+        d.on_failure(&a, 0, Failure::Timeout, t1);
+        assert_eq!(d.penalties(), vec![(a, 0, 1)]);
+    }
+
+    #[test]
+    fn busy_peers_back_off_exponentially() {
+        let mut d = dl(4);
+        let a = pid(1);
+        d.add_peer(a, SourceKind::Lan, true);
+        let t0 = Instant::now();
+        let reqs = d.next_requests(t0);
+        assert_eq!(reqs.len(), 4);
+        d.on_failure(&a, reqs[0].1, Failure::Busy, t0);
+        let b = cfg().busy_backoff;
+        assert!(d.next_requests(t0 + b / 2).is_empty());
+        assert_eq!(d.next_requests(t0 + b).len(), 1);
+        let t1 = t0 + b;
+        d.on_failure(&a, reqs[1].1, Failure::Busy, t1);
+        // Second Busy in a row: twice as long.
+        assert!(d.next_requests(t1 + b).is_empty());
+        assert_eq!(d.next_requests(t1 + 2 * b).len(), 1);
+        // A success resets the streak.
+        d.on_chunk(&a, reqs[2].1, t1);
+        d.on_failure(&a, reqs[3].1, Failure::Busy, t1 + 2 * b);
+        assert!(!d.next_requests(t1 + 3 * b).is_empty());
+    }
+
+    #[test]
+    fn refused_or_unknown_image_drops_the_peer_until_listed_again() {
+        let mut d = dl(10);
+        let (a, b) = (pid(1), pid(2));
+        d.add_peer(a, SourceKind::Lan, true);
+        d.add_peer(b, SourceKind::LocalBridgehead, false);
+        let now = Instant::now();
+        let reqs = d.next_requests(now);
+        d.on_failure(&a, to(&reqs, a)[0], Failure::Refused, now);
+        assert_eq!(d.inflight_to(&a), 0, "its other requests are released");
+        d.on_failure(&b, to(&reqs, b)[0], Failure::UnknownImage, now);
+        assert_eq!(d.inflight(), 0);
+        assert!(d.next_requests(now).is_empty());
+        assert!(d.is_stalled());
+        d.peer_has(&a, &[(0, 10)]);
+        assert!(
+            d.next_requests(now).is_empty(),
+            "an announcement does not re-admit"
+        );
+        d.add_peer(a, SourceKind::Lan, true);
+        assert_eq!(d.next_requests(now).len(), 8);
+    }
+
+    #[test]
+    fn removed_peer_frees_its_chunks_for_others() {
+        let mut c = cfg();
+        c.endgame = false;
+        let mut d = Download::new(8, |_| false, c, 4);
+        let (a, b) = (pid(1), pid(2));
+        d.add_peer(a, SourceKind::Lan, true);
+        let now = Instant::now();
+        assert_eq!(d.next_requests(now).len(), 8);
+        d.add_peer(b, SourceKind::Lan, true);
+        assert!(
+            d.next_requests(now).is_empty(),
+            "all chunks in flight, no endgame"
+        );
+        d.remove_peer(&a);
+        assert_eq!(d.inflight(), 0);
+        let reqs = d.next_requests(now);
+        assert_eq!(to(&reqs, b).len(), 8);
+        // The removed peer's late answer is still a new chunk.
+        assert!(d.on_chunk(&a, reqs[0].1, now));
+        assert!(!d.on_chunk(&b, reqs[0].1, now));
+    }
+
+    #[test]
+    fn endgame_duplicates_on_the_lan_only() {
+        let mut d = dl(4);
+        let (a, b, r) = (pid(1), pid(2), pid(21));
+        d.add_peer(a, SourceKind::Lan, true);
+        d.add_peer(b, SourceKind::Lan, true);
+        let now = Instant::now();
+        let first = d.next_requests(now);
+        assert_eq!(first.len(), 4);
+        let dups = d.next_requests(now);
+        assert_eq!(
+            dups.len(),
+            4,
+            "each in-flight chunk copied to the other peer"
+        );
+        for &(p, i) in &dups {
+            assert!(first.iter().any(|&(q, j)| j == i && q != p));
+        }
+        assert!(
+            d.next_requests(now).is_empty(),
+            "at most endgame_copies per chunk"
+        );
+        for &(p, i) in &first {
+            assert!(d.on_chunk(&p, i, now));
+        }
+        for &(p, i) in &dups {
+            assert!(!d.on_chunk(&p, i, now), "late copy is a duplicate");
+        }
+        assert!(d.is_complete());
+        assert_eq!(d.inflight(), 0);
+
+        // Over the WAN, never.
+        let mut w = dl(2);
+        w.add_peer(r, SourceKind::RemoteBridgehead, true);
+        w.add_peer(pid(22), SourceKind::RemoteBridgehead, true);
+        assert_eq!(w.next_requests(now).len(), 2);
+        assert!(w.next_requests(now).is_empty());
+    }
+
+    #[test]
+    fn endgame_can_be_switched_off() {
+        let mut c = cfg();
+        c.endgame = false;
+        let mut d = Download::new(4, |_| false, c, 1);
+        d.add_peer(pid(1), SourceKind::Lan, true);
+        d.add_peer(pid(2), SourceKind::Lan, true);
+        let now = Instant::now();
+        assert_eq!(d.next_requests(now).len(), 4);
+        assert!(d.next_requests(now).is_empty());
+    }
+
+    #[test]
+    fn stall_detection() {
+        let mut d = dl(4);
+        assert!(d.is_stalled(), "no peer at all");
+        let a = pid(1);
+        d.peer_has(&a, &[(0, 2)]);
+        assert_eq!(
+            d.peer_kind(&a),
+            Some(SourceKind::Lan),
+            "unknown announcer is a LAN peer"
+        );
+        assert!(!d.is_stalled());
+        let now = Instant::now();
+        for (p, i) in d.next_requests(now) {
+            assert!(!d.is_stalled(), "requests in flight");
+            d.on_chunk(&p, i, now);
+        }
+        assert_eq!(d.held_count(), 2);
+        assert!(d.is_stalled(), "nobody holds 2..4");
+        d.add_peer(pid(9), SourceKind::LocalBridgehead, false);
+        assert!(!d.is_stalled());
+        let mut done = Download::new(2, |_| true, cfg(), 0);
+        assert!(done.is_complete() && !done.is_stalled());
+        assert!(done.next_requests(now).is_empty());
+    }
+
+    #[test]
+    fn bridgehead_kind_is_not_demoted_by_a_lan_listing() {
+        let mut d = dl(4);
+        let bh = pid(9);
+        d.add_peer(bh, SourceKind::LocalBridgehead, false);
+        d.add_peer(bh, SourceKind::Lan, false);
+        d.peer_has(&bh, &[(0, 1)]);
+        assert_eq!(d.peer_kind(&bh), Some(SourceKind::LocalBridgehead));
+        d.remove_peer(&bh);
+        d.add_peer(bh, SourceKind::Lan, false);
+        assert_eq!(d.peer_kind(&bh), Some(SourceKind::Lan));
+    }
+
+    #[test]
+    fn announced_ranges_are_clamped_and_counted() {
+        let mut d = dl(10);
+        let a = pid(1);
+        d.peer_has(&a, &[(8, 50), (3, 1)]);
+        d.peer_complete(&pid(2));
+        assert_eq!(d.lan_avail, vec![1, 1, 1, 1, 1, 1, 1, 1, 2, 2]);
+        d.remove_peer(&pid(2));
+        assert_eq!(d.lan_avail.iter().sum::<u32>(), 2);
+        d.on_failure(&a, 9, Failure::NotHeld, Instant::now());
+        assert_eq!(d.lan_avail[9], 0);
+    }
+
+    #[test]
+    fn chunk_indexes_past_the_end_are_ignored() {
+        let mut d = dl(4);
+        let a = pid(1);
+        d.add_peer(a, SourceKind::Lan, true);
+        let now = Instant::now();
+        assert!(!d.on_chunk(&a, 4, now));
+        d.on_failure(&a, 99, Failure::Corrupt, now);
+        d.mark_held(1000);
+        d.prioritize(1000);
+        assert_eq!(d.held_count(), 0);
+        assert!(d.penalties().is_empty());
+    }
+
+    #[test]
+    fn failures_map_from_chunk_responses() {
+        use bids_protocols::chunk::Encoding;
+        let data = ChunkResponse::Data {
+            encoding: Encoding::Raw,
+            payload: vec![],
+        };
+        assert_eq!(Failure::from_response(&data), None);
+        assert_eq!(
+            Failure::from_response(&ChunkResponse::NotHeld),
+            Some(Failure::NotHeld)
+        );
+        assert_eq!(
+            Failure::from_response(&ChunkResponse::Busy),
+            Some(Failure::Busy)
+        );
+        assert_eq!(
+            Failure::from_response(&ChunkResponse::Refused("idc".into())),
+            Some(Failure::Refused)
+        );
+        assert_eq!(
+            Failure::from_response(&ChunkResponse::BadIndex),
+            Some(Failure::UnknownImage)
+        );
+    }
+
+    #[test]
+    fn bits_track_ones() {
+        let mut b = Bits::new(130);
+        assert!(b.set(0) && b.set(64) && b.set(129));
+        assert!(!b.set(64));
+        assert!(!b.set(130), "out of range is ignored");
+        assert_eq!(b.ones, 3);
+        assert_eq!(b.iter_ones().collect::<Vec<_>>(), vec![0, 64, 129]);
+        assert!(b.clear(64) && !b.clear(64));
+        assert!(b.get(129) && !b.get(64) && !b.get(500));
+    }
+}

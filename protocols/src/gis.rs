@@ -89,8 +89,14 @@ pub enum GisRequest {
     },
     /// The host no longer holds an image.
     Unpublish { image: ImageId },
-    /// Hierarchical host list for an image, by name or by id.
-    Lookup { image: ImageQuery },
+    /// Hierarchical host list for an image, by name or by id. Registered hosts leave `idc`
+    /// empty and get their own view. A peer that has not registered (a tool such as
+    /// `bids lookup`) names an IDC and gets what an ordinary host of that IDC would get.
+    Lookup {
+        image: ImageQuery,
+        #[serde(default)]
+        idc: Option<Idc>,
+    },
     /// Admin only: revoke a certificate serial.
     Revoke { serial: u64 },
 }
@@ -184,6 +190,7 @@ mod tests {
     fn request_round_trip() {
         let r = GisRequest::Lookup {
             image: ImageQuery::Ref("a:1".parse().unwrap()),
+            idc: None,
         };
         let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
         let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();

@@ -1,1 +1,4 @@
-//! placeholder
+//! The in-process testnet: a GIS and several IDCs of BIDS nodes in one process on loopback,
+//! with WAN and LAN links emulated between them. Production code never depends on it.
+
+pub mod shaping;

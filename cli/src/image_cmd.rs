@@ -1,0 +1,282 @@
+//! `bids image …`: import, list, export, status, fetch and remove images. When a node runs on
+//! the store, the commands go through its control socket (the node owns the store); otherwise
+//! they open the store directly.
+
+use crate::progress::Progress;
+use anyhow::{bail, Context, Result};
+use bids_node::control::{self, ControlReply, ControlRequest};
+use bids_node::store::Store;
+use bids_protocols::{ImageRef, ObjectKind, DEFAULT_CHUNK_SIZE};
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Import a file as image NAME:VERSION.
+    Add {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        store: PathBuf,
+        /// Chunk size (bytes, or with KiB/MiB suffix); a multiple of 4 KiB.
+        #[arg(long, value_parser = crate::parse_size)]
+        chunk_size: Option<u64>,
+        /// The version this one derives from (NAME:VERSION).
+        #[arg(long)]
+        base: Option<String>,
+    },
+    /// List the images of a store.
+    Ls {
+        #[arg(long)]
+        store: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image out, bit-exact (sparse where it has zero chunks).
+    Export {
+        image: String,
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Progress and LAN/WAN transfer counters of one image.
+    Status {
+        image: String,
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the node running on the store to download an image.
+    Fetch {
+        image: String,
+        #[arg(long)]
+        store: PathBuf,
+        /// Also export the image to this file when complete.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Remove an image from the store (and tell the GIS).
+    Rm {
+        image: String,
+        #[arg(long)]
+        store: PathBuf,
+    },
+}
+
+fn image_ref(s: &str) -> Result<ImageRef> {
+    s.parse::<ImageRef>().map_err(anyhow::Error::msg)
+}
+
+fn open_store(dir: &Path) -> Result<Store> {
+    Store::open(dir).with_context(|| format!("opening store {}", dir.display()))
+}
+
+async fn via_node(store: &Path, req: ControlRequest) -> Result<Vec<ControlReply>> {
+    let mut out = Vec::new();
+    control::request(store, &req, |r| out.push(r))
+        .await
+        .with_context(|| format!("talking to the node on {}", store.display()))?;
+    Ok(out)
+}
+
+fn fail_on_error(replies: &[ControlReply]) -> Result<()> {
+    for r in replies {
+        if let ControlReply::Error(e) = r {
+            bail!("{e}");
+        }
+    }
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+pub async fn run(cmd: ImageCmd) -> Result<()> {
+    match cmd {
+        ImageCmd::Add { file, name, version, store, chunk_size, base } => {
+            let image = ImageRef::new(&name, &version).map_err(anyhow::Error::msg)?;
+            let base = base.as_deref().map(image_ref).transpose()?;
+            let chunk_size = u32::try_from(chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE as u64))
+                .context("--chunk-size is too large")?;
+            let file = std::fs::canonicalize(&file).with_context(|| format!("reading {}", file.display()))?;
+            if control::node_running(&store).await {
+                let replies = via_node(&store, ControlRequest::Add { file, image, chunk_size, base }).await?;
+                fail_on_error(&replies)?;
+                for r in replies {
+                    if let ControlReply::Added { id, image, size, chunks } = r {
+                        println!("{image} {id} {size} bytes, {chunks} chunks (published by the running node)");
+                    }
+                }
+                return Ok(());
+            }
+            let s = open_store(&store)?;
+            let total = std::fs::metadata(&file)?.len();
+            let mut p = Progress::new(&format!("importing {image}"), total, true);
+            let m = tokio::task::block_in_place(|| {
+                s.import(&file, &image, chunk_size, base, ObjectKind::Image, &mut |d, t| p.set(d, t))
+            })?;
+            p.finish();
+            println!("{} {} {} bytes, {} chunks ({} all-zero)", m.image_ref(), m.id(), m.size, m.chunk_count(), m.chunk_count() - m.data_chunks());
+            Ok(())
+        }
+        ImageCmd::Ls { store, json } => {
+            let rows: Vec<(String, String, String, u64, u32, u32)> = if control::node_running(&store).await {
+                let replies = via_node(&store, ControlRequest::Status).await?;
+                fail_on_error(&replies)?;
+                let mut rows = Vec::new();
+                for r in replies {
+                    if let ControlReply::Status(s) = r {
+                        for i in s.images {
+                            rows.push((i.image.name, i.image.version, i.id.to_hex(), i.size, i.held, i.total));
+                        }
+                    }
+                }
+                rows
+            } else {
+                open_store(&store)?
+                    .list()
+                    .into_iter()
+                    .map(|i| (i.image.name, i.image.version, i.id.to_hex(), i.size, i.held, i.total))
+                    .collect()
+            };
+            if json {
+                let v: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(n, v, id, size, held, total)| {
+                        serde_json::json!({"name": n, "version": v, "id": id, "size": size, "chunks_held": held, "chunks_total": total})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<20} {:<12} {:<16} {:>12} {:>15}", "NAME", "VERSION", "ID", "SIZE", "CHUNKS");
+                for (n, v, id, size, held, total) in rows {
+                    println!("{n:<20} {v:<12} {:<16} {:>12} {:>15}", &id[..12], human(size), format!("{held}/{total}"));
+                }
+            }
+            Ok(())
+        }
+        ImageCmd::Export { image, store, out } => {
+            let image = image_ref(&image)?;
+            if control::node_running(&store).await {
+                let out = absolute(&out)?;
+                fail_on_error(&via_node(&store, ControlRequest::Export { image, out }).await?)?;
+                return Ok(());
+            }
+            let s = open_store(&store)?;
+            let id = s.resolve(&image).with_context(|| format!("image {image} is not in store {}", store.display()))?;
+            let mut p = Progress::new(&format!("exporting {image}"), 0, true);
+            tokio::task::block_in_place(|| s.export(&id, &out, &mut |d, t| p.set(d, t)))?;
+            p.finish();
+            Ok(())
+        }
+        ImageCmd::Status { image, store, json } => {
+            let image = image_ref(&image)?;
+            if !control::node_running(&store).await {
+                let s = open_store(&store)?;
+                let id = s.resolve(&image).with_context(|| format!("image {image} is not in store {}", store.display()))?;
+                let st = s.status(&id).context("image vanished")?;
+                if json {
+                    println!("{}", serde_json::json!({"image": image.to_string(), "id": id.to_hex(), "held": st.held, "total": st.total, "complete": st.complete, "node_running": false}));
+                } else {
+                    println!("{image} {id}\n  chunks: {}/{}{}\n  (no node runs on this store: no transfer counters)", st.held, st.total, if st.complete { " complete" } else { "" });
+                }
+                return Ok(());
+            }
+            let replies = via_node(&store, ControlRequest::Status).await?;
+            fail_on_error(&replies)?;
+            for r in replies {
+                if let ControlReply::Status(s) = r {
+                    let Some(i) = s.images.iter().find(|i| i.image == image) else {
+                        bail!("image {image} is not in store {}", store.display());
+                    };
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(i)?);
+                    } else {
+                        let c = &i.counters;
+                        println!("{} {}", i.image, i.id);
+                        println!("  chunks:   {}/{}{}{}", i.held, i.total, if i.complete { " complete" } else { "" }, if i.fetching { " (fetching)" } else { "" });
+                        println!("  LAN:      received {} in {} chunks, sent {} in {} chunks", human(c.lan_recv_bytes), c.lan_recv_chunks, human(c.lan_sent_bytes), c.lan_sent_chunks);
+                        println!("  WAN:      received {} in {} chunks, sent {} in {} chunks", human(c.wan_recv_bytes), c.wan_recv_chunks, human(c.wan_sent_bytes), c.wan_sent_chunks);
+                        println!("  bad chunks received: {}", c.bad_chunks);
+                        println!("  node: {} IDC {} role {} refusals {}", s.peer, s.idc, s.role, s.refusals);
+                    }
+                }
+            }
+            Ok(())
+        }
+        ImageCmd::Fetch { image, store, out } => {
+            let image = image_ref(&image)?;
+            if !control::node_running(&store).await {
+                bail!("no node runs on store {}; start one with `bids node --store {} …`", store.display(), store.display());
+            }
+            let mut p: Option<Progress> = None;
+            let mut result: Option<Result<f64, String>> = None;
+            let mut err = None;
+            control::request(&store, &ControlRequest::Fetch { image: image.clone() }, |r| match r {
+                ControlReply::Progress(pr) => {
+                    let bar = p.get_or_insert_with(|| Progress::new(&format!("fetching {image}"), pr.total as u64, false));
+                    bar.set(pr.held as u64, pr.total as u64);
+                    if let Some(d) = pr.done {
+                        result = Some(d);
+                    }
+                }
+                ControlReply::Error(e) => err = Some(e),
+                _ => {}
+            })
+            .await
+            .with_context(|| format!("talking to the node on {}", store.display()))?;
+            if let Some(p) = &p {
+                p.finish();
+            }
+            if let Some(e) = err {
+                bail!("{e}");
+            }
+            match result {
+                Some(Ok(secs)) => eprintln!("{image}: complete and verified in {secs:.2} s"),
+                Some(Err(e)) => bail!("fetching {image} failed: {e}"),
+                None => bail!("the node stopped before {image} was complete"),
+            }
+            if let Some(out) = out {
+                let out = absolute(&out)?;
+                fail_on_error(&via_node(&store, ControlRequest::Export { image, out }).await?)?;
+            }
+            Ok(())
+        }
+        ImageCmd::Rm { image, store } => {
+            let image = image_ref(&image)?;
+            if control::node_running(&store).await {
+                return fail_on_error(&via_node(&store, ControlRequest::Remove { image }).await?);
+            }
+            let s = open_store(&store)?;
+            let id = s.resolve(&image).with_context(|| format!("image {image} is not in store {}", store.display()))?;
+            s.remove(&id)?;
+            Ok(())
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}

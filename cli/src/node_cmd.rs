@@ -1,0 +1,204 @@
+//! `bids node` and `bids gis`: the two daemons, configured from flags, `BIDS_…` variables and
+//! an optional TOML file.
+
+use crate::{cert_cmd, keys, settings};
+use anyhow::{Context, Result};
+use bids_protocols::{Idc, Policy};
+use clap::Args;
+use libp2p::Multiaddr;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// TOML file with any of the settings below (flags win over it, BIDS_… variables in between).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[arg(long)]
+    idc: Option<String>,
+    /// GIS address ending in /p2p/<peer id>.
+    #[arg(long)]
+    gis: Option<String>,
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Listen address (default /ip4/0.0.0.0/tcp/0).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Bridgehead certificate (makes this host a bridgehead candidate of its IDC).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    admin_peer: Option<String>,
+    #[arg(long)]
+    policy: Option<String>,
+    /// Upload limit in bytes/s (0 = unlimited).
+    #[arg(long)]
+    upload_bps: Option<u64>,
+    /// Download limit in bytes/s (0 = unlimited).
+    #[arg(long)]
+    download_bps: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct NodeSettings {
+    key: Option<PathBuf>,
+    idc: Option<String>,
+    gis: Option<String>,
+    store: Option<PathBuf>,
+    listen: Option<String>,
+    cert: Option<PathBuf>,
+    admin_peer: Option<String>,
+    policy: Option<String>,
+    heartbeat_secs: Option<u64>,
+    upload_bps: Option<u64>,
+    download_bps: Option<u64>,
+    external_addr: Option<String>,
+}
+
+fn s(p: &Option<PathBuf>) -> Option<String> {
+    p.as_ref().map(|p| p.display().to_string())
+}
+
+pub async fn run_node(a: NodeArgs) -> Result<()> {
+    let st: NodeSettings = settings::load(
+        a.config.as_deref(),
+        &[
+            ("key", s(&a.key)),
+            ("idc", a.idc.clone()),
+            ("gis", a.gis.clone()),
+            ("store", s(&a.store)),
+            ("listen", a.listen.clone()),
+            ("cert", s(&a.cert)),
+            ("admin_peer", a.admin_peer.clone()),
+            ("policy", a.policy.clone()),
+            ("upload_bps", a.upload_bps.map(|v| v.to_string())),
+            ("download_bps", a.download_bps.map(|v| v.to_string())),
+        ],
+    )?;
+    let key = keys::load(&settings::required(st.key, "key", "--key")?)?;
+    let idc = Idc::new(&settings::required(st.idc, "idc", "--idc")?).map_err(anyhow::Error::msg)?;
+    let gis: Multiaddr = settings::required(st.gis, "gis", "--gis")?.parse().context("--gis is not a multiaddr")?;
+    let store = settings::required(st.store, "store", "--store")?;
+    let admin = keys::parse_peer(&settings::required(st.admin_peer, "admin_peer", "--admin-peer")?)?;
+    let mut cfg = bids_node::NodeConfig::new(key, idc, gis, store, admin);
+    if let Some(l) = st.listen {
+        cfg.listen = l
+            .split(',')
+            .map(|x| x.trim().parse::<Multiaddr>().with_context(|| format!("listen address {x:?}")))
+            .collect::<Result<_>>()?;
+    }
+    if let Some(e) = st.external_addr {
+        cfg.external_addrs = vec![e.parse().context("external_addr is not a multiaddr")?];
+    }
+    if let Some(c) = st.cert {
+        cfg.cert = Some(cert_cmd::read_cert(&c)?);
+    }
+    if let Some(p) = st.policy {
+        cfg.policy = p.parse::<Policy>().map_err(anyhow::Error::msg)?;
+    }
+    if let Some(h) = st.heartbeat_secs {
+        cfg.heartbeat = Duration::from_secs(h.max(1));
+    }
+    cfg.upload_bps = st.upload_bps.unwrap_or(0);
+    cfg.download_bps = st.download_bps.unwrap_or(0);
+    let (node, task) = bids_node::start(cfg).await?;
+    for a in node.listen_addrs() {
+        println!("{a}");
+    }
+    let control = tokio::spawn(bids_node::control::serve(node.clone()));
+    tokio::select! {
+        _ = shutdown_signal() => {
+            node.shutdown().await;
+        }
+        r = control => {
+            node.shutdown().await;
+            r.context("control socket task")?.context("control socket")?;
+        }
+        _ = task => {}
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct GisArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Listen address, e.g. /ip4/127.0.0.1/tcp/7000.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory (sled).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    admin_peer: Option<String>,
+    /// bids (default) or baseline (evaluation only).
+    #[arg(long)]
+    policy: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct GisSettings {
+    key: Option<PathBuf>,
+    listen: Option<String>,
+    data: Option<PathBuf>,
+    admin_peer: Option<String>,
+    policy: Option<String>,
+    heartbeat_timeout_secs: Option<u64>,
+}
+
+pub async fn run_gis(a: GisArgs) -> Result<()> {
+    let st: GisSettings = settings::load(
+        a.config.as_deref(),
+        &[
+            ("key", s(&a.key)),
+            ("listen", a.listen.clone()),
+            ("data", s(&a.data)),
+            ("admin_peer", a.admin_peer.clone()),
+            ("policy", a.policy.clone()),
+        ],
+    )?;
+    let keypair = keys::load(&settings::required(st.key, "key", "--key")?)?;
+    let listen: Multiaddr = st
+        .listen
+        .unwrap_or_else(|| "/ip4/127.0.0.1/tcp/7000".into())
+        .parse()
+        .context("--listen is not a multiaddr")?;
+    let data_dir = settings::required(st.data, "data", "--data")?;
+    let admin_peer = keys::parse_peer(&settings::required(st.admin_peer, "admin_peer", "--admin-peer")?)?;
+    let policy = st.policy.as_deref().unwrap_or("bids").parse::<Policy>().map_err(anyhow::Error::msg)?;
+    let cfg = bids_gis::server::GisConfig {
+        keypair,
+        listen,
+        data_dir,
+        admin_peer,
+        policy,
+        heartbeat_timeout: Duration::from_secs(st.heartbeat_timeout_secs.unwrap_or(10)),
+    };
+    let gis = bids_gis::server::spawn(cfg).await?;
+    for a in gis.listen_addrs() {
+        println!("{a}");
+    }
+    shutdown_signal().await;
+    gis.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,397 @@
+//! Applying a delta: check the delta's trailer and the base's SHA-256 before anything is
+//! written, then replay the records into a sink, hashing the output as it goes. The file
+//! sink writes a sparse temporary file that `lib.rs` renames into place once verified.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::format::{
+    BodyReader, DeltaHeader, HEADER_LEN, MAX_FRAME, TAG_COPY, TAG_DATA, TAG_END, TAG_LIT_RAW,
+    TAG_LIT_ZSTD, TAG_ZERO, TRAILER_LEN,
+};
+use crate::image::{hash_zeros, Image};
+use crate::DeltaError;
+
+/// Where decoded output goes. Pieces arrive in output order.
+pub(crate) trait Sink {
+    /// `len` bytes of the base at `off`.
+    fn base(&mut self, off: usize, len: usize) -> Result<(), DeltaError>;
+    /// `len` literal bytes at `start` of the current frame.
+    fn literal(&mut self, frame: &Arc<Vec<u8>>, start: usize, len: usize)
+        -> Result<(), DeltaError>;
+    /// `len` zero bytes.
+    fn zero(&mut self, len: u64) -> Result<(), DeltaError>;
+    /// A new literal frame is about to replace the previous ones (lets a sink bound how
+    /// many frames it keeps alive).
+    fn new_frame(&mut self) -> Result<(), DeltaError> {
+        Ok(())
+    }
+}
+
+/// Byte counts of one replay.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct DecodeStats {
+    pub(crate) copied: u64,
+    pub(crate) zero: u64,
+    pub(crate) literal: u64,
+}
+
+/// Checks a whole delta held in memory: header, exact length, SHA-256 trailer.
+pub(crate) fn check_delta(bytes: &[u8], what: &str) -> Result<DeltaHeader, DeltaError> {
+    let h = DeltaHeader::decode(bytes, what)?;
+    let expected = h.file_len();
+    let actual = bytes.len() as u64;
+    if actual < expected {
+        return Err(DeltaError::Truncated { expected, actual });
+    }
+    if actual > expected {
+        return Err(DeltaError::corrupt(
+            expected,
+            format!("{} bytes after the trailer", actual - expected),
+        ));
+    }
+    let body_end = HEADER_LEN + h.body_len as usize;
+    let sum: [u8; 32] = Sha256::digest(&bytes[..body_end]).into();
+    let trailer = &bytes[body_end..body_end + TRAILER_LEN];
+    if sum[..] != trailer[..] {
+        return Err(DeltaError::ChecksumMismatch {
+            expected: hex::encode(trailer),
+            actual: hex::encode(sum),
+        });
+    }
+    Ok(h)
+}
+
+/// Replays the body. Every length and offset is checked against the base, the declared
+/// output size and the current frame before it is used; frames are decompressed into
+/// buffers of at most `MAX_FRAME` bytes whatever the delta claims.
+pub(crate) fn decode<S: Sink>(
+    body: &[u8],
+    base_len: usize,
+    to_size: u64,
+    sink: &mut S,
+) -> Result<DecodeStats, DeltaError> {
+    let mut r = BodyReader::new(body, HEADER_LEN as u64);
+    let mut out_pos: u64 = 0;
+    let mut frame: Arc<Vec<u8>> = Arc::new(Vec::new());
+    let mut frame_pos = 0usize;
+    let mut dec = zstd::bulk::Decompressor::new()
+        .map_err(|source| DeltaError::Zstd { op: "init", source })?;
+    let mut st = DecodeStats::default();
+    loop {
+        let rec = r.offset();
+        let tag = r.u8()?;
+        match tag {
+            TAG_END => {
+                if r.remaining() != 0 {
+                    return Err(r.err("bytes after the END record"));
+                }
+                if out_pos != to_size {
+                    return Err(DeltaError::corrupt(
+                        rec,
+                        format!("output ends at {out_pos} bytes, header says {to_size}"),
+                    ));
+                }
+                if frame_pos != frame.len() {
+                    return Err(DeltaError::corrupt(rec, "literal bytes left unused"));
+                }
+                return Ok(st);
+            }
+            TAG_COPY | TAG_ZERO | TAG_DATA => {
+                let src = if tag == TAG_COPY { r.varint()? } else { 0 };
+                let len = r.varint()?;
+                if len == 0 {
+                    return Err(DeltaError::corrupt(rec, "zero-length operation"));
+                }
+                if len > to_size - out_pos {
+                    return Err(DeltaError::corrupt(
+                        rec,
+                        format!("operation of {len} bytes at output {out_pos} passes the output size {to_size}"),
+                    ));
+                }
+                match tag {
+                    TAG_COPY => {
+                        if src.checked_add(len).is_none_or(|end| end > base_len as u64) {
+                            return Err(DeltaError::corrupt(
+                                rec,
+                                format!("copy of {len} bytes from {src} passes the base size {base_len}"),
+                            ));
+                        }
+                        sink.base(src as usize, len as usize)?;
+                        st.copied += len;
+                    }
+                    TAG_ZERO => {
+                        sink.zero(len)?;
+                        st.zero += len;
+                    }
+                    _ => {
+                        if len > (frame.len() - frame_pos) as u64 {
+                            return Err(DeltaError::corrupt(
+                                rec,
+                                format!(
+                                    "literal of {len} bytes, only {} left in the frame",
+                                    frame.len() - frame_pos
+                                ),
+                            ));
+                        }
+                        sink.literal(&frame, frame_pos, len as usize)?;
+                        frame_pos += len as usize;
+                        st.literal += len;
+                    }
+                }
+                out_pos += len;
+            }
+            TAG_LIT_ZSTD | TAG_LIT_RAW => {
+                if frame_pos != frame.len() {
+                    return Err(DeltaError::corrupt(
+                        rec,
+                        "new literal frame before the previous one was used up",
+                    ));
+                }
+                let raw_len = r.varint()?;
+                if raw_len == 0 || raw_len > MAX_FRAME as u64 {
+                    return Err(DeltaError::corrupt(
+                        rec,
+                        format!("literal frame of {raw_len} bytes (limit {MAX_FRAME})"),
+                    ));
+                }
+                let raw_len = raw_len as usize;
+                let data = if tag == TAG_LIT_ZSTD {
+                    let comp_len = r.varint()?;
+                    let packed = r.bytes(comp_len)?;
+                    let mut v = Vec::with_capacity(raw_len);
+                    dec.decompress_to_buffer(packed, &mut v).map_err(|e| {
+                        DeltaError::corrupt(rec, format!("literal frame does not decompress: {e}"))
+                    })?;
+                    if v.len() != raw_len {
+                        return Err(DeltaError::corrupt(
+                            rec,
+                            format!(
+                                "literal frame decompresses to {} bytes, not {raw_len}",
+                                v.len()
+                            ),
+                        ));
+                    }
+                    v
+                } else {
+                    r.bytes(raw_len as u64)?.to_vec()
+                };
+                sink.new_frame()?;
+                frame = Arc::new(data);
+                frame_pos = 0;
+            }
+            other => {
+                return Err(DeltaError::corrupt(
+                    rec,
+                    format!("unknown record tag {other:#04x}"),
+                ))
+            }
+        }
+    }
+}
+
+/// Output in memory (tests, small images). Allocation failures are errors, not aborts.
+pub(crate) struct VecSink<'a> {
+    pub(crate) base: &'a [u8],
+    pub(crate) out: Vec<u8>,
+}
+
+impl VecSink<'_> {
+    fn reserve(&mut self, len: usize) -> Result<(), DeltaError> {
+        self.out
+            .try_reserve(len)
+            .map_err(|e| DeltaError::Internal(format!("cannot allocate the output: {e}")))
+    }
+}
+
+impl Sink for VecSink<'_> {
+    fn base(&mut self, off: usize, len: usize) -> Result<(), DeltaError> {
+        self.reserve(len)?;
+        self.out.extend_from_slice(&self.base[off..off + len]);
+        Ok(())
+    }
+    fn literal(&mut self, f: &Arc<Vec<u8>>, start: usize, len: usize) -> Result<(), DeltaError> {
+        self.reserve(len)?;
+        self.out.extend_from_slice(&f[start..start + len]);
+        Ok(())
+    }
+    fn zero(&mut self, len: u64) -> Result<(), DeltaError> {
+        let len = usize::try_from(len)
+            .map_err(|_| DeltaError::Internal("zero run larger than memory".into()))?;
+        self.reserve(len)?;
+        self.out.resize(self.out.len() + len, 0);
+        Ok(())
+    }
+}
+
+/// Work for the output hasher, in output order.
+pub(crate) enum HashJob {
+    Base(usize, usize),
+    Literal(Arc<Vec<u8>>, usize, usize),
+    Zero(u64),
+    /// Reply once every earlier job is hashed.
+    Barrier(SyncSender<()>),
+}
+
+/// Hashes the output on its own thread while the caller's thread writes it.
+pub(crate) fn hash_jobs(base: &[u8], rx: Receiver<HashJob>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for job in rx {
+        match job {
+            HashJob::Base(off, len) => h.update(&base[off..off + len]),
+            HashJob::Literal(f, s, l) => h.update(&f[s..s + l]),
+            HashJob::Zero(n) => hash_zeros(&mut h, n),
+            HashJob::Barrier(reply) => {
+                // The decoder waits on this; if it is gone there is nothing to tell.
+                let _ = reply.send(());
+            }
+        }
+    }
+    h.finalize().into()
+}
+
+/// Writes pieces of at most this size at once (bounds how much of the base is mapped
+/// in at a time and lets the hasher start early).
+const PIECE: usize = 8 << 20;
+/// The base mapping is released after this much output.
+const RELEASE_EVERY: u64 = 32 << 20;
+
+/// Output to a (sparse, pre-sized) file: small pieces are gathered in a buffer, zero
+/// runs are skipped so they stay holes, every piece is also queued for hashing.
+pub(crate) struct FileSink<'a> {
+    pub(crate) file: &'a File,
+    pub(crate) path: PathBuf,
+    pub(crate) base: &'a Image<'a>,
+    pub(crate) hasher: SyncSender<HashJob>,
+    pos: u64,
+    buf: Vec<u8>,
+    buf_start: u64,
+    since_release: u64,
+    live_frames: Vec<Arc<Vec<u8>>>,
+    pub(crate) written: u64,
+}
+
+impl<'a> FileSink<'a> {
+    pub(crate) fn new(
+        file: &'a File,
+        path: PathBuf,
+        base: &'a Image<'a>,
+        hasher: SyncSender<HashJob>,
+    ) -> Self {
+        FileSink {
+            file,
+            path,
+            base,
+            hasher,
+            pos: 0,
+            buf: Vec::with_capacity(1 << 20),
+            buf_start: 0,
+            since_release: 0,
+            live_frames: Vec::new(),
+            written: 0,
+        }
+    }
+
+    fn send(&self, job: HashJob) -> Result<(), DeltaError> {
+        self.hasher
+            .send(job)
+            .map_err(|_| DeltaError::Internal("output hashing thread stopped".into()))
+    }
+
+    fn flush_buf(&mut self) -> Result<(), DeltaError> {
+        if !self.buf.is_empty() {
+            self.file
+                .write_all_at(&self.buf, self.buf_start)
+                .map_err(|e| DeltaError::io("write", &self.path, e))?;
+            self.written += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at the current position, through the buffer if small.
+    fn put(&mut self, data: &[u8]) -> Result<(), DeltaError> {
+        if self.buf.is_empty() {
+            self.buf_start = self.pos;
+        }
+        if self.buf.len() + data.len() <= self.buf.capacity() {
+            self.buf.extend_from_slice(data);
+        } else {
+            self.flush_buf()?;
+            if data.len() < self.buf.capacity() {
+                self.buf_start = self.pos;
+                self.buf.extend_from_slice(data);
+            } else {
+                self.file
+                    .write_all_at(data, self.pos)
+                    .map_err(|e| DeltaError::io("write", &self.path, e))?;
+                self.written += data.len() as u64;
+            }
+        }
+        self.pos += data.len() as u64;
+        Ok(())
+    }
+
+    pub(crate) fn finish(&mut self) -> Result<(), DeltaError> {
+        self.flush_buf()
+    }
+}
+
+impl Sink for FileSink<'_> {
+    fn base(&mut self, off: usize, len: usize) -> Result<(), DeltaError> {
+        let bytes = self.base.bytes();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PIECE);
+            self.put(&bytes[off + done..off + done + n])?;
+            self.send(HashJob::Base(off + done, n))?;
+            done += n;
+            self.since_release += n as u64;
+            if self.since_release >= RELEASE_EVERY {
+                // The hasher may still read some of these pages: it maps them back in.
+                self.base.release_all();
+                self.since_release = 0;
+            }
+        }
+        Ok(())
+    }
+
+    fn literal(&mut self, f: &Arc<Vec<u8>>, start: usize, len: usize) -> Result<(), DeltaError> {
+        self.put(&f[start..start + len])?;
+        if self.live_frames.last().is_none_or(|g| !Arc::ptr_eq(g, f)) {
+            self.live_frames.push(Arc::clone(f));
+        }
+        self.send(HashJob::Literal(Arc::clone(f), start, len))
+    }
+
+    fn zero(&mut self, len: u64) -> Result<(), DeltaError> {
+        self.flush_buf()?;
+        self.pos += len;
+        self.send(HashJob::Zero(len))
+    }
+
+    fn new_frame(&mut self) -> Result<(), DeltaError> {
+        // `live_frames` holds one reference to each frame handed to the hasher; a count
+        // above one means the frame is still current or still queued. Past two such
+        // frames, wait for the hasher, so memory stays at a few frames whatever the delta.
+        self.live_frames.retain(|f| Arc::strong_count(f) > 1);
+        if self.live_frames.len() >= 2 {
+            let (tx, rx) = sync_channel(1);
+            self.send(HashJob::Barrier(tx))?;
+            rx.recv()
+                .map_err(|_| DeltaError::Internal("output hashing thread stopped".into()))?;
+            self.live_frames.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Hashes the output bytes: used by the in-memory path and tests.
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}

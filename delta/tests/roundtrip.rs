@@ -1,0 +1,196 @@
+//! apply(build(A, B), A) == B for generated image pairs: shared and moved blocks,
+//! regions shifted by non-multiples of the block size, zero runs, size changes, empty
+//! files; in memory and through files.
+
+use bids_delta::{apply_bytes, build_bytes, build_bytes_with, BuildOptions};
+use proptest::prelude::*;
+
+/// Deterministic filler so generated cases stay small to print.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 32) as u8
+        })
+        .collect()
+}
+
+/// A piece of an image.
+#[derive(Debug, Clone)]
+enum Piece {
+    /// Incompressible bytes.
+    Random {
+        seed: u64,
+        len: usize,
+    },
+    /// Compressible bytes (a short pattern repeated with variations).
+    Text {
+        seed: u64,
+        len: usize,
+    },
+    Zero {
+        len: usize,
+    },
+    /// Bytes of A: `pos` is a fraction (per mille) of A's length; `align` rounds the start
+    /// down to a multiple of it (1 = unaligned, so content shifts by any amount).
+    FromA {
+        pos: u16,
+        len: usize,
+        align: usize,
+    },
+}
+
+fn render(pieces: &[Piece], a: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in pieces {
+        match *p {
+            Piece::Random { seed, len } => out.extend(noise(seed, len)),
+            Piece::Text { seed, len } => {
+                let pat = noise(seed, 13);
+                out.extend((0..len).map(|i| {
+                    if i % 97 == 5 {
+                        (i / 97) as u8
+                    } else {
+                        pat[i % 13]
+                    }
+                }));
+            }
+            Piece::Zero { len } => out.resize(out.len() + len, 0),
+            Piece::FromA { pos, len, align } => {
+                if a.is_empty() {
+                    continue;
+                }
+                let start = (a.len() * usize::from(pos) / 1000) / align * align;
+                let end = (start + len).min(a.len());
+                out.extend_from_slice(&a[start..end]);
+            }
+        }
+    }
+    out
+}
+
+fn base_piece(max: usize) -> impl Strategy<Value = Piece> {
+    prop_oneof![
+        (any::<u64>(), 0..max).prop_map(|(seed, len)| Piece::Random { seed, len }),
+        (any::<u64>(), 0..max).prop_map(|(seed, len)| Piece::Text { seed, len }),
+        (0..max).prop_map(|len| Piece::Zero { len }),
+    ]
+}
+
+fn edit_piece(max: usize) -> impl Strategy<Value = Piece> {
+    prop_oneof![
+        3 => (0u16..1000, 0..max * 4, prop::sample::select(vec![1usize, 512, 4096]))
+            .prop_map(|(pos, len, align)| Piece::FromA { pos, len, align }),
+        1 => base_piece(max),
+    ]
+}
+
+/// (A, B) where B reuses A's bytes at aligned and unaligned offsets between new pieces.
+fn image_pair(max_piece: usize) -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+    (
+        prop::collection::vec(base_piece(max_piece), 0..12),
+        prop::collection::vec(edit_piece(max_piece), 0..12),
+    )
+        .prop_map(|(pa, pb)| {
+            let a = render(&pa, &[]);
+            let b = render(&pb, &a);
+            (a, b)
+        })
+}
+
+fn small_opts() -> impl Strategy<Value = BuildOptions> {
+    (
+        prop::sample::select(vec![512usize, 1024, 4096]),
+        any::<bool>(),
+        1i32..6,
+    )
+        .prop_map(|(block_size, rolling, level)| BuildOptions {
+            block_size,
+            rolling,
+            level,
+            frame_size: 64 << 10,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Random pairs, small blocks and frames (many blocks, many frames per case).
+    #[test]
+    fn roundtrip_small_blocks((a, b) in image_pair(6000), opts in small_opts()) {
+        let d = build_bytes_with(&a, &b, &opts).unwrap();
+        let out = apply_bytes(&a, &d).unwrap();
+        prop_assert_eq!(out, b);
+    }
+
+    /// Random pairs with the default options.
+    #[test]
+    fn roundtrip_default((a, b) in image_pair(40_000)) {
+        let d = build_bytes(&a, &b).unwrap();
+        prop_assert_eq!(apply_bytes(&a, &d).unwrap(), b);
+    }
+
+    /// B = A with bytes inserted and deleted at unaligned offsets: correct, and the
+    /// rolling search keeps the delta far smaller than B.
+    #[test]
+    fn shifted_regions(seed in any::<u64>(), ins in 1usize..5000, at in 0usize..1000, del in 0usize..3000) {
+        let a = noise(seed, 256 << 10);
+        let at = a.len() * at / 1000;
+        let mut b = a[..at].to_vec();
+        b.extend(noise(seed ^ 1, ins));
+        b.extend_from_slice(&a[(at + del).min(a.len())..]);
+        let d = build_bytes(&a, &b).unwrap();
+        prop_assert_eq!(&apply_bytes(&a, &d).unwrap(), &b);
+        prop_assert!(d.len() < ins + 2048, "delta {} bytes for {} inserted", d.len(), ins);
+    }
+}
+
+#[test]
+fn empty_files() {
+    let x = noise(5, 10_000);
+    for (a, b) in [(&[][..], &[][..]), (&[][..], &x[..]), (&x[..], &[][..])] {
+        let d = build_bytes(a, b).unwrap();
+        assert_eq!(apply_bytes(a, &d).unwrap(), b);
+    }
+}
+
+#[test]
+fn identical_and_moved_blocks_cost_almost_nothing() {
+    let a = noise(9, 4 << 20);
+    let d = build_bytes(&a, &a).unwrap();
+    assert!(d.len() < 200, "identical: {} bytes", d.len());
+
+    // Reverse the order of A's 4 KiB blocks: every block moved.
+    let b: Vec<u8> = a.chunks(4096).rev().flatten().copied().collect();
+    let d = build_bytes(&a, &b).unwrap();
+    assert_eq!(apply_bytes(&a, &d).unwrap(), b);
+    assert!(d.len() < 1024 * 8, "reversed blocks: {} bytes", d.len());
+}
+
+#[test]
+fn rolling_search_finds_unaligned_moves() {
+    let a = noise(11, 1 << 20);
+    let mut b = vec![0xAAu8; 777];
+    b.extend_from_slice(&a[..512 << 10]);
+    let with = build_bytes(&a, &b).unwrap();
+    let without = build_bytes_with(
+        &a,
+        &b,
+        &BuildOptions {
+            rolling: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(apply_bytes(&a, &with).unwrap(), b);
+    assert_eq!(apply_bytes(&a, &without).unwrap(), b);
+    assert!(with.len() < 1024, "with rolling: {}", with.len());
+    assert!(
+        without.len() > 500 << 10,
+        "without rolling: {}",
+        without.len()
+    );
+}

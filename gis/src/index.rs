@@ -1,0 +1,1062 @@
+//! The GIS's knowledge as a pure state machine: hosts, IDCs, bridgehead certificates, images,
+//! who holds what, revocations, and the hierarchical host lists built from them. No I/O and
+//! no clock: every call that depends on time takes `now_ms` (Unix milliseconds). State changes
+//! are queued as `Change`s for the caller to persist (`take_changes`) before it replies.
+
+use crate::storage::{Change, Snapshot, StoredHolding, StoredHost, StoredImage};
+use bids_protocols::cert::{BridgeheadCert, Revocations};
+use bids_protocols::gis::{
+    ErrorKind, GisRequest, GisResponse, HostEntry, HostList, HostStats, Holding, ImageInfo,
+    ImageQuery, MAX_ADDRS, MAX_LEVEL_HOSTS,
+};
+use bids_protocols::manifest::ManifestError;
+use bids_protocols::{Idc, ImageId, ImageRef, Manifest, ObjectKind, Policy, Role};
+use libp2p::{Multiaddr, PeerId};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// Default time after the last register/heartbeat when a host counts as dead.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// GIS-wide settings the index needs.
+#[derive(Clone, Debug)]
+pub struct IndexConfig {
+    /// The admin identity: signs bridgehead certificates and alone may revoke them.
+    pub admin: PeerId,
+    pub policy: Policy,
+    pub heartbeat_timeout: Duration,
+}
+
+impl IndexConfig {
+    pub fn new(admin: PeerId, policy: Policy) -> Self {
+        IndexConfig {
+            admin,
+            policy,
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+        }
+    }
+}
+
+/// A refused request: the wire error kind plus a message that says what to do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct GisError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl GisError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        GisError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<GisError> for GisResponse {
+    fn from(e: GisError) -> Self {
+        GisResponse::Error {
+            kind: e.kind,
+            message: e.message,
+        }
+    }
+}
+
+/// What a publish did, for the caller's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub info: ImageInfo,
+    /// The image was not known before this publish.
+    pub new_image: bool,
+}
+
+/// State of a host's bridgehead certificate at some instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertState {
+    Valid,
+    NotYetValid,
+    Expired,
+    Revoked,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CertView {
+    pub serial: u64,
+    pub db_id: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub state: CertState,
+}
+
+/// A host as the console shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostView {
+    pub peer: PeerId,
+    pub idc: Idc,
+    /// `Bridgehead` only while its certificate is valid.
+    pub role: Role,
+    pub alive: bool,
+    pub addrs: Vec<Multiaddr>,
+    /// As of its last heartbeat since the GIS started (volatile).
+    pub stats: HostStats,
+    /// Unix ms of the last register/heartbeat since the GIS started.
+    pub last_seen_ms: Option<i64>,
+    pub registered_ms: i64,
+    pub cert: Option<CertView>,
+    /// Images it holds (any part of).
+    pub images: usize,
+}
+
+/// One holder of an image, for the console.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HolderView {
+    pub peer: PeerId,
+    pub alive: bool,
+    pub chunks_held: u32,
+    pub complete: bool,
+    pub fetching: bool,
+}
+
+/// An image with its holders grouped by IDC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ImageView {
+    pub info: ImageInfo,
+    pub kind: ObjectKind,
+    pub base: Option<ImageRef>,
+    pub chunks: u32,
+    pub publisher: PeerId,
+    pub published_ms: i64,
+    pub holders: BTreeMap<Idc, Vec<HolderView>>,
+}
+
+/// An IDC with host counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IdcView {
+    pub idc: Idc,
+    pub hosts: usize,
+    pub live_hosts: usize,
+    /// Hosts with a currently valid certificate.
+    pub bridgeheads: usize,
+    pub live_bridgeheads: usize,
+}
+
+#[derive(Clone, Debug)]
+struct HostState {
+    rec: StoredHost,
+    last_seen_ms: Option<i64>,
+    /// `expire` already reported this host dead; cleared by register/heartbeat.
+    reported_dead: bool,
+    stats: HostStats,
+}
+
+#[derive(Clone, Debug)]
+struct ImageState {
+    stored: StoredImage,
+    info: ImageInfo,
+    kind: ObjectKind,
+    base: Option<ImageRef>,
+    chunks: u32,
+}
+
+impl ImageState {
+    fn from_stored(stored: StoredImage) -> Result<Self, ManifestError> {
+        let m = Manifest::from_bytes_with_id(&stored.manifest, stored.id)?;
+        Ok(Self::new(stored, m))
+    }
+    fn new(stored: StoredImage, m: Manifest) -> Self {
+        ImageState {
+            info: ImageInfo {
+                name: m.name.clone(),
+                version: m.version.clone(),
+                id: stored.id,
+                size: m.size,
+                chunk_size: m.chunk_size,
+            },
+            chunks: m.chunk_count(),
+            kind: m.kind,
+            base: m.base,
+            stored,
+        }
+    }
+}
+
+/// A holding worth listing: the host has some data or is fetching it (LAN peers that fetch
+/// at the same time trade chunks as they arrive).
+fn listable(h: &Holding) -> bool {
+    h.complete || h.chunks_held > 0 || h.fetching
+}
+
+/// Holds at least one chunk.
+fn has_data(h: &Holding) -> bool {
+    h.complete || h.chunks_held > 0
+}
+
+/// Rendezvous (highest-random-weight) score of a bridgehead for an image: each image gets
+/// its own ranking of an IDC's bridgeheads, so images spread evenly and, when the top one
+/// dies, only its images move to the next one.
+fn rendezvous_score(peer: &PeerId, image: &ImageId) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(peer.to_bytes());
+    h.update(image.0);
+    h.finalize().into()
+}
+
+fn ms_to_secs(ms: i64) -> i64 {
+    ms.div_euclid(1000)
+}
+
+fn image_label(q: &ImageQuery) -> String {
+    match q {
+        ImageQuery::Ref(r) => r.to_string(),
+        ImageQuery::Id(id) => id.to_hex(),
+    }
+}
+
+/// The GIS index. Deterministic: the same calls with the same `now_ms` give the same answers.
+pub struct Index {
+    cfg: IndexConfig,
+    hosts: BTreeMap<PeerId, HostState>,
+    /// IDC → its registered hosts.
+    idcs: BTreeMap<Idc, BTreeSet<PeerId>>,
+    /// IDC → its hosts that registered with a certificate (validity is checked when used,
+    /// since certificates expire and get revoked).
+    certified: BTreeMap<Idc, BTreeSet<PeerId>>,
+    images: BTreeMap<ImageId, ImageState>,
+    by_ref: BTreeMap<ImageRef, ImageId>,
+    holders: BTreeMap<ImageId, BTreeMap<PeerId, Holding>>,
+    revocations: Revocations,
+    changes: Vec<Change>,
+}
+
+impl Index {
+    pub fn new(cfg: IndexConfig) -> Self {
+        Index {
+            cfg,
+            hosts: BTreeMap::new(),
+            idcs: BTreeMap::new(),
+            certified: BTreeMap::new(),
+            images: BTreeMap::new(),
+            by_ref: BTreeMap::new(),
+            holders: BTreeMap::new(),
+            revocations: Revocations::default(),
+            changes: Vec::new(),
+        }
+    }
+
+    /// Rebuilds the index from stored records. Every host starts dead until it registers or
+    /// heartbeats again. Records that no longer check out (a manifest that does not hash to
+    /// its id, a certificate the configured admin did not sign, a holding of an unknown image
+    /// or host) are left out with a warning.
+    pub fn restore(cfg: IndexConfig, snapshot: Snapshot) -> Self {
+        let mut ix = Index::new(cfg);
+        ix.revocations.serials = snapshot.revocations;
+        for stored in snapshot.images {
+            let id = stored.id;
+            match ImageState::from_stored(stored) {
+                Ok(st) => {
+                    let r = ImageRef {
+                        name: st.info.name.clone(),
+                        version: st.info.version.clone(),
+                    };
+                    if let Some(other) = ix.by_ref.get(&r) {
+                        warn!(image = %r, id = %id.short(), other = %other.short(), "two stored images share a name:version; keeping the first");
+                    } else {
+                        ix.by_ref.insert(r, id);
+                    }
+                    ix.images.insert(id, st);
+                }
+                Err(e) => warn!(id = %id.short(), error = %e, "dropping stored image whose manifest does not check out"),
+            }
+        }
+        for mut rec in snapshot.hosts {
+            if let Err(e) = rec.idc.validate() {
+                warn!(peer = %rec.peer, error = %e, "dropping stored host with an invalid IDC");
+                continue;
+            }
+            if let Some(cert) = &rec.cert {
+                // Time and revocation are checked whenever the cert is used; here only that
+                // it is still the configured admin's signature for this peer and IDC.
+                let at = cert.body.not_before;
+                if let Err(e) = cert.verify_for(
+                    &ix.cfg.admin,
+                    &rec.peer,
+                    &rec.idc,
+                    at,
+                    &Revocations::default(),
+                ) {
+                    warn!(peer = %rec.peer, error = %e, "stored bridgehead certificate no longer verifies; the host is restored as an ordinary host");
+                    rec.cert = None;
+                }
+            }
+            ix.index_host(&rec);
+            ix.hosts.insert(
+                rec.peer,
+                HostState {
+                    rec,
+                    last_seen_ms: None,
+                    reported_dead: true,
+                    stats: HostStats::default(),
+                },
+            );
+        }
+        for StoredHolding { peer, holding } in snapshot.holdings {
+            if !ix.hosts.contains_key(&peer) || !ix.images.contains_key(&holding.image) {
+                warn!(%peer, image = %holding.image.short(), "dropping stored holding of an unknown host or image");
+                continue;
+            }
+            ix.holders
+                .entry(holding.image)
+                .or_default()
+                .insert(peer, holding);
+        }
+        info!(
+            hosts = ix.hosts.len(),
+            images = ix.images.len(),
+            revocations = ix.revocations.serials.len(),
+            skipped = snapshot.skipped,
+            "GIS index restored"
+        );
+        ix
+    }
+
+    pub fn config(&self) -> &IndexConfig {
+        &self.cfg
+    }
+
+    /// The changes made since the last call, in order; persist them before replying.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    /// How often hosts should heartbeat: a fifth of the timeout, so a host survives a few
+    /// lost heartbeats.
+    pub fn heartbeat_secs(&self) -> u32 {
+        (self.cfg.heartbeat_timeout.as_secs() / 5).clamp(1, u32::MAX as u64) as u32
+    }
+
+    pub fn is_registered(&self, peer: &PeerId) -> bool {
+        self.hosts.contains_key(peer)
+    }
+
+    /// Answers one wire request from `peer`. Refusals are logged and become `Error`
+    /// responses; this never panics on any input.
+    pub fn handle(&mut self, peer: PeerId, req: GisRequest, now_ms: i64) -> GisResponse {
+        let result = match req {
+            GisRequest::Register {
+                idc,
+                addrs,
+                cert,
+                policy,
+            } => self
+                .register(peer, idc, addrs, cert, policy, now_ms)
+                .map(|role| GisResponse::Registered {
+                    role,
+                    heartbeat_secs: self.heartbeat_secs(),
+                    revocations: self.revocations.clone(),
+                }),
+            GisRequest::Heartbeat { stats } => self.heartbeat(peer, stats, now_ms).map(|()| self.ack()),
+            GisRequest::Publish { holding, manifest } => self
+                .publish(peer, holding, &manifest, now_ms)
+                .map(|_| self.ack()),
+            GisRequest::Unpublish { image } => self.unpublish(peer, image).map(|()| self.ack()),
+            GisRequest::Lookup { image, idc } => self
+                .lookup_request(peer, &image, idc, now_ms)
+                .map(|l| GisResponse::HostList(Box::new(l))),
+            GisRequest::Revoke { serial } => self.revoke(peer, serial).map(|_| self.ack()),
+        };
+        result.unwrap_or_else(|e| {
+            if e.kind == ErrorKind::UnknownImage {
+                info!(%peer, "request refused: {}", e.message);
+            } else {
+                warn!(%peer, kind = ?e.kind, "request refused: {}", e.message);
+            }
+            e.into()
+        })
+    }
+
+    fn ack(&self) -> GisResponse {
+        GisResponse::Ack {
+            revocations: self.revocations.clone(),
+        }
+    }
+
+    fn index_host(&mut self, rec: &StoredHost) {
+        self.idcs
+            .entry(rec.idc.clone())
+            .or_default()
+            .insert(rec.peer);
+        if rec.cert.is_some() {
+            self.certified
+                .entry(rec.idc.clone())
+                .or_default()
+                .insert(rec.peer);
+        }
+    }
+
+    fn unindex_host(&mut self, rec: &StoredHost) {
+        for map in [&mut self.idcs, &mut self.certified] {
+            if let Some(set) = map.get_mut(&rec.idc) {
+                set.remove(&rec.peer);
+                if set.is_empty() {
+                    map.remove(&rec.idc);
+                }
+            }
+        }
+    }
+
+    fn require_host(&self, peer: &PeerId) -> Result<&HostState, GisError> {
+        self.hosts.get(peer).ok_or_else(|| {
+            GisError::new(
+                ErrorKind::NotRegistered,
+                format!("peer {peer} has not registered with the GIS; send Register first"),
+            )
+        })
+    }
+
+    /// A host joins or rejoins. With a certificate it becomes a bridgehead, but only if the
+    /// certificate verifies for this peer and IDC now; a bad certificate refuses the whole
+    /// registration and changes nothing.
+    pub fn register(
+        &mut self,
+        peer: PeerId,
+        idc: Idc,
+        addrs: Vec<Multiaddr>,
+        cert: Option<BridgeheadCert>,
+        policy: Policy,
+        now_ms: i64,
+    ) -> Result<Role, GisError> {
+        idc.validate()
+            .map_err(|e| GisError::new(ErrorKind::BadRequest, e))?;
+        if addrs.len() > MAX_ADDRS {
+            return Err(GisError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "{} addresses registered, at most {MAX_ADDRS} are accepted",
+                    addrs.len()
+                ),
+            ));
+        }
+        if policy != self.cfg.policy {
+            return Err(GisError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "this GIS runs policy {}, the host asked for policy {policy}; start the node with --policy {}",
+                    self.cfg.policy, self.cfg.policy
+                ),
+            ));
+        }
+        if let Some(c) = &cert {
+            c.verify_for(
+                &self.cfg.admin,
+                &peer,
+                &idc,
+                ms_to_secs(now_ms),
+                &self.revocations,
+            )
+            .map_err(|e| GisError::new(ErrorKind::BadCert, e.to_string()))?;
+        }
+        let role = if cert.is_some() {
+            Role::Bridgehead
+        } else {
+            Role::Host
+        };
+        let previous = self.hosts.remove(&peer);
+        let registered_ms = previous
+            .as_ref()
+            .map_or(now_ms, |p| p.rec.registered_ms);
+        if let Some(p) = &previous {
+            self.unindex_host(&p.rec);
+        }
+        let rec = StoredHost {
+            peer,
+            idc: idc.clone(),
+            addrs,
+            cert,
+            registered_ms,
+        };
+        self.index_host(&rec);
+        self.changes.push(Change::PutHost(rec.clone()));
+        info!(%peer, %idc, %role, addrs = rec.addrs.len(), rejoin = previous.is_some(), "host registered");
+        self.hosts.insert(
+            peer,
+            HostState {
+                rec,
+                last_seen_ms: Some(now_ms),
+                reported_dead: false,
+                stats: previous.map(|p| p.stats).unwrap_or_default(),
+            },
+        );
+        Ok(role)
+    }
+
+    /// Liveness plus counters. Counters are kept in memory only: nodes report totals since
+    /// they started, so the next heartbeat after a GIS restart restores them.
+    pub fn heartbeat(&mut self, peer: PeerId, stats: HostStats, now_ms: i64) -> Result<(), GisError> {
+        self.require_host(&peer)?;
+        if let Some(h) = self.hosts.get_mut(&peer) {
+            if h.reported_dead {
+                info!(%peer, idc = %h.rec.idc, "host is alive again");
+            }
+            h.last_seen_ms = Some(now_ms);
+            h.reported_dead = false;
+            h.stats = stats;
+        }
+        Ok(())
+    }
+
+    /// A host holds (part of) an image. The manifest bytes must hash to `holding.image`;
+    /// for an image the GIS already knows they may be empty (progress updates need not
+    /// resend the manifest).
+    pub fn publish(
+        &mut self,
+        peer: PeerId,
+        mut holding: Holding,
+        manifest: &[u8],
+        now_ms: i64,
+    ) -> Result<Published, GisError> {
+        self.require_host(&peer)?;
+        let id = holding.image;
+        let (new_image, chunks) = match self.images.get(&id) {
+            Some(known) => {
+                // Same bytes as stored: they hash to the id already. Other non-empty bytes
+                // must still prove themselves.
+                if !manifest.is_empty() && manifest != known.stored.manifest.as_slice() {
+                    decode_manifest(manifest, id)?;
+                }
+                (None, known.chunks)
+            }
+            None => {
+                if manifest.is_empty() {
+                    return Err(GisError::new(
+                        ErrorKind::UnknownImage,
+                        format!(
+                            "image {} is not known to the GIS; publish it with its manifest",
+                            id.to_hex()
+                        ),
+                    ));
+                }
+                let m = decode_manifest(manifest, id)?;
+                let r = m.image_ref();
+                if let Some(other) = self.by_ref.get(&r) {
+                    return Err(GisError::new(
+                        ErrorKind::BadRequest,
+                        format!(
+                            "image {r} is already published as {}; a version is immutable, publish the new content under a new version",
+                            other.to_hex()
+                        ),
+                    ));
+                }
+                // Keep the canonical encoding, whatever encoding the publisher sent.
+                let stored = StoredImage {
+                    id,
+                    manifest: m.to_bytes(),
+                    publisher: peer,
+                    published_ms: now_ms,
+                };
+                let st = ImageState::new(stored, m);
+                let chunks = st.chunks;
+                (Some((r, st)), chunks)
+            }
+        };
+        if holding.chunks_held > chunks {
+            return Err(GisError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "holding claims {} chunks of image {}, which has only {chunks}",
+                    holding.chunks_held,
+                    id.short()
+                ),
+            ));
+        }
+        // One truth for "complete": all chunks held.
+        if holding.complete || holding.chunks_held == chunks {
+            holding.complete = true;
+            holding.chunks_held = chunks;
+        }
+        let is_new = new_image.is_some();
+        if let Some((r, st)) = new_image {
+            info!(%peer, image = %r, id = %id.short(), size = st.info.size, chunks, "image published");
+            self.changes.push(Change::PutImage(st.stored.clone()));
+            self.by_ref.insert(r, id);
+            self.images.insert(id, st);
+        }
+        let holders = self.holders.entry(id).or_default();
+        if holders.get(&peer) != Some(&holding) {
+            debug!(%peer, id = %id.short(), chunks = holding.chunks_held, complete = holding.complete, fetching = holding.fetching, "holding updated");
+            holders.insert(peer, holding.clone());
+            self.changes
+                .push(Change::PutHolding(StoredHolding { peer, holding }));
+        }
+        let info = self
+            .images
+            .get(&id)
+            .map(|st| st.info.clone())
+            .ok_or_else(|| GisError::new(ErrorKind::Internal, "published image vanished"))?;
+        Ok(Published {
+            info,
+            new_image: is_new,
+        })
+    }
+
+    /// The host no longer holds an image. Idempotent.
+    pub fn unpublish(&mut self, peer: PeerId, image: ImageId) -> Result<(), GisError> {
+        self.require_host(&peer)?;
+        if !self.images.contains_key(&image) {
+            return Err(unknown_image(&ImageQuery::Id(image)));
+        }
+        if let Some(h) = self.holders.get_mut(&image) {
+            if h.remove(&peer).is_some() {
+                if h.is_empty() {
+                    self.holders.remove(&image);
+                }
+                info!(%peer, id = %image.short(), "image unpublished");
+                self.changes
+                    .push(Change::DeleteHolding { peer, image });
+            }
+        }
+        Ok(())
+    }
+
+    /// Admin only: revoke a certificate serial. Returns the registered hosts whose
+    /// certificate it was; they stop being bridgeheads at once and are no longer listed.
+    pub fn revoke(&mut self, requester: PeerId, serial: u64) -> Result<Vec<PeerId>, GisError> {
+        if requester != self.cfg.admin {
+            return Err(GisError::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "only the admin {} may revoke certificates, not {requester}",
+                    self.cfg.admin
+                ),
+            ));
+        }
+        let affected: Vec<PeerId> = self
+            .hosts
+            .values()
+            .filter(|h| h.rec.cert.as_ref().is_some_and(|c| c.body.serial == serial))
+            .map(|h| h.rec.peer)
+            .collect();
+        if self.revocations.serials.insert(serial) {
+            warn!(serial, hosts = ?affected, "certificate revoked");
+            self.changes.push(Change::PutRevocation(serial));
+        }
+        Ok(affected)
+    }
+
+    /// Removes a host and its holdings for good (a decommissioned machine). Returns whether
+    /// it was known.
+    pub fn forget_host(&mut self, peer: &PeerId) -> bool {
+        let Some(h) = self.hosts.remove(peer) else {
+            return false;
+        };
+        self.unindex_host(&h.rec);
+        let mut emptied = Vec::new();
+        for (image, holders) in self.holders.iter_mut() {
+            if holders.remove(peer).is_some() {
+                self.changes.push(Change::DeleteHolding {
+                    peer: *peer,
+                    image: *image,
+                });
+                if holders.is_empty() {
+                    emptied.push(*image);
+                }
+            }
+        }
+        for image in emptied {
+            self.holders.remove(&image);
+        }
+        self.changes.push(Change::DeleteHost(*peer));
+        info!(%peer, idc = %h.rec.idc, "host forgotten");
+        true
+    }
+
+    /// Removes an image record and every holding of it. Returns whether it was known.
+    pub fn forget_image(&mut self, id: &ImageId) -> bool {
+        let Some(st) = self.images.remove(id) else {
+            return false;
+        };
+        let r = ImageRef {
+            name: st.info.name.clone(),
+            version: st.info.version.clone(),
+        };
+        if self.by_ref.get(&r) == Some(id) {
+            self.by_ref.remove(&r);
+        }
+        for peer in self.holders.remove(id).unwrap_or_default().into_keys() {
+            self.changes
+                .push(Change::DeleteHolding { peer, image: *id });
+        }
+        self.changes.push(Change::DeleteImage(*id));
+        info!(image = %r, id = %id.short(), "image forgotten");
+        true
+    }
+
+    /// Marks hosts whose last register/heartbeat is older than the timeout as dead and
+    /// returns those that just died (each is reported once).
+    pub fn expire(&mut self, now_ms: i64) -> Vec<PeerId> {
+        let timeout = self.timeout_ms();
+        let mut died = Vec::new();
+        for h in self.hosts.values_mut() {
+            if h.reported_dead {
+                continue;
+            }
+            let dead = h.last_seen_ms.is_none_or(|t| now_ms.saturating_sub(t) > timeout);
+            if dead {
+                h.reported_dead = true;
+                died.push(h.rec.peer);
+            }
+        }
+        died
+    }
+
+    fn timeout_ms(&self) -> i64 {
+        i64::try_from(self.cfg.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn is_alive(&self, h: &HostState, now_ms: i64) -> bool {
+        h.last_seen_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) <= self.timeout_ms())
+    }
+
+    fn cert_state(&self, cert: &BridgeheadCert, now_ms: i64) -> CertState {
+        // The signature, peer and IDC were verified when the certificate was accepted (at
+        // register or restore) and cannot change; only time and revocation can.
+        let now = ms_to_secs(now_ms);
+        if self.revocations.is_revoked(cert.body.serial) {
+            CertState::Revoked
+        } else if now < cert.body.not_before {
+            CertState::NotYetValid
+        } else if now > cert.body.not_after {
+            CertState::Expired
+        } else {
+            CertState::Valid
+        }
+    }
+
+    fn role_of(&self, h: &HostState, now_ms: i64) -> Role {
+        match &h.rec.cert {
+            Some(c) if self.cert_state(c, now_ms) == CertState::Valid => Role::Bridgehead,
+            _ => Role::Host,
+        }
+    }
+
+    /// A host whose certificate the admin revoked is distrusted: never listed at all.
+    fn is_banned(&self, h: &HostState) -> bool {
+        h.rec
+            .cert
+            .as_ref()
+            .is_some_and(|c| self.revocations.is_revoked(c.body.serial))
+    }
+
+    /// Alive and not banned: may appear in a host list.
+    fn is_listable_host(&self, h: &HostState, now_ms: i64) -> bool {
+        self.is_alive(h, now_ms) && !self.is_banned(h)
+    }
+
+    /// The bridgehead of `idc` chosen for `image`: the live host of that IDC with a valid
+    /// certificate that ranks highest by rendezvous hashing.
+    pub fn chosen_bridgehead(&self, idc: &Idc, image: &ImageId, now_ms: i64) -> Option<PeerId> {
+        self.certified
+            .get(idc)?
+            .iter()
+            .filter_map(|p| self.hosts.get(p))
+            .filter(|h| self.is_alive(h, now_ms) && self.role_of(h, now_ms) == Role::Bridgehead)
+            .max_by_key(|h| (rendezvous_score(&h.rec.peer, image), h.rec.peer))
+            .map(|h| h.rec.peer)
+    }
+
+    fn entry(&self, h: &HostState, holding: Option<&Holding>, now_ms: i64) -> HostEntry {
+        HostEntry {
+            peer: h.rec.peer,
+            idc: h.rec.idc.clone(),
+            role: self.role_of(h, now_ms),
+            addrs: h.rec.addrs.clone(),
+            chunks_held: holding.map_or(0, |x| x.chunks_held),
+            complete: holding.is_some_and(|x| x.complete),
+        }
+    }
+
+    fn resolve(&self, query: &ImageQuery) -> Result<&ImageState, GisError> {
+        let id = match query {
+            ImageQuery::Ref(r) => {
+                r.validate()
+                    .map_err(|e| GisError::new(ErrorKind::BadRequest, e))?;
+                *self.by_ref.get(r).ok_or_else(|| unknown_image(query))?
+            }
+            ImageQuery::Id(id) => *id,
+        };
+        self.images.get(&id).ok_or_else(|| unknown_image(query))
+    }
+
+    /// The hierarchical host list for `requester` and an image (see the module docs of the
+    /// crate for the levels).
+    pub fn lookup(&self, requester: PeerId, query: &ImageQuery, now_ms: i64) -> Result<HostList, GisError> {
+        let me = self.require_host(&requester)?;
+        self.host_list(&me.rec.idc, Some(requester), query, now_ms)
+    }
+
+    /// The host list an ordinary host of `idc` would get (levels 0 and 1, never 2), for a
+    /// peer that is not a registered host: tools and the console.
+    pub fn lookup_for_idc(&self, idc: &Idc, query: &ImageQuery, now_ms: i64) -> Result<HostList, GisError> {
+        idc.validate()
+            .map_err(|e| GisError::new(ErrorKind::BadRequest, e))?;
+        self.host_list(idc, None, query, now_ms)
+    }
+
+    /// A wire `Lookup`: registered hosts get their own view, others must name an IDC.
+    fn lookup_request(
+        &self,
+        peer: PeerId,
+        query: &ImageQuery,
+        idc: Option<Idc>,
+        now_ms: i64,
+    ) -> Result<HostList, GisError> {
+        match (self.hosts.get(&peer), idc) {
+            (Some(me), Some(idc)) if idc != me.rec.idc => Err(GisError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "host {peer} is registered in IDC {}, it cannot look up as a host of IDC {idc}; leave the IDC out",
+                    me.rec.idc
+                ),
+            )),
+            (Some(_), _) => self.lookup(peer, query, now_ms),
+            (None, Some(idc)) => self.lookup_for_idc(&idc, query, now_ms),
+            (None, None) => self.lookup(peer, query, now_ms),
+        }
+    }
+
+    /// Builds the host list seen from `my_idc` by `requester` (`None`: an outside observer,
+    /// treated as an ordinary host that holds nothing).
+    fn host_list(
+        &self,
+        my_idc: &Idc,
+        requester: Option<PeerId>,
+        query: &ImageQuery,
+        now_ms: i64,
+    ) -> Result<HostList, GisError> {
+        let image = self.resolve(query)?;
+        let id = image.info.id;
+        let empty = BTreeMap::new();
+        let holders = self.holders.get(&id).unwrap_or(&empty);
+        // Live, listable holders with their host records.
+        let live: Vec<(&HostState, &Holding)> = holders
+            .iter()
+            .filter(|(_, hd)| listable(hd))
+            .filter_map(|(p, hd)| self.hosts.get(p).map(|h| (h, hd)))
+            .filter(|(h, _)| self.is_listable_host(h, now_ms))
+            .collect();
+        let best_first = |a: &(&HostState, &Holding), b: &(&HostState, &Holding)| {
+            b.1.complete
+                .cmp(&a.1.complete)
+                .then(b.1.chunks_held.cmp(&a.1.chunks_held))
+                .then(a.0.rec.peer.cmp(&b.0.rec.peer))
+        };
+        let mut level0: Vec<(&HostState, &Holding)>;
+        let mut level1 = Vec::new();
+        let mut level2 = Vec::new();
+        match self.cfg.policy {
+            Policy::Baseline => {
+                level0 = live
+                    .iter()
+                    .filter(|(h, _)| Some(h.rec.peer) != requester)
+                    .copied()
+                    .collect();
+                level0.sort_by(|a, b| {
+                    (b.0.rec.idc == *my_idc)
+                        .cmp(&(a.0.rec.idc == *my_idc))
+                        .then(best_first(a, b))
+                });
+            }
+            Policy::Bids => {
+                level0 = live
+                    .iter()
+                    .filter(|(h, _)| h.rec.idc == *my_idc && Some(h.rec.peer) != requester)
+                    .copied()
+                    .collect();
+                level0.sort_by(best_first);
+                let complete_here = live
+                    .iter()
+                    .any(|(h, hd)| h.rec.idc == *my_idc && hd.complete);
+                if !complete_here {
+                    let chosen = self.chosen_bridgehead(my_idc, &id, now_ms);
+                    match chosen {
+                        Some(db) if Some(db) != requester => {
+                            if let Some(h) = self.hosts.get(&db) {
+                                level1.push(self.entry(h, holders.get(&db), now_ms));
+                            }
+                        }
+                        // Only the chosen bridgehead crosses the WAN for this image; any
+                        // other bridgehead behaves as an ordinary host for it.
+                        Some(_) => level2 = self.remote_bridgeheads(my_idc, &id, holders, &live, now_ms),
+                        None => {}
+                    }
+                }
+            }
+        }
+        let level0: Vec<HostEntry> = level0
+            .into_iter()
+            .take(MAX_LEVEL_HOSTS)
+            .map(|(h, hd)| self.entry(h, Some(hd), now_ms))
+            .collect();
+        level2.truncate(MAX_LEVEL_HOSTS);
+        debug!(requester = ?requester, idc = %my_idc, image = %image.info.name, version = %image.info.version, level0 = level0.len(), level1 = level1.len(), level2 = level2.len(), "lookup served");
+        Ok(HostList {
+            image: image.info.clone(),
+            manifest: image.stored.manifest.clone(),
+            level0,
+            level1,
+            level2,
+        })
+    }
+
+    /// Level 2: for every other IDC that holds (part of) the image, or whose chosen
+    /// bridgehead is fetching it, that chosen bridgehead. IDCs with a complete copy first.
+    fn remote_bridgeheads(
+        &self,
+        my_idc: &Idc,
+        id: &ImageId,
+        holders: &BTreeMap<PeerId, Holding>,
+        live: &[(&HostState, &Holding)],
+        now_ms: i64,
+    ) -> Vec<HostEntry> {
+        let mut found = Vec::new();
+        for idc in self.certified.keys().filter(|i| *i != my_idc) {
+            let Some(db) = self.chosen_bridgehead(idc, id, now_ms) else {
+                continue;
+            };
+            let in_idc = live
+                .iter()
+                .filter(|(h, hd)| h.rec.idc == *idc && has_data(hd));
+            let complete = in_idc.clone().any(|(_, hd)| hd.complete);
+            let most = in_idc.map(|(_, hd)| hd.chunks_held).max();
+            let db_holding = holders.get(&db);
+            let db_fetching = db_holding.is_some_and(listable);
+            if most.is_none() && !db_fetching {
+                continue;
+            }
+            if let Some(h) = self.hosts.get(&db) {
+                found.push((complete, most.unwrap_or(0), self.entry(h, db_holding, now_ms)));
+            }
+        }
+        found.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then(b.1.cmp(&a.1))
+                .then(a.2.idc.cmp(&b.2.idc))
+        });
+        found.into_iter().map(|(_, _, e)| e).collect()
+    }
+
+    /// Every registered host, for the console.
+    pub fn hosts(&self, now_ms: i64) -> Vec<HostView> {
+        self.hosts
+            .values()
+            .map(|h| HostView {
+                peer: h.rec.peer,
+                idc: h.rec.idc.clone(),
+                role: self.role_of(h, now_ms),
+                alive: self.is_alive(h, now_ms),
+                addrs: h.rec.addrs.clone(),
+                stats: h.stats.clone(),
+                last_seen_ms: h.last_seen_ms,
+                registered_ms: h.rec.registered_ms,
+                cert: h.rec.cert.as_ref().map(|c| CertView {
+                    serial: c.body.serial,
+                    db_id: c.body.db_id.clone(),
+                    not_before: c.body.not_before,
+                    not_after: c.body.not_after,
+                    state: self.cert_state(c, now_ms),
+                }),
+                images: self
+                    .holders
+                    .values()
+                    .filter(|m| m.get(&h.rec.peer).is_some_and(listable))
+                    .count(),
+            })
+            .collect()
+    }
+
+    /// Every known image with its holders per IDC, for the console.
+    pub fn images(&self, now_ms: i64) -> Vec<ImageView> {
+        self.images
+            .values()
+            .map(|st| {
+                let mut holders: BTreeMap<Idc, Vec<HolderView>> = BTreeMap::new();
+                for (p, hd) in self.holders.get(&st.info.id).into_iter().flatten() {
+                    let Some(h) = self.hosts.get(p) else { continue };
+                    holders.entry(h.rec.idc.clone()).or_default().push(HolderView {
+                        peer: *p,
+                        alive: self.is_alive(h, now_ms),
+                        chunks_held: hd.chunks_held,
+                        complete: hd.complete,
+                        fetching: hd.fetching,
+                    });
+                }
+                ImageView {
+                    info: st.info.clone(),
+                    kind: st.kind.clone(),
+                    base: st.base.clone(),
+                    chunks: st.chunks,
+                    publisher: st.stored.publisher,
+                    published_ms: st.stored.published_ms,
+                    holders,
+                }
+            })
+            .collect()
+    }
+
+    /// Every IDC that has registered hosts, with counts.
+    pub fn idcs(&self, now_ms: i64) -> Vec<IdcView> {
+        self.idcs
+            .iter()
+            .map(|(idc, members)| {
+                let mut v = IdcView {
+                    idc: idc.clone(),
+                    hosts: 0,
+                    live_hosts: 0,
+                    bridgeheads: 0,
+                    live_bridgeheads: 0,
+                };
+                for h in members.iter().filter_map(|p| self.hosts.get(p)) {
+                    let alive = self.is_alive(h, now_ms);
+                    let db = self.role_of(h, now_ms) == Role::Bridgehead;
+                    v.hosts += 1;
+                    v.live_hosts += usize::from(alive);
+                    v.bridgeheads += usize::from(db);
+                    v.live_bridgeheads += usize::from(db && alive);
+                }
+                v
+            })
+            .collect()
+    }
+}
+
+fn unknown_image(q: &ImageQuery) -> GisError {
+    GisError::new(
+        ErrorKind::UnknownImage,
+        format!("image {} is not known to the GIS; publish it first", image_label(q)),
+    )
+}
+
+fn decode_manifest(bytes: &[u8], id: ImageId) -> Result<Manifest, GisError> {
+    Manifest::from_bytes_with_id(bytes, id).map_err(|e| match e {
+        ManifestError::IdMismatch { .. } => GisError::new(
+            ErrorKind::ManifestMismatch,
+            format!("{e}; the manifest must be the one the image id was computed from"),
+        ),
+        other => GisError::new(
+            ErrorKind::BadRequest,
+            format!("manifest of image {} refused: {other}", id.short()),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,346 @@
+//! The GIS as a libp2p peer: tcp + noise + yamux, identify, ping and the GIS
+//! request-response protocol. One event loop owns the swarm, the `Index` and the `Storage`;
+//! it turns each request into an `Index` call, persists the resulting changes, then replies.
+//! What the answers mean is the index's business.
+
+use crate::index::{Index, IndexConfig, DEFAULT_HEARTBEAT_TIMEOUT};
+use crate::storage::{SledStorage, Storage};
+use anyhow::Context;
+use bids_protocols::gis::{self, GisRequest, GisResponse};
+use bids_protocols::Policy;
+use futures::{FutureExt, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, ping, Multiaddr, PeerId, Swarm};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, trace, warn};
+
+/// The identify protocol version BIDS peers announce.
+pub const IDENTIFY_PROTOCOL: &str = "/bids/id/1";
+/// Hosts stay connected to the GIS between heartbeats; keep idle connections this long.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How often dead hosts are looked for.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// Most swarm events handled before one group commit: bounds how long a reply waits.
+const MAX_BATCH: usize = 256;
+/// sled's directory inside the GIS data dir.
+const DB_DIR: &str = "gis.sled";
+
+/// Everything a GIS process needs.
+#[derive(Clone, Debug)]
+pub struct GisConfig {
+    pub keypair: Keypair,
+    pub listen: Multiaddr,
+    /// Holds the sled database (`gis.sled/`).
+    pub data_dir: PathBuf,
+    /// The admin identity: its key signs bridgehead certificates; only it may revoke.
+    pub admin_peer: PeerId,
+    pub policy: Policy,
+    pub heartbeat_timeout: Duration,
+}
+
+impl GisConfig {
+    /// Defaults: policy `bids`, heartbeat timeout 10 s.
+    pub fn new(keypair: Keypair, listen: Multiaddr, data_dir: PathBuf, admin_peer: PeerId) -> Self {
+        GisConfig {
+            keypair,
+            listen,
+            data_dir,
+            admin_peer,
+            policy: Policy::Bids,
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+        }
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct GisBehaviour {
+    gis: request_response::Behaviour<gis::Codec>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+/// Unix milliseconds now: the index's clock, read only here.
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs the GIS until `shutdown` completes, storing its state in sled under `data_dir`.
+pub async fn run(cfg: GisConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let storage = open_sled(&cfg)?;
+    run_with_storage(cfg, Box::new(storage), shutdown, None).await
+}
+
+/// Starts the GIS on the current tokio runtime and returns once it listens.
+pub async fn spawn(cfg: GisConfig) -> anyhow::Result<GisHandle> {
+    let storage = open_sled(&cfg)?;
+    spawn_with_storage(cfg, Box::new(storage)).await
+}
+
+/// Like [`spawn`], with any storage backend (e.g. `MemStorage` in simulations); `data_dir`
+/// is then unused.
+pub async fn spawn_with_storage(cfg: GisConfig, storage: Box<dyn Storage>) -> anyhow::Result<GisHandle> {
+    let peer_id = cfg.keypair.public().to_peer_id();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (addrs_tx, mut addrs_rx) = watch::channel(Vec::new());
+    // A dropped sender also means stop, so dropping the handle stops the server.
+    let shutdown = stop_rx.map(|_| ());
+    let mut task = tokio::spawn(run_with_storage(cfg, storage, shutdown, Some(addrs_tx)));
+    tokio::select! {
+        ready = addrs_rx.wait_for(|a| !a.is_empty()) => {
+            if ready.is_err() {
+                // The loop ended before listening: report why.
+                return match (&mut task).await {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => Err(anyhow::anyhow!("GIS stopped before it listened")),
+                    Err(e) => Err(anyhow::anyhow!("GIS task failed: {e}")),
+                };
+            }
+        }
+        res = &mut task => {
+            return match res {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) => Err(anyhow::anyhow!("GIS stopped before it listened")),
+                Err(e) => Err(anyhow::anyhow!("GIS task failed: {e}")),
+            };
+        }
+    }
+    Ok(GisHandle {
+        peer_id,
+        addrs: addrs_rx,
+        stop: Some(stop_tx),
+        task: Some(task),
+    })
+}
+
+/// A GIS running in the background. Dropping it stops the server.
+pub struct GisHandle {
+    peer_id: PeerId,
+    addrs: watch::Receiver<Vec<Multiaddr>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl GisHandle {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The addresses it listens on, each ending in `/p2p/<peer id>`.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.addrs.borrow().clone()
+    }
+
+    /// Stops the server and waits for its loop to end (state is already durable).
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.context("GIS task panicked")?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for GisHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn open_sled(cfg: &GisConfig) -> anyhow::Result<SledStorage> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating GIS data dir {}", cfg.data_dir.display()))?;
+    let path = cfg.data_dir.join(DB_DIR);
+    SledStorage::open(&path).with_context(|| {
+        format!(
+            "opening the GIS database {} (is another GIS using this data dir?)",
+            path.display()
+        )
+    })
+}
+
+fn build_swarm(keypair: &Keypair) -> anyhow::Result<Swarm<GisBehaviour>> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .context("building the tcp/noise/yamux transport")?
+        .with_behaviour(|key| GisBehaviour {
+            gis: request_response::Behaviour::with_codec(
+                gis::codec(),
+                [(gis::PROTOCOL, ProtocolSupport::Inbound)],
+                request_response::Config::default(),
+            ),
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                    .with_agent_version(format!("bids-gis/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            ping: ping::Behaviour::default(),
+        })
+        .context("building the GIS behaviour")?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
+
+/// The event loop. `addrs` (if given) receives the listen addresses as they appear.
+async fn run_with_storage(
+    cfg: GisConfig,
+    mut storage: Box<dyn Storage>,
+    shutdown: impl Future<Output = ()>,
+    addrs: Option<watch::Sender<Vec<Multiaddr>>>,
+) -> anyhow::Result<()> {
+    let snapshot = storage.load().context("loading the GIS state")?;
+    let mut index = Index::restore(
+        IndexConfig {
+            admin: cfg.admin_peer,
+            policy: cfg.policy,
+            heartbeat_timeout: cfg.heartbeat_timeout,
+        },
+        snapshot,
+    );
+    let mut swarm = build_swarm(&cfg.keypair)?;
+    let local = *swarm.local_peer_id();
+    swarm
+        .listen_on(cfg.listen.clone())
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    info!(peer = %local, listen = %cfg.listen, policy = %cfg.policy, admin = %cfg.admin_peer, "GIS starting");
+
+    let mut listening: Vec<Multiaddr> = Vec::new();
+    let mut expire = tokio::time::interval(EXPIRE_EVERY);
+    expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut replies: Vec<(ResponseChannel<GisResponse>, GisResponse)> = Vec::new();
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = expire.tick() => {
+                for peer in index.expire(unix_ms()) {
+                    info!(%peer, "host went dead (no heartbeat within {:?})", cfg.heartbeat_timeout);
+                }
+            }
+            event = swarm.select_next_some() => {
+                let mut ctx = Ctx { index: &mut index, replies: &mut replies, listening: &mut listening, addrs: addrs.as_ref(), local };
+                ctx.on_event(event);
+                // Group commit: take whatever else is ready, then make all of it durable
+                // with one flush before any of those replies goes out.
+                for _ in 1..MAX_BATCH {
+                    match swarm.next().now_or_never() {
+                        Some(Some(event)) => ctx.on_event(event),
+                        _ => break,
+                    }
+                }
+                let changes = index.take_changes();
+                if !changes.is_empty() {
+                    if let Err(e) = storage.commit(&changes) {
+                        // Memory and disk now disagree; stop rather than answer from state
+                        // that a restart would lose. Clients see the connection drop and retry.
+                        error!(error = %e, "could not persist GIS state; stopping");
+                        return Err(anyhow::Error::new(e).context("persisting GIS state"));
+                    }
+                }
+                for (channel, response) in replies.drain(..) {
+                    if swarm.behaviour_mut().gis.send_response(channel, response).is_err() {
+                        debug!("requester went away before its reply");
+                    }
+                }
+            }
+        }
+    }
+    info!(peer = %local, "GIS stopped");
+    Ok(())
+}
+
+/// What handling one swarm event may touch.
+struct Ctx<'a> {
+    index: &'a mut Index,
+    replies: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    listening: &'a mut Vec<Multiaddr>,
+    addrs: Option<&'a watch::Sender<Vec<Multiaddr>>>,
+    local: PeerId,
+}
+
+impl Ctx<'_> {
+    fn on_event(&mut self, event: SwarmEvent<GisBehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(GisBehaviourEvent::Gis(ev)) => self.on_gis(ev),
+            SwarmEvent::Behaviour(GisBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                debug!(peer = %peer_id, agent = %info.agent_version, protocol = %info.protocol_version, "identified peer");
+            }
+            SwarmEvent::Behaviour(GisBehaviourEvent::Identify(_)) | SwarmEvent::Behaviour(GisBehaviourEvent::Ping(_)) => {}
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let full = address.with(Protocol::P2p(self.local));
+                info!(addr = %full, "GIS listening");
+                self.listening.push(full);
+                self.publish_addrs();
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let full = address.with(Protocol::P2p(self.local));
+                info!(addr = %full, "GIS no longer listening");
+                self.listening.retain(|a| *a != full);
+                self.publish_addrs();
+            }
+            SwarmEvent::ListenerError { error, .. } => warn!(%error, "listener error"),
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
+            }
+            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+                debug!(peer = %peer_id, cause = ?cause, "connection closed");
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                debug!(from = %send_back_addr, %error, "incoming connection failed");
+            }
+            other => trace!(?other, "swarm event"),
+        }
+    }
+
+    fn publish_addrs(&self) {
+        if let Some(tx) = self.addrs {
+            tx.send_replace(self.listening.clone());
+        }
+    }
+
+    fn on_gis(&mut self, ev: request_response::Event<GisRequest, GisResponse>) {
+        match ev {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let response = self.index.handle(peer, request, unix_ms());
+                self.replies.push((channel, response));
+            }
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Response { .. },
+                ..
+            } => warn!(%peer, "unexpected GIS response from a peer; the GIS sends no requests"),
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                // Malformed CBOR, oversized frames and timeouts end here: the stream is closed,
+                // nothing else is affected.
+                warn!(%peer, %error, "bad or failed GIS request");
+            }
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "outbound GIS failure");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}

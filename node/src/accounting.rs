@@ -1,0 +1,95 @@
+//! Transfer accounting: bytes and chunks sent and received, LAN (same IDC) or WAN (other
+//! IDC), per image. Reported to the GIS in heartbeats and shown by `bids image status`.
+
+use crate::gate::Link;
+use bids_protocols::gis::{Counters, HostStats};
+use bids_protocols::ImageId;
+use std::collections::BTreeMap;
+
+#[derive(Default, Debug, Clone)]
+pub struct Accounting {
+    total: Counters,
+    images: BTreeMap<ImageId, Counters>,
+    refusals: u64,
+}
+
+impl Accounting {
+    pub fn sent(&mut self, image: ImageId, link: Link, bytes: u64) {
+        for c in [&mut self.total, self.images.entry(image).or_default()] {
+            match link {
+                Link::Lan => {
+                    c.lan_sent_bytes += bytes;
+                    c.lan_sent_chunks += 1;
+                }
+                Link::Wan => {
+                    c.wan_sent_bytes += bytes;
+                    c.wan_sent_chunks += 1;
+                }
+            }
+        }
+    }
+
+    pub fn received(&mut self, image: ImageId, link: Link, bytes: u64) {
+        for c in [&mut self.total, self.images.entry(image).or_default()] {
+            match link {
+                Link::Lan => {
+                    c.lan_recv_bytes += bytes;
+                    c.lan_recv_chunks += 1;
+                }
+                Link::Wan => {
+                    c.wan_recv_bytes += bytes;
+                    c.wan_recv_chunks += 1;
+                }
+            }
+        }
+    }
+
+    pub fn bad_chunk(&mut self, image: ImageId) {
+        self.total.bad_chunks += 1;
+        self.images.entry(image).or_default().bad_chunks += 1;
+    }
+
+    pub fn refused(&mut self) {
+        self.refusals += 1;
+    }
+
+    pub fn refusals(&self) -> u64 {
+        self.refusals
+    }
+
+    pub fn image(&self, image: &ImageId) -> Counters {
+        self.images.get(image).copied().unwrap_or_default()
+    }
+
+    pub fn total(&self) -> Counters {
+        self.total
+    }
+
+    pub fn forget(&mut self, image: &ImageId) {
+        self.images.remove(image);
+    }
+
+    pub fn snapshot(&self) -> HostStats {
+        HostStats { total: self.total, images: self.images.clone(), refusals: self.refusals }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_lan_and_wan_per_image() {
+        let mut a = Accounting::default();
+        let x = ImageId([1; 32]);
+        let y = ImageId([2; 32]);
+        a.received(x, Link::Wan, 100);
+        a.received(x, Link::Lan, 50);
+        a.sent(y, Link::Lan, 7);
+        a.refused();
+        assert_eq!(a.image(&x).wan_recv_bytes, 100);
+        assert_eq!(a.image(&x).lan_recv_chunks, 1);
+        assert_eq!(a.total().lan_sent_bytes, 7);
+        assert_eq!(a.snapshot().refusals, 1);
+    }
+}

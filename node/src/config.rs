@@ -1,0 +1,95 @@
+//! Node configuration: everything a host daemon needs to start, validated before start-up.
+//! The CLI builds it from flags, a TOML file and `BIDS_…` variables.
+
+use crate::scheduler::SchedulerConfig;
+use crate::transport::LinkShaper;
+use bids_protocols::{BridgeheadCert, Idc, Policy};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct NodeConfig {
+    pub keypair: Keypair,
+    pub idc: Idc,
+    /// The GIS address, ending in `/p2p/<gis peer id>`.
+    pub gis: Multiaddr,
+    pub store_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    /// Addresses to register with the GIS instead of the listen addresses (e.g. behind NAT).
+    pub external_addrs: Vec<Multiaddr>,
+    pub cert: Option<BridgeheadCert>,
+    pub admin_peer: PeerId,
+    pub policy: Policy,
+    pub heartbeat: Duration,
+    pub scheduler: SchedulerConfig,
+    /// Serve the local control socket (`<store>/control.sock`).
+    pub control_socket: bool,
+    /// Outgoing connections bind to this IP (the in-process testnet gives each IDC its own
+    /// 127.0.k.0/24).
+    pub bind_ip: Option<IpAddr>,
+    /// Link emulation hook (testnets only).
+    pub shaper: Option<Arc<dyn LinkShaper>>,
+    /// How long a download may find no source before it fails.
+    pub no_source_timeout: Duration,
+    /// Upload (serving) rate limit in bytes/s, 0 = unlimited.
+    pub upload_bps: u64,
+    /// Download rate limit in bytes/s, 0 = unlimited.
+    pub download_bps: u64,
+    /// Serve chunks to others at all.
+    pub sharing: bool,
+}
+
+impl NodeConfig {
+    /// A configuration with defaults for everything but identity, IDC, GIS, store and admin.
+    pub fn new(keypair: Keypair, idc: Idc, gis: Multiaddr, store_dir: PathBuf, admin_peer: PeerId) -> Self {
+        NodeConfig {
+            keypair,
+            idc,
+            gis,
+            store_dir,
+            listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr")],
+            external_addrs: Vec::new(),
+            cert: None,
+            admin_peer,
+            policy: Policy::Bids,
+            heartbeat: Duration::from_secs(2),
+            scheduler: SchedulerConfig::default(),
+            control_socket: true,
+            bind_ip: None,
+            shaper: None,
+            no_source_timeout: Duration::from_secs(15),
+            upload_bps: 0,
+            download_bps: 0,
+            sharing: true,
+        }
+    }
+
+    /// The GIS peer id, taken from the `/p2p/` suffix of its address.
+    pub fn gis_peer(&self) -> Result<PeerId, String> {
+        match self.gis.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(p)) => Ok(p),
+            _ => Err(format!(
+                "GIS address {} must end with /p2p/<peer id> (as `bids gis` prints it)",
+                self.gis
+            )),
+        }
+    }
+
+    /// Checks what can be checked before start-up.
+    pub fn validate(&self) -> Result<(), String> {
+        self.gis_peer()?;
+        if let Some(c) = &self.cert {
+            let me = self.keypair.public().to_peer_id();
+            c.verify_for(&self.admin_peer, &me, &self.idc, bids_protocols::unix_now(), &Default::default())
+                .map_err(|e| format!("this node's bridgehead certificate is not usable: {e}"))?;
+        }
+        if self.listen.is_empty() {
+            return Err("at least one listen address is needed".into());
+        }
+        Ok(())
+    }
+}

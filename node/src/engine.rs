@@ -1,0 +1,1492 @@
+//! The host daemon's event loop: the one task that owns the libp2p `Swarm`. It registers with
+//! the GIS, gates connections (hello + certificates), serves chunks, drives downloads through
+//! the sans-IO scheduler, relays chunks as a bridgehead (cut-through, deferred requests) and
+//! announces what it gains on its IDC's gossipsub topic. Disk work and hashing run on the
+//! blocking pool; their results come back as internal events.
+
+use crate::accounting::Accounting;
+use crate::config::NodeConfig;
+use crate::gate::{self, Link};
+use crate::ratelimit::RateLimiter;
+use crate::scheduler::{Download, Failure, SourceKind};
+use crate::store::Store;
+use crate::transport::{self, TransportOptions};
+use bids_protocols::cert::Revocations;
+use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse, Encoding};
+use bids_protocols::gis::{
+    self as gisp, Counters, ErrorKind, GisRequest, GisResponse, Holding, HostEntry, HostList, ImageQuery,
+};
+use bids_protocols::gossip::{self, Announcement, Have};
+use bids_protocols::hello::{self, Hello, HelloReply};
+use bids_protocols::{ChunkIndex, Idc, ImageId, ImageRef, Manifest, Policy, Role};
+use futures::StreamExt;
+use libp2p::request_response::{self as rr, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{gossipsub, identify, ping, Multiaddr, PeerId, Swarm};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+/// How often the loop ticks to drive schedulers, expire requests and flush announcements.
+const TICK: Duration = Duration::from_millis(20);
+/// New-chunk announcements are batched for this long.
+const ANNOUNCE_BATCH: Duration = Duration::from_millis(100);
+/// Full have-state of images in progress is re-announced this often (late joiners).
+const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
+/// A download asks the GIS for fresh host lists this often.
+const LOOKUP_REFRESH: Duration = Duration::from_secs(3);
+/// Progress is published to the GIS this often during a download.
+const PUBLISH_PROGRESS: Duration = Duration::from_secs(5);
+/// A peer that has not said hello by then is disconnected.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Chunk reads or writes in flight on the blocking pool before we answer Busy.
+const MAX_SERVING: usize = 256;
+/// Encoded payloads kept for cut-through relay (a bridgehead serves one chunk to many hosts).
+const RELAY_CACHE: usize = 16;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    gossipsub: gossipsub::Behaviour,
+    hello: rr::Behaviour<hello::Codec>,
+    chunk: rr::Behaviour<chunk::Codec>,
+    gis: rr::Behaviour<gisp::Codec>,
+}
+
+/// Progress of one download, as watchers see it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FetchProgress {
+    pub image: ImageRef,
+    pub id: ImageId,
+    pub held: u32,
+    pub total: u32,
+    pub size: u64,
+    /// `Some(Ok(seconds))` when complete and verified, `Some(Err(reason))` when failed.
+    pub done: Option<Result<f64, String>>,
+}
+
+/// One image as `bids image status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageReport {
+    pub image: ImageRef,
+    pub id: ImageId,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub held: u32,
+    pub total: u32,
+    pub complete: bool,
+    pub fetching: bool,
+    pub counters: Counters,
+}
+
+/// The node as a whole.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub peer: PeerId,
+    pub idc: Idc,
+    pub role: Role,
+    pub policy: Policy,
+    pub listen: Vec<Multiaddr>,
+    pub gis_connected: bool,
+    /// The GIS accepted our registration.
+    pub registered: bool,
+    pub connected_peers: usize,
+    pub images: Vec<ImageReport>,
+    pub total: Counters,
+    pub refusals: u64,
+    pub bad_chunks_served_to_us: u64,
+}
+
+/// Requests to the event loop.
+pub(crate) enum Command {
+    Fetch { image: ImageQuery, reply: oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>> },
+    Status { reply: oneshot::Sender<NodeStatus> },
+    /// The store gained a complete image (imported through the control socket): publish it.
+    Imported { id: ImageId },
+    /// An image was removed from the store: tell the GIS.
+    Removed { id: ImageId },
+    SetLimits { upload_bps: u64, download_bps: u64 },
+    SetSharing { enabled: bool },
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// Results of work done off the loop.
+enum Internal {
+    Stored { image: ImageId, idx: ChunkIndex, peer: PeerId, result: Result<(Encoding, Vec<u8>), String> },
+    Served { channel: ResponseChannel<ChunkResponse>, peer: PeerId, image: ImageId, response: ChunkResponse },
+}
+
+/// The hello state of a connected peer.
+#[derive(Clone, Debug)]
+enum PeerState {
+    Pending { since: Instant },
+    Accepted { link: Link },
+}
+
+/// Why a download runs.
+struct DownloadState {
+    manifest: Arc<Manifest>,
+    sched: Download,
+    started: Instant,
+    progress: watch::Sender<FetchProgress>,
+    /// Sources from host lists and announcements that are not (yet) hello-accepted.
+    candidates: HashMap<PeerId, (SourceKind, bool)>,
+    /// Ranges announced by peers not yet added to the scheduler.
+    pending_haves: HashMap<PeerId, Vec<(u32, u32)>>,
+    /// Peers added to the scheduler.
+    active: HashSet<PeerId>,
+    /// Chunks being verified/written right now.
+    writing: HashSet<ChunkIndex>,
+    last_lookup: Option<Instant>,
+    lookup_inflight: bool,
+    last_publish: Instant,
+    no_source_since: Option<Instant>,
+    /// Chunks gained since the last announcement.
+    fresh: Vec<ChunkIndex>,
+}
+
+enum GisPurpose {
+    Register,
+    Heartbeat,
+    Publish,
+    Unpublish,
+    Lookup { image: ImageQuery, for_fetch: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>> },
+}
+
+/// A running node: a cheap handle to its event loop.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Command>,
+    peer: PeerId,
+    listen: Vec<Multiaddr>,
+    store: Arc<Store>,
+}
+
+impl NodeHandle {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Addresses the node listens on (with real ports), each ending in `/p2p/<peer id>`.
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Starts (or joins) a download and returns a watch on its progress.
+    pub async fn fetch(&self, image: ImageQuery) -> Result<watch::Receiver<FetchProgress>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Fetch { image, reply }).await?;
+        rx.await.map_err(|_| "node stopped".to_string())?
+    }
+
+    /// Fetches and waits for the end; returns the provision time in seconds.
+    pub async fn fetch_and_wait(&self, image: ImageQuery) -> Result<f64, String> {
+        let mut rx = self.fetch(image).await?;
+        loop {
+            if let Some(done) = rx.borrow().done.clone() {
+                return done;
+            }
+            if rx.changed().await.is_err() {
+                return Err("node stopped during the download".into());
+            }
+        }
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Status { reply }).await?;
+        rx.await.map_err(|_| "node stopped".to_string())
+    }
+
+    pub async fn imported(&self, id: ImageId) -> Result<(), String> {
+        self.send(Command::Imported { id }).await
+    }
+
+    pub async fn removed(&self, id: ImageId) -> Result<(), String> {
+        self.send(Command::Removed { id }).await
+    }
+
+    pub async fn set_limits(&self, upload_bps: u64, download_bps: u64) -> Result<(), String> {
+        self.send(Command::SetLimits { upload_bps, download_bps }).await
+    }
+
+    pub async fn set_sharing(&self, enabled: bool) -> Result<(), String> {
+        self.send(Command::SetSharing { enabled }).await
+    }
+
+    /// Stops the node and waits until its store is flushed.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.send(Command::Shutdown { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    async fn send(&self, c: Command) -> Result<(), String> {
+        self.tx.send(c).await.map_err(|_| "node stopped".to_string())
+    }
+}
+
+/// Starts a node: opens the store, binds, connects to the GIS; returns once listening.
+pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::JoinHandle<()>)> {
+    use anyhow::Context;
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    let store_dir = cfg.store_dir.clone();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || Store::open(&store_dir))
+            .await
+            .context("store task")?
+            .with_context(|| format!("opening store {}", cfg.store_dir.display()))?,
+    );
+    let gis_peer = cfg.gis_peer().map_err(anyhow::Error::msg)?;
+    let me = cfg.keypair.public().to_peer_id();
+
+    let topic = gossipsub::IdentTopic::new(match cfg.policy {
+        Policy::Bids => gossip::topic_name(&cfg.idc),
+        // Baseline: the IDC rule is off, so everyone shares one availability topic.
+        Policy::Baseline => "bids/baseline/chunks".to_string(),
+    });
+    let topts = TransportOptions { bind_ip: cfg.bind_ip, shaper: cfg.shaper.clone(), ..Default::default() };
+    let keypair = cfg.keypair.clone();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
+        .with_tokio()
+        .with_other_transport(|k| {
+            transport::build(k, topts).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .context("building transport")?
+        .with_behaviour(|k| {
+            let gcfg = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .mesh_n(6)
+                .mesh_n_low(1)
+                .mesh_n_high(12)
+                .mesh_outbound_min(0)
+                .flood_publish(true)
+                .max_transmit_size(gossip::MAX_ANNOUNCE_BYTES)
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .build()
+                .map_err(|e| format!("gossipsub config: {e}"))?;
+            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(k.clone()), gcfg)?;
+            let chunk_cfg = rr::Config::default()
+                .with_request_timeout(Duration::from_secs(180))
+                .with_max_concurrent_streams(1024);
+            Ok(Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new("/bids/id/1".into(), k.public())),
+                ping: ping::Behaviour::default(),
+                gossipsub,
+                hello: rr::Behaviour::with_codec(
+                    hello::codec(),
+                    [(hello::PROTOCOL, ProtocolSupport::Full)],
+                    rr::Config::default().with_request_timeout(HELLO_TIMEOUT),
+                ),
+                chunk: rr::Behaviour::with_codec(chunk::codec(), [(chunk::PROTOCOL, ProtocolSupport::Full)], chunk_cfg),
+                gis: rr::Behaviour::with_codec(
+                    gisp::codec(),
+                    [(gisp::PROTOCOL, ProtocolSupport::Outbound)],
+                    rr::Config::default().with_request_timeout(Duration::from_secs(30)),
+                ),
+            })
+        })
+        .map_err(|e| anyhow::anyhow!("building behaviours: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .map_err(|e| anyhow::anyhow!("subscribing to {topic}: {e:?}"))?;
+    for addr in &cfg.listen {
+        swarm.listen_on(addr.clone()).with_context(|| format!("listening on {addr}"))?;
+    }
+    // Wait for the listeners to bind, so callers learn the real ports.
+    let mut listen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while listen.len() < cfg.listen.len() {
+        match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+                listen.push(address.with_p2p(me).unwrap_or_else(|a| a));
+            }
+            Ok(SwarmEvent::ListenerError { error, .. }) | Ok(SwarmEvent::ListenerClosed { reason: Err(error), .. }) => {
+                anyhow::bail!("listening failed: {error}");
+            }
+            Ok(_) => {}
+            Err(_) => anyhow::bail!("listening on {:?} did not succeed within 10 s", cfg.listen),
+        }
+    }
+    swarm.add_peer_address(gis_peer, cfg.gis.clone());
+    let (tx, rx) = mpsc::channel(256);
+    let (itx, irx) = mpsc::channel(1024);
+    let handle = NodeHandle { tx, peer: me, listen: listen.clone(), store: store.clone() };
+    let upload = RateLimiter::new(cfg.upload_bps);
+    let download = RateLimiter::new(cfg.download_bps);
+    let sharing = cfg.sharing;
+    let engine = Engine {
+        swarm,
+        store,
+        me,
+        gis_peer,
+        topic,
+        role: Role::Host,
+        gis_connected: false,
+        registered: false,
+        revocations: Revocations::default(),
+        peers: HashMap::new(),
+        addrs: HashMap::new(),
+        downloads: HashMap::new(),
+        waiters: HashMap::new(),
+        inflight: HashMap::new(),
+        gis_pending: HashMap::new(),
+        acct: Accounting::default(),
+        cmd_rx: rx,
+        itx,
+        irx,
+        serving: 0,
+        relay_cache: VecDeque::new(),
+        last_heartbeat: Instant::now(),
+        last_full_announce: Instant::now(),
+        last_batch: Instant::now(),
+        recently_completed: HashMap::new(),
+        upload,
+        download,
+        upload_queue: VecDeque::new(),
+        sharing,
+        listen,
+        dialing: HashSet::new(),
+        cfg,
+    };
+    let task = tokio::spawn(engine.run());
+    Ok((handle, task))
+}
+
+struct Engine {
+    swarm: Swarm<Behaviour>,
+    store: Arc<Store>,
+    cfg: NodeConfig,
+    me: PeerId,
+    gis_peer: PeerId,
+    topic: gossipsub::IdentTopic,
+    role: Role,
+    gis_connected: bool,
+    registered: bool,
+    revocations: Revocations,
+    peers: HashMap<PeerId, PeerState>,
+    addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    downloads: HashMap<ImageId, DownloadState>,
+    /// Deferred chunk requests (a bridgehead answers when the chunk arrives).
+    waiters: HashMap<(ImageId, ChunkIndex), Vec<(ResponseChannel<ChunkResponse>, PeerId)>>,
+    inflight: HashMap<OutboundRequestId, (ImageId, ChunkIndex, PeerId)>,
+    gis_pending: HashMap<OutboundRequestId, GisPurpose>,
+    acct: Accounting,
+    cmd_rx: mpsc::Receiver<Command>,
+    itx: mpsc::Sender<Internal>,
+    irx: mpsc::Receiver<Internal>,
+    serving: usize,
+    relay_cache: VecDeque<((ImageId, ChunkIndex), Arc<(Encoding, Vec<u8>)>)>,
+    last_heartbeat: Instant,
+    last_full_announce: Instant,
+    last_batch: Instant,
+    recently_completed: HashMap<ImageId, Instant>,
+    upload: RateLimiter,
+    download: RateLimiter,
+    upload_queue: VecDeque<(ResponseChannel<ChunkResponse>, PeerId, ImageId, ChunkResponse, Link)>,
+    sharing: bool,
+    listen: Vec<Multiaddr>,
+    dialing: HashSet<PeerId>,
+}
+
+impl Engine {
+    async fn run(mut self) {
+        info!(peer = %self.me, idc = %self.cfg.idc, policy = %self.cfg.policy, "node started");
+        self.register();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm(ev),
+                Some(i) = self.irx.recv() => self.on_internal(i),
+                cmd = self.cmd_rx.recv() => match cmd {
+                    Some(Command::Shutdown { reply }) => {
+                        self.stop();
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(c) => self.on_command(c),
+                    None => { self.stop(); return; }
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Err(e) = self.store.flush() {
+            warn!(error = %e, "flushing the store at shutdown failed");
+        }
+        info!(peer = %self.me, "node stopped");
+    }
+
+    fn now_secs() -> i64 {
+        bids_protocols::unix_now()
+    }
+
+    // ---------------------------------------------------------------- GIS
+
+    fn gis_request(&mut self, req: GisRequest, purpose: GisPurpose) {
+        let id = self.swarm.behaviour_mut().gis.send_request(&self.gis_peer, req);
+        self.gis_pending.insert(id, purpose);
+    }
+
+    fn register(&mut self) {
+        let addrs = if self.cfg.external_addrs.is_empty() {
+            self.listen
+                .iter()
+                .map(|a| {
+                    let mut a = a.clone();
+                    if matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                        a.pop();
+                    }
+                    a
+                })
+                .collect()
+        } else {
+            self.cfg.external_addrs.clone()
+        };
+        let req = GisRequest::Register {
+            idc: self.cfg.idc.clone(),
+            addrs,
+            cert: self.cfg.cert.clone(),
+            policy: self.cfg.policy,
+        };
+        self.gis_request(req, GisPurpose::Register);
+    }
+
+    fn publish(&mut self, id: &ImageId, fetching: bool) {
+        let (Some(m), Some(st)) = (self.store.manifest(id), self.store.status(id)) else {
+            return;
+        };
+        let holding = Holding { image: *id, chunks_held: st.held, complete: st.complete, fetching };
+        self.gis_request(GisRequest::Publish { holding, manifest: m.to_bytes() }, GisPurpose::Publish);
+    }
+
+    fn publish_all(&mut self) {
+        let ids: Vec<ImageId> = self.store.list().into_iter().map(|s| s.id).collect();
+        for id in ids {
+            let fetching = self.downloads.contains_key(&id);
+            self.publish(&id, fetching);
+        }
+    }
+
+    fn on_gis_response(&mut self, purpose: GisPurpose, resp: GisResponse) {
+        match (purpose, resp) {
+            (GisPurpose::Register, GisResponse::Registered { role, revocations, .. }) => {
+                info!(role = %role, "registered with the GIS");
+                self.role = role;
+                self.registered = true;
+                self.set_revocations(revocations);
+                self.publish_all();
+            }
+            (_, GisResponse::Ack { revocations }) => self.set_revocations(revocations),
+            (GisPurpose::Lookup { image, for_fetch }, GisResponse::HostList(list)) => {
+                self.on_host_list(image, *list, for_fetch);
+            }
+            (GisPurpose::Lookup { image, for_fetch }, GisResponse::Error { kind, message }) => {
+                let id = match &image {
+                    ImageQuery::Id(id) => Some(*id),
+                    ImageQuery::Ref(r) => self.store.resolve(r),
+                };
+                if let Some(d) = id.and_then(|id| self.downloads.get_mut(&id)) {
+                    d.lookup_inflight = false;
+                }
+                if let Some(reply) = for_fetch {
+                    let _ = reply.send(Err(message.clone()));
+                }
+                debug!(?kind, %message, "lookup refused");
+            }
+            (p, GisResponse::Error { kind, message }) => {
+                if kind == ErrorKind::NotRegistered && !matches!(p, GisPurpose::Register) {
+                    // The GIS restarted or forgot us: register again.
+                    self.registered = false;
+                    self.register();
+                } else if kind == ErrorKind::BadCert {
+                    warn!(%message, "the GIS refused this node's bridgehead certificate");
+                } else {
+                    warn!(?kind, %message, "GIS request failed");
+                }
+            }
+            (_, other) => debug!(?other, "unexpected GIS response"),
+        }
+    }
+
+    fn on_gis_failure(&mut self, purpose: GisPurpose, error: String) {
+        match purpose {
+            GisPurpose::Lookup { image, for_fetch } => {
+                let id = match &image {
+                    ImageQuery::Id(id) => Some(*id),
+                    ImageQuery::Ref(r) => self.store.resolve(r),
+                };
+                if let Some(d) = id.and_then(|id| self.downloads.get_mut(&id)) {
+                    d.lookup_inflight = false;
+                }
+                if let Some(reply) = for_fetch {
+                    let _ = reply.send(Err(format!("the GIS did not answer: {error}")));
+                }
+            }
+            GisPurpose::Register => {
+                debug!(%error, "register failed; retrying at next heartbeat");
+                self.registered = false;
+            }
+            _ => debug!(%error, "GIS request failed"),
+        }
+    }
+
+    fn set_revocations(&mut self, r: Revocations) {
+        if r == self.revocations {
+            return;
+        }
+        self.revocations = r;
+        // A revoked bridgehead's links close at once.
+        let now = Self::now_secs();
+        let mut drop_peers = Vec::new();
+        if let Some(c) = &self.cfg.cert {
+            if self.revocations.is_revoked(c.body.serial) {
+                warn!("this node's bridgehead certificate was revoked; cross-IDC links close");
+                self.cfg.cert = None;
+                self.role = Role::Host;
+                for (p, st) in &self.peers {
+                    if matches!(st, PeerState::Accepted { link: Link::Wan, .. }) && self.cfg.policy == Policy::Bids {
+                        drop_peers.push(*p);
+                    }
+                }
+            }
+        }
+        let _ = now;
+        for p in drop_peers {
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
+    // ---------------------------------------------------------------- swarm events
+
+    fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                self.dialing.remove(&peer_id);
+                if peer_id == self.gis_peer {
+                    if !self.gis_connected {
+                        info!("connected to the GIS");
+                    }
+                    self.gis_connected = true;
+                    return;
+                }
+                if num_established.get() == 1 && !self.peers.contains_key(&peer_id) {
+                    self.peers.insert(peer_id, PeerState::Pending { since: Instant::now() });
+                }
+                if endpoint.is_dialer() && matches!(self.peers.get(&peer_id), Some(PeerState::Pending { .. })) {
+                    let h = self.my_hello();
+                    self.swarm.behaviour_mut().hello.send_request(&peer_id, h);
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                if num_established == 0 {
+                    if peer_id == self.gis_peer {
+                        warn!("connection to the GIS closed; it will be redialled");
+                        self.gis_connected = false;
+                        return;
+                    }
+                    self.peers.remove(&peer_id);
+                    for d in self.downloads.values_mut() {
+                        if d.active.remove(&peer_id) {
+                            d.sched.remove_peer(&peer_id);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(p), error, .. } => {
+                self.dialing.remove(&p);
+                debug!(peer = %p, %error, "dial failed");
+                for d in self.downloads.values_mut() {
+                    d.candidates.remove(&p);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                let addrs: Vec<Multiaddr> = info.listen_addrs.into_iter().take(gisp::MAX_ADDRS).collect();
+                self.addrs.insert(peer_id, addrs);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+                if let Some(src) = message.source {
+                    self.on_announcement(src, &message.data);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Hello(ev)) => self.on_hello(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Chunk(ev)) => self.on_chunk_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Gis(ev)) => match ev {
+                rr::Event::Message { message: rr::Message::Response { request_id, response }, .. } => {
+                    if let Some(p) = self.gis_pending.remove(&request_id) {
+                        self.on_gis_response(p, response);
+                    }
+                }
+                rr::Event::OutboundFailure { request_id, error, .. } => {
+                    if let Some(p) = self.gis_pending.remove(&request_id) {
+                        self.on_gis_failure(p, error.to_string());
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn my_hello(&self) -> Hello {
+        Hello { idc: self.cfg.idc.clone(), policy: self.cfg.policy, cert: self.cfg.cert.clone() }
+    }
+
+    fn judge(&self, peer: &PeerId, h: &Hello) -> Result<Link, String> {
+        let us = gate::Us {
+            peer: &self.me,
+            idc: &self.cfg.idc,
+            policy: self.cfg.policy,
+            cert: self.cfg.cert.as_ref(),
+            admin: &self.cfg.admin_peer,
+            revocations: &self.revocations,
+            now: Self::now_secs(),
+        };
+        gate::judge(&us, peer, h)
+    }
+
+    fn accept(&mut self, peer: PeerId, h: &Hello, link: Link) {
+        debug!(%peer, idc = %h.idc, ?link, "peer accepted");
+        self.peers.insert(peer, PeerState::Accepted { link });
+        // Sources waiting for this peer's hello join their downloads now.
+        let ids: Vec<ImageId> = self.downloads.keys().copied().collect();
+        for id in ids {
+            self.activate(&id, &peer);
+        }
+    }
+
+    fn refuse(&mut self, peer: PeerId, reason: &str) {
+        warn!(%peer, %reason, "connection refused");
+        self.acct.refused();
+        self.peers.remove(&peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    fn on_hello(&mut self, ev: rr::Event<Hello, HelloReply>) {
+        match ev {
+            rr::Event::Message { peer, message: rr::Message::Request { request, channel, .. }, .. } => {
+                match self.judge(&peer, &request) {
+                    Ok(link) => {
+                        let reply = HelloReply::Welcome(self.my_hello());
+                        let _ = self.swarm.behaviour_mut().hello.send_response(channel, reply);
+                        self.accept(peer, &request, link);
+                    }
+                    Err(reason) => {
+                        let _ = self.swarm.behaviour_mut().hello.send_response(channel, HelloReply::Refused(reason.clone()));
+                        self.refuse(peer, &reason);
+                    }
+                }
+            }
+            rr::Event::Message { peer, message: rr::Message::Response { response, .. }, .. } => match response {
+                HelloReply::Welcome(h) => match self.judge(&peer, &h) {
+                    Ok(link) => self.accept(peer, &h, link),
+                    Err(reason) => self.refuse(peer, &reason),
+                },
+                HelloReply::Refused(reason) => {
+                    let reason = format!("peer refused us: {}", truncate(&reason, 300));
+                    self.refuse(peer, &reason);
+                }
+            },
+            rr::Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "hello failed");
+                if matches!(self.peers.get(&peer), Some(PeerState::Pending { .. })) {
+                    self.peers.remove(&peer);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn link_of(&self, peer: &PeerId) -> Option<Link> {
+        match self.peers.get(peer) {
+            Some(PeerState::Accepted { link, .. }) => Some(*link),
+            _ => None,
+        }
+    }
+
+    // ---------------------------------------------------------------- serving
+
+    fn on_chunk_event(&mut self, ev: rr::Event<ChunkRequest, ChunkResponse>) {
+        match ev {
+            rr::Event::Message { peer, message: rr::Message::Request { request, channel, .. }, .. } => {
+                self.on_chunk_request(peer, request, channel)
+            }
+            rr::Event::Message { peer, message: rr::Message::Response { request_id, response }, .. } => {
+                self.on_chunk_response(peer, request_id, response)
+            }
+            rr::Event::OutboundFailure { peer, request_id, error, .. } => {
+                if let Some((image, idx, _)) = self.inflight.remove(&request_id) {
+                    let why = match error {
+                        rr::OutboundFailure::Timeout => Failure::Timeout,
+                        rr::OutboundFailure::UnsupportedProtocols => Failure::Refused,
+                        _ => Failure::Disconnected,
+                    };
+                    debug!(%peer, idx, %error, "chunk request failed");
+                    if let Some(d) = self.downloads.get_mut(&image) {
+                        d.sched.on_failure(&peer, idx, why, Instant::now());
+                    }
+                }
+            }
+            rr::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound chunk request failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn respond(&mut self, channel: ResponseChannel<ChunkResponse>, r: ChunkResponse) {
+        let _ = self.swarm.behaviour_mut().chunk.send_response(channel, r);
+    }
+
+    fn on_chunk_request(&mut self, peer: PeerId, req: ChunkRequest, channel: ResponseChannel<ChunkResponse>) {
+        let Some(link) = self.link_of(&peer) else {
+            // No image data before an accepted hello.
+            self.acct.refused();
+            warn!(%peer, "chunk request before an accepted hello refused");
+            self.respond(channel, ChunkResponse::Refused("say hello first (or you were refused)".into()));
+            return;
+        };
+        if !self.sharing {
+            self.respond(channel, ChunkResponse::Refused("sharing is switched off on this host".into()));
+            return;
+        }
+        if self.serving >= MAX_SERVING {
+            self.respond(channel, ChunkResponse::Busy);
+            return;
+        }
+        let Some(m) = self.store.manifest(&req.image) else {
+            if self.may_relay(&peer) {
+                // A bridgehead pulls an image it lacks when its IDC (or a peer bridgehead) asks.
+                self.ensure_download(ImageQuery::Id(req.image), None);
+                self.waiters.entry((req.image, req.index)).or_default().push((channel, peer));
+                if let Some(d) = self.downloads.get_mut(&req.image) {
+                    d.sched.prioritize(req.index);
+                }
+            } else {
+                self.respond(channel, ChunkResponse::UnknownImage);
+            }
+            return;
+        };
+        if req.index >= m.chunk_count() {
+            self.respond(channel, ChunkResponse::BadIndex);
+            return;
+        }
+        if !self.store.has_chunk(&req.image, req.index) {
+            if self.may_relay(&peer) {
+                if !self.downloads.contains_key(&req.image) {
+                    self.ensure_download(ImageQuery::Id(req.image), None);
+                }
+                if let Some(d) = self.downloads.get_mut(&req.image) {
+                    d.sched.prioritize(req.index);
+                    self.waiters.entry((req.image, req.index)).or_default().push((channel, peer));
+                    return;
+                }
+            }
+            self.respond(channel, ChunkResponse::NotHeld);
+            return;
+        }
+        // Cut-through: a payload just relayed is served again without touching the disk.
+        if let Some((_, p)) = self.relay_cache.iter().find(|(k, _)| *k == (req.image, req.index)) {
+            let p = p.clone();
+            let resp = ChunkResponse::Data { encoding: p.0, payload: p.1.clone() };
+            self.finish_serve(channel, peer, req.image, resp, link);
+            return;
+        }
+        self.serving += 1;
+        let store = self.store.clone();
+        let itx = self.itx.clone();
+        tokio::task::spawn_blocking(move || {
+            let response = match store.read_chunk(&req.image, req.index) {
+                Ok(raw) => {
+                    let (encoding, payload) = chunk::encode_payload(&raw);
+                    ChunkResponse::Data { encoding, payload }
+                }
+                Err(e) => {
+                    warn!(image = %req.image.short(), idx = req.index, error = %e, "reading a chunk failed");
+                    ChunkResponse::NotHeld
+                }
+            };
+            let _ = itx.blocking_send(Internal::Served { channel, peer, image: req.image, response });
+        });
+    }
+
+    /// May we pull an image on `peer`'s behalf? Only a bridgehead, for its own IDC's hosts or
+    /// for another IDC's bridgehead, under the BIDS policy.
+    fn may_relay(&self, peer: &PeerId) -> bool {
+        self.cfg.policy == Policy::Bids
+            && self.role == Role::Bridgehead
+            && self.cfg.cert.is_some()
+            && matches!(self.peers.get(peer), Some(PeerState::Accepted { .. }))
+    }
+
+    fn finish_serve(
+        &mut self,
+        channel: ResponseChannel<ChunkResponse>,
+        peer: PeerId,
+        image: ImageId,
+        resp: ChunkResponse,
+        link: Link,
+    ) {
+        if let ChunkResponse::Data { payload, .. } = &resp {
+            if !self.upload.available() {
+                // Over the upload limit: the response waits its turn.
+                self.upload_queue.push_back((channel, peer, image, resp, link));
+                return;
+            }
+            let n = payload.len() as u64;
+            self.acct.sent(image, link, n);
+            self.upload.consume(n);
+        }
+        self.respond(channel, resp);
+    }
+
+    // ---------------------------------------------------------------- downloading
+
+    fn on_chunk_response(&mut self, peer: PeerId, request_id: OutboundRequestId, resp: ChunkResponse) {
+        let Some((image, idx, _)) = self.inflight.remove(&request_id) else {
+            return;
+        };
+        let now = Instant::now();
+        let Some(d) = self.downloads.get_mut(&image) else {
+            return;
+        };
+        match resp {
+            ChunkResponse::Data { encoding, payload } => {
+                let link = match self.peers.get(&peer) {
+                    Some(PeerState::Accepted { link, .. }) => Some(*link),
+                    _ => None,
+                };
+                if self.store.has_chunk(&image, idx) || d.writing.contains(&idx) {
+                    // A late endgame duplicate: count the bytes, drop the data.
+                    if let Some(link) = link {
+                        self.acct.received(image, link, payload.len() as u64);
+                    }
+                    d.sched.on_chunk(&peer, idx, now);
+                    return;
+                }
+                if let Some(link) = link {
+                    self.acct.received(image, link, payload.len() as u64);
+                }
+                self.download.consume(payload.len() as u64);
+                d.writing.insert(idx);
+                let m = d.manifest.clone();
+                let store = self.store.clone();
+                let itx = self.itx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = verify_and_store(&store, &m, &image, idx, encoding, payload);
+                    let _ = itx.blocking_send(Internal::Stored { image, idx, peer, result });
+                });
+            }
+            ChunkResponse::NotHeld => d.sched.on_failure(&peer, idx, Failure::NotHeld, now),
+            ChunkResponse::Busy => d.sched.on_failure(&peer, idx, Failure::Busy, now),
+            ChunkResponse::UnknownImage => d.sched.on_failure(&peer, idx, Failure::UnknownImage, now),
+            ChunkResponse::BadIndex => d.sched.on_failure(&peer, idx, Failure::Refused, now),
+            ChunkResponse::Refused(reason) => {
+                warn!(%peer, reason = %truncate(&reason, 200), "peer refused a chunk request");
+                d.sched.on_failure(&peer, idx, Failure::Refused, now);
+            }
+        }
+    }
+
+    fn on_internal(&mut self, i: Internal) {
+        match i {
+            Internal::Served { channel, peer, image, response } => {
+                self.serving = self.serving.saturating_sub(1);
+                let link = self.link_of(&peer).unwrap_or(Link::Lan);
+                self.finish_serve(channel, peer, image, response, link);
+            }
+            Internal::Stored { image, idx, peer, result } => self.on_stored(image, idx, peer, result),
+        }
+    }
+
+    fn on_stored(&mut self, image: ImageId, idx: ChunkIndex, peer: PeerId, result: Result<(Encoding, Vec<u8>), String>) {
+        let now = Instant::now();
+        let Some(d) = self.downloads.get_mut(&image) else {
+            return;
+        };
+        d.writing.remove(&idx);
+        match result {
+            Ok((encoding, payload)) => {
+                d.sched.on_chunk(&peer, idx, now);
+                d.fresh.push(idx);
+                let payload = Arc::new((encoding, payload));
+                // Deferred requests for this chunk are answered now (cut-through relay).
+                if let Some(ws) = self.waiters.remove(&(image, idx)) {
+                    for (channel, p) in ws {
+                        let resp = ChunkResponse::Data { encoding: payload.0, payload: payload.1.clone() };
+                        let link = self.link_of(&p).unwrap_or(Link::Lan);
+                        self.finish_serve(channel, p, image, resp, link);
+                    }
+                }
+                if self.role == Role::Bridgehead {
+                    self.relay_cache.push_back(((image, idx), payload));
+                    if self.relay_cache.len() > RELAY_CACHE {
+                        self.relay_cache.pop_front();
+                    }
+                }
+                self.update_progress(&image);
+            }
+            Err(e) => {
+                warn!(%peer, image = %image.short(), idx, error = %e, "chunk failed verification; penalising the sender");
+                self.acct.bad_chunk(image);
+                d.sched.on_failure(&peer, idx, Failure::Corrupt, now);
+            }
+        }
+    }
+
+    fn update_progress(&mut self, image: &ImageId) {
+        let Some(d) = self.downloads.get_mut(image) else {
+            return;
+        };
+        let held = self.store.status(image).map(|s| s.held).unwrap_or(0);
+        let complete = d.sched.is_complete() && d.writing.is_empty();
+        d.progress.send_modify(|p| p.held = held);
+        if complete {
+            let secs = d.started.elapsed().as_secs_f64();
+            info!(image = %d.manifest.image_ref(), id = %image.short(), secs = format!("{secs:.2}"), "download complete and verified");
+            d.progress.send_modify(|p| p.done = Some(Ok(secs)));
+            let fresh = std::mem::take(&mut d.fresh);
+            self.downloads.remove(image);
+            self.recently_completed.insert(*image, Instant::now());
+            self.announce(*image, &fresh, true);
+            self.publish(image, false);
+            self.store.touch(image);
+            // Anyone still waiting on us gets what we now hold.
+            let keys: Vec<(ImageId, ChunkIndex)> = self.waiters.keys().filter(|(i, _)| i == image).copied().collect();
+            for k in keys {
+                if let Some(ws) = self.waiters.remove(&k) {
+                    for (channel, p) in ws {
+                        self.on_chunk_request(p, ChunkRequest { image: k.0, index: k.1 }, channel);
+                    }
+                }
+            }
+        }
+    }
+
+    fn ensure_download(
+        &mut self,
+        image: ImageQuery,
+        reply: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>>,
+    ) {
+        let known = match &image {
+            ImageQuery::Id(id) => Some(*id),
+            ImageQuery::Ref(r) => self.store.resolve(r),
+        };
+        if let Some(id) = known {
+            if let Some(d) = self.downloads.get(&id) {
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(d.progress.subscribe()));
+                }
+                return;
+            }
+            if let (Some(m), Some(st)) = (self.store.manifest(&id), self.store.status(&id)) {
+                if st.complete {
+                    if let Some(r) = reply {
+                        let (_tx, rx) = watch::channel(FetchProgress {
+                            image: m.image_ref(),
+                            id,
+                            held: st.held,
+                            total: st.total,
+                            size: m.size,
+                            done: Some(Ok(0.0)),
+                        });
+                        let _ = r.send(Ok(rx));
+                    }
+                    return;
+                }
+            }
+        }
+        self.gis_request(
+            GisRequest::Lookup { image: image.clone(), idc: None },
+            GisPurpose::Lookup { image, for_fetch: Some(reply.unwrap_or_else(|| oneshot::channel().0)) },
+        );
+        // Mark a pending id so repeated requests for it do not each start a lookup.
+        if let Some(id) = known {
+            if let Some(d) = self.downloads.get_mut(&id) {
+                d.lookup_inflight = true;
+            }
+        }
+    }
+
+    fn on_host_list(
+        &mut self,
+        query: ImageQuery,
+        list: HostList,
+        reply: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>>,
+    ) {
+        let id = list.image.id;
+        let manifest = match Manifest::from_bytes_with_id(&list.manifest, id) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                warn!(error = %e, "the GIS sent a manifest that does not verify");
+                if let Some(r) = reply {
+                    let _ = r.send(Err(format!("manifest from the GIS does not verify: {e}")));
+                }
+                return;
+            }
+        };
+        if let ImageQuery::Ref(r) = &query {
+            if &manifest.image_ref() != r {
+                if let Some(r) = reply {
+                    let _ = r.send(Err("the GIS answered for another image".into()));
+                }
+                return;
+            }
+        }
+        if !self.downloads.contains_key(&id) {
+            if self.store.status(&id).is_some_and(|s| s.complete) {
+                if let Some(r) = reply {
+                    let (_tx, rx) = watch::channel(FetchProgress {
+                        image: manifest.image_ref(),
+                        id,
+                        held: manifest.chunk_count(),
+                        total: manifest.chunk_count(),
+                        size: manifest.size,
+                        done: Some(Ok(0.0)),
+                    });
+                    let _ = r.send(Ok(rx));
+                }
+                return;
+            }
+            let sources = list.level0.len() + list.level1.len() + list.level2.len();
+            if sources == 0 && reply.is_some() && !self.may_relay_any() {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(format!(
+                        "no source for {}: no live host of IDC {} holds it and no bridgehead can fetch it",
+                        manifest.image_ref(),
+                        self.cfg.idc
+                    )));
+                }
+                return;
+            }
+            if let Err(e) = self.store.add_manifest(&manifest) {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(format!("cannot prepare the store: {e}")));
+                }
+                return;
+            }
+            let held: Vec<bool> = self.store.held(&id).unwrap_or_default();
+            let sched = Download::new(
+                manifest.chunk_count(),
+                |i| held.get(i as usize).copied().unwrap_or(false),
+                self.cfg.scheduler.clone(),
+                rand::random(),
+            );
+            let st = self.store.status(&id);
+            let (tx, _) = watch::channel(FetchProgress {
+                image: manifest.image_ref(),
+                id,
+                held: st.as_ref().map(|s| s.held).unwrap_or(0),
+                total: manifest.chunk_count(),
+                size: manifest.size,
+                done: None,
+            });
+            info!(image = %manifest.image_ref(), id = %id.short(), chunks = manifest.chunk_count(),
+                  level0 = list.level0.len(), level1 = list.level1.len(), level2 = list.level2.len(), "download started");
+            self.downloads.insert(
+                id,
+                DownloadState {
+                    manifest: manifest.clone(),
+                    sched,
+                    started: Instant::now(),
+                    progress: tx,
+                    candidates: HashMap::new(),
+                    pending_haves: HashMap::new(),
+                    active: HashSet::new(),
+                    writing: HashSet::new(),
+                    last_lookup: Some(Instant::now()),
+                    lookup_inflight: false,
+                    last_publish: Instant::now(),
+                    no_source_since: None,
+                    fresh: Vec::new(),
+                },
+            );
+            self.publish(&id, true);
+        }
+        let Some(d) = self.downloads.get_mut(&id) else {
+            return;
+        };
+        d.lookup_inflight = false;
+        d.last_lookup = Some(Instant::now());
+        if let Some(r) = reply {
+            let _ = r.send(Ok(d.progress.subscribe()));
+        }
+        let bids = self.cfg.policy == Policy::Bids;
+        let mut entries: Vec<(HostEntry, SourceKind)> = Vec::new();
+        for e in list.level0 {
+            entries.push((e, SourceKind::Lan));
+        }
+        for e in list.level1 {
+            entries.push((e, if bids { SourceKind::LocalBridgehead } else { SourceKind::Lan }));
+        }
+        if bids && self.role == Role::Bridgehead {
+            for e in list.level2 {
+                entries.push((e, SourceKind::RemoteBridgehead));
+            }
+        }
+        for (e, kind) in entries {
+            if e.peer == self.me {
+                continue;
+            }
+            if bids && e.idc != self.cfg.idc && kind != SourceKind::RemoteBridgehead {
+                // Ordinary hosts never dial another IDC.
+                continue;
+            }
+            let addrs: Vec<Multiaddr> = e.addrs.into_iter().take(gisp::MAX_ADDRS).collect();
+            if !addrs.is_empty() {
+                self.addrs.insert(e.peer, addrs);
+            }
+            if let Some(d) = self.downloads.get_mut(&id) {
+                d.candidates.insert(e.peer, (kind, e.complete));
+            }
+            self.activate(&id, &e.peer);
+        }
+    }
+
+    fn may_relay_any(&self) -> bool {
+        self.cfg.policy == Policy::Bids && self.role == Role::Bridgehead
+    }
+
+    /// Adds a candidate source to its download once its hello is accepted; dials it otherwise.
+    fn activate(&mut self, image: &ImageId, peer: &PeerId) {
+        let accepted = matches!(self.peers.get(peer), Some(PeerState::Accepted { .. }));
+        let connected = self.swarm.is_connected(peer);
+        let Some(d) = self.downloads.get_mut(image) else {
+            return;
+        };
+        let Some(&(kind, complete)) = d.candidates.get(peer) else {
+            return;
+        };
+        if accepted {
+            if d.active.insert(*peer) {
+                d.sched.add_peer(*peer, kind, complete);
+                if let Some(r) = d.pending_haves.remove(peer) {
+                    d.sched.peer_has(peer, &r);
+                }
+            } else if complete {
+                d.sched.peer_complete(peer);
+            }
+        } else if !connected && !self.dialing.contains(peer) {
+            if let Some(addrs) = self.addrs.get(peer).cloned() {
+                let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(*peer).addresses(addrs).build();
+                if self.swarm.dial(opts).is_ok() {
+                    self.dialing.insert(*peer);
+                }
+            }
+        }
+    }
+
+    fn on_announcement(&mut self, src: PeerId, data: &[u8]) {
+        if src == self.me {
+            return;
+        }
+        let a = match Announcement::from_bytes(data) {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(peer = %src, error = %e, "bad announcement ignored");
+                return;
+            }
+        };
+        for h in a.haves {
+            let Some(d) = self.downloads.get_mut(&h.image) else {
+                continue;
+            };
+            if d.active.contains(&src) {
+                if h.complete {
+                    d.sched.peer_complete(&src);
+                } else {
+                    d.sched.peer_has(&src, &h.ranges);
+                }
+                continue;
+            }
+            let entry = d.candidates.entry(src).or_insert((SourceKind::Lan, false));
+            if h.complete {
+                entry.1 = true;
+            }
+            d.pending_haves.entry(src).or_default().extend(h.ranges.iter().copied());
+            let image = h.image;
+            self.activate(&image, &src);
+        }
+    }
+
+    fn announce(&mut self, image: ImageId, fresh: &[ChunkIndex], complete: bool) {
+        let mut idx: Vec<ChunkIndex> = fresh.to_vec();
+        idx.sort_unstable();
+        idx.dedup();
+        let msg = Announcement { haves: vec![Have { image, ranges: gossip::to_ranges(&idx), complete }] };
+        self.publish_gossip(msg);
+    }
+
+    fn publish_gossip(&mut self, msg: Announcement) {
+        let bytes = msg.to_bytes();
+        if bytes.len() > gossip::MAX_ANNOUNCE_BYTES {
+            // Split: announce halves (only happens for very fragmented partial images).
+            if msg.haves.len() == 1 && msg.haves[0].ranges.len() > 1 {
+                let h = &msg.haves[0];
+                let mid = h.ranges.len() / 2;
+                let a = Have { image: h.image, ranges: h.ranges[..mid].to_vec(), complete: false };
+                let b = Have { image: h.image, ranges: h.ranges[mid..].to_vec(), complete: h.complete };
+                self.publish_gossip(Announcement { haves: vec![a] });
+                self.publish_gossip(Announcement { haves: vec![b] });
+            }
+            return;
+        }
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+            debug!(error = %e, "announcement not sent");
+        }
+    }
+
+    // ---------------------------------------------------------------- the tick
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_heartbeat) >= self.cfg.heartbeat {
+            self.last_heartbeat = now;
+            if !self.registered {
+                self.register();
+            } else {
+                let stats = self.acct.snapshot();
+                self.gis_request(GisRequest::Heartbeat { stats }, GisPurpose::Heartbeat);
+            }
+        }
+        // Peers that never said hello are dropped.
+        let stale: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| matches!(s, PeerState::Pending { since } if now.duration_since(*since) > HELLO_TIMEOUT))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in stale {
+            self.peers.remove(&p);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+        while self.upload.available() {
+            let Some((channel, peer, image, resp, link)) = self.upload_queue.pop_front() else { break };
+            self.finish_serve(channel, peer, image, resp, link);
+        }
+        self.drive_downloads(now);
+        if now.duration_since(self.last_batch) >= ANNOUNCE_BATCH {
+            self.last_batch = now;
+            let batch: Vec<(ImageId, Vec<ChunkIndex>)> = self
+                .downloads
+                .iter_mut()
+                .filter(|(_, d)| !d.fresh.is_empty())
+                .map(|(id, d)| (*id, std::mem::take(&mut d.fresh)))
+                .collect();
+            for (id, fresh) in batch {
+                self.announce(id, &fresh, false);
+            }
+        }
+        if now.duration_since(self.last_full_announce) >= ANNOUNCE_FULL {
+            self.last_full_announce = now;
+            self.recently_completed.retain(|_, t| now.duration_since(*t) < Duration::from_secs(120));
+            let mut haves = Vec::new();
+            for id in self.downloads.keys() {
+                if let Some(held) = self.store.held(id) {
+                    let idx: Vec<ChunkIndex> = held.iter().enumerate().filter(|(_, h)| **h).map(|(i, _)| i as u32).collect();
+                    if !idx.is_empty() {
+                        haves.push(Have { image: *id, ranges: gossip::to_ranges(&idx), complete: false });
+                    }
+                }
+            }
+            for id in self.recently_completed.keys() {
+                haves.push(Have { image: *id, ranges: Vec::new(), complete: true });
+            }
+            for h in haves {
+                self.publish_gossip(Announcement { haves: vec![h] });
+            }
+        }
+    }
+
+    fn drive_downloads(&mut self, now: Instant) {
+        let ids: Vec<ImageId> = self.downloads.keys().copied().collect();
+        for id in ids {
+            let mut lookup = false;
+            let mut failed: Option<String> = None;
+            let mut publish = false;
+            let download_ok = self.download.available();
+            let Some(d) = self.downloads.get_mut(&id) else { continue };
+            for (peer, idx) in d.sched.expire(now) {
+                debug!(%peer, idx, "chunk request timed out");
+            }
+            if download_ok {
+                let reqs = d.sched.next_requests(now);
+                for (peer, idx) in reqs {
+                    let rid = self.swarm.behaviour_mut().chunk.send_request(&peer, ChunkRequest { image: id, index: idx });
+                    self.inflight.insert(rid, (id, idx, peer));
+                }
+            }
+            let Some(d) = self.downloads.get_mut(&id) else { continue };
+            let refresh = d.last_lookup.is_none_or(|t| now.duration_since(t) >= LOOKUP_REFRESH);
+            if refresh && !d.lookup_inflight {
+                d.lookup_inflight = true;
+                d.last_lookup = Some(now);
+                lookup = true;
+            }
+            if d.sched.is_stalled() && d.writing.is_empty() {
+                let since = *d.no_source_since.get_or_insert(now);
+                if now.duration_since(since) >= self.cfg.no_source_timeout {
+                    failed = Some(format!(
+                        "no source for {} for {:?}: {} of {} chunks missing and no reachable host or bridgehead holds them",
+                        d.manifest.image_ref(),
+                        self.cfg.no_source_timeout,
+                        d.sched.missing(),
+                        d.manifest.chunk_count()
+                    ));
+                }
+            } else {
+                d.no_source_since = None;
+            }
+            if now.duration_since(d.last_publish) >= PUBLISH_PROGRESS {
+                d.last_publish = now;
+                publish = true;
+            }
+            if let Some(reason) = failed {
+                warn!(image = %id.short(), %reason, "download failed");
+                if let Some(d) = self.downloads.remove(&id) {
+                    d.progress.send_modify(|p| p.done = Some(Err(reason.clone())));
+                }
+                let keys: Vec<(ImageId, ChunkIndex)> = self.waiters.keys().filter(|(i, _)| *i == id).copied().collect();
+                for k in keys {
+                    for (ch, _) in self.waiters.remove(&k).unwrap_or_default() {
+                        self.respond(ch, ChunkResponse::NotHeld);
+                    }
+                }
+                self.publish(&id, false);
+                continue;
+            }
+            if lookup {
+                self.gis_request(
+                    GisRequest::Lookup { image: ImageQuery::Id(id), idc: None },
+                    GisPurpose::Lookup { image: ImageQuery::Id(id), for_fetch: None },
+                );
+            }
+            if publish {
+                self.publish(&id, true);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Fetch { image, reply } => self.ensure_download(image, Some(reply)),
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Imported { id } => self.publish(&id, false),
+            Command::Removed { id } => {
+                self.downloads.remove(&id);
+                self.acct.forget(&id);
+                self.gis_request(GisRequest::Unpublish { image: id }, GisPurpose::Unpublish);
+            }
+            Command::SetLimits { upload_bps, download_bps } => {
+                info!(upload_bps, download_bps, "rate limits changed");
+                self.upload.set_rate(upload_bps);
+                self.download.set_rate(download_bps);
+            }
+            Command::SetSharing { enabled } => {
+                info!(enabled, "sharing switched");
+                self.sharing = enabled;
+            }
+            Command::Shutdown { .. } => unreachable!("handled in the loop"),
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        let images = self
+            .store
+            .list()
+            .into_iter()
+            .map(|s| ImageReport {
+                counters: self.acct.image(&s.id),
+                fetching: self.downloads.contains_key(&s.id),
+                image: s.image,
+                id: s.id,
+                size: s.size,
+                chunk_size: s.chunk_size,
+                held: s.held,
+                total: s.total,
+                complete: s.complete,
+            })
+            .collect();
+        NodeStatus {
+            peer: self.me,
+            idc: self.cfg.idc.clone(),
+            role: self.role,
+            policy: self.cfg.policy,
+            listen: self.listen.clone(),
+            gis_connected: self.gis_connected,
+            registered: self.registered,
+            connected_peers: self.peers.len(),
+            images,
+            total: self.acct.total(),
+            refusals: self.acct.refusals(),
+            bad_chunks_served_to_us: self.acct.total().bad_chunks,
+        }
+    }
+}
+
+/// Decodes, verifies (SHA-256 of the raw chunk, once) and stores a received chunk. Returns the
+/// encoded payload for relaying.
+fn verify_and_store(
+    store: &Store,
+    m: &Manifest,
+    image: &ImageId,
+    idx: ChunkIndex,
+    encoding: Encoding,
+    payload: Vec<u8>,
+) -> Result<(Encoding, Vec<u8>), String> {
+    let info = m.chunks.get(idx as usize).ok_or_else(|| format!("chunk {idx} is past the end"))?;
+    let want = m.chunk_len(idx);
+    let raw = match encoding {
+        Encoding::Raw => {
+            if payload.len() != want {
+                return Err(format!("chunk {idx} is {} bytes, expected {want}", payload.len()));
+            }
+            if bids_protocols::manifest::sha256(&payload) != info.sha256 {
+                return Err(format!("chunk {idx} does not match its SHA-256"));
+            }
+            store.write_verified_chunk(image, idx, &payload).map_err(|e| e.to_string())?;
+            return Ok((encoding, payload));
+        }
+        Encoding::Zstd => chunk::decode_payload(encoding, payload.clone(), want).map_err(|e| e.to_string())?,
+    };
+    if bids_protocols::manifest::sha256(&raw) != info.sha256 {
+        return Err(format!("chunk {idx} does not match its SHA-256"));
+    }
+    store.write_verified_chunk(image, idx, &raw).map_err(|e| e.to_string())?;
+    Ok((encoding, payload))
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.len() <= n {
+        s.to_string()
+    } else {
+        let mut end = n;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &s[..end])
+    }
+}
+

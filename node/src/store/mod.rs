@@ -1,0 +1,1339 @@
+//! Chunk store: images as sparse files written and read through memmap2 one chunk region
+//! at a time (the paper's buffer management / file pipe), manifests and a persistent chunk
+//! bitmap in sled, so a partial download survives a crash and only missing chunks are
+//! fetched again. It verifies chunks against manifests; which chunk to fetch from whom is
+//! the scheduler's business, and the wire format is the protocols crate's.
+//!
+//! Layout of a store directory `DIR`:
+//! - `DIR/index.sled/`: sled trees `manifests` (id → canonical manifest bytes), `refs`
+//!   ("name:version" → id), `bitmaps` (id → packed bitmap of durable chunks), `meta`
+//!   (id → CBOR [`Meta`]: added / last used, for GC policies);
+//! - `DIR/images/<hex id>.img`: the image, created at full length and sparse; all-zero
+//!   chunks are never written and stay holes.
+//!
+//! Durability: a chunk is marked held in memory right after its bytes are in the file
+//! (page cache), so it can be served at once. Marks reach sled in *commits*: the image
+//! file is fsynced first, then the bitmap is written and sled flushed, so a persisted mark
+//! never points at bytes that a power loss could take away. Commits run every
+//! [`StoreOptions::commit_interval`], when [`StoreOptions::commit_batch`] chunks wait, when
+//! an image completes, on [`Store::flush`] and when the store is dropped. A crash loses at
+//! most the uncommitted marks (those chunks are fetched again), never correctness.
+
+mod bits;
+mod region;
+
+use bits::{packed_get, packed_len, packed_set, AtomicBits};
+use bids_protocols::manifest::{chunk_info, is_zero, sha256, ChunkInfo, Manifest, ObjectKind};
+use bids_protocols::{
+    ChunkIndex, ImageId, ImageRef, DEFAULT_CHUNK_SIZE, MAX_CHUNKS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
+use md5::Digest;
+use region::io_err;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// Errors of the chunk store. Each says what failed, on what, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("image {0} is not in the store; add its manifest (fetch it) or import it first")]
+    UnknownImage(ImageId),
+    #[error("chunk {index} is past the end of image {image}, which has {count} chunks")]
+    BadIndex {
+        image: ImageId,
+        index: ChunkIndex,
+        count: u32,
+    },
+    #[error("chunk {index} of image {image} is not held here yet; fetch it from another peer")]
+    NotHeld { image: ImageId, index: ChunkIndex },
+    #[error(
+        "chunk {index} of image {image} does not match the manifest's SHA-256; nothing was \
+         written: fetch it from another peer"
+    )]
+    BadChunk { image: ImageId, index: ChunkIndex },
+    #[error(
+        "chunk {index} of image {image} is {got} bytes but the manifest says {want}; nothing \
+         was written: fetch it from another peer"
+    )]
+    WrongLength {
+        image: ImageId,
+        index: ChunkIndex,
+        got: usize,
+        want: usize,
+    },
+    #[error(
+        "image {image} is incomplete ({held} of {total} chunks held); finish the download first"
+    )]
+    Incomplete { image: ImageId, held: u32, total: u32 },
+    #[error(
+        "stored chunk {index} of image {image} no longer matches its SHA-256 (disk damage or a \
+         crash); it is marked missing, fetch the image again to repair it"
+    )]
+    Corrupt { image: ImageId, index: ChunkIndex },
+    #[error(
+        "image {image} already exists as {existing} with different content ({detail}); versions \
+         are immutable, import under a new version"
+    )]
+    VersionExists {
+        image: ImageRef,
+        existing: ImageId,
+        detail: String,
+    },
+    #[error("invalid manifest: {0}")]
+    InvalidManifest(String),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("{path} changed while it was being imported ({detail}); import it again once it is stable")]
+    SourceChanged { path: PathBuf, detail: String },
+    #[error("disk full writing {path}; free some space (e.g. remove old images) and retry")]
+    DiskFull { path: PathBuf },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the store at {dir} is in use by another process (is a bids node already running on \
+         it?): {detail}"
+    )]
+    Locked { dir: PathBuf, detail: String },
+    #[error("store index (sled) error: {0}")]
+    Db(#[from] sled::Error),
+}
+
+/// What the store knows about one image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageStatus {
+    pub id: ImageId,
+    pub image: ImageRef,
+    pub base: Option<ImageRef>,
+    pub kind: ObjectKind,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// Chunks held, all-zero chunks included (they are held from the start).
+    pub held: u32,
+    /// Chunks in the image.
+    pub total: u32,
+    pub complete: bool,
+    /// Unix seconds when the image entered the store.
+    pub added_at: i64,
+    /// Unix seconds of the last [`Store::touch`] (or `added_at`).
+    pub last_used: i64,
+    /// How many times the image was touched.
+    pub uses: u64,
+}
+
+/// Tuning of the store's durability.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Longest time a written chunk waits before its mark is made durable.
+    pub commit_interval: Duration,
+    /// Commit as soon as this many written chunks wait. 1 (or 0) commits inside every
+    /// `write_chunk` before it returns: exact after a crash, but an fsync per chunk.
+    pub commit_batch: usize,
+    /// Bound on sled's page cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            commit_interval: Duration::from_secs(1),
+            commit_batch: 64,
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// GC bookkeeping of one image, as stored in the `meta` tree.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct Meta {
+    added_at: i64,
+    last_used: i64,
+    uses: u64,
+}
+
+impl Meta {
+    fn now() -> Self {
+        let t = bids_protocols::unix_now();
+        Meta {
+            added_at: t,
+            last_used: t,
+            uses: 0,
+        }
+    }
+    fn to_bytes(self) -> Vec<u8> {
+        serde_cbor::to_vec(&self).unwrap_or_default()
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        serde_cbor::from_slice(b).ok()
+    }
+}
+
+/// One image in memory: its manifest, its open file and its chunk bitmaps.
+struct Entry {
+    id: ImageId,
+    manifest: Arc<Manifest>,
+    path: PathBuf,
+    file: File,
+    /// Chunks whose bytes are in the file: readable and servable.
+    held: AtomicBits,
+    held_count: AtomicU32,
+    /// Chunks some thread is writing right now (one writer per chunk).
+    writing: AtomicBits,
+    /// Packed bitmap as last written to sled (only changed under the commit lock).
+    persisted: Mutex<Vec<u8>>,
+    /// Set (under the commit lock) once the image is removed: its marks are dropped.
+    removed: AtomicBool,
+}
+
+impl Entry {
+    /// An entry whose held chunks are the zero chunks plus those set in `bitmap`.
+    fn new(manifest: Arc<Manifest>, path: PathBuf, file: File, bitmap: Option<&[u8]>) -> Self {
+        let n = manifest.chunk_count();
+        let held = AtomicBits::new(n);
+        let mut persisted = vec![0u8; packed_len(n)];
+        for (i, c) in manifest.chunks.iter().enumerate() {
+            let i = i as u32;
+            if c.zero || bitmap.is_some_and(|b| packed_get(b, i)) {
+                held.set(i);
+                packed_set(&mut persisted, i, true);
+            }
+        }
+        Entry {
+            id: manifest.id(),
+            held_count: AtomicU32::new(held.count()),
+            held,
+            writing: AtomicBits::new(n),
+            persisted: Mutex::new(persisted),
+            removed: AtomicBool::new(false),
+            manifest,
+            path,
+            file,
+        }
+    }
+
+    fn total(&self) -> u32 {
+        self.held.len()
+    }
+
+    fn complete(&self) -> bool {
+        self.held_count.load(Ordering::Acquire) == self.total()
+    }
+
+    fn check_index(&self, index: ChunkIndex) -> Result<(), StoreError> {
+        if index >= self.total() {
+            return Err(StoreError::BadIndex {
+                image: self.id,
+                index,
+                count: self.total(),
+            });
+        }
+        Ok(())
+    }
+
+    fn mark_held(&self, index: ChunkIndex) -> bool {
+        let changed = self.held.set(index);
+        if changed {
+            self.held_count.fetch_add(1, Ordering::AcqRel);
+        }
+        changed
+    }
+
+    fn unmark_held(&self, index: ChunkIndex) {
+        if self.held.clear(index) {
+            self.held_count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Exclusive right to write one chunk; released on drop, whatever happens.
+struct Claim<'a> {
+    entry: &'a Entry,
+    index: ChunkIndex,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.entry.writing.clear(self.index);
+    }
+}
+
+#[derive(Default)]
+struct Images {
+    by_id: HashMap<ImageId, Arc<Entry>>,
+    by_ref: HashMap<ImageRef, ImageId>,
+}
+
+enum Msg {
+    /// Enough chunks wait (or an image completed): commit now.
+    Nudge,
+    Stop,
+}
+
+struct Inner {
+    dir: PathBuf,
+    images_dir: PathBuf,
+    db: sled::Db,
+    manifests: sled::Tree,
+    refs: sled::Tree,
+    bitmaps: sled::Tree,
+    meta: sled::Tree,
+    images: RwLock<Images>,
+    /// Serialises adding and removing images (never held while hashing chunk data).
+    structure: Mutex<()>,
+    /// Serialises commits, and bitmap changes that bypass them.
+    commit_lock: Mutex<()>,
+    /// Chunks written but whose marks are not durable yet.
+    pending: Mutex<Vec<(Arc<Entry>, ChunkIndex)>>,
+    nudge: SyncSender<Msg>,
+    opts: StoreOptions,
+    tmp_counter: AtomicU64,
+}
+
+/// The chunk store. `Send + Sync`; share it as `Arc<Store>`.
+pub struct Store {
+    inner: Arc<Inner>,
+    committer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere never leaves our guarded data half-updated in a way that matters
+    // more than stopping the node would, so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn tx_err(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => StoreError::Db(e),
+        // Our transactions never abort on their own.
+        TransactionError::Abort(()) => StoreError::Db(sled::Error::Unsupported(
+            "transaction aborted".into(),
+        )),
+    }
+}
+
+fn ref_key(r: &ImageRef) -> Vec<u8> {
+    r.to_string().into_bytes()
+}
+
+fn all_ones(n: u32) -> Vec<u8> {
+    let mut b = vec![0u8; packed_len(n)];
+    for i in 0..n {
+        packed_set(&mut b, i, true);
+    }
+    b
+}
+
+/// Deletes a file on drop unless disarmed: the temporary file of an import that failed.
+struct TempFile(Option<PathBuf>);
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if missing) the store in `dir` with default options.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with(dir, StoreOptions::default())
+    }
+
+    /// Opens the store with explicit durability options.
+    pub fn open_with(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        let images_dir = dir.join("images");
+        fs::create_dir_all(&images_dir).map_err(|e| io_err(&images_dir, e))?;
+        let db_path = dir.join("index.sled");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(opts.cache_bytes)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked {
+                        dir: dir.to_path_buf(),
+                        detail: io.to_string(),
+                    }
+                }
+                other => StoreError::Db(other),
+            })?;
+        let (nudge, rx) = mpsc::sync_channel(1);
+        let inner = Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            images_dir,
+            manifests: db.open_tree("manifests")?,
+            refs: db.open_tree("refs")?,
+            bitmaps: db.open_tree("bitmaps")?,
+            meta: db.open_tree("meta")?,
+            db,
+            images: RwLock::new(Images::default()),
+            structure: Mutex::new(()),
+            commit_lock: Mutex::new(()),
+            pending: Mutex::new(Vec::new()),
+            nudge,
+            opts,
+            tmp_counter: AtomicU64::new(0),
+        });
+        inner.load()?;
+        let worker = Arc::clone(&inner);
+        let committer = std::thread::Builder::new()
+            .name("bids-store-commit".into())
+            .spawn(move || worker.commit_loop(rx))
+            .map_err(|e| io_err(dir, e))?;
+        Ok(Store {
+            inner,
+            committer: Some(committer),
+        })
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Streams `file` in: one pass, chunk by chunk (`chunk_size` 0 means
+    /// [`DEFAULT_CHUNK_SIZE`]), SHA-256 + MD5 per chunk, all-zero chunks marked and left as
+    /// holes, the others written into a sparse image file through memmap2. Holes of a
+    /// sparse source are skipped without reading. Calls `progress(bytes_done, total)`.
+    ///
+    /// If `image` exists already: same content returns the existing manifest (and fills
+    /// any chunks it still missed), different content is an error.
+    pub fn import(
+        &self,
+        file: &Path,
+        image: &ImageRef,
+        chunk_size: u32,
+        base: Option<ImageRef>,
+        kind: ObjectKind,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, StoreError> {
+        self.inner
+            .import(file, image, chunk_size, base, kind, progress)
+    }
+
+    /// Registers a manifest learnt before downloading: creates the full-length sparse file;
+    /// all-zero chunks count as held at once. Idempotent (an existing bitmap is kept).
+    pub fn add_manifest(&self, m: &Manifest) -> Result<(), StoreError> {
+        self.inner.add_manifest(m)
+    }
+
+    /// The manifest of an image (cached in memory).
+    pub fn manifest(&self, id: &ImageId) -> Option<Arc<Manifest>> {
+        self.inner.get(id).map(|e| Arc::clone(&e.manifest))
+    }
+
+    /// The id of `name:version`, if the store knows it.
+    pub fn resolve(&self, r: &ImageRef) -> Option<ImageId> {
+        read(&self.inner.images).by_ref.get(r).copied()
+    }
+
+    /// All images, ordered by name, version, id.
+    pub fn list(&self) -> Vec<ImageStatus> {
+        let entries: Vec<Arc<Entry>> = read(&self.inner.images).by_id.values().cloned().collect();
+        let mut out: Vec<ImageStatus> = entries.iter().map(|e| self.inner.status(e)).collect();
+        out.sort_by(|a, b| (&a.image, a.id).cmp(&(&b.image, b.id)));
+        out
+    }
+
+    pub fn status(&self, id: &ImageId) -> Option<ImageStatus> {
+        self.inner.get(id).map(|e| self.inner.status(&e))
+    }
+
+    /// One flag per chunk: held or not.
+    pub fn held(&self, id: &ImageId) -> Option<Vec<bool>> {
+        self.inner.get(id).map(|e| e.held.to_bools())
+    }
+
+    /// Held chunks as sorted half-open ranges `[start, end)` (the gossip `Have` form).
+    pub fn held_ranges(&self, id: &ImageId) -> Option<Vec<(ChunkIndex, ChunkIndex)>> {
+        let e = self.inner.get(id)?;
+        let mut out: Vec<(ChunkIndex, ChunkIndex)> = Vec::new();
+        for i in (0..e.total()).filter(|&i| e.held.get(i)) {
+            match out.last_mut() {
+                Some((_, end)) if *end == i => *end = i + 1,
+                _ => out.push((i, i + 1)),
+            }
+        }
+        Some(out)
+    }
+
+    /// Chunks still to fetch, ascending (all-zero chunks are never missing).
+    pub fn missing(&self, id: &ImageId) -> Option<Vec<ChunkIndex>> {
+        let e = self.inner.get(id)?;
+        Some((0..e.total()).filter(|&i| !e.held.get(i)).collect())
+    }
+
+    pub fn has_chunk(&self, id: &ImageId, idx: ChunkIndex) -> bool {
+        self.inner.get(id).is_some_and(|e| e.held.get(idx))
+    }
+
+    /// Copies chunk `idx` out through a map of just its region; an all-zero chunk is
+    /// returned as zeros without touching the disk. Error if not held. The data is not
+    /// re-hashed here (receivers verify every chunk; [`Store::verify`] checks at rest).
+    pub fn read_chunk(&self, id: &ImageId, idx: ChunkIndex) -> Result<Vec<u8>, StoreError> {
+        let e = self.inner.entry(id)?;
+        e.check_index(idx)?;
+        if !e.held.get(idx) {
+            return Err(StoreError::NotHeld {
+                image: *id,
+                index: idx,
+            });
+        }
+        let m = &e.manifest;
+        let len = m.chunk_len(idx);
+        if m.chunks[idx as usize].zero {
+            return Ok(vec![0; len]);
+        }
+        region::read_region(&e.file, &e.path, m.chunk_offset(idx), len)
+    }
+
+    /// Verifies `data` against the manifest's SHA-256 (nothing is written otherwise),
+    /// writes it through a map of its region, then marks it held. Ok(false) if it was held
+    /// already (nothing written).
+    pub fn write_chunk(
+        &self,
+        id: &ImageId,
+        idx: ChunkIndex,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
+        let e = self.inner.entry(id)?;
+        self.inner.write(&e, idx, data, true)
+    }
+
+    /// As [`Store::write_chunk`], for data whose SHA-256 the caller already checked.
+    pub fn write_verified_chunk(
+        &self,
+        id: &ImageId,
+        idx: ChunkIndex,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
+        let e = self.inner.entry(id)?;
+        self.inner.write(&e, idx, data, false)
+    }
+
+    /// Writes the image to `out` bit-exact, re-checking each chunk's SHA-256 on the way;
+    /// all-zero chunks become holes, so the output is sparse too. Error if the image is
+    /// incomplete; a partial output is removed. `out` is not fsynced.
+    pub fn export(
+        &self,
+        id: &ImageId,
+        out: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), StoreError> {
+        let e = self.inner.entry(id)?;
+        if !e.complete() {
+            return Err(StoreError::Incomplete {
+                image: *id,
+                held: e.held_count.load(Ordering::Acquire),
+                total: e.total(),
+            });
+        }
+        let result = self.inner.export(&e, out, progress);
+        if result.is_err() {
+            let _ = fs::remove_file(out);
+        }
+        result
+    }
+
+    /// Re-hashes every held chunk; chunks that no longer match are marked missing (so
+    /// they are fetched again) and returned. Calls `progress(bytes_done, total)`.
+    pub fn verify(
+        &self,
+        id: &ImageId,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<ChunkIndex>, StoreError> {
+        let e = self.inner.entry(id)?;
+        let m = &e.manifest;
+        let mut bad = Vec::new();
+        for idx in 0..e.total() {
+            let (info, len) = (&m.chunks[idx as usize], m.chunk_len(idx));
+            if !info.zero && e.held.get(idx) {
+                let ok = region::with_region(&e.file, &e.path, m.chunk_offset(idx), len, |b| {
+                    sha256(b) == info.sha256
+                })?;
+                if !ok {
+                    warn!(image = %e.id, index = idx, "stored chunk fails its checksum, marking it missing");
+                    self.inner.unmark(&e, idx)?;
+                    bad.push(idx);
+                }
+            }
+            progress(m.chunk_offset(idx) + len as u64, m.size);
+        }
+        Ok(bad)
+    }
+
+    /// Removes the image: its file and all its records.
+    pub fn remove(&self, id: &ImageId) -> Result<(), StoreError> {
+        self.inner.remove(id)
+    }
+
+    /// Records a use of the image now (for least-recently / least-used GC policies).
+    pub fn touch(&self, id: &ImageId) {
+        let inner = &self.inner;
+        let Some(e) = inner.get(id) else { return };
+        let _s = lock(&inner.structure);
+        if e.removed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut meta = inner.meta_of(id);
+        meta.last_used = bids_protocols::unix_now();
+        meta.uses += 1;
+        if let Err(err) = inner.meta.insert(id.0, meta.to_bytes()) {
+            warn!(image = %id, error = %err, "could not record the image's last use");
+        }
+    }
+
+    /// Path of the image's sparse file (read it via mmap; only the store writes it).
+    pub fn image_path(&self, id: &ImageId) -> PathBuf {
+        self.inner.image_path(id)
+    }
+
+    /// Makes every held chunk's mark durable (fsync of the data, then of the index).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.inner.commit()?;
+        self.inner.db.flush()?;
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(h) = self.committer.take() {
+            // The committer drains the channel, so this send returns promptly.
+            let _ = self.inner.nudge.send(Msg::Stop);
+            let _ = h.join();
+        }
+        if let Err(e) = self.inner.commit() {
+            warn!(dir = %self.inner.dir.display(), error = %e, "final commit of the chunk store failed; uncommitted chunks will be fetched again");
+        }
+    }
+}
+
+impl Inner {
+    fn image_path(&self, id: &ImageId) -> PathBuf {
+        self.images_dir.join(format!("{}.img", id.to_hex()))
+    }
+
+    fn get(&self, id: &ImageId) -> Option<Arc<Entry>> {
+        read(&self.images).by_id.get(id).cloned()
+    }
+
+    fn entry(&self, id: &ImageId) -> Result<Arc<Entry>, StoreError> {
+        self.get(id).ok_or(StoreError::UnknownImage(*id))
+    }
+
+    fn meta_of(&self, id: &ImageId) -> Meta {
+        match self.meta.get(id.0) {
+            Ok(Some(b)) => Meta::from_bytes(&b).unwrap_or_else(Meta::now),
+            _ => Meta::now(),
+        }
+    }
+
+    fn status(&self, e: &Entry) -> ImageStatus {
+        let m = &e.manifest;
+        let meta = self.meta_of(&e.id);
+        let held = e.held_count.load(Ordering::Acquire);
+        ImageStatus {
+            id: e.id,
+            image: m.image_ref(),
+            base: m.base.clone(),
+            kind: m.kind.clone(),
+            size: m.size,
+            chunk_size: m.chunk_size,
+            held,
+            total: e.total(),
+            complete: held == e.total(),
+            added_at: meta.added_at,
+            last_used: meta.last_used,
+            uses: meta.uses,
+        }
+    }
+
+    /// Loads every image record, repairs what a crash can leave behind (missing or short
+    /// files, orphan files and records), and fills the in-memory maps.
+    fn load(&self) -> Result<(), StoreError> {
+        let mut images = Images::default();
+        for kv in self.manifests.iter() {
+            let (k, v) = kv?;
+            let Ok(raw) = <[u8; 32]>::try_from(k.as_ref()) else {
+                warn!(key = ?k, "skipping a manifest record with a malformed key");
+                continue;
+            };
+            let id = ImageId(raw);
+            let m = match Manifest::from_bytes_with_id(&v, id) {
+                Ok(m) => Arc::new(m),
+                Err(e) => {
+                    warn!(image = %id, error = %e, "skipping an unreadable manifest record");
+                    continue;
+                }
+            };
+            let entry = self.load_entry(id, m)?;
+            let r = entry.manifest.image_ref();
+            if self.refs.get(ref_key(&r))?.as_deref() != Some(&id.0[..]) {
+                self.refs.insert(ref_key(&r), &id.0)?;
+            }
+            images.by_ref.insert(r, id);
+            images.by_id.insert(id, Arc::new(entry));
+        }
+        // Records whose manifest is gone belong to a removal a crash interrupted.
+        for tree in [&self.bitmaps, &self.meta] {
+            for k in tree.iter().keys() {
+                let k = k?;
+                let known = <[u8; 32]>::try_from(k.as_ref())
+                    .is_ok_and(|raw| images.by_id.contains_key(&ImageId(raw)));
+                if !known {
+                    tree.remove(k)?;
+                }
+            }
+        }
+        for kv in self.refs.iter() {
+            let (k, v) = kv?;
+            let known = <[u8; 32]>::try_from(v.as_ref())
+                .is_ok_and(|raw| images.by_id.contains_key(&ImageId(raw)));
+            if !known {
+                self.refs.remove(k)?;
+            }
+        }
+        self.remove_orphan_files(&images)?;
+        self.db.flush()?;
+        info!(dir = %self.dir.display(), images = images.by_id.len(), "chunk store opened");
+        *write(&self.images) = images;
+        Ok(())
+    }
+
+    fn load_entry(&self, id: ImageId, m: Arc<Manifest>) -> Result<Entry, StoreError> {
+        let path = self.image_path(&id);
+        let n = m.chunk_count();
+        let mut bitmap = match self.bitmaps.get(id.0)? {
+            Some(b) if b.len() == packed_len(n) => Some(b.to_vec()),
+            Some(_) => {
+                warn!(image = %id, "bitmap record has the wrong length; only all-zero chunks count as held");
+                None
+            }
+            None => None,
+        };
+        let file = match File::options().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                warn!(image = %id, path = %path.display(), "image file is missing; its chunks will be fetched again");
+                bitmap = None;
+                File::options()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(|e| io_err(&path, e))?
+            }
+            Err(e) => return Err(io_err(&path, e)),
+        };
+        let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
+        if len != m.size {
+            // A file of the wrong length would make maps of its tail fault (SIGBUS): fix
+            // the length, and forget the chunks that were cut off.
+            warn!(image = %id, path = %path.display(), len, size = m.size, "image file has the wrong length; fixing it");
+            file.set_len(m.size).map_err(|e| io_err(&path, e))?;
+            if let Some(b) = bitmap.as_mut() {
+                for i in 0..n {
+                    if m.chunk_offset(i) + m.chunk_len(i) as u64 > len {
+                        packed_set(b, i, false);
+                    }
+                }
+            }
+        }
+        let entry = Entry::new(m, path, file, bitmap.as_deref());
+        let persisted = lock(&entry.persisted).clone();
+        if self.bitmaps.get(id.0)?.as_deref() != Some(&persisted[..]) {
+            self.bitmaps.insert(id.0, persisted)?;
+        }
+        if self.meta.get(id.0)?.is_none() {
+            self.meta.insert(id.0, Meta::now().to_bytes())?;
+        }
+        Ok(entry)
+    }
+
+    /// Deletes leftovers of interrupted imports and of interrupted adds or removals.
+    fn remove_orphan_files(&self, images: &Images) -> Result<(), StoreError> {
+        let dir = &self.images_dir;
+        for de in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+            let de = de.map_err(|e| io_err(dir, e))?;
+            let name = de.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let orphan = if name.starts_with(".import-") && name.ends_with(".tmp") {
+                true
+            } else if let Some(hex) = name.strip_suffix(".img") {
+                hex.parse::<ImageId>()
+                    .is_ok_and(|id| !images.by_id.contains_key(&id))
+            } else {
+                false
+            };
+            if orphan {
+                debug!(file = %de.path().display(), "removing an orphan file");
+                fs::remove_file(de.path()).map_err(|e| io_err(&de.path(), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_manifest(&self, m: &Manifest) -> Result<(), StoreError> {
+        m.validate()
+            .map_err(|e| StoreError::InvalidManifest(e.to_string()))?;
+        let id = m.id();
+        let r = m.image_ref();
+        let _s = lock(&self.structure);
+        {
+            let images = read(&self.images);
+            if images.by_id.contains_key(&id) {
+                return Ok(());
+            }
+            if let Some(existing) = images.by_ref.get(&r) {
+                return Err(StoreError::VersionExists {
+                    image: r,
+                    existing: *existing,
+                    detail: format!("a manifest with id {id} was offered"),
+                });
+            }
+        }
+        let path = self.image_path(&id);
+        // Truncating first also clears whatever an interrupted earlier attempt left.
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        file.set_len(m.size).map_err(|e| io_err(&path, e))?;
+        let entry = Entry::new(Arc::new(m.clone()), path.clone(), file, None);
+        let bitmap = lock(&entry.persisted).clone();
+        if let Err(e) = self.insert_records(m, id, &bitmap) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        info!(image = %r, id = %id, chunks = m.chunk_count(), "manifest added");
+        let mut images = write(&self.images);
+        images.by_ref.insert(r, id);
+        images.by_id.insert(id, Arc::new(entry));
+        Ok(())
+    }
+
+    fn insert_records(&self, m: &Manifest, id: ImageId, bitmap: &[u8]) -> Result<(), StoreError> {
+        let key = ref_key(&m.image_ref());
+        let mbytes = m.to_bytes();
+        let meta = Meta::now().to_bytes();
+        (&self.manifests, &self.refs, &self.bitmaps, &self.meta)
+            .transaction(|(mt, rt, bt, et)| {
+                mt.insert(&id.0, mbytes.as_slice())?;
+                rt.insert(key.as_slice(), &id.0)?;
+                bt.insert(&id.0, bitmap)?;
+                et.insert(&id.0, meta.as_slice())?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_err)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn remove(&self, id: &ImageId) -> Result<(), StoreError> {
+        let _s = lock(&self.structure);
+        let entry = self.entry(id)?;
+        let r = entry.manifest.image_ref();
+        {
+            let _c = lock(&self.commit_lock);
+            entry.removed.store(true, Ordering::Release);
+            let key = ref_key(&r);
+            let res = (&self.manifests, &self.refs, &self.bitmaps, &self.meta)
+                .transaction(|(mt, rt, bt, et)| {
+                    mt.remove(&id.0)?;
+                    if rt.get(key.as_slice())?.as_deref() == Some(&id.0[..]) {
+                        rt.remove(key.as_slice())?;
+                    }
+                    bt.remove(&id.0)?;
+                    et.remove(&id.0)?;
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                })
+                .map_err(tx_err)
+                .and_then(|()| self.db.flush().map_err(StoreError::Db));
+            if let Err(e) = res {
+                entry.removed.store(false, Ordering::Release);
+                return Err(e);
+            }
+            let mut images = write(&self.images);
+            images.by_id.remove(id);
+            if images.by_ref.get(&r) == Some(id) {
+                images.by_ref.remove(&r);
+            }
+        }
+        match fs::remove_file(&entry.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // The records are gone; the next open deletes the orphan file.
+            Err(e) => return Err(io_err(&entry.path, e)),
+        }
+        info!(image = %r, id = %id, "image removed");
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        e: &Arc<Entry>,
+        idx: ChunkIndex,
+        data: &[u8],
+        verify: bool,
+    ) -> Result<bool, StoreError> {
+        e.check_index(idx)?;
+        let m = &e.manifest;
+        let want = m.chunk_len(idx);
+        if data.len() != want {
+            return Err(StoreError::WrongLength {
+                image: e.id,
+                index: idx,
+                got: data.len(),
+                want,
+            });
+        }
+        // Hash before looking at the bitmap, so bad data is reported even for a chunk we
+        // hold already (the sender deserves its penalty either way).
+        if verify && sha256(data) != m.chunks[idx as usize].sha256 {
+            return Err(StoreError::BadChunk {
+                image: e.id,
+                index: idx,
+            });
+        }
+        let _claim = loop {
+            if e.held.get(idx) {
+                return Ok(false);
+            }
+            if e.writing.set(idx) {
+                break Claim {
+                    entry: e,
+                    index: idx,
+                };
+            }
+            // Another thread is writing this very chunk (a duplicate fetch); it takes
+            // about as long as a memcpy of one chunk.
+            std::thread::yield_now();
+        };
+        if e.held.get(idx) {
+            return Ok(false);
+        }
+        region::write_region(&e.file, &e.path, m.chunk_offset(idx), data)?;
+        // The bytes are in the file: only now may the chunk count as held.
+        e.mark_held(idx);
+        drop(_claim);
+        let waiting = {
+            let mut p = lock(&self.pending);
+            p.push((Arc::clone(e), idx));
+            p.len()
+        };
+        if self.opts.commit_batch <= 1 {
+            self.commit()?;
+        } else if waiting >= self.opts.commit_batch || e.complete() {
+            // Full is fine: a nudge is already queued.
+            let _ = self.nudge.try_send(Msg::Nudge);
+        }
+        Ok(true)
+    }
+
+    /// Makes pending marks durable: fsync the image files, then write their bitmaps and
+    /// flush sled. On failure the marks stay pending and are retried.
+    fn commit(&self) -> Result<(), StoreError> {
+        let _c = lock(&self.commit_lock);
+        let items = std::mem::take(&mut *lock(&self.pending));
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut groups: HashMap<ImageId, (Arc<Entry>, Vec<ChunkIndex>)> = HashMap::new();
+        for (e, idx) in &items {
+            if !e.removed.load(Ordering::Acquire) {
+                groups
+                    .entry(e.id)
+                    .or_insert_with(|| (Arc::clone(e), Vec::new()))
+                    .1
+                    .push(*idx);
+            }
+        }
+        let res = (|| {
+            for (e, _) in groups.values() {
+                e.file.sync_data().map_err(|err| io_err(&e.path, err))?;
+            }
+            for (e, idxs) in groups.values() {
+                let mut persisted = lock(&e.persisted);
+                for &i in idxs {
+                    // A chunk found corrupt since it was written is no longer held.
+                    if e.held.get(i) {
+                        packed_set(&mut persisted, i, true);
+                    }
+                }
+                self.bitmaps.insert(e.id.0, persisted.as_slice())?;
+            }
+            self.db.flush()?;
+            Ok(())
+        })();
+        if let Err(err) = res {
+            let mut p = lock(&self.pending);
+            let mut items = items;
+            items.append(&mut p);
+            *p = items;
+            return Err(err);
+        }
+        debug!(chunks = items.len(), images = groups.len(), "chunk marks committed");
+        Ok(())
+    }
+
+    fn commit_loop(&self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            match rx.recv_timeout(self.opts.commit_interval) {
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(Msg::Nudge) | Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = self.commit() {
+                        warn!(dir = %self.dir.display(), error = %e, "committing chunk marks failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks a held chunk missing again (its stored bytes proved bad), durably.
+    fn unmark(&self, e: &Entry, idx: ChunkIndex) -> Result<(), StoreError> {
+        let _c = lock(&self.commit_lock);
+        e.unmark_held(idx);
+        if e.removed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut persisted = lock(&e.persisted);
+        packed_set(&mut persisted, idx, false);
+        self.bitmaps.insert(e.id.0, persisted.as_slice())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn export(
+        &self,
+        e: &Entry,
+        out: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), StoreError> {
+        let m = &e.manifest;
+        let file = File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(out)
+            .map_err(|err| io_err(out, err))?;
+        progress(0, m.size);
+        for idx in 0..e.total() {
+            let (off, len) = (m.chunk_offset(idx), m.chunk_len(idx));
+            let info = &m.chunks[idx as usize];
+            if !info.zero {
+                let written = region::with_region(&e.file, &e.path, off, len, |b| {
+                    if sha256(b) != info.sha256 {
+                        return Ok(false);
+                    }
+                    write_skipping_zero_pages(&file, b, off).map(|()| true)
+                })?;
+                match written {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.unmark(e, idx)?;
+                        return Err(StoreError::Corrupt {
+                            image: e.id,
+                            index: idx,
+                        });
+                    }
+                    Err(err) => return Err(io_err(out, err)),
+                }
+            }
+            progress(off + len as u64, m.size);
+        }
+        // Trailing zero chunks were skipped: the length makes them a hole.
+        file.set_len(m.size).map_err(|err| io_err(out, err))?;
+        Ok(())
+    }
+
+    fn import(
+        &self,
+        path: &Path,
+        image: &ImageRef,
+        chunk_size: u32,
+        base: Option<ImageRef>,
+        kind: ObjectKind,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, StoreError> {
+        image.validate().map_err(StoreError::Invalid)?;
+        if let Some(b) = &base {
+            b.validate()
+                .map_err(|e| StoreError::Invalid(format!("base: {e}")))?;
+        }
+        let cs = if chunk_size == 0 {
+            DEFAULT_CHUNK_SIZE
+        } else {
+            chunk_size
+        };
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) || cs % 4096 != 0 {
+            return Err(StoreError::Invalid(format!(
+                "chunk size {cs} must be a multiple of 4096 between {MIN_CHUNK_SIZE} and \
+                 {MAX_CHUNK_SIZE}"
+            )));
+        }
+        let mut src = File::open(path).map_err(|e| io_err(path, e))?;
+        // Seeking to the end also sizes block devices, whose metadata length is 0.
+        let size = src
+            .seek(SeekFrom::End(0))
+            .map_err(|e| io_err(path, e))?;
+        let count = size.div_ceil(cs as u64);
+        if count > MAX_CHUNKS as u64 {
+            let need = size.div_ceil(MAX_CHUNKS as u64).next_multiple_of(4096);
+            return Err(StoreError::Invalid(format!(
+                "{} is {size} bytes: {count} chunks of {cs} bytes, more than the limit of \
+                 {MAX_CHUNKS}; use a chunk size of at least {need}",
+                path.display()
+            )));
+        }
+        if let Some(existing) = read(&self.images).by_ref.get(image).copied() {
+            return self.import_existing(&src, path, existing, size, cs, base, kind, progress);
+        }
+
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .images_dir
+            .join(format!(".import-{}-{n}.tmp", std::process::id()));
+        let mut guard = TempFile(Some(tmp.clone()));
+        let out = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| io_err(&tmp, e))?;
+        out.set_len(size).map_err(|e| io_err(&tmp, e))?;
+        let chunks = scan_source(&src, path, size, cs, progress, &mut |idx, data, info| {
+            if info.zero {
+                return Ok(());
+            }
+            region::write_region(&out, &tmp, idx as u64 * cs as u64, data)
+        })?;
+        let m = Manifest {
+            name: image.name.clone(),
+            version: image.version.clone(),
+            base,
+            kind,
+            size,
+            chunk_size: cs,
+            chunks,
+        };
+        m.validate()
+            .map_err(|e| StoreError::InvalidManifest(e.to_string()))?;
+        // The data must be durable before records call it held.
+        out.sync_data().map_err(|e| io_err(&tmp, e))?;
+        let id = m.id();
+
+        let _s = lock(&self.structure);
+        let (same, other) = {
+            let images = read(&self.images);
+            (
+                images.by_id.get(&id).cloned(),
+                images.by_ref.get(image).copied(),
+            )
+        };
+        if let Some(e) = same {
+            // Someone added the same manifest while we read: fill what it lacks.
+            drop(_s);
+            for idx in (0..e.total()).filter(|&i| !e.held.get(i)) {
+                let data = region::read_region(&out, &tmp, m.chunk_offset(idx), m.chunk_len(idx))?;
+                self.write(&e, idx, &data, false)?;
+            }
+            self.commit()?;
+            return Ok(m);
+        }
+        if let Some(existing) = other {
+            return Err(StoreError::VersionExists {
+                image: image.clone(),
+                existing,
+                detail: format!("{} hashes to {id}", path.display()),
+            });
+        }
+        let final_path = self.image_path(&id);
+        fs::rename(&tmp, &final_path).map_err(|e| io_err(&final_path, e))?;
+        guard.0 = Some(final_path.clone());
+        // Make the rename itself durable before the records point at the file.
+        if let Ok(d) = File::open(&self.images_dir) {
+            let _ = d.sync_all();
+        }
+        let bitmap = all_ones(m.chunk_count());
+        self.insert_records(&m, id, &bitmap)?;
+        guard.0 = None;
+        let entry = Entry::new(Arc::new(m.clone()), final_path, out, Some(&bitmap));
+        let mut images = write(&self.images);
+        images.by_ref.insert(image.clone(), id);
+        images.by_id.insert(id, Arc::new(entry));
+        drop(images);
+        info!(image = %image, id = %id, size, chunks = m.chunk_count(), zero_chunks = m.chunk_count() - m.data_chunks(), "image imported");
+        Ok(m)
+    }
+
+    /// Import of a `name:version` the store knows: compare chunk by chunk, and fill
+    /// chunks it still lacks from the file.
+    #[allow(clippy::too_many_arguments)]
+    fn import_existing(
+        &self,
+        src: &File,
+        path: &Path,
+        existing: ImageId,
+        size: u64,
+        cs: u32,
+        base: Option<ImageRef>,
+        kind: ObjectKind,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, StoreError> {
+        let e = self.entry(&existing)?;
+        let m = Arc::clone(&e.manifest);
+        let differs = |detail: String| StoreError::VersionExists {
+            image: m.image_ref(),
+            existing,
+            detail,
+        };
+        if m.size != size {
+            return Err(differs(format!("{size} bytes, the stored one {}", m.size)));
+        }
+        if m.chunk_size != cs || m.base != base || m.kind != kind {
+            return Err(differs(format!(
+                "chunk size {cs}, base {base:?}, kind {kind:?}; the stored one has chunk size \
+                 {}, base {:?}, kind {:?}",
+                m.chunk_size, m.base, m.kind
+            )));
+        }
+        scan_source(src, path, size, cs, progress, &mut |idx, data, info| {
+            if *info != m.chunks[idx as usize] {
+                return Err(differs(format!("{} differs at chunk {idx}", path.display())));
+            }
+            if !info.zero && !e.held.get(idx) {
+                self.write(&e, idx, data, false)?;
+            }
+            Ok(())
+        })?;
+        self.commit()?;
+        Ok((*m).clone())
+    }
+}
+
+/// Writes `data` at `off` of a freshly truncated file, leaving all-zero 4 KiB pages as
+/// holes: disk images have many partly zero chunks, and the output stays as sparse as
+/// the content allows.
+fn write_skipping_zero_pages(out: &File, data: &[u8], off: u64) -> io::Result<()> {
+    const PAGE: usize = 4096;
+    let mut run: Option<usize> = None; // start of the current run of non-zero pages
+    for (p, page) in data.chunks(PAGE).enumerate() {
+        let start = p * PAGE;
+        match (is_zero(page), run) {
+            (false, None) => run = Some(start),
+            (true, Some(s)) => {
+                out.write_all_at(&data[s..start], off + s as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = run {
+        out.write_all_at(&data[s..], off + s as u64)?;
+    }
+    Ok(())
+}
+
+/// Reads `size` bytes of `src` chunk by chunk (positional reads into one reused buffer),
+/// computes each chunk's checksums and hands them to `each`. Chunks that lie in a hole of
+/// a sparse source are not read at all: `each` gets empty data for them (they are zero).
+fn scan_source(
+    src: &File,
+    path: &Path,
+    size: u64,
+    cs: u32,
+    progress: &mut dyn FnMut(u64, u64),
+    each: &mut dyn FnMut(ChunkIndex, &[u8], &ChunkInfo) -> Result<(), StoreError>,
+) -> Result<Vec<ChunkInfo>, StoreError> {
+    let count = size.div_ceil(cs as u64) as u32;
+    let mut chunks = Vec::with_capacity(count as usize);
+    let mut buf = vec![0u8; (cs as u64).min(size) as usize];
+    // Checksums of an all-zero chunk depend only on its length (full or last): once each.
+    let mut zero_infos: Vec<(usize, ChunkInfo)> = Vec::new();
+    let mut zero_info = |len: usize| -> ChunkInfo {
+        if let Some((_, i)) = zero_infos.iter().find(|(l, _)| *l == len) {
+            return i.clone();
+        }
+        let i = chunk_info(&vec![0u8; len]);
+        zero_infos.push((len, i.clone()));
+        i
+    };
+    let mut sparse = true;
+    let mut data_region: Option<(u64, u64)> = None;
+    progress(0, size);
+    for idx in 0..count {
+        let off = idx as u64 * cs as u64;
+        let len = (size - off).min(cs as u64) as usize;
+        if sparse && data_region.is_none_or(|(_, end)| off >= end) {
+            data_region = region::next_data(src, off, size);
+            sparse = data_region.is_some();
+        }
+        let in_hole = sparse && data_region.is_some_and(|(start, _)| start >= off + len as u64);
+        let info = if in_hole {
+            let info = zero_info(len);
+            each(idx, &buf[..0], &info)?;
+            info
+        } else {
+            let data = &mut buf[..len];
+            src.read_exact_at(data, off).map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    StoreError::SourceChanged {
+                        path: path.to_path_buf(),
+                        detail: format!("it ended before byte {}", off + len as u64),
+                    }
+                } else {
+                    io_err(path, e)
+                }
+            })?;
+            let info = if is_zero(data) {
+                zero_info(len)
+            } else {
+                ChunkInfo {
+                    sha256: sha256(data),
+                    md5: md5::Md5::digest(&*data).into(),
+                    zero: false,
+                }
+            };
+            each(idx, data, &info)?;
+            info
+        };
+        chunks.push(info);
+        progress(off + len as u64, size);
+    }
+    Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests;

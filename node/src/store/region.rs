@@ -1,0 +1,177 @@
+//! The file pipe: reads and writes one chunk's region of an image file through a memory
+//! map of just that region, unmapped right after, so memory use never grows with image
+//! size. Blocks are reserved with `fallocate` first so a full disk is a clean error, not
+//! a SIGBUS on a page fault. Which regions to touch is the store's business.
+
+use super::StoreError;
+use memmap2::MmapOptions;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// Turns an I/O error on `path` into a store error, singling out a full disk.
+pub(crate) fn io_err(path: &Path, e: io::Error) -> StoreError {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == io::ErrorKind::StorageFull {
+        StoreError::DiskFull {
+            path: path.to_path_buf(),
+        }
+    } else {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
+}
+
+/// Allocates blocks for `[off, off + len)`. Ok(false) if the file system cannot
+/// (then the caller writes with `pwrite`, which still reports ENOSPC cleanly).
+fn reserve(file: &File, off: u64, len: usize) -> io::Result<bool> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "region does not fit in off_t",
+        ));
+    };
+    loop {
+        // SAFETY: fallocate only reads its integer arguments; the fd is open for writing.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Writes `data` at `off` of `file` (the image at `path`) through a map of that region.
+pub(crate) fn write_region(
+    file: &File,
+    path: &Path,
+    off: u64,
+    data: &[u8],
+) -> Result<(), StoreError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if !reserve(file, off, data.len()).map_err(|e| io_err(path, e))? {
+        return file.write_all_at(data, off).map_err(|e| io_err(path, e));
+    }
+    // SAFETY: the region lies inside the file (image files are created at full length
+    // and their length is checked on open), its blocks were just reserved so stores
+    // cannot fault on a full disk, and only this store writes its image files; a chunk
+    // is written by one thread at a time (the store's per-chunk claim).
+    let mut map = unsafe {
+        MmapOptions::new()
+            .offset(off)
+            .len(data.len())
+            .map_mut(file)
+            .map_err(|e| io_err(path, e))?
+    };
+    map.copy_from_slice(data);
+    // Dropping the map unmaps it; the dirty pages stay in the page cache, not in our
+    // RSS, and reach the disk on writeback or on the store's next commit (fsync).
+    Ok(())
+}
+
+/// Calls `f` on the bytes of `[off, off + len)` of `file` through a read-only map.
+pub(crate) fn with_region<R>(
+    file: &File,
+    path: &Path,
+    off: u64,
+    len: usize,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, StoreError> {
+    if len == 0 {
+        return Ok(f(&[]));
+    }
+    // SAFETY: as in `write_region`, the region lies inside the file, and the store reads
+    // only chunks it holds, which no writer touches again.
+    let map = unsafe {
+        MmapOptions::new()
+            .offset(off)
+            .len(len)
+            .map(file)
+            .map_err(|e| io_err(path, e))?
+    };
+    Ok(f(&map))
+}
+
+/// Copies `[off, off + len)` of `file` out.
+pub(crate) fn read_region(
+    file: &File,
+    path: &Path,
+    off: u64,
+    len: usize,
+) -> Result<Vec<u8>, StoreError> {
+    with_region(file, path, off, len, |b| b.to_vec())
+}
+
+/// Where the next data (non-hole) region of a file starts and ends, from `off` on, via
+/// SEEK_DATA / SEEK_HOLE. None when the file system cannot tell (treat all as data).
+/// `Some((end, end))` means only a hole is left from `off` to `end`.
+pub(crate) fn next_data(file: &File, off: u64, end: u64) -> Option<(u64, u64)> {
+    let fd = file.as_raw_fd();
+    let o = libc::off_t::try_from(off).ok()?;
+    // SAFETY: lseek only reads its integer arguments. It moves the file offset, which
+    // the store never relies on (all its I/O is positional).
+    let data = unsafe { libc::lseek(fd, o, libc::SEEK_DATA) };
+    if data < 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => Some((end, end)),
+            _ => None,
+        };
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return None;
+    }
+    Some(((data as u64).min(end), (hole as u64).min(end)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_round_trip_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let size = 1 << 20;
+        file.set_len(size).unwrap();
+        let data: Vec<u8> = (0..4096 + 100).map(|i| (i % 251) as u8 + 1).collect();
+        write_region(&file, &path, 8192, &data).unwrap();
+        assert_eq!(read_region(&file, &path, 8192, data.len()).unwrap(), data);
+        assert_eq!(read_region(&file, &path, 0, 10).unwrap(), vec![0; 10]);
+        assert_eq!(with_region(&file, &path, 0, 0, |b| b.len()).unwrap(), 0);
+        // The written region is data, what follows is a hole (on file systems that say).
+        if let Some((d, h)) = next_data(&file, 0, size) {
+            assert!(d <= 8192 && h >= 8192 + data.len() as u64);
+            if let Some((d2, _)) = next_data(&file, 65536, size) {
+                assert_eq!(d2, size, "only a hole is left past the data");
+            }
+        }
+    }
+
+    #[test]
+    fn enospc_maps_to_disk_full() {
+        let e = io_err(Path::new("x"), io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
+        assert!(e.to_string().contains("disk full"));
+        let e = io_err(Path::new("x"), io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(e, StoreError::Io { .. }));
+    }
+}

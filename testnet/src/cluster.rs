@@ -1,0 +1,279 @@
+//! The in-process cluster: one GIS and several IDCs of real BIDS nodes (real libp2p, real
+//! stores) in one process. IDC k lives on 127.0.k.0/24 so the shaper can tell links apart;
+//! the GIS sits on 127.0.0.1, outside every IDC. Tests, `bids demo` and quick experiments
+//! use it; production code never does.
+
+use crate::shaping::Topology;
+use anyhow::{Context, Result};
+use bids_gis::server::{GisConfig, GisHandle};
+use bids_node::{NodeConfig, NodeHandle};
+use bids_protocols::cert::CertBody;
+use bids_protocols::{BridgeheadCert, Idc, Policy};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One IDC of the cluster.
+#[derive(Clone, Debug)]
+pub struct IdcSpec {
+    pub name: String,
+    /// Ordinary hosts.
+    pub hosts: usize,
+    /// Certified bridgeheads.
+    pub bridgeheads: usize,
+    /// WAN uplink, bytes/s each way (0 = unlimited).
+    pub wan_bps: u64,
+    /// One-way WAN delay of this IDC's uplink.
+    pub wan_delay: Duration,
+    /// Per-host LAN link, bytes/s each way (0 = unlimited).
+    pub lan_bps: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub idcs: Vec<IdcSpec>,
+    pub policy: Policy,
+    /// Shape links (rates and delays) or leave loopback bare.
+    pub shaped: bool,
+}
+
+/// One node of the cluster and what is needed to restart it.
+pub struct ClusterNode {
+    pub idc: String,
+    pub ip: IpAddr,
+    pub key: Keypair,
+    pub cert: Option<BridgeheadCert>,
+    pub store_dir: PathBuf,
+    pub handle: Option<NodeHandle>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ClusterNode {
+    pub fn peer_id(&self) -> PeerId {
+        self.key.public().to_peer_id()
+    }
+
+    pub fn is_bridgehead(&self) -> bool {
+        self.cert.is_some()
+    }
+
+    /// The running node; panics in tests that use a stopped one by mistake.
+    pub fn node(&self) -> &NodeHandle {
+        self.handle.as_ref().expect("node is stopped")
+    }
+}
+
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub admin: Keypair,
+    pub gis: Option<GisHandle>,
+    pub gis_addr: Multiaddr,
+    pub nodes: Vec<ClusterNode>,
+    pub topology: Arc<Topology>,
+    gis_key: Keypair,
+    gis_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The loopback address of host `h` of IDC number `k` (both from 0).
+pub fn host_ip(k: usize, h: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, (k + 1) as u8, (h + 1) as u8))
+}
+
+/// Issues a bridgehead certificate (the admin's job, done here at set-up).
+pub fn issue_cert(admin: &Keypair, peer: PeerId, idc: &str, db_id: &str, serial: u64, valid: Duration) -> Result<BridgeheadCert> {
+    let now = bids_protocols::unix_now();
+    BridgeheadCert::issue(
+        admin,
+        CertBody {
+            peer,
+            idc: Idc::new(idc).map_err(anyhow::Error::msg)?,
+            db_id: db_id.to_string(),
+            serial,
+            not_before: now - 60,
+            not_after: now + valid.as_secs() as i64,
+            issuer: peer,
+        },
+    )
+    .map_err(anyhow::Error::msg)
+}
+
+impl Cluster {
+    /// Starts the GIS and every node, and waits until all have registered.
+    pub async fn start(spec: ClusterSpec) -> Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("bids-testnet-").tempdir().context("temp dir")?;
+        let admin = Keypair::generate_ed25519();
+        let gis_key = Keypair::generate_ed25519();
+        let gis_dir = dir.path().join("gis");
+        let mut topo = Topology::new();
+        for (k, idc) in spec.idcs.iter().enumerate() {
+            let (wan, lan) = if spec.shaped { (idc.wan_bps, idc.lan_bps) } else { (0, 0) };
+            let delay = if spec.shaped { idc.wan_delay } else { Duration::ZERO };
+            topo.add_idc(&idc.name, wan, delay)?;
+            for h in 0..idc.hosts + idc.bridgeheads {
+                topo.add_host(host_ip(k, h), &idc.name, lan)?;
+            }
+        }
+        let topology = Arc::new(topo);
+        let mut gcfg = GisConfig::new(
+            gis_key.clone(),
+            "/ip4/127.0.0.1/tcp/0".parse()?,
+            gis_dir.clone(),
+            admin.public().to_peer_id(),
+        );
+        gcfg.policy = spec.policy;
+        gcfg.heartbeat_timeout = Duration::from_secs(4);
+        let gis = bids_gis::server::spawn(gcfg).await?;
+        let gis_addr = gis.listen_addrs().into_iter().next().context("GIS has no address")?;
+        let mut nodes = Vec::new();
+        let mut serial = 1000;
+        for (k, idc) in spec.idcs.iter().enumerate() {
+            // Bridgeheads first: host numbers 0..bridgeheads.
+            for h in 0..idc.hosts + idc.bridgeheads {
+                let key = Keypair::generate_ed25519();
+                let cert = if h < idc.bridgeheads {
+                    serial += 1;
+                    let db_id = format!("{}-db{}", idc.name, h + 1);
+                    Some(issue_cert(&admin, key.public().to_peer_id(), &idc.name, &db_id, serial, Duration::from_secs(86_400))?)
+                } else {
+                    None
+                };
+                let store_dir = dir.path().join(format!("{}-{}", idc.name, h));
+                nodes.push(ClusterNode {
+                    idc: idc.name.clone(),
+                    ip: host_ip(k, h),
+                    key,
+                    cert,
+                    store_dir,
+                    handle: None,
+                    task: None,
+                });
+            }
+        }
+        let mut c = Cluster { spec, admin, gis: Some(gis), gis_addr, nodes, topology, gis_key, gis_dir, _dir: dir };
+        for i in 0..c.nodes.len() {
+            c.start_node(i).await?;
+        }
+        c.wait_registered(Duration::from_secs(20)).await?;
+        Ok(c)
+    }
+
+    /// The configuration node `i` runs with.
+    pub fn node_config(&self, i: usize) -> Result<NodeConfig> {
+        let n = &self.nodes[i];
+        let mut cfg = NodeConfig::new(
+            n.key.clone(),
+            Idc::new(&n.idc).map_err(anyhow::Error::msg)?,
+            self.gis_addr.clone(),
+            n.store_dir.clone(),
+            self.admin.public().to_peer_id(),
+        );
+        cfg.listen = vec![format!("/ip4/{}/tcp/0", n.ip).parse()?];
+        cfg.bind_ip = Some(n.ip);
+        cfg.cert = n.cert.clone();
+        cfg.policy = self.spec.policy;
+        cfg.heartbeat = Duration::from_millis(500);
+        cfg.control_socket = false;
+        cfg.no_source_timeout = Duration::from_secs(10);
+        if self.spec.shaped {
+            cfg.shaper = Some(self.topology.shaper());
+        }
+        Ok(cfg)
+    }
+
+    /// Starts (or restarts) node `i` on its store.
+    pub async fn start_node(&mut self, i: usize) -> Result<()> {
+        let cfg = self.node_config(i)?;
+        let (h, task) = bids_node::start(cfg).await.with_context(|| format!("starting node {i}"))?;
+        self.nodes[i].handle = Some(h);
+        self.nodes[i].task = Some(task);
+        Ok(())
+    }
+
+    /// Starts node `i` with a modified configuration (tests: a forged certificate, …).
+    pub async fn start_node_with(&mut self, i: usize, f: impl FnOnce(&mut NodeConfig)) -> Result<()> {
+        let mut cfg = self.node_config(i)?;
+        f(&mut cfg);
+        let (h, task) = bids_node::start(cfg).await?;
+        self.nodes[i].handle = Some(h);
+        self.nodes[i].task = Some(task);
+        Ok(())
+    }
+
+    /// Stops node `i` gracefully.
+    pub async fn stop_node(&mut self, i: usize) {
+        if let Some(h) = self.nodes[i].handle.take() {
+            h.shutdown().await;
+        }
+        if let Some(t) = self.nodes[i].task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// Kills node `i` abruptly, as a crash would (no flush, connections dropped).
+    pub async fn kill_node(&mut self, i: usize) {
+        self.nodes[i].handle = None;
+        if let Some(t) = self.nodes[i].task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        // Blocking tasks that still hold the store finish quickly; wait for the lock to free.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    /// Restarts the GIS on its data dir (same identity, same address family, new port).
+    pub async fn restart_gis(&mut self) -> Result<()> {
+        if let Some(g) = self.gis.take() {
+            g.shutdown().await?;
+        }
+        let mut gcfg = GisConfig::new(
+            self.gis_key.clone(),
+            "/ip4/127.0.0.1/tcp/0".parse()?,
+            self.gis_dir.clone(),
+            self.admin.public().to_peer_id(),
+        );
+        gcfg.policy = self.spec.policy;
+        gcfg.heartbeat_timeout = Duration::from_secs(4);
+        let g = bids_gis::server::spawn(gcfg).await?;
+        self.gis_addr = g.listen_addrs().into_iter().next().context("GIS has no address")?;
+        self.gis = Some(g);
+        Ok(())
+    }
+
+    /// Indexes of the nodes of an IDC.
+    pub fn idc_nodes(&self, idc: &str) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|&i| self.nodes[i].idc == idc).collect()
+    }
+
+    /// Waits until every running node is registered with the GIS.
+    pub async fn wait_registered(&self, within: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let Some(h) = &n.handle else { continue };
+            loop {
+                let st = h.status().await.map_err(anyhow::Error::msg)?;
+                if st.registered {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    anyhow::bail!("node {i} ({}) did not register with the GIS within {within:?}", n.idc);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop_node(i).await;
+        }
+        if let Some(g) = self.gis.take() {
+            let _ = g.shutdown().await;
+        }
+    }
+}
