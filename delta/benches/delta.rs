@@ -117,7 +117,7 @@ fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(8))
         .throughput(Throughput::Bytes(SIZE as u64));
     g.bench_function("build", |it| {
-        it.iter(|| bids_delta::build_bytes(black_box(&a), black_box(&b)))
+        it.iter(|| bids_delta::build_bytes(black_box(&a), black_box(&b)).map(|d| d.len()))
     });
     g.bench_function("reference_zstd3_of_B", |it| {
         it.iter(|| zstd::bulk::compress(black_box(&b), 3))
@@ -140,15 +140,30 @@ fn bench(c: &mut Criterion) {
     std::fs::write(&pa, &a).unwrap_or_else(|e| panic!("write: {e}"));
     std::fs::write(&pb, &b).unwrap_or_else(|e| panic!("write: {e}"));
     let opts = bids_delta::BuildOptions::default();
+    let must = |what: &str, r: Result<(), bids_delta::DeltaError>| {
+        if let Err(e) = r {
+            panic!("{what}: {e}");
+        }
+    };
+    must("build", bids_delta::build(&pa, &pb, &pd, &opts).map(drop));
     g.bench_function("build_files", |it| {
-        it.iter(|| bids_delta::build(&pa, &pb, &pd, &opts))
+        it.iter(|| must("build", bids_delta::build(&pa, &pb, &pd, &opts).map(drop)))
     });
     let no_sync = bids_delta::ApplyOptions { sync: false };
     g.bench_function("apply_files_nosync", |it| {
-        it.iter(|| bids_delta::apply_with(&pa, &pd, &po, &no_sync))
+        it.iter(|| {
+            must(
+                "apply",
+                bids_delta::apply_with(&pa, &pd, &po, &no_sync).map(drop),
+            )
+        })
     });
     g.bench_function("reference_copy_file", |it| {
-        it.iter(|| std::fs::copy(&pb, &po))
+        it.iter(|| {
+            std::fs::copy(&pb, &po)
+                .map(drop)
+                .unwrap_or_else(|e| panic!("copy: {e}"))
+        })
     });
     g.finish();
 }

@@ -6,7 +6,7 @@
 use crate::storage::{Change, Snapshot, StoredHolding, StoredHost, StoredImage};
 use bids_protocols::cert::{BridgeheadCert, Revocations};
 use bids_protocols::gis::{
-    ErrorKind, GisRequest, GisResponse, HostEntry, HostList, HostStats, Holding, ImageInfo,
+    ErrorKind, GisRequest, GisResponse, Holding, HostEntry, HostList, HostStats, ImageInfo,
     ImageQuery, MAX_ADDRS, MAX_LEVEL_HOSTS,
 };
 use bids_protocols::manifest::ManifestError;
@@ -270,7 +270,9 @@ impl Index {
                     }
                     ix.images.insert(id, st);
                 }
-                Err(e) => warn!(id = %id.short(), error = %e, "dropping stored image whose manifest does not check out"),
+                Err(e) => {
+                    warn!(id = %id.short(), error = %e, "dropping stored image whose manifest does not check out")
+                }
             }
         }
         for mut rec in snapshot.hosts {
@@ -363,7 +365,9 @@ impl Index {
                     heartbeat_secs: self.heartbeat_secs(),
                     revocations: self.revocations.clone(),
                 }),
-            GisRequest::Heartbeat { stats } => self.heartbeat(peer, stats, now_ms).map(|()| self.ack()),
+            GisRequest::Heartbeat { stats } => {
+                self.heartbeat(peer, stats, now_ms).map(|()| self.ack())
+            }
             GisRequest::Publish { holding, manifest } => self
                 .publish(peer, holding, &manifest, now_ms)
                 .map(|_| self.ack()),
@@ -470,9 +474,7 @@ impl Index {
             Role::Host
         };
         let previous = self.hosts.remove(&peer);
-        let registered_ms = previous
-            .as_ref()
-            .map_or(now_ms, |p| p.rec.registered_ms);
+        let registered_ms = previous.as_ref().map_or(now_ms, |p| p.rec.registered_ms);
         if let Some(p) = &previous {
             self.unindex_host(&p.rec);
         }
@@ -484,7 +486,7 @@ impl Index {
             registered_ms,
         };
         self.index_host(&rec);
-        self.changes.push(Change::PutHost(rec.clone()));
+        self.changes.push(Change::PutHost(Box::new(rec.clone())));
         info!(%peer, %idc, %role, addrs = rec.addrs.len(), rejoin = previous.is_some(), "host registered");
         self.hosts.insert(
             peer,
@@ -500,7 +502,12 @@ impl Index {
 
     /// Liveness plus counters. Counters are kept in memory only: nodes report totals since
     /// they started, so the next heartbeat after a GIS restart restores them.
-    pub fn heartbeat(&mut self, peer: PeerId, stats: HostStats, now_ms: i64) -> Result<(), GisError> {
+    pub fn heartbeat(
+        &mut self,
+        peer: PeerId,
+        stats: HostStats,
+        now_ms: i64,
+    ) -> Result<(), GisError> {
         self.require_host(&peer)?;
         if let Some(h) = self.hosts.get_mut(&peer) {
             if h.reported_dead {
@@ -619,8 +626,7 @@ impl Index {
                     self.holders.remove(&image);
                 }
                 info!(%peer, id = %image.short(), "image unpublished");
-                self.changes
-                    .push(Change::DeleteHolding { peer, image });
+                self.changes.push(Change::DeleteHolding { peer, image });
             }
         }
         Ok(())
@@ -708,7 +714,9 @@ impl Index {
             if h.reported_dead {
                 continue;
             }
-            let dead = h.last_seen_ms.is_none_or(|t| now_ms.saturating_sub(t) > timeout);
+            let dead = h
+                .last_seen_ms
+                .is_none_or(|t| now_ms.saturating_sub(t) > timeout);
             if dead {
                 h.reported_dead = true;
                 died.push(h.rec.peer);
@@ -798,14 +806,24 @@ impl Index {
 
     /// The hierarchical host list for `requester` and an image (see the module docs of the
     /// crate for the levels).
-    pub fn lookup(&self, requester: PeerId, query: &ImageQuery, now_ms: i64) -> Result<HostList, GisError> {
+    pub fn lookup(
+        &self,
+        requester: PeerId,
+        query: &ImageQuery,
+        now_ms: i64,
+    ) -> Result<HostList, GisError> {
         let me = self.require_host(&requester)?;
         self.host_list(&me.rec.idc, Some(requester), query, now_ms)
     }
 
     /// The host list an ordinary host of `idc` would get (levels 0 and 1, never 2), for a
     /// peer that is not a registered host: tools and the console.
-    pub fn lookup_for_idc(&self, idc: &Idc, query: &ImageQuery, now_ms: i64) -> Result<HostList, GisError> {
+    pub fn lookup_for_idc(
+        &self,
+        idc: &Idc,
+        query: &ImageQuery,
+        now_ms: i64,
+    ) -> Result<HostList, GisError> {
         idc.validate()
             .map_err(|e| GisError::new(ErrorKind::BadRequest, e))?;
         self.host_list(idc, None, query, now_ms)
@@ -895,7 +913,9 @@ impl Index {
                         }
                         // Only the chosen bridgehead crosses the WAN for this image; any
                         // other bridgehead behaves as an ordinary host for it.
-                        Some(_) => level2 = self.remote_bridgeheads(my_idc, &id, holders, &live, now_ms),
+                        Some(_) => {
+                            level2 = self.remote_bridgeheads(my_idc, &id, holders, &live, now_ms)
+                        }
                         None => {}
                     }
                 }
@@ -943,7 +963,11 @@ impl Index {
                 continue;
             }
             if let Some(h) = self.hosts.get(&db) {
-                found.push((complete, most.unwrap_or(0), self.entry(h, db_holding, now_ms)));
+                found.push((
+                    complete,
+                    most.unwrap_or(0),
+                    self.entry(h, db_holding, now_ms),
+                ));
             }
         }
         found.sort_by(|a, b| {
@@ -991,13 +1015,16 @@ impl Index {
                 let mut holders: BTreeMap<Idc, Vec<HolderView>> = BTreeMap::new();
                 for (p, hd) in self.holders.get(&st.info.id).into_iter().flatten() {
                     let Some(h) = self.hosts.get(p) else { continue };
-                    holders.entry(h.rec.idc.clone()).or_default().push(HolderView {
-                        peer: *p,
-                        alive: self.is_alive(h, now_ms),
-                        chunks_held: hd.chunks_held,
-                        complete: hd.complete,
-                        fetching: hd.fetching,
-                    });
+                    holders
+                        .entry(h.rec.idc.clone())
+                        .or_default()
+                        .push(HolderView {
+                            peer: *p,
+                            alive: self.is_alive(h, now_ms),
+                            chunks_held: hd.chunks_held,
+                            complete: hd.complete,
+                            fetching: hd.fetching,
+                        });
                 }
                 ImageView {
                     info: st.info.clone(),
@@ -1041,7 +1068,10 @@ impl Index {
 fn unknown_image(q: &ImageQuery) -> GisError {
     GisError::new(
         ErrorKind::UnknownImage,
-        format!("image {} is not known to the GIS; publish it first", image_label(q)),
+        format!(
+            "image {} is not known to the GIS; publish it first",
+            image_label(q)
+        ),
     )
 }
 

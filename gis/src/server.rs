@@ -88,7 +88,10 @@ pub async fn spawn(cfg: GisConfig) -> anyhow::Result<GisHandle> {
 
 /// Like [`spawn`], with any storage backend (e.g. `MemStorage` in simulations); `data_dir`
 /// is then unused.
-pub async fn spawn_with_storage(cfg: GisConfig, storage: Box<dyn Storage>) -> anyhow::Result<GisHandle> {
+pub async fn spawn_with_storage(
+    cfg: GisConfig,
+    storage: Box<dyn Storage>,
+) -> anyhow::Result<GisHandle> {
     let peer_id = cfg.keypair.public().to_peer_id();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (addrs_tx, mut addrs_rx) = watch::channel(Vec::new());
@@ -281,10 +284,15 @@ impl Ctx<'_> {
     fn on_event(&mut self, event: SwarmEvent<GisBehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(GisBehaviourEvent::Gis(ev)) => self.on_gis(ev),
-            SwarmEvent::Behaviour(GisBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            SwarmEvent::Behaviour(GisBehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
                 debug!(peer = %peer_id, agent = %info.agent_version, protocol = %info.protocol_version, "identified peer");
             }
-            SwarmEvent::Behaviour(GisBehaviourEvent::Identify(_)) | SwarmEvent::Behaviour(GisBehaviourEvent::Ping(_)) => {}
+            SwarmEvent::Behaviour(GisBehaviourEvent::Identify(_))
+            | SwarmEvent::Behaviour(GisBehaviourEvent::Ping(_)) => {}
             SwarmEvent::NewListenAddr { address, .. } => {
                 let full = address.with(Protocol::P2p(self.local));
                 info!(addr = %full, "GIS listening");
@@ -298,13 +306,19 @@ impl Ctx<'_> {
                 self.publish_addrs();
             }
             SwarmEvent::ListenerError { error, .. } => warn!(%error, "listener error"),
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
             }
             SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
                 debug!(peer = %peer_id, cause = ?cause, "connection closed");
             }
-            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
                 debug!(from = %send_back_addr, %error, "incoming connection failed");
             }
             other => trace!(?other, "swarm event"),
@@ -321,7 +335,10 @@ impl Ctx<'_> {
         match ev {
             request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             } => {
                 let response = self.index.handle(peer, request, unix_ms());

@@ -47,12 +47,16 @@ pub struct StoredHolding {
 /// One state change of the `Index`, to be made durable before the reply that caused it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    PutHost(StoredHost),
+    /// Boxed: a host record (with its certificate) is much larger than the other changes.
+    PutHost(Box<StoredHost>),
     DeleteHost(PeerId),
     PutImage(StoredImage),
     DeleteImage(ImageId),
     PutHolding(StoredHolding),
-    DeleteHolding { peer: PeerId, image: ImageId },
+    DeleteHolding {
+        peer: PeerId,
+        image: ImageId,
+    },
     PutRevocation(u64),
 }
 
@@ -199,7 +203,7 @@ impl SledStorage {
 
     fn batch_op(batch: &mut sled::Batch, c: &Change) -> Result<(), StorageError> {
         match c {
-            Change::PutHost(h) => batch.insert(host_key(&h.peer), encode(h)?),
+            Change::PutHost(h) => batch.insert(host_key(&h.peer), encode(h.as_ref())?),
             Change::DeleteHost(p) => batch.remove(host_key(p)),
             Change::PutImage(i) => batch.insert(image_key(&i.id), encode(i)?),
             Change::DeleteImage(id) => batch.remove(image_key(id)),
@@ -383,13 +387,13 @@ mod tests {
         let peer = Keypair::generate_ed25519().public().to_peer_id();
         let id = ImageId([3; 32]);
         vec![
-            Change::PutHost(StoredHost {
+            Change::PutHost(Box::new(StoredHost {
                 peer,
                 idc: Idc::new("A").unwrap(),
                 addrs: vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()],
                 cert: None,
                 registered_ms: 5,
-            }),
+            })),
             Change::PutImage(StoredImage {
                 id,
                 manifest: vec![1, 2, 3],
@@ -426,7 +430,7 @@ mod tests {
             unreachable!()
         };
         assert_eq!(&snap.holdings[0], h);
-        assert_eq!(&snap.hosts[0], host);
+        assert_eq!(&snap.hosts[0], host.as_ref());
         s.commit(&[
             Change::DeleteHolding {
                 peer: h.peer,

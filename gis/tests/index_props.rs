@@ -7,7 +7,9 @@ mod common;
 use bids_gis::index::{Index, IndexConfig};
 use bids_gis::storage::{MemStorage, Storage};
 use bids_protocols::cert::BridgeheadCert;
-use bids_protocols::gis::{GisRequest, GisResponse, HostStats, Holding, ImageQuery, MAX_LEVEL_HOSTS};
+use bids_protocols::gis::{
+    GisRequest, GisResponse, Holding, HostStats, ImageQuery, MAX_LEVEL_HOSTS,
+};
 use bids_protocols::{ImageId, ImageRef, Policy, Role};
 use common::*;
 use libp2p::identity::Keypair;
@@ -36,7 +38,9 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let admin = Keypair::generate_ed25519();
         let stranger = Keypair::generate_ed25519();
-        let peers: Vec<PeerId> = (0..PEERS).map(|_| Keypair::generate_ed25519().public().to_peer_id()).collect();
+        let peers: Vec<PeerId> = (0..PEERS)
+            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+            .collect();
         let mk = |signer: &Keypair, i: usize, serial: u64, not_after: i64| {
             BridgeheadCert::issue(
                 signer,
@@ -52,9 +56,15 @@ fn fixture() -> &'static Fixture {
             )
             .unwrap()
         };
-        let good = (0..PEERS).map(|i| mk(&admin, i, i as u64, T0 / 1000 + 120)).collect();
-        let expired = (0..PEERS).map(|i| mk(&admin, i, 100 + i as u64, T0 / 1000 - 1)).collect();
-        let forged = (0..PEERS).map(|i| mk(&stranger, i, 200 + i as u64, T0 / 1000 + 120)).collect();
+        let good = (0..PEERS)
+            .map(|i| mk(&admin, i, i as u64, T0 / 1000 + 120))
+            .collect();
+        let expired = (0..PEERS)
+            .map(|i| mk(&admin, i, 100 + i as u64, T0 / 1000 - 1))
+            .collect();
+        let forged = (0..PEERS)
+            .map(|i| mk(&stranger, i, 200 + i as u64, T0 / 1000 + 120))
+            .collect();
         let images = (0..3)
             .map(|k| {
                 let (b, id) = manifest("img", &format!("{k}"), 4 + k);
@@ -74,13 +84,39 @@ fn fixture() -> &'static Fixture {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Register { peer: usize, idc: usize, cert: u8 },
-    Heartbeat { peer: usize },
-    Publish { peer: usize, image: usize, chunks: u32, complete: bool, fetching: bool, manifest: u8 },
-    Unpublish { peer: usize, image: usize },
-    Lookup { peer: usize, image: usize, by_ref: bool, idc: Option<usize> },
-    Revoke { admin: bool, serial: u64 },
-    Advance { ms: i64 },
+    Register {
+        peer: usize,
+        idc: usize,
+        cert: u8,
+    },
+    Heartbeat {
+        peer: usize,
+    },
+    Publish {
+        peer: usize,
+        image: usize,
+        chunks: u32,
+        complete: bool,
+        fetching: bool,
+        manifest: u8,
+    },
+    Unpublish {
+        peer: usize,
+        image: usize,
+    },
+    Lookup {
+        peer: usize,
+        image: usize,
+        by_ref: bool,
+        idc: Option<usize>,
+    },
+    Revoke {
+        admin: bool,
+        serial: u64,
+    },
+    Advance {
+        ms: i64,
+    },
     Expire,
 }
 
@@ -88,7 +124,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0..PEERS, 0..3usize, 0..4u8).prop_map(|(peer, idc, cert)| Op::Register { peer, idc, cert }),
         3 => (0..PEERS).prop_map(|peer| Op::Heartbeat { peer }),
-        4 => (0..PEERS, 0..3usize, 0..9u32, any::<bool>(), any::<bool>(), 0..3u8).prop_map(
+        4 => (0..PEERS, 0..3usize, 0..9u32, any::<bool>(), any::<bool>(), prop_oneof![Just(0u8), Just(1), Just(1), Just(2)]).prop_map(
             |(peer, image, chunks, complete, fetching, manifest)| Op::Publish { peer, image, chunks, complete, fetching, manifest }
         ),
         1 => (0..PEERS, 0..3usize).prop_map(|(peer, image)| Op::Unpublish { peer, image }),
@@ -119,8 +155,20 @@ fn request(f: &Fixture, op: &Op) -> Option<(PeerId, GisRequest)> {
                 },
             )
         }
-        Op::Heartbeat { peer } => (f.peers[*peer], GisRequest::Heartbeat { stats: HostStats::default() }),
-        Op::Publish { peer, image, chunks, complete, fetching, manifest } => {
+        Op::Heartbeat { peer } => (
+            f.peers[*peer],
+            GisRequest::Heartbeat {
+                stats: HostStats::default(),
+            },
+        ),
+        Op::Publish {
+            peer,
+            image,
+            chunks,
+            complete,
+            fetching,
+            manifest,
+        } => {
             let (bytes, id, _) = &f.images[*image];
             let manifest = match manifest {
                 0 => vec![],
@@ -131,19 +179,48 @@ fn request(f: &Fixture, op: &Op) -> Option<(PeerId, GisRequest)> {
             (
                 f.peers[*peer],
                 GisRequest::Publish {
-                    holding: Holding { image: *id, chunks_held: *chunks, complete: *complete, fetching: *fetching },
+                    holding: Holding {
+                        image: *id,
+                        chunks_held: *chunks,
+                        complete: *complete,
+                        fetching: *fetching,
+                    },
                     manifest,
                 },
             )
         }
-        Op::Unpublish { peer, image } => (f.peers[*peer], GisRequest::Unpublish { image: f.images[*image].1 }),
-        Op::Lookup { peer, image, by_ref, idc: i } => {
+        Op::Unpublish { peer, image } => (
+            f.peers[*peer],
+            GisRequest::Unpublish {
+                image: f.images[*image].1,
+            },
+        ),
+        Op::Lookup {
+            peer,
+            image,
+            by_ref,
+            idc: i,
+        } => {
             let (_, id, r) = &f.images[*image];
-            let image = if *by_ref { ImageQuery::Ref(r.clone()) } else { ImageQuery::Id(*id) };
-            (f.peers[*peer], GisRequest::Lookup { image, idc: i.map(|i| idc(IDCS[i])) })
+            let image = if *by_ref {
+                ImageQuery::Ref(r.clone())
+            } else {
+                ImageQuery::Id(*id)
+            };
+            (
+                f.peers[*peer],
+                GisRequest::Lookup {
+                    image,
+                    idc: i.map(|i| idc(IDCS[i])),
+                },
+            )
         }
         Op::Revoke { admin, serial } => {
-            let who = if *admin { f.admin.public().to_peer_id() } else { f.peers[0] };
+            let who = if *admin {
+                f.admin.public().to_peer_id()
+            } else {
+                f.peers[0]
+            };
             (who, GisRequest::Revoke { serial: *serial })
         }
         Op::Advance { .. } | Op::Expire => return None,
@@ -160,7 +237,13 @@ proptest! {
         let mut ix = Index::new(cfg.clone());
         let mut store = MemStorage::new();
         let mut now = T0;
-        for op in &ops {
+        // Start from a populated world (bridgeheads in every IDC, one complete copy in A) so
+        // the random part reaches every level of the host list.
+        let setup = (0..PEERS)
+            .map(|peer| Op::Register { peer, idc: peer % 3, cert: u8::from(peer < 3 || peer == 6) })
+            .chain([Op::Publish { peer: 3, image: 0, chunks: 4, complete: true, fetching: false, manifest: 1 }]);
+        for op in setup.chain(ops) {
+            let op = &op;
             match op {
                 Op::Advance { ms } => now += ms,
                 Op::Expire => {

@@ -32,10 +32,18 @@ fn gis_child_process() {
         .ok()
         .and_then(|b| Keypair::from_protobuf_encoding(&b).ok())
         .expect("GIS key");
-    let admin = std::env::var(ENV_ADMIN).expect("admin env").parse().expect("admin peer id");
+    let admin = std::env::var(ENV_ADMIN)
+        .expect("admin env")
+        .parse()
+        .expect("admin peer id");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let cfg = bids_gis::GisConfig::new(key, "/ip4/127.0.0.1/tcp/0".parse().expect("addr"), dir.into(), admin);
+        let cfg = bids_gis::GisConfig::new(
+            key,
+            "/ip4/127.0.0.1/tcp/0".parse().expect("addr"),
+            dir.into(),
+            admin,
+        );
         let g = bids_gis::spawn(cfg).await.expect("GIS starts");
         println!("{LISTEN_MARK}{}", g.listen_addrs()[0]);
         // Runs until the parent kills this process.
@@ -59,7 +67,13 @@ fn start_child(dir: &Path, key: &Keypair, admin: &Keypair) -> (ChildGis, Multiad
     let log_path = dir.join("child-stderr.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut child = Command::new(exe)
-        .args(["--ignored", "--exact", "gis_child_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "gis_child_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ENV_DIR, dir)
         .env(ENV_KEY, hex::encode(key.to_protobuf_encoding().unwrap()))
         .env(ENV_ADMIN, peer_of(admin).to_string())
@@ -118,14 +132,30 @@ async fn crash_right_after_publish_loses_nothing() {
     let revoked_cert = cert(&admin, peer_of(&revoked_db), "B", 8);
 
     let (child, addr) = start_child(dir.path(), &gis_key, &admin);
-    assert!(matches!(ask(&h1, &addr, register("A", None)).await, GisResponse::Registered { .. }));
-    assert!(matches!(ask(&h2, &addr, register("A", None)).await, GisResponse::Registered { .. }));
     assert!(matches!(
-        ask(&db, &addr, register("B", Some(cert(&admin, peer_of(&db), "B", 7)))).await,
+        ask(&h1, &addr, register("A", None)).await,
         GisResponse::Registered { .. }
     ));
     assert!(matches!(
-        ask(&revoked_db, &addr, register("B", Some(revoked_cert.clone()))).await,
+        ask(&h2, &addr, register("A", None)).await,
+        GisResponse::Registered { .. }
+    ));
+    assert!(matches!(
+        ask(
+            &db,
+            &addr,
+            register("B", Some(cert(&admin, peer_of(&db), "B", 7)))
+        )
+        .await,
+        GisResponse::Registered { .. }
+    ));
+    assert!(matches!(
+        ask(
+            &revoked_db,
+            &addr,
+            register("B", Some(revoked_cert.clone()))
+        )
+        .await,
         GisResponse::Registered { .. }
     ));
     assert_ack(&ask(&admin, &addr, GisRequest::Revoke { serial: 8 }).await);
@@ -165,11 +195,26 @@ async fn crash_right_after_publish_loses_nothing() {
         )
         .await,
     );
-    assert_eq!((l.image.name.as_str(), l.image.version.as_str(), l.image.size), ("debian", "13", 7 * CHUNK as u64));
+    assert_eq!(
+        (
+            l.image.name.as_str(),
+            l.image.version.as_str(),
+            l.image.size
+        ),
+        ("debian", "13", 7 * CHUNK as u64)
+    );
     assert!(l.level0.is_empty());
 
     // The revocation survived: heartbeats carry it and the revoked bridgehead is refused.
-    match ask(&h1, &addr, GisRequest::Heartbeat { stats: HostStats::default() }).await {
+    match ask(
+        &h1,
+        &addr,
+        GisRequest::Heartbeat {
+            stats: HostStats::default(),
+        },
+    )
+    .await
+    {
         GisResponse::Ack { revocations } => assert!(revocations.is_revoked(8)),
         other => panic!("{other:?}"),
     }
@@ -179,7 +224,16 @@ async fn crash_right_after_publish_loses_nothing() {
     }
 
     // The holding of the last publish survived: once h2 heartbeats it is listed with it.
-    assert_ack(&ask(&h2, &addr, GisRequest::Heartbeat { stats: HostStats::default() }).await);
+    assert_ack(
+        &ask(
+            &h2,
+            &addr,
+            GisRequest::Heartbeat {
+                stats: HostStats::default(),
+            },
+        )
+        .await,
+    );
     let l = host_list(
         ask(
             &h1,
@@ -195,7 +249,16 @@ async fn crash_right_after_publish_loses_nothing() {
     assert_eq!(l.level0[0].peer, peer_of(&h2));
     assert_eq!((l.level0[0].chunks_held, l.level0[0].complete), (3, false));
     // The certified bridgehead of B survived too: once alive it is B's level 1 for Y.
-    assert_ack(&ask(&db, &addr, GisRequest::Heartbeat { stats: HostStats::default() }).await);
+    assert_ack(
+        &ask(
+            &db,
+            &addr,
+            GisRequest::Heartbeat {
+                stats: HostStats::default(),
+            },
+        )
+        .await,
+    );
     let tool = Keypair::generate_ed25519();
     let l = host_list(
         ask(
@@ -208,6 +271,9 @@ async fn crash_right_after_publish_loses_nothing() {
         )
         .await,
     );
-    assert_eq!(l.level1.iter().map(|e| e.peer).collect::<Vec<_>>(), vec![peer_of(&db)]);
+    assert_eq!(
+        l.level1.iter().map(|e| e.peer).collect::<Vec<_>>(),
+        vec![peer_of(&db)]
+    );
     kill(child);
 }

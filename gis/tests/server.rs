@@ -67,14 +67,23 @@ async fn register_publish_lookup_over_the_network() {
     assert_ack(&rs[2]);
 
     for (key, name, serial) in [(&a_db, "A", 1), (&b_db, "B", 2)] {
-        match ask(key, addr, register(name, Some(cert(&admin, peer_of(key), name, serial)))).await {
+        match ask(
+            key,
+            addr,
+            register(name, Some(cert(&admin, peer_of(key), name, serial))),
+        )
+        .await
+        {
             GisResponse::Registered { role, .. } => assert_eq!(role, Role::Bridgehead),
             other => panic!("{other:?}"),
         }
     }
     assert!(matches!(
         ask(&b1, addr, register("B", None)).await,
-        GisResponse::Registered { role: Role::Host, .. }
+        GisResponse::Registered {
+            role: Role::Host,
+            ..
+        }
     ));
 
     // B's host: only B's bridgehead.
@@ -96,7 +105,10 @@ async fn register_publish_lookup_over_the_network() {
     assert!(l.level0.is_empty());
     assert_eq!(l.level1.len(), 1);
     assert_eq!(l.level1[0].peer, peer_of(&b_db));
-    assert_eq!(l.level1[0].addrs, vec!["/ip4/127.0.0.1/tcp/4001".parse::<Multiaddr>().unwrap()]);
+    assert_eq!(
+        l.level1[0].addrs,
+        vec!["/ip4/127.0.0.1/tcp/4001".parse::<Multiaddr>().unwrap()]
+    );
     assert!(l.level2.is_empty());
 
     // B's bridgehead: A's bridgehead at level 2.
@@ -113,7 +125,10 @@ async fn register_publish_lookup_over_the_network() {
         panic!("no host list")
     };
     assert!(l.level1.is_empty());
-    assert_eq!(l.level2.iter().map(|e| e.peer).collect::<Vec<_>>(), vec![peer_of(&a_db)]);
+    assert_eq!(
+        l.level2.iter().map(|e| e.peer).collect::<Vec<_>>(),
+        vec![peer_of(&a_db)]
+    );
 
     // An unregistered tool names an IDC and sees that IDC's view.
     let tool = Keypair::generate_ed25519();
@@ -129,7 +144,10 @@ async fn register_publish_lookup_over_the_network() {
     else {
         panic!("no host list")
     };
-    assert_eq!(l.level0.iter().map(|e| e.peer).collect::<Vec<_>>(), vec![peer_of(&a1)]);
+    assert_eq!(
+        l.level0.iter().map(|e| e.peer).collect::<Vec<_>>(),
+        vec![peer_of(&a1)]
+    );
 
     // Without an IDC it must register first.
     match ask(
@@ -196,7 +214,14 @@ async fn bad_requests_get_clear_errors() {
     }
     // It is not registered because of it.
     assert!(matches!(
-        ask(&h, addr, GisRequest::Heartbeat { stats: HostStats::default() }).await,
+        ask(
+            &h,
+            addr,
+            GisRequest::Heartbeat {
+                stats: HostStats::default()
+            }
+        )
+        .await,
         GisResponse::Error {
             kind: ErrorKind::NotRegistered,
             ..
@@ -239,7 +264,10 @@ async fn bad_requests_get_clear_errors() {
     {
         GisResponse::Error { kind, message } => {
             assert_eq!(kind, ErrorKind::UnknownImage);
-            assert_eq!(message, "image img:2 is not known to the GIS; publish it first");
+            assert_eq!(
+                message,
+                "image img:2 is not known to the GIS; publish it first"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -299,7 +327,11 @@ impl request_response::Codec for RawCodec {
 }
 
 /// Sends each raw payload on its own stream; returns what came back (Err: no response).
-async fn raw_exchange(gis_addr: &Multiaddr, gis_peer: PeerId, payloads: Vec<Vec<u8>>) -> Vec<Result<Vec<u8>, String>> {
+async fn raw_exchange(
+    gis_addr: &Multiaddr,
+    gis_peer: PeerId,
+    payloads: Vec<Vec<u8>>,
+) -> Vec<Result<Vec<u8>, String>> {
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -322,7 +354,9 @@ async fn raw_exchange(gis_addr: &Multiaddr, gis_peer: PeerId, payloads: Vec<Vec<
     let mut ids = Vec::new();
     let work = async {
         loop {
-            if let SwarmEvent::ConnectionEstablished { peer_id, .. } = swarm.select_next_some().await {
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
+                swarm.select_next_some().await
+            {
                 assert_eq!(peer_id, gis_peer);
                 break;
             }
@@ -333,14 +367,22 @@ async fn raw_exchange(gis_addr: &Multiaddr, gis_peer: PeerId, payloads: Vec<Vec<
         while results.iter().any(Option::is_none) {
             match swarm.select_next_some().await {
                 SwarmEvent::Behaviour(request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response },
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
                     ..
                 }) => {
                     if let Some(i) = ids.iter().position(|r| *r == request_id) {
                         results[i] = Some(Ok(response));
                     }
                 }
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. }) => {
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    request_id,
+                    error,
+                    ..
+                }) => {
                     if let Some(i) = ids.iter().position(|r| *r == request_id) {
                         results[i] = Some(Err(error.to_string()));
                     }
@@ -352,7 +394,10 @@ async fn raw_exchange(gis_addr: &Multiaddr, gis_peer: PeerId, payloads: Vec<Vec<
     tokio::time::timeout(Duration::from_secs(20), work)
         .await
         .expect("raw exchange timed out");
-    results.into_iter().map(|r| r.unwrap_or_else(|| Err("none".into()))).collect()
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err("none".into())))
+        .collect()
 }
 
 #[tokio::test]
@@ -394,13 +439,22 @@ async fn malformed_streams_are_closed_and_the_server_stays_up() {
     let results = raw_exchange(
         &addr,
         g.peer_id(),
-        vec![huge_prefix, over_limit, garbage_cbor, truncated, wrong_type, valid],
+        vec![
+            huge_prefix,
+            over_limit,
+            garbage_cbor,
+            truncated,
+            wrong_type,
+            valid,
+        ],
     )
     .await;
     for (i, r) in results[..5].iter().enumerate() {
         assert!(r.is_err(), "malformed payload {i} got a response: {r:?}");
     }
-    let reply = results[5].as_ref().expect("the valid raw request was answered");
+    let reply = results[5]
+        .as_ref()
+        .expect("the valid raw request was answered");
     let resp: GisResponse =
         bids_protocols::codec::decode_body(&reply[4..], MAX_RESPONSE_BYTES).unwrap();
     assert!(matches!(
@@ -444,9 +498,14 @@ async fn shutdown_then_restart_on_the_same_data_dir() {
 
     g.shutdown().await.unwrap();
     assert!(
-        bids_gis::client::request_once(h.clone(), addr.clone(), register("A", None), Duration::from_secs(2))
-            .await
-            .is_err(),
+        bids_gis::client::request_once(
+            h.clone(),
+            addr.clone(),
+            register("A", None),
+            Duration::from_secs(2)
+        )
+        .await
+        .is_err(),
         "a stopped GIS answers nothing"
     );
 

@@ -55,7 +55,14 @@ fn bench_import(c: &mut Criterion) {
             },
             |(d, s, image)| {
                 let m = s
-                    .import(&src, &image, MIB as u32, None, ObjectKind::Image, &mut |_, _| {})
+                    .import(
+                        &src,
+                        &image,
+                        MIB as u32,
+                        None,
+                        ObjectKind::Image,
+                        &mut |_, _| {},
+                    )
                     .unwrap();
                 black_box(m);
                 (d, s)

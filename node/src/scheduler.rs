@@ -51,6 +51,10 @@ use rand::SeedableRng;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+/// LAN availability is tracked exactly up to this many holders; chunks held by more count as
+/// equally common (rarest-first only matters among the rare ones).
+const MAX_RARITY: u32 = 8;
+
 /// Where a source sits relative to the downloading node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SourceKind {
@@ -250,7 +254,8 @@ struct Peer {
     dropped: bool,
     /// Sent too many corrupt chunks: never asked again by this download.
     banned: bool,
-    /// Chunks it holds (meaningful for LAN peers; bridgeheads provide everything anyway).
+    /// Chunks it holds, by position in `order` (meaningful for LAN peers; bridgeheads
+    /// provide everything anyway).
     have: Bits,
     inflight: usize,
     corrupt: u32,
@@ -306,9 +311,11 @@ pub struct Download {
     order: Vec<u32>,
     /// Position of each chunk in `order`.
     pos_of: Vec<u32>,
-    /// By position in `order`: the chunk is missing and no request for it is in flight.
-    /// Kept up to date so a scheduling pass skips 64 uninteresting chunks at a time.
-    wanted: Bits,
+    /// The *wanted* chunks (missing, no request in flight) by LAN availability level
+    /// (`min(lan_avail, MAX_RARITY)`), as bitsets over positions in `order`. A scheduling pass
+    /// ANDs them word by word with what free peers hold, so it costs O(chunks / 64) plus the
+    /// requests it makes, however many chunks nobody free can serve.
+    levels: Vec<Bits>,
     /// Usable LAN peers holding each chunk.
     lan_avail: Vec<u32>,
     /// Requests in flight per chunk, and how many of them cross the WAN (0 or 1).
@@ -326,8 +333,6 @@ pub struct Download {
     /// Rotating start for least-loaded ties, so equal peers take turns.
     rotation: usize,
     last_progress: Option<Instant>,
-    /// Scratch space of `next_requests`, kept to avoid reallocating on every call.
-    buckets: Vec<Vec<u32>>,
 }
 
 impl Download {
@@ -345,11 +350,12 @@ impl Download {
         let mut order: Vec<u32> = (0..chunk_count).collect();
         order.shuffle(&mut StdRng::seed_from_u64(seed));
         let mut pos_of = vec![0; n];
-        let mut wanted = Bits::new(chunk_count);
+        let mut levels = vec![Bits::new(chunk_count); MAX_RARITY as usize + 1];
         for (pos, &idx) in order.iter().enumerate() {
             pos_of[idx as usize] = pos as u32;
             if !held[idx as usize] {
-                wanted.set(pos as u32);
+                // Nobody is known to hold anything yet: level 0.
+                levels[0].set(pos as u32);
             }
         }
         Download {
@@ -359,7 +365,7 @@ impl Download {
             held_count,
             order,
             pos_of,
-            wanted,
+            levels,
             lan_avail: vec![0; n],
             req_count: vec![0; n],
             wan_count: vec![0; n],
@@ -371,7 +377,6 @@ impl Download {
             pair_backoff: BTreeMap::new(),
             rotation: 0,
             last_progress: None,
-            buckets: Vec::new(),
         }
     }
 
@@ -481,73 +486,55 @@ impl Download {
             }
         }
 
-        // 2. One pass over the wanted chunks (missing, not in flight) in random order,
-        //    bucketed by LAN availability. Chunks no free source could take are skipped: a
-        //    LAN-available one is kept only if some free LAN peer holds it (or the bridgehead
-        //    may take spill), an unavailable one only if a bridgehead or WAN slot is free.
-        let cover = self.have_union(&free.lan);
-        let spill = self.spill_possible(&free);
-        let unavailable_ok = !free.bridgehead.is_empty() || !free.wan.is_empty();
-        let mut buckets = std::mem::take(&mut self.buckets);
-        buckets.iter_mut().for_each(Vec::clear);
-        for pos in self.wanted.iter_ones() {
-            let idx = self.order[pos as usize];
-            let i = idx as usize;
-            if self.prio[i] {
-                continue; // already tried above, with the same rules
+        // 2. Rarest level first, to LAN peers only; within a level, random order. Candidates
+        //    are the wanted chunks some free LAN peer holds (`cover`).
+        if !free.lan.is_empty() && self.levels[1..].iter().any(|b| b.ones > 0) {
+            let mut cover = self.have_union(&free.lan);
+            'lan: for level in 1..=MAX_RARITY as usize {
+                let mut from = 0;
+                while let Some(pos) = self.next_wanted(level, from, Some(&cover)) {
+                    from = pos + 1;
+                    let idx = self.order[pos as usize];
+                    if let Some(at) = self.pick(&free.lan, idx, now, true) {
+                        let before = free.lan.len();
+                        self.assign(free.lan[at], idx, now, &mut free, &mut out);
+                        if free.lan.len() < before {
+                            if free.lan.is_empty() {
+                                break 'lan;
+                            }
+                            // A peer filled up: its chunks are no longer candidates.
+                            cover = self.have_union(&free.lan);
+                        }
+                    }
+                }
             }
-            let a = self.lan_avail[i] as usize;
-            let useful = if a == 0 {
-                unavailable_ok
-            } else {
-                spill || cover[i / 64] & (1 << (i % 64)) != 0
+        }
+
+        // 3. Chunks no LAN peer holds: the local bridgehead, else the WAN.
+        let mut from = 0;
+        while !(free.bridgehead.is_empty() && free.wan.is_empty()) {
+            let Some(pos) = self.next_wanted(0, from, None) else {
+                break;
             };
-            if !useful {
-                continue;
-            }
-            if buckets.len() <= a {
-                buckets.resize_with(a + 1, Vec::new);
-            }
-            buckets[a].push(idx);
+            from = pos + 1;
+            self.assign_unavailable(self.order[pos as usize], now, &mut free, &mut out);
         }
 
-        // 3. Rarest first among chunks LAN peers hold, to LAN peers only.
-        'lan: for bucket in buckets.iter().skip(1) {
-            for &idx in bucket {
-                if free.lan.is_empty() {
-                    break 'lan;
-                }
-                if let Some(pos) = self.pick(&free.lan, idx, now, true) {
-                    self.assign(free.lan[pos], idx, now, &mut free, &mut out);
-                }
+        // 4. LAN holders saturated: a little help from the local bridgehead.
+        'spill: for level in 1..=MAX_RARITY as usize {
+            let mut from = 0;
+            while self.spill_possible(&free) {
+                let Some(pos) = self.next_wanted(level, from, None) else {
+                    continue 'spill;
+                };
+                from = pos + 1;
+                self.assign_spill(self.order[pos as usize], now, &mut free, &mut out);
             }
+            break;
         }
-
-        // 4. Chunks no LAN peer holds: the local bridgehead, else the WAN.
-        if let Some(bucket) = buckets.first() {
-            for &idx in bucket {
-                if free.bridgehead.is_empty() && free.wan.is_empty() {
-                    break;
-                }
-                self.assign_unavailable(idx, now, &mut free, &mut out);
-            }
-        }
-
-        // 5. LAN holders saturated: a little help from the local bridgehead.
-        'spill: for bucket in buckets.iter().skip(1) {
-            for &idx in bucket {
-                if !self.spill_possible(&free) {
-                    break 'spill;
-                }
-                if self.req_count[idx as usize] == 0 {
-                    self.assign_spill(idx, now, &mut free, &mut out);
-                }
-            }
-        }
-        self.buckets = buckets;
 
         // 6. Endgame: everything missing is in flight; spare LAN slots duplicate.
-        if self.cfg.endgame && self.wanted.ones == 0 && !free.lan.is_empty() {
+        if self.cfg.endgame && self.wanted_count() == 0 && !free.lan.is_empty() {
             let mut chunks: Vec<u32> = self
                 .requests
                 .keys()
@@ -725,7 +712,8 @@ impl Download {
             .peers
             .iter()
             .any(|p| p.usable() && p.kind.is_bridgehead());
-        let lan = (0..self.held.len()).any(|i| !self.held[i] && self.lan_avail[i] > 0);
+        // Nothing in flight: every missing chunk is wanted, so the levels tell.
+        let lan = self.levels[1..].iter().any(|b| b.ones > 0);
         !bridgehead && !lan
     }
 
@@ -795,19 +783,63 @@ impl Download {
         f(&mut self.peers[slot]);
         let after = self.peers[slot].counts_for_lan();
         if before != after {
-            let Self {
-                peers, lan_avail, ..
-            } = self;
-            for i in peers[slot].have.iter_ones() {
-                let a = &mut lan_avail[i as usize];
-                *a = if after { *a + 1 } else { *a - 1 };
+            let held: Vec<u32> = self.peers[slot].have.iter_ones().collect();
+            for pos in held {
+                self.bump_avail(self.order[pos as usize], after);
             }
         }
     }
 
+    /// One more (or one fewer) usable LAN holder of a chunk; moves it between levels.
+    fn bump_avail(&mut self, idx: u32, up: bool) {
+        let i = idx as usize;
+        let old = self.level(i);
+        if up {
+            self.lan_avail[i] += 1;
+        } else {
+            self.lan_avail[i] -= 1;
+        }
+        let new = self.level(i);
+        if old != new && self.is_wanted(i) {
+            let pos = self.pos_of[i];
+            self.levels[old].clear(pos);
+            self.levels[new].set(pos);
+        }
+    }
+
+    fn level(&self, i: usize) -> usize {
+        self.lan_avail[i].min(MAX_RARITY) as usize
+    }
+
+    fn is_wanted(&self, i: usize) -> bool {
+        !self.held[i] && self.req_count[i] == 0
+    }
+
+    fn wanted_count(&self) -> u32 {
+        self.levels.iter().map(|b| b.ones).sum()
+    }
+
+    /// The first wanted chunk position `>= from` at this level (and in `mask`, if given).
+    fn next_wanted(&self, level: usize, from: u32, mask: Option<&[u64]>) -> Option<u32> {
+        let words = &self.levels[level].words;
+        let mut w = from as usize / 64;
+        let mut bits = words.get(w)? & (!0u64 << (from % 64));
+        loop {
+            if let Some(m) = mask {
+                bits &= m[w];
+            }
+            if bits != 0 {
+                return Some(w as u32 * 64 + bits.trailing_zeros());
+            }
+            w += 1;
+            bits = *words.get(w)?;
+        }
+    }
+
     fn set_have(&mut self, slot: usize, idx: u32) {
-        if self.peers[slot].have.set(idx) && self.peers[slot].counts_for_lan() {
-            self.lan_avail[idx as usize] += 1;
+        let pos = self.pos_of[idx as usize];
+        if self.peers[slot].have.set(pos) && self.peers[slot].counts_for_lan() {
+            self.bump_avail(idx, true);
         }
     }
 
@@ -818,23 +850,24 @@ impl Download {
     }
 
     fn clear_have(&mut self, slot: usize, idx: u32) {
-        if self.peers[slot].have.clear(idx) && self.peers[slot].counts_for_lan() {
-            self.lan_avail[idx as usize] -= 1;
+        let pos = self.pos_of[idx as usize];
+        if self.peers[slot].have.clear(pos) && self.peers[slot].counts_for_lan() {
+            self.bump_avail(idx, false);
         }
     }
 
-    /// Keeps `wanted` equal to "missing and nothing in flight" for one chunk.
+    /// Keeps the levels equal to "missing and nothing in flight" for one chunk.
     fn refresh_wanted(&mut self, idx: u32) {
         let i = idx as usize;
-        let pos = self.pos_of[i];
-        if !self.held[i] && self.req_count[i] == 0 {
-            self.wanted.set(pos);
+        let (pos, level) = (self.pos_of[i], self.level(i));
+        if self.is_wanted(i) {
+            self.levels[level].set(pos);
         } else {
-            self.wanted.clear(pos);
+            self.levels[level].clear(pos);
         }
     }
 
-    /// The chunks at least one of these peers holds, as bitset words.
+    /// The chunks at least one of these peers holds, as bitset words over positions.
     fn have_union(&self, slots: &[usize]) -> Vec<u64> {
         let mut words = vec![0u64; (self.chunk_count as usize).div_ceil(64)];
         for &slot in slots {
@@ -866,7 +899,6 @@ impl Download {
             self.wan_count[i] -= 1;
         }
         self.peers[slot].inflight -= 1;
-        self.refresh_wanted(idx);
         Some(req)
     }
 
@@ -901,7 +933,7 @@ impl Download {
             let pos = (start + k) % n;
             let slot = free[pos];
             let p = &self.peers[slot];
-            if need_have && !p.have.get(idx) {
+            if need_have && !p.have.get(self.pos_of[idx as usize]) {
                 continue;
             }
             // The map lookups only when they can hit (the common case is a fresh chunk).
@@ -1561,6 +1593,98 @@ mod tests {
             Failure::from_response(&ChunkResponse::BadIndex),
             Some(Failure::UnknownImage)
         );
+    }
+
+    impl Download {
+        /// Recomputes every incremental count from scratch and compares.
+        fn assert_consistent(&self) {
+            let n = self.chunk_count as usize;
+            assert_eq!(
+                self.held_count as usize,
+                self.held.iter().filter(|h| **h).count()
+            );
+            let mut req = vec![0u16; n];
+            let mut wan = vec![0u8; n];
+            let mut per_peer = vec![0usize; self.peers.len()];
+            for (&(slot, idx), r) in &self.requests {
+                req[idx as usize] += 1;
+                wan[idx as usize] += u8::from(r.wan);
+                per_peer[slot] += 1;
+            }
+            assert_eq!(req, self.req_count);
+            assert_eq!(wan, self.wan_count);
+            assert!(wan.iter().all(|&w| w <= 1), "a chunk twice over the WAN");
+            for (slot, p) in self.peers.iter().enumerate() {
+                assert_eq!(per_peer[slot], p.inflight);
+                assert_eq!(p.have.ones as usize, p.have.iter_ones().count());
+            }
+            for i in 0..n {
+                let pos = self.pos_of[i];
+                assert_eq!(self.order[pos as usize] as usize, i);
+                let avail = self
+                    .peers
+                    .iter()
+                    .filter(|p| p.counts_for_lan() && p.have.get(pos))
+                    .count();
+                assert_eq!(
+                    self.lan_avail[i] as usize, avail,
+                    "availability of chunk {i}"
+                );
+                for (level, bits) in self.levels.iter().enumerate() {
+                    let expect = self.is_wanted(i) && level == self.level(i);
+                    assert_eq!(bits.get(pos), expect, "chunk {i} at level {level}");
+                }
+            }
+            for bits in &self.levels {
+                assert_eq!(bits.ones as usize, bits.iter_ones().count());
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn bookkeeping_stays_consistent(
+            ops in proptest::collection::vec((0u8..10, 0u8..6, 0u32..80, 1u32..80), 1..150),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let mut c = cfg();
+            c.max_inflight_lan = 3;
+            c.max_inflight_wan = 2;
+            c.max_inflight_bridgehead = 4;
+            let mut d = Download::new(70, |i| i % 9 == 0, c, seed);
+            let peers: Vec<PeerId> = (1..=6).map(pid).collect();
+            let base = Instant::now();
+            let mut t = Duration::ZERO;
+            let kinds = [SourceKind::Lan, SourceKind::LocalBridgehead, SourceKind::RemoteBridgehead];
+            let failures = [Failure::NotHeld, Failure::Corrupt, Failure::Timeout, Failure::Refused,
+                Failure::Busy, Failure::Disconnected, Failure::UnknownImage];
+            let mut sent: Vec<(PeerId, u32)> = Vec::new();
+            for (op, p, a, b) in ops {
+                let peer = peers[p as usize];
+                let now = base + t;
+                match op {
+                    0 => d.add_peer(peer, kinds[(a % 3) as usize], b % 2 == 0),
+                    1 => d.peer_has(&peer, &[(a, a + b)]),
+                    2 => d.remove_peer(&peer),
+                    3 => d.prioritize(a),
+                    4 | 5 => sent.extend(d.next_requests(now)),
+                    6 if !sent.is_empty() => {
+                        let (q, i) = sent.swap_remove(a as usize % sent.len());
+                        d.on_chunk(&q, i, now);
+                    }
+                    7 if !sent.is_empty() => {
+                        let (q, i) = sent.swap_remove(a as usize % sent.len());
+                        d.on_failure(&q, i, failures[(b % 7) as usize], now);
+                    }
+                    8 => d.mark_held(a),
+                    _ => {
+                        t += Duration::from_millis(u64::from(a) * 500);
+                        d.expire(base + t);
+                    }
+                }
+                d.assert_consistent();
+            }
+        }
     }
 
     #[test]

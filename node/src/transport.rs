@@ -81,9 +81,7 @@ pub fn build(
     opts: TransportOptions,
 ) -> io::Result<Boxed<(PeerId, StreamMuxerBox)>> {
     let noise = libp2p::noise::Config::new(keypair).map_err(|e| {
-        io::Error::other(format!(
-            "cannot set up noise with this node's keypair: {e}"
-        ))
+        io::Error::other(format!("cannot set up noise with this node's keypair: {e}"))
     })?;
     let timeout = opts.upgrade_timeout;
     Ok(TcpTransport::new(opts)

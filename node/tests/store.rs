@@ -72,11 +72,18 @@ fn allocated(path: &Path) -> u64 {
     fs::metadata(path).unwrap().blocks() * 512
 }
 
-fn round_trip(cs: u32) {
+fn round_trip(cs: u32, mmap_writes: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store")).unwrap();
+    let opts = StoreOptions {
+        mmap_writes,
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&dir.path().join("store"), opts).unwrap();
     let c = cs as usize;
-    for (i, size) in [0, 1, c - 1, c, c + 1, 5 * MIB + 123].into_iter().enumerate() {
+    for (i, size) in [0, 1, c - 1, c, c + 1, 5 * MIB + 123]
+        .into_iter()
+        .enumerate()
+    {
         let data = random_bytes(size, i as u64);
         let src = dir.path().join(format!("src-{size}"));
         write_file(&src, &data);
@@ -87,10 +94,18 @@ fn round_trip(cs: u32) {
                 last = (d, t)
             })
             .unwrap();
-        assert_eq!(last, (size as u64, size as u64), "progress ends at the total");
+        assert_eq!(
+            last,
+            (size as u64, size as u64),
+            "progress ends at the total"
+        );
         assert_eq!(m.size, size as u64);
         assert_eq!(m.chunk_count() as usize, size.div_ceil(c));
-        assert_eq!(m, manifest_of(&data, cs, &image), "import computes the same checksums");
+        assert_eq!(
+            m,
+            manifest_of(&data, cs, &image),
+            "import computes the same checksums"
+        );
         let id = m.id();
         assert_eq!(store.resolve(&image), Some(id));
         let st = store.status(&id).unwrap();
@@ -106,12 +121,17 @@ fn round_trip(cs: u32) {
 
 #[test]
 fn round_trip_bit_exact_64k_chunks() {
-    round_trip(64 * KIB as u32);
+    round_trip(64 * KIB as u32, false);
 }
 
 #[test]
 fn round_trip_bit_exact_1m_chunks() {
-    round_trip(MIB as u32);
+    round_trip(MIB as u32, false);
+}
+
+#[test]
+fn round_trip_bit_exact_writing_through_maps() {
+    round_trip(64 * KIB as u32, true);
 }
 
 #[test]
@@ -142,7 +162,11 @@ fn sparse_image_stays_sparse_in_store_and_export() {
     let src = dir.path().join("sparse.img");
     let f = File::create(&src).unwrap();
     f.set_len(size as u64).unwrap();
-    let regions = [(0usize, 5000usize), (3 * MIB + 100, 200 * KIB), (40 * MIB, 1)];
+    let regions = [
+        (0usize, 5000usize),
+        (3 * MIB + 100, 200 * KIB),
+        (40 * MIB, 1),
+    ];
     let mut expected = vec![0u8; size];
     for (i, &(off, len)) in regions.iter().enumerate() {
         let bytes = random_bytes(len, 100 + i as u64);
@@ -150,7 +174,8 @@ fn sparse_image_stays_sparse_in_store_and_export() {
         expected[off..off + len].copy_from_slice(&bytes);
     }
     // A non-zero region that is written out as zeros is still zero content.
-    f.write_all_at(&vec![0u8; 128 * KIB], 20 * MIB as u64).unwrap();
+    f.write_all_at(&vec![0u8; 128 * KIB], 20 * MIB as u64)
+        .unwrap();
     drop(f);
     let data_chunks: BTreeSet<usize> = regions
         .iter()
@@ -158,7 +183,14 @@ fn sparse_image_stays_sparse_in_store_and_export() {
         .collect();
 
     let m = store
-        .import(&src, &r("sparse", "1"), cs as u32, None, ObjectKind::Image, &mut no_progress())
+        .import(
+            &src,
+            &r("sparse", "1"),
+            cs as u32,
+            None,
+            ObjectKind::Image,
+            &mut no_progress(),
+        )
         .unwrap();
     let id = m.id();
     assert_eq!(m.data_chunks() as usize, data_chunks.len());
@@ -186,7 +218,10 @@ fn sparse_image_stays_sparse_in_store_and_export() {
     let store2 = Store::open(&dir.path().join("store2")).unwrap();
     store2.add_manifest(&m).unwrap();
     let st = store2.status(&id).unwrap();
-    assert_eq!(st.held as usize, m.chunk_count() as usize - data_chunks.len());
+    assert_eq!(
+        st.held as usize,
+        m.chunk_count() as usize - data_chunks.len()
+    );
     for &i in &data_chunks {
         assert!(store2
             .write_chunk(&id, i as u32, chunk(&expected, cs as u32, i as u32))
@@ -221,7 +256,10 @@ fn download_in_random_order_refuses_bad_chunks() {
     let mut bad = chunk(&data, cs, 5).to_vec();
     bad[100] ^= 1;
     let err = store.write_chunk(&id, 5, &bad).unwrap_err();
-    assert!(matches!(err, StoreError::BadChunk { index: 5, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::BadChunk { index: 5, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("another peer"));
     assert!(!store.has_chunk(&id, 5));
     let img = fs::read(store.image_path(&id)).unwrap();
@@ -319,7 +357,12 @@ const FLUSHED: [u32; 5] = [9, 0, 33, 34, 63];
 const UNFLUSHED: [u32; 6] = [10, 11, 40, 2, 50, 51];
 
 fn crash_data() -> Vec<u8> {
-    data_with_zero_chunks((CRASH_CS * CRASH_CHUNKS) as usize, CRASH_CS as usize, &[1, 20], 42)
+    data_with_zero_chunks(
+        (CRASH_CS * CRASH_CHUNKS) as usize,
+        CRASH_CS as usize,
+        &[1, 20],
+        42,
+    )
 }
 
 /// Run by the crash tests in a child process, which they kill with SIGKILL once it says
@@ -341,11 +384,15 @@ fn crash_child() {
     let data = crash_data();
     let id = manifest_of(&data, CRASH_CS, &r("crash", "1")).id();
     for i in FLUSHED {
-        store.write_chunk(&id, i, chunk(&data, CRASH_CS, i)).unwrap();
+        store
+            .write_chunk(&id, i, chunk(&data, CRASH_CS, i))
+            .unwrap();
     }
     store.flush().unwrap();
     for i in UNFLUSHED {
-        store.write_chunk(&id, i, chunk(&data, CRASH_CS, i)).unwrap();
+        store
+            .write_chunk(&id, i, chunk(&data, CRASH_CS, i))
+            .unwrap();
     }
     println!("\n{READY}");
     std::io::stdout().flush().unwrap();
@@ -358,9 +405,15 @@ fn crash_child() {
 /// once it printed READY (or panics after a timeout).
 fn spawn_child(test: &str, envs: &[(&str, String)]) -> std::process::Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "--exact",
+        test,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -463,7 +516,14 @@ fn versions_are_immutable() {
     assert!(matches!(err, StoreError::VersionExists { .. }), "{err}");
     assert!(err.to_string().contains("new version"), "{err}");
     let err = store
-        .import(&a, &image, 8192, None, ObjectKind::Image, &mut no_progress())
+        .import(
+            &a,
+            &image,
+            8192,
+            None,
+            ObjectKind::Image,
+            &mut no_progress(),
+        )
         .unwrap_err();
     assert!(matches!(err, StoreError::VersionExists { .. }), "{err}");
     let other = manifest_of(&random_bytes(10, 3), 4096, &image);
@@ -473,7 +533,10 @@ fn versions_are_immutable() {
     ));
     assert_eq!(store.list().len(), 1);
     // Nothing of the refused imports is left behind.
-    assert_eq!(fs::read_dir(dir.path().join("s/images")).unwrap().count(), 1);
+    assert_eq!(
+        fs::read_dir(dir.path().join("s/images")).unwrap().count(),
+        1
+    );
 }
 
 #[test]
@@ -484,11 +547,20 @@ fn import_of_a_partly_downloaded_version_fills_it() {
     let image = r("part", "1");
     let m = manifest_of(&data, 4096, &image);
     store.add_manifest(&m).unwrap();
-    store.write_chunk(&m.id(), 3, chunk(&data, 4096, 3)).unwrap();
+    store
+        .write_chunk(&m.id(), 3, chunk(&data, 4096, 3))
+        .unwrap();
     let src = dir.path().join("src");
     write_file(&src, &data);
     let got = store
-        .import(&src, &image, 4096, None, ObjectKind::Image, &mut no_progress())
+        .import(
+            &src,
+            &image,
+            4096,
+            None,
+            ObjectKind::Image,
+            &mut no_progress(),
+        )
         .unwrap();
     assert_eq!(got, m);
     assert!(store.status(&m.id()).unwrap().complete);
@@ -504,7 +576,14 @@ fn import_rejects_bad_input_clearly() {
     let src = dir.path().join("src");
     write_file(&src, b"hello");
     let e = store
-        .import(&src, &r("x", "1"), 5000, None, ObjectKind::Image, &mut no_progress())
+        .import(
+            &src,
+            &r("x", "1"),
+            5000,
+            None,
+            ObjectKind::Image,
+            &mut no_progress(),
+        )
         .unwrap_err();
     assert!(e.to_string().contains("multiple of 4096"), "{e}");
     let e = store
@@ -517,18 +596,35 @@ fn import_rejects_bad_input_clearly() {
             &mut no_progress(),
         )
         .unwrap_err();
-    assert!(matches!(e, StoreError::Io { .. }) && e.to_string().contains("nope"), "{e}");
+    assert!(
+        matches!(e, StoreError::Io { .. }) && e.to_string().contains("nope"),
+        "{e}"
+    );
     let bad_ref = ImageRef {
         name: "a b".into(),
         version: "1".into(),
     };
     assert!(matches!(
-        store.import(&src, &bad_ref, 4096, None, ObjectKind::Image, &mut no_progress()),
+        store.import(
+            &src,
+            &bad_ref,
+            4096,
+            None,
+            ObjectKind::Image,
+            &mut no_progress()
+        ),
         Err(StoreError::Invalid(_))
     ));
     // chunk size 0 means the default.
     let m = store
-        .import(&src, &r("x", "1"), 0, None, ObjectKind::Image, &mut no_progress())
+        .import(
+            &src,
+            &r("x", "1"),
+            0,
+            None,
+            ObjectKind::Image,
+            &mut no_progress(),
+        )
         .unwrap();
     assert_eq!(m.chunk_size, bids_protocols::DEFAULT_CHUNK_SIZE);
 }
@@ -553,7 +649,10 @@ fn remove_deletes_file_and_records() {
             store.write_chunk(&id, 0, chunk(&data, 4096, 0)),
             Err(StoreError::UnknownImage(_))
         ));
-        assert!(matches!(store.remove(&id), Err(StoreError::UnknownImage(_))));
+        assert!(matches!(
+            store.remove(&id),
+            Err(StoreError::UnknownImage(_))
+        ));
     }
     let store = Store::open(dir.path()).unwrap();
     assert!(store.list().is_empty());
@@ -586,7 +685,12 @@ fn concurrent_writers_each_chunk_written_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let cs = 16 * 1024u32;
-    let data = Arc::new(data_with_zero_chunks(256 * 16 * 1024 - 3, 16 * 1024, &[8, 9], 11));
+    let data = Arc::new(data_with_zero_chunks(
+        256 * 16 * 1024 - 3,
+        16 * 1024,
+        &[8, 9],
+        11,
+    ));
     let m = manifest_of(&data, cs, &r("conc", "1"));
     let id = m.id();
     store.add_manifest(&m).unwrap();
@@ -662,7 +766,12 @@ fn memory_child() {
             .map(|i| chunk_info(&chunk_of(i)))
             .collect(),
     };
-    let store = Store::open(&dir.join("s")).unwrap();
+    // Writes through maps too, so both kinds of map are shown to be released.
+    let opts = StoreOptions {
+        mmap_writes: true,
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&dir.join("s"), opts).unwrap();
     store.add_manifest(&m).unwrap();
     let base = rss_kib("VmRSS:");
     for i in 0..m.chunk_count() {
@@ -708,13 +817,15 @@ proptest! {
         tail in 0usize..8192,
         zero_mask in any::<u32>(),
         big in any::<bool>(),
+        mmap_writes in any::<bool>(),
     ) {
         let cs = if big { 8192 } else { 4096 };
         let len = chunks * cs + tail % cs;
         let zero: Vec<usize> = (0..32).filter(|b| zero_mask >> b & 1 == 1).collect();
         let data = data_with_zero_chunks(len, cs, &zero, seed);
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let opts = StoreOptions { mmap_writes, ..StoreOptions::default() };
+        let store = Store::open_with(dir.path(), opts).unwrap();
         let m = manifest_of(&data, cs as u32, &r("prop", "1"));
         let id = m.id();
         store.add_manifest(&m).unwrap();

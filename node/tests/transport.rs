@@ -180,7 +180,8 @@ async fn exchange(
     requests: u32,
 ) -> (Report, Report) {
     let mut a = swarm(listener_opts);
-    a.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
+    a.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .unwrap();
     let (addr_tx, addr_rx) = oneshot::channel();
     let (a_done, a_report) = oneshot::channel();
     let (b_done, b_report) = oneshot::channel();
@@ -192,8 +193,12 @@ async fn exchange(
     let b = swarm(dialer_opts);
     let b_task = tokio::spawn(drive(b, 2, 1, Some(addr), requests, None, b_done));
     let wait = Duration::from_secs(60);
-    let a_report = tokio::time::timeout(wait, a_report).await.expect("listener done in time");
-    let b_report = tokio::time::timeout(wait, b_report).await.expect("dialer done in time");
+    let a_report = tokio::time::timeout(wait, a_report)
+        .await
+        .expect("listener done in time");
+    let b_report = tokio::time::timeout(wait, b_report)
+        .await
+        .expect("dialer done in time");
     a_task.abort();
     b_task.abort();
     (a_report.unwrap().unwrap(), b_report.unwrap().unwrap())

@@ -2,3 +2,7 @@
 //! with WAN and LAN links emulated between them. Production code never depends on it.
 
 pub mod shaping;
+#[cfg(feature = "cluster")]
+pub mod cluster;
+#[cfg(feature = "cluster")]
+pub mod demo;

@@ -30,8 +30,7 @@ const MIB: usize = 1024 * KIB;
 const SLACK: Duration = Duration::from_millis(1);
 /// Bucket depth, as time at the bucket's rate, clamped to [`MIN_BURST`, `MAX_BURST`]: small
 /// enough that the rate holds at a few milliseconds' scale, deep enough that a sender
-/// woken a few milliseconds late (timer resolution, a busy CPU) catches up instead of
-/// losing the link time.
+/// woken a little late by the timer catches up instead of losing the link time.
 const BURST_TIME: Duration = Duration::from_millis(4);
 const MIN_BURST: f64 = (16 * KIB) as f64;
 const MAX_BURST: f64 = (512 * KIB) as f64;
@@ -41,6 +40,10 @@ const MAX_BURST: f64 = (512 * KIB) as f64;
 const GRANT_TIME: Duration = Duration::from_millis(2);
 const MIN_GRANT: usize = 16 * KIB;
 const MAX_GRANT: usize = 256 * KIB;
+/// A rate-limited sender woken later than its tokens were due (a busy CPU, many nodes in
+/// one process) may take back up to this much lateness beyond the burst, so the emulated
+/// link does not slow down because the emulator was late. Idle senders get nothing back.
+const MAX_CATCH_UP: Duration = Duration::from_millis(50);
 /// Writes released within this long of each other travel as one socket write.
 const COALESCE: Duration = Duration::from_millis(1);
 /// Largest segment of a delay line (and largest single write it accepts).
@@ -269,12 +272,15 @@ impl TokenBucket {
     }
 
     /// Takes `n` tokens and returns when they are paid for: `now` if the bucket held them,
-    /// later if it had to go into debt.
-    fn reserve(&self, n: usize, now: Instant) -> Instant {
+    /// later if it had to go into debt. `late` is how late the caller woke for its previous
+    /// reservation; the bucket may refill that much past its burst (see [`MAX_CATCH_UP`]).
+    fn reserve(&self, n: usize, now: Instant, late: Duration) -> Instant {
+        let cap = self.burst + late.min(MAX_CATCH_UP).as_secs_f64() * self.rate;
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if now > s.last {
             let refill = (now - s.last).as_secs_f64() * self.rate;
-            s.tokens = (s.tokens + refill).min(self.burst);
+            // Never take away tokens the bucket already holds.
+            s.tokens = (s.tokens + refill).min(cap.max(s.tokens));
             s.last = now;
         }
         s.tokens -= n as f64;
@@ -340,6 +346,8 @@ struct Pacer {
     /// When the credit was (or will be) paid: the bytes' transmission time.
     credit_at: Instant,
     waiting: bool,
+    /// How late the timer woke us for the last grant we had to wait for.
+    late: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -354,6 +362,7 @@ impl Pacer {
             credit: 0,
             credit_at: Instant::now(),
             waiting: false,
+            late: Duration::ZERO,
             timer: None,
         }
     }
@@ -369,11 +378,12 @@ impl Pacer {
             let at = self
                 .buckets
                 .iter()
-                .map(|b| b.reserve(grant, now))
+                .map(|b| b.reserve(grant, now, self.late))
                 .max()
                 .unwrap_or(now);
             self.credit = grant;
             self.credit_at = at;
+            self.late = Duration::ZERO;
             if at > now + SLACK {
                 let deadline = tokio::time::Instant::from_std(at);
                 match &mut self.timer {
@@ -388,6 +398,7 @@ impl Pacer {
                 ready!(timer.as_mut().poll(cx));
             }
             self.waiting = false;
+            self.late = Instant::now().saturating_duration_since(self.credit_at);
         }
         Poll::Ready((want.min(self.credit), self.credit_at))
     }
@@ -829,8 +840,10 @@ mod tests {
 
     fn two_idcs() -> Topology {
         let mut t = Topology::new();
-        t.add_idc("a", 20 * MBIT, Duration::from_millis(10)).unwrap();
-        t.add_idc("b", 40 * MBIT, Duration::from_millis(30)).unwrap();
+        t.add_idc("a", 20 * MBIT, Duration::from_millis(10))
+            .unwrap();
+        t.add_idc("b", 40 * MBIT, Duration::from_millis(30))
+            .unwrap();
         t.add_host(ip("127.0.1.1"), "a", 1000 * MBIT).unwrap();
         t.add_host(ip("127.0.1.2"), "a", 0).unwrap();
         t.add_host(ip("127.0.2.1"), "b", 100 * MBIT).unwrap();
@@ -877,8 +890,14 @@ mod tests {
         assert!(p.queue_capacity().abs_diff(100_000 + QUEUE_HEADROOM) <= 1);
         // The reverse direction uses the other WAN buckets.
         let back = t.path(ip("127.0.2.1"), ip("127.0.1.1"));
-        assert!(Arc::ptr_eq(&back.buckets[1], t.idcs[1].egress.as_ref().unwrap()));
-        assert!(Arc::ptr_eq(&back.buckets[2], t.idcs[0].ingress.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            &back.buckets[1],
+            t.idcs[1].egress.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &back.buckets[2],
+            t.idcs[0].ingress.as_ref().unwrap()
+        ));
     }
 
     #[test]
@@ -902,18 +921,40 @@ mod tests {
         // 1 MB/s: the burst is the 16 KiB floor (4 ms would be only 4 kB).
         assert_eq!(b.burst, MIN_BURST);
         let t0 = Instant::now() + Duration::from_millis(1);
-        assert_eq!(b.reserve(16 * KIB, t0), t0);
+        let on_time = Duration::ZERO;
+        assert_eq!(b.reserve(16 * KIB, t0, on_time), t0);
         // The next 10 kB must wait 10 ms, the following 10 kB 10 ms more.
-        let at1 = b.reserve(10_000, t0);
-        let at2 = b.reserve(10_000, t0);
+        let at1 = b.reserve(10_000, t0, on_time);
+        let at2 = b.reserve(10_000, t0, on_time);
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         assert!((ms(at1 - t0) - 10.0).abs() < 0.01, "{:?}", at1 - t0);
         assert!((ms(at2 - t0) - 20.0).abs() < 0.01, "{:?}", at2 - t0);
         // Waiting pays the debt back; tokens never exceed the burst.
         let later = t0 + Duration::from_secs(10);
-        assert_eq!(b.reserve(16 * KIB, later), later);
-        assert!(b.reserve(1, later) > later);
+        assert_eq!(b.reserve(16 * KIB, later, on_time), later);
+        assert!(b.reserve(1, later, on_time) > later);
         assert!(TokenBucket::limited(0).is_none());
+    }
+
+    #[test]
+    fn late_waiters_catch_up_but_only_so_far() {
+        let b = TokenBucket::limited(1_000_000).unwrap();
+        let t0 = Instant::now() + Duration::from_millis(1);
+        let on_time = Duration::ZERO;
+        b.reserve(16 * KIB, t0, on_time);
+        let due = b.reserve(10_000, t0, on_time);
+        // Woken 20 ms after `due`: those 20 ms (20 kB) are not lost, the burst alone
+        // (16 KiB) would have kept only 16 ms.
+        let woke = due + Duration::from_millis(20);
+        assert_eq!(b.reserve(20_000, woke, woke - due), woke);
+        assert!(b.reserve(1, woke, on_time) > woke);
+        // Lateness beyond MAX_CATCH_UP is lost: 1 s late gives back 16 KiB + 50 kB only.
+        let much_later = woke + Duration::from_secs(1);
+        assert_eq!(
+            b.reserve(16 * KIB + 50_000, much_later, Duration::from_secs(1)),
+            much_later
+        );
+        assert!(b.reserve(1, much_later, on_time) > much_later);
     }
 
     #[test]

@@ -67,11 +67,10 @@ async fn transfer(mut tx: BoxedStream, mut rx: BoxedStream, n: usize) -> Duratio
         }
         (got, start.elapsed())
     };
-    let ((), (got, elapsed)) = tokio::time::timeout(DEADLINE, async {
-        tokio::join!(send, receive)
-    })
-    .await
-    .expect("transfer finishes in time");
+    let ((), (got, elapsed)) =
+        tokio::time::timeout(DEADLINE, async { tokio::join!(send, receive) })
+            .await
+            .expect("transfer finishes in time");
     assert_eq!(got, n, "every byte arrives, none twice");
     elapsed
 }
@@ -123,7 +122,12 @@ async fn concurrent_streams_into_one_idc_share_its_wan_rate() {
     let (tx2, rx2) = pair(&shaper, "127.0.1.2", "127.0.2.2").await;
     let (d1, d2) = tokio::join!(transfer(tx1, rx1, 2 * MIB), transfer(tx2, rx2, 2 * MIB));
     let total = d1.max(d2);
-    assert_within("sum of both streams, Mbit/s", mbit_per_s(4 * MIB, total), 20.0, 0.10);
+    assert_within(
+        "sum of both streams, Mbit/s",
+        mbit_per_s(4 * MIB, total),
+        20.0,
+        0.10,
+    );
     // Fair sharing: neither stream finished early by taking the whole link.
     assert!(
         d1.min(d2) >= total.mul_f64(0.8),
@@ -136,8 +140,10 @@ async fn concurrent_streams_into_one_idc_share_its_wan_rate() {
 async fn wan_delay_shows_in_round_trips_but_not_in_bulk_throughput() {
     let mut t = Topology::new();
     // 20 + 30 ms: 50 ms one way.
-    t.add_idc("a", 20 * MBIT, Duration::from_millis(20)).unwrap();
-    t.add_idc("b", 20 * MBIT, Duration::from_millis(30)).unwrap();
+    t.add_idc("a", 20 * MBIT, Duration::from_millis(20))
+        .unwrap();
+    t.add_idc("b", 20 * MBIT, Duration::from_millis(30))
+        .unwrap();
     t.add_host(ip("127.0.1.1"), "a", 1000 * MBIT).unwrap();
     t.add_host(ip("127.0.2.1"), "b", 1000 * MBIT).unwrap();
     let t = Arc::new(t);
@@ -169,7 +175,10 @@ async fn wan_delay_shows_in_round_trips_but_not_in_bulk_throughput() {
     // The median is what the link does; the minimum shows no byte ever beat the delay.
     // (A single late wake-up on a loaded machine may stretch one round trip.)
     assert!((rtts[2] - 100.0).abs() <= 15.0, "round trips {rtts:.1?} ms");
-    assert!(rtts[0] >= 99.0, "a round trip beat the 2 × 50 ms delay: {rtts:.1?} ms");
+    assert!(
+        rtts[0] >= 99.0,
+        "a round trip beat the 2 × 50 ms delay: {rtts:.1?} ms"
+    );
     drop(client);
     tokio::time::timeout(DEADLINE, echo).await.unwrap().unwrap();
 
@@ -178,7 +187,10 @@ async fn wan_delay_shows_in_round_trips_but_not_in_bulk_throughput() {
     let rate = mbit_per_s(4 * MIB, elapsed);
     println!("bulk over a 50 ms link: {rate:.2} Mbit/s");
     // 1.68 s at the rate plus one 50 ms delay: ≥ 90 % of the rate, never above it.
-    assert!((18.0..=20.5).contains(&rate), "bulk over the delayed link: {rate:.2} Mbit/s");
+    assert!(
+        (18.0..=20.5).contains(&rate),
+        "bulk over the delayed link: {rate:.2} Mbit/s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,10 +205,20 @@ async fn same_idc_traffic_is_limited_by_the_lan_and_not_counted_as_wan() {
     // the other way.
     let (tx, rx) = pair(&t.shaper(), "127.0.1.1", "127.0.1.2").await;
     let elapsed = transfer(tx, rx, 4 * MIB).await;
-    assert_within("LAN uplink Mbit/s", mbit_per_s(4 * MIB, elapsed), 50.0, 0.10);
+    assert_within(
+        "LAN uplink Mbit/s",
+        mbit_per_s(4 * MIB, elapsed),
+        50.0,
+        0.10,
+    );
     let (tx, rx) = pair(&t.shaper(), "127.0.1.2", "127.0.1.1").await;
     let elapsed = transfer(tx, rx, 4 * MIB).await;
-    assert_within("LAN downlink Mbit/s", mbit_per_s(4 * MIB, elapsed), 50.0, 0.10);
+    assert_within(
+        "LAN downlink Mbit/s",
+        mbit_per_s(4 * MIB, elapsed),
+        50.0,
+        0.10,
+    );
     assert_eq!(t.wan_in_bytes("a"), 0);
     assert_eq!(t.wan_out_bytes("a"), 0);
 }
@@ -204,7 +226,8 @@ async fn same_idc_traffic_is_limited_by_the_lan_and_not_counted_as_wan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gigabit_lan_is_reached() {
     let mut t = Topology::new();
-    t.add_idc("a", 10 * MBIT, Duration::from_millis(10)).unwrap();
+    t.add_idc("a", 10 * MBIT, Duration::from_millis(10))
+        .unwrap();
     t.add_host(ip("127.0.1.1"), "a", 1000 * MBIT).unwrap();
     t.add_host(ip("127.0.1.2"), "a", 1000 * MBIT).unwrap();
     let t = Arc::new(t);
@@ -212,14 +235,18 @@ async fn gigabit_lan_is_reached() {
     let bytes = 64 * MIB;
     let rate = mbit_per_s(bytes, transfer(tx, rx, bytes).await);
     println!("1 Gbit/s LAN: {rate:.0} Mbit/s");
-    // Never above the link (bar the burst), and close to it: pacing costs no throughput.
-    assert!((850.0..=1010.0).contains(&rate), "1 Gbit/s LAN ran at {rate:.0} Mbit/s");
+    // Close to the link, pacing costs no throughput; above it only by the initial burst.
+    assert!(
+        (850.0..=1030.0).contains(&rate),
+        "1 Gbit/s LAN ran at {rate:.0} Mbit/s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wan_counters_count_exactly_the_bytes_that_crossed() {
     let mut t = Topology::new();
-    t.add_idc("a", 200 * MBIT, Duration::from_millis(5)).unwrap();
+    t.add_idc("a", 200 * MBIT, Duration::from_millis(5))
+        .unwrap();
     t.add_idc("b", 200 * MBIT, Duration::ZERO).unwrap();
     t.add_host(ip("127.0.1.1"), "a", 0).unwrap();
     t.add_host(ip("127.0.1.2"), "a", 0).unwrap();
@@ -286,8 +313,10 @@ fn swarm(host: &str, shaper: Arc<dyn LinkShaper>) -> Swarm<Behaviour> {
 async fn libp2p_chunk_exchange_across_idcs_runs_at_the_wan_rate() {
     let mut t = Topology::new();
     // 40 Mbit/s WAN with a 100 ms round trip.
-    t.add_idc("a", 40 * MBIT, Duration::from_millis(25)).unwrap();
-    t.add_idc("b", 40 * MBIT, Duration::from_millis(25)).unwrap();
+    t.add_idc("a", 40 * MBIT, Duration::from_millis(25))
+        .unwrap();
+    t.add_idc("b", 40 * MBIT, Duration::from_millis(25))
+        .unwrap();
     t.add_host(ip("127.0.1.1"), "a", 1000 * MBIT).unwrap();
     t.add_host(ip("127.0.2.1"), "b", 1000 * MBIT).unwrap();
     let t = Arc::new(t);
@@ -317,7 +346,9 @@ async fn libp2p_chunk_exchange_across_idcs_runs_at_the_wan_rate() {
                     };
                     let _ = server.behaviour_mut().send_response(channel, data);
                 }
-                SwarmEvent::Behaviour(request_response::Event::InboundFailure { error, .. }) => {
+                SwarmEvent::Behaviour(request_response::Event::InboundFailure {
+                    error, ..
+                }) => {
                     panic!("server: inbound failure {error}; seen {seen_from:?}")
                 }
                 _ => {}
@@ -391,15 +422,23 @@ async fn libp2p_chunk_exchange_across_idcs_runs_at_the_wan_rate() {
     serve.abort();
 
     let payload = chunks as usize * MIB;
-    let rate = mbit_per_s(payload, elapsed);
-    println!("{chunks} MiB across the emulated WAN in {elapsed:?}: {rate:.1} Mbit/s");
-    // Framing (noise, yamux, CBOR) takes a little of the link; one RTT of request latency
-    // and the window ramp take a little of the time.
-    assert!((34.0..=40.5).contains(&rate), "chunk exchange at {rate:.1} Mbit/s");
+    // The first response byte arrives one round trip after the requests leave.
+    let rate = mbit_per_s(payload, elapsed - Duration::from_millis(100));
     let crossed = t.wan_in_bytes("b");
+    let sent = u64::from(chunks + 1) * MIB as u64;
+    println!(
+        "{chunks} MiB across the emulated WAN in {elapsed:?}: {rate:.1} Mbit/s after the \
+         first round trip; {:.4} × the payload crossed",
+        crossed as f64 / sent as f64
+    );
+    // Framing (noise, yamux, CBOR) takes a little of the link, the rest is payload.
     assert!(
-        crossed >= (chunks as u64 + 1) * MIB as u64 && crossed <= (chunks as u64 + 1) * MIB as u64 * 102 / 100,
-        "{crossed} bytes entered IDC b for {} chunks",
+        (36.0..=40.5).contains(&rate),
+        "chunk exchange at {rate:.1} Mbit/s"
+    );
+    assert!(
+        crossed >= sent && crossed <= sent * 101 / 100,
+        "{crossed} bytes entered IDC b for {} chunks of 1 MiB",
         chunks + 1
     );
     assert!(t.wan_out_bytes("b") < 64 * 1024, "requests are small");

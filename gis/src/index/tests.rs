@@ -82,7 +82,14 @@ impl World {
         let peer = Keypair::generate_ed25519().public().to_peer_id();
         let role = self
             .ix
-            .register(peer, idc(idc_name), vec![], None, self.ix.cfg.policy, self.now)
+            .register(
+                peer,
+                idc(idc_name),
+                vec![],
+                None,
+                self.ix.cfg.policy,
+                self.now,
+            )
             .unwrap();
         assert_eq!(role, Role::Host);
         Node {
@@ -114,7 +121,15 @@ impl World {
         }
     }
 
-    fn hold(&mut self, n: &Node, image: ImageId, manifest: &[u8], chunks: u32, complete: bool, fetching: bool) {
+    fn hold(
+        &mut self,
+        n: &Node,
+        image: ImageId,
+        manifest: &[u8],
+        chunks: u32,
+        complete: bool,
+        fetching: bool,
+    ) {
         self.ix
             .publish(
                 n.peer,
@@ -131,14 +146,18 @@ impl World {
     }
 
     fn lookup(&self, n: &Node, image: ImageId) -> HostList {
-        self.ix.lookup(n.peer, &ImageQuery::Id(image), self.now).unwrap()
+        self.ix
+            .lookup(n.peer, &ImageQuery::Id(image), self.now)
+            .unwrap()
     }
 
     /// Advances the clock; everyone in `alive` heartbeats at the new time.
     fn advance(&mut self, ms: i64, alive: &[&Node]) {
         self.now += ms;
         for n in alive {
-            self.ix.heartbeat(n.peer, HostStats::default(), self.now).unwrap();
+            self.ix
+                .heartbeat(n.peer, HostStats::default(), self.now)
+                .unwrap();
         }
     }
 }
@@ -190,13 +209,23 @@ fn scenario() -> Scenario {
 
 impl Scenario {
     fn everyone(&self) -> Vec<&Node> {
-        let mut v = vec![&self.a_full, &self.a_part, &self.a_host, &self.a_db, &self.b_host];
+        let mut v = vec![
+            &self.a_full,
+            &self.a_part,
+            &self.a_host,
+            &self.a_db,
+            &self.b_host,
+        ];
         v.extend(self.b_dbs.iter());
         v.extend([&self.c_db, &self.c_host]);
         v
     }
     fn chosen_b(&self) -> (&Node, &Node) {
-        let chosen = self.w.ix.chosen_bridgehead(&idc("B"), &self.x, self.w.now).unwrap();
+        let chosen = self
+            .w
+            .ix
+            .chosen_bridgehead(&idc("B"), &self.x, self.w.now)
+            .unwrap();
         if chosen == self.b_dbs[0].peer {
             (&self.b_dbs[0], &self.b_dbs[1])
         } else {
@@ -218,7 +247,12 @@ fn ordinary_host_of_b_gets_only_bs_chosen_bridgehead() {
     assert!(l.level2.is_empty(), "ordinary hosts never see other IDCs");
     assert_eq!(l.image.name, "debian");
     assert_eq!(l.image.id, s.x);
-    assert_eq!(Manifest::from_bytes_with_id(&l.manifest, s.x).unwrap().chunk_count(), 8);
+    assert_eq!(
+        Manifest::from_bytes_with_id(&l.manifest, s.x)
+            .unwrap()
+            .chunk_count(),
+        8
+    );
 }
 
 #[test]
@@ -233,8 +267,15 @@ fn chosen_bridgehead_of_b_gets_level2_with_as_bridgehead() {
     };
     let l = s.w.lookup(&chosen_node, s.x);
     assert!(l.level0.is_empty());
-    assert!(l.level1.is_empty(), "the chosen bridgehead is not told about itself");
-    assert_eq!(peers(&l.level2), vec![s.a_db.peer], "C holds nothing of X yet");
+    assert!(
+        l.level1.is_empty(),
+        "the chosen bridgehead is not told about itself"
+    );
+    assert_eq!(
+        peers(&l.level2),
+        vec![s.a_db.peer],
+        "C holds nothing of X yet"
+    );
     assert_eq!(l.level2[0].idc, idc("A"));
 
     // The other bridgehead of B is not chosen for X: it behaves as an ordinary host.
@@ -256,18 +297,27 @@ fn chosen_bridgehead_of_b_gets_level2_with_as_bridgehead() {
     s.w.hold(&c_host, s.x, &[], 2, false, false);
     let l = s.w.lookup(&chosen_node, s.x);
     assert_eq!(peers(&l.level2), vec![s.a_db.peer, s.c_db.peer]);
-    assert_eq!((l.level2[1].chunks_held, l.level2[1].idc.as_str()), (0, "C"));
+    assert_eq!(
+        (l.level2[1].chunks_held, l.level2[1].idc.as_str()),
+        (0, "C")
+    );
 
     // Without that host, C's bridgehead fetching X is enough to be listed.
     s.w.ix.unpublish(s.c_host.peer, s.x).unwrap();
-    assert_eq!(peers(&s.w.lookup(&chosen_node, s.x).level2), vec![s.a_db.peer]);
+    assert_eq!(
+        peers(&s.w.lookup(&chosen_node, s.x).level2),
+        vec![s.a_db.peer]
+    );
     let c_db = Node {
         peer: s.c_db.peer,
         idc: idc("C"),
         cert: None,
     };
     s.w.hold(&c_db, s.x, &[], 0, false, true);
-    assert_eq!(peers(&s.w.lookup(&chosen_node, s.x).level2), vec![s.a_db.peer, s.c_db.peer]);
+    assert_eq!(
+        peers(&s.w.lookup(&chosen_node, s.x).level2),
+        vec![s.a_db.peer, s.c_db.peer]
+    );
 }
 
 #[test]
@@ -329,7 +379,10 @@ fn dead_bridgehead_is_replaced_by_the_other_certified_one() {
     assert_eq!(peers(&s.w.lookup(&s.b_host, s.x).level1), vec![chosen]);
     s.w.advance(1, &alive_refs);
     assert_eq!(s.w.ix.expire(s.w.now), vec![chosen]);
-    assert!(s.w.ix.expire(s.w.now).is_empty(), "each death is reported once");
+    assert!(
+        s.w.ix.expire(s.w.now).is_empty(),
+        "each death is reported once"
+    );
     assert_eq!(peers(&s.w.lookup(&s.b_host, s.x).level1), vec![other]);
     // It comes back: it is the chosen one again (rendezvous is stable).
     let back = Node {
@@ -370,28 +423,52 @@ fn revoked_bridgehead_is_never_listed_and_cannot_register() {
 
     let admin = s.w.admin_peer();
     assert_eq!(
-        s.w.ix.revoke(s.b_host.peer, chosen_cert.body.serial).unwrap_err().kind,
+        s.w.ix
+            .revoke(s.b_host.peer, chosen_cert.body.serial)
+            .unwrap_err()
+            .kind,
         ErrorKind::Forbidden
     );
     let affected = s.w.ix.revoke(admin, chosen_cert.body.serial).unwrap();
     assert_eq!(affected, vec![chosen_peer]);
-    assert!(s.w.ix.take_changes().contains(&Change::PutRevocation(chosen_cert.body.serial)));
-
-    let l = s.w.lookup(&s.b_host, s.x);
-    assert!(l.level0.is_empty(), "a revoked bridgehead is not listed even as a holder");
-    assert_eq!(peers(&l.level1), vec![other_peer]);
-    assert_eq!(s.w.ix.chosen_bridgehead(&idc("B"), &s.x, s.w.now), Some(other_peer));
-
-    let err = s
+    assert!(s
         .w
         .ix
-        .register(chosen_peer, idc("B"), vec![], Some(chosen_cert), Policy::Bids, s.w.now)
-        .unwrap_err();
+        .take_changes()
+        .contains(&Change::PutRevocation(chosen_cert.body.serial)));
+
+    let l = s.w.lookup(&s.b_host, s.x);
+    assert!(
+        l.level0.is_empty(),
+        "a revoked bridgehead is not listed even as a holder"
+    );
+    assert_eq!(peers(&l.level1), vec![other_peer]);
+    assert_eq!(
+        s.w.ix.chosen_bridgehead(&idc("B"), &s.x, s.w.now),
+        Some(other_peer)
+    );
+
+    let err =
+        s.w.ix
+            .register(
+                chosen_peer,
+                idc("B"),
+                vec![],
+                Some(chosen_cert),
+                Policy::Bids,
+                s.w.now,
+            )
+            .unwrap_err();
     assert_eq!(err.kind, ErrorKind::BadCert);
     assert!(err.message.contains("revoked"), "{}", err.message);
     assert!(s.w.ix.take_changes().is_empty());
     // The admin role is shown in the views too.
-    let view = s.w.ix.hosts(s.w.now).into_iter().find(|h| h.peer == chosen_peer).unwrap();
+    let view =
+        s.w.ix
+            .hosts(s.w.now)
+            .into_iter()
+            .find(|h| h.peer == chosen_peer)
+            .unwrap();
     assert_eq!(view.role, Role::Host);
     assert_eq!(view.cert.unwrap().state, CertState::Revoked);
 }
@@ -407,7 +484,8 @@ fn expired_certificate_stops_a_bridgehead_at_once() {
     // A bridgehead of B whose certificate ends in 5 seconds.
     let peer = Keypair::generate_ed25519().public().to_peer_id();
     let cert = w.cert_for(peer, "B", w.now / 1000 + 5);
-    w.ix.register(peer, idc("B"), vec![], Some(cert), Policy::Bids, w.now).unwrap();
+    w.ix.register(peer, idc("B"), vec![], Some(cert), Policy::Bids, w.now)
+        .unwrap();
     assert_eq!(peers(&w.lookup(&b_host, x).level1), vec![peer]);
     let db = Node {
         peer,
@@ -437,11 +515,17 @@ fn rendezvous_spreads_images_over_bridgeheads() {
             on_second.push(id);
         }
     }
-    assert!(counts.iter().all(|&c| (30..=70).contains(&c)), "uneven spread {counts:?}");
+    assert!(
+        counts.iter().all(|&c| (30..=70).contains(&c)),
+        "uneven spread {counts:?}"
+    );
     // Only the dead one's images move: the survivor keeps its own.
     w.advance(20_000, &[&dbs[1]]);
     for id in on_second {
-        assert_eq!(w.ix.chosen_bridgehead(&idc("B"), &id, w.now), Some(dbs[1].peer));
+        assert_eq!(
+            w.ix.chosen_bridgehead(&idc("B"), &id, w.now),
+            Some(dbs[1].peer)
+        );
     }
 }
 
@@ -459,12 +543,21 @@ fn baseline_lists_holders_of_every_idc_and_no_bridgeheads() {
     w.hold(&a_part, x, &[], 3, false, true);
     w.hold(&b_part, x, &[], 1, false, true);
     let l = w.lookup(&b_host, x);
-    assert_eq!(peers(&l.level0), vec![b_part.peer, a_full.peer, a_part.peer]);
+    assert_eq!(
+        peers(&l.level0),
+        vec![b_part.peer, a_full.peer, a_part.peer]
+    );
     assert!(l.level1.is_empty() && l.level2.is_empty());
     // A baseline GIS refuses a node started for the BIDS policy.
-    let err = w
-        .ix
-        .register(PeerId::random(), idc("A"), vec![], None, Policy::Bids, w.now)
+    let err =
+        w.ix.register(
+            PeerId::random(),
+            idc("A"),
+            vec![],
+            None,
+            Policy::Bids,
+            w.now,
+        )
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::BadRequest);
     assert!(err.message.contains("--policy baseline"), "{}", err.message);
@@ -493,14 +586,19 @@ fn bad_certificates_are_refused_and_nothing_is_stored() {
         ("not the admin's", idc("B"), self_signed, "not by the admin"),
     ];
     for (what, claimed_idc, cert, needle) in cases {
-        let err = w
-            .ix
-            .register(peer, claimed_idc, vec![], Some(cert), Policy::Bids, w.now)
-            .unwrap_err();
+        let err =
+            w.ix.register(peer, claimed_idc, vec![], Some(cert), Policy::Bids, w.now)
+                .unwrap_err();
         assert_eq!(err.kind, ErrorKind::BadCert, "{what}");
         assert!(err.message.contains(needle), "{what}: {}", err.message);
-        assert!(!w.ix.is_registered(&peer), "{what} cert must not register the host");
-        assert!(w.ix.take_changes().is_empty(), "{what} cert must store nothing");
+        assert!(
+            !w.ix.is_registered(&peer),
+            "{what} cert must not register the host"
+        );
+        assert!(
+            w.ix.take_changes().is_empty(),
+            "{what} cert must store nothing"
+        );
         assert!(w.ix.idcs(w.now).is_empty());
     }
     // The good one works.
@@ -517,9 +615,8 @@ fn manifest_not_matching_its_id_is_refused_and_nothing_stored() {
     w.ix.take_changes();
     let (bytes, _) = manifest("img", "1", 4);
     let (_, other_id) = manifest("img", "2", 4);
-    let err = w
-        .ix
-        .publish(
+    let err =
+        w.ix.publish(
             h.peer,
             Holding {
                 image: other_id,
@@ -535,9 +632,8 @@ fn manifest_not_matching_its_id_is_refused_and_nothing_stored() {
     assert!(w.ix.take_changes().is_empty());
     assert!(w.ix.images(w.now).is_empty());
     // Garbage is a bad request, also storing nothing.
-    let err = w
-        .ix
-        .publish(
+    let err =
+        w.ix.publish(
             h.peer,
             Holding {
                 image: other_id,
@@ -556,9 +652,8 @@ fn manifest_not_matching_its_id_is_refused_and_nothing_stored() {
     w.hold(&h, id, &bytes, 4, true, false);
     w.ix.take_changes();
     let (other_bytes, _) = manifest("img", "3", 4);
-    let err = w
-        .ix
-        .publish(
+    let err =
+        w.ix.publish(
             h.peer,
             Holding {
                 image: id,
@@ -587,12 +682,16 @@ fn publish_rules() {
     };
     // Unknown image without a manifest.
     assert_eq!(
-        w.ix.publish(h.peer, hold(1, false), &[], w.now).unwrap_err().kind,
+        w.ix.publish(h.peer, hold(1, false), &[], w.now)
+            .unwrap_err()
+            .kind,
         ErrorKind::UnknownImage
     );
     // More chunks than the image has.
     assert_eq!(
-        w.ix.publish(h.peer, hold(5, false), &bytes, w.now).unwrap_err().kind,
+        w.ix.publish(h.peer, hold(5, false), &bytes, w.now)
+            .unwrap_err()
+            .kind,
         ErrorKind::BadRequest
     );
     w.ix.take_changes();
@@ -612,9 +711,8 @@ fn publish_rules() {
     let mut m = Manifest::from_bytes(&bytes).unwrap();
     m.size -= 1;
     let other = m.to_bytes();
-    let err = w
-        .ix
-        .publish(
+    let err =
+        w.ix.publish(
             h.peer,
             Holding {
                 image: m.id(),
@@ -645,12 +743,18 @@ fn unknown_image_and_unregistered_peer_errors() {
     let q = ImageQuery::Ref("debian:12".parse().unwrap());
     let err = w.ix.lookup(h.peer, &q, w.now).unwrap_err();
     assert_eq!(err.kind, ErrorKind::UnknownImage);
-    assert_eq!(err.message, "image debian:12 is not known to the GIS; publish it first");
+    assert_eq!(
+        err.message,
+        "image debian:12 is not known to the GIS; publish it first"
+    );
     let bad = ImageQuery::Ref(ImageRef {
         name: "a b".into(),
         version: "1".into(),
     });
-    assert_eq!(w.ix.lookup(h.peer, &bad, w.now).unwrap_err().kind, ErrorKind::BadRequest);
+    assert_eq!(
+        w.ix.lookup(h.peer, &bad, w.now).unwrap_err().kind,
+        ErrorKind::BadRequest
+    );
 
     let stranger = PeerId::random();
     for req in [
@@ -690,7 +794,10 @@ fn unknown_image_and_unregistered_peer_errors() {
             ..
         }
     ));
-    match w.ix.handle(w.admin_peer(), GisRequest::Revoke { serial: 1 }, w.now) {
+    match w
+        .ix
+        .handle(w.admin_peer(), GisRequest::Revoke { serial: 1 }, w.now)
+    {
         GisResponse::Ack { revocations } => assert!(revocations.is_revoked(1)),
         other => panic!("{other:?}"),
     }
@@ -718,13 +825,22 @@ fn unknown_image_and_unregistered_peer_errors() {
     }
     let too_many = vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap(); MAX_ADDRS + 1];
     assert_eq!(
-        w.ix.register(stranger, idc("A"), too_many, None, Policy::Bids, w.now).unwrap_err().kind,
+        w.ix.register(stranger, idc("A"), too_many, None, Policy::Bids, w.now)
+            .unwrap_err()
+            .kind,
         ErrorKind::BadRequest
     );
     assert_eq!(
-        w.ix.register(stranger, Idc("no spaces".into()), vec![], None, Policy::Bids, w.now)
-            .unwrap_err()
-            .kind,
+        w.ix.register(
+            stranger,
+            Idc("no spaces".into()),
+            vec![],
+            None,
+            Policy::Bids,
+            w.now
+        )
+        .unwrap_err()
+        .kind,
         ErrorKind::BadRequest
     );
 }
@@ -743,40 +859,66 @@ fn restore_brings_back_records_but_not_liveness() {
     store.commit(&s.w.ix.take_changes()).unwrap();
 
     let restored = Index::restore(s.w.ix.cfg.clone(), store.load().unwrap());
-    assert_eq!(restored.images(s.w.now), s.w.ix.images(s.w.now).into_iter().map(|mut v| {
-        for hs in v.holders.values_mut() {
-            for h in hs {
-                h.alive = false;
-            }
-        }
-        v
-    }).collect::<Vec<_>>());
+    assert_eq!(
+        restored.images(s.w.now),
+        s.w.ix
+            .images(s.w.now)
+            .into_iter()
+            .map(|mut v| {
+                for hs in v.holders.values_mut() {
+                    for h in hs {
+                        h.alive = false;
+                    }
+                }
+                v
+            })
+            .collect::<Vec<_>>()
+    );
     assert_eq!(restored.hosts(s.w.now).len(), 8);
     assert!(restored.hosts(s.w.now).iter().all(|h| !h.alive));
     assert!(restored.revocations().is_revoked(revoked));
     // Nobody is alive, so nobody is chosen or listed, but the image is known.
-    let l = restored.lookup(s.b_host.peer, &ImageQuery::Id(s.x), s.w.now).unwrap();
+    let l = restored
+        .lookup(s.b_host.peer, &ImageQuery::Id(s.x), s.w.now)
+        .unwrap();
     assert!(l.level0.is_empty() && l.level1.is_empty() && l.level2.is_empty());
     // Hosts heartbeating again make the same choices as before.
     let mut restored = restored;
     for n in s.everyone() {
         if n.peer != s.c_host.peer {
-            restored.heartbeat(n.peer, HostStats::default(), s.w.now).unwrap();
+            restored
+                .heartbeat(n.peer, HostStats::default(), s.w.now)
+                .unwrap();
         }
     }
-    assert_eq!(restored.chosen_bridgehead(&idc("B"), &s.x, s.w.now), Some(chosen));
-    let l = restored.lookup(s.b_host.peer, &ImageQuery::Id(s.x), s.w.now).unwrap();
+    assert_eq!(
+        restored.chosen_bridgehead(&idc("B"), &s.x, s.w.now),
+        Some(chosen)
+    );
+    let l = restored
+        .lookup(s.b_host.peer, &ImageQuery::Id(s.x), s.w.now)
+        .unwrap();
     assert_eq!(peers(&l.level1), vec![chosen]);
 }
 
 #[test]
 fn restore_drops_certs_of_another_admin() {
     let mut s = scenario();
-    assert_eq!(s.w.ix.hosts(s.w.now).iter().filter(|h| h.cert.is_some()).count(), 4);
+    assert_eq!(
+        s.w.ix
+            .hosts(s.w.now)
+            .iter()
+            .filter(|h| h.cert.is_some())
+            .count(),
+        4
+    );
     let mut store = MemStorage::new();
     store.commit(&s.w.ix.take_changes()).unwrap();
     let other_admin = Keypair::generate_ed25519().public().to_peer_id();
-    let restored = Index::restore(IndexConfig::new(other_admin, Policy::Bids), store.load().unwrap());
+    let restored = Index::restore(
+        IndexConfig::new(other_admin, Policy::Bids),
+        store.load().unwrap(),
+    );
     assert!(restored.hosts(s.w.now).iter().all(|h| h.cert.is_none()));
 }
 
@@ -796,8 +938,14 @@ fn console_views() {
     let idcs = s.w.ix.idcs(s.w.now);
     let names: Vec<&str> = idcs.iter().map(|i| i.idc.as_str()).collect();
     assert_eq!(names, vec!["A", "B", "C"]);
-    assert_eq!((idcs[0].hosts, idcs[0].live_hosts, idcs[0].bridgeheads), (4, 4, 1));
-    assert_eq!((idcs[1].hosts, idcs[1].bridgeheads, idcs[1].live_bridgeheads), (3, 2, 2));
+    assert_eq!(
+        (idcs[0].hosts, idcs[0].live_hosts, idcs[0].bridgeheads),
+        (4, 4, 1)
+    );
+    assert_eq!(
+        (idcs[1].hosts, idcs[1].bridgeheads, idcs[1].live_bridgeheads),
+        (3, 2, 2)
+    );
     let hosts = s.w.ix.hosts(s.w.now);
     let full = hosts.iter().find(|h| h.peer == s.a_full.peer).unwrap();
     assert_eq!(full.stats.refusals, 3);
@@ -812,7 +960,10 @@ fn console_views() {
     assert!(s.w.ix.forget_image(&s.x));
     assert!(s.w.ix.images(s.w.now).is_empty());
     assert_eq!(
-        s.w.ix.lookup(s.a_host.peer, &ImageQuery::Id(s.x), s.w.now).unwrap_err().kind,
+        s.w.ix
+            .lookup(s.a_host.peer, &ImageQuery::Id(s.x), s.w.now)
+            .unwrap_err()
+            .kind,
         ErrorKind::UnknownImage
     );
 }
@@ -849,7 +1000,10 @@ fn observer_lookup_sees_what_an_ordinary_host_of_that_idc_sees() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(!s.w.ix.is_registered(&stranger), "an observer is not registered by asking");
+    assert!(
+        !s.w.ix.is_registered(&stranger),
+        "an observer is not registered by asking"
+    );
     // A registered host may not pose as a host of another IDC.
     let b_host = s.b_host.peer;
     assert!(matches!(
@@ -859,7 +1013,10 @@ fn observer_lookup_sees_what_an_ordinary_host_of_that_idc_sees() {
             ..
         }
     ));
-    assert!(matches!(ask(&mut s.w, Some("B"), b_host), GisResponse::HostList(_)));
+    assert!(matches!(
+        ask(&mut s.w, Some("B"), b_host),
+        GisResponse::HostList(_)
+    ));
     assert!(matches!(
         ask(&mut s.w, Some("bad idc"), stranger),
         GisResponse::Error {

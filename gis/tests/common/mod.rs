@@ -96,5 +96,8 @@ pub async fn ask(key: &Keypair, addr: &Multiaddr, req: GisRequest) -> GisRespons
 }
 
 pub fn assert_ack(r: &GisResponse) {
-    assert!(matches!(r, GisResponse::Ack { .. }), "expected Ack, got {r:?}");
+    assert!(
+        matches!(r, GisResponse::Ack { .. }),
+        "expected Ack, got {r:?}"
+    );
 }

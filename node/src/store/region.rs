@@ -1,7 +1,8 @@
-//! The file pipe: reads and writes one chunk's region of an image file through a memory
-//! map of just that region, unmapped right after, so memory use never grows with image
-//! size. Blocks are reserved with `fallocate` first so a full disk is a clean error, not
-//! a SIGBUS on a page fault. Which regions to touch is the store's business.
+//! The file pipe: reads one chunk's region of an image file through a memory map of just
+//! that region, unmapped right after, so memory use never grows with image size; writes
+//! a region with `pwrite`, or through such a map when asked (blocks are then reserved with
+//! `fallocate` first, so a full disk is a clean error, not a SIGBUS on a page fault).
+//! Which regions to touch is the store's business.
 
 use super::StoreError;
 use memmap2::MmapOptions;
@@ -49,15 +50,25 @@ fn reserve(file: &File, off: u64, len: usize) -> io::Result<bool> {
     }
 }
 
-/// Writes `data` at `off` of `file` (the image at `path`) through a map of that region.
+/// Writes `data` at `off` of `file` (the image at `path`): with `pwrite`, or through a map
+/// of that region if `through_map`.
+///
+/// `pwrite` is the default of the store because ext4 handles each write fault on a shared
+/// file map page by page (a journal handle per 4 KiB page): measured here, 150–280 MiB/s
+/// through a map against about 2 GiB/s with `pwrite`, on fresh regions of a sparse file.
 pub(crate) fn write_region(
     file: &File,
     path: &Path,
     off: u64,
     data: &[u8],
+    through_map: bool,
 ) -> Result<(), StoreError> {
     if data.is_empty() {
         return Ok(());
+    }
+    if !through_map {
+        // ext4's delayed allocation reserves blocks here: a full disk fails this call.
+        return file.write_all_at(data, off).map_err(|e| io_err(path, e));
     }
     if !reserve(file, off, data.len()).map_err(|e| io_err(path, e))? {
         return file.write_all_at(data, off).map_err(|e| io_err(path, e));
@@ -153,15 +164,24 @@ mod tests {
         let size = 1 << 20;
         file.set_len(size).unwrap();
         let data: Vec<u8> = (0..4096 + 100).map(|i| (i % 251) as u8 + 1).collect();
-        write_region(&file, &path, 8192, &data).unwrap();
+        write_region(&file, &path, 8192, &data, true).unwrap();
         assert_eq!(read_region(&file, &path, 8192, data.len()).unwrap(), data);
+        let other: Vec<u8> = data.iter().map(|b| b ^ 0x55).collect();
+        write_region(&file, &path, 65536 * 4, &other, false).unwrap();
+        assert_eq!(
+            read_region(&file, &path, 65536 * 4, other.len()).unwrap(),
+            other
+        );
         assert_eq!(read_region(&file, &path, 0, 10).unwrap(), vec![0; 10]);
         assert_eq!(with_region(&file, &path, 0, 0, |b| b.len()).unwrap(), 0);
         // The written region is data, what follows is a hole (on file systems that say).
         if let Some((d, h)) = next_data(&file, 0, size) {
             assert!(d <= 8192 && h >= 8192 + data.len() as u64);
             if let Some((d2, _)) = next_data(&file, 65536, size) {
-                assert_eq!(d2, size, "only a hole is left past the data");
+                assert_eq!(d2, 65536 * 4, "a hole lies between the two writes");
+            }
+            if let Some((d3, _)) = next_data(&file, 65536 * 5, size) {
+                assert_eq!(d3, size, "only a hole is left past the data");
             }
         }
     }

@@ -44,10 +44,18 @@ fn marks_become_durable_only_on_commit() {
     let (data, m) = sample();
     let id = m.id();
     store.add_manifest(&m).unwrap();
-    assert!(persisted_bit(&store, &id, 2), "zero chunks are durable at once");
-    assert!(store.write_chunk(&id, 4, &data[4 * 4096..5 * 4096]).unwrap());
+    assert!(
+        persisted_bit(&store, &id, 2),
+        "zero chunks are durable at once"
+    );
+    assert!(store
+        .write_chunk(&id, 4, &data[4 * 4096..5 * 4096])
+        .unwrap());
     assert!(store.has_chunk(&id, 4), "held in memory at once");
-    assert!(!persisted_bit(&store, &id, 4), "not durable before a commit");
+    assert!(
+        !persisted_bit(&store, &id, 4),
+        "not durable before a commit"
+    );
     assert_eq!(lock(&store.inner.pending).len(), 1);
     store.flush().unwrap();
     assert!(persisted_bit(&store, &id, 4));
@@ -122,7 +130,11 @@ fn open_repairs_missing_and_short_files() {
     fs::remove_file(&path).unwrap();
     let store = Store::open(dir.path()).unwrap();
     let missing = store.missing(&id).unwrap();
-    assert_eq!(missing, vec![0, 1, 3, 4, 5, 6, 7], "only the zero chunk survives");
+    assert_eq!(
+        missing,
+        vec![0, 1, 3, 4, 5, 6, 7],
+        "only the zero chunk survives"
+    );
     assert_eq!(fs::metadata(&path).unwrap().len(), m.size);
 }
 
@@ -139,7 +151,10 @@ fn open_removes_orphans() {
     }
     let store = Store::open(dir.path()).unwrap();
     assert!(!tmp.exists() && !orphan.exists());
-    assert!(other.exists(), "files the store did not make are left alone");
+    assert!(
+        other.exists(),
+        "files the store did not make are left alone"
+    );
     drop(store);
 }
 
@@ -184,7 +199,9 @@ fn corrupt_chunk_found_on_export_is_marked_missing() {
     assert_eq!(store.missing(&id).unwrap(), vec![6]);
     assert!(!persisted_bit(&store, &id, 6));
     // Fetching it again repairs the image.
-    assert!(store.write_chunk(&id, 6, &data[6 * 4096..7 * 4096]).unwrap());
+    assert!(store
+        .write_chunk(&id, 6, &data[6 * 4096..7 * 4096])
+        .unwrap());
     assert!(store.verify(&id, &mut |_, _| {}).unwrap().is_empty());
     store.export(&id, &out, &mut |_, _| {}).unwrap();
     assert_eq!(fs::read(&out).unwrap(), data);
@@ -202,10 +219,17 @@ fn scan_skips_holes_of_a_sparse_source() {
     drop(f);
     let src = File::open(&path).unwrap();
     let mut seen = Vec::new();
-    let chunks = scan_source(&src, &path, size, 4096, &mut |_, _| {}, &mut |i, d, info| {
-        seen.push((i, d.len(), info.zero));
-        Ok(())
-    })
+    let chunks = scan_source(
+        &src,
+        &path,
+        size,
+        4096,
+        &mut |_, _| {},
+        &mut |i, d, info| {
+            seen.push((i, d.len(), info.zero));
+            Ok(())
+        },
+    )
     .unwrap();
     assert_eq!(chunks.len(), 65);
     let data: Vec<u32> = (0..65).filter(|&i| !chunks[i as usize].zero).collect();
