@@ -2,6 +2,7 @@
 //! crates together; the logic lives in the library crates.
 
 mod cert_cmd;
+mod demo_cmd;
 mod image_cmd;
 mod keys;
 mod lookup_cmd;
@@ -37,6 +38,8 @@ enum Cmd {
     Image(image_cmd::ImageCmd),
     /// Ask the GIS for an image's hierarchical host list (JSON).
     Lookup(lookup_cmd::LookupArgs),
+    /// Run a local multi-IDC testnet: distribute an image under BIDS and Baseline, print the figures.
+    Demo(demo_cmd::DemoArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -108,6 +111,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Node(a) => node_cmd::run_node(a).await,
         Cmd::Image(c) => image_cmd::run(c).await,
         Cmd::Lookup(a) => lookup_cmd::run(a).await,
+        Cmd::Demo(a) => demo_cmd::run(a).await,
     }
 }
 

@@ -184,7 +184,7 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
         println!("{a}");
     }
     shutdown_signal().await;
-    gis.shutdown().await;
+    gis.shutdown().await?;
     Ok(())
 }
 

@@ -32,6 +32,9 @@ enum Cmd {
         /// Skip the byte-wise rolling search for shifted content.
         #[arg(long)]
         no_rolling: bool,
+        /// Longest literal run searched byte-wise.
+        #[arg(long, default_value_t = 4 << 20)]
+        rolling_max_run: usize,
     },
     /// Rebuild the target from BASE and DELTA into OUT.
     Apply {
@@ -56,11 +59,13 @@ fn main() -> anyhow::Result<()> {
             level,
             block_size,
             no_rolling,
+            rolling_max_run,
         } => {
             let opts = bids_delta::BuildOptions {
                 level,
                 block_size,
                 rolling: !no_rolling,
+                rolling_max_run,
                 ..Default::default()
             };
             let st = bids_delta::build(&from, &to, &out, &opts)

@@ -29,6 +29,9 @@ pub struct BuildOptions {
     /// Byte-by-byte rolling search of literal runs for blocks of A shifted by a
     /// non-multiple of the block size (rsync-style); default on.
     pub rolling: bool,
+    /// Literal runs longer than this are not searched byte-wise (long runs of new bytes
+    /// are new files, where the search costs time and finds nothing); default 4 MiB.
+    pub rolling_max_run: usize,
     /// Uncompressed size of one literal frame, 64 KiB ..= 16 MiB; default 4 MiB.
     pub frame_size: usize,
 }
@@ -39,6 +42,7 @@ impl Default for BuildOptions {
             block_size: 4096,
             level: 3,
             rolling: true,
+            rolling_max_run: 4 << 20,
             frame_size: 4 << 20,
         }
     }
@@ -149,6 +153,7 @@ struct Scanner<'s> {
     poly: &'s PolyHash,
     block_size: usize,
     rolling: bool,
+    rolling_max_run: usize,
 }
 
 impl Scanner<'_> {
@@ -293,7 +298,12 @@ impl Scanner<'_> {
                 }
             }
             if s < e {
-                if self.rolling && e - s >= self.block_size && self.index.len() > 0 {
+                let run = e - s;
+                if self.rolling
+                    && run >= self.block_size
+                    && run <= self.rolling_max_run
+                    && self.index.len() > 0
+                {
                     shifted += self.rolling_search(s, e, &mut out);
                 } else {
                     push_op(
@@ -310,6 +320,22 @@ impl Scanner<'_> {
             }
         }
         (out, shifted)
+    }
+
+    /// The hot loop of the rolling search: slides the window over `w` (whose first
+    /// `block_size` bytes hash to `h`) until the filter lets a position through.
+    /// Returns (window start relative to `w`, its hash), or None at the end of `w`.
+    #[inline]
+    fn next_candidate(&self, mut h: u32, w: &[u8]) -> Option<(usize, u32)> {
+        let bs = self.block_size;
+        let (outs, ins) = (&w[..w.len() - bs], &w[bs..]);
+        for (k, (&o, &i)) in outs.iter().zip(ins).enumerate() {
+            h = self.poly.roll(h, o, i);
+            if self.index.may_contain(h) {
+                return Some((k + 1, h));
+            }
+        }
+        None
     }
 
     /// rsync-style: slide a block-sized window over B[s..e) one byte at a time; where its
@@ -350,11 +376,13 @@ impl Scanner<'_> {
                         continue 'windows;
                     }
                 }
-                if p + bs >= e {
-                    break 'windows;
+                match self.next_candidate(h, &b[p..e]) {
+                    Some((step, h2)) => {
+                        p += step;
+                        h = h2;
+                    }
+                    None => break 'windows,
                 }
-                h = self.poly.roll(h, b[p], b[p + bs]);
-                p += 1;
             }
         }
         push_op(
@@ -630,6 +658,7 @@ pub(crate) fn build_body<W: Write + Send>(
             poly: &poly,
             block_size: bs,
             rolling: opts.rolling,
+            rolling_max_run: opts.rolling_max_run,
         };
         let mut shifted = 0u64;
         let mut seg_start = 0usize;

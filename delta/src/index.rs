@@ -12,9 +12,9 @@ const P: u32 = 0x2545_F493;
 /// bits (top bits of the product depend on every bit of the hash).
 const SLOT_MUL: u32 = 0x9E37_79B9;
 const FILTER_MUL: u32 = 0x85EB_CA6B;
-/// Filter bits per indexed block: about 1/32 of the positions of a rolling search reach
-/// the table.
-const FILTER_BITS_PER_BLOCK: usize = 32;
+/// Filter bits per indexed block: about 1/64 of the positions of a rolling search reach
+/// the table (8 bytes a block: 8 MiB for a 4 GiB base full of data).
+const FILTER_BITS_PER_BLOCK: usize = 64;
 
 /// H(w) = Σ w[i]·P^(n-1-i) mod 2^32 over a window of n bytes. Computing it for a whole
 /// block is a dot product with precomputed powers (vectorised); moving the window by one

@@ -119,7 +119,7 @@ fn sparse_images_stay_sparse() {
         dir.path().join("d"),
         dir.path().join("o"),
     );
-    let size = 256u64 << 20;
+    let size = 64u64 << 20;
     let write_sparse = |p: &Path, parts: &[(u64, Vec<u8>)]| {
         let mut f = File::create(p).unwrap();
         f.set_len(size).unwrap();
@@ -131,7 +131,7 @@ fn sparse_images_stay_sparse() {
     let data1 = noise(7, 1 << 20);
     let data2 = noise(8, 64 << 10);
     write_sparse(&a, &[(10 << 20, data1.clone())]);
-    write_sparse(&b, &[(10 << 20, data1.clone()), (200 << 20, data2.clone())]);
+    write_sparse(&b, &[(10 << 20, data1.clone()), (50 << 20, data2.clone())]);
     let st = build(&a, &b, &d, &BuildOptions::default()).unwrap();
     assert!(st.delta_size < 80 << 10, "{st:?}");
     assert_eq!(st.zero_bytes, size - (1 << 20) - (64 << 10));
@@ -139,11 +139,11 @@ fn sparse_images_stay_sparse() {
     let out = fs::read(&o).unwrap();
     assert_eq!(out.len() as u64, size);
     assert_eq!(&out[10 << 20..(10 << 20) + (1 << 20)], &data1[..]);
-    assert_eq!(&out[200 << 20..(200 << 20) + (64 << 10)], &data2[..]);
+    assert_eq!(&out[50 << 20..(50 << 20) + (64 << 10)], &data2[..]);
     assert_eq!(sha(&out), sha(&fs::read(&b).unwrap()));
-    // Zero runs were not written: far fewer than 256 MiB of blocks are allocated.
+    // Zero runs were not written: far fewer than 64 MiB of blocks are allocated.
     let allocated = fs::metadata(&o).unwrap().blocks() * 512;
-    assert!(allocated < 16 << 20, "output allocates {allocated} bytes");
+    assert!(allocated < 8 << 20, "output allocates {allocated} bytes");
 }
 
 #[test]
@@ -244,15 +244,15 @@ fn flipped_byte_refused() {
 /// must be an error or exactly B, never a panic or another image.
 #[test]
 fn damaged_body_with_valid_checksum_never_yields_wrong_output() {
-    let a = noise(21, 120_000);
+    let a = noise(21, 60_000);
     let mut b = a.clone();
     b[5000..9000].copy_from_slice(&noise(22, 4000));
-    b.splice(60_000..60_000, noise(23, 777));
+    b.splice(30_000..30_000, noise(23, 777));
     b.extend(vec![0u8; 20_000]);
     let d = build_bytes(&a, &b).unwrap();
     let body_end = d.len() - 32;
     for pos in HEADER_LEN..body_end {
-        for mask in [0x01u8, 0x80, 0xff] {
+        for mask in [0x01u8, 0xff] {
             let mut x = d.clone();
             x[pos] ^= mask;
             let sum = Sha256::digest(&x[..body_end]);

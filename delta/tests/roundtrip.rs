@@ -105,14 +105,18 @@ fn small_opts() -> impl Strategy<Value = BuildOptions> {
     (
         prop::sample::select(vec![512usize, 1024, 4096]),
         any::<bool>(),
+        prop::sample::select(vec![8192usize, 4 << 20]),
         1i32..6,
     )
-        .prop_map(|(block_size, rolling, level)| BuildOptions {
-            block_size,
-            rolling,
-            level,
-            frame_size: 64 << 10,
-        })
+        .prop_map(
+            |(block_size, rolling, rolling_max_run, level)| BuildOptions {
+                block_size,
+                rolling,
+                rolling_max_run,
+                level,
+                frame_size: 64 << 10,
+            },
+        )
 }
 
 proptest! {
@@ -131,6 +135,21 @@ proptest! {
     fn roundtrip_default((a, b) in image_pair(40_000)) {
         let d = build_bytes(&a, &b).unwrap();
         prop_assert_eq!(apply_bytes(&a, &d).unwrap(), b);
+    }
+
+    /// Any single damaged byte (header, body or trailer) or any truncation is refused.
+    #[test]
+    fn damaged_or_truncated_delta_refused(
+        (a, b) in image_pair(6000),
+        pos in 0.0f64..1.0,
+        mask in 1u8..=255,
+    ) {
+        let d = build_bytes(&a, &b).unwrap();
+        let i = ((d.len() as f64 * pos) as usize).min(d.len() - 1);
+        let mut bad = d.clone();
+        bad[i] ^= mask;
+        prop_assert!(apply_bytes(&a, &bad).is_err(), "flip {:#x} at {} accepted", mask, i);
+        prop_assert!(apply_bytes(&a, &d[..i]).is_err(), "cut at {} accepted", i);
     }
 
     /// B = A with bytes inserted and deleted at unaligned offsets: correct, and the

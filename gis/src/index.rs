@@ -378,8 +378,9 @@ impl Index {
             GisRequest::Revoke { serial } => self.revoke(peer, serial).map(|_| self.ack()),
         };
         result.unwrap_or_else(|e| {
+            // Asking for an image that is not published yet is routine (tools poll for it).
             if e.kind == ErrorKind::UnknownImage {
-                info!(%peer, "request refused: {}", e.message);
+                debug!(%peer, "request refused: {}", e.message);
             } else {
                 warn!(%peer, kind = ?e.kind, "request refused: {}", e.message);
             }

@@ -1,6 +1,7 @@
 //! Chunk store hot paths, each beside a reference measured in the same run:
 //! - import of a 64 MiB file vs. reading it and hashing it (SHA-256 + MD5) with no store;
-//! - write_chunk (verify + mmap write) of 1 MiB chunks vs. SHA-256 + memcpy;
+//! - write_chunk (verify + pwrite into a fresh sparse file) of 1 MiB chunks vs. SHA-256 +
+//!   memcpy;
 //! - read_chunk of 1 MiB chunks vs. a plain positional read of the same bytes;
 //! - export of a 64 MiB image vs. copying the stored file with std::fs::copy.
 

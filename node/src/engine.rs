@@ -776,6 +776,7 @@ impl Engine {
             if self.may_relay(&peer) {
                 // A bridgehead pulls an image it lacks when its IDC (or a peer bridgehead) asks.
                 self.ensure_download(ImageQuery::Id(req.image), None);
+                debug!(%peer, idx = req.index, "deferring a request for an unknown image");
                 self.waiters.entry((req.image, req.index)).or_default().push((channel, peer));
                 if let Some(d) = self.downloads.get_mut(&req.image) {
                     d.sched.prioritize(req.index);
@@ -795,9 +796,14 @@ impl Engine {
                     self.ensure_download(ImageQuery::Id(req.image), None);
                 }
                 if let Some(d) = self.downloads.get_mut(&req.image) {
-                    d.sched.prioritize(req.index);
-                    self.waiters.entry((req.image, req.index)).or_default().push((channel, peer));
-                    return;
+                    // A remote bridgehead waits only for chunks our own IDC can supply;
+                    // otherwise two fetching IDCs could wait on each other.
+                    if link == Link::Lan || d.sched.lan_available(req.index) {
+                        d.sched.prioritize(req.index);
+                        debug!(%peer, idx = req.index, "deferring a request until the chunk arrives");
+                        self.waiters.entry((req.image, req.index)).or_default().push((channel, peer));
+                        return;
+                    }
                 }
             }
             self.respond(channel, ChunkResponse::NotHeld);
@@ -895,9 +901,15 @@ impl Engine {
                     let _ = itx.blocking_send(Internal::Stored { image, idx, peer, result });
                 });
             }
-            ChunkResponse::NotHeld => d.sched.on_failure(&peer, idx, Failure::NotHeld, now),
+            ChunkResponse::NotHeld => {
+                debug!(%peer, idx, "peer does not hold the chunk");
+                d.sched.on_failure(&peer, idx, Failure::NotHeld, now)
+            }
             ChunkResponse::Busy => d.sched.on_failure(&peer, idx, Failure::Busy, now),
-            ChunkResponse::UnknownImage => d.sched.on_failure(&peer, idx, Failure::UnknownImage, now),
+            ChunkResponse::UnknownImage => {
+                debug!(%peer, idx, "peer does not know the image");
+                d.sched.on_failure(&peer, idx, Failure::UnknownImage, now)
+            }
             ChunkResponse::BadIndex => d.sched.on_failure(&peer, idx, Failure::Refused, now),
             ChunkResponse::Refused(reason) => {
                 warn!(%peer, reason = %truncate(&reason, 200), "peer refused a chunk request");
@@ -930,6 +942,7 @@ impl Engine {
                 let payload = Arc::new((encoding, payload));
                 // Deferred requests for this chunk are answered now (cut-through relay).
                 if let Some(ws) = self.waiters.remove(&(image, idx)) {
+                    debug!(idx, waiters = ws.len(), "answering deferred requests");
                     for (channel, p) in ws {
                         let resp = ChunkResponse::Data { encoding: payload.0, payload: payload.1.clone() };
                         let link = self.link_of(&p).unwrap_or(Link::Lan);
@@ -1282,6 +1295,7 @@ impl Engine {
             let Some((channel, peer, image, resp, link)) = self.upload_queue.pop_front() else { break };
             self.finish_serve(channel, peer, image, resp, link);
         }
+        self.release_stuck_waiters();
         self.drive_downloads(now);
         if now.duration_since(self.last_batch) >= ANNOUNCE_BATCH {
             self.last_batch = now;
@@ -1316,6 +1330,39 @@ impl Engine {
         }
     }
 
+    /// Remote bridgeheads that asked before we knew what our IDC holds are answered NotHeld
+    /// for chunks no LAN peer of ours has (they fetch them elsewhere), so no two bridgeheads
+    /// ever wait on each other.
+    fn release_stuck_waiters(&mut self) {
+        let mut release = Vec::new();
+        for ((image, idx), ws) in &self.waiters {
+            let Some(d) = self.downloads.get(image) else { continue };
+            if d.sched.lan_available(*idx) || d.sched.is_held(*idx) {
+                continue;
+            }
+            for (i, (_, p)) in ws.iter().enumerate() {
+                if self.link_of(p) == Some(Link::Wan) {
+                    release.push(((*image, *idx), i));
+                }
+            }
+        }
+        // Remove from the back so indexes stay valid.
+        let mut answer = Vec::new();
+        for ((image, idx), i) in release.into_iter().rev() {
+            let Some(ws) = self.waiters.get_mut(&(image, idx)) else { continue };
+            if i < ws.len() {
+                answer.push((idx, ws.remove(i)));
+            }
+            if ws.is_empty() {
+                self.waiters.remove(&(image, idx));
+            }
+        }
+        for (idx, (ch, p)) in answer {
+            debug!(peer = %p, idx, "remote bridgehead's request answered NotHeld (not in our IDC)");
+            self.respond(ch, ChunkResponse::NotHeld);
+        }
+    }
+
     fn drive_downloads(&mut self, now: Instant) {
         let ids: Vec<ImageId> = self.downloads.keys().copied().collect();
         for id in ids {
@@ -1330,6 +1377,7 @@ impl Engine {
             if download_ok {
                 let reqs = d.sched.next_requests(now);
                 for (peer, idx) in reqs {
+                    debug!(%peer, idx, "requesting chunk");
                     let rid = self.swarm.behaviour_mut().chunk.send_request(&peer, ChunkRequest { image: id, index: idx });
                     self.inflight.insert(rid, (id, idx, peer));
                 }

@@ -13,9 +13,11 @@
 //!
 //! **Piece selection** is rarest-first over LAN availability (how many usable LAN peers hold
 //! each chunk), ties broken by a per-download random permutation drawn from the seed, so
-//! hosts of one IDC pull different chunks and can trade them. Priority hints (chunks a local
-//! waiter needs) go first, in the order they were given. Each call makes one pass over the
-//! missing chunks (O(chunks + peers)); a call with every slot busy returns at once.
+//! hosts of one IDC pull different chunks and can trade them; availability is told apart up to
+//! 8 holders (more count as equally common). Priority hints (chunks a local waiter needs) go
+//! first, in the order they were given. The wanted chunks are kept as one bitset per
+//! availability level, so a call costs O(chunks / 64) word operations plus the requests it
+//! makes, and a call with every slot busy returns at once.
 //!
 //! **Peer choice**, per chunk, in this order:
 //! 1. a chunk some LAN peer holds goes to the least-loaded such LAN peer with a free slot;
@@ -48,7 +50,7 @@ use libp2p::PeerId;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// LAN availability is tracked exactly up to this many holders; chunks held by more count as
@@ -101,9 +103,9 @@ pub struct SchedulerConfig {
     pub endgame_copies: usize,
     /// First cool-down after `Busy`; doubles with each consecutive `Busy` up to `max_backoff`.
     pub busy_backoff: Duration,
-    /// After `NotHeld` (bridgehead), `Timeout`, `Disconnected` or `Corrupt`, the same peer is
-    /// not asked the same chunk again for this long; after `Timeout`/`Disconnected` the peer
-    /// also cools down for this long.
+    /// After `NotHeld` (bridgehead), `Timeout` or `Disconnected`, the same peer is not asked
+    /// the same chunk again for this long (after `Corrupt`, for `max_backoff`); after
+    /// `Timeout`/`Disconnected` the whole peer also cools down for this long.
     pub retry_backoff: Duration,
     /// Cap of every cool-down.
     pub max_backoff: Duration,
@@ -291,6 +293,9 @@ struct Free {
 }
 
 impl Free {
+    fn is_empty(&self) -> bool {
+        self.lan.is_empty() && self.bridgehead.is_empty() && self.wan.is_empty()
+    }
     fn list(&mut self, kind: SourceKind) -> &mut Vec<usize> {
         match kind {
             SourceKind::Lan => &mut self.lan,
@@ -449,6 +454,13 @@ impl Download {
         }
     }
 
+    /// Some usable LAN peer (same IDC, not a bridgehead) holds chunk `idx`: we can get it
+    /// without crossing the WAN. A bridgehead defers a remote bridgehead's request only then,
+    /// so two IDCs that both fetch an image never wait on each other.
+    pub fn lan_available(&self, idx: u32) -> bool {
+        self.lan_avail.get(idx as usize).is_some_and(|&n| n > 0)
+    }
+
     /// The requests to send now, each marked in flight with its send time.
     pub fn next_requests(&mut self, now: Instant) -> Vec<(PeerId, u32)> {
         let mut out = Vec::new();
@@ -472,18 +484,20 @@ impl Download {
             }
             free.list(p.kind).push(slot);
         }
-        if free.lan.is_empty() && free.bridgehead.is_empty() && free.wan.is_empty() {
+        if free.is_empty() {
             return out;
         }
 
         // 1. Priority hints, oldest first.
         let held = &self.held;
         self.prio_queue.retain(|&i| !held[i as usize]);
-        let hints: Vec<u32> = self.prio_queue.iter().copied().collect();
-        for idx in hints {
+        let mut k = 0;
+        while k < self.prio_queue.len() && !free.is_empty() {
+            let idx = self.prio_queue[k];
             if self.req_count[idx as usize] == 0 {
                 self.assign_fresh(idx, now, &mut free, &mut out);
             }
+            k += 1;
         }
 
         // 2. Rarest level first, to LAN peers only; within a level, random order. Candidates
@@ -533,7 +547,7 @@ impl Download {
             break;
         }
 
-        // 6. Endgame: everything missing is in flight; spare LAN slots duplicate.
+        // 5. Endgame: everything missing is in flight; spare LAN slots duplicate.
         if self.cfg.endgame && self.wanted_count() == 0 && !free.lan.is_empty() {
             let mut chunks: Vec<u32> = self
                 .requests
@@ -542,7 +556,7 @@ impl Download {
                 .filter(|&idx| !self.held[idx as usize])
                 .collect();
             // Only chunks that were already in flight: a request just sent deserves its chance.
-            let just_sent: std::collections::HashSet<u32> = out.iter().map(|&(_, i)| i).collect();
+            let just_sent: HashSet<u32> = out.iter().map(|&(_, i)| i).collect();
             chunks.retain(|idx| !just_sent.contains(idx));
             // Random order again, and one entry per chunk.
             chunks.sort_unstable_by_key(|&idx| self.pos_of[idx as usize]);
@@ -613,8 +627,9 @@ impl Download {
                 let corrupt = self.peers[slot].corrupt;
                 self.pair_backoff
                     .insert((slot, idx), now + self.cfg.max_backoff);
-                if corrupt >= self.cfg.max_failures_before_ban.max(1) && !self.peers[slot].banned {
-                    tracing::warn!(%peer, corrupt, "banning peer from this download after corrupt chunks");
+                let ban_at = self.cfg.max_failures_before_ban.max(1);
+                if corrupt >= ban_at && !self.peers[slot].banned {
+                    tracing::warn!(%peer, corrupt, "banned from this download: corrupt chunks");
                     self.update_peer(slot, |p| p.banned = true);
                     self.release(slot);
                 }
@@ -899,6 +914,7 @@ impl Download {
             self.wan_count[i] -= 1;
         }
         self.peers[slot].inflight -= 1;
+        self.refresh_wanted(idx);
         Some(req)
     }
 
@@ -1019,8 +1035,9 @@ impl Download {
             self.assign(free.bridgehead[pos], idx, now, free, out);
             return true;
         }
-        // The WAN rule: one WAN request per chunk, none for chunks the IDC already has.
-        if self.wan_count[idx as usize] == 0 && self.lan_avail[idx as usize] == 0 {
+        // The WAN rule: only a chunk the IDC lacks, with no request in flight anywhere (so
+        // never two over the WAN, never an endgame copy).
+        if self.req_count[idx as usize] == 0 && self.lan_avail[idx as usize] == 0 {
             if let Some(pos) = self.pick(&free.wan, idx, now, false) {
                 self.assign(free.wan[pos], idx, now, free, out);
                 return true;
@@ -1064,7 +1081,6 @@ impl Download {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashSet;
 
     fn pid(n: u8) -> PeerId {
         libp2p::identity::Keypair::ed25519_from_bytes([n; 32])
@@ -1655,9 +1671,20 @@ mod tests {
             let peers: Vec<PeerId> = (1..=6).map(pid).collect();
             let base = Instant::now();
             let mut t = Duration::ZERO;
-            let kinds = [SourceKind::Lan, SourceKind::LocalBridgehead, SourceKind::RemoteBridgehead];
-            let failures = [Failure::NotHeld, Failure::Corrupt, Failure::Timeout, Failure::Refused,
-                Failure::Busy, Failure::Disconnected, Failure::UnknownImage];
+            let kinds = [
+                SourceKind::Lan,
+                SourceKind::LocalBridgehead,
+                SourceKind::RemoteBridgehead,
+            ];
+            let failures = [
+                Failure::NotHeld,
+                Failure::Corrupt,
+                Failure::Timeout,
+                Failure::Refused,
+                Failure::Busy,
+                Failure::Disconnected,
+                Failure::UnknownImage,
+            ];
             let mut sent: Vec<(PeerId, u32)> = Vec::new();
             for (op, p, a, b) in ops {
                 let peer = peers[p as usize];

@@ -186,6 +186,8 @@ impl Transport for TcpTransport {
     fn dial(
         &mut self,
         addr: Multiaddr,
+        // `DialOpts::port_use` serves NAT hole punching, which BIDS does not do: every dial
+        // gets a fresh port on `bind_ip`.
         _opts: DialOpts,
     ) -> Result<Self::Dial, TransportError<Self::Error>> {
         let target = match multiaddr_to_socketaddr(&addr) {

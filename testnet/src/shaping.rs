@@ -7,7 +7,9 @@
 //! egress, R's IDC WAN ingress and R's LAN downlink, and is delayed by
 //! `delay(IDC L) + delay(IDC R)`; between hosts of one IDC only the two LAN links apply and
 //! there is no delay. Each end shapes its own writes, so both directions are shaped once.
-//! An IP outside the topology (the GIS, say) adds no link and belongs to no WAN.
+//! An IP outside the topology (the GIS, say) adds no link of its own and belongs to no
+//! WAN: its traffic with a host passes only that host's LAN link, undelayed and uncounted.
+//! Rates of 0 mean unlimited.
 
 use bids_node::transport::{BoxedStream, LinkShaper};
 use futures::io::{ReadHalf, WriteHalf};

@@ -1,6 +1,7 @@
 //! Unit tests of the store's internals: durability ordering, crash repair on open, and the
 //! source scanner.
 
+use super::import::scan_source;
 use super::*;
 use bids_protocols::manifest::chunk_info;
 
@@ -205,6 +206,10 @@ fn corrupt_chunk_found_on_export_is_marked_missing() {
     assert!(store.verify(&id, &mut |_, _| {}).unwrap().is_empty());
     store.export(&id, &out, &mut |_, _| {}).unwrap();
     assert_eq!(fs::read(&out).unwrap(), data);
+    // verify() finds damage at rest and marks it missing too.
+    f.write_all_at(b"rot", 4096 + 7).unwrap();
+    assert_eq!(store.verify(&id, &mut |_, _| {}).unwrap(), vec![1]);
+    assert_eq!(store.missing(&id).unwrap(), vec![1]);
 }
 
 #[test]
