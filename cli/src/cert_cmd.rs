@@ -50,12 +50,15 @@ pub enum CertCmd {
 }
 
 pub fn read_cert(path: &std::path::Path) -> Result<BridgeheadCert> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading certificate {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("reading certificate {}", path.display()))?;
     if meta.len() > bids_protocols::cert::MAX_CERT_BYTES as u64 {
         bail!("{} is too large to be a certificate", path.display());
     }
-    let bytes = std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
-    BridgeheadCert::from_bytes(&bytes).with_context(|| format!("{} is not a bridgehead certificate", path.display()))
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
+    BridgeheadCert::from_bytes(&bytes)
+        .with_context(|| format!("{} is not a bridgehead certificate", path.display()))
 }
 
 fn parse_rfc3339(s: &str) -> Result<i64> {
@@ -65,16 +68,21 @@ fn parse_rfc3339(s: &str) -> Result<i64> {
 }
 
 fn read_revocations(path: &std::path::Path) -> Result<Revocations> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading revocation list {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading revocation list {}", path.display()))?;
     let mut r = Revocations::default();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let serial: u64 = line
-            .parse()
-            .with_context(|| format!("{}:{}: {line:?} is not a serial number", path.display(), n + 1))?;
+        let serial: u64 = line.parse().with_context(|| {
+            format!(
+                "{}:{}: {line:?} is not a serial number",
+                path.display(),
+                n + 1
+            )
+        })?;
         r.serials.insert(serial);
     }
     Ok(r)
@@ -82,7 +90,15 @@ fn read_revocations(path: &std::path::Path) -> Result<Revocations> {
 
 pub fn run(cmd: CertCmd) -> Result<()> {
     match cmd {
-        CertCmd::Issue { admin_key, peer, idc, db_id, days, not_after, out } => {
+        CertCmd::Issue {
+            admin_key,
+            peer,
+            idc,
+            db_id,
+            days,
+            not_after,
+            out,
+        } => {
             let admin = keys::load(&admin_key)?;
             let peer = keys::parse_peer(&peer)?;
             let idc = Idc::new(&idc).map_err(anyhow::Error::msg)?;
@@ -108,11 +124,18 @@ pub fn run(cmd: CertCmd) -> Result<()> {
                 issuer: peer,
             };
             let cert = BridgeheadCert::issue(&admin, body).map_err(anyhow::Error::msg)?;
-            std::fs::write(&out, cert.to_bytes()).with_context(|| format!("writing {}", out.display()))?;
+            std::fs::write(&out, cert.to_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
             eprint!("{}", cert.describe());
             Ok(())
         }
-        CertCmd::Verify { file, admin_peer, peer, idc, revoked } => {
+        CertCmd::Verify {
+            file,
+            admin_peer,
+            peer,
+            idc,
+            revoked,
+        } => {
             let cert = read_cert(&file)?;
             let admin = keys::parse_peer(&admin_peer)?;
             let revs = match revoked {
@@ -132,7 +155,10 @@ pub fn run(cmd: CertCmd) -> Result<()> {
                 let idc = Idc::new(&i).map_err(anyhow::Error::msg)?;
                 cert.verify_for(&admin, &cert.body.peer, &idc, now, &revs)?;
             }
-            println!("valid: bridgehead {} of IDC {} (db id {}, serial {})", cert.body.peer, cert.body.idc, cert.body.db_id, cert.body.serial);
+            println!(
+                "valid: bridgehead {} of IDC {} (db id {}, serial {})",
+                cert.body.peer, cert.body.idc, cert.body.db_id, cert.body.serial
+            );
             Ok(())
         }
         CertCmd::Show { file } => {

@@ -111,17 +111,40 @@ fn human(n: u64) -> String {
 
 pub async fn run(cmd: ImageCmd) -> Result<()> {
     match cmd {
-        ImageCmd::Add { file, name, version, store, chunk_size, base } => {
+        ImageCmd::Add {
+            file,
+            name,
+            version,
+            store,
+            chunk_size,
+            base,
+        } => {
             let image = ImageRef::new(&name, &version).map_err(anyhow::Error::msg)?;
             let base = base.as_deref().map(image_ref).transpose()?;
             let chunk_size = u32::try_from(chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE as u64))
                 .context("--chunk-size is too large")?;
-            let file = std::fs::canonicalize(&file).with_context(|| format!("reading {}", file.display()))?;
+            let file = std::fs::canonicalize(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             if control::node_running(&store).await {
-                let replies = via_node(&store, ControlRequest::Add { file, image, chunk_size, base }).await?;
+                let replies = via_node(
+                    &store,
+                    ControlRequest::Add {
+                        file,
+                        image,
+                        chunk_size,
+                        base,
+                    },
+                )
+                .await?;
                 fail_on_error(&replies)?;
                 for r in replies {
-                    if let ControlReply::Added { id, image, size, chunks } = r {
+                    if let ControlReply::Added {
+                        id,
+                        image,
+                        size,
+                        chunks,
+                    } = r
+                    {
                         println!("{image} {id} {size} bytes, {chunks} chunks (published by the running node)");
                     }
                 }
@@ -131,32 +154,63 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
             let total = std::fs::metadata(&file)?.len();
             let mut p = Progress::new(&format!("importing {image}"), total, true);
             let m = tokio::task::block_in_place(|| {
-                s.import(&file, &image, chunk_size, base, ObjectKind::Image, &mut |d, t| p.set(d, t))
+                s.import(
+                    &file,
+                    &image,
+                    chunk_size,
+                    base,
+                    ObjectKind::Image,
+                    &mut |d, t| p.set(d, t),
+                )
             })?;
             p.finish();
-            println!("{} {} {} bytes, {} chunks ({} all-zero)", m.image_ref(), m.id(), m.size, m.chunk_count(), m.chunk_count() - m.data_chunks());
+            println!(
+                "{} {} {} bytes, {} chunks ({} all-zero)",
+                m.image_ref(),
+                m.id(),
+                m.size,
+                m.chunk_count(),
+                m.chunk_count() - m.data_chunks()
+            );
             Ok(())
         }
         ImageCmd::Ls { store, json } => {
-            let rows: Vec<(String, String, String, u64, u32, u32)> = if control::node_running(&store).await {
-                let replies = via_node(&store, ControlRequest::Status).await?;
-                fail_on_error(&replies)?;
-                let mut rows = Vec::new();
-                for r in replies {
-                    if let ControlReply::Status(s) = r {
-                        for i in s.images {
-                            rows.push((i.image.name, i.image.version, i.id.to_hex(), i.size, i.held, i.total));
+            let rows: Vec<(String, String, String, u64, u32, u32)> =
+                if control::node_running(&store).await {
+                    let replies = via_node(&store, ControlRequest::Status).await?;
+                    fail_on_error(&replies)?;
+                    let mut rows = Vec::new();
+                    for r in replies {
+                        if let ControlReply::Status(s) = r {
+                            for i in s.images {
+                                rows.push((
+                                    i.image.name,
+                                    i.image.version,
+                                    i.id.to_hex(),
+                                    i.size,
+                                    i.held,
+                                    i.total,
+                                ));
+                            }
                         }
                     }
-                }
-                rows
-            } else {
-                open_store(&store)?
-                    .list()
-                    .into_iter()
-                    .map(|i| (i.image.name, i.image.version, i.id.to_hex(), i.size, i.held, i.total))
-                    .collect()
-            };
+                    rows
+                } else {
+                    open_store(&store)?
+                        .list()
+                        .into_iter()
+                        .map(|i| {
+                            (
+                                i.image.name,
+                                i.image.version,
+                                i.id.to_hex(),
+                                i.size,
+                                i.held,
+                                i.total,
+                            )
+                        })
+                        .collect()
+                };
             if json {
                 let v: Vec<serde_json::Value> = rows
                     .iter()
@@ -166,9 +220,17 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<20} {:<12} {:<16} {:>12} {:>15}", "NAME", "VERSION", "ID", "SIZE", "CHUNKS");
+                println!(
+                    "{:<20} {:<12} {:<16} {:>12} {:>15}",
+                    "NAME", "VERSION", "ID", "SIZE", "CHUNKS"
+                );
                 for (n, v, id, size, held, total) in rows {
-                    println!("{n:<20} {v:<12} {:<16} {:>12} {:>15}", &id[..12], human(size), format!("{held}/{total}"));
+                    println!(
+                        "{n:<20} {v:<12} {:<16} {:>12} {:>15}",
+                        &id[..12],
+                        human(size),
+                        format!("{held}/{total}")
+                    );
                 }
             }
             Ok(())
@@ -181,7 +243,9 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 return Ok(());
             }
             let s = open_store(&store)?;
-            let id = s.resolve(&image).with_context(|| format!("image {image} is not in store {}", store.display()))?;
+            let id = s
+                .resolve(&image)
+                .with_context(|| format!("image {image} is not in store {}", store.display()))?;
             let mut p = Progress::new(&format!("exporting {image}"), 0, true);
             tokio::task::block_in_place(|| s.export(&id, &out, &mut |d, t| p.set(d, t)))?;
             p.finish();
@@ -191,10 +255,15 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
             let image = image_ref(&image)?;
             if !control::node_running(&store).await {
                 let s = open_store(&store)?;
-                let id = s.resolve(&image).with_context(|| format!("image {image} is not in store {}", store.display()))?;
+                let id = s.resolve(&image).with_context(|| {
+                    format!("image {image} is not in store {}", store.display())
+                })?;
                 let st = s.status(&id).context("image vanished")?;
                 if json {
-                    println!("{}", serde_json::json!({"image": image.to_string(), "id": id.to_hex(), "held": st.held, "total": st.total, "complete": st.complete, "node_running": false}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"image": image.to_string(), "id": id.to_hex(), "held": st.held, "total": st.total, "complete": st.complete, "node_running": false})
+                    );
                 } else {
                     println!("{image} {id}\n  chunks: {}/{}{}\n  (no node runs on this store: no transfer counters)", st.held, st.total, if st.complete { " complete" } else { "" });
                 }
@@ -212,11 +281,32 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                     } else {
                         let c = &i.counters;
                         println!("{} {}", i.image, i.id);
-                        println!("  chunks:   {}/{}{}{}", i.held, i.total, if i.complete { " complete" } else { "" }, if i.fetching { " (fetching)" } else { "" });
-                        println!("  LAN:      received {} in {} chunks, sent {} in {} chunks", human(c.lan_recv_bytes), c.lan_recv_chunks, human(c.lan_sent_bytes), c.lan_sent_chunks);
-                        println!("  WAN:      received {} in {} chunks, sent {} in {} chunks", human(c.wan_recv_bytes), c.wan_recv_chunks, human(c.wan_sent_bytes), c.wan_sent_chunks);
+                        println!(
+                            "  chunks:   {}/{}{}{}",
+                            i.held,
+                            i.total,
+                            if i.complete { " complete" } else { "" },
+                            if i.fetching { " (fetching)" } else { "" }
+                        );
+                        println!(
+                            "  LAN:      received {} in {} chunks, sent {} in {} chunks",
+                            human(c.lan_recv_bytes),
+                            c.lan_recv_chunks,
+                            human(c.lan_sent_bytes),
+                            c.lan_sent_chunks
+                        );
+                        println!(
+                            "  WAN:      received {} in {} chunks, sent {} in {} chunks",
+                            human(c.wan_recv_bytes),
+                            c.wan_recv_chunks,
+                            human(c.wan_sent_bytes),
+                            c.wan_sent_chunks
+                        );
                         println!("  bad chunks received: {}", c.bad_chunks);
-                        println!("  node: {} IDC {} role {} refusals {}", s.peer, s.idc, s.role, s.refusals);
+                        println!(
+                            "  node: {} IDC {} role {} refusals {}",
+                            s.peer, s.idc, s.role, s.refusals
+                        );
                     }
                 }
             }
@@ -225,22 +315,34 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
         ImageCmd::Fetch { image, store, out } => {
             let image = image_ref(&image)?;
             if !control::node_running(&store).await {
-                bail!("no node runs on store {}; start one with `bids node --store {} …`", store.display(), store.display());
+                bail!(
+                    "no node runs on store {}; start one with `bids node --store {} …`",
+                    store.display(),
+                    store.display()
+                );
             }
             let mut p: Option<Progress> = None;
             let mut result: Option<Result<f64, String>> = None;
             let mut err = None;
-            control::request(&store, &ControlRequest::Fetch { image: image.clone() }, |r| match r {
-                ControlReply::Progress(pr) => {
-                    let bar = p.get_or_insert_with(|| Progress::new(&format!("fetching {image}"), pr.total as u64, false));
-                    bar.set(pr.held as u64, pr.total as u64);
-                    if let Some(d) = pr.done {
-                        result = Some(d);
+            control::request(
+                &store,
+                &ControlRequest::Fetch {
+                    image: image.clone(),
+                },
+                |r| match r {
+                    ControlReply::Progress(pr) => {
+                        let bar = p.get_or_insert_with(|| {
+                            Progress::new(&format!("fetching {image}"), pr.total as u64, false)
+                        });
+                        bar.set(pr.held as u64, pr.total as u64);
+                        if let Some(d) = pr.done {
+                            result = Some(d);
+                        }
                     }
-                }
-                ControlReply::Error(e) => err = Some(e),
-                _ => {}
-            })
+                    ControlReply::Error(e) => err = Some(e),
+                    _ => {}
+                },
+            )
             .await
             .with_context(|| format!("talking to the node on {}", store.display()))?;
             if let Some(p) = &p {
@@ -266,7 +368,9 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 return fail_on_error(&via_node(&store, ControlRequest::Remove { image }).await?);
             }
             let s = open_store(&store)?;
-            let id = s.resolve(&image).with_context(|| format!("image {image} is not in store {}", store.display()))?;
+            let id = s
+                .resolve(&image)
+                .with_context(|| format!("image {image} is not in store {}", store.display()))?;
             s.remove(&id)?;
             Ok(())
         }

@@ -11,9 +11,14 @@ const MAX_KEY_FILE: u64 = 4096;
 
 pub fn generate(out: &Path) -> Result<Keypair> {
     let key = Keypair::generate_ed25519();
-    let bytes = key.to_protobuf_encoding().context("encoding the new keypair")?;
+    let bytes = key
+        .to_protobuf_encoding()
+        .context("encoding the new keypair")?;
     if out.exists() {
-        bail!("{} already exists; refusing to overwrite a key (remove it first)", out.display());
+        bail!(
+            "{} already exists; refusing to overwrite a key (remove it first)",
+            out.display()
+        );
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -28,19 +33,33 @@ pub fn generate(out: &Path) -> Result<Keypair> {
 }
 
 pub fn load(path: &Path) -> Result<Keypair> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading key file {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("reading key file {}", path.display()))?;
     if meta.len() > MAX_KEY_FILE {
-        bail!("{} is {} bytes, too large to be a key file", path.display(), meta.len());
+        bail!(
+            "{} is {} bytes, too large to be a key file",
+            path.display(),
+            meta.len()
+        );
     }
-    let bytes = std::fs::read(path).with_context(|| format!("reading key file {}", path.display()))?;
-    let key = Keypair::from_protobuf_encoding(&bytes)
-        .with_context(|| format!("{} is not a libp2p keypair (make one with `bids key gen`)", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading key file {}", path.display()))?;
+    let key = Keypair::from_protobuf_encoding(&bytes).with_context(|| {
+        format!(
+            "{} is not a libp2p keypair (make one with `bids key gen`)",
+            path.display()
+        )
+    })?;
     if key.clone().try_into_ed25519().is_err() {
-        bail!("{} holds a non-ed25519 key; BIDS needs ed25519 (`bids key gen`)", path.display());
+        bail!(
+            "{} holds a non-ed25519 key; BIDS needs ed25519 (`bids key gen`)",
+            path.display()
+        );
     }
     Ok(key)
 }
 
 pub fn parse_peer(s: &str) -> Result<PeerId> {
-    s.parse::<PeerId>().with_context(|| format!("{s:?} is not a peer id (see `bids key peer-id FILE`)"))
+    s.parse::<PeerId>()
+        .with_context(|| format!("{s:?} is not a peer id (see `bids key peer-id FILE`)"))
 }

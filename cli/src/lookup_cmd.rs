@@ -44,7 +44,10 @@ pub async fn run(a: LookupArgs) -> Result<()> {
         Some(k) => keys::load(k)?,
         None => libp2p::identity::Keypair::generate_ed25519(),
     };
-    let req = GisRequest::Lookup { image: ImageQuery::Ref(image.clone()), idc: Some(idc) };
+    let req = GisRequest::Lookup {
+        image: ImageQuery::Ref(image.clone()),
+        idc: Some(idc),
+    };
     let resp = bids_gis::client::request_once(key, gis, req, Duration::from_secs(15)).await?;
     match resp {
         GisResponse::HostList(l) => {

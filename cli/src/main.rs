@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "bids", version, about = "Bridgehead-employed VM image distribution")]
+#[command(
+    name = "bids",
+    version,
+    about = "Bridgehead-employed VM image distribution"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -56,14 +60,20 @@ enum KeyCmd {
 /// Parses a size with an optional KiB/MiB/GiB (or K/M/G) suffix.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" | "kb" => 1 << 10,
         "m" | "mib" | "mb" => 1 << 20,
         "g" | "gib" | "gb" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} in {s:?} (use KiB, MiB or GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use KiB, MiB or GiB)"
+            ))
+        }
     };
     let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
     if !(v >= 0.0 && v.is_finite()) {
@@ -74,15 +84,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,bids=info,bids_node=info,bids_gis=info,bids_rmc=info")
+        tracing_subscriber::EnvFilter::new(
+            "warn,bids=info,bids_node=info,bids_gis=info,bids_rmc=info",
+        )
     });
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() {
     init_logging();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -80,14 +80,24 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     )?;
     let key = keys::load(&settings::required(st.key, "key", "--key")?)?;
     let idc = Idc::new(&settings::required(st.idc, "idc", "--idc")?).map_err(anyhow::Error::msg)?;
-    let gis: Multiaddr = settings::required(st.gis, "gis", "--gis")?.parse().context("--gis is not a multiaddr")?;
+    let gis: Multiaddr = settings::required(st.gis, "gis", "--gis")?
+        .parse()
+        .context("--gis is not a multiaddr")?;
     let store = settings::required(st.store, "store", "--store")?;
-    let admin = keys::parse_peer(&settings::required(st.admin_peer, "admin_peer", "--admin-peer")?)?;
+    let admin = keys::parse_peer(&settings::required(
+        st.admin_peer,
+        "admin_peer",
+        "--admin-peer",
+    )?)?;
     let mut cfg = bids_node::NodeConfig::new(key, idc, gis, store, admin);
     if let Some(l) = st.listen {
         cfg.listen = l
             .split(',')
-            .map(|x| x.trim().parse::<Multiaddr>().with_context(|| format!("listen address {x:?}")))
+            .map(|x| {
+                x.trim()
+                    .parse::<Multiaddr>()
+                    .with_context(|| format!("listen address {x:?}"))
+            })
             .collect::<Result<_>>()?;
     }
     if let Some(e) = st.external_addr {
@@ -169,8 +179,17 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
         .parse()
         .context("--listen is not a multiaddr")?;
     let data_dir = settings::required(st.data, "data", "--data")?;
-    let admin_peer = keys::parse_peer(&settings::required(st.admin_peer, "admin_peer", "--admin-peer")?)?;
-    let policy = st.policy.as_deref().unwrap_or("bids").parse::<Policy>().map_err(anyhow::Error::msg)?;
+    let admin_peer = keys::parse_peer(&settings::required(
+        st.admin_peer,
+        "admin_peer",
+        "--admin-peer",
+    )?)?;
+    let policy = st
+        .policy
+        .as_deref()
+        .unwrap_or("bids")
+        .parse::<Policy>()
+        .map_err(anyhow::Error::msg)?;
     let cfg = bids_gis::server::GisConfig {
         keypair,
         listen,

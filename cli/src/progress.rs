@@ -26,7 +26,12 @@ impl Progress {
             pb.set_message(what.to_string());
             pb
         });
-        Progress { bar, what: what.to_string(), last_line: Instant::now(), last_pct: 0 }
+        Progress {
+            bar,
+            what: what.to_string(),
+            last_line: Instant::now(),
+            last_pct: 0,
+        }
     }
 
     pub fn set(&mut self, done: u64, total: u64) {
@@ -37,7 +42,9 @@ impl Progress {
             }
             None => {
                 let pct = if total == 0 { 100 } else { done * 100 / total };
-                if pct >= self.last_pct + 10 || (self.last_line.elapsed() > Duration::from_secs(2) && pct != self.last_pct) {
+                if pct >= self.last_pct + 10
+                    || (self.last_line.elapsed() > Duration::from_secs(2) && pct != self.last_pct)
+                {
                     eprintln!("{}: {done}/{total} ({pct}%)", self.what);
                     self.last_pct = pct;
                     self.last_line = Instant::now();

@@ -6,7 +6,10 @@ use serde::de::DeserializeOwned;
 use std::path::Path;
 
 /// Merges the layers into `T`. `flags` are (key, value) pairs of the flags actually given.
-pub fn load<T: DeserializeOwned>(file: Option<&Path>, flags: &[(&str, Option<String>)]) -> Result<T> {
+pub fn load<T: DeserializeOwned>(
+    file: Option<&Path>,
+    flags: &[(&str, Option<String>)],
+) -> Result<T> {
     let mut b = config::Config::builder();
     if let Some(f) = file {
         if !f.exists() {
@@ -17,11 +20,14 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>, flags: &[(&str, Option<Str
     b = b.add_source(config::Environment::with_prefix("BIDS").try_parsing(true));
     for (k, v) in flags {
         if let Some(v) = v {
-            b = b.set_override(*k, v.clone()).with_context(|| format!("setting {k}"))?;
+            b = b
+                .set_override(*k, v.clone())
+                .with_context(|| format!("setting {k}"))?;
         }
     }
     let c = b.build().context("reading configuration")?;
-    c.try_deserialize::<T>().context("invalid configuration (file, BIDS_ environment or flags)")
+    c.try_deserialize::<T>()
+        .context("invalid configuration (file, BIDS_ environment or flags)")
 }
 
 /// Turns a missing required setting into a clear error.
@@ -55,6 +61,9 @@ mod tests {
         assert_eq!(t.idc.as_deref(), Some("B"));
         assert_eq!(t.store.as_deref(), Some("/s"));
         assert_eq!(t.heartbeat_secs, Some(3));
-        assert!(required::<u8>(None, "idc", "--idc").unwrap_err().to_string().contains("BIDS_IDC"));
+        assert!(required::<u8>(None, "idc", "--idc")
+            .unwrap_err()
+            .to_string()
+            .contains("BIDS_IDC"));
     }
 }

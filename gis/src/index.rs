@@ -790,6 +790,7 @@ impl Index {
             addrs: h.rec.addrs.clone(),
             chunks_held: holding.map_or(0, |x| x.chunks_held),
             complete: holding.is_some_and(|x| x.complete),
+            idc_complete: false,
         }
     }
 
@@ -964,11 +965,9 @@ impl Index {
                 continue;
             }
             if let Some(h) = self.hosts.get(&db) {
-                found.push((
-                    complete,
-                    most.unwrap_or(0),
-                    self.entry(h, db_holding, now_ms),
-                ));
+                let mut e = self.entry(h, db_holding, now_ms);
+                e.idc_complete = complete;
+                found.push((complete, most.unwrap_or(0), e));
             }
         }
         found.sort_by(|a, b| {

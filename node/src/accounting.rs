@@ -70,7 +70,11 @@ impl Accounting {
     }
 
     pub fn snapshot(&self) -> HostStats {
-        HostStats { total: self.total, images: self.images.clone(), refusals: self.refusals }
+        HostStats {
+            total: self.total,
+            images: self.images.clone(),
+            refusals: self.refusals,
+        }
     }
 }
 

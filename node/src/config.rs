@@ -45,7 +45,13 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// A configuration with defaults for everything but identity, IDC, GIS, store and admin.
-    pub fn new(keypair: Keypair, idc: Idc, gis: Multiaddr, store_dir: PathBuf, admin_peer: PeerId) -> Self {
+    pub fn new(
+        keypair: Keypair,
+        idc: Idc,
+        gis: Multiaddr,
+        store_dir: PathBuf,
+        admin_peer: PeerId,
+    ) -> Self {
         NodeConfig {
             keypair,
             idc,
@@ -84,8 +90,14 @@ impl NodeConfig {
         self.gis_peer()?;
         if let Some(c) = &self.cert {
             let me = self.keypair.public().to_peer_id();
-            c.verify_for(&self.admin_peer, &me, &self.idc, bids_protocols::unix_now(), &Default::default())
-                .map_err(|e| format!("this node's bridgehead certificate is not usable: {e}"))?;
+            c.verify_for(
+                &self.admin_peer,
+                &me,
+                &self.idc,
+                bids_protocols::unix_now(),
+                &Default::default(),
+            )
+            .map_err(|e| format!("this node's bridgehead certificate is not usable: {e}"))?;
         }
         if self.listen.is_empty() {
             return Err("at least one listen address is needed".into());

@@ -17,17 +17,34 @@ const MAX_LINE: u64 = 64 * 1024;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ControlRequest {
     Status,
-    Fetch { image: ImageRef },
-    Add { file: PathBuf, image: ImageRef, chunk_size: u32, base: Option<ImageRef> },
-    Export { image: ImageRef, out: PathBuf },
-    Remove { image: ImageRef },
+    Fetch {
+        image: ImageRef,
+    },
+    Add {
+        file: PathBuf,
+        image: ImageRef,
+        chunk_size: u32,
+        base: Option<ImageRef>,
+    },
+    Export {
+        image: ImageRef,
+        out: PathBuf,
+    },
+    Remove {
+        image: ImageRef,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ControlReply {
     Status(Box<NodeStatus>),
     Progress(FetchProgress),
-    Added { id: ImageId, image: ImageRef, size: u64, chunks: u32 },
+    Added {
+        id: ImageId,
+        image: ImageRef,
+        size: u64,
+        chunks: u32,
+    },
     Done,
     Error(String),
 }
@@ -64,7 +81,10 @@ pub async fn serve(node: NodeHandle) -> std::io::Result<()> {
     }
 }
 
-async fn write_reply(w: &mut (impl AsyncWriteExt + Unpin), r: &ControlReply) -> std::io::Result<()> {
+async fn write_reply(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    r: &ControlReply,
+) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
@@ -79,7 +99,11 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "malformed control request");
-            return write_reply(&mut w, &ControlReply::Error(format!("malformed request: {e}"))).await;
+            return write_reply(
+                &mut w,
+                &ControlReply::Error(format!("malformed request: {e}")),
+            )
+            .await;
         }
     };
     match req {
@@ -106,10 +130,22 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
-        ControlRequest::Add { file, image, chunk_size, base } => {
+        ControlRequest::Add {
+            file,
+            image,
+            chunk_size,
+            base,
+        } => {
             let store = node.store().clone();
             let res = tokio::task::spawn_blocking(move || {
-                store.import(&file, &image, chunk_size, base, ObjectKind::Image, &mut |_, _| {})
+                store.import(
+                    &file,
+                    &image,
+                    chunk_size,
+                    base,
+                    ObjectKind::Image,
+                    &mut |_, _| {},
+                )
             })
             .await
             .map_err(std::io::Error::other)?;
@@ -119,7 +155,12 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
                     let _ = node.imported(id).await;
                     write_reply(
                         &mut w,
-                        &ControlReply::Added { id, image: m.image_ref(), size: m.size, chunks: m.chunk_count() },
+                        &ControlReply::Added {
+                            id,
+                            image: m.image_ref(),
+                            size: m.size,
+                            chunks: m.chunk_count(),
+                        },
                     )
                     .await
                 }
@@ -129,7 +170,11 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
         ControlRequest::Export { image, out } => {
             let store = node.store().clone();
             let Some(id) = store.resolve(&image) else {
-                return write_reply(&mut w, &ControlReply::Error(format!("image {image} is not in this store"))).await;
+                return write_reply(
+                    &mut w,
+                    &ControlReply::Error(format!("image {image} is not in this store")),
+                )
+                .await;
             };
             let res = tokio::task::spawn_blocking(move || store.export(&id, &out, &mut |_, _| {}))
                 .await
@@ -142,9 +187,15 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
         ControlRequest::Remove { image } => {
             let store = node.store().clone();
             let Some(id) = store.resolve(&image) else {
-                return write_reply(&mut w, &ControlReply::Error(format!("image {image} is not in this store"))).await;
+                return write_reply(
+                    &mut w,
+                    &ControlReply::Error(format!("image {image} is not in this store")),
+                )
+                .await;
             };
-            let res = tokio::task::spawn_blocking(move || store.remove(&id)).await.map_err(std::io::Error::other)?;
+            let res = tokio::task::spawn_blocking(move || store.remove(&id))
+                .await
+                .map_err(std::io::Error::other)?;
             match res {
                 Ok(()) => {
                     let _ = node.removed(id).await;
@@ -169,8 +220,12 @@ pub async fn request(
     w.write_all(&line).await?;
     let mut lines = BufReader::new(r).lines();
     while let Some(l) = lines.next_line().await? {
-        let reply: ControlReply = serde_json::from_str(&l)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad reply from node: {e}")))?;
+        let reply: ControlReply = serde_json::from_str(&l).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad reply from node: {e}"),
+            )
+        })?;
         on_reply(reply);
     }
     Ok(())

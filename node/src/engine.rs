@@ -14,7 +14,8 @@ use crate::transport::{self, TransportOptions};
 use bids_protocols::cert::Revocations;
 use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse, Encoding};
 use bids_protocols::gis::{
-    self as gisp, Counters, ErrorKind, GisRequest, GisResponse, Holding, HostEntry, HostList, ImageQuery,
+    self as gisp, Counters, ErrorKind, GisRequest, GisResponse, Holding, HostEntry, HostList,
+    ImageQuery,
 };
 use bids_protocols::gossip::{self, Announcement, Have};
 use bids_protocols::hello::{self, Hello, HelloReply};
@@ -44,6 +45,9 @@ const PUBLISH_PROGRESS: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Chunk reads or writes in flight on the blocking pool before we answer Busy.
 const MAX_SERVING: usize = 256;
+/// The topic on which bridgeheads of all IDCs announce what they hold, so fetching IDCs can
+/// trade chunks among themselves instead of each pulling everything from the origin.
+const BRIDGEHEAD_TOPIC: &str = "bids/bridgeheads/chunks";
 /// Encoded payloads kept for cut-through relay (a bridgehead serves one chunk to many hosts).
 const RELAY_CACHE: usize = 16;
 
@@ -103,21 +107,47 @@ pub struct NodeStatus {
 
 /// Requests to the event loop.
 pub(crate) enum Command {
-    Fetch { image: ImageQuery, reply: oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>> },
-    Status { reply: oneshot::Sender<NodeStatus> },
+    Fetch {
+        image: ImageQuery,
+        reply: oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>,
+    },
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
     /// The store gained a complete image (imported through the control socket): publish it.
-    Imported { id: ImageId },
+    Imported {
+        id: ImageId,
+    },
     /// An image was removed from the store: tell the GIS.
-    Removed { id: ImageId },
-    SetLimits { upload_bps: u64, download_bps: u64 },
-    SetSharing { enabled: bool },
-    Shutdown { reply: oneshot::Sender<()> },
+    Removed {
+        id: ImageId,
+    },
+    SetLimits {
+        upload_bps: u64,
+        download_bps: u64,
+    },
+    SetSharing {
+        enabled: bool,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// Results of work done off the loop.
 enum Internal {
-    Stored { image: ImageId, idx: ChunkIndex, peer: PeerId, result: Result<(Encoding, Vec<u8>), String> },
-    Served { channel: ResponseChannel<ChunkResponse>, peer: PeerId, image: ImageId, response: ChunkResponse },
+    Stored {
+        image: ImageId,
+        idx: ChunkIndex,
+        peer: PeerId,
+        result: Result<(Encoding, Vec<u8>), String>,
+    },
+    Served {
+        channel: ResponseChannel<ChunkResponse>,
+        peer: PeerId,
+        image: ImageId,
+        response: ChunkResponse,
+    },
 }
 
 /// The hello state of a connected peer.
@@ -142,6 +172,7 @@ struct DownloadState {
     /// Chunks being verified/written right now.
     writing: HashSet<ChunkIndex>,
     last_lookup: Option<Instant>,
+    lookups: u32,
     lookup_inflight: bool,
     last_publish: Instant,
     no_source_since: Option<Instant>,
@@ -154,7 +185,10 @@ enum GisPurpose {
     Heartbeat,
     Publish,
     Unpublish,
-    Lookup { image: ImageQuery, for_fetch: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>> },
+    Lookup {
+        image: ImageQuery,
+        for_fetch: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>>,
+    },
 }
 
 /// A running node: a cheap handle to its event loop.
@@ -215,7 +249,11 @@ impl NodeHandle {
     }
 
     pub async fn set_limits(&self, upload_bps: u64, download_bps: u64) -> Result<(), String> {
-        self.send(Command::SetLimits { upload_bps, download_bps }).await
+        self.send(Command::SetLimits {
+            upload_bps,
+            download_bps,
+        })
+        .await
     }
 
     pub async fn set_sharing(&self, enabled: bool) -> Result<(), String> {
@@ -231,7 +269,10 @@ impl NodeHandle {
     }
 
     async fn send(&self, c: Command) -> Result<(), String> {
-        self.tx.send(c).await.map_err(|_| "node stopped".to_string())
+        self.tx
+            .send(c)
+            .await
+            .map_err(|_| "node stopped".to_string())
     }
 }
 
@@ -254,12 +295,17 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         // Baseline: the IDC rule is off, so everyone shares one availability topic.
         Policy::Baseline => "bids/baseline/chunks".to_string(),
     });
-    let topts = TransportOptions { bind_ip: cfg.bind_ip, shaper: cfg.shaper.clone(), ..Default::default() };
+    let topts = TransportOptions {
+        bind_ip: cfg.bind_ip,
+        shaper: cfg.shaper.clone(),
+        ..Default::default()
+    };
     let keypair = cfg.keypair.clone();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_other_transport(|k| {
-            transport::build(k, topts).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            transport::build(k, topts)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .context("building transport")?
         .with_behaviour(|k| {
@@ -274,12 +320,16 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
                 .validation_mode(gossipsub::ValidationMode::Strict)
                 .build()
                 .map_err(|e| format!("gossipsub config: {e}"))?;
-            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(k.clone()), gcfg)?;
+            let gossipsub =
+                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(k.clone()), gcfg)?;
             let chunk_cfg = rr::Config::default()
                 .with_request_timeout(Duration::from_secs(180))
                 .with_max_concurrent_streams(1024);
             Ok(Behaviour {
-                identify: identify::Behaviour::new(identify::Config::new("/bids/id/1".into(), k.public())),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/bids/id/1".into(),
+                    k.public(),
+                )),
                 ping: ping::Behaviour::default(),
                 gossipsub,
                 hello: rr::Behaviour::with_codec(
@@ -287,7 +337,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
                     [(hello::PROTOCOL, ProtocolSupport::Full)],
                     rr::Config::default().with_request_timeout(HELLO_TIMEOUT),
                 ),
-                chunk: rr::Behaviour::with_codec(chunk::codec(), [(chunk::PROTOCOL, ProtocolSupport::Full)], chunk_cfg),
+                chunk: rr::Behaviour::with_codec(
+                    chunk::codec(),
+                    [(chunk::PROTOCOL, ProtocolSupport::Full)],
+                    chunk_cfg,
+                ),
                 gis: rr::Behaviour::with_codec(
                     gisp::codec(),
                     [(gisp::PROTOCOL, ProtocolSupport::Outbound)],
@@ -305,7 +359,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         .subscribe(&topic)
         .map_err(|e| anyhow::anyhow!("subscribing to {topic}: {e:?}"))?;
     for addr in &cfg.listen {
-        swarm.listen_on(addr.clone()).with_context(|| format!("listening on {addr}"))?;
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("listening on {addr}"))?;
     }
     // Wait for the listeners to bind, so callers learn the real ports.
     let mut listen = Vec::new();
@@ -315,7 +371,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
             Ok(SwarmEvent::NewListenAddr { address, .. }) => {
                 listen.push(address.with_p2p(me).unwrap_or_else(|a| a));
             }
-            Ok(SwarmEvent::ListenerError { error, .. }) | Ok(SwarmEvent::ListenerClosed { reason: Err(error), .. }) => {
+            Ok(SwarmEvent::ListenerError { error, .. })
+            | Ok(SwarmEvent::ListenerClosed {
+                reason: Err(error), ..
+            }) => {
                 anyhow::bail!("listening failed: {error}");
             }
             Ok(_) => {}
@@ -325,7 +384,12 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
     swarm.add_peer_address(gis_peer, cfg.gis.clone());
     let (tx, rx) = mpsc::channel(256);
     let (itx, irx) = mpsc::channel(1024);
-    let handle = NodeHandle { tx, peer: me, listen: listen.clone(), store: store.clone() };
+    let handle = NodeHandle {
+        tx,
+        peer: me,
+        listen: listen.clone(),
+        store: store.clone(),
+    };
     let upload = RateLimiter::new(cfg.upload_bps);
     let download = RateLimiter::new(cfg.download_bps);
     let sharing = cfg.sharing;
@@ -335,6 +399,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         me,
         gis_peer,
         topic,
+        bridgehead_topic: gossipsub::IdentTopic::new(BRIDGEHEAD_TOPIC),
         role: Role::Host,
         gis_connected: false,
         registered: false,
@@ -374,6 +439,7 @@ struct Engine {
     me: PeerId,
     gis_peer: PeerId,
     topic: gossipsub::IdentTopic,
+    bridgehead_topic: gossipsub::IdentTopic,
     role: Role,
     gis_connected: bool,
     registered: bool,
@@ -397,7 +463,13 @@ struct Engine {
     recently_completed: HashMap<ImageId, Instant>,
     upload: RateLimiter,
     download: RateLimiter,
-    upload_queue: VecDeque<(ResponseChannel<ChunkResponse>, PeerId, ImageId, ChunkResponse, Link)>,
+    upload_queue: VecDeque<(
+        ResponseChannel<ChunkResponse>,
+        PeerId,
+        ImageId,
+        ChunkResponse,
+        Link,
+    )>,
     sharing: bool,
     listen: Vec<Multiaddr>,
     dialing: HashSet<PeerId>,
@@ -441,7 +513,11 @@ impl Engine {
     // ---------------------------------------------------------------- GIS
 
     fn gis_request(&mut self, req: GisRequest, purpose: GisPurpose) {
-        let id = self.swarm.behaviour_mut().gis.send_request(&self.gis_peer, req);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .gis
+            .send_request(&self.gis_peer, req);
         self.gis_pending.insert(id, purpose);
     }
 
@@ -473,8 +549,19 @@ impl Engine {
         let (Some(m), Some(st)) = (self.store.manifest(id), self.store.status(id)) else {
             return;
         };
-        let holding = Holding { image: *id, chunks_held: st.held, complete: st.complete, fetching };
-        self.gis_request(GisRequest::Publish { holding, manifest: m.to_bytes() }, GisPurpose::Publish);
+        let holding = Holding {
+            image: *id,
+            chunks_held: st.held,
+            complete: st.complete,
+            fetching,
+        };
+        self.gis_request(
+            GisRequest::Publish {
+                holding,
+                manifest: m.to_bytes(),
+            },
+            GisPurpose::Publish,
+        );
     }
 
     fn publish_all(&mut self) {
@@ -487,9 +574,24 @@ impl Engine {
 
     fn on_gis_response(&mut self, purpose: GisPurpose, resp: GisResponse) {
         match (purpose, resp) {
-            (GisPurpose::Register, GisResponse::Registered { role, revocations, .. }) => {
+            (
+                GisPurpose::Register,
+                GisResponse::Registered {
+                    role, revocations, ..
+                },
+            ) => {
                 info!(role = %role, "registered with the GIS");
                 self.role = role;
+                if role == Role::Bridgehead && self.cfg.policy == Policy::Bids {
+                    if let Err(e) = self
+                        .swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .subscribe(&self.bridgehead_topic)
+                    {
+                        warn!(error = ?e, "cannot join the bridgehead topic");
+                    }
+                }
                 self.registered = true;
                 self.set_revocations(revocations);
                 self.publish_all();
@@ -562,7 +664,14 @@ impl Engine {
                 self.cfg.cert = None;
                 self.role = Role::Host;
                 for (p, st) in &self.peers {
-                    if matches!(st, PeerState::Accepted { link: Link::Wan, .. }) && self.cfg.policy == Policy::Bids {
+                    if matches!(
+                        st,
+                        PeerState::Accepted {
+                            link: Link::Wan,
+                            ..
+                        }
+                    ) && self.cfg.policy == Policy::Bids
+                    {
                         drop_peers.push(*p);
                     }
                 }
@@ -578,7 +687,12 @@ impl Engine {
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
                 self.dialing.remove(&peer_id);
                 if peer_id == self.gis_peer {
                     if !self.gis_connected {
@@ -588,14 +702,25 @@ impl Engine {
                     return;
                 }
                 if num_established.get() == 1 && !self.peers.contains_key(&peer_id) {
-                    self.peers.insert(peer_id, PeerState::Pending { since: Instant::now() });
+                    self.peers.insert(
+                        peer_id,
+                        PeerState::Pending {
+                            since: Instant::now(),
+                        },
+                    );
                 }
-                if endpoint.is_dialer() && matches!(self.peers.get(&peer_id), Some(PeerState::Pending { .. })) {
+                if endpoint.is_dialer()
+                    && matches!(self.peers.get(&peer_id), Some(PeerState::Pending { .. }))
+                {
                     let h = self.my_hello();
                     self.swarm.behaviour_mut().hello.send_request(&peer_id, h);
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
                 if num_established == 0 {
                     if peer_id == self.gis_peer {
                         warn!("connection to the GIS closed; it will be redialled");
@@ -610,31 +735,56 @@ impl Engine {
                     }
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id: Some(p), error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(p),
+                error,
+                ..
+            } => {
                 self.dialing.remove(&p);
                 debug!(peer = %p, %error, "dial failed");
                 for d in self.downloads.values_mut() {
                     d.candidates.remove(&p);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                let addrs: Vec<Multiaddr> = info.listen_addrs.into_iter().take(gisp::MAX_ADDRS).collect();
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let addrs: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .into_iter()
+                    .take(gisp::MAX_ADDRS)
+                    .collect();
                 self.addrs.insert(peer_id, addrs);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                ..
+            })) => {
                 if let Some(src) = message.source {
-                    self.on_announcement(src, &message.data);
+                    let remote = message.topic == self.bridgehead_topic.hash();
+                    self.on_announcement(src, &message.data, remote);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Hello(ev)) => self.on_hello(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Chunk(ev)) => self.on_chunk_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Gis(ev)) => match ev {
-                rr::Event::Message { message: rr::Message::Response { request_id, response }, .. } => {
+                rr::Event::Message {
+                    message:
+                        rr::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                } => {
                     if let Some(p) = self.gis_pending.remove(&request_id) {
                         self.on_gis_response(p, response);
                     }
                 }
-                rr::Event::OutboundFailure { request_id, error, .. } => {
+                rr::Event::OutboundFailure {
+                    request_id, error, ..
+                } => {
                     if let Some(p) = self.gis_pending.remove(&request_id) {
                         self.on_gis_failure(p, error.to_string());
                     }
@@ -646,7 +796,11 @@ impl Engine {
     }
 
     fn my_hello(&self) -> Hello {
-        Hello { idc: self.cfg.idc.clone(), policy: self.cfg.policy, cert: self.cfg.cert.clone() }
+        Hello {
+            idc: self.cfg.idc.clone(),
+            policy: self.cfg.policy,
+            cert: self.cfg.cert.clone(),
+        }
     }
 
     fn judge(&self, peer: &PeerId, h: &Hello) -> Result<Link, String> {
@@ -681,20 +835,37 @@ impl Engine {
 
     fn on_hello(&mut self, ev: rr::Event<Hello, HelloReply>) {
         match ev {
-            rr::Event::Message { peer, message: rr::Message::Request { request, channel, .. }, .. } => {
-                match self.judge(&peer, &request) {
-                    Ok(link) => {
-                        let reply = HelloReply::Welcome(self.my_hello());
-                        let _ = self.swarm.behaviour_mut().hello.send_response(channel, reply);
-                        self.accept(peer, &request, link);
-                    }
-                    Err(reason) => {
-                        let _ = self.swarm.behaviour_mut().hello.send_response(channel, HelloReply::Refused(reason.clone()));
-                        self.refuse(peer, &reason);
-                    }
+            rr::Event::Message {
+                peer,
+                message:
+                    rr::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => match self.judge(&peer, &request) {
+                Ok(link) => {
+                    let reply = HelloReply::Welcome(self.my_hello());
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .hello
+                        .send_response(channel, reply);
+                    self.accept(peer, &request, link);
                 }
-            }
-            rr::Event::Message { peer, message: rr::Message::Response { response, .. }, .. } => match response {
+                Err(reason) => {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .hello
+                        .send_response(channel, HelloReply::Refused(reason.clone()));
+                    self.refuse(peer, &reason);
+                }
+            },
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Response { response, .. },
+                ..
+            } => match response {
                 HelloReply::Welcome(h) => match self.judge(&peer, &h) {
                     Ok(link) => self.accept(peer, &h, link),
                     Err(reason) => self.refuse(peer, &reason),
@@ -726,13 +897,29 @@ impl Engine {
 
     fn on_chunk_event(&mut self, ev: rr::Event<ChunkRequest, ChunkResponse>) {
         match ev {
-            rr::Event::Message { peer, message: rr::Message::Request { request, channel, .. }, .. } => {
-                self.on_chunk_request(peer, request, channel)
-            }
-            rr::Event::Message { peer, message: rr::Message::Response { request_id, response }, .. } => {
-                self.on_chunk_response(peer, request_id, response)
-            }
-            rr::Event::OutboundFailure { peer, request_id, error, .. } => {
+            rr::Event::Message {
+                peer,
+                message:
+                    rr::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => self.on_chunk_request(peer, request, channel),
+            rr::Event::Message {
+                peer,
+                message:
+                    rr::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => self.on_chunk_response(peer, request_id, response),
+            rr::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 if let Some((image, idx, _)) = self.inflight.remove(&request_id) {
                     let why = match error {
                         rr::OutboundFailure::Timeout => Failure::Timeout,
@@ -756,16 +943,27 @@ impl Engine {
         let _ = self.swarm.behaviour_mut().chunk.send_response(channel, r);
     }
 
-    fn on_chunk_request(&mut self, peer: PeerId, req: ChunkRequest, channel: ResponseChannel<ChunkResponse>) {
+    fn on_chunk_request(
+        &mut self,
+        peer: PeerId,
+        req: ChunkRequest,
+        channel: ResponseChannel<ChunkResponse>,
+    ) {
         let Some(link) = self.link_of(&peer) else {
             // No image data before an accepted hello.
             self.acct.refused();
             warn!(%peer, "chunk request before an accepted hello refused");
-            self.respond(channel, ChunkResponse::Refused("say hello first (or you were refused)".into()));
+            self.respond(
+                channel,
+                ChunkResponse::Refused("say hello first (or you were refused)".into()),
+            );
             return;
         };
         if !self.sharing {
-            self.respond(channel, ChunkResponse::Refused("sharing is switched off on this host".into()));
+            self.respond(
+                channel,
+                ChunkResponse::Refused("sharing is switched off on this host".into()),
+            );
             return;
         }
         if self.serving >= MAX_SERVING {
@@ -777,7 +975,10 @@ impl Engine {
                 // A bridgehead pulls an image it lacks when its IDC (or a peer bridgehead) asks.
                 self.ensure_download(ImageQuery::Id(req.image), None);
                 debug!(%peer, idx = req.index, "deferring a request for an unknown image");
-                self.waiters.entry((req.image, req.index)).or_default().push((channel, peer));
+                self.waiters
+                    .entry((req.image, req.index))
+                    .or_default()
+                    .push((channel, peer));
                 if let Some(d) = self.downloads.get_mut(&req.image) {
                     d.sched.prioritize(req.index);
                 }
@@ -801,7 +1002,10 @@ impl Engine {
                     if link == Link::Lan || d.sched.lan_available(req.index) {
                         d.sched.prioritize(req.index);
                         debug!(%peer, idx = req.index, "deferring a request until the chunk arrives");
-                        self.waiters.entry((req.image, req.index)).or_default().push((channel, peer));
+                        self.waiters
+                            .entry((req.image, req.index))
+                            .or_default()
+                            .push((channel, peer));
                         return;
                     }
                 }
@@ -810,9 +1014,16 @@ impl Engine {
             return;
         }
         // Cut-through: a payload just relayed is served again without touching the disk.
-        if let Some((_, p)) = self.relay_cache.iter().find(|(k, _)| *k == (req.image, req.index)) {
+        if let Some((_, p)) = self
+            .relay_cache
+            .iter()
+            .find(|(k, _)| *k == (req.image, req.index))
+        {
             let p = p.clone();
-            let resp = ChunkResponse::Data { encoding: p.0, payload: p.1.clone() };
+            let resp = ChunkResponse::Data {
+                encoding: p.0,
+                payload: p.1.clone(),
+            };
             self.finish_serve(channel, peer, req.image, resp, link);
             return;
         }
@@ -830,7 +1041,12 @@ impl Engine {
                     ChunkResponse::NotHeld
                 }
             };
-            let _ = itx.blocking_send(Internal::Served { channel, peer, image: req.image, response });
+            let _ = itx.blocking_send(Internal::Served {
+                channel,
+                peer,
+                image: req.image,
+                response,
+            });
         });
     }
 
@@ -854,7 +1070,8 @@ impl Engine {
         if let ChunkResponse::Data { payload, .. } = &resp {
             if !self.upload.available() {
                 // Over the upload limit: the response waits its turn.
-                self.upload_queue.push_back((channel, peer, image, resp, link));
+                self.upload_queue
+                    .push_back((channel, peer, image, resp, link));
                 return;
             }
             let n = payload.len() as u64;
@@ -866,10 +1083,30 @@ impl Engine {
 
     // ---------------------------------------------------------------- downloading
 
-    fn on_chunk_response(&mut self, peer: PeerId, request_id: OutboundRequestId, resp: ChunkResponse) {
+    fn on_chunk_response(
+        &mut self,
+        peer: PeerId,
+        request_id: OutboundRequestId,
+        resp: ChunkResponse,
+    ) {
         let Some((image, idx, _)) = self.inflight.remove(&request_id) else {
             return;
         };
+        let refused = !matches!(resp, ChunkResponse::Data { .. });
+        self.handle_chunk_response(peer, image, idx, resp);
+        if refused {
+            // A failed request frees a slot: fill it now.
+            self.pump(&image, Instant::now());
+        }
+    }
+
+    fn handle_chunk_response(
+        &mut self,
+        peer: PeerId,
+        image: ImageId,
+        idx: ChunkIndex,
+        resp: ChunkResponse,
+    ) {
         let now = Instant::now();
         let Some(d) = self.downloads.get_mut(&image) else {
             return;
@@ -898,7 +1135,12 @@ impl Engine {
                 let itx = self.itx.clone();
                 tokio::task::spawn_blocking(move || {
                     let result = verify_and_store(&store, &m, &image, idx, encoding, payload);
-                    let _ = itx.blocking_send(Internal::Stored { image, idx, peer, result });
+                    let _ = itx.blocking_send(Internal::Stored {
+                        image,
+                        idx,
+                        peer,
+                        result,
+                    });
                 });
             }
             ChunkResponse::NotHeld => {
@@ -920,16 +1162,32 @@ impl Engine {
 
     fn on_internal(&mut self, i: Internal) {
         match i {
-            Internal::Served { channel, peer, image, response } => {
+            Internal::Served {
+                channel,
+                peer,
+                image,
+                response,
+            } => {
                 self.serving = self.serving.saturating_sub(1);
                 let link = self.link_of(&peer).unwrap_or(Link::Lan);
                 self.finish_serve(channel, peer, image, response, link);
             }
-            Internal::Stored { image, idx, peer, result } => self.on_stored(image, idx, peer, result),
+            Internal::Stored {
+                image,
+                idx,
+                peer,
+                result,
+            } => self.on_stored(image, idx, peer, result),
         }
     }
 
-    fn on_stored(&mut self, image: ImageId, idx: ChunkIndex, peer: PeerId, result: Result<(Encoding, Vec<u8>), String>) {
+    fn on_stored(
+        &mut self,
+        image: ImageId,
+        idx: ChunkIndex,
+        peer: PeerId,
+        result: Result<(Encoding, Vec<u8>), String>,
+    ) {
         let now = Instant::now();
         let Some(d) = self.downloads.get_mut(&image) else {
             return;
@@ -944,7 +1202,10 @@ impl Engine {
                 if let Some(ws) = self.waiters.remove(&(image, idx)) {
                     debug!(idx, waiters = ws.len(), "answering deferred requests");
                     for (channel, p) in ws {
-                        let resp = ChunkResponse::Data { encoding: payload.0, payload: payload.1.clone() };
+                        let resp = ChunkResponse::Data {
+                            encoding: payload.0,
+                            payload: payload.1.clone(),
+                        };
                         let link = self.link_of(&p).unwrap_or(Link::Lan);
                         self.finish_serve(channel, p, image, resp, link);
                     }
@@ -963,6 +1224,7 @@ impl Engine {
                 d.sched.on_failure(&peer, idx, Failure::Corrupt, now);
             }
         }
+        self.pump(&image, now);
     }
 
     fn update_progress(&mut self, image: &ImageId) {
@@ -983,11 +1245,23 @@ impl Engine {
             self.publish(image, false);
             self.store.touch(image);
             // Anyone still waiting on us gets what we now hold.
-            let keys: Vec<(ImageId, ChunkIndex)> = self.waiters.keys().filter(|(i, _)| i == image).copied().collect();
+            let keys: Vec<(ImageId, ChunkIndex)> = self
+                .waiters
+                .keys()
+                .filter(|(i, _)| i == image)
+                .copied()
+                .collect();
             for k in keys {
                 if let Some(ws) = self.waiters.remove(&k) {
                     for (channel, p) in ws {
-                        self.on_chunk_request(p, ChunkRequest { image: k.0, index: k.1 }, channel);
+                        self.on_chunk_request(
+                            p,
+                            ChunkRequest {
+                                image: k.0,
+                                index: k.1,
+                            },
+                            channel,
+                        );
                     }
                 }
             }
@@ -1028,8 +1302,14 @@ impl Engine {
             }
         }
         self.gis_request(
-            GisRequest::Lookup { image: image.clone(), idc: None },
-            GisPurpose::Lookup { image, for_fetch: Some(reply.unwrap_or_else(|| oneshot::channel().0)) },
+            GisRequest::Lookup {
+                image: image.clone(),
+                idc: None,
+            },
+            GisPurpose::Lookup {
+                image,
+                for_fetch: Some(reply.unwrap_or_else(|| oneshot::channel().0)),
+            },
         );
         // Mark a pending id so repeated requests for it do not each start a lookup.
         if let Some(id) = known {
@@ -1097,12 +1377,13 @@ impl Engine {
                 return;
             }
             let held: Vec<bool> = self.store.held(&id).unwrap_or_default();
-            let sched = Download::new(
+            let mut sched = Download::new(
                 manifest.chunk_count(),
                 |i| held.get(i as usize).copied().unwrap_or(false),
                 self.cfg.scheduler.clone(),
                 rand::random(),
             );
+            sched.set_identity(self.me);
             let st = self.store.status(&id);
             let (tx, _) = watch::channel(FetchProgress {
                 image: manifest.image_ref(),
@@ -1126,6 +1407,7 @@ impl Engine {
                     active: HashSet::new(),
                     writing: HashSet::new(),
                     last_lookup: Some(Instant::now()),
+                    lookups: 1,
                     lookup_inflight: false,
                     last_publish: Instant::now(),
                     no_source_since: None,
@@ -1148,7 +1430,14 @@ impl Engine {
             entries.push((e, SourceKind::Lan));
         }
         for e in list.level1 {
-            entries.push((e, if bids { SourceKind::LocalBridgehead } else { SourceKind::Lan }));
+            entries.push((
+                e,
+                if bids {
+                    SourceKind::LocalBridgehead
+                } else {
+                    SourceKind::Lan
+                },
+            ));
         }
         if bids && self.role == Role::Bridgehead {
             for e in list.level2 {
@@ -1159,6 +1448,13 @@ impl Engine {
             if e.peer == self.me {
                 continue;
             }
+            // A remote bridgehead whose IDC holds the image supplies everything; one that is
+            // itself fetching supplies what it announces.
+            let complete = if kind == SourceKind::RemoteBridgehead {
+                e.idc_complete || e.complete
+            } else {
+                e.complete
+            };
             if bids && e.idc != self.cfg.idc && kind != SourceKind::RemoteBridgehead {
                 // Ordinary hosts never dial another IDC.
                 continue;
@@ -1168,7 +1464,7 @@ impl Engine {
                 self.addrs.insert(e.peer, addrs);
             }
             if let Some(d) = self.downloads.get_mut(&id) {
-                d.candidates.insert(e.peer, (kind, e.complete));
+                d.candidates.insert(e.peer, (kind, complete));
             }
             self.activate(&id, &e.peer);
         }
@@ -1190,7 +1486,11 @@ impl Engine {
         };
         if accepted {
             if d.active.insert(*peer) {
-                d.sched.add_peer(*peer, kind, complete);
+                if kind == SourceKind::RemoteBridgehead && !complete {
+                    d.sched.add_fetching_bridgehead(*peer);
+                } else {
+                    d.sched.add_peer(*peer, kind, complete);
+                }
                 if let Some(r) = d.pending_haves.remove(peer) {
                     d.sched.peer_has(peer, &r);
                 }
@@ -1199,7 +1499,9 @@ impl Engine {
             }
         } else if !connected && !self.dialing.contains(peer) {
             if let Some(addrs) = self.addrs.get(peer).cloned() {
-                let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(*peer).addresses(addrs).build();
+                let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(*peer)
+                    .addresses(addrs)
+                    .build();
                 if self.swarm.dial(opts).is_ok() {
                     self.dialing.insert(*peer);
                 }
@@ -1207,8 +1509,12 @@ impl Engine {
         }
     }
 
-    fn on_announcement(&mut self, src: PeerId, data: &[u8]) {
+    fn on_announcement(&mut self, src: PeerId, data: &[u8], remote: bool) {
         if src == self.me {
+            return;
+        }
+        // A bridgehead announcement from another IDC counts only for a bridgehead linked to it.
+        if remote && (self.role != Role::Bridgehead || self.link_of(&src) != Some(Link::Wan)) {
             return;
         }
         let a = match Announcement::from_bytes(data) {
@@ -1230,11 +1536,19 @@ impl Engine {
                 }
                 continue;
             }
-            let entry = d.candidates.entry(src).or_insert((SourceKind::Lan, false));
+            let kind = if remote {
+                SourceKind::RemoteBridgehead
+            } else {
+                SourceKind::Lan
+            };
+            let entry = d.candidates.entry(src).or_insert((kind, false));
             if h.complete {
                 entry.1 = true;
             }
-            d.pending_haves.entry(src).or_default().extend(h.ranges.iter().copied());
+            d.pending_haves
+                .entry(src)
+                .or_default()
+                .extend(h.ranges.iter().copied());
             let image = h.image;
             self.activate(&image, &src);
         }
@@ -1244,7 +1558,13 @@ impl Engine {
         let mut idx: Vec<ChunkIndex> = fresh.to_vec();
         idx.sort_unstable();
         idx.dedup();
-        let msg = Announcement { haves: vec![Have { image, ranges: gossip::to_ranges(&idx), complete }] };
+        let msg = Announcement {
+            haves: vec![Have {
+                image,
+                ranges: gossip::to_ranges(&idx),
+                complete,
+            }],
+        };
         self.publish_gossip(msg);
     }
 
@@ -1255,14 +1575,37 @@ impl Engine {
             if msg.haves.len() == 1 && msg.haves[0].ranges.len() > 1 {
                 let h = &msg.haves[0];
                 let mid = h.ranges.len() / 2;
-                let a = Have { image: h.image, ranges: h.ranges[..mid].to_vec(), complete: false };
-                let b = Have { image: h.image, ranges: h.ranges[mid..].to_vec(), complete: h.complete };
+                let a = Have {
+                    image: h.image,
+                    ranges: h.ranges[..mid].to_vec(),
+                    complete: false,
+                };
+                let b = Have {
+                    image: h.image,
+                    ranges: h.ranges[mid..].to_vec(),
+                    complete: h.complete,
+                };
                 self.publish_gossip(Announcement { haves: vec![a] });
                 self.publish_gossip(Announcement { haves: vec![b] });
             }
             return;
         }
-        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+        if self.role == Role::Bridgehead && self.cfg.policy == Policy::Bids {
+            if let Err(e) = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(self.bridgehead_topic.clone(), bytes.clone())
+            {
+                debug!(error = %e, "bridgehead announcement not sent");
+            }
+        }
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topic.clone(), bytes)
+        {
             debug!(error = %e, "announcement not sent");
         }
     }
@@ -1292,7 +1635,9 @@ impl Engine {
             let _ = self.swarm.disconnect_peer_id(p);
         }
         while self.upload.available() {
-            let Some((channel, peer, image, resp, link)) = self.upload_queue.pop_front() else { break };
+            let Some((channel, peer, image, resp, link)) = self.upload_queue.pop_front() else {
+                break;
+            };
             self.finish_serve(channel, peer, image, resp, link);
         }
         self.release_stuck_waiters();
@@ -1311,18 +1656,32 @@ impl Engine {
         }
         if now.duration_since(self.last_full_announce) >= ANNOUNCE_FULL {
             self.last_full_announce = now;
-            self.recently_completed.retain(|_, t| now.duration_since(*t) < Duration::from_secs(120));
+            self.recently_completed
+                .retain(|_, t| now.duration_since(*t) < Duration::from_secs(120));
             let mut haves = Vec::new();
             for id in self.downloads.keys() {
                 if let Some(held) = self.store.held(id) {
-                    let idx: Vec<ChunkIndex> = held.iter().enumerate().filter(|(_, h)| **h).map(|(i, _)| i as u32).collect();
+                    let idx: Vec<ChunkIndex> = held
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, h)| **h)
+                        .map(|(i, _)| i as u32)
+                        .collect();
                     if !idx.is_empty() {
-                        haves.push(Have { image: *id, ranges: gossip::to_ranges(&idx), complete: false });
+                        haves.push(Have {
+                            image: *id,
+                            ranges: gossip::to_ranges(&idx),
+                            complete: false,
+                        });
                     }
                 }
             }
             for id in self.recently_completed.keys() {
-                haves.push(Have { image: *id, ranges: Vec::new(), complete: true });
+                haves.push(Have {
+                    image: *id,
+                    ranges: Vec::new(),
+                    complete: true,
+                });
             }
             for h in haves {
                 self.publish_gossip(Announcement { haves: vec![h] });
@@ -1336,7 +1695,9 @@ impl Engine {
     fn release_stuck_waiters(&mut self) {
         let mut release = Vec::new();
         for ((image, idx), ws) in &self.waiters {
-            let Some(d) = self.downloads.get(image) else { continue };
+            let Some(d) = self.downloads.get(image) else {
+                continue;
+            };
             if d.sched.lan_available(*idx) || d.sched.is_held(*idx) {
                 continue;
             }
@@ -1349,7 +1710,9 @@ impl Engine {
         // Remove from the back so indexes stay valid.
         let mut answer = Vec::new();
         for ((image, idx), i) in release.into_iter().rev() {
-            let Some(ws) = self.waiters.get_mut(&(image, idx)) else { continue };
+            let Some(ws) = self.waiters.get_mut(&(image, idx)) else {
+                continue;
+            };
             if i < ws.len() {
                 answer.push((idx, ws.remove(i)));
             }
@@ -1363,30 +1726,58 @@ impl Engine {
         }
     }
 
+    /// Sends the requests the scheduler wants now (called on every event that frees a slot,
+    /// not only on the tick, so the pipeline never waits for the clock).
+    fn pump(&mut self, id: &ImageId, now: Instant) {
+        if !self.download.available() {
+            return;
+        }
+        let Some(d) = self.downloads.get_mut(id) else {
+            return;
+        };
+        let reqs = d.sched.next_requests(now);
+        for (peer, idx) in reqs {
+            debug!(%peer, idx, "requesting chunk");
+            let rid = self.swarm.behaviour_mut().chunk.send_request(
+                &peer,
+                ChunkRequest {
+                    image: *id,
+                    index: idx,
+                },
+            );
+            self.inflight.insert(rid, (*id, idx, peer));
+        }
+    }
+
     fn drive_downloads(&mut self, now: Instant) {
         let ids: Vec<ImageId> = self.downloads.keys().copied().collect();
         for id in ids {
             let mut lookup = false;
             let mut failed: Option<String> = None;
             let mut publish = false;
-            let download_ok = self.download.available();
-            let Some(d) = self.downloads.get_mut(&id) else { continue };
+            let Some(d) = self.downloads.get_mut(&id) else {
+                continue;
+            };
             for (peer, idx) in d.sched.expire(now) {
                 debug!(%peer, idx, "chunk request timed out");
             }
-            if download_ok {
-                let reqs = d.sched.next_requests(now);
-                for (peer, idx) in reqs {
-                    debug!(%peer, idx, "requesting chunk");
-                    let rid = self.swarm.behaviour_mut().chunk.send_request(&peer, ChunkRequest { image: id, index: idx });
-                    self.inflight.insert(rid, (id, idx, peer));
-                }
-            }
-            let Some(d) = self.downloads.get_mut(&id) else { continue };
-            let refresh = d.last_lookup.is_none_or(|t| now.duration_since(t) >= LOOKUP_REFRESH);
+            self.pump(&id, now);
+            let Some(d) = self.downloads.get_mut(&id) else {
+                continue;
+            };
+            // Early in a download the host list changes fast (other IDCs start fetching too):
+            // ask again after 0.5, 1 and 2 s, then every LOOKUP_REFRESH.
+            let every = match d.lookups {
+                0 | 1 => Duration::from_millis(500),
+                2 => Duration::from_secs(1),
+                3 => Duration::from_secs(2),
+                _ => LOOKUP_REFRESH,
+            };
+            let refresh = d.last_lookup.is_none_or(|t| now.duration_since(t) >= every);
             if refresh && !d.lookup_inflight {
                 d.lookup_inflight = true;
                 d.last_lookup = Some(now);
+                d.lookups += 1;
                 lookup = true;
             }
             if d.sched.is_stalled() && d.writing.is_empty() {
@@ -1410,9 +1801,15 @@ impl Engine {
             if let Some(reason) = failed {
                 warn!(image = %id.short(), %reason, "download failed");
                 if let Some(d) = self.downloads.remove(&id) {
-                    d.progress.send_modify(|p| p.done = Some(Err(reason.clone())));
+                    d.progress
+                        .send_modify(|p| p.done = Some(Err(reason.clone())));
                 }
-                let keys: Vec<(ImageId, ChunkIndex)> = self.waiters.keys().filter(|(i, _)| *i == id).copied().collect();
+                let keys: Vec<(ImageId, ChunkIndex)> = self
+                    .waiters
+                    .keys()
+                    .filter(|(i, _)| *i == id)
+                    .copied()
+                    .collect();
                 for k in keys {
                     for (ch, _) in self.waiters.remove(&k).unwrap_or_default() {
                         self.respond(ch, ChunkResponse::NotHeld);
@@ -1423,8 +1820,14 @@ impl Engine {
             }
             if lookup {
                 self.gis_request(
-                    GisRequest::Lookup { image: ImageQuery::Id(id), idc: None },
-                    GisPurpose::Lookup { image: ImageQuery::Id(id), for_fetch: None },
+                    GisRequest::Lookup {
+                        image: ImageQuery::Id(id),
+                        idc: None,
+                    },
+                    GisPurpose::Lookup {
+                        image: ImageQuery::Id(id),
+                        for_fetch: None,
+                    },
                 );
             }
             if publish {
@@ -1447,7 +1850,10 @@ impl Engine {
                 self.acct.forget(&id);
                 self.gis_request(GisRequest::Unpublish { image: id }, GisPurpose::Unpublish);
             }
-            Command::SetLimits { upload_bps, download_bps } => {
+            Command::SetLimits {
+                upload_bps,
+                download_bps,
+            } => {
                 info!(upload_bps, download_bps, "rate limits changed");
                 self.upload.set_rate(upload_bps);
                 self.download.set_rate(download_bps);
@@ -1504,25 +1910,37 @@ fn verify_and_store(
     encoding: Encoding,
     payload: Vec<u8>,
 ) -> Result<(Encoding, Vec<u8>), String> {
-    let info = m.chunks.get(idx as usize).ok_or_else(|| format!("chunk {idx} is past the end"))?;
+    let info = m
+        .chunks
+        .get(idx as usize)
+        .ok_or_else(|| format!("chunk {idx} is past the end"))?;
     let want = m.chunk_len(idx);
     let raw = match encoding {
         Encoding::Raw => {
             if payload.len() != want {
-                return Err(format!("chunk {idx} is {} bytes, expected {want}", payload.len()));
+                return Err(format!(
+                    "chunk {idx} is {} bytes, expected {want}",
+                    payload.len()
+                ));
             }
             if bids_protocols::manifest::sha256(&payload) != info.sha256 {
                 return Err(format!("chunk {idx} does not match its SHA-256"));
             }
-            store.write_verified_chunk(image, idx, &payload).map_err(|e| e.to_string())?;
+            store
+                .write_verified_chunk(image, idx, &payload)
+                .map_err(|e| e.to_string())?;
             return Ok((encoding, payload));
         }
-        Encoding::Zstd => chunk::decode_payload(encoding, payload.clone(), want).map_err(|e| e.to_string())?,
+        Encoding::Zstd => {
+            chunk::decode_payload(encoding, payload.clone(), want).map_err(|e| e.to_string())?
+        }
     };
     if bids_protocols::manifest::sha256(&raw) != info.sha256 {
         return Err(format!("chunk {idx} does not match its SHA-256"));
     }
-    store.write_verified_chunk(image, idx, &raw).map_err(|e| e.to_string())?;
+    store
+        .write_verified_chunk(image, idx, &raw)
+        .map_err(|e| e.to_string())?;
     Ok((encoding, payload))
 }
 
@@ -1537,4 +1955,3 @@ fn truncate(s: &str, n: usize) -> String {
         format!("{}…", &s[..end])
     }
 }
-

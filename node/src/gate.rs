@@ -101,7 +101,11 @@ mod tests {
     }
 
     fn hello(idc: &str, cert: Option<BridgeheadCert>) -> Hello {
-        Hello { idc: Idc::new(idc).unwrap(), policy: Policy::Bids, cert }
+        Hello {
+            idc: Idc::new(idc).unwrap(),
+            policy: Policy::Bids,
+            cert,
+        }
     }
 
     #[test]
@@ -114,8 +118,19 @@ mod tests {
         let none = Revocations::default();
         let ca = cert(&w.admin, &w.a, "A", 1000);
         let cb = cert(&w.admin, &w.b, "B", 1000);
-        let host = Us { peer: &a, idc: &idc_a, policy: Policy::Bids, cert: None, admin: &admin, revocations: &none, now: 10 };
-        let db = Us { cert: Some(&ca), ..host };
+        let host = Us {
+            peer: &a,
+            idc: &idc_a,
+            policy: Policy::Bids,
+            cert: None,
+            admin: &admin,
+            revocations: &none,
+            now: 10,
+        };
+        let db = Us {
+            cert: Some(&ca),
+            ..host
+        };
         // Same IDC: always.
         assert_eq!(judge(&host, &b, &hello("A", None)), Ok(Link::Lan));
         // Ordinary host: never another IDC.
@@ -131,14 +146,22 @@ mod tests {
         assert!(judge(&db, &b, &hello("B", Some(forged))).is_err());
         // Expired cert: no.
         let old = cert(&w.admin, &w.b, "B", 5);
-        assert!(judge(&db, &b, &hello("B", Some(old))).unwrap_err().contains("expired"));
+        assert!(judge(&db, &b, &hello("B", Some(old)))
+            .unwrap_err()
+            .contains("expired"));
         // Revoked: no.
         let mut rev = Revocations::default();
         rev.serials.insert(7);
-        let db_rev = Us { revocations: &rev, ..db };
+        let db_rev = Us {
+            revocations: &rev,
+            ..db
+        };
         assert!(judge(&db_rev, &b, &hello("B", Some(cb.clone()))).is_err());
         // Baseline: anyone.
-        let base = Us { policy: Policy::Baseline, ..host };
+        let base = Us {
+            policy: Policy::Baseline,
+            ..host
+        };
         let mut h = hello("B", None);
         h.policy = Policy::Baseline;
         assert_eq!(judge(&base, &b, &h), Ok(Link::Wan));

@@ -14,7 +14,11 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(rate: u64) -> Self {
-        RateLimiter { rate, tokens: 0.0, last: Instant::now() }
+        RateLimiter {
+            rate,
+            tokens: 0.0,
+            last: Instant::now(),
+        }
     }
 
     pub fn rate(&self) -> u64 {

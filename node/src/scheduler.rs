@@ -256,6 +256,9 @@ struct Peer {
     dropped: bool,
     /// Sent too many corrupt chunks: never asked again by this download.
     banned: bool,
+    /// A remote bridgehead that is itself still fetching: it supplies only the chunks it
+    /// announced (`have`), not everything.
+    partial: bool,
     /// Chunks it holds, by position in `order` (meaningful for LAN peers; bridgeheads
     /// provide everything anyway).
     have: Bits,
@@ -338,6 +341,10 @@ pub struct Download {
     /// Rotating start for least-loaded ties, so equal peers take turns.
     rotation: usize,
     last_progress: Option<Instant>,
+    /// Our own identity, for splitting the origin's chunks among fetching bridgeheads.
+    me: Option<PeerId>,
+    /// When the download started (before the first chunk, progress is measured from here).
+    started: Option<Instant>,
 }
 
 impl Download {
@@ -382,6 +389,8 @@ impl Download {
             pair_backoff: BTreeMap::new(),
             rotation: 0,
             last_progress: None,
+            me: None,
+            started: None,
         }
     }
 
@@ -405,12 +414,54 @@ impl Download {
             if !(p.present && kind == SourceKind::Lan && p.kind.is_bridgehead()) {
                 p.kind = kind;
             }
+            if kind == SourceKind::RemoteBridgehead {
+                p.partial = false;
+            }
             p.present = true;
             p.dropped = false;
         });
         if complete {
             self.set_have_range(slot, 0, self.chunk_count);
         }
+    }
+
+    /// Tells the scheduler who we are. With fetching bridgeheads present, each chunk the IDCs
+    /// lack has one designated fetcher among them (rendezvous hashing on (peer, chunk)): only
+    /// that bridgehead pulls it from the origin, the others take it from the fetcher once it
+    /// is announced. So the origin's uplink carries each chunk about once.
+    pub fn set_identity(&mut self, me: PeerId) {
+        self.me = Some(me);
+    }
+
+    /// Whether we should pull chunk `idx` from a bridgehead that supplies everything (the
+    /// origin). True unless another fetching bridgehead is designated for it and the
+    /// download is still making progress.
+    fn origin_share(&self, idx: u32, now: Instant) -> bool {
+        let Some(me) = self.me else { return true };
+        let since = self.last_progress.or(self.started);
+        if since.is_some_and(|t| now.saturating_duration_since(t) > SHARE_PATIENCE) {
+            // Nothing arrived for a while: a designated fetcher may be stuck; take it ourselves.
+            return true;
+        }
+        let mine = share_score(&me, idx);
+        !self
+            .peers
+            .iter()
+            .any(|p| p.partial && p.usable() && share_score(&p.id, idx) > mine)
+    }
+
+    /// Adds a remote bridgehead of an IDC that is itself still fetching the image: it is
+    /// asked only for chunks it announced (`peer_has`), and preferred for them over the
+    /// origin's bridgehead, so the origin's WAN uplink carries each chunk about once while
+    /// the fetching IDCs trade the rest among themselves.
+    pub fn add_fetching_bridgehead(&mut self, peer: PeerId) {
+        let slot = self.slot_or_insert(peer, SourceKind::RemoteBridgehead);
+        self.update_peer(slot, |p| {
+            p.kind = SourceKind::RemoteBridgehead;
+            p.partial = true;
+            p.present = true;
+            p.dropped = false;
+        });
     }
 
     /// The peer announced it gained these chunks (half-open ranges, clamped to the image).
@@ -427,6 +478,9 @@ impl Download {
     /// The peer now holds the whole image.
     pub fn peer_complete(&mut self, peer: &PeerId) {
         self.peer_has(peer, &[(0, self.chunk_count)]);
+        if let Some(&slot) = self.slots.get(peer) {
+            self.update_peer(slot, |p| p.partial = false);
+        }
     }
 
     /// Forgets a source (disconnected, gone from the host list). Its in-flight requests become
@@ -463,6 +517,7 @@ impl Download {
 
     /// The requests to send now, each marked in flight with its send time.
     pub fn next_requests(&mut self, now: Instant) -> Vec<(PeerId, u32)> {
+        self.started.get_or_insert(now);
         let mut out = Vec::new();
         if self.is_complete() {
             return out;
@@ -781,6 +836,7 @@ impl Download {
             present: false,
             dropped: false,
             banned: false,
+            partial: false,
             have: Bits::new(self.chunk_count),
             inflight: 0,
             corrupt: 0,
@@ -1038,9 +1094,19 @@ impl Download {
         // The WAN rule: only a chunk the IDC lacks, with no request in flight anywhere (so
         // never two over the WAN, never an endgame copy).
         if self.req_count[idx as usize] == 0 && self.lan_avail[idx as usize] == 0 {
-            if let Some(pos) = self.pick(&free.wan, idx, now, false) {
-                self.assign(free.wan[pos], idx, now, free, out);
+            // A fetching bridgehead that already has the chunk first (spares the origin's
+            // uplink); then any bridgehead that can supply everything.
+            let (partial, whole): (Vec<usize>, Vec<usize>) =
+                free.wan.iter().partition(|&&slot| self.peers[slot].partial);
+            if let Some(pos) = self.pick(&partial, idx, now, true) {
+                self.assign(partial[pos], idx, now, free, out);
                 return true;
+            }
+            if !whole.is_empty() && self.origin_share(idx, now) {
+                if let Some(pos) = self.pick(&whole, idx, now, false) {
+                    self.assign(whole[pos], idx, now, free, out);
+                    return true;
+                }
             }
         }
         false
@@ -1076,6 +1142,19 @@ impl Download {
             None => false,
         }
     }
+}
+
+/// How long a download waits for a designated fetcher before pulling its chunks itself.
+const SHARE_PATIENCE: Duration = Duration::from_secs(3);
+
+/// A stable hash of (peer, chunk), the same on every node (FNV-1a 64).
+fn share_score(peer: &PeerId, idx: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in peer.to_bytes().iter().chain(idx.to_le_bytes().iter()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 #[cfg(test)]

@@ -116,6 +116,11 @@ pub struct HostEntry {
     pub addrs: Vec<Multiaddr>,
     pub chunks_held: u32,
     pub complete: bool,
+    /// Level 2 only: the bridgehead's IDC holds the whole image, so the bridgehead can supply
+    /// every chunk (it pulls what it lacks from its own LAN). Otherwise it is itself fetching
+    /// and supplies only the chunks it announces.
+    #[serde(default)]
+    pub idc_complete: bool,
 }
 
 /// Summary of an image, as the GIS knows it.

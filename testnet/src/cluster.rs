@@ -84,7 +84,14 @@ pub fn host_ip(k: usize, h: usize) -> IpAddr {
 }
 
 /// Issues a bridgehead certificate (the admin's job, done here at set-up).
-pub fn issue_cert(admin: &Keypair, peer: PeerId, idc: &str, db_id: &str, serial: u64, valid: Duration) -> Result<BridgeheadCert> {
+pub fn issue_cert(
+    admin: &Keypair,
+    peer: PeerId,
+    idc: &str,
+    db_id: &str,
+    serial: u64,
+    valid: Duration,
+) -> Result<BridgeheadCert> {
     let now = bids_protocols::unix_now();
     BridgeheadCert::issue(
         admin,
@@ -104,14 +111,25 @@ pub fn issue_cert(admin: &Keypair, peer: PeerId, idc: &str, db_id: &str, serial:
 impl Cluster {
     /// Starts the GIS and every node, and waits until all have registered.
     pub async fn start(spec: ClusterSpec) -> Result<Cluster> {
-        let dir = tempfile::Builder::new().prefix("bids-testnet-").tempdir().context("temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("bids-testnet-")
+            .tempdir()
+            .context("temp dir")?;
         let admin = Keypair::generate_ed25519();
         let gis_key = Keypair::generate_ed25519();
         let gis_dir = dir.path().join("gis");
         let mut topo = Topology::new();
         for (k, idc) in spec.idcs.iter().enumerate() {
-            let (wan, lan) = if spec.shaped { (idc.wan_bps, idc.lan_bps) } else { (0, 0) };
-            let delay = if spec.shaped { idc.wan_delay } else { Duration::ZERO };
+            let (wan, lan) = if spec.shaped {
+                (idc.wan_bps, idc.lan_bps)
+            } else {
+                (0, 0)
+            };
+            let delay = if spec.shaped {
+                idc.wan_delay
+            } else {
+                Duration::ZERO
+            };
             topo.add_idc(&idc.name, wan, delay)?;
             for h in 0..idc.hosts + idc.bridgeheads {
                 topo.add_host(host_ip(k, h), &idc.name, lan)?;
@@ -127,7 +145,11 @@ impl Cluster {
         gcfg.policy = spec.policy;
         gcfg.heartbeat_timeout = Duration::from_secs(4);
         let gis = bids_gis::server::spawn(gcfg).await?;
-        let gis_addr = gis.listen_addrs().into_iter().next().context("GIS has no address")?;
+        let gis_addr = gis
+            .listen_addrs()
+            .into_iter()
+            .next()
+            .context("GIS has no address")?;
         let mut nodes = Vec::new();
         let mut serial = 1000;
         for (k, idc) in spec.idcs.iter().enumerate() {
@@ -137,7 +159,14 @@ impl Cluster {
                 let cert = if h < idc.bridgeheads {
                     serial += 1;
                     let db_id = format!("{}-db{}", idc.name, h + 1);
-                    Some(issue_cert(&admin, key.public().to_peer_id(), &idc.name, &db_id, serial, Duration::from_secs(86_400))?)
+                    Some(issue_cert(
+                        &admin,
+                        key.public().to_peer_id(),
+                        &idc.name,
+                        &db_id,
+                        serial,
+                        Duration::from_secs(86_400),
+                    )?)
                 } else {
                     None
                 };
@@ -153,7 +182,17 @@ impl Cluster {
                 });
             }
         }
-        let mut c = Cluster { spec, admin, gis: Some(gis), gis_addr, nodes, topology, gis_key, gis_dir, _dir: dir };
+        let mut c = Cluster {
+            spec,
+            admin,
+            gis: Some(gis),
+            gis_addr,
+            nodes,
+            topology,
+            gis_key,
+            gis_dir,
+            _dir: dir,
+        };
         for i in 0..c.nodes.len() {
             c.start_node(i).await?;
         }
@@ -187,14 +226,20 @@ impl Cluster {
     /// Starts (or restarts) node `i` on its store.
     pub async fn start_node(&mut self, i: usize) -> Result<()> {
         let cfg = self.node_config(i)?;
-        let (h, task) = bids_node::start(cfg).await.with_context(|| format!("starting node {i}"))?;
+        let (h, task) = bids_node::start(cfg)
+            .await
+            .with_context(|| format!("starting node {i}"))?;
         self.nodes[i].handle = Some(h);
         self.nodes[i].task = Some(task);
         Ok(())
     }
 
     /// Starts node `i` with a modified configuration (tests: a forged certificate, …).
-    pub async fn start_node_with(&mut self, i: usize, f: impl FnOnce(&mut NodeConfig)) -> Result<()> {
+    pub async fn start_node_with(
+        &mut self,
+        i: usize,
+        f: impl FnOnce(&mut NodeConfig),
+    ) -> Result<()> {
         let mut cfg = self.node_config(i)?;
         f(&mut cfg);
         let (h, task) = bids_node::start(cfg).await?;
@@ -238,14 +283,20 @@ impl Cluster {
         gcfg.policy = self.spec.policy;
         gcfg.heartbeat_timeout = Duration::from_secs(4);
         let g = bids_gis::server::spawn(gcfg).await?;
-        self.gis_addr = g.listen_addrs().into_iter().next().context("GIS has no address")?;
+        self.gis_addr = g
+            .listen_addrs()
+            .into_iter()
+            .next()
+            .context("GIS has no address")?;
         self.gis = Some(g);
         Ok(())
     }
 
     /// Indexes of the nodes of an IDC.
     pub fn idc_nodes(&self, idc: &str) -> Vec<usize> {
-        (0..self.nodes.len()).filter(|&i| self.nodes[i].idc == idc).collect()
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].idc == idc)
+            .collect()
     }
 
     /// Waits until every running node is registered with the GIS.
@@ -259,7 +310,10 @@ impl Cluster {
                     break;
                 }
                 if tokio::time::Instant::now() > deadline {
-                    anyhow::bail!("node {i} ({}) did not register with the GIS within {within:?}", n.idc);
+                    anyhow::bail!(
+                        "node {i} ({}) did not register with the GIS within {within:?}",
+                        n.idc
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

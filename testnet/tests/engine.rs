@@ -1,5 +1,4 @@
 //! In-process multi-IDC tests of the distribution engine: real nodes, real GIS, loopback.
-#![cfg(feature = "cluster")]
 
 use bids_protocols::gis::ImageQuery;
 use bids_protocols::{ImageId, ImageRef, ObjectKind, Policy};
@@ -8,10 +7,23 @@ use bids_testnet::demo::make_image;
 use std::time::Duration;
 
 fn idc(name: &str, hosts: usize, bridgeheads: usize) -> IdcSpec {
-    IdcSpec { name: name.into(), hosts, bridgeheads, wan_bps: 0, wan_delay: Duration::ZERO, lan_bps: 0 }
+    IdcSpec {
+        name: name.into(),
+        hosts,
+        bridgeheads,
+        wan_bps: 0,
+        wan_delay: Duration::ZERO,
+        lan_bps: 0,
+    }
 }
 
-async fn seed(c: &Cluster, node: usize, size: u64, chunk: u32, sparse: bool) -> (ImageRef, ImageId, std::path::PathBuf, tempfile::TempDir) {
+async fn seed(
+    c: &Cluster,
+    node: usize,
+    size: u64,
+    chunk: u32,
+    sparse: bool,
+) -> (ImageRef, ImageId, std::path::PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("img");
     make_image(&file, size, 7, sparse).unwrap();
@@ -19,10 +31,12 @@ async fn seed(c: &Cluster, node: usize, size: u64, chunk: u32, sparse: bool) -> 
     let h = c.nodes[node].node().clone();
     let store = h.store().clone();
     let (f, i) = (file.clone(), image.clone());
-    let m = tokio::task::spawn_blocking(move || store.import(&f, &i, chunk, None, ObjectKind::Image, &mut |_, _| {}))
-        .await
-        .unwrap()
-        .unwrap();
+    let m = tokio::task::spawn_blocking(move || {
+        store.import(&f, &i, chunk, None, ObjectKind::Image, &mut |_, _| {})
+    })
+    .await
+    .unwrap()
+    .unwrap();
     h.imported(m.id()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     (image, m.id(), file, dir)
@@ -35,9 +49,17 @@ fn file_hash(p: &std::path::Path) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bids_distributes_through_bridgeheads() {
-    let spec = ClusterSpec { idcs: vec![idc("A", 1, 1), idc("B", 3, 1)], policy: Policy::Bids, shaped: false };
+    let spec = ClusterSpec {
+        idcs: vec![idc("A", 1, 1), idc("B", 3, 1)],
+        policy: Policy::Bids,
+        shaped: false,
+    };
     let c = Cluster::start(spec).await.unwrap();
-    let holder = c.idc_nodes("A").into_iter().find(|&i| !c.nodes[i].is_bridgehead()).unwrap();
+    let holder = c
+        .idc_nodes("A")
+        .into_iter()
+        .find(|&i| !c.nodes[i].is_bridgehead())
+        .unwrap();
     let size = 6 * 1024 * 1024 + 123;
     let (image, id, file, _d) = seed(&c, holder, size, 256 * 1024, false).await;
     let want = file_hash(&file);
@@ -48,20 +70,36 @@ async fn bids_distributes_through_bridgeheads() {
         tasks.push(tokio::spawn(async move { n.fetch_and_wait(q).await }));
     }
     for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(60), t).await.expect("fetch timed out").unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("fetch timed out")
+            .unwrap();
         r.expect("fetch failed");
     }
     let mut wan = 0;
     for i in c.idc_nodes("B") {
         let n = c.nodes[i].node();
-        assert_eq!(file_hash(&n.store().image_path(&id)), want, "node {i} differs");
+        assert_eq!(
+            file_hash(&n.store().image_path(&id)),
+            want,
+            "node {i} differs"
+        );
         let st = n.status().await.unwrap();
         wan += st.total.wan_recv_bytes;
         if !c.nodes[i].is_bridgehead() {
-            assert_eq!(st.total.wan_recv_bytes, 0, "an ordinary host received over the WAN");
+            assert_eq!(
+                st.total.wan_recv_bytes, 0,
+                "an ordinary host received over the WAN"
+            );
         }
     }
-    assert!(wan as f64 <= 1.02 * size as f64, "WAN bytes into B: {wan} for an image of {size}");
-    assert!(wan as f64 >= 0.99 * size as f64, "WAN bytes into B: {wan} for an image of {size}");
+    assert!(
+        wan as f64 <= 1.02 * size as f64,
+        "WAN bytes into B: {wan} for an image of {size}"
+    );
+    assert!(
+        wan as f64 >= 0.99 * size as f64,
+        "WAN bytes into B: {wan} for an image of {size}"
+    );
     c.shutdown().await;
 }
