@@ -129,6 +129,11 @@ pub(crate) enum Command {
     SetSharing {
         enabled: bool,
     },
+    /// Any GIS request, sent over the node's own GIS connection.
+    Gis {
+        req: GisRequest,
+        reply: oneshot::Sender<Result<GisResponse, String>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -189,6 +194,8 @@ enum GisPurpose {
         image: ImageQuery,
         for_fetch: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>>,
     },
+    /// A request made on behalf of a caller of `NodeHandle::gis_request`.
+    Caller(oneshot::Sender<Result<GisResponse, String>>),
 }
 
 /// A running node: a cheap handle to its event loop.
@@ -258,6 +265,13 @@ impl NodeHandle {
 
     pub async fn set_sharing(&self, enabled: bool) -> Result<(), String> {
         self.send(Command::SetSharing { enabled }).await
+    }
+
+    /// Sends any request to the GIS over the node's connection and returns the answer.
+    pub async fn gis_request(&self, req: GisRequest) -> Result<GisResponse, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Gis { req, reply }).await?;
+        rx.await.map_err(|_| "node stopped".to_string())?
     }
 
     /// Stops the node and waits until its store is flushed.
@@ -573,6 +587,10 @@ impl Engine {
     }
 
     fn on_gis_response(&mut self, purpose: GisPurpose, resp: GisResponse) {
+        if let GisPurpose::Caller(reply) = purpose {
+            let _ = reply.send(Ok(resp));
+            return;
+        }
         match (purpose, resp) {
             (
                 GisPurpose::Register,
@@ -630,6 +648,9 @@ impl Engine {
 
     fn on_gis_failure(&mut self, purpose: GisPurpose, error: String) {
         match purpose {
+            GisPurpose::Caller(reply) => {
+                let _ = reply.send(Err(format!("the GIS did not answer: {error}")));
+            }
             GisPurpose::Lookup { image, for_fetch } => {
                 let id = match &image {
                     ImageQuery::Id(id) => Some(*id),
@@ -1862,6 +1883,7 @@ impl Engine {
                 info!(enabled, "sharing switched");
                 self.sharing = enabled;
             }
+            Command::Gis { req, reply } => self.gis_request(req, GisPurpose::Caller(reply)),
             Command::Shutdown { .. } => unreachable!("handled in the loop"),
         }
     }
