@@ -131,7 +131,7 @@ pub(crate) enum Command {
     },
     /// Any GIS request, sent over the node's own GIS connection.
     Gis {
-        req: GisRequest,
+        req: Box<GisRequest>,
         reply: oneshot::Sender<Result<GisResponse, String>>,
     },
     Shutdown {
@@ -154,6 +154,11 @@ enum Internal {
         response: ChunkResponse,
     },
 }
+
+/// A deferred chunk request: the channel to answer and who asked.
+type Waiter = (ResponseChannel<ChunkResponse>, PeerId);
+/// An encoded chunk payload, shared between the relay cache and responses.
+type Payload = Arc<(Encoding, Vec<u8>)>;
 
 /// The hello state of a connected peer.
 #[derive(Clone, Debug)]
@@ -270,7 +275,11 @@ impl NodeHandle {
     /// Sends any request to the GIS over the node's connection and returns the answer.
     pub async fn gis_request(&self, req: GisRequest) -> Result<GisResponse, String> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Gis { req, reply }).await?;
+        self.send(Command::Gis {
+            req: Box::new(req),
+            reply,
+        })
+        .await?;
         rx.await.map_err(|_| "node stopped".to_string())?
     }
 
@@ -462,7 +471,7 @@ struct Engine {
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     downloads: HashMap<ImageId, DownloadState>,
     /// Deferred chunk requests (a bridgehead answers when the chunk arrives).
-    waiters: HashMap<(ImageId, ChunkIndex), Vec<(ResponseChannel<ChunkResponse>, PeerId)>>,
+    waiters: HashMap<(ImageId, ChunkIndex), Vec<Waiter>>,
     inflight: HashMap<OutboundRequestId, (ImageId, ChunkIndex, PeerId)>,
     gis_pending: HashMap<OutboundRequestId, GisPurpose>,
     acct: Accounting,
@@ -470,7 +479,7 @@ struct Engine {
     itx: mpsc::Sender<Internal>,
     irx: mpsc::Receiver<Internal>,
     serving: usize,
-    relay_cache: VecDeque<((ImageId, ChunkIndex), Arc<(Encoding, Vec<u8>)>)>,
+    relay_cache: VecDeque<((ImageId, ChunkIndex), Payload)>,
     last_heartbeat: Instant,
     last_full_announce: Instant,
     last_batch: Instant,
@@ -739,20 +748,19 @@ impl Engine {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    if peer_id == self.gis_peer {
-                        warn!("connection to the GIS closed; it will be redialled");
-                        self.gis_connected = false;
-                        return;
-                    }
-                    self.peers.remove(&peer_id);
-                    for d in self.downloads.values_mut() {
-                        if d.active.remove(&peer_id) {
-                            d.sched.remove_peer(&peer_id);
-                        }
+                if peer_id == self.gis_peer {
+                    // The next heartbeat redials it (request-response dials known addresses).
+                    warn!("connection to the GIS closed; it will be redialled");
+                    self.gis_connected = false;
+                    return;
+                }
+                self.peers.remove(&peer_id);
+                for d in self.downloads.values_mut() {
+                    if d.active.remove(&peer_id) {
+                        d.sched.remove_peer(&peer_id);
                     }
                 }
             }
@@ -1883,7 +1891,7 @@ impl Engine {
                 info!(enabled, "sharing switched");
                 self.sharing = enabled;
             }
-            Command::Gis { req, reply } => self.gis_request(req, GisPurpose::Caller(reply)),
+            Command::Gis { req, reply } => self.gis_request(*req, GisPurpose::Caller(reply)),
             Command::Shutdown { .. } => unreachable!("handled in the loop"),
         }
     }

@@ -44,7 +44,7 @@ pub enum CertError {
     #[error("certificate is not valid CBOR: {0}")]
     Malformed(String),
     #[error("certificate was issued by {found}, not by the admin {expected}; ask the admin for a new one")]
-    WrongAdmin { expected: PeerId, found: PeerId },
+    WrongAdmin { expected: Box<PeerId>, found: Box<PeerId> },
     #[error("certificate signature does not match its content (tampered or corrupt); ask the admin for a new one")]
     BadSignature,
     #[error("admin identity {0} carries no ed25519 public key; configure the admin's peer id")]
@@ -54,7 +54,7 @@ pub enum CertError {
     #[error("bridgehead certificate for {peer} is not valid before {at}; check the clock or wait")]
     NotYetValid { peer: PeerId, at: String },
     #[error("certificate is for peer {found}, presented by {expected}")]
-    OtherPeer { expected: PeerId, found: PeerId },
+    OtherPeer { expected: Box<PeerId>, found: Box<PeerId> },
     #[error("certificate is for IDC {found}, but the peer claims IDC {expected}")]
     OtherIdc { expected: Idc, found: Idc },
     #[error("certificate serial {serial} for {peer} was revoked by the admin")]
@@ -120,8 +120,8 @@ impl BridgeheadCert {
     pub fn verify(&self, admin: &PeerId, now: i64, revoked: &Revocations) -> Result<(), CertError> {
         if &self.body.issuer != admin {
             return Err(CertError::WrongAdmin {
-                expected: *admin,
-                found: self.body.issuer,
+                expected: Box::new(*admin),
+                found: Box::new(self.body.issuer),
             });
         }
         let key = public_key_of(admin).ok_or(CertError::AdminKey(*admin))?;
@@ -161,8 +161,8 @@ impl BridgeheadCert {
         self.verify(admin, now, revoked)?;
         if &self.body.peer != peer {
             return Err(CertError::OtherPeer {
-                expected: *peer,
-                found: self.body.peer,
+                expected: Box::new(*peer),
+                found: Box::new(self.body.peer),
             });
         }
         if &self.body.idc != idc {

@@ -19,6 +19,8 @@ pub struct Hello {
 
 /// The answer to a hello: our own hello, or why we refuse the peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+// Messages are decoded once and handled at once; boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum HelloReply {
     Welcome(Hello),
     Refused(String),

@@ -133,7 +133,7 @@ impl Manifest {
                 self.chunk_size
             ));
         }
-        if self.chunk_size % 4096 != 0 {
+        if !self.chunk_size.is_multiple_of(4096) {
             return inv(format!(
                 "chunk size {} is not a multiple of 4096",
                 self.chunk_size
