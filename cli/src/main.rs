@@ -1,6 +1,7 @@
 //! `bids`: the one binary of BIDS. It parses arguments, loads configuration and wires the
 //! crates together; the logic lives in the library crates.
 
+mod bench_cmd;
 mod cert_cmd;
 mod demo_cmd;
 mod image_cmd;
@@ -44,6 +45,9 @@ enum Cmd {
     Lookup(lookup_cmd::LookupArgs),
     /// Run a local multi-IDC testnet: distribute an image under BIDS and Baseline, print the figures.
     Demo(demo_cmd::DemoArgs),
+    /// Benchmarks: loopback transfer against raw TCP and bare libp2p; a node's peak memory.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,6 +134,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Image(c) => image_cmd::run(c).await,
         Cmd::Lookup(a) => lookup_cmd::run(a).await,
         Cmd::Demo(a) => demo_cmd::run(a).await,
+        Cmd::Bench(c) => bench_cmd::run(c).await,
     }
 }
 

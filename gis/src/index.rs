@@ -161,6 +161,8 @@ struct ImageState {
     kind: ObjectKind,
     base: Option<ImageRef>,
     chunks: u32,
+    /// Bytes of its non-zero chunks: what fetching it whole moves.
+    data_bytes: u64,
 }
 
 impl ImageState {
@@ -178,6 +180,7 @@ impl ImageState {
                 chunk_size: m.chunk_size,
             },
             chunks: m.chunk_count(),
+            data_bytes: versions::data_bytes(&m),
             kind: m.kind,
             base: m.base,
             stored,
@@ -229,6 +232,8 @@ pub struct Index {
     images: BTreeMap<ImageId, ImageState>,
     by_ref: BTreeMap<ImageRef, ImageId>,
     holders: BTreeMap<ImageId, BTreeMap<PeerId, Holding>>,
+    /// Delta files by the version they start from: `from` → delta ids (see `versions`).
+    deltas: BTreeMap<ImageId, BTreeSet<ImageId>>,
     revocations: Revocations,
     changes: Vec<Change>,
 }
@@ -243,6 +248,7 @@ impl Index {
             images: BTreeMap::new(),
             by_ref: BTreeMap::new(),
             holders: BTreeMap::new(),
+            deltas: BTreeMap::new(),
             revocations: Revocations::default(),
             changes: Vec::new(),
         }
@@ -269,6 +275,7 @@ impl Index {
                         ix.by_ref.insert(r, id);
                     }
                     ix.images.insert(id, st);
+                    ix.index_delta(&id);
                 }
                 Err(e) => {
                     warn!(id = %id.short(), error = %e, "dropping stored image whose manifest does not check out")
@@ -376,6 +383,9 @@ impl Index {
                 .lookup_request(peer, &image, idc, now_ms)
                 .map(|l| GisResponse::HostList(Box::new(l))),
             GisRequest::Revoke { serial } => self.revoke(peer, serial).map(|_| self.ack()),
+            GisRequest::UpgradePath { have, want } => self
+                .upgrade_path(&have, &want, now_ms)
+                .map(|p| GisResponse::UpgradePath(Box::new(p))),
         };
         result.unwrap_or_else(|e| {
             // Asking for an image that is not published yet is routine (tools poll for it).
@@ -553,6 +563,7 @@ impl Index {
                     ));
                 }
                 let m = decode_manifest(manifest, id)?;
+                self.check_lineage(&m)?;
                 let r = m.image_ref();
                 if let Some(other) = self.by_ref.get(&r) {
                     return Err(GisError::new(
@@ -596,6 +607,7 @@ impl Index {
             self.changes.push(Change::PutImage(st.stored.clone()));
             self.by_ref.insert(r, id);
             self.images.insert(id, st);
+            self.index_delta(&id);
         }
         let holders = self.holders.entry(id).or_default();
         if holders.get(&peer) != Some(&holding) {
@@ -690,6 +702,7 @@ impl Index {
         let Some(st) = self.images.remove(id) else {
             return false;
         };
+        self.unindex_delta(id, &st.kind);
         let r = ImageRef {
             name: st.info.name.clone(),
             version: st.info.version.clone(),
@@ -1090,3 +1103,4 @@ fn decode_manifest(bytes: &[u8], id: ImageId) -> Result<Manifest, GisError> {
 
 #[cfg(test)]
 mod tests;
+mod versions;

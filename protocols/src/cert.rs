@@ -44,7 +44,10 @@ pub enum CertError {
     #[error("certificate is not valid CBOR: {0}")]
     Malformed(String),
     #[error("certificate was issued by {found}, not by the admin {expected}; ask the admin for a new one")]
-    WrongAdmin { expected: Box<PeerId>, found: Box<PeerId> },
+    WrongAdmin {
+        expected: Box<PeerId>,
+        found: Box<PeerId>,
+    },
     #[error("certificate signature does not match its content (tampered or corrupt); ask the admin for a new one")]
     BadSignature,
     #[error("admin identity {0} carries no ed25519 public key; configure the admin's peer id")]
@@ -54,7 +57,10 @@ pub enum CertError {
     #[error("bridgehead certificate for {peer} is not valid before {at}; check the clock or wait")]
     NotYetValid { peer: PeerId, at: String },
     #[error("certificate is for peer {found}, presented by {expected}")]
-    OtherPeer { expected: Box<PeerId>, found: Box<PeerId> },
+    OtherPeer {
+        expected: Box<PeerId>,
+        found: Box<PeerId>,
+    },
     #[error("certificate is for IDC {found}, but the peer claims IDC {expected}")]
     OtherIdc { expected: Idc, found: Idc },
     #[error("certificate serial {serial} for {peer} was revoked by the admin")]

@@ -17,6 +17,8 @@ pub const MAX_RESPONSE_BYTES: usize = MAX_MANIFEST_BYTES + 1024 * 1024;
 pub const MAX_ADDRS: usize = 16;
 /// Most hosts per level in a host list.
 pub const MAX_LEVEL_HOSTS: usize = 64;
+/// Most held versions one `UpgradePath` request may name.
+pub const MAX_HAVE: usize = 4096;
 
 /// Byte and chunk counters, split LAN (same IDC) / WAN (other IDC).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +103,12 @@ pub enum GisRequest {
     },
     /// Admin only: revoke a certificate serial.
     Revoke { serial: u64 },
+    /// The cheapest way for a host holding the versions `have` to get `want`: a chain of
+    /// delta files starting at one of them, or the whole image, whichever moves fewer bytes.
+    UpgradePath {
+        have: Vec<ImageId>,
+        want: ImageQuery,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +159,24 @@ pub struct HostList {
     pub level2: Vec<HostEntry>,
 }
 
+/// How a host gets image `target` (the answer to `GisRequest::UpgradePath`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradePath {
+    pub target: ImageInfo,
+    /// The target's canonical manifest bytes (they hash to `target.id`).
+    #[serde(with = "serde_bytes")]
+    pub manifest: Vec<u8>,
+    /// The held version the delta chain starts from; `None`: fetch the whole image.
+    /// `Some(target.id)` with no steps: the host already holds the target.
+    pub base: Option<ImageId>,
+    /// Delta files to fetch and apply in order (empty: fetch whole, or already held).
+    pub steps: Vec<ImageInfo>,
+    /// Bytes this path moves: the steps' non-zero chunks, or the target's.
+    pub bytes: u64,
+    /// Bytes the whole target would move (its non-zero chunks), for comparison.
+    pub full_bytes: u64,
+}
+
 /// Machine-readable error kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {
@@ -176,6 +202,7 @@ pub enum GisResponse {
         revocations: Revocations,
     },
     HostList(Box<HostList>),
+    UpgradePath(Box<UpgradePath>),
     Error {
         kind: ErrorKind,
         message: String,

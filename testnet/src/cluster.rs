@@ -6,13 +6,15 @@
 use crate::shaping::Topology;
 use anyhow::{Context, Result};
 use bids_gis::server::{GisConfig, GisHandle};
+use bids_node::store::{Store, StoreError};
 use bids_node::{NodeConfig, NodeHandle};
 use bids_protocols::cert::CertBody;
-use bids_protocols::{BridgeheadCert, Idc, Policy};
+use bids_protocols::gis::{GisRequest, GisResponse, HostList, ImageQuery};
+use bids_protocols::{BridgeheadCert, Idc, ImageRef, Manifest, ObjectKind, Policy};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -258,15 +260,151 @@ impl Cluster {
         }
     }
 
-    /// Kills node `i` abruptly, as a crash would (no flush, connections dropped).
+    /// Kills node `i` abruptly, as a crash would (no flush, connections dropped). Returns
+    /// once its store can be opened again, so the node can be restarted at once.
     pub async fn kill_node(&mut self, i: usize) {
         self.nodes[i].handle = None;
         if let Some(t) = self.nodes[i].task.take() {
             t.abort();
             let _ = t.await;
         }
-        // Blocking tasks that still hold the store finish quickly; wait for the lock to free.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Blocking tasks that still hold the store finish quickly; the store's lock frees
+        // when the last of them ends. Wait for that by opening the store (bounded); a restart
+        // reports any other failure itself.
+        let dir = self.nodes[i].store_dir.clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let d = dir.clone();
+            let opened = tokio::task::spawn_blocking(move || Store::open(&d).map(drop)).await;
+            match opened {
+                Ok(Err(StoreError::Locked { .. })) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Adds an ordinary host to IDC `idc` (fresh identity, own store, next address of the
+    /// IDC) without starting it; returns its index. Start it with [`Cluster::start_node`] or
+    /// [`Cluster::start_node_with`] (after setting its `cert`, for instance). Its address is
+    /// not in the link topology, so its own LAN link is not shaped.
+    pub fn add_node(&mut self, idc: &str) -> Result<usize> {
+        let k = self
+            .spec
+            .idcs
+            .iter()
+            .position(|s| s.name == idc)
+            .with_context(|| format!("IDC {idc} is not in the cluster"))?;
+        let h = self.idc_nodes(idc).len();
+        anyhow::ensure!(h < 254, "IDC {idc} has no free address left");
+        let i = self.nodes.len();
+        self.nodes.push(ClusterNode {
+            idc: idc.to_string(),
+            ip: host_ip(k, h),
+            key: Keypair::generate_ed25519(),
+            cert: None,
+            store_dir: self._dir.path().join(format!("{idc}-{h}")),
+            handle: None,
+            task: None,
+        });
+        Ok(i)
+    }
+
+    /// Imports `file` as `image` (chunks of `chunk_size` bytes) into node `i`'s store,
+    /// publishes it, and waits until the GIS lists node `i` as a complete holder.
+    pub async fn seed(
+        &self,
+        i: usize,
+        file: &Path,
+        image: &ImageRef,
+        chunk_size: u32,
+    ) -> Result<Manifest> {
+        let h = self.nodes[i].node().clone();
+        let store = h.store().clone();
+        let (f, r) = (file.to_path_buf(), image.clone());
+        let m = tokio::task::spawn_blocking(move || {
+            store.import(&f, &r, chunk_size, None, ObjectKind::Image, &mut |_, _| {})
+        })
+        .await
+        .context("import task")?
+        .with_context(|| format!("importing {} into node {i}", file.display()))?;
+        h.imported(m.id()).await.map_err(anyhow::Error::msg)?;
+        self.wait_listed(i, &ImageQuery::Id(m.id()), Duration::from_secs(20))
+            .await?;
+        Ok(m)
+    }
+
+    /// Waits until the GIS lists node `i` as a complete holder of `image` (as seen by an
+    /// ordinary host of its IDC).
+    pub async fn wait_listed(&self, i: usize, image: &ImageQuery, within: Duration) -> Result<()> {
+        let peer = self.nodes[i].peer_id();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(list) = self.lookup(&self.nodes[i].idc, image).await {
+                if list.level0.iter().any(|e| e.peer == peer && e.complete) {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "the GIS did not list node {i} as a holder of {image:?} within {within:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The host list an ordinary host of `idc` gets for `image` (asked by an outside
+    /// identity, as `bids lookup` does).
+    pub async fn lookup(&self, idc: &str, image: &ImageQuery) -> Result<HostList> {
+        let req = GisRequest::Lookup {
+            image: image.clone(),
+            idc: Some(Idc::new(idc).map_err(anyhow::Error::msg)?),
+        };
+        let key = Keypair::generate_ed25519();
+        match bids_gis::client::request_once(
+            key,
+            self.gis_addr.clone(),
+            req,
+            Duration::from_secs(5),
+        )
+        .await?
+        {
+            GisResponse::HostList(l) => Ok(*l),
+            other => anyhow::bail!("lookup of {image:?} for IDC {idc} answered {other:?}"),
+        }
+    }
+
+    /// Starts downloads of `image` on `nodes` at once and waits for all of them; returns each
+    /// node's provision time in seconds, or the first failures.
+    pub async fn fetch_all(
+        &self,
+        nodes: &[usize],
+        image: &ImageRef,
+        within: Duration,
+    ) -> Result<Vec<f64>> {
+        let mut tasks = Vec::new();
+        for &i in nodes {
+            let n = self.nodes[i].node().clone();
+            let q = ImageQuery::Ref(image.clone());
+            tasks.push((i, tokio::spawn(async move { n.fetch_and_wait(q).await })));
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        let mut times = Vec::new();
+        let mut failures = Vec::new();
+        for (i, t) in tasks {
+            match tokio::time::timeout_at(deadline, t).await {
+                Ok(Ok(Ok(secs))) => times.push(secs),
+                Ok(Ok(Err(e))) => failures.push(format!("node {i}: {e}")),
+                Ok(Err(e)) => failures.push(format!("node {i}: task failed: {e}")),
+                Err(_) => failures.push(format!("node {i}: not done within {within:?}")),
+            }
+        }
+        if !failures.is_empty() {
+            anyhow::bail!("fetching {image} failed: {}", failures.join("; "));
+        }
+        Ok(times)
     }
 
     /// Restarts the GIS on its data dir (same identity, same address family, new port).

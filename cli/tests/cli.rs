@@ -1,0 +1,419 @@
+//! End-to-end tests of the `bids` binary: real processes (GIS, nodes) on 127.0.0.1, the
+//! commands a user types, their exit codes and outputs.
+
+use bids_protocols::cert::{BridgeheadCert, CertBody};
+use bids_protocols::Idc;
+use libp2p::identity::Keypair;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bids() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bids"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bids().args(args).output().expect("bids runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "bids {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("utf-8 output")
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(!o.status.success(), "bids {args:?} should fail");
+    String::from_utf8(o.stderr).expect("utf-8 output")
+}
+
+/// A daemon child that is killed when the test ends, however it ends.
+struct Daemon {
+    child: Child,
+    first_line: String,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let mut child = bids()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("daemon prints its address");
+        Daemon {
+            child,
+            first_line: line.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn p(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+fn write_random(path: &Path, size: usize, seed: u8) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut x: u32 = seed as u32 * 2654435761 + 1;
+    let mut buf = Vec::with_capacity(size);
+    for _ in 0..size {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        buf.push((x >> 8) as u8);
+    }
+    f.write_all(&buf).unwrap();
+}
+
+#[test]
+fn key_and_cert_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = ok(&["key", "gen", "--out", &p(dir.path(), "admin.key")])
+        .trim()
+        .to_string();
+    let peer = ok(&["key", "gen", "--out", &p(dir.path(), "db.key")])
+        .trim()
+        .to_string();
+    assert!(
+        admin.starts_with("12D3Koo"),
+        "peer id alone on stdout: {admin}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("admin.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        ok(&["key", "peer-id", &p(dir.path(), "admin.key")]).trim(),
+        admin
+    );
+    assert!(fails(&["key", "gen", "--out", &p(dir.path(), "admin.key")]).contains("already exists"));
+
+    let cert = p(dir.path(), "db.cert");
+    ok(&[
+        "cert",
+        "issue",
+        "--admin-key",
+        &p(dir.path(), "admin.key"),
+        "--peer",
+        &peer,
+        "--idc",
+        "B",
+        "--db-id",
+        "b1",
+        "--days",
+        "30",
+        "--out",
+        &cert,
+    ]);
+    ok(&[
+        "cert",
+        "verify",
+        &cert,
+        "--admin-peer",
+        &admin,
+        "--peer",
+        &peer,
+        "--idc",
+        "B",
+    ]);
+    assert!(ok(&["cert", "show", &cert]).contains("idc:        B"));
+
+    // Wrong admin.
+    let e = fails(&["cert", "verify", &cert, "--admin-peer", &peer]);
+    assert!(e.contains("not by the admin"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "one-line reason: {e}");
+    // Other peer, other IDC.
+    assert!(fails(&[
+        "cert",
+        "verify",
+        &cert,
+        "--admin-peer",
+        &admin,
+        "--peer",
+        &admin
+    ])
+    .contains("is for peer"));
+    assert!(fails(&[
+        "cert",
+        "verify",
+        &cert,
+        "--admin-peer",
+        &admin,
+        "--idc",
+        "C"
+    ])
+    .contains("IDC B"));
+    // Tampered bytes: flip one byte of the signature.
+    let mut bytes = std::fs::read(&cert).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x40;
+    let tampered = p(dir.path(), "tampered.cert");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let e = fails(&["cert", "verify", &tampered, "--admin-peer", &admin]);
+    assert!(
+        e.contains("tampered") || e.contains("not a bridgehead certificate"),
+        "{e}"
+    );
+    // Revoked, through a revocation list.
+    let c = BridgeheadCert::from_bytes(&std::fs::read(&cert).unwrap()).unwrap();
+    let revoked = p(dir.path(), "revoked.txt");
+    std::fs::write(&revoked, format!("# revoked serials\n{}\n", c.body.serial)).unwrap();
+    assert!(fails(&[
+        "cert",
+        "verify",
+        &cert,
+        "--admin-peer",
+        &admin,
+        "--revoked",
+        &revoked
+    ])
+    .contains("revoked"));
+    // Expired and not yet valid: made with the library, checked by the CLI.
+    let admin_key =
+        Keypair::from_protobuf_encoding(&std::fs::read(dir.path().join("admin.key")).unwrap())
+            .unwrap();
+    let now = bids_protocols::unix_now();
+    for (name, nb, na, want) in [
+        ("old.cert", now - 1000, now - 10, "expired"),
+        ("future.cert", now + 1000, now + 2000, "not valid before"),
+    ] {
+        let body = CertBody {
+            peer: peer.parse().unwrap(),
+            idc: Idc::new("B").unwrap(),
+            db_id: "b1".into(),
+            serial: 9,
+            not_before: nb,
+            not_after: na,
+            issuer: admin.parse().unwrap(),
+        };
+        let c = BridgeheadCert::issue(&admin_key, body).unwrap();
+        std::fs::write(dir.path().join(name), c.to_bytes()).unwrap();
+        let e = fails(&[
+            "cert",
+            "verify",
+            &p(dir.path(), name),
+            "--admin-peer",
+            &admin,
+        ]);
+        assert!(e.contains(want), "{name}: {e}");
+    }
+}
+
+#[test]
+fn image_store_round_trip_without_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("img.raw");
+    write_random(&src, 3 * 65536 + 77, 3);
+    let store = p(dir.path(), "store");
+    let out = ok(&[
+        "image",
+        "add",
+        &src.display().to_string(),
+        "--name",
+        "deb",
+        "--version",
+        "1",
+        "--store",
+        &store,
+        "--chunk-size",
+        "64KiB",
+    ]);
+    assert!(out.contains("deb:1"), "{out}");
+    let ls = ok(&["image", "ls", "--store", &store, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    assert_eq!(v[0]["chunks_total"], 4);
+    assert_eq!(v[0]["chunks_held"], 4);
+    let back = dir.path().join("back.raw");
+    ok(&[
+        "image",
+        "export",
+        "deb:1",
+        "--store",
+        &store,
+        "--out",
+        &back.display().to_string(),
+    ]);
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&back).unwrap());
+    assert!(
+        fails(&["image", "export", "deb:2", "--store", &store, "--out", "x"])
+            .contains("not in store")
+    );
+    assert!(fails(&[
+        "image",
+        "add",
+        "/nonexistent",
+        "--name",
+        "a",
+        "--version",
+        "1",
+        "--store",
+        &store
+    ])
+    .contains("nonexistent"));
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn gis_nodes_lookup_and_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin = ok(&["key", "gen", "--out", &p(d, "admin.key")])
+        .trim()
+        .to_string();
+    ok(&["key", "gen", "--out", &p(d, "gis.key")]);
+    ok(&["key", "gen", "--out", &p(d, "a1.key")]);
+    ok(&["key", "gen", "--out", &p(d, "a2.key")]);
+    let gis = Daemon::start(&[
+        "gis",
+        "--key",
+        &p(d, "gis.key"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, "gis-data"),
+        "--admin-peer",
+        &admin,
+    ]);
+    let gis_addr = gis.first_line.clone();
+    assert!(
+        gis_addr.contains("/p2p/"),
+        "GIS prints its address: {gis_addr}"
+    );
+
+    // A holder with an image imported before the node starts, and an empty host.
+    let src = d.join("img.raw");
+    write_random(&src, 700_000, 5);
+    let s1 = p(d, "a1");
+    let s2 = p(d, "a2");
+    ok(&[
+        "image",
+        "add",
+        &src.display().to_string(),
+        "--name",
+        "deb",
+        "--version",
+        "1",
+        "--store",
+        &s1,
+        "--chunk-size",
+        "64KiB",
+    ]);
+    // Settings through a TOML file and the environment as well as flags.
+    let conf = d.join("a1.toml");
+    std::fs::write(&conf, format!("idc = \"A\"\ngis = \"{gis_addr}\"\nadmin_peer = \"{admin}\"\nlisten = \"/ip4/127.0.0.1/tcp/0\"\n")).unwrap();
+    let _n1 = {
+        let mut c = bids();
+        c.args([
+            "node",
+            "--config",
+            &conf.display().to_string(),
+            "--store",
+            &s1,
+        ])
+        .env("BIDS_KEY", p(d, "a1.key"));
+        let mut child = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Daemon {
+            child,
+            first_line: line,
+        }
+    };
+    let _n2 = Daemon::start(&[
+        "node",
+        "--key",
+        &p(d, "a2.key"),
+        "--idc",
+        "A",
+        "--gis",
+        &gis_addr,
+        "--store",
+        &s2,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--admin-peer",
+        &admin,
+    ]);
+
+    // The GIS lists the holder once it has published.
+    let mut lookup = serde_json::Value::Null;
+    wait_for("the holder to be listed", Duration::from_secs(20), || {
+        let o = run(&["lookup", "deb:1", "--gis", &gis_addr, "--idc", "A"]);
+        if !o.status.success() {
+            return false;
+        }
+        lookup = serde_json::from_slice(&o.stdout).unwrap();
+        lookup["level0"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|e| e["complete"] == true))
+    });
+    assert_eq!(lookup["image"]["name"], "deb");
+    assert_eq!(lookup["image"]["size"], 700_000);
+    assert_eq!(lookup["image"]["chunk_size"], 65536);
+    for key in ["peer", "idc", "role", "addrs"] {
+        assert!(lookup["level0"][0].get(key).is_some(), "entry has {key}");
+    }
+    assert!(lookup["level1"].as_array().unwrap().is_empty());
+    assert!(lookup["level2"].as_array().unwrap().is_empty());
+    let e = fails(&["lookup", "deb:9", "--gis", &gis_addr, "--idc", "A"]);
+    assert!(e.contains("not known"), "{e}");
+
+    // Fetch through the running node; its control socket reports progress and counters.
+    wait_for("node 2's control socket", Duration::from_secs(10), || {
+        Path::new(&s2).join("control.sock").exists()
+    });
+    let out = d.join("fetched.raw");
+    ok(&[
+        "image",
+        "fetch",
+        "deb:1",
+        "--store",
+        &s2,
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&out).unwrap());
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&["image", "status", "deb:1", "--store", &s2, "--json"])).unwrap();
+    assert_eq!(st["complete"], true);
+    assert!(st["counters"]["lan_recv_bytes"].as_u64().unwrap() >= 700_000);
+    assert_eq!(st["counters"]["wan_recv_bytes"], 0);
+    assert!(ok(&["image", "ls", "--store", &s2]).contains("deb"));
+    // No source: a clear error, non-zero exit.
+    assert!(fails(&["image", "fetch", "nope:1", "--store", &s2]).contains("not known"));
+}
