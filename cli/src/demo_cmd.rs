@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// A sparse, compressible image (zero runs and text) instead of random bytes.
     #[arg(long)]
     sparse: bool,
+    /// Distribute this file (e.g. a real raw VM disk image) instead of a generated one.
+    #[arg(long, conflicts_with_all = ["size", "sparse"])]
+    image: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Print one JSON object instead of the table.
@@ -58,6 +61,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         modes,
         seed: a.seed,
         sparse: a.sparse,
+        image: a.image,
     };
     let quiet = a.json;
     let mut log = |s: &str| {

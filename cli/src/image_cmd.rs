@@ -61,6 +61,9 @@ pub enum ImageCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Import a new version of an image held in the store, build the delta from the old
+    /// version and publish both (the delta is stored as NAME:OLD-to-VERSION).
+    Publish(crate::delta_cmd::PublishArgs),
     /// Remove an image from the store (and tell the GIS).
     Rm {
         image: String,
@@ -362,6 +365,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
             }
             Ok(())
         }
+        ImageCmd::Publish(a) => crate::delta_cmd::publish(a).await,
         ImageCmd::Rm { image, store } => {
             let image = image_ref(&image)?;
             if control::node_running(&store).await {

@@ -3,6 +3,7 @@
 
 mod bench_cmd;
 mod cert_cmd;
+mod delta_cmd;
 mod demo_cmd;
 mod image_cmd;
 mod keys;
@@ -41,6 +42,9 @@ enum Cmd {
     /// Images in a store: add, ls, export, status, fetch, rm.
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
+    /// Delta files between two versions of an image: build, apply, info.
+    #[command(subcommand)]
+    Delta(delta_cmd::DeltaCmd),
     /// Ask the GIS for an image's hierarchical host list (JSON).
     Lookup(lookup_cmd::LookupArgs),
     /// Run a local multi-IDC testnet: distribute an image under BIDS and Baseline, print the figures.
@@ -132,6 +136,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Gis(a) => node_cmd::run_gis(a).await,
         Cmd::Node(a) => node_cmd::run_node(a).await,
         Cmd::Image(c) => image_cmd::run(c).await,
+        Cmd::Delta(c) => delta_cmd::run(c).await,
         Cmd::Lookup(a) => lookup_cmd::run(a).await,
         Cmd::Demo(a) => demo_cmd::run(a).await,
         Cmd::Bench(c) => bench_cmd::run(c).await,

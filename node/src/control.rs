@@ -3,6 +3,7 @@
 //! request per line; replies are JSON lines (a fetch streams progress until it ends).
 
 use crate::engine::{FetchProgress, NodeHandle, NodeStatus};
+use crate::versions::{self, NewVersion};
 use bids_protocols::gis::ImageQuery;
 use bids_protocols::{ImageId, ImageRef, ObjectKind};
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,15 @@ pub enum ControlRequest {
     Remove {
         image: ImageRef,
     },
+    /// Import `file` as `image`, a new version of `from` (held here), build and import the
+    /// delta `from` → `image`, publish both (`crate::versions::publish`). `chunk_size` 0
+    /// takes `from`'s.
+    Publish {
+        file: PathBuf,
+        image: ImageRef,
+        from: ImageRef,
+        chunk_size: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -46,6 +56,7 @@ pub enum ControlReply {
         chunks: u32,
     },
     Done,
+    Published(Box<NewVersion>),
     Error(String),
 }
 
@@ -112,7 +123,8 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
             Err(e) => write_reply(&mut w, &ControlReply::Error(e)).await,
         },
         ControlRequest::Fetch { image } => {
-            let mut rx = match node.fetch(ImageQuery::Ref(image)).await {
+            // The cheapest path: deltas from a held version when they move fewer bytes.
+            let mut rx = match versions::fetch(&node, ImageQuery::Ref(image)).await {
                 Ok(rx) => rx,
                 Err(e) => return write_reply(&mut w, &ControlReply::Error(e)).await,
             };
@@ -184,6 +196,15 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
                 Err(e) => write_reply(&mut w, &ControlReply::Error(e.to_string())).await,
             }
         }
+        ControlRequest::Publish {
+            file,
+            image,
+            from,
+            chunk_size,
+        } => match versions::publish(&node, file, image, from, chunk_size).await {
+            Ok(nv) => write_reply(&mut w, &ControlReply::Published(Box::new(nv))).await,
+            Err(e) => write_reply(&mut w, &ControlReply::Error(e.to_string())).await,
+        },
         ControlRequest::Remove { image } => {
             let store = node.store().clone();
             let Some(id) = store.resolve(&image) else {

@@ -7,6 +7,7 @@
 use crate::accounting::Accounting;
 use crate::config::NodeConfig;
 use crate::gate::{self, Link};
+use crate::payload_cache::PayloadCache;
 use crate::ratelimit::RateLimiter;
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::store::Store;
@@ -43,13 +44,16 @@ const LOOKUP_REFRESH: Duration = Duration::from_secs(3);
 const PUBLISH_PROGRESS: Duration = Duration::from_secs(5);
 /// A peer that has not said hello by then is disconnected.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer whose hello we refused stays connected this long, so it can read why (closing at
+/// once loses the reply in flight); it gets no data meanwhile.
+const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 /// Chunk reads or writes in flight on the blocking pool before we answer Busy.
 const MAX_SERVING: usize = 256;
 /// The topic on which bridgeheads of all IDCs announce what they hold, so fetching IDCs can
 /// trade chunks among themselves instead of each pulling everything from the origin.
 const BRIDGEHEAD_TOPIC: &str = "bids/bridgeheads/chunks";
-/// Encoded payloads kept for cut-through relay (a bridgehead serves one chunk to many hosts).
-const RELAY_CACHE: usize = 16;
+/// Compressed payloads kept for reuse (bytes) (a bridgehead serves one chunk to many hosts).
+const PAYLOAD_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -151,20 +155,27 @@ enum Internal {
         channel: ResponseChannel<ChunkResponse>,
         peer: PeerId,
         image: ImageId,
+        index: ChunkIndex,
         response: ChunkResponse,
     },
 }
 
 /// A deferred chunk request: the channel to answer and who asked.
 type Waiter = (ResponseChannel<ChunkResponse>, PeerId);
-/// An encoded chunk payload, shared between the relay cache and responses.
-type Payload = Arc<(Encoding, Vec<u8>)>;
 
 /// The hello state of a connected peer.
 #[derive(Clone, Debug)]
 enum PeerState {
-    Pending { since: Instant },
-    Accepted { link: Link },
+    Pending {
+        since: Instant,
+    },
+    Accepted {
+        link: Link,
+    },
+    /// Its hello was refused; disconnected once `REFUSAL_GRACE` has passed.
+    Refused {
+        since: Instant,
+    },
 }
 
 /// Why a download runs.
@@ -438,7 +449,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         itx,
         irx,
         serving: 0,
-        relay_cache: VecDeque::new(),
+        payload_cache: PayloadCache::new(PAYLOAD_CACHE_BYTES),
         last_heartbeat: Instant::now(),
         last_full_announce: Instant::now(),
         last_batch: Instant::now(),
@@ -479,7 +490,7 @@ struct Engine {
     itx: mpsc::Sender<Internal>,
     irx: mpsc::Receiver<Internal>,
     serving: usize,
-    relay_cache: VecDeque<((ImageId, ChunkIndex), Payload)>,
+    payload_cache: PayloadCache,
     last_heartbeat: Instant,
     last_full_announce: Instant,
     last_batch: Instant,
@@ -887,7 +898,16 @@ impl Engine {
                         .behaviour_mut()
                         .hello
                         .send_response(channel, HelloReply::Refused(reason.clone()));
-                    self.refuse(peer, &reason);
+                    // Closing now would drop the refusal before the peer reads it; the tick
+                    // closes the connection after REFUSAL_GRACE. It gets no data meanwhile.
+                    warn!(%peer, %reason, "connection refused");
+                    self.acct.refused();
+                    self.peers.insert(
+                        peer,
+                        PeerState::Refused {
+                            since: Instant::now(),
+                        },
+                    );
                 }
             },
             rr::Event::Message {
@@ -1042,13 +1062,8 @@ impl Engine {
             self.respond(channel, ChunkResponse::NotHeld);
             return;
         }
-        // Cut-through: a payload just relayed is served again without touching the disk.
-        if let Some((_, p)) = self
-            .relay_cache
-            .iter()
-            .find(|(k, _)| *k == (req.image, req.index))
-        {
-            let p = p.clone();
+        // A payload compressed before is served again without recompressing it.
+        if let Some(p) = self.payload_cache.get(&req.image, req.index) {
             let resp = ChunkResponse::Data {
                 encoding: p.0,
                 payload: p.1.clone(),
@@ -1074,6 +1089,7 @@ impl Engine {
                 channel,
                 peer,
                 image: req.image,
+                index: req.index,
                 response,
             });
         });
@@ -1195,9 +1211,21 @@ impl Engine {
                 channel,
                 peer,
                 image,
+                index,
                 response,
             } => {
                 self.serving = self.serving.saturating_sub(1);
+                if let ChunkResponse::Data {
+                    encoding: Encoding::Zstd,
+                    payload,
+                } = &response
+                {
+                    self.payload_cache.insert(
+                        image,
+                        index,
+                        Arc::new((Encoding::Zstd, payload.clone())),
+                    );
+                }
                 let link = self.link_of(&peer).unwrap_or(Link::Lan);
                 self.finish_serve(channel, peer, image, response, link);
             }
@@ -1239,12 +1267,7 @@ impl Engine {
                         self.finish_serve(channel, p, image, resp, link);
                     }
                 }
-                if self.role == Role::Bridgehead {
-                    self.relay_cache.push_back(((image, idx), payload));
-                    if self.relay_cache.len() > RELAY_CACHE {
-                        self.relay_cache.pop_front();
-                    }
-                }
+                self.payload_cache.insert(image, idx, payload);
                 self.update_progress(&image);
             }
             Err(e) => {
@@ -1652,11 +1675,15 @@ impl Engine {
                 self.gis_request(GisRequest::Heartbeat { stats }, GisPurpose::Heartbeat);
             }
         }
-        // Peers that never said hello are dropped.
+        // Peers that never said hello, or were refused and had time to read why, are dropped.
         let stale: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, s)| matches!(s, PeerState::Pending { since } if now.duration_since(*since) > HELLO_TIMEOUT))
+            .filter(|(_, s)| match s {
+                PeerState::Pending { since } => now.duration_since(*since) > HELLO_TIMEOUT,
+                PeerState::Refused { since } => now.duration_since(*since) > REFUSAL_GRACE,
+                PeerState::Accepted { .. } => false,
+            })
             .map(|(p, _)| *p)
             .collect();
         for p in stale {

@@ -6,10 +6,12 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod gate;
+pub mod payload_cache;
 pub mod ratelimit;
 pub mod scheduler;
 pub mod store;
 pub mod transport;
+pub mod versions;
 
 pub use config::NodeConfig;
 pub use engine::{start, FetchProgress, ImageReport, NodeHandle, NodeStatus};

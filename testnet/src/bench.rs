@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use bids_node::control::{self, ControlReply, ControlRequest};
 use bids_node::scheduler::SchedulerConfig;
 use bids_node::transport::{self, TransportOptions};
-use bids_node::NodeHandle;
 use bids_protocols::gis::{GisRequest, GisResponse, ImageQuery};
 use bids_protocols::{Idc, ImageId, ImageRef, ObjectKind, Policy};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
@@ -394,7 +393,7 @@ impl BidsSetup {
         let cluster = Cluster::start(one_idc(2)).await?;
         let image = ImageRef::new("bench", "1").map_err(anyhow::Error::msg)?;
         let id = seed_image(&cluster, 0, &source, &image).await?;
-        wait_listed(cluster.nodes[1].node(), &image, Duration::from_secs(20)).await?;
+        wait_listed(&cluster, &image, Duration::from_secs(20)).await?;
         Ok(BidsSetup {
             cluster,
             image,
@@ -478,15 +477,24 @@ async fn seed_image(c: &Cluster, i: usize, file: &Path, image: &ImageRef) -> Res
     Ok(id)
 }
 
-/// Waits until the GIS lists a complete holder of `image` in IDC A (asked through `via`).
-async fn wait_listed(via: &NodeHandle, image: &ImageRef, within: Duration) -> Result<()> {
+/// Waits until the GIS lists a complete holder of `image` in IDC A.
+async fn wait_listed(c: &Cluster, image: &ImageRef, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
+    // One identity for every attempt: a stranger asking, as a new host of IDC A would.
+    let key = libp2p::identity::Keypair::generate_ed25519();
     loop {
         let req = GisRequest::Lookup {
             image: ImageQuery::Ref(image.clone()),
             idc: Some(Idc::new("A").map_err(anyhow::Error::msg)?),
         };
-        if let Ok(GisResponse::HostList(l)) = via.gis_request(req).await {
+        let answer = bids_gis::client::request_once(
+            key.clone(),
+            c.gis_addr.clone(),
+            req,
+            Duration::from_secs(5),
+        )
+        .await;
+        if let Ok(GisResponse::HostList(l)) = answer {
             if l.level0.iter().any(|e| e.complete) {
                 return Ok(());
             }
@@ -561,7 +569,7 @@ async fn rss_on(c: &Cluster, o: &RssOptions, dir: &Path, log: Log<'_>) -> Result
             .context("image task")??;
         let image = ImageRef::new("rss", &format!("{n}")).map_err(anyhow::Error::msg)?;
         seed_image(c, 0, &file, &image).await?;
-        wait_listed(c.nodes[0].node(), &image, Duration::from_secs(20)).await?;
+        wait_listed(c, &image, Duration::from_secs(20)).await?;
         // The source file is not needed any more (the seeder has its own copy).
         let _ = std::fs::remove_file(&file);
         log(&format!(
@@ -671,11 +679,7 @@ async fn fetch_in_child(
             image: image.clone(),
         },
         |r| match r {
-            ControlReply::Progress(p) => {
-                if p.done.is_some() {
-                    done = p.done;
-                }
-            }
+            ControlReply::Progress(p) if p.done.is_some() => done = p.done,
             ControlReply::Error(e) => done = Some(Err(e)),
             _ => {}
         },

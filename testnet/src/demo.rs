@@ -43,8 +43,10 @@ pub struct DemoOptions {
     pub chunk_size: u32,
     pub modes: Vec<Mode>,
     pub seed: u64,
-    /// Fraction of the image that is zeros/text (0 = random, incompressible).
+    /// A sparse, compressible image (zero runs and text) instead of random bytes.
     pub sparse: bool,
+    /// Distribute this file (e.g. a real VM disk image) instead of a generated one.
+    pub image: Option<std::path::PathBuf>,
 }
 
 impl Default for DemoOptions {
@@ -60,6 +62,7 @@ impl Default for DemoOptions {
             modes: vec![Mode::Bids, Mode::Baseline],
             seed: 1,
             sparse: false,
+            image: None,
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct RunResult {
     pub idcs: Vec<IdcResult>,
     pub all_verified: bool,
     pub wall_s: f64,
+    /// Largest disk usage (allocated blocks) of a receiving host's copy ÷ the source file's.
+    pub disk_usage_ratio_max: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -277,11 +282,15 @@ async fn run_on(
     // Every copy must be bit-exact: hash each node's image file against the source.
     let want = sha256_file(image_file)?;
     let mut all_verified = true;
+    let src_blocks = allocated(image_file)?.max(1);
+    let mut disk_usage_ratio_max: f64 = 0.0;
     for (i, _) in &times {
         let path = c.nodes[*i].node().store().image_path(&id);
         if sha256_file(&path)? != want {
             all_verified = false;
         }
+        disk_usage_ratio_max =
+            disk_usage_ratio_max.max(allocated(&path)? as f64 / src_blocks as f64);
     }
     let mut idcs = Vec::new();
     for k in 1..o.idcs {
@@ -320,6 +329,7 @@ async fn run_on(
         idcs,
         all_verified,
         wall_s,
+        disk_usage_ratio_max,
     })
 }
 
@@ -335,9 +345,20 @@ pub async fn run(o: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRepor
         bail!("--wan-mbit and --lan-mbit must be positive");
     }
     let dir = tempfile::Builder::new().prefix("bids-demo-").tempdir()?;
-    let file = dir.path().join("image.raw");
-    make_image(&file, o.size, o.seed, o.sparse)?;
-    let payload_bytes = if o.sparse {
+    let (file, size) = match &o.image {
+        Some(f) => {
+            let len = std::fs::metadata(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .len();
+            (f.clone(), len)
+        }
+        None => {
+            let file = dir.path().join("image.raw");
+            make_image(&file, o.size, o.seed, o.sparse)?;
+            (file, o.size)
+        }
+    };
+    let payload_bytes = if o.sparse || o.image.is_some() {
         // Non-zero chunks only.
         let m = bids_protocols::manifest::is_zero;
         let mut f = std::fs::File::open(&file)?;
@@ -361,15 +382,24 @@ pub async fn run(o: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRepor
         runs.push(run_mode(o, mode, &file, log).await?);
     }
     Ok(DemoReport {
-        image_bytes: o.size,
+        image_bytes: size,
         payload_bytes,
         wan_mbit: o.wan_mbit,
         lan_mbit: o.lan_mbit,
         delay_ms: o.delay_ms,
         chunk_size: o.chunk_size,
-        bound_s: o.size as f64 / (o.wan_mbit * 1e6 / 8.0),
+        bound_s: size as f64 / (o.wan_mbit * 1e6 / 8.0),
         runs,
     })
+}
+
+/// Bytes a file really occupies on disk (holes excluded).
+fn allocated(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .blocks()
+        * 512)
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -425,8 +455,9 @@ pub fn render(r: &DemoReport) -> String {
             );
         }
         s += &format!(
-            "origin IDC A sent {:.2} x the image over its WAN uplink\n\n",
-            run.origin_wan_out_bytes as f64 / r.image_bytes as f64
+            "origin IDC A sent {:.2} x the image over its WAN uplink; largest copy uses {:.3} x the source's disk space\n\n",
+            run.origin_wan_out_bytes as f64 / r.image_bytes as f64,
+            run.disk_usage_ratio_max
         );
     }
     let bids = r.runs.iter().find(|x| x.mode == Mode::Bids);

@@ -261,3 +261,445 @@ fn show_path(path: &[ImageRef]) -> String {
         .collect::<Vec<_>>()
         .join(" → ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::IndexConfig;
+    use crate::storage::{MemStorage, Snapshot, Storage, StoredImage};
+    use bids_protocols::gis::{GisRequest, GisResponse, Holding};
+    use bids_protocols::manifest::chunk_info;
+    use bids_protocols::{Idc, Policy};
+    use libp2p::identity::Keypair;
+    use libp2p::PeerId;
+
+    const T0: i64 = 1_700_000_000_000;
+    const CHUNK: u32 = 4096;
+    const CS: u64 = CHUNK as u64;
+
+    /// An object of `data` non-zero chunks followed by `zeros` all-zero chunks. `seed`
+    /// makes the content (and so the id) distinct.
+    fn object(
+        name: &str,
+        version: &str,
+        base: Option<&str>,
+        kind: ObjectKind,
+        data: usize,
+        zeros: usize,
+        seed: u8,
+    ) -> Manifest {
+        let mut chunks: Vec<_> = (0..data)
+            .map(|i| {
+                let mut b = vec![seed; CHUNK as usize];
+                b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                b[8] = 1;
+                chunk_info(&b)
+            })
+            .collect();
+        chunks.extend((0..zeros).map(|_| chunk_info(&[0u8; CHUNK as usize])));
+        Manifest {
+            name: name.into(),
+            version: version.into(),
+            base: base.map(|b| b.parse().unwrap()),
+            kind,
+            size: (data + zeros) as u64 * CS,
+            chunk_size: CHUNK,
+            chunks,
+        }
+    }
+
+    struct W {
+        ix: Index,
+        host: PeerId,
+        seed: u8,
+    }
+
+    impl W {
+        fn new() -> W {
+            let admin = Keypair::generate_ed25519().public().to_peer_id();
+            let mut ix = Index::new(IndexConfig::new(admin, Policy::Bids));
+            let host = Keypair::generate_ed25519().public().to_peer_id();
+            ix.register(host, Idc::new("A").unwrap(), vec![], None, Policy::Bids, T0)
+                .unwrap();
+            W { ix, host, seed: 1 }
+        }
+
+        fn publish_by(&mut self, peer: PeerId, m: &Manifest, complete: bool) -> ImageId {
+            let id = m.id();
+            let holding = Holding {
+                image: id,
+                chunks_held: if complete { m.chunk_count() } else { 0 },
+                complete,
+                fetching: !complete,
+            };
+            self.ix.publish(peer, holding, &m.to_bytes(), T0).unwrap();
+            id
+        }
+
+        /// Publishes image `a:<version>` with `data` non-zero and `zeros` zero chunks.
+        fn image(
+            &mut self,
+            version: &str,
+            base: Option<&str>,
+            data: usize,
+            zeros: usize,
+        ) -> ImageId {
+            self.seed += 1;
+            let m = object(
+                "a",
+                version,
+                base,
+                ObjectKind::Image,
+                data,
+                zeros,
+                self.seed,
+            );
+            self.publish_by(self.host, &m, true)
+        }
+
+        /// Publishes a delta `from` → `to` of `data` chunks.
+        fn delta(&mut self, from: ImageId, to: ImageId, data: usize) -> ImageId {
+            self.seed += 1;
+            let v = format!("d{}", self.seed);
+            let kind = ObjectKind::Delta { from, to };
+            let m = object("a", &v, None, kind, data, 0, self.seed);
+            self.publish_by(self.host, &m, true)
+        }
+
+        fn path(&self, have: &[ImageId], want: ImageId) -> UpgradePath {
+            self.ix
+                .upgrade_path(have, &ImageQuery::Id(want), T0)
+                .unwrap()
+        }
+    }
+
+    fn ids(p: &UpgradePath) -> Vec<ImageId> {
+        p.steps.iter().map(|s| s.id).collect()
+    }
+
+    #[test]
+    fn chain_of_small_deltas_beats_the_whole_image() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 100, 0);
+        let v2 = w.image("2", Some("a:1"), 100, 0);
+        let v3 = w.image("3", Some("a:2"), 100, 0);
+        let d12 = w.delta(v1, v2, 5);
+        let d23 = w.delta(v2, v3, 5);
+        let p = w.path(&[v1], v3);
+        assert_eq!(p.base, Some(v1));
+        assert_eq!(ids(&p), vec![d12, d23]);
+        assert_eq!(p.bytes, 10 * CS);
+        assert_eq!(p.full_bytes, 100 * CS);
+        assert_eq!(p.target.id, v3);
+        assert_eq!(
+            Manifest::from_bytes_with_id(&p.manifest, v3)
+                .unwrap()
+                .version,
+            "3"
+        );
+        // The newest held version is the better start.
+        let p = w.path(&[v1, v2], v3);
+        assert_eq!((p.base, ids(&p), p.bytes), (Some(v2), vec![d23], 5 * CS));
+    }
+
+    #[test]
+    fn direct_delta_or_chain_whichever_is_smaller() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 100, 0);
+        let v2 = w.image("2", Some("a:1"), 100, 0);
+        let v3 = w.image("3", Some("a:2"), 100, 0);
+        let d12 = w.delta(v1, v2, 5);
+        let d23 = w.delta(v2, v3, 5);
+        w.delta(v1, v3, 12);
+        assert_eq!(ids(&w.path(&[v1], v3)), vec![d12, d23]);
+        // A cheaper direct delta wins over the two-step chain.
+        let d13b = w.delta(v1, v3, 8);
+        let p = w.path(&[v1], v3);
+        assert_eq!((ids(&p), p.bytes), (vec![d13b], 8 * CS));
+        // Equal bytes: fewer steps.
+        let mut w2 = W::new();
+        let v1 = w2.image("1", None, 100, 0);
+        let v2 = w2.image("2", Some("a:1"), 100, 0);
+        let v3 = w2.image("3", Some("a:2"), 100, 0);
+        w2.delta(v1, v2, 5);
+        w2.delta(v2, v3, 5);
+        let direct = w2.delta(v1, v3, 10);
+        assert_eq!(ids(&w2.path(&[v1], v3)), vec![direct]);
+    }
+
+    #[test]
+    fn whole_image_when_deltas_move_more_or_as_much() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 40, 0);
+        let v2 = w.image("2", Some("a:1"), 40, 0);
+        w.delta(v1, v2, 60);
+        let p = w.path(&[v1], v2);
+        assert_eq!((p.base, p.steps.len(), p.bytes), (None, 0, 40 * CS));
+        // A tie goes to the whole image too: same bytes, no apply work.
+        let v3 = w.image("3", Some("a:2"), 40, 0);
+        w.delta(v2, v3, 40);
+        let p = w.path(&[v2], v3);
+        assert_eq!((p.base, p.steps.len()), (None, 0));
+    }
+
+    #[test]
+    fn full_image_counts_only_non_zero_chunks() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 10, 0);
+        // 1000 chunks, but only 8 of them travel: an 8-chunk delta does not pay off.
+        let v2 = w.image("2", Some("a:1"), 8, 992);
+        w.delta(v1, v2, 8);
+        let p = w.path(&[v1], v2);
+        assert_eq!(p.full_bytes, 8 * CS);
+        assert!(p.steps.is_empty());
+        let d = w.delta(v1, v2, 3);
+        let p = w.path(&[v1], v2);
+        assert_eq!((ids(&p), p.bytes), (vec![d], 3 * CS));
+    }
+
+    #[test]
+    fn holes_in_the_chain_fall_back_to_the_whole_image() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 100, 0);
+        let v2 = w.image("2", Some("a:1"), 100, 0);
+        let v3 = w.image("3", Some("a:2"), 100, 0);
+        let v4 = w.image("4", Some("a:3"), 100, 0);
+        // 2 → 3 is missing.
+        w.delta(v1, v2, 5);
+        w.delta(v3, v4, 5);
+        let p = w.path(&[v1], v4);
+        assert_eq!((p.base, p.steps.len(), p.bytes), (None, 0, 100 * CS));
+        // A lineage hole (a base the GIS never saw) is not an error either.
+        let v9 = w.image("9", Some("a:8"), 100, 0);
+        let p = w.path(&[v1], v9);
+        assert_eq!(p.base, None);
+    }
+
+    #[test]
+    fn delta_graph_cycles_are_harmless() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 100, 0);
+        let v2 = w.image("2", Some("a:1"), 100, 0);
+        let v3 = w.image("3", Some("a:2"), 100, 0);
+        let d12 = w.delta(v1, v2, 4);
+        w.delta(v2, v1, 4);
+        // A tiny delta to a side branch that leads nowhere further.
+        let side = w.image("2b", Some("a:2"), 100, 0);
+        w.delta(v2, side, 1);
+        let d23 = w.delta(v2, v3, 4);
+        w.delta(v3, v1, 1);
+        let p = w.path(&[v1], v3);
+        assert_eq!((ids(&p), p.bytes), (vec![d12, d23], 8 * CS));
+    }
+
+    #[test]
+    fn held_target_and_unknown_versions() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 100, 0);
+        let v2 = w.image("2", Some("a:1"), 100, 0);
+        w.delta(v1, v2, 5);
+        // Already held.
+        let p = w.path(&[v1, v2], v2);
+        assert_eq!((p.base, p.steps.len(), p.bytes), (Some(v2), 0, 0));
+        // Held versions the GIS does not know lead nowhere: the whole image.
+        let p = w.path(&[ImageId([9; 32])], v2);
+        assert_eq!((p.base, p.steps.len()), (None, 0));
+        // Unknown targets, by id and by name.
+        let e =
+            w.ix.upgrade_path(&[v1], &ImageQuery::Id(ImageId([7; 32])), T0)
+                .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::UnknownImage);
+        let e =
+            w.ix.upgrade_path(&[v1], &ImageQuery::Ref("a:5".parse().unwrap()), T0)
+                .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::UnknownImage);
+        // By name works like by id.
+        let p =
+            w.ix.upgrade_path(&[v1], &ImageQuery::Ref("a:2".parse().unwrap()), T0)
+                .unwrap();
+        assert_eq!(p.steps.len(), 1);
+    }
+
+    #[test]
+    fn a_delta_from_a_version_unknown_to_the_gis_still_counts() {
+        let mut w = W::new();
+        let v2 = w.image("2", None, 100, 0);
+        let private = ImageId([5; 32]);
+        let d = w.delta(private, v2, 5);
+        assert_eq!(ids(&w.path(&[private], v2)), vec![d]);
+    }
+
+    #[test]
+    fn a_delta_is_not_a_target_and_bad_requests_are_refused() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 100, 0);
+        let v2 = w.image("2", Some("a:1"), 100, 0);
+        let d = w.delta(v1, v2, 5);
+        let e =
+            w.ix.upgrade_path(&[v1], &ImageQuery::Id(d), T0)
+                .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        let many = vec![v1; MAX_HAVE + 1];
+        let e =
+            w.ix.upgrade_path(&many, &ImageQuery::Id(v2), T0)
+                .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        // A delta from a version to itself is refused at publish.
+        let m = object(
+            "a",
+            "self",
+            None,
+            ObjectKind::Delta { from: v1, to: v1 },
+            1,
+            0,
+            99,
+        );
+        let holding = Holding {
+            image: m.id(),
+            chunks_held: 1,
+            complete: true,
+            fetching: false,
+        };
+        let e =
+            w.ix.publish(w.host, holding, &m.to_bytes(), T0)
+                .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+    }
+
+    #[test]
+    fn lineage_cycles_are_refused_at_publish_and_reported_at_lookup() {
+        let mut w = W::new();
+        // a:1 derives from a:2, which is not known yet (a hole: accepted).
+        let m1 = object("a", "1", Some("a:2"), ObjectKind::Image, 3, 0, 50);
+        w.publish_by(w.host, &m1, true);
+        // a:2 deriving from a:1 would close the loop.
+        let m2 = object("a", "2", Some("a:1"), ObjectKind::Image, 3, 0, 51);
+        let holding = Holding {
+            image: m2.id(),
+            chunks_held: 3,
+            complete: true,
+            fetching: false,
+        };
+        let e =
+            w.ix.publish(w.host, holding, &m2.to_bytes(), T0)
+                .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        assert!(e.message.contains("cycle"), "{}", e.message);
+        // So is a version that names itself as its base.
+        let m3 = object("a", "3", Some("a:3"), ObjectKind::Image, 3, 0, 52);
+        let holding = Holding {
+            image: m3.id(),
+            chunks_held: 3,
+            complete: true,
+            fetching: false,
+        };
+        assert!(w.ix.publish(w.host, holding, &m3.to_bytes(), T0).is_err());
+
+        // Records that loop anyway (written by an older GIS) make a path request fail
+        // clearly instead of looping.
+        let admin = Keypair::generate_ed25519().public().to_peer_id();
+        let stored = |m: &Manifest| StoredImage {
+            id: m.id(),
+            manifest: m.to_bytes(),
+            publisher: admin,
+            published_ms: T0,
+        };
+        let snap = Snapshot {
+            images: vec![stored(&m1), stored(&m2)],
+            ..Snapshot::default()
+        };
+        let ix = Index::restore(IndexConfig::new(admin, Policy::Bids), snap);
+        let e = ix
+            .upgrade_path(&[], &ImageQuery::Id(m2.id()), T0)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert!(e.message.contains("loops"), "{}", e.message);
+    }
+
+    #[test]
+    fn only_deltas_a_live_host_holds_completely_count() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 100, 0);
+        let v2 = w.image("2", Some("a:1"), 100, 0);
+        // A delta only partly held by a second host: not usable.
+        let other = Keypair::generate_ed25519().public().to_peer_id();
+        w.ix.register(
+            other,
+            Idc::new("B").unwrap(),
+            vec![],
+            None,
+            Policy::Bids,
+            T0,
+        )
+        .unwrap();
+        let m = object(
+            "a",
+            "partial",
+            None,
+            ObjectKind::Delta { from: v1, to: v2 },
+            5,
+            0,
+            77,
+        );
+        w.publish_by(other, &m, false);
+        assert!(w.path(&[v1], v2).steps.is_empty());
+        // Complete, but its holder died: still not usable.
+        w.publish_by(other, &m, true);
+        assert_eq!(ids(&w.path(&[v1], v2)), vec![m.id()]);
+        let late = T0 + 60_000;
+        w.ix.heartbeat(w.host, Default::default(), late).unwrap();
+        let p = w.ix.upgrade_path(&[v1], &ImageQuery::Id(v2), late).unwrap();
+        assert!(p.steps.is_empty());
+        // When nobody live holds the whole target, a dearer chain is better than nothing.
+        let mut w = W::new();
+        let v1 = w.image("1", None, 10, 0);
+        let v2m = object("a", "2", Some("a:1"), ObjectKind::Image, 10, 0, 88);
+        let v2 = v2m.id();
+        let holder = other_host(&mut w);
+        w.publish_by(holder, &v2m, true);
+        let d = w.delta(v1, v2, 30);
+        let late = T0 + 60_000;
+        w.ix.heartbeat(w.host, Default::default(), late).unwrap();
+        let p = w.ix.upgrade_path(&[v1], &ImageQuery::Id(v2), late).unwrap();
+        assert_eq!((ids(&p), p.bytes), (vec![d], 30 * CS));
+    }
+
+    fn other_host(w: &mut W) -> PeerId {
+        let p = Keypair::generate_ed25519().public().to_peer_id();
+        w.ix.register(p, Idc::new("C").unwrap(), vec![], None, Policy::Bids, T0)
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn delta_table_survives_restore_and_forget() {
+        let mut w = W::new();
+        let v1 = w.image("1", None, 100, 0);
+        let v2 = w.image("2", Some("a:1"), 100, 0);
+        let d = w.delta(v1, v2, 5);
+        let mut storage = MemStorage::new();
+        storage.commit(&w.ix.take_changes()).unwrap();
+        let mut ix = Index::restore(w.ix.config().clone(), storage.load().unwrap());
+        // Hosts start dead after a restore; the next heartbeat brings the delta back.
+        ix.heartbeat(w.host, Default::default(), T0).unwrap();
+        let resp = ix.handle(
+            w.host,
+            GisRequest::UpgradePath {
+                have: vec![v1],
+                want: ImageQuery::Ref("a:2".parse().unwrap()),
+            },
+            T0,
+        );
+        let GisResponse::UpgradePath(p) = resp else {
+            panic!("unexpected answer {resp:?}");
+        };
+        assert_eq!(ids(&p), vec![d]);
+        assert!(ix.forget_image(&d));
+        assert!(ix
+            .upgrade_path(&[v1], &ImageQuery::Id(v2), T0)
+            .unwrap()
+            .steps
+            .is_empty());
+        assert!(ix.deltas.is_empty());
+    }
+}

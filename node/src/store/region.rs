@@ -68,7 +68,7 @@ pub(crate) fn write_region(
     }
     if !through_map {
         // ext4's delayed allocation reserves blocks here: a full disk fails this call.
-        return file.write_all_at(data, off).map_err(|e| io_err(path, e));
+        return write_sparse(file, off, data).map_err(|e| io_err(path, e));
     }
     if !reserve(file, off, data.len()).map_err(|e| io_err(path, e))? {
         return file.write_all_at(data, off).map_err(|e| io_err(path, e));
@@ -88,6 +88,48 @@ pub(crate) fn write_region(
     // Dropping the map unmaps it; the dirty pages stay in the page cache, not in our
     // RSS, and reach the disk on writeback or on the store's next commit (fsync).
     Ok(())
+}
+
+/// Writes `data` at `off` but leaves all-zero 4 KiB pages as holes (punched, in case the
+/// region held data before), so a raw disk image's empty blocks inside data chunks cost no
+/// disk space: a received image uses about what its source does.
+fn write_sparse(file: &File, off: u64, data: &[u8]) -> io::Result<()> {
+    const PAGE: usize = 4096;
+    let mut i = 0;
+    while i < data.len() {
+        let zero =
+            |at: usize| bids_protocols::manifest::is_zero(&data[at..(at + PAGE).min(data.len())]);
+        let run_zero = zero(i);
+        let mut j = i;
+        while j < data.len() && zero(j) == run_zero {
+            j = (j + PAGE).min(data.len());
+        }
+        if run_zero && j - i >= PAGE {
+            punch_hole(file, off + i as u64, j - i)?;
+        } else {
+            file.write_all_at(&data[i..j], off + i as u64)?;
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// Deallocates a range (it reads back as zeros); writes zeros where the filesystem cannot.
+fn punch_hole(file: &File, off: u64, len: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on an open descriptor with a valid range; no memory is involved.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    file.write_all_at(&vec![0u8; len], off)
 }
 
 /// Calls `f` on the bytes of `[off, off + len)` of `file` through a read-only map.

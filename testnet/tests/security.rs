@@ -1,0 +1,539 @@
+//! The cross-IDC rule seen from outside: a raw libp2p client (tcp + noise + yamux, the hello
+//! and chunk protocols, nothing else) knocks on IDC A's nodes as an ordinary host of IDC B, as
+//! a "bridgehead" with a forged, stolen or expired certificate, and as a properly certified
+//! one (the control); then a real node with a forged certificate joins the cluster.
+
+mod common;
+
+use bids_protocols::cert::CertBody;
+use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse};
+use bids_protocols::gis::{ErrorKind, GisRequest, GisResponse, ImageQuery};
+use bids_protocols::hello::{self, Hello, HelloReply};
+use bids_protocols::{BridgeheadCert, Idc, ImageId, ImageRef, Manifest, Policy, Role};
+use bids_testnet::cluster::{issue_cert, Cluster, ClusterSpec};
+use common::{idc, image_file, status, wait_for, CHUNK, MIB};
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self as rr, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm};
+use std::time::Duration;
+
+/// Bound of every single network exchange in these tests.
+const STEP: Duration = Duration::from_secs(10);
+
+#[derive(NetworkBehaviour)]
+struct Client {
+    hello: rr::Behaviour<hello::Codec>,
+    chunk: rr::Behaviour<chunk::Codec>,
+}
+
+/// A bare libp2p peer that speaks only the hello and chunk protocols.
+struct RawPeer {
+    swarm: Swarm<Client>,
+}
+
+impl RawPeer {
+    fn new(key: Keypair) -> RawPeer {
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default().nodelay(true),
+                libp2p::noise::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .expect("tcp/noise/yamux transport")
+            .with_behaviour(|_| Client {
+                hello: rr::Behaviour::with_codec(
+                    hello::codec(),
+                    [(hello::PROTOCOL, ProtocolSupport::Full)],
+                    rr::Config::default().with_request_timeout(STEP),
+                ),
+                chunk: rr::Behaviour::with_codec(
+                    chunk::codec(),
+                    [(chunk::PROTOCOL, ProtocolSupport::Full)],
+                    rr::Config::default().with_request_timeout(STEP),
+                ),
+            })
+            .expect("client behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        RawPeer { swarm }
+    }
+
+    /// Dials `addr` (ending in `/p2p/<id>`) and waits for the connection.
+    async fn connect(&mut self, addr: &Multiaddr) -> PeerId {
+        self.swarm.dial(addr.clone()).expect("dial");
+        let step = async {
+            loop {
+                match self.swarm.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => return peer_id,
+                    SwarmEvent::OutgoingConnectionError { error, .. } => {
+                        panic!("cannot connect to {addr}: {error}")
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(STEP, step)
+            .await
+            .expect("connecting timed out")
+    }
+
+    /// Says `h` to `peer`; the answer, or why none came.
+    async fn hello(&mut self, peer: PeerId, h: Hello) -> Result<HelloReply, String> {
+        let id = self.swarm.behaviour_mut().hello.send_request(&peer, h);
+        let step = async {
+            loop {
+                match self.swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(ClientEvent::Hello(rr::Event::Message {
+                        message:
+                            rr::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    })) if request_id == id => return Ok(response),
+                    SwarmEvent::Behaviour(ClientEvent::Hello(rr::Event::OutboundFailure {
+                        request_id,
+                        error,
+                        ..
+                    })) if request_id == id => return Err(error.to_string()),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(STEP, step)
+            .await
+            .expect("hello timed out")
+    }
+
+    /// Asks `peer` for a chunk; the answer, or why none came.
+    async fn chunk(&mut self, peer: PeerId, req: ChunkRequest) -> Result<ChunkResponse, String> {
+        let id = self.swarm.behaviour_mut().chunk.send_request(&peer, req);
+        let step = async {
+            loop {
+                match self.swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(ClientEvent::Chunk(rr::Event::Message {
+                        message:
+                            rr::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    })) if request_id == id => return Ok(response),
+                    SwarmEvent::Behaviour(ClientEvent::Chunk(rr::Event::OutboundFailure {
+                        request_id,
+                        error,
+                        ..
+                    })) if request_id == id => return Err(error.to_string()),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(STEP, step)
+            .await
+            .expect("chunk request timed out")
+    }
+
+    /// Waits until no connection to `peer` is left.
+    async fn closed(&mut self, peer: PeerId) {
+        let step = async {
+            while self.swarm.is_connected(&peer) {
+                self.swarm.select_next_some().await;
+            }
+        };
+        tokio::time::timeout(STEP, step)
+            .await
+            .expect("the node did not close the connection");
+    }
+}
+
+fn hello_as(idc: &str, cert: Option<BridgeheadCert>) -> Hello {
+    Hello {
+        idc: Idc::new(idc).expect("IDC name"),
+        policy: Policy::Bids,
+        cert,
+    }
+}
+
+/// A cluster of IDC A (a holder and a bridgehead) and IDC B (one host, one bridgehead), with a
+/// 4 MiB image seeded on A's holder. Returns the cluster, A's holder, A's bridgehead, the
+/// image and its manifest.
+async fn setup(image_dir: &std::path::Path) -> (Cluster, usize, usize, ImageRef, Manifest) {
+    common::init_logs();
+    let c = Cluster::start(ClusterSpec {
+        idcs: vec![idc("A", 1, 1), idc("B", 1, 1)],
+        policy: Policy::Bids,
+        shaped: false,
+    })
+    .await
+    .expect("cluster");
+    let a = c.idc_nodes("A");
+    let holder = *a.iter().find(|&&i| !c.nodes[i].is_bridgehead()).unwrap();
+    let bridgehead = *a.iter().find(|&&i| c.nodes[i].is_bridgehead()).unwrap();
+    let file = image_dir.join("image.raw");
+    bids_testnet::demo::make_image(&file, 4 * MIB, 11, false).unwrap();
+    let image: ImageRef = "secure:1".parse().unwrap();
+    let m = c.seed(holder, &file, &image, CHUNK).await.expect("seeding");
+    (c, holder, bridgehead, image, m)
+}
+
+fn addr_of(c: &Cluster, i: usize) -> Multiaddr {
+    c.nodes[i].node().listen_addrs()[0].clone()
+}
+
+fn request(id: ImageId) -> ChunkRequest {
+    ChunkRequest {
+        image: id,
+        index: 0,
+    }
+}
+
+/// Expects a refused hello followed by the node closing the connection, then shows that a
+/// chunk request on a fresh connection without an accepted hello gets no data either.
+async fn expect_refused(
+    client: &mut RawPeer,
+    addr: &Multiaddr,
+    h: Hello,
+    id: ImageId,
+    reason_has: &str,
+) {
+    let peer = client.connect(addr).await;
+    match client.hello(peer, h).await {
+        Ok(HelloReply::Refused(reason)) => assert!(
+            reason.contains(reason_has),
+            "refusal {reason:?} should mention {reason_has:?}"
+        ),
+        other => panic!("expected a refused hello ({reason_has:?}), got {other:?}"),
+    }
+    client.closed(peer).await;
+    // A chunk request without an accepted hello, on a new connection.
+    let peer = client.connect(addr).await;
+    match client.chunk(peer, request(id)).await {
+        Ok(ChunkResponse::Refused(_)) => {}
+        other => panic!("a chunk request without an accepted hello got {other:?}"),
+    }
+}
+
+/// (a) An ordinary host of IDC B talks straight to a host of IDC A: refused, disconnected,
+/// no data; a certified bridgehead of B is refused by A's ordinary host too, since ordinary
+/// hosts never talk to another IDC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_host_of_another_idc_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, holder, _, _, m) = setup(dir.path()).await;
+    let id = m.id();
+    let addr = addr_of(&c, holder);
+    let before = status(&c, holder).await.refusals;
+
+    let mut host_b = RawPeer::new(Keypair::generate_ed25519());
+    expect_refused(
+        &mut host_b,
+        &addr,
+        hello_as("B", None),
+        id,
+        "ordinary host of IDC A",
+    )
+    .await;
+
+    let key = Keypair::generate_ed25519();
+    let cert = issue_cert(
+        &c.admin,
+        key.public().to_peer_id(),
+        "B",
+        "B-db9",
+        9001,
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let mut bridgehead_b = RawPeer::new(key);
+    expect_refused(
+        &mut bridgehead_b,
+        &addr,
+        hello_as("B", Some(cert)),
+        id,
+        "ordinary host of IDC A",
+    )
+    .await;
+
+    let after = status(&c, holder).await;
+    assert!(
+        after.refusals >= before + 4,
+        "A's holder counted {} refusals, expected at least {} (2 hellos, 2 chunk requests)",
+        after.refusals,
+        before + 4
+    );
+    assert_eq!(
+        after.total.wan_sent_bytes + after.total.lan_sent_bytes,
+        0,
+        "A's holder sent image data"
+    );
+    c.shutdown().await;
+}
+
+/// (b) and (c): A's bridgehead refuses "bridgeheads" of B whose certificate is signed by
+/// another key, was altered after signing, belongs to another peer, or has expired; with a
+/// certificate the admin really issued, the same client is welcome and gets a verified chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_stolen_and_expired_certificates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _, bridgehead, _, m) = setup(dir.path()).await;
+    let id = m.id();
+    let addr = addr_of(&c, bridgehead);
+    let before = status(&c, bridgehead).await.refusals;
+    let now = bids_protocols::unix_now();
+    let body = |peer: PeerId, not_before: i64, not_after: i64| CertBody {
+        peer,
+        idc: Idc::new("B").unwrap(),
+        db_id: "B-rogue".into(),
+        serial: 7777,
+        not_before,
+        not_after,
+        issuer: peer,
+    };
+
+    // Signed by a key that is not the admin.
+    let key = Keypair::generate_ed25519();
+    let rogue_admin = Keypair::generate_ed25519();
+    let forged = BridgeheadCert::issue(
+        &rogue_admin,
+        body(key.public().to_peer_id(), now - 60, now + 3600),
+    )
+    .unwrap();
+    let mut client = RawPeer::new(key);
+    expect_refused(
+        &mut client,
+        &addr,
+        hello_as("B", Some(forged)),
+        id,
+        "not by the admin",
+    )
+    .await;
+
+    // Signed by another key but claiming the admin as issuer.
+    let key = Keypair::generate_ed25519();
+    let mut claimed = BridgeheadCert::issue(
+        &rogue_admin,
+        body(key.public().to_peer_id(), now - 60, now + 3600),
+    )
+    .unwrap();
+    claimed.body.issuer = c.admin.public().to_peer_id();
+    let mut client = RawPeer::new(key);
+    expect_refused(
+        &mut client,
+        &addr,
+        hello_as("B", Some(claimed)),
+        id,
+        "signature does not match",
+    )
+    .await;
+
+    // The real certificate of B's bridgehead, presented by another identity.
+    let b_bridgehead = c
+        .idc_nodes("B")
+        .into_iter()
+        .find(|&i| c.nodes[i].is_bridgehead())
+        .unwrap();
+    let stolen = c.nodes[b_bridgehead].cert.clone().unwrap();
+    let mut client = RawPeer::new(Keypair::generate_ed25519());
+    expect_refused(
+        &mut client,
+        &addr,
+        hello_as("B", Some(stolen)),
+        id,
+        "certificate is for peer",
+    )
+    .await;
+
+    // (c) Issued by the admin, but expired an hour ago.
+    let key = Keypair::generate_ed25519();
+    let expired = BridgeheadCert::issue(
+        &c.admin,
+        body(key.public().to_peer_id(), now - 7200, now - 3600),
+    )
+    .unwrap();
+    let mut client = RawPeer::new(key);
+    expect_refused(
+        &mut client,
+        &addr,
+        hello_as("B", Some(expired)),
+        id,
+        "expired",
+    )
+    .await;
+
+    let after = status(&c, bridgehead).await;
+    assert!(
+        after.refusals >= before + 8,
+        "A's bridgehead counted {} refusals, expected at least {} (4 hellos, 4 chunk requests)",
+        after.refusals,
+        before + 8
+    );
+    assert_eq!(
+        after.total.wan_sent_bytes, 0,
+        "A's bridgehead sent image data over the WAN"
+    );
+
+    // Control: a certificate the admin issued is welcome and gets a verified chunk, so the
+    // refusals above are the certificates' doing, not the client's.
+    let key = Keypair::generate_ed25519();
+    let good = BridgeheadCert::issue(
+        &c.admin,
+        body(key.public().to_peer_id(), now - 60, now + 3600),
+    )
+    .unwrap();
+    let mut client = RawPeer::new(key);
+    let peer = client.connect(&addr).await;
+    match client.hello(peer, hello_as("B", Some(good))).await {
+        Ok(HelloReply::Welcome(h)) => assert_eq!(h.idc.as_str(), "A"),
+        other => panic!("a properly certified bridgehead was not welcome: {other:?}"),
+    }
+    match client.chunk(peer, request(id)).await {
+        Ok(ChunkResponse::Data { encoding, payload }) => {
+            let raw = chunk::decode_payload(encoding, payload, m.chunk_len(0)).unwrap();
+            assert_eq!(
+                bids_protocols::manifest::sha256(&raw),
+                m.chunks[0].sha256,
+                "the control chunk does not verify"
+            );
+        }
+        other => panic!("the certified client got no chunk: {other:?}"),
+    }
+    c.shutdown().await;
+}
+
+/// (d) A real node of IDC B with a certificate signed by a rogue key: `start` refuses it
+/// against the real admin; configured to trust the rogue key instead, it starts, but the GIS
+/// refuses to register it (so it is never listed as a bridgehead) and it obtains nothing,
+/// while the legitimate hosts of B get the image across the WAN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_forged_certificate_gets_nothing_across_the_wan() {
+    let (file, _guard) = image_file(4 * MIB, 12, false);
+    let mut c = Cluster::start(ClusterSpec {
+        idcs: vec![idc("A", 1, 1), idc("B", 2, 1)],
+        policy: Policy::Bids,
+        shaped: false,
+    })
+    .await
+    .expect("cluster");
+    let holder = *common::ordinary(&c, &c.idc_nodes("A")).first().unwrap();
+    let image: ImageRef = "secure:2".parse().unwrap();
+    let m = c.seed(holder, &file, &image, CHUNK).await.expect("seeding");
+    let legit_b = c.idc_nodes("B");
+
+    let rogue = c.add_node("B").unwrap();
+    let rogue_peer = c.nodes[rogue].peer_id();
+    let rogue_admin = Keypair::generate_ed25519();
+    let now = bids_protocols::unix_now();
+    let forged = BridgeheadCert::issue(
+        &rogue_admin,
+        CertBody {
+            peer: rogue_peer,
+            idc: Idc::new("B").unwrap(),
+            db_id: "B-db666".into(),
+            serial: 666,
+            not_before: now - 60,
+            not_after: now + 3600,
+            issuer: rogue_peer,
+        },
+    )
+    .unwrap();
+    c.nodes[rogue].cert = Some(forged.clone());
+
+    // Start-up checks the node's own certificate against the configured admin.
+    let err = c
+        .start_node_with(rogue, |_| {})
+        .await
+        .expect_err("a node with a forged certificate started");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("bridgehead certificate is not usable") && msg.contains("not by the admin"),
+        "unclear start-up error: {msg}"
+    );
+
+    // A rogue operator points its node at its own "admin": it starts, but the GIS refuses it.
+    let rogue_admin_peer = rogue_admin.public().to_peer_id();
+    c.start_node_with(rogue, |cfg| cfg.admin_peer = rogue_admin_peer)
+        .await
+        .expect("the rogue node starts when it trusts its own key");
+    let rh = c.nodes[rogue].node().clone();
+    let answer = rh
+        .gis_request(GisRequest::Register {
+            idc: Idc::new("B").unwrap(),
+            addrs: Vec::new(),
+            cert: Some(forged),
+            policy: Policy::Bids,
+        })
+        .await
+        .expect("the GIS answers");
+    match answer {
+        GisResponse::Error { kind, message } => {
+            assert_eq!(kind, ErrorKind::BadCert, "{message}");
+            assert!(message.contains("not by the admin"), "{message}");
+        }
+        other => panic!("the GIS accepted a forged certificate: {other:?}"),
+    }
+    let st = rh.status().await.unwrap();
+    assert!(!st.registered, "the GIS registered the rogue node");
+    assert_eq!(st.role, Role::Host);
+
+    // B's bridgehead for the image is the certified one, not the rogue.
+    let list = c.lookup("B", &ImageQuery::Id(m.id())).await.unwrap();
+    let chosen: Vec<PeerId> = list.level1.iter().map(|e| e.peer).collect();
+    let real_b = c
+        .idc_nodes("B")
+        .into_iter()
+        .find(|&i| c.nodes[i].is_bridgehead())
+        .unwrap();
+    assert_eq!(
+        chosen,
+        vec![c.nodes[real_b].peer_id()],
+        "B's bridgehead for the image"
+    );
+
+    // The legitimate hosts of B get the image across the WAN meanwhile.
+    c.fetch_all(&legit_b, &image, Duration::from_secs(30))
+        .await
+        .expect("legitimate hosts of B fetch the image");
+    for &i in &legit_b {
+        assert_eq!(
+            common::file_hash(&c.nodes[i].node().store().image_path(&m.id())),
+            common::file_hash(&file),
+            "node {i} differs"
+        );
+    }
+
+    // The rogue's own download fails (or, at best, never completes).
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(5),
+        rh.fetch_and_wait(ImageQuery::Ref(image.clone())),
+    )
+    .await;
+    assert!(
+        !matches!(outcome, Ok(Ok(_))),
+        "the rogue node completed the download"
+    );
+    let st = rh.status().await.unwrap();
+    assert_eq!(st.total.wan_recv_bytes, 0, "the rogue received WAN data");
+    assert_eq!(
+        st.total.lan_recv_bytes, 0,
+        "the rogue received image data at all"
+    );
+    assert!(
+        rh.store().status(&m.id()).is_none_or(|s| !s.complete),
+        "the rogue holds the image"
+    );
+
+    // The GIS never lists it, in particular not as B's bridgehead.
+    for idc_name in ["A", "B"] {
+        let list = wait_for("a host list", Duration::from_secs(10), || async {
+            c.lookup(idc_name, &ImageQuery::Id(m.id())).await.ok()
+        })
+        .await;
+        for e in list.level0.iter().chain(&list.level1).chain(&list.level2) {
+            assert_ne!(e.peer, rogue_peer, "the GIS lists the rogue node");
+        }
+    }
+    c.shutdown().await;
+}
