@@ -639,17 +639,8 @@ impl Engine {
                 self.on_host_list(image, *list, for_fetch);
             }
             (GisPurpose::Lookup { image, for_fetch }, GisResponse::Error { kind, message }) => {
-                let id = match &image {
-                    ImageQuery::Id(id) => Some(*id),
-                    ImageQuery::Ref(r) => self.store.resolve(r),
-                };
-                if let Some(d) = id.and_then(|id| self.downloads.get_mut(&id)) {
-                    d.lookup_inflight = false;
-                }
-                if let Some(reply) = for_fetch {
-                    let _ = reply.send(Err(message.clone()));
-                }
                 debug!(?kind, %message, "lookup refused");
+                self.lookup_failed(&image, for_fetch, message);
             }
             (p, GisResponse::Error { kind, message }) => {
                 if kind == ErrorKind::NotRegistered && !matches!(p, GisPurpose::Register) {
@@ -666,22 +657,36 @@ impl Engine {
         }
     }
 
+    /// A lookup got no host list: the download may ask again; a waiting fetch gets the reason.
+    fn lookup_failed(
+        &mut self,
+        image: &ImageQuery,
+        for_fetch: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>>,
+        reason: String,
+    ) {
+        let id = match image {
+            ImageQuery::Id(id) => Some(*id),
+            ImageQuery::Ref(r) => self.store.resolve(r),
+        };
+        if let Some(d) = id.and_then(|id| self.downloads.get_mut(&id)) {
+            d.lookup_inflight = false;
+        }
+        if let Some(reply) = for_fetch {
+            let _ = reply.send(Err(reason));
+        }
+    }
+
     fn on_gis_failure(&mut self, purpose: GisPurpose, error: String) {
         match purpose {
             GisPurpose::Caller(reply) => {
                 let _ = reply.send(Err(format!("the GIS did not answer: {error}")));
             }
             GisPurpose::Lookup { image, for_fetch } => {
-                let id = match &image {
-                    ImageQuery::Id(id) => Some(*id),
-                    ImageQuery::Ref(r) => self.store.resolve(r),
-                };
-                if let Some(d) = id.and_then(|id| self.downloads.get_mut(&id)) {
-                    d.lookup_inflight = false;
-                }
-                if let Some(reply) = for_fetch {
-                    let _ = reply.send(Err(format!("the GIS did not answer: {error}")));
-                }
+                self.lookup_failed(
+                    &image,
+                    for_fetch,
+                    format!("the GIS did not answer: {error}"),
+                );
             }
             GisPurpose::Register => {
                 debug!(%error, "register failed; retrying at next heartbeat");
