@@ -52,7 +52,8 @@ pub enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Ask the node running on the store to download an image.
+    /// Ask the node running on the store to download an image (as delta files applied to
+    /// a version it holds, when the GIS finds that moves fewer bytes).
     Fetch {
         image: String,
         #[arg(long)]

@@ -41,7 +41,7 @@ impl Progress {
                 b.set_position(done);
             }
             None => {
-                let pct = if total == 0 { 100 } else { done * 100 / total };
+                let pct = (done * 100).checked_div(total).unwrap_or(100);
                 if pct >= self.last_pct + 10
                     || (self.last_line.elapsed() > Duration::from_secs(2) && pct != self.last_pct)
                 {

@@ -231,6 +231,35 @@ mod tests {
         assert_eq!(back, r);
     }
 
+    #[test]
+    fn upgrade_path_round_trip() {
+        let r = GisRequest::UpgradePath {
+            have: vec![ImageId([1; 32]), ImageId([2; 32])],
+            want: ImageQuery::Ref("a:3".parse().unwrap()),
+        };
+        let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
+        let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();
+        assert_eq!(back, r);
+        let info = |v: &str, id: u8| ImageInfo {
+            name: "a".into(),
+            version: v.into(),
+            id: ImageId([id; 32]),
+            size: 1 << 20,
+            chunk_size: 4096,
+        };
+        let resp = GisResponse::UpgradePath(Box::new(UpgradePath {
+            target: info("3", 3),
+            manifest: vec![0xa0],
+            base: Some(ImageId([1; 32])),
+            steps: vec![info("1-to-3", 9)],
+            bytes: 4096,
+            full_bytes: 1 << 20,
+        }));
+        let f = crate::codec::encode_frame(&resp, MAX_RESPONSE_BYTES).unwrap();
+        let back: GisResponse = crate::codec::decode_body(&f[4..], MAX_RESPONSE_BYTES).unwrap();
+        assert_eq!(back, resp);
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {

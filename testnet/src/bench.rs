@@ -67,6 +67,11 @@ pub struct LoopbackReport {
     pub bids_vs_libp2p: f64,
     /// BIDS / raw TCP.
     pub bids_vs_tcp: f64,
+    /// CPU time (user + system, all threads of this process) each transfer used. On a shared
+    /// machine this is steadier than the throughputs, and it says where the cost is.
+    pub raw_tcp_cpu_s: f64,
+    pub libp2p_rr_cpu_s: f64,
+    pub bids_cpu_s: f64,
 }
 
 /// Progress lines for the operator.
@@ -97,17 +102,24 @@ async fn measure_all(
     log: Log<'_>,
 ) -> Result<LoopbackReport> {
     log("(a) raw TCP");
+    let cpu = process_cpu_s()?;
     let tcp = within(raw_tcp(o.size), "the raw TCP transfer").await?;
+    let tcp_cpu = process_cpu_s()? - cpu;
     log(&format!("    {}", human_rate(tcp)));
     log(&format!(
         "(b) libp2p request-response, tcp+noise+yamux, {} in flight",
         o.depth
     ));
+    let cpu = process_cpu_s()?;
     let rr = within(libp2p_rr(o.size, o.depth), "the libp2p exchange").await?;
+    let rr_cpu = process_cpu_s()? - cpu;
     log(&format!("    {}", human_rate(rr)));
     log("(c) BIDS fetch, hashing and disk included");
+    let cpu = process_cpu_s()?;
     let bids = within(setup.fetch(), "the BIDS fetch").await?;
-    log(&format!("    {}", human_rate(bids)));
+    let bids_cpu = process_cpu_s()? - cpu;
+    log(&format!("    {}; checking the copy", human_rate(bids)));
+    setup.check_copy().await?;
     Ok(LoopbackReport {
         size_bytes: o.size,
         depth: o.depth,
@@ -116,7 +128,24 @@ async fn measure_all(
         bids_bytes_per_s: bids,
         bids_vs_libp2p: bids / rr,
         bids_vs_tcp: bids / tcp,
+        raw_tcp_cpu_s: tcp_cpu,
+        libp2p_rr_cpu_s: rr_cpu,
+        bids_cpu_s: bids_cpu,
     })
+}
+
+/// CPU time this process has used so far, in seconds.
+fn process_cpu_s() -> Result<f64> {
+    // SAFETY: getrusage writes one rusage struct, which we own, and reads nothing else.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut ru) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrusage");
+        }
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
 }
 
 async fn within<T>(f: impl std::future::Future<Output = Result<T>>, what: &str) -> Result<T> {
@@ -417,8 +446,12 @@ impl BidsSetup {
         node.fetch_and_wait(ImageQuery::Ref(self.image.clone()))
             .await
             .map_err(|e| anyhow::anyhow!("fetching {}: {e}", self.image))?;
-        let secs = start.elapsed();
-        // Outside the timing: the copy must be the source, bit for bit.
+        Ok(rate(size, start.elapsed()))
+    }
+
+    /// After the timing: the fetched copy must be the source, bit for bit.
+    async fn check_copy(&self) -> Result<()> {
+        let node = self.cluster.nodes[1].node();
         let (a, b) = (self.source.clone(), node.store().image_path(&self.id));
         let same = tokio::task::spawn_blocking(move || -> Result<bool> {
             Ok(sha256_file(&a)? == sha256_file(&b)?)
@@ -428,7 +461,7 @@ impl BidsSetup {
         if !same {
             bail!("the fetched image differs from the source");
         }
-        Ok(rate(size, secs))
+        Ok(())
     }
 
     async fn shutdown(self) {
@@ -637,6 +670,16 @@ async fn fetch_in_child(
             cmd.env_remove(k);
         }
     }
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+    // is async-signal-safe. It makes the node die with this process, even if we are killed.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = ChildGuard(
         cmd.spawn()
             .with_context(|| format!("starting {} node", o.program.display()))?,
@@ -764,21 +807,34 @@ pub fn render_loopback(r: &LoopbackReport) -> String {
         human_bytes(r.size_bytes),
         r.depth
     );
-    s += &format!("{:<52} {:>10} {:>12}\n", "transfer", "MB/s", "seconds");
+    s += &format!(
+        "{:<48} {:>8} {:>9} {:>8}\n",
+        "transfer", "MB/s", "seconds", "CPU s"
+    );
     let rows = [
-        ("(a) raw TCP, one tokio stream", r.raw_tcp_bytes_per_s),
+        (
+            "(a) raw TCP, one tokio stream",
+            r.raw_tcp_bytes_per_s,
+            r.raw_tcp_cpu_s,
+        ),
         (
             "(b) libp2p request-response (tcp+noise+yamux)",
             r.libp2p_rr_bytes_per_s,
+            r.libp2p_rr_cpu_s,
         ),
-        ("(c) BIDS fetch (GIS, hashing, disk)", r.bids_bytes_per_s),
+        (
+            "(c) BIDS fetch (GIS, hashing, disk)",
+            r.bids_bytes_per_s,
+            r.bids_cpu_s,
+        ),
     ];
-    for (name, bps) in rows {
+    for (name, bps, cpu) in rows {
         s += &format!(
-            "{:<52} {:>10.0} {:>12.2}\n",
+            "{:<48} {:>8.0} {:>9.2} {:>8.2}\n",
             name,
             bps / 1e6,
-            r.size_bytes as f64 / bps.max(1e-9)
+            r.size_bytes as f64 / bps.max(1e-9),
+            cpu
         );
     }
     s += &format!(
