@@ -247,9 +247,18 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 return Ok(());
             }
             let s = open_store(&store)?;
-            let id = s
+            let whole = s
                 .resolve(&image)
-                .with_context(|| format!("image {image} is not in store {}", store.display()))?;
+                .filter(|id| s.status(id).is_some_and(|st| st.complete));
+            let Some(id) = whole else {
+                // Not held whole: rebuilt from a held base and its delta files, if any.
+                let from = tokio::task::block_in_place(|| {
+                    bids_node::versions::export(&s, &image, &out)
+                })
+                .with_context(|| format!("exporting {image} from store {}", store.display()))?;
+                eprintln!("exported {image}: {from:?}");
+                return Ok(());
+            };
             let mut p = Progress::new(&format!("exporting {image}"), 0, true);
             tokio::task::block_in_place(|| s.export(&id, &out, &mut |d, t| p.set(d, t)))?;
             p.finish();

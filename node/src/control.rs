@@ -181,18 +181,13 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
         }
         ControlRequest::Export { image, out } => {
             let store = node.store().clone();
-            let Some(id) = store.resolve(&image) else {
-                return write_reply(
-                    &mut w,
-                    &ControlReply::Error(format!("image {image} is not in this store")),
-                )
-                .await;
-            };
-            let res = tokio::task::spawn_blocking(move || store.export(&id, &out, &mut |_, _| {}))
-                .await
-                .map_err(std::io::Error::other)?;
+            // Whole, or rebuilt from a held base and delta files.
+            let res =
+                tokio::task::spawn_blocking(move || crate::versions::export(&store, &image, &out))
+                    .await
+                    .map_err(std::io::Error::other)?;
             match res {
-                Ok(()) => write_reply(&mut w, &ControlReply::Done).await,
+                Ok(_) => write_reply(&mut w, &ControlReply::Done).await,
                 Err(e) => write_reply(&mut w, &ControlReply::Error(e.to_string())).await,
             }
         }

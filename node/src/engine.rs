@@ -38,6 +38,8 @@ const TICK: Duration = Duration::from_millis(20);
 const ANNOUNCE_BATCH: Duration = Duration::from_millis(100);
 /// Full have-state of images in progress is re-announced this often (late joiners).
 const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
+/// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
+const FULL_ANNOUNCE_AFTER_CONNECT: Duration = Duration::from_millis(100);
 /// A download asks the GIS for fresh host lists this often.
 const LOOKUP_REFRESH: Duration = Duration::from_secs(3);
 /// Progress is published to the GIS this often during a download.
@@ -897,6 +899,15 @@ impl Engine {
     fn accept(&mut self, peer: PeerId, h: &Hello, link: Link) {
         debug!(%peer, idc = %h.idc, ?link, "peer accepted");
         self.peers.insert(peer, PeerState::Accepted { link });
+        if link == Link::Wan && !self.downloads.is_empty() {
+            // A bridgehead of another IDC that trades with us missed our incremental
+            // announcements while unconnected: repeat the full ones now (a moment later,
+            // once gossipsub has swapped subscriptions), not at the next periodic round.
+            let soon = ANNOUNCE_FULL.saturating_sub(FULL_ANNOUNCE_AFTER_CONNECT);
+            if let Some(at) = Instant::now().checked_sub(soon) {
+                self.last_full_announce = self.last_full_announce.min(at);
+            }
+        }
         // Sources waiting for this peer's hello join their downloads now.
         let ids: Vec<ImageId> = self.downloads.keys().copied().collect();
         for id in ids {

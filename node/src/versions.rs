@@ -811,3 +811,107 @@ mod tests {
         assert!(left.is_empty(), "scratch files left: {left:?}");
     }
 }
+
+/// Where [`export`] took a version from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExportSource {
+    /// The store holds the version whole.
+    Whole,
+    /// The store holds a base version whole and a chain of delta files from it: the
+    /// paper's "one image file and a series of delta files".
+    Deltas {
+        base: ImageRef,
+        deltas: Vec<ImageRef>,
+    },
+}
+
+/// The longest delta chain [`export`] follows (lineages are short; this bounds a walk over a
+/// store whose records loop).
+const MAX_CHAIN: usize = 64;
+
+/// Writes version `image` to `out` (blocking): its image file when the store holds it whole,
+/// else the base it holds whole with the chain of held delta files applied in turn. Each
+/// delta checks the SHA-256 of its input and of its output, so a wrong chain writes
+/// nothing; scratch files are removed and `out` appears only when complete.
+pub fn export(store: &Store, image: &ImageRef, out: &Path) -> Result<ExportSource, VersionError> {
+    if let Ok(id) = complete_id(store, image) {
+        store.export(&id, out, &mut |_, _| {})?;
+        return Ok(ExportSource::Whole);
+    }
+    let (base, chain) = delta_chain(store, image)?;
+    let mut input = store.image_path(&base.id);
+    let mut scratch: Option<Scratch> = None;
+    for (i, d) in chain.iter().enumerate() {
+        let delta = store.image_path(&d.id);
+        if i + 1 == chain.len() {
+            bids_delta::apply(&input, &delta, out)?;
+        } else {
+            let next = Scratch::new(store, "export")?;
+            bids_delta::apply_with(&input, &delta, &next.0, &ApplyOptions { sync: false })?;
+            input = next.0.clone();
+            // The previous scratch file is dropped (removed) here: it was only an input.
+            scratch = Some(next);
+        }
+    }
+    drop(scratch);
+    info!(%image, base = %base.image, deltas = chain.len(), "exported from a base and deltas");
+    Ok(ExportSource::Deltas {
+        base: base.image,
+        deltas: chain.into_iter().map(|d| d.image).collect(),
+    })
+}
+
+/// A version the store holds whole and the held, complete delta files that lead from it to
+/// `image`, in the order to apply them. The first hop is found by name (the target itself
+/// may be gone from the store: its delta is named `N:OLD-to-V`), the others by id.
+fn delta_chain(
+    store: &Store,
+    image: &ImageRef,
+) -> Result<(crate::store::ImageStatus, Vec<crate::store::ImageStatus>), VersionError> {
+    let held = store.list();
+    let suffix = format!("-to-{}", image.version);
+    let deltas: Vec<_> = held
+        .iter()
+        .filter(|s| s.complete && matches!(s.kind, ObjectKind::Delta { .. }))
+        .collect();
+    let whole = |id: &ImageId| {
+        held.iter()
+            .find(|s| s.id == *id && s.complete && s.kind == ObjectKind::Image)
+    };
+    let from_of = |s: &crate::store::ImageStatus| match s.kind {
+        ObjectKind::Delta { from, .. } => Some(from),
+        ObjectKind::Image => None,
+    };
+    let not_held = || VersionError::NotHeld {
+        image: format!("{image} (neither whole nor as a held base plus delta files)"),
+    };
+    // Depth-first from each delta that ends in the target; a visited set stops loops.
+    for last in deltas
+        .iter()
+        .filter(|s| s.image.name == image.name && s.image.version.ends_with(&suffix))
+    {
+        let mut chain = vec![(*last).clone()];
+        let mut seen = std::collections::HashSet::from([last.id]);
+        while chain.len() <= MAX_CHAIN {
+            let Some(from) = chain.last().and_then(from_of) else {
+                break;
+            };
+            if let Some(b) = whole(&from) {
+                chain.reverse();
+                return Ok((b.clone(), chain));
+            }
+            let prev = deltas.iter().find(|s| {
+                matches!(s.kind, ObjectKind::Delta { to, .. } if to == from)
+                    && !seen.contains(&s.id)
+            });
+            match prev {
+                Some(p) => {
+                    seen.insert(p.id);
+                    chain.push((*p).clone());
+                }
+                None => break,
+            }
+        }
+    }
+    Err(not_held())
+}

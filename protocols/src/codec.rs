@@ -10,18 +10,37 @@ use std::marker::PhantomData;
 
 /// Encodes one message: length prefix then CBOR. Fails if it exceeds `limit`.
 pub fn encode_frame<T: Serialize>(msg: &T, limit: usize) -> io::Result<Vec<u8>> {
-    let mut out = vec![0u8; 4];
-    serde_cbor::to_writer(&mut out, msg)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let len = out.len() - 4;
+    let cbor_err = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+    // Size first (byte strings are only counted, not copied), so an oversized message is
+    // refused before any allocation and the frame is allocated once: growing a Vec to a
+    // chunk's size would copy the chunk several times.
+    let mut count = Count(0);
+    serde_cbor::to_writer(&mut count, msg).map_err(cbor_err)?;
+    let len = count.0;
     if len > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("message of {len} bytes exceeds the limit of {limit}"),
         ));
     }
-    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    serde_cbor::to_writer(&mut out, msg).map_err(cbor_err)?;
+    debug_assert_eq!(out.len(), 4 + len);
     Ok(out)
+}
+
+/// A writer that only counts bytes.
+struct Count(usize);
+
+impl io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Decodes a CBOR body (without the length prefix) with a size check.

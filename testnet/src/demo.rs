@@ -256,6 +256,7 @@ async fn run_on(
     ));
 
     let started = Instant::now();
+    let sampler = spawn_wan_sampler(c, o.idcs);
     let mut tasks = Vec::new();
     for (i, n) in c.nodes.iter().enumerate() {
         if n.idc == "A" {
@@ -276,6 +277,7 @@ async fn run_on(
         }
     }
     let wall_s = started.elapsed().as_secs_f64();
+    sampler.abort();
     if !failures.is_empty() {
         bail!("{mode:?} run failed: {}", failures.join("; "));
     }
@@ -330,6 +332,32 @@ async fn run_on(
         all_verified,
         wall_s,
         disk_usage_ratio_max,
+    })
+}
+
+/// Logs (debug) the bytes each IDC's WAN link carried in and out every 250 ms, to see how
+/// well a run fills the links: `RUST_LOG=bids_testnet=debug bids demo`.
+fn spawn_wan_sampler(c: &Cluster, idcs: usize) -> tokio::task::JoinHandle<()> {
+    let topology = c.topology.clone();
+    let names: Vec<String> = (0..idcs).map(idc_name).collect();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut last: Vec<(u64, u64)> = vec![(0, 0); names.len()];
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let mut line = format!("t={:5.2}s", started.elapsed().as_secs_f64());
+            for (k, name) in names.iter().enumerate() {
+                let now = (topology.wan_in_bytes(name), topology.wan_out_bytes(name));
+                line += &format!(
+                    " {name}: in {:5.1} out {:5.1} MB/s",
+                    (now.0 - last[k].0.min(now.0)) as f64 * 4.0 / 1e6,
+                    (now.1 - last[k].1.min(now.1)) as f64 * 4.0 / 1e6
+                );
+                last[k] = now;
+            }
+            tracing::debug!("{line}");
+        }
     })
 }
 

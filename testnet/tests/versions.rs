@@ -174,6 +174,26 @@ async fn new_version_crosses_the_wan_as_one_delta() {
     let n0 = c.nodes[b_nodes[0]].node();
     n0.store().export(&nv.id, &out, &mut |_, _| {}).unwrap();
     assert_eq!(sha(&out), want);
+    // Kept as one image file and a delta file only: v2 is rebuilt from v1 and the delta.
+    let v2_ref: ImageRef = "os:2".parse().unwrap();
+    n0.store().remove(&nv.id).unwrap();
+    assert!(n0.store().resolve(&v2_ref).is_none());
+    let out2 = dir.path().join("export-from-deltas.img");
+    let from = bids_node::versions::export(n0.store(), &v2_ref, &out2).unwrap();
+    assert_eq!(
+        from,
+        bids_node::versions::ExportSource::Deltas {
+            base: "os:1".parse().unwrap(),
+            deltas: vec![delta_ref_of(n0.store(), &nv.delta_id)],
+        }
+    );
+    assert_eq!(sha(&out2), want);
+    // Without the base nothing can be rebuilt: a clear error, no file.
+    let out3 = dir.path().join("no-base.img");
+    n0.store().remove(&v1_id).unwrap();
+    let err = bids_node::versions::export(n0.store(), &v2_ref, &out3).unwrap_err();
+    assert!(err.to_string().contains("os:2"), "{err}");
+    assert!(!out3.exists());
 
     let ratio = wan as f64 / nv.delta_size as f64;
     println!(
@@ -285,4 +305,8 @@ async fn a_delta_that_rebuilds_another_image_is_refused() {
         sha2::Sha256::digest(&v2).to_vec()
     );
     c.shutdown().await;
+}
+
+fn delta_ref_of(store: &bids_node::store::Store, id: &ImageId) -> ImageRef {
+    store.status(id).expect("the delta is held").image
 }
