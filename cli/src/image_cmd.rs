@@ -252,10 +252,18 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 .filter(|id| s.status(id).is_some_and(|st| st.complete));
             let Some(id) = whole else {
                 // Not held whole: rebuilt from a held base and its delta files, if any.
-                let from = tokio::task::block_in_place(|| {
-                    bids_node::versions::export(&s, &image, &out)
-                })
-                .with_context(|| format!("exporting {image} from store {}", store.display()))?;
+                let from =
+                    tokio::task::block_in_place(|| bids_node::versions::export(&s, &image, &out))
+                        .map_err(|e| match e {
+                        bids_node::versions::VersionError::NotHeld { .. } => anyhow::anyhow!(
+                            "image {image} is not in store {}: {e}",
+                            store.display()
+                        ),
+                        e => anyhow::Error::new(e).context(format!(
+                            "rebuilding {image} from its base and delta files in store {}",
+                            store.display()
+                        )),
+                    })?;
                 eprintln!("exported {image}: {from:?}");
                 return Ok(());
             };
