@@ -38,6 +38,8 @@ const TICK: Duration = Duration::from_millis(20);
 const ANNOUNCE_BATCH: Duration = Duration::from_millis(100);
 /// Full have-state of images in progress is re-announced this often (late joiners).
 const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
+/// How often a failed GIS lookup (or caller's request) is sent again before it fails.
+const GIS_RESENDS: u32 = 2;
 /// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
 const FULL_ANNOUNCE_AFTER_CONNECT: Duration = Duration::from_millis(100);
 /// A download asks the GIS for fresh host lists this often.
@@ -479,6 +481,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         waiters: HashMap::new(),
         inflight: HashMap::new(),
         gis_pending: HashMap::new(),
+        gis_resend: HashMap::new(),
         acct: Accounting::default(),
         cmd_rx: rx,
         itx,
@@ -520,6 +523,8 @@ struct Engine {
     waiters: HashMap<(ImageId, ChunkIndex), Vec<Waiter>>,
     inflight: HashMap<OutboundRequestId, (ImageId, ChunkIndex, PeerId)>,
     gis_pending: HashMap<OutboundRequestId, GisPurpose>,
+    /// What to send again if a pending lookup or caller's request fails, and its attempt.
+    gis_resend: HashMap<OutboundRequestId, (GisRequest, u32)>,
     acct: Accounting,
     cmd_rx: mpsc::Receiver<Command>,
     itx: mpsc::Sender<Internal>,
@@ -582,12 +587,24 @@ impl Engine {
     // ---------------------------------------------------------------- GIS
 
     fn gis_request(&mut self, req: GisRequest, purpose: GisPurpose) {
+        self.gis_request_attempt(req, purpose, 0);
+    }
+
+    /// Sends a GIS request. Lookups and callers' requests are kept for a resend: on a slow
+    /// or saturated link a GIS answer can time out, and one lost answer must not fail a
+    /// download (registrations, heartbeats and publications repeat on their own).
+    fn gis_request_attempt(&mut self, req: GisRequest, purpose: GisPurpose, attempt: u32) {
+        let keep = matches!(purpose, GisPurpose::Lookup { .. } | GisPurpose::Caller(_));
+        let again = keep.then(|| req.clone());
         let id = self
             .swarm
             .behaviour_mut()
             .gis
             .send_request(&self.gis_peer, req);
         self.gis_pending.insert(id, purpose);
+        if let Some(req) = again {
+            self.gis_resend.insert(id, (req, attempt));
+        }
     }
 
     fn register(&mut self) {
@@ -858,6 +875,7 @@ impl Engine {
                         },
                     ..
                 } => {
+                    self.gis_resend.remove(&request_id);
                     if let Some(p) = self.gis_pending.remove(&request_id) {
                         self.on_gis_response(p, response);
                     }
@@ -865,8 +883,15 @@ impl Engine {
                 rr::Event::OutboundFailure {
                     request_id, error, ..
                 } => {
+                    let resend = self.gis_resend.remove(&request_id);
                     if let Some(p) = self.gis_pending.remove(&request_id) {
-                        self.on_gis_failure(p, error.to_string());
+                        match resend {
+                            Some((req, attempt)) if attempt < GIS_RESENDS => {
+                                warn!(%error, attempt = attempt + 1, "a GIS request failed; sending it again");
+                                self.gis_request_attempt(req, p, attempt + 1);
+                            }
+                            _ => self.on_gis_failure(p, error.to_string()),
+                        }
                     }
                 }
                 _ => {}
