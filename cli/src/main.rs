@@ -11,6 +11,7 @@ mod lookup_cmd;
 mod node_cmd;
 mod progress;
 mod settings;
+mod testnet_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -52,6 +53,9 @@ enum Cmd {
     /// Benchmarks: loopback transfer against raw TCP and bare libp2p; a node's peak memory.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
+    /// Helpers of the netns testnet scripts: WAN link emulator, evaluation plots.
+    #[command(subcommand, hide = true)]
+    Testnet(testnet_cmd::TestnetCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,6 +144,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Lookup(a) => lookup_cmd::run(a).await,
         Cmd::Demo(a) => demo_cmd::run(a).await,
         Cmd::Bench(c) => bench_cmd::run(c).await,
+        Cmd::Testnet(c) => testnet_cmd::run(c).await,
     }
 }
 

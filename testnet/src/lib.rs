@@ -4,4 +4,6 @@
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod evalplot;
+pub mod linkemu;
 pub mod shaping;

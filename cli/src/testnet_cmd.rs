@@ -1,0 +1,70 @@
+//! `bids testnet …` (hidden): helpers of the netns testnet scripts in `testnet/` — the WAN
+//! link emulator that runs in the router namespace and the plots of the evaluation.
+
+use anyhow::{bail, Context, Result};
+use bids_testnet::{evalplot, linkemu};
+use clap::Subcommand;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Subcommand, Debug)]
+pub enum TestnetCmd {
+    /// Emulate WAN links between TUN devices: rate and one-way delay per link, drop-tail
+    /// queue. Run it inside the router namespace; prints `ready` once every device exists,
+    /// and the links' counters (JSON, one line each) when stopped.
+    Linkemu {
+        /// ns=NETNS,dev=DEV,peer=DEV,mbit=RATE,delay_ms=MS[,queue_kib=KIB]: DEV is created in
+        /// NETNS (the IDC side), peer DEV in this process's namespace (the router side).
+        #[arg(long = "link", required = true)]
+        links: Vec<String>,
+    },
+    /// Draw Fig. 6/7/8 (PNG) from the runs.csv of testnet/eval.sh.
+    EvalPlot {
+        #[arg(long)]
+        csv: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// TrueType font for the text (default: DejaVu Sans from the usual places).
+        #[arg(long)]
+        font: Option<PathBuf>,
+    },
+}
+
+pub async fn run(cmd: TestnetCmd) -> Result<()> {
+    match cmd {
+        TestnetCmd::Linkemu { links } => {
+            let specs = links
+                .iter()
+                .map(|l| linkemu::LinkSpec::parse(l))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (stats, tasks) = linkemu::start(&specs)?;
+            println!("ready");
+            std::io::stdout().flush()?;
+            let mut tasks = futures::future::select_all(tasks);
+            let failed = tokio::select! {
+                _ = crate::node_cmd::shutdown_signal() => None,
+                (r, _, _) = &mut tasks => Some(r),
+            };
+            for s in &stats {
+                println!("{s}");
+            }
+            match failed {
+                None => Ok(()),
+                Some(Ok(Ok(()))) => bail!("a link pump stopped"),
+                Some(Ok(Err(e))) => Err(e).context("link emulator"),
+                Some(Err(e)) => Err(e).context("link pump task"),
+            }
+        }
+        TestnetCmd::EvalPlot { csv, out, font } => {
+            let runs = evalplot::read_runs(&csv)?;
+            if runs.is_empty() {
+                bail!("{} has no runs", csv.display());
+            }
+            evalplot::load_font(font.as_deref())?;
+            for f in evalplot::plot_all(&runs, &out)? {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+    }
+}
