@@ -41,6 +41,13 @@ pub struct DemoArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Attach the web console (IP:PORT) to the last mode's testnet; log in as admin with
+    /// BIDS_RMC_PASSWORD, or with the token printed at start.
+    #[arg(long)]
+    rmc: Option<std::net::SocketAddr>,
+    /// Keep the last mode's testnet (and console) running after the run, until Ctrl-C.
+    #[arg(long, requires = "rmc")]
+    hold: bool,
 }
 
 pub async fn run(a: DemoArgs) -> Result<()> {
@@ -69,7 +76,11 @@ pub async fn run(a: DemoArgs) -> Result<()> {
             eprintln!("{s}");
         }
     };
-    let report = demo::run(&o, &mut log).await?;
+    let console = a
+        .rmc
+        .map(|addr| crate::rmc_cmd::DemoConsole::new(addr, a.hold));
+    let hook = console.as_ref().map(|c| c as &dyn demo::DemoHook);
+    let report = demo::run_with(&o, &mut log, hook).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&demo::to_json(&report))?);
     } else {

@@ -10,6 +10,7 @@ mod keys;
 mod lookup_cmd;
 mod node_cmd;
 mod progress;
+mod rmc_cmd;
 mod settings;
 mod testnet_cmd;
 
@@ -50,6 +51,8 @@ enum Cmd {
     Lookup(lookup_cmd::LookupArgs),
     /// Run a local multi-IDC testnet: distribute an image under BIDS and Baseline, print the figures.
     Demo(demo_cmd::DemoArgs),
+    /// Run the Remote Management Console (web UI and JSON API) against a GIS, as the admin.
+    Rmc(rmc_cmd::RmcArgs),
     /// Benchmarks: loopback transfer against raw TCP and bare libp2p; a node's peak memory.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
@@ -144,6 +147,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Lookup(a) => lookup_cmd::run(a).await,
         Cmd::Demo(a) => demo_cmd::run(a).await,
         Cmd::Bench(c) => bench_cmd::run(c).await,
+        Cmd::Rmc(a) => rmc_cmd::run(a).await,
         Cmd::Testnet(c) => testnet_cmd::run(c).await,
     }
 }

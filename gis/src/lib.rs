@@ -5,6 +5,8 @@
 //! - [`storage`]: the `Storage` trait that makes the index's changes durable (sled by default).
 //! - [`server`]: the libp2p peer; one event loop owns the swarm, the index and the storage.
 //! - [`client`]: a one-shot client for tools and tests.
+//! - [`admin`]: the admin control path at the GIS: queries, revocations, command relay.
+//! - [`admin_client`]: the console's long-lived client for the admin control path.
 //!
 //! A lookup by requester R (IDC I) for image X answers, under the default `bids` policy:
 //! - level 0: live hosts of I holding or fetching X, complete ones first, then by chunks held;
@@ -19,6 +21,8 @@
 //! hashing). Under the `baseline` policy level 0 lists live holders of every IDC (R's own
 //! first) and levels 1 and 2 stay empty. Hosts whose certificate was revoked are never listed.
 
+pub mod admin;
+pub mod admin_client;
 pub mod client;
 pub mod index;
 pub mod server;

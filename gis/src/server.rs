@@ -3,9 +3,11 @@
 //! it turns each request into an `Index` call, persists the resulting changes, then replies.
 //! What the answers mean is the index's business.
 
+use crate::admin::{AdminDesk, AdminReply, HOST_COMMAND_TIMEOUT};
 use crate::index::{Index, IndexConfig, DEFAULT_HEARTBEAT_TIMEOUT};
 use crate::storage::{SledStorage, Storage};
 use anyhow::Context;
+use bids_protocols::admin::{self, AdminRequest, AdminResponse};
 use bids_protocols::gis::{self, GisRequest, GisResponse};
 use bids_protocols::Policy;
 use futures::{FutureExt, StreamExt};
@@ -62,6 +64,8 @@ impl GisConfig {
 #[derive(NetworkBehaviour)]
 struct GisBehaviour {
     gis: request_response::Behaviour<gis::Codec>,
+    /// The admin control path: queries from the admin, commands relayed to hosts.
+    admin: request_response::Behaviour<admin::Codec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -190,6 +194,11 @@ fn build_swarm(keypair: &Keypair) -> anyhow::Result<Swarm<GisBehaviour>> {
                 [(gis::PROTOCOL, ProtocolSupport::Inbound)],
                 request_response::Config::default(),
             ),
+            admin: request_response::Behaviour::with_codec(
+                admin::codec(),
+                [(admin::PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(HOST_COMMAND_TIMEOUT),
+            ),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
                     .with_agent_version(format!("bids-gis/{}", env!("CARGO_PKG_VERSION"))),
@@ -230,6 +239,9 @@ async fn run_with_storage(
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut replies: Vec<(ResponseChannel<GisResponse>, GisResponse)> = Vec::new();
+    let mut desk = AdminDesk::new();
+    let mut admin_events: Vec<request_response::Event<AdminRequest, AdminResponse>> = Vec::new();
+    let mut admin_replies: Vec<AdminReply> = Vec::new();
 
     loop {
         tokio::select! {
@@ -240,7 +252,7 @@ async fn run_with_storage(
                 }
             }
             event = swarm.select_next_some() => {
-                let mut ctx = Ctx { index: &mut index, replies: &mut replies, listening: &mut listening, addrs: addrs.as_ref(), local };
+                let mut ctx = Ctx { index: &mut index, replies: &mut replies, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local };
                 ctx.on_event(event);
                 // Group commit: take whatever else is ready, then make all of it durable
                 // with one flush before any of those replies goes out.
@@ -249,6 +261,10 @@ async fn run_with_storage(
                         Some(Some(event)) => ctx.on_event(event),
                         _ => break,
                     }
+                }
+                // Admin requests may change the index (revocations): before the commit.
+                for ev in admin_events.drain(..) {
+                    desk.on_event(ev, &mut index, &mut swarm.behaviour_mut().admin, unix_ms(), &mut admin_replies);
                 }
                 let changes = index.take_changes();
                 if !changes.is_empty() {
@@ -264,6 +280,11 @@ async fn run_with_storage(
                         debug!("requester went away before its reply");
                     }
                 }
+                for (channel, response) in admin_replies.drain(..) {
+                    if swarm.behaviour_mut().admin.send_response(channel, response).is_err() {
+                        debug!("admin went away before its reply");
+                    }
+                }
             }
         }
     }
@@ -275,6 +296,8 @@ async fn run_with_storage(
 struct Ctx<'a> {
     index: &'a mut Index,
     replies: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    /// Handled after the batch, where the admin behaviour is at hand.
+    admin_events: &'a mut Vec<request_response::Event<AdminRequest, AdminResponse>>,
     listening: &'a mut Vec<Multiaddr>,
     addrs: Option<&'a watch::Sender<Vec<Multiaddr>>>,
     local: PeerId,
@@ -284,6 +307,7 @@ impl Ctx<'_> {
     fn on_event(&mut self, event: SwarmEvent<GisBehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(GisBehaviourEvent::Gis(ev)) => self.on_gis(ev),
+            SwarmEvent::Behaviour(GisBehaviourEvent::Admin(ev)) => self.admin_events.push(ev),
             SwarmEvent::Behaviour(GisBehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,

@@ -74,6 +74,7 @@ impl Accounting {
             total: self.total,
             images: self.images.clone(),
             refusals: self.refusals,
+            settings: None,
         }
     }
 }

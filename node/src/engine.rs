@@ -12,11 +12,12 @@ use crate::ratelimit::RateLimiter;
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::store::Store;
 use crate::transport::{self, TransportOptions};
-use bids_protocols::cert::Revocations;
+use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse};
+use bids_protocols::cert::{BridgeheadCert, Revocations};
 use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse, Encoding};
 use bids_protocols::gis::{
     self as gisp, Counters, ErrorKind, GisRequest, GisResponse, Holding, HostEntry, HostList,
-    ImageQuery,
+    HostSettings, ImageQuery,
 };
 use bids_protocols::gossip::{self, Announcement, Have};
 use bids_protocols::hello::{self, Hello, HelloReply};
@@ -67,6 +68,8 @@ struct Behaviour {
     hello: rr::Behaviour<hello::Codec>,
     chunk: rr::Behaviour<chunk::Codec>,
     gis: rr::Behaviour<gisp::Codec>,
+    /// Signed admin commands relayed by the GIS (`crate::admin`).
+    admin: rr::Behaviour<adminp::Codec>,
 }
 
 /// Progress of one download, as watchers see it.
@@ -111,6 +114,8 @@ pub struct NodeStatus {
     pub total: Counters,
     pub refusals: u64,
     pub bad_chunks_served_to_us: u64,
+    /// Rate limits and sharing now.
+    pub settings: HostSettings,
 }
 
 /// Requests to the event loop.
@@ -137,6 +142,12 @@ pub(crate) enum Command {
     SetSharing {
         enabled: bool,
     },
+    /// Take (or, with `None`, drop) a bridgehead certificate and re-register; replies with
+    /// the role the GIS granted.
+    SetCert {
+        cert: Option<Box<BridgeheadCert>>,
+        reply: oneshot::Sender<Result<Role, String>>,
+    },
     /// Any GIS request, sent over the node's own GIS connection.
     Gis {
         req: Box<GisRequest>,
@@ -149,6 +160,11 @@ pub(crate) enum Command {
 
 /// Results of work done off the loop.
 enum Internal {
+    /// An admin command was carried out (`crate::admin::execute`): answer the GIS.
+    AdminDone {
+        channel: ResponseChannel<AdminResponse>,
+        response: AdminResponse,
+    },
     Stored {
         image: ImageId,
         idx: ChunkIndex,
@@ -207,6 +223,8 @@ struct DownloadState {
 
 enum GisPurpose {
     Register,
+    /// A registration someone waits for (a certificate change): the granted role or why not.
+    RegisterFor(oneshot::Sender<Result<Role, String>>),
     Heartbeat,
     Publish,
     Unpublish,
@@ -285,6 +303,18 @@ impl NodeHandle {
 
     pub async fn set_sharing(&self, enabled: bool) -> Result<(), String> {
         self.send(Command::SetSharing { enabled }).await
+    }
+
+    /// Becomes a bridgehead with `cert` (or an ordinary host with `None`) and re-registers;
+    /// returns the role the GIS granted.
+    pub async fn set_cert(&self, cert: Option<BridgeheadCert>) -> Result<Role, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::SetCert {
+            cert: cert.map(Box::new),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| "node stopped".to_string())?
     }
 
     /// Sends any request to the GIS over the node's connection and returns the answer.
@@ -418,6 +448,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
                     [(gisp::PROTOCOL, ProtocolSupport::Outbound)],
                     rr::Config::default().with_request_timeout(Duration::from_secs(30)),
                 ),
+                admin: rr::Behaviour::with_codec(
+                    adminp::codec(),
+                    [(adminp::PROTOCOL, ProtocolSupport::Inbound)],
+                    rr::Config::default().with_request_timeout(Duration::from_secs(110)),
+                ),
             })
         })
         .map_err(|e| anyhow::anyhow!("building behaviours: {e}"))?
@@ -464,7 +499,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
     let upload = RateLimiter::new(cfg.upload_bps);
     let download = RateLimiter::new(cfg.download_bps);
     let sharing = cfg.sharing;
+    let admin_gate = crate::admin::AdminGate::new(cfg.admin_peer, gis_peer, me);
+    let self_tx = handle.tx.downgrade();
     let engine = Engine {
+        admin_gate,
+        self_tx,
         swarm,
         store,
         me,
@@ -506,6 +545,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
 
 struct Engine {
     swarm: Swarm<Behaviour>,
+    admin_gate: crate::admin::AdminGate,
+    /// Our own command queue, weakly (a strong sender would keep the loop alive forever):
+    /// admin commands run as tasks that drive the node through a `NodeHandle`.
+    self_tx: mpsc::WeakSender<Command>,
     store: Arc<Store>,
     cfg: NodeConfig,
     me: PeerId,
@@ -608,6 +651,10 @@ impl Engine {
     }
 
     fn register(&mut self) {
+        self.register_for(GisPurpose::Register);
+    }
+
+    fn register_for(&mut self, purpose: GisPurpose) {
         let addrs = if self.cfg.external_addrs.is_empty() {
             self.listen
                 .iter()
@@ -628,7 +675,7 @@ impl Engine {
             cert: self.cfg.cert.clone(),
             policy: self.cfg.policy,
         };
-        self.gis_request(req, GisPurpose::Register);
+        self.gis_request(req, purpose);
     }
 
     fn publish(&mut self, id: &ImageId, fetching: bool) {
@@ -663,6 +710,21 @@ impl Engine {
             let _ = reply.send(Ok(resp));
             return;
         }
+        let purpose = match purpose {
+            GisPurpose::RegisterFor(reply) => {
+                let _ = reply.send(match &resp {
+                    GisResponse::Registered { role, .. } => Ok(*role),
+                    GisResponse::Error { message, .. } => {
+                        Err(format!("the GIS refused the registration: {message}"))
+                    }
+                    other => Err(format!(
+                        "unexpected GIS answer to a registration: {other:?}"
+                    )),
+                });
+                GisPurpose::Register
+            }
+            p => p,
+        };
         match (purpose, resp) {
             (
                 GisPurpose::Register,
@@ -729,6 +791,13 @@ impl Engine {
     }
 
     fn on_gis_failure(&mut self, purpose: GisPurpose, error: String) {
+        let purpose = match purpose {
+            GisPurpose::RegisterFor(reply) => {
+                let _ = reply.send(Err(format!("the GIS did not answer: {error}")));
+                GisPurpose::Register
+            }
+            p => p,
+        };
         match purpose {
             GisPurpose::Caller(reply) => {
                 let _ = reply.send(Err(format!("the GIS did not answer: {error}")));
@@ -865,6 +934,7 @@ impl Engine {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Hello(ev)) => self.on_hello(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Admin(ev)) => self.on_admin(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Chunk(ev)) => self.on_chunk_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Gis(ev)) => match ev {
                 rr::Event::Message {
@@ -1281,6 +1351,17 @@ impl Engine {
 
     fn on_internal(&mut self, i: Internal) {
         match i {
+            Internal::AdminDone { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .admin
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    debug!("the GIS went away before an admin command's answer");
+                }
+            }
             Internal::Served {
                 channel,
                 peer,
@@ -1745,7 +1826,8 @@ impl Engine {
             if !self.registered {
                 self.register();
             } else {
-                let stats = self.acct.snapshot();
+                let mut stats = self.acct.snapshot();
+                stats.settings = Some(self.settings());
                 self.gis_request(GisRequest::Heartbeat { stats }, GisPurpose::Heartbeat);
             }
         }
@@ -1992,9 +2074,100 @@ impl Engine {
                 info!(enabled, "sharing switched");
                 self.sharing = enabled;
             }
+            Command::SetCert { cert, reply } => self.set_cert(cert.map(|c| *c), reply),
             Command::Gis { req, reply } => self.gis_request(*req, GisPurpose::Caller(reply)),
             Command::Shutdown { .. } => unreachable!("handled in the loop"),
         }
+    }
+
+    fn settings(&self) -> HostSettings {
+        HostSettings {
+            upload_bps: self.upload.rate(),
+            download_bps: self.download.rate(),
+            sharing: self.sharing,
+        }
+    }
+
+    /// An admin request relayed by the GIS: admitted ones run as a task (they may import
+    /// files or wait for the GIS), whose answer comes back as `Internal::AdminDone`.
+    fn on_admin(&mut self, ev: rr::Event<AdminRequest, AdminResponse>) {
+        let rr::Event::Message {
+            peer,
+            message: rr::Message::Request {
+                request, channel, ..
+            },
+            ..
+        } = ev
+        else {
+            return;
+        };
+        let node = self.self_tx.upgrade().map(|tx| NodeHandle {
+            tx,
+            peer: self.me,
+            listen: self.listen.clone(),
+            store: self.store.clone(),
+        });
+        match (self.admin_gate.admit(peer, request, Self::now_secs()), node) {
+            (Err(refusal), _) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .admin
+                    .send_response(channel, refusal);
+            }
+            // Every handle is gone: the node is stopping.
+            (Ok(_), None) => {}
+            (Ok(cmd), Some(node)) => {
+                let itx = self.itx.clone();
+                tokio::spawn(async move {
+                    let response = crate::admin::execute(node, cmd).await;
+                    let _ = itx.send(Internal::AdminDone { channel, response }).await;
+                });
+            }
+        }
+    }
+
+    /// Takes or drops a bridgehead certificate, then re-registers so the GIS grants the role.
+    fn set_cert(
+        &mut self,
+        cert: Option<BridgeheadCert>,
+        reply: oneshot::Sender<Result<Role, String>>,
+    ) {
+        if let Some(c) = &cert {
+            let checked = c.verify_for(
+                &self.cfg.admin_peer,
+                &self.me,
+                &self.cfg.idc,
+                Self::now_secs(),
+                &self.revocations,
+            );
+            if let Err(e) = checked {
+                let _ = reply.send(Err(format!("certificate refused: {e}")));
+                return;
+            }
+        }
+        if cert.is_none() && self.cfg.cert.is_some() {
+            info!("bridgehead certificate dropped; cross-IDC links close");
+            self.role = Role::Host;
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .unsubscribe(&self.bridgehead_topic);
+            let wan: Vec<PeerId> = self
+                .peers
+                .iter()
+                .filter(|(_, st)| matches!(st, PeerState::Accepted { link: Link::Wan }))
+                .map(|(p, _)| *p)
+                .collect();
+            for p in wan {
+                self.peers.remove(&p);
+                let _ = self.swarm.disconnect_peer_id(p);
+            }
+        } else if let Some(c) = &cert {
+            info!(serial = c.body.serial, db_id = %c.body.db_id, "bridgehead certificate set");
+        }
+        self.cfg.cert = cert;
+        self.register_for(GisPurpose::RegisterFor(reply));
     }
 
     fn status(&self) -> NodeStatus {
@@ -2027,6 +2200,7 @@ impl Engine {
             total: self.acct.total(),
             refusals: self.acct.refusals(),
             bad_chunks_served_to_us: self.acct.total().bad_chunks,
+            settings: self.settings(),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The BIDS host daemon: chunk store, download scheduler, swarm event loop, connection
-//! gating, accounting, rate limits and the local control API.
+//! gating, accounting, rate limits, the local control API and admin commands relayed by the GIS.
 
 pub mod accounting;
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod engine;

@@ -58,6 +58,17 @@ pub struct HostStats {
     pub images: BTreeMap<ImageId, Counters>,
     /// Cross-IDC connections refused (bad or missing certificate, IDC rule).
     pub refusals: u64,
+    /// The host's live distribution settings, for the console (absent from older nodes).
+    #[serde(default)]
+    pub settings: Option<HostSettings>,
+}
+
+/// A host's rate limits (bytes/s, 0 = unlimited) and whether it serves chunks to others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSettings {
+    pub upload_bps: u64,
+    pub download_bps: u64,
+    pub sharing: bool,
 }
 
 /// How much of an image a host holds.

@@ -3,6 +3,7 @@
 //!
 //! This crate does no I/O of its own and spawns nothing: the GIS and the node drive it.
 
+pub mod admin;
 pub mod cert;
 pub mod chunk;
 pub mod codec;

@@ -217,11 +217,38 @@ pub async fn run_mode(
     mode: Mode,
     image_file: &Path,
     log: &mut dyn FnMut(&str),
+    hook: Option<&dyn DemoHook>,
 ) -> Result<RunResult> {
     let cluster = Cluster::start(spec(o, mode)).await?;
+    let guard = match hook {
+        Some(h) => match h.attach(&cluster).await {
+            Ok(g) => Some(g),
+            Err(e) => {
+                cluster.shutdown().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let result = run_on(&cluster, o, mode, image_file, log).await;
+    if let (Some(h), Ok(r)) = (hook, &result) {
+        h.hold(&cluster, r).await;
+    }
+    drop(guard);
     cluster.shutdown().await;
     result
+}
+
+/// Lets the caller attach something to a run's cluster (the CLI attaches the console) and
+/// keep the cluster up after the run (`bids demo --hold`). Only the last mode gets it.
+pub trait DemoHook: Send + Sync {
+    /// Called once the cluster is up, before the run; the guard lives until the cluster stops.
+    fn attach<'a>(
+        &'a self,
+        c: &'a Cluster,
+    ) -> futures::future::BoxFuture<'a, Result<Box<dyn std::any::Any + Send>>>;
+    /// Called after a successful run, before the cluster stops.
+    fn hold<'a>(&'a self, c: &'a Cluster, r: &'a RunResult) -> futures::future::BoxFuture<'a, ()>;
 }
 
 async fn run_on(
@@ -363,6 +390,15 @@ fn spawn_wan_sampler(c: &Cluster, idcs: usize) -> tokio::task::JoinHandle<()> {
 
 /// Runs the whole demo.
 pub async fn run(o: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> {
+    run_with(o, log, None).await
+}
+
+/// [`run`] with a hook on the last mode's cluster.
+pub async fn run_with(
+    o: &DemoOptions,
+    log: &mut dyn FnMut(&str),
+    hook: Option<&dyn DemoHook>,
+) -> Result<DemoReport> {
     if o.idcs < 2 {
         bail!("--idcs must be at least 2 (one holds the image)");
     }
@@ -406,8 +442,9 @@ pub async fn run(o: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRepor
         o.size
     };
     let mut runs = Vec::new();
-    for &mode in &o.modes {
-        runs.push(run_mode(o, mode, &file, log).await?);
+    for (k, &mode) in o.modes.iter().enumerate() {
+        let last = k + 1 == o.modes.len();
+        runs.push(run_mode(o, mode, &file, log, hook.filter(|_| last)).await?);
     }
     Ok(DemoReport {
         image_bytes: size,

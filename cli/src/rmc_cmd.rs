@@ -1,0 +1,170 @@
+//! `bids rmc`: the Remote Management Console, configured from flags, `BIDS_…` variables and an
+//! optional TOML file. The password comes from `BIDS_RMC_PASSWORD` or `rmc_password` in the
+//! file; without one, a fresh token is made at each start and printed once.
+
+use crate::{keys, node_cmd, settings};
+use anyhow::{Context, Result};
+use clap::Args;
+use libp2p::Multiaddr;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct RmcArgs {
+    /// TOML file with any of the settings below plus `rmc_password` (flags win over it,
+    /// BIDS_… variables in between).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// GIS address ending in /p2p/<peer id>.
+    #[arg(long)]
+    gis: Option<String>,
+    /// The admin keypair: the console speaks to the GIS as the admin and signs with it.
+    #[arg(long)]
+    admin_key: Option<PathBuf>,
+    /// Web server address; loopback unless told otherwise.
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct RmcSettings {
+    gis: Option<String>,
+    admin_key: Option<PathBuf>,
+    listen: Option<String>,
+    rmc_password: Option<String>,
+    rmc_sample_ms: Option<u64>,
+    rmc_cert_days: Option<u64>,
+}
+
+/// The password to require, and whether it was made up here (then it must be shown).
+pub fn password_or_token(configured: Option<String>) -> (String, bool) {
+    match configured.filter(|p| !p.is_empty()) {
+        Some(p) => (p, false),
+        None => (bids_rmc::auth::random_token(), true),
+    }
+}
+
+pub async fn run(a: RmcArgs) -> Result<()> {
+    let st: RmcSettings = settings::load(
+        a.config.as_deref(),
+        &[
+            ("gis", a.gis.clone()),
+            (
+                "admin_key",
+                a.admin_key.as_ref().map(|p| p.display().to_string()),
+            ),
+            ("listen", a.listen.clone()),
+        ],
+    )?;
+    let gis: Multiaddr = settings::required(st.gis, "gis", "--gis")?
+        .parse()
+        .context("--gis is not a multiaddr")?;
+    let admin = keys::load(&settings::required(
+        st.admin_key,
+        "admin_key",
+        "--admin-key",
+    )?)?;
+    let listen: SocketAddr = st
+        .listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:8080")
+        .parse()
+        .context("--listen must be IP:PORT, e.g. 127.0.0.1:8080")?;
+    let (password, generated) = password_or_token(st.rmc_password);
+    let mut cfg = bids_rmc::RmcConfig::new(admin.clone(), password.clone());
+    cfg.listen = listen;
+    if let Some(ms) = st.rmc_sample_ms {
+        cfg.sample_interval = Duration::from_millis(ms.max(100));
+    }
+    if let Some(d) = st.rmc_cert_days {
+        cfg.cert_validity = Duration::from_secs(d.max(1) * 86_400);
+    }
+    let link = bids_rmc::gis_link::connect(gis.clone(), admin)
+        .await
+        .with_context(|| format!("connecting to the GIS at {gis} as the admin"))?;
+    let rmc = bids_rmc::start(cfg, link).await?;
+    println!("{}", announce(rmc.local_addr(), &password, generated));
+    node_cmd::shutdown_signal().await;
+    rmc.shutdown().await?;
+    Ok(())
+}
+
+/// Tells the operator where the console is and how to log in.
+pub fn announce(addr: SocketAddr, password: &str, generated: bool) -> String {
+    let how = if generated {
+        format!("log in as admin with this token (made for this start; set BIDS_RMC_PASSWORD to choose a password): {password}")
+    } else {
+        "log in as admin with the configured password".to_string()
+    };
+    format!("console: http://{addr}/\n{how}")
+}
+
+/// `bids demo --rmc ADDR [--hold]`: a console attached to the demo's testnet, as its admin.
+pub struct DemoConsole {
+    addr: SocketAddr,
+    hold: bool,
+}
+
+impl DemoConsole {
+    pub fn new(addr: SocketAddr, hold: bool) -> Self {
+        DemoConsole { addr, hold }
+    }
+}
+
+impl bids_testnet::demo::DemoHook for DemoConsole {
+    fn attach<'a>(
+        &'a self,
+        c: &'a bids_testnet::cluster::Cluster,
+    ) -> futures::future::BoxFuture<'a, Result<Box<dyn std::any::Any + Send>>> {
+        Box::pin(async move {
+            let configured = std::env::var("BIDS_RMC_PASSWORD").ok();
+            let (password, generated) = password_or_token(configured);
+            let mut cfg = bids_rmc::RmcConfig::new(c.admin.clone(), password.clone());
+            cfg.listen = self.addr;
+            let link = bids_rmc::gis_link::connect(c.gis_addr.clone(), c.admin.clone())
+                .await
+                .context("connecting the console to the demo's GIS")?;
+            let rmc = bids_rmc::start(cfg, link).await?;
+            // stderr: the demo's stdout may carry its JSON report.
+            eprintln!("{}", announce(rmc.local_addr(), &password, generated));
+            // Dropping the handle when the cluster stops stops the console too.
+            Ok(Box::new(rmc) as Box<dyn std::any::Any + Send>)
+        })
+    }
+
+    fn hold<'a>(
+        &'a self,
+        _c: &'a bids_testnet::cluster::Cluster,
+        _r: &'a bids_testnet::demo::RunResult,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if self.hold {
+                eprintln!(
+                    "holding the testnet with the console at http://{}/ ; Ctrl-C to stop",
+                    self.addr
+                );
+                node_cmd::shutdown_signal().await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_password_wins_else_a_fresh_token() {
+        assert_eq!(
+            password_or_token(Some("pw".into())),
+            ("pw".to_string(), false)
+        );
+        let (t1, g1) = password_or_token(None);
+        let (t2, _) = password_or_token(Some(String::new()));
+        assert!(g1);
+        assert_eq!(t1.len(), 64);
+        assert_ne!(t1, t2);
+    }
+}

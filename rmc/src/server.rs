@@ -1,0 +1,164 @@
+//! Running a console: bind the HTTP listener (loopback unless told otherwise), serve the
+//! router, and sample the GIS periodically into the history, until shut down. What the
+//! console does lives in `console`; who may do it in `auth`.
+
+use crate::api::{self, AppState};
+use crate::auth::{AuthConfig, Sessions};
+use crate::console::Console;
+use crate::gis_link::AdminGis;
+use libp2p::identity::Keypair;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RmcError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the console's HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Everything a console needs besides its link to the GIS.
+#[derive(Clone, Debug)]
+pub struct RmcConfig {
+    /// Where the web server listens; `127.0.0.1:8080` by default.
+    pub listen: SocketAddr,
+    pub auth: AuthConfig,
+    /// The admin identity: signs bridgehead certificates (and, in the GIS link, commands).
+    pub admin: Keypair,
+    /// How often the history samples the GIS.
+    pub sample_interval: Duration,
+    /// Lifetime of the bridgehead certificates the console issues.
+    pub cert_validity: Duration,
+}
+
+impl RmcConfig {
+    pub fn new(admin: Keypair, password: String) -> Self {
+        RmcConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            auth: AuthConfig::new(password),
+            admin,
+            sample_interval: Duration::from_millis(500),
+            cert_validity: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// A running console. Dropping it stops the server and the sampler too, without waiting.
+pub struct RmcHandle {
+    addr: SocketAddr,
+    console: Arc<Console>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), RmcError>>,
+}
+
+impl RmcHandle {
+    /// The address the web server listens on (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn console(&self) -> &Arc<Console> {
+        &self.console
+    }
+
+    /// Stops serving and sampling; returns the server's error, if it failed.
+    pub async fn shutdown(self) -> Result<(), RmcError> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(RmcError::Serve(std::io::Error::other(e.to_string()))),
+        }
+    }
+
+    /// Waits until the server stops on its own (it only does on an error).
+    pub async fn wait(&mut self) -> Result<(), RmcError> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(RmcError::Serve(std::io::Error::other(e.to_string()))),
+        }
+    }
+}
+
+/// Starts a console on `cfg.listen` talking to the GIS through `gis`.
+pub async fn start(cfg: RmcConfig, gis: Arc<dyn AdminGis>) -> Result<RmcHandle, RmcError> {
+    if !cfg.listen.ip().is_loopback() {
+        tracing::warn!(addr = %cfg.listen, "the console listens beyond loopback; put TLS in front of it");
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| RmcError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| RmcError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let console = Arc::new(Console::new(
+        gis,
+        cfg.admin.clone(),
+        cfg.sample_interval,
+        cfg.cert_validity,
+    ));
+    let state = AppState {
+        sessions: Arc::new(Sessions::new(cfg.auth.clone())),
+        console: console.clone(),
+    };
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(sample_loop(
+        console.clone(),
+        cfg.sample_interval,
+        stopped.clone(),
+    ));
+    let app = api::router(state);
+    let mut stopped_srv = stopped;
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped_srv.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(RmcError::Serve)
+    });
+    tracing::info!(%addr, "console listening");
+    Ok(RmcHandle {
+        addr,
+        console,
+        stop,
+        task,
+    })
+}
+
+/// Samples the GIS every `interval` into the history; a failed sample is logged once per
+/// outage and skipped, so a GIS restart leaves a gap, not a dead console.
+async fn sample_loop(console: Arc<Console>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match console.sample().await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("sampling the GIS works again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "sampling the GIS failed; retrying every interval");
+                }
+                failing = true;
+            }
+        }
+    }
+}
