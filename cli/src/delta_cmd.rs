@@ -3,6 +3,7 @@
 //! and publishing a new version with its delta. Progress and timings go to stderr, results
 //! to stdout; the work itself is `bids_delta`'s and `bids_node::versions`'.
 
+use crate::image_cmd::human;
 use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use bids_delta::{BuildOptions, DeltaHeader};
@@ -151,21 +152,6 @@ async fn resolve_input(spec: &str, store: Option<&Path>, what: &str) -> Result<I
         path,
         label: r.to_string(),
     })
-}
-
-fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
 }
 
 fn rate(bytes: u64, secs: f64) -> String {

@@ -98,7 +98,8 @@ fn fail_on_error(replies: &[ControlReply]) -> Result<()> {
     Ok(())
 }
 
-fn human(n: u64) -> String {
+/// A byte count for people: `512 B`, `1.5 MiB`, … (also used by `bids delta`).
+pub(crate) fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut i = 0;
