@@ -22,6 +22,7 @@ use bids_protocols::gis::{
 use bids_protocols::gossip::{self, Announcement, Have};
 use bids_protocols::hello::{self, Hello, HelloReply};
 use bids_protocols::{ChunkIndex, Idc, ImageId, ImageRef, Manifest, Policy, Role};
+use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::request_response::{self as rr, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -57,6 +58,9 @@ const MAX_SERVING: usize = 256;
 /// The topic on which bridgeheads of all IDCs announce what they hold, so fetching IDCs can
 /// trade chunks among themselves instead of each pulling everything from the origin.
 const BRIDGEHEAD_TOPIC: &str = "bids/bridgeheads/chunks";
+/// Chunks of one download received and not yet verified and stored, at most: the network
+/// keeps its pipeline full while the CPU hashes and writes, within bounded memory.
+const MAX_WRITING: usize = 16;
 /// Compressed payloads kept for reuse (bytes) (a bridgehead serves one chunk to many hosts).
 const PAYLOAD_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
@@ -169,7 +173,7 @@ enum Internal {
         image: ImageId,
         idx: ChunkIndex,
         peer: PeerId,
-        result: Result<(Encoding, Vec<u8>), String>,
+        result: Result<(Encoding, Bytes), String>,
     },
     Served {
         channel: ResponseChannel<ChunkResponse>,
@@ -1221,7 +1225,7 @@ impl Engine {
         tokio::task::spawn_blocking(move || {
             let response = match store.read_chunk(&req.image, req.index) {
                 Ok(raw) => {
-                    let (encoding, payload) = chunk::encode_payload(&raw);
+                    let (encoding, payload) = chunk::encode_payload(raw);
                     ChunkResponse::Data { encoding, payload }
                 }
                 Err(e) => {
@@ -1281,12 +1285,10 @@ impl Engine {
         let Some((image, idx, _)) = self.inflight.remove(&request_id) else {
             return;
         };
-        let refused = !matches!(resp, ChunkResponse::Data { .. });
         self.handle_chunk_response(peer, image, idx, resp);
-        if refused {
-            // A failed request frees a slot: fill it now.
-            self.pump(&image, Instant::now());
-        }
+        // The answer freed a request slot (data goes on to verification without holding
+        // it): fill it now.
+        self.pump(&image, Instant::now());
     }
 
     fn handle_chunk_response(
@@ -1306,18 +1308,25 @@ impl Engine {
                     Some(PeerState::Accepted { link, .. }) => Some(*link),
                     _ => None,
                 };
-                if self.store.has_chunk(&image, idx) || d.writing.contains(&idx) {
+                let stored = self.store.has_chunk(&image, idx);
+                if stored || d.writing.contains(&idx) {
                     // A late endgame duplicate: count the bytes, drop the data.
                     if let Some(link) = link {
                         self.acct.received(image, link, payload.len() as u64);
                     }
-                    d.sched.on_chunk(&peer, idx, now);
+                    if stored {
+                        d.sched.on_chunk(&peer, idx, now);
+                    } else {
+                        // The first copy is still being verified: only free this slot.
+                        d.sched.on_arrived(&peer, idx);
+                    }
                     return;
                 }
                 if let Some(link) = link {
                     self.acct.received(image, link, payload.len() as u64);
                 }
                 self.download.consume(payload.len() as u64);
+                d.sched.on_arrived(&peer, idx);
                 d.writing.insert(idx);
                 let m = d.manifest.clone();
                 let store = self.store.clone();
@@ -1375,11 +1384,8 @@ impl Engine {
                     payload,
                 } = &response
                 {
-                    self.payload_cache.insert(
-                        image,
-                        index,
-                        Arc::new((Encoding::Zstd, payload.clone())),
-                    );
+                    self.payload_cache
+                        .insert(image, index, (Encoding::Zstd, payload.clone()));
                 }
                 let link = self.link_of(&peer).unwrap_or(Link::Lan);
                 self.finish_serve(channel, peer, image, response, link);
@@ -1398,7 +1404,7 @@ impl Engine {
         image: ImageId,
         idx: ChunkIndex,
         peer: PeerId,
-        result: Result<(Encoding, Vec<u8>), String>,
+        result: Result<(Encoding, Bytes), String>,
     ) {
         let now = Instant::now();
         let Some(d) = self.downloads.get_mut(&image) else {
@@ -1409,20 +1415,20 @@ impl Engine {
             Ok((encoding, payload)) => {
                 d.sched.on_chunk(&peer, idx, now);
                 d.fresh.push(idx);
-                let payload = Arc::new((encoding, payload));
-                // Deferred requests for this chunk are answered now (cut-through relay).
+                // Deferred requests for this chunk are answered now (cut-through relay),
+                // all from the one received buffer.
                 if let Some(ws) = self.waiters.remove(&(image, idx)) {
                     debug!(idx, waiters = ws.len(), "answering deferred requests");
                     for (channel, p) in ws {
                         let resp = ChunkResponse::Data {
-                            encoding: payload.0,
-                            payload: payload.1.clone(),
+                            encoding,
+                            payload: payload.clone(),
                         };
                         let link = self.link_of(&p).unwrap_or(Link::Lan);
                         self.finish_serve(channel, p, image, resp, link);
                     }
                 }
-                self.payload_cache.insert(image, idx, payload);
+                self.payload_cache.insert(image, idx, (encoding, payload));
                 self.update_progress(&image);
             }
             Err(e) => {
@@ -1947,6 +1953,11 @@ impl Engine {
         let Some(d) = self.downloads.get_mut(id) else {
             return;
         };
+        if d.writing.len() >= MAX_WRITING {
+            // Verification and the disk lag behind the network: received chunks wait in
+            // memory, so no more are asked for until some are stored (bounded memory).
+            return;
+        }
         let reqs = d.sched.next_requests(now);
         for (peer, idx) in reqs {
             debug!(%peer, idx, "requesting chunk");
@@ -2213,8 +2224,8 @@ fn verify_and_store(
     image: &ImageId,
     idx: ChunkIndex,
     encoding: Encoding,
-    payload: Vec<u8>,
-) -> Result<(Encoding, Vec<u8>), String> {
+    payload: Bytes,
+) -> Result<(Encoding, Bytes), String> {
     let info = m
         .chunks
         .get(idx as usize)

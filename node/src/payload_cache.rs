@@ -5,11 +5,11 @@
 
 use bids_protocols::chunk::Encoding;
 use bids_protocols::{ChunkIndex, ImageId};
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 
-/// An encoded payload, shared between the cache and responses.
-pub type Payload = Arc<(Encoding, Vec<u8>)>;
+/// An encoded payload; `Bytes`, so the cache and every response share one buffer.
+pub type Payload = (Encoding, Bytes);
 
 #[derive(Debug)]
 pub struct PayloadCache {
@@ -81,10 +81,10 @@ mod tests {
     fn keeps_compressed_payloads_within_budget() {
         let mut c = PayloadCache::new(1000);
         let img = ImageId([1; 32]);
-        c.insert(img, 0, Arc::new((Encoding::Raw, vec![0; 10])));
+        c.insert(img, 0, (Encoding::Raw, vec![0; 10].into()));
         assert!(c.get(&img, 0).is_none(), "raw payloads are not cached");
         for i in 0..10 {
-            c.insert(img, i, Arc::new((Encoding::Zstd, vec![0; 200])));
+            c.insert(img, i, (Encoding::Zstd, vec![0; 200].into()));
         }
         assert!(c.bytes() <= 1000);
         assert!(c.get(&img, 9).is_some(), "newest kept");

@@ -315,6 +315,9 @@ pub struct Download {
     chunk_count: u32,
     held: Vec<bool>,
     held_count: u32,
+    /// Chunks that arrived and are being verified and stored ([`Download::on_arrived`]):
+    /// neither wanted nor in flight, until `on_chunk` or a `Corrupt` failure settles them.
+    verifying: Vec<bool>,
     /// Random permutation of the chunk indexes: the tie-break among equally rare chunks.
     order: Vec<u32>,
     /// Position of each chunk in `order`.
@@ -375,6 +378,7 @@ impl Download {
             chunk_count,
             held,
             held_count,
+            verifying: vec![false; n],
             order,
             pos_of,
             levels,
@@ -549,7 +553,7 @@ impl Download {
         let mut k = 0;
         while k < self.prio_queue.len() && !free.is_empty() {
             let idx = self.prio_queue[k];
-            if self.req_count[idx as usize] == 0 {
+            if self.is_wanted(idx as usize) {
                 self.assign_fresh(idx, now, &mut free, &mut out);
             }
             k += 1;
@@ -630,12 +634,36 @@ impl Download {
         out
     }
 
+    /// A chunk's data arrived from `peer` and goes to verification and storage: the request
+    /// no longer occupies the peer's slot (the network pipeline refills while the CPU
+    /// hashes and writes), and the chunk is not asked of anyone else meanwhile. Settle it
+    /// with [`Download::on_chunk`], or with [`Download::on_failure`] (`Corrupt`), which
+    /// makes it wanted again.
+    pub fn on_arrived(&mut self, peer: &PeerId, idx: u32) {
+        if idx >= self.chunk_count || self.held[idx as usize] {
+            return;
+        }
+        if let Some(&slot) = self.slots.get(peer) {
+            if self.finish_request(slot, idx).is_some() {
+                self.peers[slot].busy_streak = 0;
+            }
+        }
+        self.verifying[idx as usize] = true;
+        self.refresh_wanted(idx);
+    }
+
+    /// Chunks between [`Download::on_arrived`] and their settlement.
+    pub fn verifying(&self) -> usize {
+        self.verifying.iter().filter(|v| **v).count()
+    }
+
     /// A verified chunk arrived (the driver checked its SHA-256 and stored it). Returns whether
     /// it was new (`false` for a duplicate, e.g. a late endgame copy).
     pub fn on_chunk(&mut self, peer: &PeerId, idx: u32, now: Instant) -> bool {
         if idx >= self.chunk_count {
             return false;
         }
+        self.verifying[idx as usize] = false;
         if let Some(&slot) = self.slots.get(peer) {
             if self.finish_request(slot, idx).is_some() {
                 self.peers[slot].busy_streak = 0;
@@ -663,6 +691,11 @@ impl Download {
             return;
         }
         let was_inflight = self.finish_request(slot, idx).is_some();
+        if why == Failure::Corrupt && self.verifying[idx as usize] {
+            // It failed verification: wanted again (from another peer, see the backoff).
+            self.verifying[idx as usize] = false;
+            self.refresh_wanted(idx);
+        }
         let backoff_until = now + self.cfg.retry_backoff;
         if was_inflight && why != Failure::Corrupt {
             self.peers[slot].failures += 1;
@@ -775,7 +808,7 @@ impl Download {
     /// the driver then asks the GIS again or reports "no source". Peers only cooling down
     /// still count as sources.
     pub fn is_stalled(&self) -> bool {
-        if !self.requests.is_empty() || self.is_complete() {
+        if !self.requests.is_empty() || self.is_complete() || self.verifying.contains(&true) {
             return false;
         }
         let bridgehead = self
@@ -883,7 +916,7 @@ impl Download {
     }
 
     fn is_wanted(&self, i: usize) -> bool {
-        !self.held[i] && self.req_count[i] == 0
+        !self.held[i] && !self.verifying[i] && self.req_count[i] == 0
     }
 
     fn wanted_count(&self) -> u32 {
@@ -957,6 +990,7 @@ impl Download {
         self.held[i] = true;
         self.held_count += 1;
         self.prio[i] = false;
+        self.verifying[i] = false;
         self.refresh_wanted(idx);
         true
     }
@@ -1093,7 +1127,7 @@ impl Download {
         }
         // The WAN rule: only a chunk the IDC lacks, with no request in flight anywhere (so
         // never two over the WAN, never an endgame copy).
-        if self.req_count[idx as usize] == 0 && self.lan_avail[idx as usize] == 0 {
+        if self.is_wanted(idx as usize) && self.lan_avail[idx as usize] == 0 {
             // A fetching bridgehead that already has the chunk first (spares the origin's
             // uplink); then any bridgehead that can supply everything.
             let (partial, whole): (Vec<usize>, Vec<usize>) =
@@ -1160,6 +1194,7 @@ fn share_score(peer: &PeerId, idx: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn pid(n: u8) -> PeerId {
         libp2p::identity::Keypair::ed25519_from_bytes([n; 32])
@@ -1208,6 +1243,50 @@ mod tests {
                 d.on_chunk(&p, i, now);
             }
         }
+    }
+
+    #[test]
+    fn arrived_chunks_free_their_slot_and_are_not_asked_again() {
+        let mut c = cfg();
+        c.max_inflight_lan = 2;
+        let mut d = Download::new(6, |_| false, c, 9);
+        let (a, b) = (pid(1), pid(2));
+        d.add_peer(a, SourceKind::Lan, true);
+        d.add_peer(b, SourceKind::Lan, true);
+        let now = Instant::now();
+        let first = d.next_requests(now);
+        assert_eq!(first.len(), 4, "two slots on each peer");
+        // A's two answers arrive and go to verification: A's slots are free again at once.
+        let from_a = to(&first, a);
+        for &i in &from_a {
+            d.on_arrived(&a, i);
+        }
+        assert_eq!(d.inflight_to(&a), 0);
+        assert_eq!(d.verifying(), 2);
+        assert!(!d.is_stalled());
+        // A priority hint (a deferred relay request) does not re-ask a chunk being verified.
+        d.prioritize(from_a[1]);
+        let second = d.next_requests(now);
+        assert_eq!(to(&second, a).len(), 2, "A's freed slots are refilled");
+        let asked: HashSet<u32> = first.iter().chain(&second).map(|&(_, i)| i).collect();
+        assert_eq!(
+            asked.len(),
+            6,
+            "no chunk is asked twice while one copy is verified"
+        );
+        // One verifies; the other was corrupt and becomes wanted again, not from A.
+        d.on_chunk(&a, from_a[0], now);
+        d.on_failure(&a, from_a[1], Failure::Corrupt, now);
+        assert_eq!(d.verifying(), 0);
+        assert!(d.is_held(from_a[0]) && !d.is_held(from_a[1]));
+        for (p, i) in first.iter().chain(&second).filter(|(p, _)| *p == b) {
+            d.on_chunk(p, *i, now);
+        }
+        let third = d.next_requests(now);
+        assert!(
+            third.contains(&(b, from_a[1])),
+            "the corrupt chunk goes to B: {third:?}"
+        );
     }
 
     #[test]
@@ -1669,7 +1748,7 @@ mod tests {
         use bids_protocols::chunk::Encoding;
         let data = ChunkResponse::Data {
             encoding: Encoding::Raw,
-            payload: vec![],
+            payload: Bytes::new(),
         };
         assert_eq!(Failure::from_response(&data), None);
         assert_eq!(

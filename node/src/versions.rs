@@ -488,6 +488,33 @@ async fn merge(
         .map_err(|e| VersionError::Task(e.to_string()))?
 }
 
+/// Applies `deltas` in turn to the file `base`. Each step but the last writes an unsynced
+/// scratch file (only an input of the next step, removed once used). The last step writes
+/// `out` (synced) when given and returns None; else it writes one more scratch file, which
+/// is returned (None also when `deltas` is empty).
+fn apply_chain(
+    store: &Store,
+    base: PathBuf,
+    deltas: &[PathBuf],
+    out: Option<&Path>,
+    what: &str,
+) -> Result<Option<Scratch>, VersionError> {
+    let mut input = base;
+    let mut current: Option<Scratch> = None;
+    for (i, d) in deltas.iter().enumerate() {
+        if let (true, Some(out)) = (i + 1 == deltas.len(), out) {
+            bids_delta::apply(&input, d, out)?;
+            return Ok(None);
+        }
+        let next = Scratch::new(store, what)?;
+        bids_delta::apply_with(&input, d, &next.0, &ApplyOptions { sync: false })?;
+        input = next.0.clone();
+        // The previous scratch file is dropped (removed) here: it was only an input.
+        current = Some(next);
+    }
+    Ok(current)
+}
+
 fn apply_and_import(
     store: &Store,
     base: ImageId,
@@ -508,16 +535,8 @@ fn apply_and_import(
         }
     }
     // The merge never writes over the store's files: it reads the base, writes scratch
-    // files (only the sync of the last one matters, the import copies it anyway).
-    let mut input = store.image_path(&base);
-    let mut current: Option<Scratch> = None;
-    for d in deltas {
-        let out = Scratch::new(store, "merge")?;
-        bids_delta::apply_with(&input, d, &out.0, &ApplyOptions { sync: false })?;
-        input = out.0.clone();
-        current = Some(out);
-    }
-    let Some(merged) = current else {
+    // files (none is synced: the import copies the last one anyway).
+    let Some(merged) = apply_chain(store, store.image_path(&base), deltas, None, "merge")? else {
         return Err(VersionError::BadPath("no deltas to apply".into()));
     };
     let apply_ms = t0.elapsed().as_millis() as u64;
@@ -839,21 +858,14 @@ pub fn export(store: &Store, image: &ImageRef, out: &Path) -> Result<ExportSourc
         return Ok(ExportSource::Whole);
     }
     let (base, chain) = delta_chain(store, image)?;
-    let mut input = store.image_path(&base.id);
-    let mut scratch: Option<Scratch> = None;
-    for (i, d) in chain.iter().enumerate() {
-        let delta = store.image_path(&d.id);
-        if i + 1 == chain.len() {
-            bids_delta::apply(&input, &delta, out)?;
-        } else {
-            let next = Scratch::new(store, "export")?;
-            bids_delta::apply_with(&input, &delta, &next.0, &ApplyOptions { sync: false })?;
-            input = next.0.clone();
-            // The previous scratch file is dropped (removed) here: it was only an input.
-            scratch = Some(next);
-        }
-    }
-    drop(scratch);
+    let deltas: Vec<PathBuf> = chain.iter().map(|d| store.image_path(&d.id)).collect();
+    apply_chain(
+        store,
+        store.image_path(&base.id),
+        &deltas,
+        Some(out),
+        "export",
+    )?;
     info!(%image, base = %base.image, deltas = chain.len(), "exported from a base and deltas");
     Ok(ExportSource::Deltas {
         base: base.image,

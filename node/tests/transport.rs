@@ -117,7 +117,7 @@ async fn drive(
                     } => {
                         let data = ChunkResponse::Data {
                             encoding: Encoding::Raw,
-                            payload: payload(tag, request.index),
+                            payload: payload(tag, request.index).into(),
                         };
                         // The requester may be gone at the end of the test; nothing to do then.
                         let _ = swarm.behaviour_mut().send_response(channel, data);

@@ -342,7 +342,7 @@ async fn libp2p_chunk_exchange_across_idcs_runs_at_the_wan_rate() {
                 }) => {
                     let data = ChunkResponse::Data {
                         encoding: Encoding::Raw,
-                        payload: served.clone(),
+                        payload: served.clone().into(),
                     };
                     let _ = server.behaviour_mut().send_response(channel, data);
                 }

@@ -155,14 +155,46 @@ pub(crate) fn with_region<R>(
     Ok(f(&map))
 }
 
-/// Copies `[off, off + len)` of `file` out.
+/// Copies `[off, off + len)` of `file` out with `pread`: one kernel copy into a buffer
+/// that is not zeroed first (a map would fault page by page and be unmapped again, and a
+/// zeroed buffer costs a memset; this is the serving side of every chunk).
 pub(crate) fn read_region(
     file: &File,
     path: &Path,
     off: u64,
     len: usize,
 ) -> Result<Vec<u8>, StoreError> {
-    with_region(file, path, off, len, |b| b.to_vec())
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let mut done = 0;
+    while done < len {
+        let at = libc::off_t::try_from(off + done as u64)
+            .map_err(|_| io_err(path, io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // SAFETY: pread writes at most `len - done` bytes at `done` of the buffer's
+        // allocation (its capacity is `len`); no reference to those bytes exists before
+        // `set_len` below, which counts only what pread reported written.
+        let r = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast::<libc::c_void>(),
+                len - done,
+                at,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io_err(path, e));
+        }
+        if r == 0 {
+            return Err(io_err(path, io::Error::from(io::ErrorKind::UnexpectedEof)));
+        }
+        done += r as usize;
+    }
+    // SAFETY: the loop above initialised exactly `len` bytes.
+    unsafe { buf.set_len(len) };
+    Ok(buf)
 }
 
 /// Where the next data (non-hole) region of a file starts and ends, from `off` on, via
