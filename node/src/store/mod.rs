@@ -206,6 +206,8 @@ struct Entry {
     held_count: AtomicU32,
     /// Chunks some thread is writing right now (one writer per chunk).
     writing: AtomicBits,
+    /// Held while bytes are written to `file` (see `Inner::write`).
+    write_lock: Mutex<()>,
     /// Packed bitmap as last written to sled (only changed under the commit lock).
     persisted: Mutex<Vec<u8>>,
     /// Set (under the commit lock) once the image is removed: its marks are dropped.
@@ -230,6 +232,7 @@ impl Entry {
             held_count: AtomicU32::new(held.count()),
             held,
             writing: AtomicBits::new(n),
+            write_lock: Mutex::new(()),
             persisted: Mutex::new(persisted),
             removed: AtomicBool::new(false),
             manifest,
@@ -942,13 +945,19 @@ impl Inner {
         if e.held.get(idx) {
             return Ok(false);
         }
-        region::write_region(
-            &e.file,
-            &e.path,
-            m.chunk_offset(idx),
-            data,
-            self.opts.mmap_writes,
-        )?;
+        {
+            // One writer per file at a time: the file system serialises buffered writes to
+            // one file anyway (inode lock), and its waiters spin on the CPU; ours sleep,
+            // leaving the core to the hashing and the network.
+            let _one = lock(&e.write_lock);
+            region::write_region(
+                &e.file,
+                &e.path,
+                m.chunk_offset(idx),
+                data,
+                self.opts.mmap_writes,
+            )?;
+        }
         // The bytes are in the file: only now may the chunk count as held.
         e.mark_held(idx);
         drop(_claim);
