@@ -8,7 +8,7 @@ use crate::accounting::Accounting;
 use crate::config::NodeConfig;
 use crate::gate::{self, Link};
 use crate::payload_cache::PayloadCache;
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{DownloadBudget, RateLimiter};
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::store::Store;
 use crate::transport::{self, TransportOptions};
@@ -497,7 +497,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         store: store.clone(),
     };
     let upload = RateLimiter::new(cfg.upload_bps);
-    let download = RateLimiter::new(cfg.download_bps);
+    let download = DownloadBudget::new(cfg.download_bps, Instant::now());
     let sharing = cfg.sharing;
     let admin_gate = crate::admin::AdminGate::new(cfg.admin_peer, gis_peer, me);
     let self_tx = handle.tx.downgrade();
@@ -579,7 +579,8 @@ struct Engine {
     last_batch: Instant,
     recently_completed: HashMap<ImageId, Instant>,
     upload: RateLimiter,
-    download: RateLimiter,
+    /// Charged as chunk requests leave, settled by their answers (`crate::ratelimit`).
+    download: DownloadBudget<OutboundRequestId>,
     upload_queue: VecDeque<(
         ResponseChannel<ChunkResponse>,
         PeerId,
@@ -1113,6 +1114,7 @@ impl Engine {
                 error,
                 ..
             } => {
+                self.download.answered(&request_id, 0, Instant::now());
                 if let Some((image, idx, _)) = self.inflight.remove(&request_id) {
                     let why = match error {
                         rr::OutboundFailure::Timeout => Failure::Timeout,
@@ -1278,6 +1280,11 @@ impl Engine {
         request_id: OutboundRequestId,
         resp: ChunkResponse,
     ) {
+        let arrived = match &resp {
+            ChunkResponse::Data { payload, .. } => payload.len() as u64,
+            _ => 0,
+        };
+        self.download.answered(&request_id, arrived, Instant::now());
         let Some((image, idx, _)) = self.inflight.remove(&request_id) else {
             return;
         };
@@ -1317,7 +1324,6 @@ impl Engine {
                 if let Some(link) = link {
                     self.acct.received(image, link, payload.len() as u64);
                 }
-                self.download.consume(payload.len() as u64);
                 d.writing.insert(idx);
                 let m = d.manifest.clone();
                 let store = self.store.clone();
@@ -1602,6 +1608,10 @@ impl Engine {
             });
             info!(image = %manifest.image_ref(), id = %id.short(), chunks = manifest.chunk_count(),
                   level0 = list.level0.len(), level1 = list.level1.len(), level2 = list.level2.len(), "download started");
+            if self.downloads.is_empty() {
+                // No saved-up burst: the download limit holds from the first request.
+                self.download.start_fresh(Instant::now());
+            }
             self.downloads.insert(
                 id,
                 DownloadState {
@@ -1941,7 +1951,7 @@ impl Engine {
     /// Sends the requests the scheduler wants now (called on every event that frees a slot,
     /// not only on the tick, so the pipeline never waits for the clock).
     fn pump(&mut self, id: &ImageId, now: Instant) {
-        if !self.download.available() {
+        if !self.download.may_send(now) {
             return;
         }
         let Some(d) = self.downloads.get_mut(id) else {
@@ -1949,6 +1959,12 @@ impl Engine {
         };
         let reqs = d.sched.next_requests(now);
         for (peer, idx) in reqs {
+            // Over the download limit the rest wait for a later pump: requests are charged
+            // as they leave, so the pipeline cannot run ahead of the limit.
+            if !self.download.may_send(now) {
+                d.sched.cancel(&peer, idx);
+                continue;
+            }
             debug!(%peer, idx, "requesting chunk");
             let rid = self.swarm.behaviour_mut().chunk.send_request(
                 &peer,
@@ -1957,6 +1973,8 @@ impl Engine {
                     index: idx,
                 },
             );
+            self.download
+                .sent(rid, d.manifest.chunk_len(idx) as u64, now);
             self.inflight.insert(rid, (*id, idx, peer));
         }
     }
@@ -2068,7 +2086,7 @@ impl Engine {
             } => {
                 info!(upload_bps, download_bps, "rate limits changed");
                 self.upload.set_rate(upload_bps);
-                self.download.set_rate(download_bps);
+                self.download.set_rate(download_bps, Instant::now());
             }
             Command::SetSharing { enabled } => {
                 info!(enabled, "sharing switched");
