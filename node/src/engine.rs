@@ -757,13 +757,19 @@ impl Engine {
                 debug!(?kind, %message, "lookup refused");
                 self.lookup_failed(&image, for_fetch, message);
             }
+            (GisPurpose::Register, GisResponse::Error { kind, message })
+                if kind == ErrorKind::BadCert && self.cfg.cert.is_some() =>
+            {
+                self.bridgehead_cert_refused(&message);
+            }
             (p, GisResponse::Error { kind, message }) => {
                 if kind == ErrorKind::NotRegistered && !matches!(p, GisPurpose::Register) {
                     // The GIS restarted or forgot us: register again.
                     self.registered = false;
                     self.register();
                 } else if kind == ErrorKind::BadCert {
-                    warn!(%message, "the GIS refused this node's bridgehead certificate");
+                    // A registration sent before the certificate was dropped: already handled.
+                    debug!(%message, "a registration with the dropped certificate was refused");
                 } else {
                     warn!(?kind, %message, "GIS request failed");
                 }
@@ -2166,26 +2172,43 @@ impl Engine {
         }
         if cert.is_none() && self.cfg.cert.is_some() {
             info!("bridgehead certificate dropped; cross-IDC links close");
-            self.role = Role::Host;
-            self.swarm
-                .behaviour_mut()
-                .gossipsub
-                .unsubscribe(&self.bridgehead_topic);
-            let wan: Vec<PeerId> = self
-                .peers
-                .iter()
-                .filter(|(_, st)| matches!(st, PeerState::Accepted { link: Link::Wan }))
-                .map(|(p, _)| *p)
-                .collect();
-            for p in wan {
-                self.peers.remove(&p);
-                let _ = self.swarm.disconnect_peer_id(p);
-            }
+            self.leave_bridgehead_role();
         } else if let Some(c) = &cert {
             info!(serial = c.body.serial, db_id = %c.body.db_id, "bridgehead certificate set");
         }
         self.cfg.cert = cert;
         self.register_for(GisPurpose::RegisterFor(reply));
+    }
+
+    /// Becomes an ordinary host: off the bridgehead topic, cross-IDC links closed.
+    fn leave_bridgehead_role(&mut self) {
+        self.role = Role::Host;
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .unsubscribe(&self.bridgehead_topic);
+        let wan: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, st)| matches!(st, PeerState::Accepted { link: Link::Wan }))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in wan {
+            self.peers.remove(&p);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
+    /// The GIS refused to register us with our bridgehead certificate (revoked, expired, not
+    /// signed by its admin). Presenting it again would be refused forever and leave the host
+    /// unregistered, so it is dropped once and the node registers as an ordinary host of its
+    /// IDC: it keeps serving and fetching over the LAN.
+    fn bridgehead_cert_refused(&mut self, message: &str) {
+        let serial = self.cfg.cert.as_ref().map(|c| c.body.serial);
+        warn!(?serial, %message, "the GIS refused this node's bridgehead certificate; dropping it and registering as an ordinary host");
+        self.cfg.cert = None;
+        self.leave_bridgehead_role();
+        self.register();
     }
 
     fn status(&self) -> NodeStatus {

@@ -4,8 +4,8 @@
 
 mod common;
 
-use bids_protocols::gis::ImageQuery;
-use bids_protocols::ImageRef;
+use bids_protocols::gis::{ErrorKind, GisRequest, GisResponse, ImageQuery};
+use bids_protocols::{Idc, ImageRef, Policy};
 use common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -278,11 +278,11 @@ async fn bridgehead_change_takes_effect_and_old_cert_is_refused() {
     let (old_i, new_i, user_i) = (b[0], b[1], b[2]);
     let old = env.cluster.nodes[old_i].peer_id().to_string();
     let new = env.cluster.nodes[new_i].peer_id().to_string();
-    let old_serial = env.cluster.nodes[old_i]
+    let old_cert = env.cluster.nodes[old_i]
         .cert
-        .as_ref()
-        .map(|c| c.body.serial)
+        .clone()
         .expect("B's first node is a bridgehead");
+    let old_serial = old_cert.body.serial;
     assert_eq!(
         bridgeheads_of(&http.get_json("/api/hosts").await, "B"),
         vec![old.clone()]
@@ -310,16 +310,18 @@ async fn bridgehead_change_takes_effect_and_old_cert_is_refused() {
     let hosts = http.get_json("/api/hosts").await;
     assert_eq!(bridgeheads_of(&hosts, "B"), vec![new.clone()], "{hosts}");
 
-    // The old bridgehead comes back with its old certificate: the GIS refuses it (the node
-    // keeps retrying and never registers with it).
+    // The old bridgehead comes back with its old certificate (still in its configuration):
+    // the GIS refuses the certificate, so the node drops it and registers as an ordinary
+    // host of B instead of retrying with it forever.
     env.cluster.stop_node(old_i).await;
+    let restarted_ms = bids_gis::server::unix_ms();
     env.cluster
         .start_node(old_i)
         .await
         .expect("restarting the old bridgehead");
     let node = env.cluster.nodes[old_i].node().clone();
     wait_for(
-        "the old bridgehead to reach the GIS",
+        "the old bridgehead to register as a host",
         Duration::from_secs(10),
         || {
             let node = node.clone();
@@ -327,25 +329,50 @@ async fn bridgehead_change_takes_effect_and_old_cert_is_refused() {
                 node.status()
                     .await
                     .ok()
-                    .filter(|s| s.gis_connected)
+                    .filter(|s| s.registered && s.role == bids_protocols::Role::Host)
                     .map(|_| ())
             }
         },
     )
     .await;
-    // Several registration attempts (every 500 ms here), none granted.
-    let watch_until = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < watch_until {
-        let st = node.status().await.expect("status");
-        assert!(
-            !(st.registered && st.role == bids_protocols::Role::Bridgehead),
-            "the revoked serial {old_serial} was accepted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let hosts = http.get_json("/api/hosts").await;
+    // The console lists it alive, as a host without a certificate, heartbeating since the
+    // restart (a node refused at registration never heartbeats).
+    let hosts = wait_for(
+        "the old bridgehead alive as a host in /api/hosts",
+        Duration::from_secs(10),
+        || {
+            let http = http.clone();
+            let old = old.clone();
+            async move {
+                let hosts = http.get_json("/api/hosts").await;
+                let h = host(&hosts, &old);
+                let fresh = h["last_seen_ms"].as_i64().is_some_and(|t| t > restarted_ms);
+                (h["alive"] == true && h["role"] == "host" && h["cert"].is_null() && fresh)
+                    .then_some(hosts)
+            }
+        },
+    )
+    .await;
     assert_eq!(bridgeheads_of(&hosts, "B"), vec![new.clone()], "{hosts}");
-    assert_ne!(host(&hosts, &old)["role"], "bridgehead", "{hosts}");
+    // The GIS still refuses the old certificate (asked over the node's own connection).
+    let again = node
+        .gis_request(GisRequest::Register {
+            idc: Idc::new("B").expect("IDC name"),
+            addrs: Vec::new(),
+            cert: Some(old_cert.clone()),
+            policy: Policy::Bids,
+        })
+        .await
+        .expect("the GIS answers");
+    match again {
+        GisResponse::Error { kind, message } => {
+            assert_eq!(kind, ErrorKind::BadCert, "{message}");
+            assert!(message.contains("revoked"), "{message}");
+        }
+        other => panic!("the revoked serial {old_serial} was accepted: {other:?}"),
+    }
+    let st = node.status().await.expect("status");
+    assert!(st.registered && st.role == bids_protocols::Role::Host);
 
     // The change takes effect on the data path: B's lookups name the new bridgehead, and an
     // image from A reaches a host of B through it.
@@ -366,6 +393,14 @@ async fn bridgehead_change_takes_effect_and_old_cert_is_refused() {
         .fetch_all(&[user_i], &img, Duration::from_secs(30))
         .await
         .expect("a host of B gets the image through the new bridgehead");
+    // The old bridgehead, now an ordinary host, still takes part in its LAN, never the WAN.
+    env.cluster
+        .fetch_all(&[old_i], &img, Duration::from_secs(30))
+        .await
+        .expect("the demoted host fetches within B");
+    let st = node.status().await.expect("status");
+    assert!(st.total.lan_recv_bytes > 0, "{:?}", st.total);
+    assert_eq!(st.total.wan_recv_bytes, 0, "{:?}", st.total);
     // Its counters reach the console with its next heartbeat.
     wait_for(
         "WAN bytes at the new bridgehead",
