@@ -1454,9 +1454,18 @@ impl Engine {
         let complete = d.sched.is_complete() && d.writing.is_empty();
         d.progress.send_modify(|p| p.held = held);
         if complete {
-            let secs = d.started.elapsed().as_secs_f64();
+            let took = d.started.elapsed();
+            let secs = took.as_secs_f64();
             info!(image = %d.manifest.image_ref(), id = %image.short(), secs = format!("{secs:.2}"), "download complete and verified");
             d.progress.send_modify(|p| p.done = Some(Ok(secs)));
+            // The host's own measure of the provision time, for the GIS and the console.
+            self.acct.provisioned(
+                *image,
+                gisp::ProvisionTime {
+                    millis: u64::try_from(took.as_micros().div_ceil(1000)).unwrap_or(u64::MAX),
+                    completed_ms: unix_ms(),
+                },
+            );
             let fresh = std::mem::take(&mut d.fresh);
             self.downloads.remove(image);
             self.recently_completed.insert(*image, Instant::now());
@@ -2288,6 +2297,14 @@ fn verify_and_store(
         .write_verified_chunk(image, idx, &raw)
         .map_err(|e| e.to_string())?;
     Ok((encoding, payload))
+}
+
+/// Unix milliseconds now (0 if the clock is before 1970).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -529,3 +529,113 @@ async fn gc_dry_run_lists_then_real_run_removes_and_gis_forgets() {
     assert_eq!(r.status, 400);
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_time_is_the_hosts_own_measure() {
+    let env = start(vec![idc("A", 2, 0)]).await;
+    let mut http = env.http.clone();
+    assert_eq!(http.login(PASSWORD).await.status, 200);
+    let (file, _d) = image(4 * MIB, 21);
+    let img: ImageRef = "timed:1".parse().expect("ref");
+    env.cluster
+        .seed(0, &file, &img, CHUNK)
+        .await
+        .expect("seeding");
+    let publisher = env.cluster.nodes[0].peer_id().to_string();
+    let peer = env.cluster.nodes[1].peer_id().to_string();
+
+    // The test's own wall clock: from before the order until the console shows the copy
+    // complete, which contains the host's download from its start to its verified end.
+    let t0 = Instant::now();
+    let r = http
+        .post(
+            &format!("/api/hosts/{peer}/fetch"),
+            json!({"image": "timed:1"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = wait_for("the fetched copy complete", Duration::from_secs(30), || {
+        let http = http.clone();
+        let peer = peer.clone();
+        async move {
+            let images = http.get_json("/api/images").await;
+            let i = images.as_array()?.iter().find(|i| i["name"] == "timed")?;
+            let done = i["holders"]
+                .as_array()?
+                .iter()
+                .any(|h| h["peer"] == peer && h["complete"] == true);
+            done.then(|| i["id"].as_str().map(str::to_string))?
+        }
+    })
+    .await;
+    let wall = t0.elapsed().as_secs_f64();
+
+    // The host reports it with its next heartbeat; /api/hosts shows it.
+    let seconds = wait_for(
+        "the provision time in /api/hosts",
+        Duration::from_secs(10),
+        || {
+            let http = http.clone();
+            let (peer, id) = (peer.clone(), id.clone());
+            async move {
+                let hosts = http.get_json("/api/hosts").await;
+                let p = host(&hosts, &peer)["provisions"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["id"] == id.as_str())?
+                    .clone();
+                p["seconds"].as_f64()
+            }
+        },
+    )
+    .await;
+    eprintln!("provision time reported {seconds:.3} s, observed wall time {wall:.3} s");
+    assert!(
+        seconds > 0.0 && seconds <= wall,
+        "reported {seconds} s, the test saw {wall} s"
+    );
+    // The publisher imported the image: it downloaded nothing and reports no time.
+    let hosts = http.get_json("/api/hosts").await;
+    assert_eq!(host(&hosts, &publisher)["provisions"], json!([]), "{hosts}");
+
+    // /api/stats carries it per IDC and in the history the provision chart draws.
+    let stats = wait_for(
+        "the provision in the sampled history",
+        Duration::from_secs(10),
+        || {
+            let http = http.clone();
+            let id = id.clone();
+            async move {
+                let stats = http.get_json("/api/stats").await;
+                let sampled = stats["history"]["provisions"]
+                    .as_array()?
+                    .iter()
+                    .any(|p| p["id"] == id.as_str());
+                sampled.then_some(stats)
+            }
+        },
+    )
+    .await;
+    let find = |list: &Value| -> Value {
+        list.as_array()
+            .and_then(|a| a.iter().find(|p| p["id"] == id.as_str()))
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not in {list}"))
+    };
+    let idc_a = stats["idcs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["idc"] == "A"))
+        .expect("IDC A in /api/stats");
+    for p in [
+        find(&idc_a["provisions"]),
+        find(&stats["history"]["provisions"]),
+    ] {
+        assert_eq!(p["peer"], peer.as_str(), "{p}");
+        assert_eq!(p["idc"], "A", "{p}");
+        assert_eq!(p["image"], "timed:1", "{p}");
+        assert_eq!(p["seconds"].as_f64(), Some(seconds), "{p}");
+        let (start, end) = (p["started_ms"].as_i64(), p["completed_ms"].as_i64());
+        assert!(matches!((start, end), (Some(s), Some(e)) if s < e), "{p}");
+    }
+    env.stop().await;
+}
