@@ -639,3 +639,32 @@ async fn provision_time_is_the_hosts_own_measure() {
     }
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_token_is_refused_once_it_was_used() {
+    // As `bids rmc` without a configured password: the secret is a token printed at start.
+    let env = start_with(vec![idc("A", 1, 0)], |cfg| cfg.auth.single_use = true).await;
+    let mut http = env.http.clone();
+    // A wrong guess neither logs in nor spends the token.
+    assert_eq!(http.login("not the token").await.status, 401);
+    let r = http.login(PASSWORD).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        http.get_json("/api/hosts").await.as_array().map(Vec::len),
+        Some(1)
+    );
+
+    // A second login with it is refused, and says why; the session it opened lives on.
+    let mut other = Http::new(env.rmc.local_addr());
+    let r = other.login(PASSWORD).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("already used"), "{}", r.body);
+    assert!(r.header("set-cookie").is_none());
+    assert_eq!(other.get("/api/hosts").await.status, 401);
+    assert_eq!(http.get("/api/hosts").await.status, 200);
+
+    // Logging out does not make it valid again.
+    assert_eq!(http.post("/api/logout", json!({})).await.status, 200);
+    assert_eq!(http.login(PASSWORD).await.status, 401);
+    env.stop().await;
+}
