@@ -1,6 +1,7 @@
 //! `bids rmc`: the Remote Management Console, configured from flags, `BIDS_…` variables and an
 //! optional TOML file. The password comes from `BIDS_RMC_PASSWORD` or `rmc_password` in the
-//! file; without one, a fresh token is made at each start and printed once.
+//! file; without one, a fresh one-time token is made at each start and printed once (the
+//! first successful login spends it).
 
 use crate::{keys, node_cmd, settings};
 use anyhow::{Context, Result};
@@ -74,6 +75,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
         .context("--listen must be IP:PORT, e.g. 127.0.0.1:8080")?;
     let (password, generated) = password_or_token(st.rmc_password);
     let mut cfg = bids_rmc::RmcConfig::new(admin.clone(), password.clone());
+    cfg.auth.single_use = generated;
     cfg.listen = listen;
     if let Some(ms) = st.rmc_sample_ms {
         cfg.sample_interval = Duration::from_millis(ms.max(100));
@@ -94,7 +96,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
 /// Tells the operator where the console is and how to log in.
 pub fn announce(addr: SocketAddr, password: &str, generated: bool) -> String {
     let how = if generated {
-        format!("log in as admin with this token (made for this start; set BIDS_RMC_PASSWORD to choose a password): {password}")
+        format!("log in as admin with this one-time token (made for this start, refused once a login with it succeeded; set BIDS_RMC_PASSWORD to choose a password): {password}")
     } else {
         "log in as admin with the configured password".to_string()
     };
@@ -122,6 +124,7 @@ impl bids_testnet::demo::DemoHook for DemoConsole {
             let configured = std::env::var("BIDS_RMC_PASSWORD").ok();
             let (password, generated) = password_or_token(configured);
             let mut cfg = bids_rmc::RmcConfig::new(c.admin.clone(), password.clone());
+            cfg.auth.single_use = generated;
             cfg.listen = self.addr;
             let link = bids_rmc::gis_link::connect(c.gis_addr.clone(), c.admin.clone())
                 .await

@@ -6,10 +6,10 @@
 
 use crate::index::{CertState, HostView, Index};
 use bids_protocols::admin::{
-    AdminErrorKind, AdminRequest, AdminResponse, CertInfo, CertStatus, Holder, HostInfo, IdcStats,
-    ImageCounters, ImageHolders, SignedCommand, Stats,
+    AdminErrorKind, AdminRequest, AdminResponse, CertInfo, CertStatus, Holder, HostInfo,
+    HostProvision, IdcStats, ImageCounters, ImageHolders, ImageProvision, SignedCommand, Stats,
 };
-use bids_protocols::gis::Counters;
+use bids_protocols::gis::{Counters, ProvisionTime};
 use bids_protocols::{Idc, ImageId};
 use libp2p::request_response::{self as rr, OutboundRequestId, ResponseChannel};
 use libp2p::PeerId;
@@ -123,6 +123,12 @@ fn image_counters(m: &BTreeMap<ImageId, Counters>) -> Vec<ImageCounters> {
         .collect()
 }
 
+fn image_provisions(m: &BTreeMap<ImageId, ProvisionTime>) -> Vec<ImageProvision> {
+    m.iter()
+        .map(|(id, t)| ImageProvision { id: *id, time: *t })
+        .collect()
+}
+
 fn host_info(v: HostView, connected: bool) -> HostInfo {
     HostInfo {
         peer: v.peer,
@@ -145,6 +151,7 @@ fn host_info(v: HostView, connected: bool) -> HostInfo {
         image_counters: image_counters(&v.stats.images),
         refusals: v.stats.refusals,
         images: u32::try_from(v.images).unwrap_or(u32::MAX),
+        provisions: image_provisions(&v.stats.provisions),
     }
 }
 
@@ -199,20 +206,26 @@ fn count(n: usize) -> u32 {
 
 /// Totals per IDC, from the counters hosts last reported.
 pub fn stats(index: &Index, now_ms: i64) -> Stats {
-    let mut sums: BTreeMap<Idc, (Counters, BTreeMap<ImageId, Counters>)> = BTreeMap::new();
+    type Sums = (Counters, BTreeMap<ImageId, Counters>, Vec<HostProvision>);
+    let mut sums: BTreeMap<Idc, Sums> = BTreeMap::new();
     let hosts = index.hosts(now_ms);
     for h in &hosts {
-        let (total, per_image) = sums.entry(h.idc.clone()).or_default();
+        let (total, per_image, provisions) = sums.entry(h.idc.clone()).or_default();
         total.add(&h.stats.total);
         for (id, c) in &h.stats.images {
             per_image.entry(*id).or_default().add(c);
         }
+        provisions.extend(h.stats.provisions.iter().map(|(id, t)| HostProvision {
+            peer: h.peer,
+            id: *id,
+            time: *t,
+        }));
     }
     let idcs = index
         .idcs(now_ms)
         .into_iter()
         .map(|v| {
-            let (counters, per_image) = sums.remove(&v.idc).unwrap_or_default();
+            let (counters, per_image, provisions) = sums.remove(&v.idc).unwrap_or_default();
             IdcStats {
                 idc: v.idc,
                 hosts: count(v.hosts),
@@ -221,6 +234,7 @@ pub fn stats(index: &Index, now_ms: i64) -> Stats {
                 live_bridgeheads: count(v.live_bridgeheads),
                 counters,
                 images: image_counters(&per_image),
+                provisions,
             }
         })
         .collect();
@@ -489,6 +503,16 @@ mod tests {
                     ..Counters::default()
                 },
             );
+            // Only `host` downloaded the image; `other` published it.
+            if p == host {
+                s.provisions.insert(
+                    id,
+                    ProvisionTime {
+                        millis: 2500,
+                        completed_ms: 999_000,
+                    },
+                );
+            }
             ix.heartbeat(p, s, 1_000_000).unwrap();
         }
         let s = stats(&ix, 1_000_000);
@@ -496,6 +520,23 @@ mod tests {
         assert_eq!(s.idcs.len(), 1);
         assert_eq!(s.idcs[0].counters.wan_recv_bytes, 15);
         assert_eq!(s.idcs[0].images[0].counters.lan_recv_bytes, 15);
+        // Provision times are kept as each host reported them, in the stats and the hosts.
+        let want = ProvisionTime {
+            millis: 2500,
+            completed_ms: 999_000,
+        };
+        assert_eq!(
+            s.idcs[0].provisions,
+            vec![HostProvision {
+                peer: host,
+                id,
+                time: want
+            }]
+        );
+        let listed = hosts(&ix, 1_000_000, &|_| true);
+        let of = |p: PeerId| listed.iter().find(|h| h.peer == p).unwrap();
+        assert_eq!(of(host).provisions, vec![ImageProvision { id, time: want }]);
+        assert!(of(other).provisions.is_empty());
         // Revocation goes through the index (and is refused for anyone else).
         assert!(matches!(
             decide(

@@ -1,8 +1,9 @@
 //! Transfer accounting: bytes and chunks sent and received, LAN (same IDC) or WAN (other
-//! IDC), per image. Reported to the GIS in heartbeats and shown by `bids image status`.
+//! IDC), per image, and how long each download took (its provision time). Reported to the
+//! GIS in heartbeats and shown by `bids image status`; the engine decides what to record.
 
 use crate::gate::Link;
-use bids_protocols::gis::{Counters, HostStats};
+use bids_protocols::gis::{Counters, HostStats, ProvisionTime};
 use bids_protocols::ImageId;
 use std::collections::BTreeMap;
 
@@ -11,6 +12,7 @@ pub struct Accounting {
     total: Counters,
     images: BTreeMap<ImageId, Counters>,
     refusals: u64,
+    provisions: BTreeMap<ImageId, ProvisionTime>,
 }
 
 impl Accounting {
@@ -49,6 +51,15 @@ impl Accounting {
         self.images.entry(image).or_default().bad_chunks += 1;
     }
 
+    /// A download of `image` completed and verified; a later download of it replaces this.
+    pub fn provisioned(&mut self, image: ImageId, time: ProvisionTime) {
+        self.provisions.insert(image, time);
+    }
+
+    pub fn provision(&self, image: &ImageId) -> Option<ProvisionTime> {
+        self.provisions.get(image).copied()
+    }
+
     pub fn refused(&mut self) {
         self.refusals += 1;
     }
@@ -67,6 +78,7 @@ impl Accounting {
 
     pub fn forget(&mut self, image: &ImageId) {
         self.images.remove(image);
+        self.provisions.remove(image);
     }
 
     pub fn snapshot(&self) -> HostStats {
@@ -75,6 +87,7 @@ impl Accounting {
             images: self.images.clone(),
             refusals: self.refusals,
             settings: None,
+            provisions: self.provisions.clone(),
         }
     }
 }
@@ -96,5 +109,20 @@ mod tests {
         assert_eq!(a.image(&x).lan_recv_chunks, 1);
         assert_eq!(a.total().lan_sent_bytes, 7);
         assert_eq!(a.snapshot().refusals, 1);
+    }
+
+    #[test]
+    fn provision_times_are_reported_until_the_image_goes() {
+        let mut a = Accounting::default();
+        let x = ImageId([1; 32]);
+        let t = ProvisionTime {
+            millis: 1234,
+            completed_ms: 1_700_000_000_000,
+        };
+        a.provisioned(x, t);
+        assert_eq!(a.snapshot().provisions.get(&x), Some(&t));
+        assert_eq!(a.provision(&x), Some(t));
+        a.forget(&x);
+        assert!(a.snapshot().provisions.is_empty());
     }
 }

@@ -8,7 +8,7 @@ use crate::accounting::Accounting;
 use crate::config::NodeConfig;
 use crate::gate::{self, Link};
 use crate::payload_cache::PayloadCache;
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{DownloadBudget, RateLimiter};
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::store::Store;
 use crate::transport::{self, TransportOptions};
@@ -501,7 +501,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         store: store.clone(),
     };
     let upload = RateLimiter::new(cfg.upload_bps);
-    let download = RateLimiter::new(cfg.download_bps);
+    let download = DownloadBudget::new(cfg.download_bps, Instant::now());
     let sharing = cfg.sharing;
     let admin_gate = crate::admin::AdminGate::new(cfg.admin_peer, gis_peer, me);
     let self_tx = handle.tx.downgrade();
@@ -583,7 +583,8 @@ struct Engine {
     last_batch: Instant,
     recently_completed: HashMap<ImageId, Instant>,
     upload: RateLimiter,
-    download: RateLimiter,
+    /// Charged as chunk requests leave, settled by their answers (`crate::ratelimit`).
+    download: DownloadBudget<OutboundRequestId>,
     upload_queue: VecDeque<(
         ResponseChannel<ChunkResponse>,
         PeerId,
@@ -760,13 +761,19 @@ impl Engine {
                 debug!(?kind, %message, "lookup refused");
                 self.lookup_failed(&image, for_fetch, message);
             }
+            (GisPurpose::Register, GisResponse::Error { kind, message })
+                if kind == ErrorKind::BadCert && self.cfg.cert.is_some() =>
+            {
+                self.bridgehead_cert_refused(&message);
+            }
             (p, GisResponse::Error { kind, message }) => {
                 if kind == ErrorKind::NotRegistered && !matches!(p, GisPurpose::Register) {
                     // The GIS restarted or forgot us: register again.
                     self.registered = false;
                     self.register();
                 } else if kind == ErrorKind::BadCert {
-                    warn!(%message, "the GIS refused this node's bridgehead certificate");
+                    // A registration sent before the certificate was dropped: already handled.
+                    debug!(%message, "a registration with the dropped certificate was refused");
                 } else {
                     warn!(?kind, %message, "GIS request failed");
                 }
@@ -1117,6 +1124,7 @@ impl Engine {
                 error,
                 ..
             } => {
+                self.download.answered(&request_id, 0, Instant::now());
                 if let Some((image, idx, _)) = self.inflight.remove(&request_id) {
                     let why = match error {
                         rr::OutboundFailure::Timeout => Failure::Timeout,
@@ -1282,6 +1290,11 @@ impl Engine {
         request_id: OutboundRequestId,
         resp: ChunkResponse,
     ) {
+        let arrived = match &resp {
+            ChunkResponse::Data { payload, .. } => payload.len() as u64,
+            _ => 0,
+        };
+        self.download.answered(&request_id, arrived, Instant::now());
         let Some((image, idx, _)) = self.inflight.remove(&request_id) else {
             return;
         };
@@ -1325,7 +1338,6 @@ impl Engine {
                 if let Some(link) = link {
                     self.acct.received(image, link, payload.len() as u64);
                 }
-                self.download.consume(payload.len() as u64);
                 d.sched.on_arrived(&peer, idx);
                 d.writing.insert(idx);
                 let m = d.manifest.clone();
@@ -1448,9 +1460,18 @@ impl Engine {
         let complete = d.sched.is_complete() && d.writing.is_empty();
         d.progress.send_modify(|p| p.held = held);
         if complete {
-            let secs = d.started.elapsed().as_secs_f64();
+            let took = d.started.elapsed();
+            let secs = took.as_secs_f64();
             info!(image = %d.manifest.image_ref(), id = %image.short(), secs = format!("{secs:.2}"), "download complete and verified");
             d.progress.send_modify(|p| p.done = Some(Ok(secs)));
+            // The host's own measure of the provision time, for the GIS and the console.
+            self.acct.provisioned(
+                *image,
+                gisp::ProvisionTime {
+                    millis: u64::try_from(took.as_micros().div_ceil(1000)).unwrap_or(u64::MAX),
+                    completed_ms: unix_ms(),
+                },
+            );
             let fresh = std::mem::take(&mut d.fresh);
             self.downloads.remove(image);
             self.recently_completed.insert(*image, Instant::now());
@@ -1608,6 +1629,10 @@ impl Engine {
             });
             info!(image = %manifest.image_ref(), id = %id.short(), chunks = manifest.chunk_count(),
                   level0 = list.level0.len(), level1 = list.level1.len(), level2 = list.level2.len(), "download started");
+            if self.downloads.is_empty() {
+                // No saved-up burst: the download limit holds from the first request.
+                self.download.start_fresh(Instant::now());
+            }
             self.downloads.insert(
                 id,
                 DownloadState {
@@ -1947,7 +1972,7 @@ impl Engine {
     /// Sends the requests the scheduler wants now (called on every event that frees a slot,
     /// not only on the tick, so the pipeline never waits for the clock).
     fn pump(&mut self, id: &ImageId, now: Instant) {
-        if !self.download.available() {
+        if !self.download.may_send(now) {
             return;
         }
         let Some(d) = self.downloads.get_mut(id) else {
@@ -1960,6 +1985,12 @@ impl Engine {
         }
         let reqs = d.sched.next_requests(now);
         for (peer, idx) in reqs {
+            // Over the download limit the rest wait for a later pump: requests are charged
+            // as they leave, so the pipeline cannot run ahead of the limit.
+            if !self.download.may_send(now) {
+                d.sched.cancel(&peer, idx);
+                continue;
+            }
             debug!(%peer, idx, "requesting chunk");
             let rid = self.swarm.behaviour_mut().chunk.send_request(
                 &peer,
@@ -1968,6 +1999,8 @@ impl Engine {
                     index: idx,
                 },
             );
+            self.download
+                .sent(rid, d.manifest.chunk_len(idx) as u64, now);
             self.inflight.insert(rid, (*id, idx, peer));
         }
     }
@@ -2079,7 +2112,7 @@ impl Engine {
             } => {
                 info!(upload_bps, download_bps, "rate limits changed");
                 self.upload.set_rate(upload_bps);
-                self.download.set_rate(download_bps);
+                self.download.set_rate(download_bps, Instant::now());
             }
             Command::SetSharing { enabled } => {
                 info!(enabled, "sharing switched");
@@ -2159,26 +2192,43 @@ impl Engine {
         }
         if cert.is_none() && self.cfg.cert.is_some() {
             info!("bridgehead certificate dropped; cross-IDC links close");
-            self.role = Role::Host;
-            self.swarm
-                .behaviour_mut()
-                .gossipsub
-                .unsubscribe(&self.bridgehead_topic);
-            let wan: Vec<PeerId> = self
-                .peers
-                .iter()
-                .filter(|(_, st)| matches!(st, PeerState::Accepted { link: Link::Wan }))
-                .map(|(p, _)| *p)
-                .collect();
-            for p in wan {
-                self.peers.remove(&p);
-                let _ = self.swarm.disconnect_peer_id(p);
-            }
+            self.leave_bridgehead_role();
         } else if let Some(c) = &cert {
             info!(serial = c.body.serial, db_id = %c.body.db_id, "bridgehead certificate set");
         }
         self.cfg.cert = cert;
         self.register_for(GisPurpose::RegisterFor(reply));
+    }
+
+    /// Becomes an ordinary host: off the bridgehead topic, cross-IDC links closed.
+    fn leave_bridgehead_role(&mut self) {
+        self.role = Role::Host;
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .unsubscribe(&self.bridgehead_topic);
+        let wan: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, st)| matches!(st, PeerState::Accepted { link: Link::Wan }))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in wan {
+            self.peers.remove(&p);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
+    /// The GIS refused to register us with our bridgehead certificate (revoked, expired, not
+    /// signed by its admin). Presenting it again would be refused forever and leave the host
+    /// unregistered, so it is dropped once and the node registers as an ordinary host of its
+    /// IDC: it keeps serving and fetching over the LAN.
+    fn bridgehead_cert_refused(&mut self, message: &str) {
+        let serial = self.cfg.cert.as_ref().map(|c| c.body.serial);
+        warn!(?serial, %message, "the GIS refused this node's bridgehead certificate; dropping it and registering as an ordinary host");
+        self.cfg.cert = None;
+        self.leave_bridgehead_role();
+        self.register();
     }
 
     fn status(&self) -> NodeStatus {
@@ -2258,6 +2308,14 @@ fn verify_and_store(
         .write_verified_chunk(image, idx, &raw)
         .map_err(|e| e.to_string())?;
     Ok((encoding, payload))
+}
+
+/// Unix milliseconds now (0 if the clock is before 1970).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -750,6 +750,17 @@ impl Download {
         }
     }
 
+    /// Withdraws a request [`Download::next_requests`] returned that the driver did not send
+    /// (held back by the download rate limit): the chunk is wanted again at once and the
+    /// peer is not blamed.
+    pub fn cancel(&mut self, peer: &PeerId, idx: u32) {
+        if let Some(&slot) = self.slots.get(peer) {
+            if idx < self.chunk_count {
+                self.finish_request(slot, idx);
+            }
+        }
+    }
+
     /// A chunk gained some other way (e.g. written by another task): mark it held.
     pub fn mark_held(&mut self, idx: u32) {
         if idx < self.chunk_count {
@@ -1362,6 +1373,38 @@ mod tests {
         let more = d.next_requests(now);
         assert_eq!(more.len(), 1);
         assert_eq!(more[0].0, reqs[0].0);
+    }
+
+    #[test]
+    fn cancelled_requests_are_wanted_again_without_blame() {
+        let mut d = dl(20);
+        let (a, bh) = (pid(1), pid(2));
+        d.add_peer(a, SourceKind::Lan, true);
+        d.add_peer(bh, SourceKind::LocalBridgehead, false);
+        let now = Instant::now();
+        let reqs = d.next_requests(now);
+        assert!(reqs.len() > 1);
+        // The driver sends the first one only (the rate limit holds the rest back).
+        for &(p, i) in &reqs[1..] {
+            d.cancel(&p, i);
+        }
+        assert_eq!(d.inflight(), 1);
+        assert!(
+            d.penalties().is_empty(),
+            "a withdrawn request blames nobody"
+        );
+        // The withdrawn chunks go out on the next call, with no cool-down.
+        let again: HashSet<u32> = d.next_requests(now).iter().map(|(_, i)| *i).collect();
+        let withdrawn: HashSet<u32> = reqs[1..].iter().map(|(_, i)| *i).collect();
+        assert!(
+            withdrawn.is_subset(&again),
+            "{withdrawn:?} not in {again:?}"
+        );
+        // Cancelling what is not in flight changes nothing.
+        let before = d.inflight();
+        d.cancel(&pid(9), 0);
+        d.cancel(&a, 999);
+        assert_eq!(d.inflight(), before);
     }
 
     #[test]

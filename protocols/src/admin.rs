@@ -9,7 +9,7 @@
 //! host's own connection.
 
 use crate::cert::BridgeheadCert;
-use crate::gis::{Counters, ImageInfo};
+use crate::gis::{Counters, ImageInfo, ProvisionTime};
 use crate::ids::{Idc, ImageId, ImageRef, Role};
 use crate::manifest::ObjectKind;
 use crate::peer::public_key_of;
@@ -473,6 +473,24 @@ pub struct HostInfo {
     pub refusals: u64,
     /// Images it holds any part of.
     pub images: u32,
+    /// How long each image it downloaded took, as it reported (absent from older GISes).
+    #[serde(default)]
+    pub provisions: Vec<ImageProvision>,
+}
+
+/// A host's provision time of one image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageProvision {
+    pub id: ImageId,
+    pub time: ProvisionTime,
+}
+
+/// The provision time of one image on one host of an IDC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostProvision {
+    pub peer: PeerId,
+    pub id: ImageId,
+    pub time: ProvisionTime,
 }
 
 /// One holder of an image.
@@ -513,6 +531,9 @@ pub struct IdcStats {
     pub counters: Counters,
     /// The same per image.
     pub images: Vec<ImageCounters>,
+    /// Provision times its hosts reported, per host and image (absent from older GISes).
+    #[serde(default)]
+    pub provisions: Vec<HostProvision>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -61,6 +61,20 @@ pub struct HostStats {
     /// The host's live distribution settings, for the console (absent from older nodes).
     #[serde(default)]
     pub settings: Option<HostSettings>,
+    /// How long each image it downloaded took, as the host measured it (absent from older
+    /// nodes; an image removed from the host leaves this map).
+    #[serde(default)]
+    pub provisions: BTreeMap<ImageId, ProvisionTime>,
+}
+
+/// One image's provision time on one host: from the start of its download to its last chunk
+/// verified and stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionTime {
+    /// Milliseconds, rounded up (never 0 for a download that happened).
+    pub millis: u64,
+    /// Unix ms when the download completed.
+    pub completed_ms: i64,
 }
 
 /// A host's rate limits (bytes/s, 0 = unlimited) and whether it serves chunks to others.
@@ -237,6 +251,48 @@ mod tests {
             image: ImageQuery::Ref("a:1".parse().unwrap()),
             idc: None,
         };
+        let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
+        let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn heartbeats_of_older_nodes_still_decode() {
+        /// A heartbeat as nodes sent it before settings and provision times existed.
+        #[derive(Serialize)]
+        struct OldStats {
+            total: Counters,
+            images: BTreeMap<ImageId, Counters>,
+            refusals: u64,
+        }
+        #[derive(Serialize)]
+        enum OldRequest {
+            Heartbeat { stats: OldStats },
+        }
+        let old = OldRequest::Heartbeat {
+            stats: OldStats {
+                total: Counters::default(),
+                images: BTreeMap::new(),
+                refusals: 3,
+            },
+        };
+        let f = crate::codec::encode_frame(&old, MAX_REQUEST_BYTES).unwrap();
+        let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();
+        let GisRequest::Heartbeat { stats } = back else {
+            panic!("not a heartbeat: {back:?}")
+        };
+        assert_eq!(stats.refusals, 3);
+        assert!(stats.settings.is_none() && stats.provisions.is_empty());
+
+        let mut stats = HostStats::default();
+        stats.provisions.insert(
+            ImageId([4; 32]),
+            ProvisionTime {
+                millis: 1500,
+                completed_ms: 1_700_000_000_000,
+            },
+        );
+        let r = GisRequest::Heartbeat { stats };
         let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
         let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();
         assert_eq!(back, r);

@@ -225,7 +225,7 @@ function provisionChart(provisions, names) {
   for (const f of [0, 0.5, 1]) svg.append(s("text", { x: L - 4, y: y(vmax * f) + 3, "text-anchor": "end" }, (vmax * f).toFixed(1) + "s"));
   shown.forEach((p, k) => {
     const r = s("rect", { x: L + k * bw + 1, y: y(p.seconds), width: Math.max(1, bw - 2), height: H - B - y(p.seconds), fill: idcColor(p.idc, names) });
-    r.append(s("title", {}, `${p.image} on ${p.peer} (IDC ${p.idc}): ${p.seconds.toFixed(2)} s`));
+    r.append(s("title", {}, `${p.image} on ${p.peer} (IDC ${p.idc}): ${p.seconds.toFixed(2)} s, completed ${new Date(p.completed_ms).toLocaleTimeString()}`));
     svg.append(r);
   });
   names.forEach((n, k) => {

@@ -114,7 +114,10 @@ test("console: log in, see the hosts, change a rate limit", { timeout: 240_000 }
     await waitForOutput(demo, /holding/i, 180_000, log);
     await page.click("nav a[data-view=overview]");
     await page.waitForFunction(() => document.querySelectorAll("#traffic-charts svg path.series-wan").length >= 2, null, { timeout: 30_000 });
-    await page.waitForFunction(() => document.querySelectorAll("#provision-chart rect").length > 3, null, { timeout: 30_000 });
+    // Provision times as each host measured them: one bar per host of B and C (all six fetched
+    // the image), arriving with their heartbeats.
+    await page.waitForFunction(() => [...document.querySelectorAll("#provision-chart rect > title")]
+      .filter((t) => /\(IDC [BC]\)/.test(t.textContent)).length >= 6, null, { timeout: 30_000 });
     await page.screenshot({ path: join(OUT, "overview.png"), fullPage: true });
     await page.click("nav a[data-view=images]");
     await page.locator("#images-table tbody tr").first().waitFor();

@@ -185,6 +185,10 @@ async fn login(State(st): State<AppState>, Json(b): Json<LoginBody>) -> Response
             tracing::warn!(user = %b.user, "login refused");
             ApiError(StatusCode::UNAUTHORIZED, "wrong user or password".into()).into_response()
         }
+        Err(e @ LoginError::TokenSpent) => {
+            tracing::warn!(user = %b.user, "login with the spent one-time token refused");
+            ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response()
+        }
         Err(e @ LoginError::Throttled(_)) => {
             tracing::warn!(user = %b.user, "login throttled");
             ApiError(StatusCode::TOO_MANY_REQUESTS, e.to_string()).into_response()

@@ -1,7 +1,8 @@
-//! Who may use the console: the login check (a configured password, or a token made at each
-//! start), in-memory sessions with an idle and an absolute expiry, a throttle on failed logins,
-//! and the CSRF token that every state-changing request must echo. The clock is passed in, so
-//! all of it is tested without waiting; the HTTP glue lives in `api`.
+//! Who may use the console: the login check (a configured password, or a one-time token made
+//! at each start and refused once a login with it succeeded), in-memory sessions with an idle
+//! and an absolute expiry, a throttle on failed logins, and the CSRF token that every
+//! state-changing request must echo. The clock is passed in, so all of it is tested without
+//! waiting; the HTTP glue lives in `api`.
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -21,6 +22,9 @@ pub const ADMIN_USER: &str = "admin";
 pub struct AuthConfig {
     /// The secret `POST /api/login` expects for user `admin`.
     pub password: String,
+    /// The secret is a token printed at start: the first successful login spends it, and
+    /// logins with it are refused from then on (a restart makes a new one).
+    pub single_use: bool,
     /// A session unused this long is gone.
     pub idle: Duration,
     /// A session is gone this long after login, used or not.
@@ -36,6 +40,7 @@ impl AuthConfig {
     pub fn new(password: String) -> Self {
         AuthConfig {
             password,
+            single_use: false,
             idle: Duration::from_secs(30 * 60),
             max_age: Duration::from_secs(12 * 3600),
             max_sessions: 64,
@@ -68,6 +73,8 @@ pub enum LoginError {
     Refused,
     #[error("too many failed logins; wait {0:?} and try again")]
     Throttled(Duration),
+    #[error("the one-time login token was already used; restart the console for a new one, or set BIDS_RMC_PASSWORD to choose a password")]
+    TokenSpent,
 }
 
 /// What a successful login hands back.
@@ -97,6 +104,8 @@ struct Inner {
     /// Keyed by SHA-256 of the cookie token, so a memory dump of the map alone logs nobody in.
     sessions: HashMap<[u8; 32], Session>,
     failures: VecDeque<Instant>,
+    /// A single-use token has opened a session.
+    spent: bool,
 }
 
 /// All sessions of one console. Cheap operations under a plain mutex, never held across an
@@ -117,6 +126,7 @@ impl Sessions {
             inner: Mutex::new(Inner {
                 sessions: HashMap::new(),
                 failures: VecDeque::new(),
+                spent: false,
             }),
         }
     }
@@ -162,6 +172,14 @@ impl Sessions {
         if !(user_ok && pass_ok) {
             g.failures.push_back(now);
             return Err(LoginError::Refused);
+        }
+        if self.cfg.single_use {
+            if g.spent {
+                // Whoever knows a spent token is not necessarily the one it was printed for.
+                g.failures.push_back(now);
+                return Err(LoginError::TokenSpent);
+            }
+            g.spent = true;
         }
         Self::expire(&self.cfg, &mut g, now);
         if g.sessions.len() >= self.cfg.max_sessions {
@@ -302,6 +320,40 @@ mod tests {
         assert!(s
             .login("admin", "s3cret", t0 + Duration::from_secs(61))
             .is_ok());
+    }
+
+    #[test]
+    fn a_start_up_token_opens_one_session_only() {
+        let mut cfg = AuthConfig::new(random_token());
+        cfg.single_use = true;
+        let token = cfg.password.clone();
+        let s = Sessions::new(cfg);
+        let t0 = Instant::now();
+        // A wrong guess does not spend it.
+        assert_eq!(
+            s.login("admin", "guess", t0).unwrap_err(),
+            LoginError::Refused
+        );
+        let first = s.login("admin", &token, t0).unwrap();
+        assert!(s.check(&first.token, t0).is_some());
+        assert_eq!(
+            s.login("admin", &token, t0).unwrap_err(),
+            LoginError::TokenSpent
+        );
+        // Still refused after the session ended, and after the failure window.
+        s.logout(&first.token);
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!(
+            s.login("admin", &token, later).unwrap_err(),
+            LoginError::TokenSpent
+        );
+        // A configured password is not single-use.
+        let s = sessions();
+        for k in 0..3 {
+            assert!(s
+                .login("admin", "s3cret", t0 + Duration::from_secs(k))
+                .is_ok());
+        }
     }
 
     #[test]

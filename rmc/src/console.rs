@@ -4,7 +4,7 @@
 //! `api` only parses, authenticates and maps errors.
 
 use crate::gis_link::{AdminGis, GisCallError};
-use crate::history::{History, HoldingSample, HostSample};
+use crate::history::{History, HostSample, Provision};
 use crate::model::{self, GcHostView, GcView, HostView, ImageView, StatsView};
 use bids_protocols::admin::{CertStatus, CommandOutcome, GcPolicy, GcRequest, HostCommand};
 use bids_protocols::cert::CertBody;
@@ -135,41 +135,48 @@ impl Console {
     pub async fn stats(&self) -> Result<StatsView, ConsoleError> {
         let stats = async { self.gis.stats().await.map_err(ConsoleError::from) };
         let (stats, images) = tokio::try_join!(stats, self.images())?;
+        let names = model::image_names(&images);
         Ok(StatsView {
             now_ms: stats.now_ms,
             hosts: stats.hosts,
             alive: stats.live_hosts,
             images: stats.images,
-            idcs: model::idc_views(&stats),
+            idcs: model::idc_views(&stats, &names),
             transfers: model::transfers(&images),
             history: self.history().view(),
         })
     }
 
-    /// Takes one sample of the GIS's counters and holdings into the history.
+    /// Takes one sample of the GIS's counters and the hosts' provision times into the
+    /// history.
     pub async fn sample(&self) -> Result<(), ConsoleError> {
-        let (hosts, images) = tokio::try_join!(self.hosts(), self.images())?;
+        let hosts = async { self.gis.hosts().await.map_err(ConsoleError::from) };
+        let (hosts, images) = tokio::try_join!(hosts, self.images())?;
+        let names = model::image_names(&images);
         let hs: Vec<HostSample> = hosts
             .iter()
             .map(|h| HostSample {
-                peer: h.peer.clone(),
-                idc: h.idc.clone(),
+                peer: h.peer.to_string(),
+                idc: h.idc.to_string(),
                 counters: h.counters,
             })
             .collect();
-        let holdings: Vec<HoldingSample> = images
+        let provisions: Vec<Provision> = hosts
             .iter()
-            .filter(|i| i.kind == "image")
-            .flat_map(|i| {
-                i.holders.iter().map(move |h| HoldingSample {
-                    peer: h.peer.clone(),
-                    idc: h.idc.clone(),
-                    image: format!("{}:{}", i.name, i.version),
-                    complete: h.complete,
+            .flat_map(|h| {
+                let names = &names;
+                h.provisions.iter().map(move |p| {
+                    model::provision(
+                        h.peer.to_string(),
+                        h.idc.to_string(),
+                        p.id.to_hex(),
+                        &p.time,
+                        names,
+                    )
                 })
             })
             .collect();
-        self.history().record(unix_ms(), &hs, &holdings);
+        self.history().record(unix_ms(), &hs, &provisions);
         Ok(())
     }
 

@@ -4,10 +4,12 @@
 //!
 //! Hosts report counters since they started, so a restarted host's counters fall back to
 //! zero; the history adds only increases per host and so its per-IDC sums never go down.
+//! Provision times are the hosts' own measures (download start to verified completion); the
+//! history keeps each one once, also after the host removed the image.
 
 use bids_protocols::gis::Counters;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 /// One host in a snapshot.
 #[derive(Clone, Debug)]
@@ -15,16 +17,6 @@ pub struct HostSample {
     pub peer: String,
     pub idc: String,
     pub counters: Counters,
-}
-
-/// One (host, image) holding in a snapshot.
-#[derive(Clone, Debug)]
-pub struct HoldingSample {
-    pub peer: String,
-    pub idc: String,
-    /// `name:version` of the image.
-    pub image: String,
-    pub complete: bool,
 }
 
 /// Bytes an IDC's hosts moved, accumulated since the console started watching.
@@ -44,17 +36,28 @@ pub struct Sample {
     pub idcs: BTreeMap<String, IdcBytes>,
 }
 
-/// A host completed an image the console had seen it lacking.
+/// A host downloaded an image: how long it took, as the host measured it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Provision {
     pub peer: String,
     pub idc: String,
+    /// `name:version` (the id when the GIS no longer knows the image).
     pub image: String,
-    /// When the console first saw the host fetching it.
+    /// Image id (hex).
+    pub id: String,
+    /// Unix ms when the download started (`completed_ms` minus its duration).
     pub started_ms: i64,
+    /// Unix ms when its last chunk was verified and stored.
     pub completed_ms: i64,
-    /// `completed_ms - started_ms`, in seconds; accurate to one sampling interval.
+    /// From the start of the download to its verified completion.
     pub seconds: f64,
+}
+
+impl Provision {
+    /// One download: the same host, image and completion time.
+    fn key(&self) -> (String, String, i64) {
+        (self.peer.clone(), self.id.clone(), self.completed_ms)
+    }
 }
 
 /// What `/api/stats` shows of the history.
@@ -74,8 +77,8 @@ pub struct History {
     /// Last counters seen per host, to add only increases.
     last: HashMap<String, Counters>,
     acc: BTreeMap<String, IdcBytes>,
-    /// (peer, image) seen incomplete, with the time it was first seen so.
-    pending: HashMap<(String, String), i64>,
+    /// Keys of `provisions`, so a download reported again in every sample is kept once.
+    known: HashSet<(String, String, i64)>,
 }
 
 fn increase(now: u64, before: u64) -> u64 {
@@ -97,12 +100,13 @@ impl History {
             provisions: VecDeque::new(),
             last: HashMap::new(),
             acc: BTreeMap::new(),
-            pending: HashMap::new(),
+            known: HashSet::new(),
         }
     }
 
-    /// Adds one snapshot taken at `t_ms`.
-    pub fn record(&mut self, t_ms: i64, hosts: &[HostSample], holdings: &[HoldingSample]) {
+    /// Adds one snapshot taken at `t_ms`: the hosts' counters and the provision times they
+    /// report now.
+    pub fn record(&mut self, t_ms: i64, hosts: &[HostSample], provisions: &[Provision]) {
         for h in hosts {
             let before = self.last.get(&h.peer).copied().unwrap_or_default();
             let c = &h.counters;
@@ -112,31 +116,31 @@ impl History {
             a.lan += increase(c.lan_recv_bytes, before.lan_recv_bytes);
             self.last.insert(h.peer.clone(), *c);
         }
-        for h in holdings {
-            let key = (h.peer.clone(), h.image.clone());
-            if !h.complete {
-                self.pending.entry(key).or_insert(t_ms);
-            } else if let Some(started) = self.pending.remove(&key) {
-                if self.provisions.len() == self.max_provisions {
-                    self.provisions.pop_front();
-                }
-                self.provisions.push_back(Provision {
-                    peer: h.peer.clone(),
-                    idc: h.idc.clone(),
-                    image: h.image.clone(),
-                    started_ms: started,
-                    completed_ms: t_ms,
-                    seconds: (t_ms - started).max(0) as f64 / 1000.0,
-                });
-            }
-        }
-        // Holdings that vanished unfinished (removed, host gone) are not provisions.
-        let seen: std::collections::HashSet<(&str, &str)> = holdings
+        let mut fresh: Vec<&Provision> = provisions
             .iter()
-            .map(|h| (h.peer.as_str(), h.image.as_str()))
+            .filter(|p| !self.known.contains(&p.key()))
             .collect();
-        self.pending
-            .retain(|(p, i), _| seen.contains(&(p.as_str(), i.as_str())));
+        fresh.sort_by_key(|p| p.completed_ms);
+        for p in fresh {
+            if self.known.contains(&p.key()) {
+                continue;
+            }
+            if self.provisions.len() == self.max_provisions {
+                // Older than everything kept: it was dropped before (or would be at once).
+                if self
+                    .provisions
+                    .front()
+                    .is_some_and(|f| p.completed_ms < f.completed_ms)
+                {
+                    continue;
+                }
+                if let Some(old) = self.provisions.pop_front() {
+                    self.known.remove(&old.key());
+                }
+            }
+            self.known.insert(p.key());
+            self.provisions.push_back(p.clone());
+        }
         if self.samples.len() == self.max_samples {
             self.samples.pop_front();
         }
@@ -175,12 +179,15 @@ mod tests {
         }
     }
 
-    fn holding(peer: &str, image: &str, complete: bool) -> HoldingSample {
-        HoldingSample {
+    fn provision(peer: &str, id: &str, millis: i64, completed_ms: i64) -> Provision {
+        Provision {
             peer: peer.into(),
             idc: "B".into(),
-            image: image.into(),
-            complete,
+            image: format!("img:{id}"),
+            id: id.into(),
+            started_ms: completed_ms - millis,
+            completed_ms,
+            seconds: millis as f64 / 1000.0,
         }
     }
 
@@ -228,29 +235,36 @@ mod tests {
     }
 
     #[test]
-    fn provision_time_runs_from_first_seen_fetching_to_complete() {
+    fn reported_provisions_are_kept_once_in_completion_order() {
         let mut h = History::new(500, 10, 10);
-        h.record(1000, &[], &[holding("p", "img:1", false)]);
-        h.record(1500, &[], &[holding("p", "img:1", false)]);
-        h.record(4000, &[], &[holding("p", "img:1", true)]);
-        // Already complete when first seen: no provision (its start is unknown).
-        h.record(
-            4500,
-            &[],
-            &[holding("p", "img:1", true), holding("q", "img:1", true)],
-        );
+        let p1 = provision("p", "1", 2500, 4000);
+        let q1 = provision("q", "1", 700, 3000);
+        h.record(4000, &[], &[p1.clone(), q1.clone()]);
+        // Reported again in later samples, and gone once the host removed the image.
+        h.record(4500, &[], &[p1.clone(), q1.clone()]);
+        h.record(5000, &[], std::slice::from_ref(&q1));
         let v = h.view();
-        assert_eq!(v.provisions.len(), 1);
-        assert_eq!(v.provisions[0].peer, "p");
-        assert_eq!(v.provisions[0].seconds, 3.0);
+        assert_eq!(v.provisions, vec![q1.clone(), p1.clone()]);
+        assert_eq!(v.provisions[1].seconds, 2.5);
+        // The same image downloaded again later is another provision.
+        let p1_again = provision("p", "1", 900, 9000);
+        h.record(9000, &[], &[p1_again.clone(), q1]);
+        assert_eq!(h.view().provisions.last(), Some(&p1_again));
+        assert_eq!(h.view().provisions.len(), 3);
     }
 
     #[test]
-    fn vanished_unfinished_holdings_are_forgotten() {
-        let mut h = History::new(500, 10, 10);
-        h.record(0, &[], &[holding("p", "img:1", false)]);
-        h.record(500, &[], &[]);
-        h.record(9000, &[], &[holding("p", "img:1", true)]);
-        assert!(h.view().provisions.is_empty());
+    fn provisions_are_bounded() {
+        let mut h = History::new(500, 10, 2);
+        let all: Vec<Provision> = (0..5)
+            .map(|k| provision("p", &k.to_string(), 10, k))
+            .collect();
+        h.record(0, &[], &all);
+        let v = h.view();
+        assert_eq!(v.provisions.len(), 2);
+        assert_eq!(v.provisions[1].id, "4");
+        // Still reported: the dropped ones do not come back.
+        h.record(500, &[], &all);
+        assert_eq!(h.view().provisions.len(), 2);
     }
 }

@@ -6,6 +6,7 @@ use bids_protocols::admin::{
     CertInfo, CertStatus, CommandOutcome, GcItem, GcReport, HostInfo, ImageHolders, Stats,
 };
 use bids_protocols::gis::Counters;
+use bids_protocols::gis::ProvisionTime;
 use bids_protocols::ObjectKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -60,6 +61,23 @@ pub struct HostView {
     /// Images it holds any part of.
     pub images: u32,
     pub cert: Option<CertView>,
+    /// How long each image it downloaded took, as the host measured it.
+    pub provisions: Vec<HostProvisionView>,
+}
+
+/// One image's provision time on a host (`GET /api/hosts`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HostProvisionView {
+    /// Image id (hex).
+    pub id: String,
+    /// From the start of the download to its last chunk verified and stored.
+    pub seconds: f64,
+    pub completed_ms: i64,
+}
+
+/// Seconds of a provision time.
+pub fn seconds(t: &ProvisionTime) -> f64 {
+    t.millis as f64 / 1000.0
 }
 
 impl From<&HostInfo> for HostView {
@@ -81,6 +99,15 @@ impl From<&HostInfo> for HostView {
             refusals: h.refusals,
             images: h.images,
             cert: h.cert.as_ref().map(CertView::from),
+            provisions: h
+                .provisions
+                .iter()
+                .map(|p| HostProvisionView {
+                    id: p.id.to_hex(),
+                    seconds: seconds(&p.time),
+                    completed_ms: p.time.completed_ms,
+                })
+                .collect(),
         }
     }
 }
@@ -182,6 +209,9 @@ pub struct IdcView {
     pub live_bridgeheads: u32,
     /// Sums of its hosts' counters; `wan_recv_bytes` is what entered the IDC over the WAN.
     pub counters: Counters,
+    /// Provision times its hosts report now (an image removed from a host leaves this list;
+    /// the history keeps it).
+    pub provisions: Vec<crate::history::Provision>,
 }
 
 /// A host downloading an image now.
@@ -234,16 +264,62 @@ pub struct StatsView {
     pub history: crate::history::HistoryView,
 }
 
-pub fn idc_views(s: &Stats) -> Vec<IdcView> {
+/// `name:version` of each image id (hex) in a list of images.
+pub fn image_names(images: &[ImageView]) -> BTreeMap<String, String> {
+    images
+        .iter()
+        .map(|i| (i.id.clone(), format!("{}:{}", i.name, i.version)))
+        .collect()
+}
+
+/// One provision as the API shows it; `names` maps image ids to `name:version` (an image
+/// the GIS no longer knows shows its id).
+pub fn provision(
+    peer: String,
+    idc: String,
+    id: String,
+    t: &ProvisionTime,
+    names: &BTreeMap<String, String>,
+) -> crate::history::Provision {
+    let ms = i64::try_from(t.millis).unwrap_or(i64::MAX);
+    crate::history::Provision {
+        peer,
+        idc,
+        image: names.get(&id).cloned().unwrap_or_else(|| id.clone()),
+        id,
+        started_ms: t.completed_ms.saturating_sub(ms),
+        completed_ms: t.completed_ms,
+        seconds: seconds(t),
+    }
+}
+
+pub fn idc_views(s: &Stats, names: &BTreeMap<String, String>) -> Vec<IdcView> {
     s.idcs
         .iter()
-        .map(|i| IdcView {
-            idc: i.idc.to_string(),
-            hosts: i.hosts,
-            alive: i.live_hosts,
-            bridgeheads: i.bridgeheads,
-            live_bridgeheads: i.live_bridgeheads,
-            counters: i.counters,
+        .map(|i| {
+            let mut provisions: Vec<_> = i
+                .provisions
+                .iter()
+                .map(|p| {
+                    provision(
+                        p.peer.to_string(),
+                        i.idc.to_string(),
+                        p.id.to_hex(),
+                        &p.time,
+                        names,
+                    )
+                })
+                .collect();
+            provisions.sort_by_key(|p| p.completed_ms);
+            IdcView {
+                idc: i.idc.to_string(),
+                hosts: i.hosts,
+                alive: i.live_hosts,
+                bridgeheads: i.bridgeheads,
+                live_bridgeheads: i.live_bridgeheads,
+                counters: i.counters,
+                provisions,
+            }
         })
         .collect()
 }

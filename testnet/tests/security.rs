@@ -415,8 +415,10 @@ async fn forged_stolen_and_expired_certificates_are_refused() {
 
 /// (d) A real node of IDC B with a certificate signed by a rogue key: `start` refuses it
 /// against the real admin; configured to trust the rogue key instead, it starts, but the GIS
-/// refuses to register it (so it is never listed as a bridgehead) and it obtains nothing,
-/// while the legitimate hosts of B get the image across the WAN.
+/// refuses the certificate, so the node drops it and joins as an ordinary host of B: never
+/// listed as a bridgehead, never a byte across the WAN (what it gets, it gets over B's LAN,
+/// like any host of B without a certificate), while the legitimate hosts of B get the image
+/// across the WAN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_with_forged_certificate_gets_nothing_across_the_wan() {
     let (file, _guard) = image_file(4 * MIB, 12, false);
@@ -484,8 +486,13 @@ async fn node_with_forged_certificate_gets_nothing_across_the_wan() {
         }
         other => panic!("the GIS accepted a forged certificate: {other:?}"),
     }
-    let st = rh.status().await.unwrap();
-    assert!(!st.registered, "the GIS registered the rogue node");
+    // Refused at registration, the node dropped the certificate and registered without it.
+    let st = wait_for(
+        "the rogue registered as an ordinary host",
+        Duration::from_secs(10),
+        || async { rh.status().await.ok().filter(|s| s.registered) },
+    )
+    .await;
     assert_eq!(st.role, Role::Host);
 
     // B's bridgehead for the image is the certified one, not the rogue.
@@ -514,35 +521,34 @@ async fn node_with_forged_certificate_gets_nothing_across_the_wan() {
         );
     }
 
-    // The rogue's own download fails (or, at best, never completes).
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(5),
+    // The rogue's own download, as an ordinary host of B: whatever it gets comes over B's
+    // LAN, nothing across the WAN.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
         rh.fetch_and_wait(ImageQuery::Ref(image.clone())),
     )
     .await;
-    assert!(
-        !matches!(outcome, Ok(Ok(_))),
-        "the rogue node completed the download"
-    );
     let st = rh.status().await.unwrap();
     assert_eq!(st.total.wan_recv_bytes, 0, "the rogue received WAN data");
-    assert_eq!(
-        st.total.lan_recv_bytes, 0,
-        "the rogue received image data at all"
-    );
-    assert!(
-        rh.store().status(&m.id()).is_none_or(|s| !s.complete),
-        "the rogue holds the image"
-    );
+    assert_eq!(st.role, Role::Host);
 
-    // The GIS never lists it, in particular not as B's bridgehead.
+    // The GIS never lists it as a bridgehead, nor to another IDC.
     for idc_name in ["A", "B"] {
         let list = wait_for("a host list", Duration::from_secs(10), || async {
             c.lookup(idc_name, &ImageQuery::Id(m.id())).await.ok()
         })
         .await;
-        for e in list.level0.iter().chain(&list.level1).chain(&list.level2) {
-            assert_ne!(e.peer, rogue_peer, "the GIS lists the rogue node");
+        for e in list.level1.iter().chain(&list.level2) {
+            assert_ne!(
+                e.peer, rogue_peer,
+                "the GIS lists the rogue as a bridgehead"
+            );
+        }
+        if idc_name == "A" {
+            assert!(
+                list.level0.iter().all(|e| e.peer != rogue_peer),
+                "the GIS lists the rogue to another IDC"
+            );
         }
     }
     c.shutdown().await;

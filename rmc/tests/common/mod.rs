@@ -35,6 +35,11 @@ pub struct Env {
 /// Starts a cluster of `idcs` and a console on 127.0.0.1, port 0, connected to its GIS as
 /// the cluster's admin.
 pub async fn start(idcs: Vec<IdcSpec>) -> Env {
+    start_with(idcs, |_| {}).await
+}
+
+/// Like [`start`], with the console's configuration adjusted by `tune` before it starts.
+pub async fn start_with(idcs: Vec<IdcSpec>, tune: impl FnOnce(&mut RmcConfig)) -> Env {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -55,6 +60,7 @@ pub async fn start(idcs: Vec<IdcSpec>) -> Env {
     let mut cfg = RmcConfig::new(cluster.admin.clone(), PASSWORD.into());
     cfg.listen = "127.0.0.1:0".parse().expect("address");
     cfg.sample_interval = Duration::from_millis(200);
+    tune(&mut cfg);
     let rmc = bids_rmc::start(cfg, link)
         .await
         .expect("starting the console");
