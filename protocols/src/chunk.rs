@@ -1,6 +1,11 @@
 //! The chunk protocol: request (image id, chunk index) → chunk payload. Payloads travel
 //! zstd-compressed when that is smaller; checksums are always of the raw chunk, and a
 //! decompressor never produces more than the chunk's length.
+//!
+//! Wire format (version 2): a request is one length-prefixed CBOR frame; a response is a
+//! length-prefixed CBOR head (kind; for data the encoding and payload length) followed, for
+//! data, by the payload bytes themselves. Version 1 carried the payload inside the CBOR,
+//! which cost a copy on each side of every chunk.
 
 use crate::codec::{encode_frame, read_frame, write_frame};
 use crate::ids::{ChunkIndex, ImageId};
@@ -11,7 +16,7 @@ use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 use std::io;
 
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/bids/chunk/1");
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/bids/chunk/2");
 /// A request is tiny.
 pub const MAX_REQUEST_BYTES: usize = 256;
 /// The head of a response (its kind, and for data the encoding and length).
