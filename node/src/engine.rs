@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 /// How often the loop ticks to drive schedulers, expire requests and flush announcements.
 const TICK: Duration = Duration::from_millis(20);
@@ -61,6 +61,13 @@ const BRIDGEHEAD_TOPIC: &str = "bids/bridgeheads/chunks";
 /// Chunks of one download received and not yet verified and stored, at most: the network
 /// keeps its pipeline full while the CPU hashes and writes, within bounded memory.
 const MAX_WRITING: usize = 16;
+/// How long a bridgehead that starts pulling an image waits for the LAN peers the GIS listed
+/// to say hello before it tells remote bridgeheads that its IDC lacks a chunk.
+const LAN_DISCOVERY_GRACE: Duration = Duration::from_secs(2);
+/// Chunk responses written to one peer at a time. Interleaving many responses on one
+/// connection delays every one of them to the end of the batch; with two, a chunk arrives
+/// whole after its own transfer time while the next one keeps the link busy.
+const MAX_SENDING_PER_PEER: usize = 4;
 /// Compressed payloads kept for reuse (bytes) (a bridgehead serves one chunk to many hosts).
 const PAYLOAD_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
@@ -538,12 +545,21 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         upload,
         download,
         upload_queue: VecDeque::new(),
+        sending: HashMap::new(),
+        send_queue: HashMap::new(),
         sharing,
         listen,
         dialing: HashSet::new(),
         cfg,
     };
-    let task = tokio::spawn(engine.run());
+    // Every line this node logs names it: many nodes share one process in testnets.
+    let me = engine.me.to_string();
+    let span = tracing::info_span!(
+        "node",
+        idc = %engine.cfg.idc,
+        peer = %me.get(me.len().saturating_sub(6)..).unwrap_or(&me)
+    );
+    let task = tokio::spawn(engine.run().instrument(span));
     Ok((handle, task))
 }
 
@@ -592,6 +608,9 @@ struct Engine {
         ChunkResponse,
         Link,
     )>,
+    /// Chunk responses being written to each peer, and those waiting for their turn.
+    sending: HashMap<PeerId, usize>,
+    send_queue: HashMap<PeerId, VecDeque<(ResponseChannel<ChunkResponse>, ImageId, ChunkResponse, Link)>>,
     sharing: bool,
     listen: Vec<Multiaddr>,
     dialing: HashSet<PeerId>,
@@ -906,6 +925,9 @@ impl Engine {
                     return;
                 }
                 self.peers.remove(&peer_id);
+                // Responses queued for it can no longer be delivered.
+                self.sending.remove(&peer_id);
+                self.send_queue.remove(&peer_id);
                 for d in self.downloads.values_mut() {
                     if d.active.remove(&peer_id) {
                         d.sched.remove_peer(&peer_id);
@@ -1139,13 +1161,38 @@ impl Engine {
             }
             rr::Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "inbound chunk request failed");
+                self.response_done(peer);
             }
-            _ => {}
+            rr::Event::ResponseSent { peer, .. } => self.response_done(peer),
         }
     }
 
-    fn respond(&mut self, channel: ResponseChannel<ChunkResponse>, r: ChunkResponse) {
-        let _ = self.swarm.behaviour_mut().chunk.send_response(channel, r);
+    fn respond(&mut self, peer: PeerId, channel: ResponseChannel<ChunkResponse>, r: ChunkResponse) {
+        if self.swarm.behaviour_mut().chunk.send_response(channel, r).is_ok() {
+            *self.sending.entry(peer).or_default() += 1;
+        }
+    }
+
+    /// A response to `peer` was written out (or failed): the next queued one may go.
+    fn response_done(&mut self, peer: PeerId) {
+        if let Some(n) = self.sending.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+        }
+        while self.sending.get(&peer).copied().unwrap_or(0) < MAX_SENDING_PER_PEER {
+            let Some(q) = self.send_queue.get_mut(&peer) else {
+                break;
+            };
+            let Some((channel, image, resp, link)) = q.pop_front() else {
+                self.send_queue.remove(&peer);
+                break;
+            };
+            let before = self.sending.get(&peer).copied().unwrap_or(0);
+            self.finish_serve(channel, peer, image, resp, link);
+            if self.sending.get(&peer).copied().unwrap_or(0) == before {
+                // Held back by the upload limit: the tick sends it.
+                break;
+            }
+        }
     }
 
     fn on_chunk_request(
@@ -1158,21 +1205,19 @@ impl Engine {
             // No image data before an accepted hello.
             self.acct.refused();
             warn!(%peer, "chunk request before an accepted hello refused");
-            self.respond(
-                channel,
+            self.respond(peer, channel,
                 ChunkResponse::Refused("say hello first (or you were refused)".into()),
             );
             return;
         };
         if !self.sharing {
-            self.respond(
-                channel,
+            self.respond(peer, channel,
                 ChunkResponse::Refused("sharing is switched off on this host".into()),
             );
             return;
         }
         if self.serving >= MAX_SERVING {
-            self.respond(channel, ChunkResponse::Busy);
+            self.respond(peer, channel, ChunkResponse::Busy);
             return;
         }
         let Some(m) = self.store.manifest(&req.image) else {
@@ -1188,12 +1233,12 @@ impl Engine {
                     d.sched.prioritize(req.index);
                 }
             } else {
-                self.respond(channel, ChunkResponse::UnknownImage);
+                self.respond(peer, channel, ChunkResponse::UnknownImage);
             }
             return;
         };
         if req.index >= m.chunk_count() {
-            self.respond(channel, ChunkResponse::BadIndex);
+            self.respond(peer, channel, ChunkResponse::BadIndex);
             return;
         }
         if !self.store.has_chunk(&req.image, req.index) {
@@ -1215,7 +1260,7 @@ impl Engine {
                     }
                 }
             }
-            self.respond(channel, ChunkResponse::NotHeld);
+            self.respond(peer, channel, ChunkResponse::NotHeld);
             return;
         }
         // A payload compressed before is served again without recompressing it.
@@ -1269,6 +1314,15 @@ impl Engine {
         link: Link,
     ) {
         if let ChunkResponse::Data { payload, .. } = &resp {
+            if self.sending.get(&peer).copied().unwrap_or(0) >= MAX_SENDING_PER_PEER {
+                // One peer's chunks go out one after another, not interleaved: each arrives
+                // whole as early as possible (the receiver relays and announces it sooner).
+                self.send_queue
+                    .entry(peer)
+                    .or_default()
+                    .push_back((channel, image, resp, link));
+                return;
+            }
             if !self.upload.available() {
                 // Over the upload limit: the response waits its turn.
                 self.upload_queue
@@ -1279,7 +1333,7 @@ impl Engine {
             self.acct.sent(image, link, n);
             self.upload.consume(n);
         }
-        self.respond(channel, resp);
+        self.respond(peer, channel, resp);
     }
 
     // ---------------------------------------------------------------- downloading
@@ -1936,11 +1990,21 @@ impl Engine {
     /// for chunks no LAN peer of ours has (they fetch them elsewhere), so no two bridgeheads
     /// ever wait on each other.
     fn release_stuck_waiters(&mut self) {
+        let now = Instant::now();
         let mut release = Vec::new();
         for ((image, idx), ws) in &self.waiters {
             let Some(d) = self.downloads.get(image) else {
                 continue;
             };
+            // Until the LAN peers the GIS listed have said hello, we do not know yet what our
+            // IDC holds (a bridgehead that lacks an image learns it only then).
+            let discovering = now.duration_since(d.started) < LAN_DISCOVERY_GRACE
+                && d.candidates
+                    .iter()
+                    .any(|(p, (kind, _))| !kind.is_wan() && !d.active.contains(p));
+            if discovering {
+                continue;
+            }
             if d.sched.lan_available(*idx) || d.sched.is_held(*idx) {
                 continue;
             }
@@ -1965,7 +2029,7 @@ impl Engine {
         }
         for (idx, (ch, p)) in answer {
             debug!(peer = %p, idx, "remote bridgehead's request answered NotHeld (not in our IDC)");
-            self.respond(ch, ChunkResponse::NotHeld);
+            self.respond(p, ch, ChunkResponse::NotHeld);
         }
     }
 
@@ -2021,12 +2085,14 @@ impl Engine {
             let Some(d) = self.downloads.get_mut(&id) else {
                 continue;
             };
-            // Early in a download the host list changes fast (other IDCs start fetching too):
-            // ask again after 0.5, 1 and 2 s, then every LOOKUP_REFRESH.
+            // Early in a download the host list changes fast (other IDCs start fetching too,
+            // and the sooner fetching bridgeheads find each other the sooner they trade):
+            // ask again after 0.2, 0.5, 1 and 2 s, then every LOOKUP_REFRESH.
             let every = match d.lookups {
-                0 | 1 => Duration::from_millis(500),
-                2 => Duration::from_secs(1),
-                3 => Duration::from_secs(2),
+                0 | 1 => Duration::from_millis(200),
+                2 => Duration::from_millis(500),
+                3 => Duration::from_secs(1),
+                4 => Duration::from_secs(2),
                 _ => LOOKUP_REFRESH,
             };
             let refresh = d.last_lookup.is_none_or(|t| now.duration_since(t) >= every);
@@ -2067,8 +2133,8 @@ impl Engine {
                     .copied()
                     .collect();
                 for k in keys {
-                    for (ch, _) in self.waiters.remove(&k).unwrap_or_default() {
-                        self.respond(ch, ChunkResponse::NotHeld);
+                    for (ch, p) in self.waiters.remove(&k).unwrap_or_default() {
+                        self.respond(p, ch, ChunkResponse::NotHeld);
                     }
                 }
                 self.publish(&id, false);
