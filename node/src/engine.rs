@@ -610,7 +610,8 @@ struct Engine {
     )>,
     /// Chunk responses being written to each peer, and those waiting for their turn.
     sending: HashMap<PeerId, usize>,
-    send_queue: HashMap<PeerId, VecDeque<(ResponseChannel<ChunkResponse>, ImageId, ChunkResponse, Link)>>,
+    send_queue:
+        HashMap<PeerId, VecDeque<(ResponseChannel<ChunkResponse>, ImageId, ChunkResponse, Link)>>,
     sharing: bool,
     listen: Vec<Multiaddr>,
     dialing: HashSet<PeerId>,
@@ -1168,7 +1169,13 @@ impl Engine {
     }
 
     fn respond(&mut self, peer: PeerId, channel: ResponseChannel<ChunkResponse>, r: ChunkResponse) {
-        if self.swarm.behaviour_mut().chunk.send_response(channel, r).is_ok() {
+        if self
+            .swarm
+            .behaviour_mut()
+            .chunk
+            .send_response(channel, r)
+            .is_ok()
+        {
             *self.sending.entry(peer).or_default() += 1;
         }
     }
@@ -1205,13 +1212,17 @@ impl Engine {
             // No image data before an accepted hello.
             self.acct.refused();
             warn!(%peer, "chunk request before an accepted hello refused");
-            self.respond(peer, channel,
+            self.respond(
+                peer,
+                channel,
                 ChunkResponse::Refused("say hello first (or you were refused)".into()),
             );
             return;
         };
         if !self.sharing {
-            self.respond(peer, channel,
+            self.respond(
+                peer,
+                channel,
                 ChunkResponse::Refused("sharing is switched off on this host".into()),
             );
             return;

@@ -1192,14 +1192,19 @@ impl Download {
 /// How long a download waits for a designated fetcher before pulling its chunks itself.
 const SHARE_PATIENCE: Duration = Duration::from_secs(3);
 
-/// A stable hash of (peer, chunk), the same on every node (FNV-1a 64).
+/// A stable hash of (peer, chunk), the same on every node: FNV-1a 64 over the bytes, then
+/// the SplitMix64 finaliser. FNV alone leaves the top bits set by the peer id (the chunk
+/// index comes last and its bits barely reach them), so comparing two peers' scores split
+/// an image's chunks 18 : 46 instead of about evenly.
 fn share_score(peer: &PeerId, idx: u32) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in peer.to_bytes().iter().chain(idx.to_le_bytes().iter()) {
         h ^= *b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 #[cfg(test)]
@@ -1419,6 +1424,22 @@ mod tests {
         assert!(to(&reqs, a).iter().all(|i| *i < 50));
         assert_eq!(to(&reqs, bh).len(), 16);
         assert!(to(&reqs, bh).iter().all(|i| *i >= 50));
+    }
+
+    #[test]
+    fn fetching_bridgeheads_split_the_origins_chunks_about_evenly() {
+        // Whatever two peer ids meet, each is the designated fetcher of about half the
+        // chunks (an uneven split leaves one IDC's uplink idle while the other relays).
+        for _ in 0..50 {
+            let (a, b) = (PeerId::random(), PeerId::random());
+            let mine = (0..1024u32)
+                .filter(|&i| share_score(&a, i) > share_score(&b, i))
+                .count();
+            assert!(
+                (430..=594).contains(&mine),
+                "{a} won {mine} of 1024 against {b}"
+            );
+        }
     }
 
     #[test]
