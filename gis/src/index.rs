@@ -371,9 +371,14 @@ impl Index {
                     role,
                     heartbeat_secs: self.heartbeat_secs(),
                     revocations: self.revocations.clone(),
+                    bridgeheads: self.other_bridgeheads(&peer, now_ms),
                 }),
             GisRequest::Heartbeat { stats } => {
-                self.heartbeat(peer, stats, now_ms).map(|()| self.ack())
+                self.heartbeat(peer, stats, now_ms)
+                    .map(|()| GisResponse::Ack {
+                        revocations: self.revocations.clone(),
+                        bridgeheads: self.other_bridgeheads(&peer, now_ms),
+                    })
             }
             GisRequest::Publish { holding, manifest } => self
                 .publish(peer, holding, &manifest, now_ms)
@@ -401,7 +406,33 @@ impl Index {
     fn ack(&self) -> GisResponse {
         GisResponse::Ack {
             revocations: self.revocations.clone(),
+            bridgeheads: Vec::new(),
         }
+    }
+
+    /// For a bridgehead under the BIDS policy: the live bridgeheads of every other IDC, so
+    /// it keeps its cross-IDC links open before an image needs them. Empty otherwise.
+    pub fn other_bridgeheads(&self, peer: &PeerId, now_ms: i64) -> Vec<HostEntry> {
+        if self.cfg.policy != Policy::Bids {
+            return Vec::new();
+        }
+        let Some(me) = self.hosts.get(peer) else {
+            return Vec::new();
+        };
+        if self.role_of(me, now_ms) != Role::Bridgehead {
+            return Vec::new();
+        }
+        self.certified
+            .iter()
+            .filter(|(idc, _)| **idc != me.rec.idc)
+            .flat_map(|(_, peers)| peers.iter())
+            .filter_map(|p| self.hosts.get(p))
+            .filter(|h| {
+                self.is_listable_host(h, now_ms) && self.role_of(h, now_ms) == Role::Bridgehead
+            })
+            .take(MAX_LEVEL_HOSTS)
+            .map(|h| self.entry(h, None, now_ms))
+            .collect()
     }
 
     fn index_host(&mut self, rec: &StoredHost) {

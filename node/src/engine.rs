@@ -37,7 +37,7 @@ use tracing::{debug, info, warn, Instrument};
 /// How often the loop ticks to drive schedulers, expire requests and flush announcements.
 const TICK: Duration = Duration::from_millis(20);
 /// New-chunk announcements are batched for this long.
-const ANNOUNCE_BATCH: Duration = Duration::from_millis(100);
+const ANNOUNCE_BATCH: Duration = Duration::from_millis(50);
 /// Full have-state of images in progress is re-announced this often (late joiners).
 const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
 /// How often a failed GIS lookup (or caller's request) is sent again before it fails.
@@ -121,6 +121,10 @@ pub struct NodeStatus {
     /// The GIS accepted our registration.
     pub registered: bool,
     pub connected_peers: usize,
+    /// Bridgeheads of other IDCs whose hello we accepted (a bridgehead under BIDS keeps
+    /// these links open).
+    #[serde(default)]
+    pub wan_links: usize,
     pub images: Vec<ImageReport>,
     pub total: Counters,
     pub refusals: u64,
@@ -754,7 +758,10 @@ impl Engine {
             (
                 GisPurpose::Register,
                 GisResponse::Registered {
-                    role, revocations, ..
+                    role,
+                    revocations,
+                    bridgeheads,
+                    ..
                 },
             ) => {
                 info!(role = %role, "registered with the GIS");
@@ -771,9 +778,19 @@ impl Engine {
                 }
                 self.registered = true;
                 self.set_revocations(revocations);
+                self.link_bridgeheads(bridgeheads);
                 self.publish_all();
             }
-            (_, GisResponse::Ack { revocations }) => self.set_revocations(revocations),
+            (
+                _,
+                GisResponse::Ack {
+                    revocations,
+                    bridgeheads,
+                },
+            ) => {
+                self.set_revocations(revocations);
+                self.link_bridgeheads(bridgeheads);
+            }
             (GisPurpose::Lookup { image, for_fetch }, GisResponse::HostList(list)) => {
                 self.on_host_list(image, *list, for_fetch);
             }
@@ -1773,6 +1790,35 @@ impl Engine {
         }
     }
 
+    /// A bridgehead under BIDS keeps links to the other IDCs' bridgeheads (the GIS lists
+    /// them in its answers to our heartbeats) open: the first image they trade then does
+    /// not wait for TCP, noise and hello round trips over the WAN.
+    fn link_bridgeheads(&mut self, list: Vec<HostEntry>) {
+        if self.role != Role::Bridgehead || self.cfg.policy != Policy::Bids {
+            return;
+        }
+        for e in list {
+            if e.peer == self.me || e.idc == self.cfg.idc || e.role != Role::Bridgehead {
+                continue;
+            }
+            let addrs: Vec<Multiaddr> = e.addrs.into_iter().take(gisp::MAX_ADDRS).collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            self.addrs.insert(e.peer, addrs.clone());
+            if self.swarm.is_connected(&e.peer) || self.dialing.contains(&e.peer) {
+                continue;
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(e.peer)
+                .addresses(addrs)
+                .build();
+            if self.swarm.dial(opts).is_ok() {
+                debug!(peer = %e.peer, idc = %e.idc, "linking to a bridgehead of another IDC");
+                self.dialing.insert(e.peer);
+            }
+        }
+    }
+
     fn may_relay_any(&self) -> bool {
         self.cfg.policy == Policy::Bids && self.role == Role::Bridgehead
     }
@@ -2334,6 +2380,11 @@ impl Engine {
             gis_connected: self.gis_connected,
             registered: self.registered,
             connected_peers: self.peers.len(),
+            wan_links: self
+                .peers
+                .values()
+                .filter(|s| matches!(s, PeerState::Accepted { link: Link::Wan }))
+                .count(),
             images,
             total: self.acct.total(),
             refusals: self.acct.refusals(),

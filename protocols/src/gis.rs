@@ -222,9 +222,18 @@ pub enum GisResponse {
         heartbeat_secs: u32,
         /// Current revocations, so nodes can refuse revoked bridgeheads.
         revocations: Revocations,
+        /// For a bridgehead only: the live bridgeheads of the other IDCs (see `Ack`).
+        #[serde(default)]
+        bridgeheads: Vec<HostEntry>,
     },
     Ack {
         revocations: Revocations,
+        /// Answering a bridgehead's heartbeat: the live bridgeheads of the other IDCs, at
+        /// most `MAX_LEVEL_HOSTS`, so it keeps its cross-IDC links open before an image needs
+        /// them (the first image then does not wait for connection handshakes over the WAN).
+        /// Empty for ordinary hosts and for other requests.
+        #[serde(default)]
+        bridgeheads: Vec<HostEntry>,
     },
     HostList(Box<HostList>),
     UpgradePath(Box<UpgradePath>),

@@ -10,7 +10,7 @@ use bids_node::store::{Store, StoreError};
 use bids_node::{NodeConfig, NodeHandle};
 use bids_protocols::cert::CertBody;
 use bids_protocols::gis::{GisRequest, GisResponse, HostList, ImageQuery};
-use bids_protocols::{BridgeheadCert, Idc, ImageRef, Manifest, ObjectKind, Policy};
+use bids_protocols::{BridgeheadCert, Idc, ImageRef, Manifest, ObjectKind, Policy, Role};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use std::net::{IpAddr, Ipv4Addr};
@@ -199,6 +199,7 @@ impl Cluster {
             c.start_node(i).await?;
         }
         c.wait_registered(Duration::from_secs(20)).await?;
+        c.wait_bridgeheads_linked(Duration::from_secs(5)).await?;
         Ok(c)
     }
 
@@ -457,6 +458,42 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Under BIDS, waits (at most `within`) until every bridgehead has a link open to a
+    /// bridgehead of each other IDC that has one, as a cluster that has been up a while
+    /// has. Returns without error when they are not linked by then (a test may start
+    /// bridgeheads with bad certificates on purpose); the downloads then link on demand.
+    pub async fn wait_bridgeheads_linked(&self, within: Duration) -> Result<()> {
+        if self.spec.policy != Policy::Bids {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut statuses = Vec::new();
+            for n in &self.nodes {
+                if let Some(h) = &n.handle {
+                    statuses.push(h.status().await.map_err(anyhow::Error::msg)?);
+                }
+            }
+            let idcs_with_db: std::collections::BTreeSet<&Idc> = statuses
+                .iter()
+                .filter(|s| s.role == Role::Bridgehead)
+                .map(|s| &s.idc)
+                .collect();
+            let linked = statuses
+                .iter()
+                .filter(|s| s.role == Role::Bridgehead)
+                .all(|s| s.wan_links + 1 >= idcs_with_db.len());
+            if linked {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                tracing::debug!("bridgeheads not all linked across IDCs yet; going on");
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops everything.
