@@ -215,7 +215,7 @@ async fn crash_right_after_publish_loses_nothing() {
     )
     .await
     {
-        GisResponse::Ack { revocations } => assert!(revocations.is_revoked(8)),
+        GisResponse::Ack { revocations, .. } => assert!(revocations.is_revoked(8)),
         other => panic!("{other:?}"),
     }
     match ask(&revoked_db, &addr, register("B", Some(revoked_cert))).await {

@@ -176,7 +176,7 @@ async fn register_publish_lookup_over_the_network() {
         }
     ));
     match ask(&admin, addr, GisRequest::Revoke { serial: 2 }).await {
-        GisResponse::Ack { revocations } => assert!(revocations.is_revoked(2)),
+        GisResponse::Ack { revocations, .. } => assert!(revocations.is_revoked(2)),
         other => panic!("{other:?}"),
     }
     let GisResponse::HostList(l) = ask(

@@ -195,6 +195,8 @@ enum Internal {
     },
 }
 
+/// A chunk response waiting for its turn to one peer.
+type QueuedResponse = (ResponseChannel<ChunkResponse>, ImageId, ChunkResponse, Link);
 /// A deferred chunk request: the channel to answer and who asked.
 type Waiter = (ResponseChannel<ChunkResponse>, PeerId);
 
@@ -614,8 +616,7 @@ struct Engine {
     )>,
     /// Chunk responses being written to each peer, and those waiting for their turn.
     sending: HashMap<PeerId, usize>,
-    send_queue:
-        HashMap<PeerId, VecDeque<(ResponseChannel<ChunkResponse>, ImageId, ChunkResponse, Link)>>,
+    send_queue: HashMap<PeerId, VecDeque<QueuedResponse>>,
     sharing: bool,
     listen: Vec<Multiaddr>,
     dialing: HashSet<PeerId>,

@@ -235,6 +235,36 @@ impl Scenario {
     }
 }
 
+/// What the GIS answers `n`'s heartbeat about other IDCs' bridgeheads, sorted.
+fn linked_bridgeheads(w: &mut World, n: &Node) -> Vec<PeerId> {
+    let req = GisRequest::Heartbeat {
+        stats: HostStats::default(),
+    };
+    match w.ix.handle(n.peer, req, w.now) {
+        GisResponse::Ack { bridgeheads, .. } => {
+            let mut v = peers(&bridgeheads);
+            v.sort();
+            v
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bridgeheads_learn_the_other_idcs_bridgeheads_from_heartbeat_answers() {
+    let mut s = scenario();
+    let mut others_of_b = vec![s.a_db.peer, s.c_db.peer];
+    others_of_b.sort();
+    assert_eq!(linked_bridgeheads(&mut s.w, &s.b_dbs[0]), others_of_b);
+    let mut others_of_a = vec![s.b_dbs[0].peer, s.b_dbs[1].peer, s.c_db.peer];
+    others_of_a.sort();
+    assert_eq!(linked_bridgeheads(&mut s.w, &s.a_db), others_of_a);
+    assert!(
+        linked_bridgeheads(&mut s.w, &s.b_host).is_empty(),
+        "ordinary hosts never learn of other IDCs"
+    );
+}
+
 #[test]
 fn ordinary_host_of_b_gets_only_bs_chosen_bridgehead() {
     let s = scenario();
@@ -537,7 +567,7 @@ fn baseline_lists_holders_of_every_idc_and_no_bridgeheads() {
     let a_part = w.host("A");
     let b_part = w.host("B");
     let b_host = w.host("B");
-    let _b_db = w.bridgehead("B");
+    let b_db = w.bridgehead("B");
     let _a_db = w.bridgehead("A");
     w.hold(&a_full, x, &bytes, 4, true, false);
     w.hold(&a_part, x, &[], 3, false, true);
@@ -548,6 +578,10 @@ fn baseline_lists_holders_of_every_idc_and_no_bridgeheads() {
         vec![b_part.peer, a_full.peer, a_part.peer]
     );
     assert!(l.level1.is_empty() && l.level2.is_empty());
+    assert!(
+        linked_bridgeheads(&mut w, &b_db).is_empty(),
+        "no bridgehead links in Baseline"
+    );
     // A baseline GIS refuses a node started for the BIDS policy.
     let err =
         w.ix.register(
@@ -798,7 +832,7 @@ fn unknown_image_and_unregistered_peer_errors() {
         .ix
         .handle(w.admin_peer(), GisRequest::Revoke { serial: 1 }, w.now)
     {
-        GisResponse::Ack { revocations } => assert!(revocations.is_revoked(1)),
+        GisResponse::Ack { revocations, .. } => assert!(revocations.is_revoked(1)),
         other => panic!("{other:?}"),
     }
     // Register through `handle` reports the heartbeat interval.
@@ -816,7 +850,12 @@ fn unknown_image_and_unregistered_peer_errors() {
             role,
             heartbeat_secs,
             revocations,
+            bridgeheads,
         } => {
+            assert!(
+                bridgeheads.is_empty(),
+                "an ordinary host learns no bridgeheads"
+            );
             assert_eq!(role, Role::Host);
             assert_eq!(heartbeat_secs, 2);
             assert!(revocations.is_revoked(1));
