@@ -80,7 +80,9 @@ complete_copies() {
 		grep -o '"peer":"[^"]*"' | sort -u | wc -l
 }
 # The first number named $1.
-json_num() { tr -d ' \n' | grep -oE "\"$1\":[0-9]+" | head -1 | cut -d: -f2; }
+# (awk reads to the end: `head -1` could close the pipe on a writing grep, whose SIGPIPE
+# status under pipefail made callers append a fallback "0" to the number.)
+json_num() { tr -d ' \n' | grep -oE "\"$1\":[0-9]+" | awk -F: 'NR == 1 { print $2 }'; }
 # Its arguments as a comma-separated list of JSON strings.
 json_strings() {
 	local first=1 a
