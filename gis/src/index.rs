@@ -387,6 +387,13 @@ impl Index {
             GisRequest::Lookup { image, idc } => self
                 .lookup_request(peer, &image, idc, now_ms)
                 .map(|l| GisResponse::HostList(Box::new(l))),
+            GisRequest::Refresh { image } => {
+                self.lookup(peer, &ImageQuery::Id(image), now_ms)
+                    .map(|mut l| {
+                        l.manifest = Vec::new();
+                        GisResponse::HostList(Box::new(l))
+                    })
+            }
             GisRequest::Revoke { serial } => self.revoke(peer, serial).map(|_| self.ack()),
             GisRequest::UpgradePath { have, want } => self
                 .upgrade_path(&have, &want, now_ms)

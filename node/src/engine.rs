@@ -37,7 +37,7 @@ use tracing::{debug, info, warn, Instrument};
 /// How often the loop ticks to drive schedulers, expire requests and flush announcements.
 const TICK: Duration = Duration::from_millis(20);
 /// New-chunk announcements are batched for this long.
-const ANNOUNCE_BATCH: Duration = Duration::from_millis(50);
+const ANNOUNCE_BATCH: Duration = Duration::from_millis(100);
 /// Full have-state of images in progress is re-announced this often (late joiners).
 const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
 /// How often a failed GIS lookup (or caller's request) is sent again before it fails.
@@ -718,11 +718,14 @@ impl Engine {
             complete: st.complete,
             fetching,
         };
+        // Progress of a download: the GIS knows the image (we got its manifest from it).
+        let manifest = if fetching && self.downloads.contains_key(id) {
+            Vec::new()
+        } else {
+            m.to_bytes()
+        };
         self.gis_request(
-            GisRequest::Publish {
-                holding,
-                manifest: m.to_bytes(),
-            },
+            GisRequest::Publish { holding, manifest },
             GisPurpose::Publish,
         );
     }
@@ -1643,8 +1646,16 @@ impl Engine {
         reply: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>>,
     ) {
         let id = list.image.id;
-        let manifest = match Manifest::from_bytes_with_id(&list.manifest, id) {
-            Ok(m) => Arc::new(m),
+        let known = match self.downloads.get(&id) {
+            // A refresh's answer carries no manifest: the download has it.
+            Some(d) if list.manifest.is_empty() => Some(d.manifest.clone()),
+            _ => None,
+        };
+        let manifest = match known.map_or_else(
+            || Manifest::from_bytes_with_id(&list.manifest, id).map(Arc::new),
+            Ok,
+        ) {
+            Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "the GIS sent a manifest that does not verify");
                 if let Some(r) = reply {
@@ -2143,14 +2154,17 @@ impl Engine {
             let Some(d) = self.downloads.get_mut(&id) else {
                 continue;
             };
-            // Early in a download the host list changes fast (other IDCs start fetching too,
-            // and the sooner fetching bridgeheads find each other the sooner they trade):
-            // ask again after 0.2, 0.5, 1 and 2 s, then every LOOKUP_REFRESH.
-            let every = match d.lookups {
-                0 | 1 => Duration::from_millis(200),
-                2 => Duration::from_millis(500),
-                3 => Duration::from_secs(1),
-                4 => Duration::from_secs(2),
+            // Early in a download a bridgehead's host list changes fast (other IDCs start
+            // fetching too, and the sooner fetching bridgeheads find each other the sooner
+            // they trade): it asks again after 0.2, 0.5, 1 and 2 s. Ordinary hosts learn
+            // their LAN peers from gossip, so they refresh only every LOOKUP_REFRESH (a new
+            // bridgehead after a failure, say); host lists cross the WAN when the GIS is in
+            // another IDC.
+            let every = match (self.role, d.lookups) {
+                (Role::Bridgehead, 0 | 1) => Duration::from_millis(200),
+                (Role::Bridgehead, 2) => Duration::from_millis(500),
+                (Role::Bridgehead, 3) => Duration::from_secs(1),
+                (Role::Bridgehead, 4) => Duration::from_secs(2),
                 _ => LOOKUP_REFRESH,
             };
             let refresh = d.last_lookup.is_none_or(|t| now.duration_since(t) >= every);
@@ -2200,10 +2214,7 @@ impl Engine {
             }
             if lookup {
                 self.gis_request(
-                    GisRequest::Lookup {
-                        image: ImageQuery::Id(id),
-                        idc: None,
-                    },
+                    GisRequest::Refresh { image: id },
                     GisPurpose::Lookup {
                         image: ImageQuery::Id(id),
                         for_fetch: None,

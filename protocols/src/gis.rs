@@ -126,6 +126,11 @@ pub enum GisRequest {
         #[serde(default)]
         idc: Option<Idc>,
     },
+    /// A registered host's periodic refresh of a download in progress: the host list of
+    /// `Lookup` by id, but with an empty `manifest` (the host has it; a manifest is ~0.1 %
+    /// of its image and a download refreshes every few seconds, over the WAN when the GIS
+    /// is in another IDC).
+    Refresh { image: ImageId },
     /// Admin only: revoke a certificate serial.
     Revoke { serial: u64 },
     /// The cheapest way for a host holding the versions `have` to get `want`: a chain of
@@ -172,6 +177,7 @@ pub struct ImageInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostList {
     pub image: ImageInfo,
+    /// The canonical manifest bytes (they hash to `image.id`); empty in answer to `Refresh`.
     #[serde(with = "serde_bytes")]
     pub manifest: Vec<u8>,
     /// Live hosts of the requester's IDC holding the image, best first.
@@ -259,6 +265,12 @@ mod tests {
         let r = GisRequest::Lookup {
             image: ImageQuery::Ref("a:1".parse().unwrap()),
             idc: None,
+        };
+        let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
+        let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();
+        assert_eq!(back, r);
+        let r = GisRequest::Refresh {
+            image: ImageId([7; 32]),
         };
         let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
         let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();

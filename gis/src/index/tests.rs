@@ -266,6 +266,59 @@ fn bridgeheads_learn_the_other_idcs_bridgeheads_from_heartbeat_answers() {
 }
 
 #[test]
+fn refresh_is_the_lookup_by_id_without_the_manifest() {
+    let mut s = scenario();
+    let (chosen, _) = s.chosen_b();
+    let (chosen, b_host, x) = (chosen.peer, s.b_host.peer, s.x);
+    for peer in [chosen, b_host] {
+        let full = s.w.ix.lookup(peer, &ImageQuery::Id(x), s.w.now).unwrap();
+        assert!(!full.manifest.is_empty());
+        match s
+            .w
+            .ix
+            .handle(peer, GisRequest::Refresh { image: x }, s.w.now)
+        {
+            GisResponse::HostList(l) => {
+                assert!(l.manifest.is_empty(), "a refresh carries no manifest");
+                assert_eq!(l.image, full.image);
+                assert_eq!(
+                    (peers(&l.level0), peers(&l.level1), peers(&l.level2)),
+                    (
+                        peers(&full.level0),
+                        peers(&full.level1),
+                        peers(&full.level2)
+                    )
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Only registered hosts refresh; unknown images are refused as by a lookup.
+    let stranger = PeerId::random();
+    assert!(matches!(
+        s.w.ix
+            .handle(stranger, GisRequest::Refresh { image: x }, s.w.now),
+        GisResponse::Error {
+            kind: ErrorKind::NotRegistered,
+            ..
+        }
+    ));
+    assert!(matches!(
+        s.w.ix.handle(
+            b_host,
+            GisRequest::Refresh {
+                image: ImageId([9; 32])
+            },
+            s.w.now
+        ),
+        GisResponse::Error {
+            kind: ErrorKind::UnknownImage,
+            ..
+        }
+    ));
+}
+
+#[test]
 fn ordinary_host_of_b_gets_only_bs_chosen_bridgehead() {
     let s = scenario();
     let (chosen, _) = s.chosen_b();
