@@ -75,9 +75,13 @@ export NO_COLOR=1
 calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
 # Small JSON readers, so no jq is needed: the CLI's JSON is flat enough for text tools.
 # Distinct peers of IDC $1 listed with a complete copy in a `bids lookup` answer.
+# (awk, not grep: a grep that finds nothing fails the pipeline under pipefail, and the
+# caller's fallback then appended a second "0" to wc's.)
 complete_copies() {
-	tr -d ' \n' | tr '{}' '\n\n' | grep '"complete":true' | grep "\"idc\":\"$1\"" |
-		grep -o '"peer":"[^"]*"' | sort -u | wc -l
+	tr -d ' \n' | tr '{}' '\n\n' |
+		awk -v idc="\"idc\":\"$1\"" '/"complete":true/ && index($0, idc) && match($0, /"peer":"[^"]*"/) {
+			print substr($0, RSTART, RLENGTH)
+		}' | sort -u | wc -l
 }
 # The first number named $1.
 # (awk reads to the end: `head -1` could close the pipe on a writing grep, whose SIGPIPE

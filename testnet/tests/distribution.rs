@@ -29,6 +29,22 @@ async fn three_idcs(policy: Policy, file: &Path, size: u64) -> Run {
     })
     .await
     .expect("cluster");
+    // Before any image: under BIDS each bridgehead keeps a link to the other two IDCs'
+    // bridgeheads (the GIS lists them in its answers to heartbeats); ordinary hosts, and
+    // everyone under Baseline, have none.
+    for i in 0..c.nodes.len() {
+        let st = status(&c, i).await;
+        let want = if policy == Policy::Bids && c.nodes[i].is_bridgehead() {
+            2
+        } else {
+            0
+        };
+        assert_eq!(
+            st.wan_links, want,
+            "{policy}: WAN links of node {i} ({})",
+            st.idc
+        );
+    }
     let holder = ordinary(&c, &c.idc_nodes("A"))[0];
     let image: ImageRef = "dist:1".parse().unwrap();
     let m = c.seed(holder, file, &image, CHUNK).await.expect("seeding");
