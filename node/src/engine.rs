@@ -228,8 +228,6 @@ struct DownloadState {
     pending_haves: HashMap<PeerId, Vec<(u32, u32)>>,
     /// Peers added to the scheduler.
     active: HashSet<PeerId>,
-    /// Chunks being verified/written right now.
-    writing: HashSet<ChunkIndex>,
     last_lookup: Option<Instant>,
     lookups: u32,
     lookup_inflight: bool,
@@ -1409,7 +1407,7 @@ impl Engine {
                     _ => None,
                 };
                 let stored = self.store.has_chunk(&image, idx);
-                if stored || d.writing.contains(&idx) {
+                if stored || d.sched.is_verifying(idx) {
                     // A late endgame duplicate: count the bytes, drop the data.
                     if let Some(link) = link {
                         self.acct.received(image, link, payload.len() as u64);
@@ -1426,7 +1424,6 @@ impl Engine {
                     self.acct.received(image, link, payload.len() as u64);
                 }
                 d.sched.on_arrived(&peer, idx);
-                d.writing.insert(idx);
                 let m = d.manifest.clone();
                 let store = self.store.clone();
                 let itx = self.itx.clone();
@@ -1509,7 +1506,6 @@ impl Engine {
         let Some(d) = self.downloads.get_mut(&image) else {
             return;
         };
-        d.writing.remove(&idx);
         match result {
             Ok((encoding, payload)) => {
                 d.sched.on_chunk(&peer, idx, now);
@@ -1544,7 +1540,7 @@ impl Engine {
             return;
         };
         let held = self.store.status(image).map(|s| s.held).unwrap_or(0);
-        let complete = d.sched.is_complete() && d.writing.is_empty();
+        let complete = d.sched.is_complete() && d.sched.verifying() == 0;
         d.progress.send_modify(|p| p.held = held);
         if complete {
             let took = d.started.elapsed();
@@ -1738,7 +1734,6 @@ impl Engine {
                     candidates: HashMap::new(),
                     pending_haves: HashMap::new(),
                     active: HashSet::new(),
-                    writing: HashSet::new(),
                     last_lookup: Some(Instant::now()),
                     lookups: 1,
                     lookup_inflight: false,
@@ -2112,7 +2107,7 @@ impl Engine {
         let Some(d) = self.downloads.get_mut(id) else {
             return;
         };
-        if d.writing.len() >= MAX_WRITING {
+        if d.sched.verifying() >= MAX_WRITING {
             // Verification and the disk lag behind the network: received chunks wait in
             // memory, so no more are asked for until some are stored (bounded memory).
             return;
@@ -2175,7 +2170,7 @@ impl Engine {
                 d.lookups += 1;
                 lookup = true;
             }
-            if d.sched.is_stalled() && d.writing.is_empty() {
+            if d.sched.is_stalled() {
                 let since = *d.no_source_since.get_or_insert(now);
                 if now.duration_since(since) >= self.cfg.no_source_timeout {
                     failed = Some(format!(

@@ -318,6 +318,8 @@ pub struct Download {
     /// Chunks that arrived and are being verified and stored ([`Download::on_arrived`]):
     /// neither wanted nor in flight, until `on_chunk` or a `Corrupt` failure settles them.
     verifying: Vec<bool>,
+    /// How many `verifying` flags are set (asked on every pump, so not counted each time).
+    verifying_count: usize,
     /// Random permutation of the chunk indexes: the tie-break among equally rare chunks.
     order: Vec<u32>,
     /// Position of each chunk in `order`.
@@ -379,6 +381,7 @@ impl Download {
             held,
             held_count,
             verifying: vec![false; n],
+            verifying_count: 0,
             order,
             pos_of,
             levels,
@@ -648,13 +651,30 @@ impl Download {
                 self.peers[slot].busy_streak = 0;
             }
         }
-        self.verifying[idx as usize] = true;
+        self.set_verifying(idx, true);
         self.refresh_wanted(idx);
     }
 
     /// Chunks between [`Download::on_arrived`] and their settlement.
     pub fn verifying(&self) -> usize {
-        self.verifying.iter().filter(|v| **v).count()
+        self.verifying_count
+    }
+
+    /// Chunk `idx` arrived and is not settled yet (being verified and stored).
+    pub fn is_verifying(&self, idx: u32) -> bool {
+        self.verifying.get(idx as usize).copied().unwrap_or(false)
+    }
+
+    fn set_verifying(&mut self, idx: u32, on: bool) {
+        let v = &mut self.verifying[idx as usize];
+        if *v != on {
+            *v = on;
+            if on {
+                self.verifying_count += 1;
+            } else {
+                self.verifying_count -= 1;
+            }
+        }
     }
 
     /// A verified chunk arrived (the driver checked its SHA-256 and stored it). Returns whether
@@ -663,7 +683,7 @@ impl Download {
         if idx >= self.chunk_count {
             return false;
         }
-        self.verifying[idx as usize] = false;
+        self.set_verifying(idx, false);
         if let Some(&slot) = self.slots.get(peer) {
             if self.finish_request(slot, idx).is_some() {
                 self.peers[slot].busy_streak = 0;
@@ -693,7 +713,7 @@ impl Download {
         let was_inflight = self.finish_request(slot, idx).is_some();
         if why == Failure::Corrupt && self.verifying[idx as usize] {
             // It failed verification: wanted again (from another peer, see the backoff).
-            self.verifying[idx as usize] = false;
+            self.set_verifying(idx, false);
             self.refresh_wanted(idx);
         }
         let backoff_until = now + self.cfg.retry_backoff;
@@ -819,7 +839,7 @@ impl Download {
     /// the driver then asks the GIS again or reports "no source". Peers only cooling down
     /// still count as sources.
     pub fn is_stalled(&self) -> bool {
-        if !self.requests.is_empty() || self.is_complete() || self.verifying.contains(&true) {
+        if !self.requests.is_empty() || self.is_complete() || self.verifying_count > 0 {
             return false;
         }
         let bridgehead = self
@@ -1001,7 +1021,7 @@ impl Download {
         self.held[i] = true;
         self.held_count += 1;
         self.prio[i] = false;
-        self.verifying[i] = false;
+        self.set_verifying(idx, false);
         self.refresh_wanted(idx);
         true
     }
