@@ -90,7 +90,7 @@ run() {
 	img=$WORK/image-$size.raw
 	[[ -f $img ]] || make_image "$size" "$img"
 	"$NETNS/run.sh" --bin "$BIN" --image "$img" --mode "$mode" --csv "$CSV" \
-		--wan-mbit "$wan" --delay-ms "$delay" --sweep "$sweep" --chunk-bytes 262144 \
+		--wan-mbit "$wan" --delay-ms "$delay" --sweep "$sweep" --chunk-bytes 258048 \
 		--keep-logs "" "$@" &
 	RUN_PID=$!
 	if ! wait "$RUN_PID"; then

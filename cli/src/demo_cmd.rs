@@ -25,7 +25,9 @@ pub struct DemoArgs {
     /// One-way delay of each IDC's WAN uplink, ms.
     #[arg(long, default_value_t = 20)]
     delay_ms: u64,
-    #[arg(long, default_value = "1MiB", value_parser = crate::parse_size)]
+    /// Chunk size of the image; the default fits a chunk response into one yamux stream
+    /// window, so each chunk crosses the WAN in one round trip.
+    #[arg(long, default_value = "252KiB", value_parser = crate::parse_size)]
     chunk_size: u64,
     /// bids, baseline or both.
     #[arg(long, default_value = "both")]

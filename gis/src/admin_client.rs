@@ -8,6 +8,7 @@ use bids_protocols::admin::{
     ImageHolders, SignedCommand, Stats,
 };
 use futures::StreamExt;
+use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self as rr, OutboundRequestId, ProtocolSupport};
@@ -243,7 +244,11 @@ fn build_swarm(admin: &Keypair) -> Result<Swarm<Behaviour>, String> {
         })
         .map_err(|e| format!("building the admin behaviour: {e}"))?
         // The console polls every few seconds; keep the connection between polls.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        // One protocol per stream: 0-RTT negotiation (V1 waits a round trip per request).
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(3600))
+                .with_substream_upgrade_protocol_override(Version::V1Lazy)
+        })
         .build())
 }
 

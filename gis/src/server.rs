@@ -11,6 +11,7 @@ use bids_protocols::admin::{self, AdminRequest, AdminResponse};
 use bids_protocols::gis::{self, GisRequest, GisResponse};
 use bids_protocols::Policy;
 use futures::{FutureExt, StreamExt};
+use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
@@ -206,7 +207,11 @@ fn build_swarm(keypair: &Keypair) -> anyhow::Result<Swarm<GisBehaviour>> {
             ping: ping::Behaviour::default(),
         })
         .context("building the GIS behaviour")?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        // Host commands open streams to nodes: 0-RTT negotiation, as the nodes do.
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
+                .with_substream_upgrade_protocol_override(Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }
@@ -268,7 +273,10 @@ async fn run_with_storage(
                 }
                 let changes = index.take_changes();
                 if !changes.is_empty() {
-                    if let Err(e) = storage.commit(&changes) {
+                    let started = std::time::Instant::now();
+                    let committed = storage.commit(&changes);
+                    debug!(changes = changes.len(), replies = replies.len(), took = ?started.elapsed(), "state committed");
+                    if let Err(e) = committed {
                         // Memory and disk now disagree; stop rather than answer from state
                         // that a restart would lose. Clients see the connection drop and retry.
                         error!(error = %e, "could not persist GIS state; stopping");

@@ -53,6 +53,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer whose hello we refused stays connected this long, so it can read why (closing at
 /// once loses the reply in flight); it gets no data meanwhile.
 const REFUSAL_GRACE: Duration = Duration::from_secs(1);
+/// Chunk requests held per peer whose hello is still being answered (see `early`); more are
+/// answered Busy. A requester keeps at most 16 in flight to one peer.
+const MAX_EARLY_PER_PEER: usize = 32;
 /// Chunk reads or writes in flight on the blocking pool before we answer Busy.
 const MAX_SERVING: usize = 256;
 /// The topic on which bridgeheads of all IDCs announce what they hold, so fetching IDCs can
@@ -206,6 +209,8 @@ type Waiter = (ResponseChannel<ChunkResponse>, PeerId);
 enum PeerState {
     Pending {
         since: Instant,
+        /// We dialled and sent our hello; its answer is on the way.
+        asked: bool,
     },
     Accepted {
         link: Link,
@@ -472,7 +477,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
             })
         })
         .map_err(|e| anyhow::anyhow!("building behaviours: {e}"))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        // 0-RTT stream negotiation (see `bids_node::transport::LAZY_NEGOTIATION`).
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(3600))
+                .with_substream_upgrade_protocol_override(crate::transport::LAZY_NEGOTIATION)
+        })
         .build();
 
     swarm
@@ -534,6 +543,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         addrs: HashMap::new(),
         downloads: HashMap::new(),
         waiters: HashMap::new(),
+        early: HashMap::new(),
         inflight: HashMap::new(),
         gis_pending: HashMap::new(),
         gis_resend: HashMap::new(),
@@ -589,6 +599,11 @@ struct Engine {
     downloads: HashMap<ImageId, DownloadState>,
     /// Deferred chunk requests (a bridgehead answers when the chunk arrives).
     waiters: HashMap<(ImageId, ChunkIndex), Vec<Waiter>>,
+    /// Chunk requests from a peer whose hello exchange is still pending. We dialled it and
+    /// sent our hello; it accepted us and asked for chunks at once (0-RTT stream
+    /// negotiation), so a request can arrive just before its welcome. Served once the
+    /// welcome is judged, refused if the peer is.
+    early: HashMap<PeerId, Vec<(ChunkRequest, ResponseChannel<ChunkResponse>)>>,
     inflight: HashMap<OutboundRequestId, (ImageId, ChunkIndex, PeerId)>,
     gis_pending: HashMap<OutboundRequestId, GisPurpose>,
     /// What to send again if a pending lookup or caller's request fails, and its attempt.
@@ -924,14 +939,16 @@ impl Engine {
                         peer_id,
                         PeerState::Pending {
                             since: Instant::now(),
+                            asked: false,
                         },
                     );
                 }
-                if endpoint.is_dialer()
-                    && matches!(self.peers.get(&peer_id), Some(PeerState::Pending { .. }))
-                {
-                    let h = self.my_hello();
-                    self.swarm.behaviour_mut().hello.send_request(&peer_id, h);
+                if endpoint.is_dialer() {
+                    if let Some(PeerState::Pending { asked, .. }) = self.peers.get_mut(&peer_id) {
+                        *asked = true;
+                        let h = self.my_hello();
+                        self.swarm.behaviour_mut().hello.send_request(&peer_id, h);
+                    }
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -946,7 +963,8 @@ impl Engine {
                     return;
                 }
                 self.peers.remove(&peer_id);
-                // Responses queued for it can no longer be delivered.
+                // Responses queued or held for it can no longer be delivered.
+                self.early.remove(&peer_id);
                 self.sending.remove(&peer_id);
                 self.send_queue.remove(&peer_id);
                 for d in self.downloads.values_mut() {
@@ -1062,12 +1080,31 @@ impl Engine {
         for id in ids {
             self.activate(&id, &peer);
         }
+        self.release_early(peer);
+    }
+
+    /// Chunk requests held while `peer`'s hello was pending: served if it is now accepted,
+    /// refused otherwise (refused, gone, or its hello timed out).
+    fn release_early(&mut self, peer: PeerId) {
+        for (req, channel) in self.early.remove(&peer).unwrap_or_default() {
+            if self.link_of(&peer).is_some() {
+                self.on_chunk_request(peer, req, channel);
+            } else {
+                self.acct.refused();
+                self.respond(
+                    peer,
+                    channel,
+                    ChunkResponse::Refused("say hello first (or you were refused)".into()),
+                );
+            }
+        }
     }
 
     fn refuse(&mut self, peer: PeerId, reason: &str) {
         warn!(%peer, %reason, "connection refused");
         self.acct.refused();
         self.peers.remove(&peer);
+        self.release_early(peer);
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
@@ -1106,6 +1143,7 @@ impl Engine {
                             since: Instant::now(),
                         },
                     );
+                    self.release_early(peer);
                 }
             },
             rr::Event::Message {
@@ -1126,6 +1164,7 @@ impl Engine {
                 debug!(%peer, %error, "hello failed");
                 if matches!(self.peers.get(&peer), Some(PeerState::Pending { .. })) {
                     self.peers.remove(&peer);
+                    self.release_early(peer);
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
             }
@@ -1229,6 +1268,19 @@ impl Engine {
         channel: ResponseChannel<ChunkResponse>,
     ) {
         let Some(link) = self.link_of(&peer) else {
+            if matches!(
+                self.peers.get(&peer),
+                Some(PeerState::Pending { asked: true, .. })
+            ) {
+                let held = self.early.entry(peer).or_default();
+                if held.len() < MAX_EARLY_PER_PEER {
+                    debug!(%peer, idx = req.index, "holding a chunk request until the peer's hello is judged");
+                    held.push((req, channel));
+                } else {
+                    self.respond(peer, channel, ChunkResponse::Busy);
+                }
+                return;
+            }
             // No image data before an accepted hello.
             self.acct.refused();
             warn!(%peer, "chunk request before an accepted hello refused");
@@ -1423,6 +1475,7 @@ impl Engine {
                 if let Some(link) = link {
                     self.acct.received(image, link, payload.len() as u64);
                 }
+                debug!(%peer, idx, bytes = payload.len(), "chunk arrived");
                 d.sched.on_arrived(&peer, idx);
                 let m = d.manifest.clone();
                 let store = self.store.clone();
@@ -1986,7 +2039,7 @@ impl Engine {
             .peers
             .iter()
             .filter(|(_, s)| match s {
-                PeerState::Pending { since } => now.duration_since(*since) > HELLO_TIMEOUT,
+                PeerState::Pending { since, .. } => now.duration_since(*since) > HELLO_TIMEOUT,
                 PeerState::Refused { since } => now.duration_since(*since) > REFUSAL_GRACE,
                 PeerState::Accepted { .. } => false,
             })
@@ -1994,6 +2047,7 @@ impl Engine {
             .collect();
         for p in stale {
             self.peers.remove(&p);
+            self.release_early(p);
             let _ = self.swarm.disconnect_peer_id(p);
         }
         while self.upload.available() {

@@ -6,7 +6,7 @@
 #
 #   run.sh --bin target/release/bids --image FILE --mode bids|baseline --csv runs.csv \
 #          [--providers 4] [--provider-hosts 2] [--hosts 8] [--wan-mbit 10] [--delay-ms 15]
-#          [--lan-mbit 200] [--chunk-bytes 262144] [--jitter-ms 2000] [--seed 1]
+#          [--lan-mbit 200] [--chunk-bytes 258048] [--jitter-ms 2000] [--seed 1]
 #          [--sweep bw|delay] [--timeout-s 600] [--keep-logs DIR]
 #
 # Exit status: 0 when every host got a bit-exact copy and no process died, non-zero otherwise.
@@ -16,7 +16,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
 
 BIN="" IMAGE="" MODE="bids" CSV="" PROVIDERS=4 PROVIDER_HOSTS=2 HOSTS=8 WAN_MBIT=10
-DELAY_MS=15 LAN_MBIT=200 CHUNK=262144 JITTER_MS=2000 SEED=1 SWEEP="" TIMEOUT_S=600
+DELAY_MS=15 LAN_MBIT=200 CHUNK=258048 JITTER_MS=2000 SEED=1 SWEEP="" TIMEOUT_S=600
 KEEP_LOGS=""
 while (($#)); do
 	case $1 in
