@@ -295,9 +295,9 @@ pub async fn publish(
     Ok(nv)
 }
 
-/// Asks the GIS for the cheapest way to `want`, naming the complete image versions of the
-/// store (those of the same name first when `want` is a name).
-pub async fn plan(node: &NodeHandle, want: &ImageQuery) -> Result<UpgradePath, VersionError> {
+/// The complete image versions of the store that a delta path could start from (those of
+/// the same name first when `want` is a name), at most [`MAX_HAVE`].
+fn bases(node: &NodeHandle, want: &ImageQuery) -> Vec<ImageId> {
     let mut held: Vec<_> = node
         .store()
         .list()
@@ -307,7 +307,15 @@ pub async fn plan(node: &NodeHandle, want: &ImageQuery) -> Result<UpgradePath, V
     if let ImageQuery::Ref(r) = want {
         held.sort_by_key(|s| s.image.name != r.name);
     }
-    let have: Vec<ImageId> = held.iter().take(MAX_HAVE).map(|s| s.id).collect();
+    held.iter().take(MAX_HAVE).map(|s| s.id).collect()
+}
+
+/// Asks the GIS for the cheapest way to `want` from the versions in `have`.
+pub async fn plan(
+    node: &NodeHandle,
+    have: Vec<ImageId>,
+    want: &ImageQuery,
+) -> Result<UpgradePath, VersionError> {
     let req = GisRequest::UpgradePath {
         have,
         want: want.clone(),
@@ -337,7 +345,13 @@ async fn choose(node: &NodeHandle, want: &ImageQuery) -> Choice {
     if local.is_some_and(|id| store.status(&id).is_some()) {
         return Choice::Whole(want.clone());
     }
-    match plan(node, want).await {
+    let have = bases(node, want);
+    if have.is_empty() {
+        // No complete image to apply a delta to: the whole image it is, without a round
+        // trip to the GIS to hear so (the engine's own lookup follows either way).
+        return Choice::Whole(want.clone());
+    }
+    match plan(node, have, want).await {
         Ok(p) if !p.steps.is_empty() => Choice::Deltas(p),
         Ok(p) => Choice::Whole(ImageQuery::Id(p.target.id)),
         Err(e) => {
