@@ -1,23 +1,25 @@
 //! The cross-IDC rule seen from outside: a raw libp2p client (tcp + noise + yamux, the hello
 //! and chunk protocols, nothing else) knocks on IDC A's nodes as an ordinary host of IDC B, as
 //! a "bridgehead" with a forged, stolen or expired certificate, and as a properly certified
-//! one (the control); then a real node with a forged certificate joins the cluster.
+//! one (the control); then a real node with a forged certificate joins the cluster. Last, a
+//! peer that a node dialled asks for chunks before its welcome reached the node.
 
 mod common;
 
 use bids_protocols::cert::CertBody;
 use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse};
-use bids_protocols::gis::{ErrorKind, GisRequest, GisResponse, ImageQuery};
+use bids_protocols::gis::{self as gisp, ErrorKind, GisRequest, GisResponse, Holding, ImageQuery};
 use bids_protocols::hello::{self, Hello, HelloReply};
 use bids_protocols::{BridgeheadCert, Idc, ImageId, ImageRef, Manifest, Policy, Role};
 use bids_testnet::cluster::{issue_cert, Cluster, ClusterSpec};
 use common::{idc, image_file, status, wait_for, CHUNK, MIB};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self as rr, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Bound of every single network exchange in these tests.
 const STEP: Duration = Duration::from_secs(10);
@@ -26,9 +28,10 @@ const STEP: Duration = Duration::from_secs(10);
 struct Client {
     hello: rr::Behaviour<hello::Codec>,
     chunk: rr::Behaviour<chunk::Codec>,
+    gis: rr::Behaviour<gisp::Codec>,
 }
 
-/// A bare libp2p peer that speaks only the hello and chunk protocols.
+/// A bare libp2p peer that speaks only the hello and chunk protocols (and asks the GIS).
 struct RawPeer {
     swarm: Swarm<Client>,
 }
@@ -52,6 +55,11 @@ impl RawPeer {
                 chunk: rr::Behaviour::with_codec(
                     chunk::codec(),
                     [(chunk::PROTOCOL, ProtocolSupport::Full)],
+                    rr::Config::default().with_request_timeout(STEP),
+                ),
+                gis: rr::Behaviour::with_codec(
+                    gisp::codec(),
+                    [(gisp::PROTOCOL, ProtocolSupport::Outbound)],
                     rr::Config::default().with_request_timeout(STEP),
                 ),
             })
@@ -134,6 +142,57 @@ impl RawPeer {
         tokio::time::timeout(STEP, step)
             .await
             .expect("chunk request timed out")
+    }
+
+    /// Listens on loopback; its address.
+    async fn listen(&mut self) -> Multiaddr {
+        self.swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .expect("listen");
+        let step = async {
+            loop {
+                if let SwarmEvent::NewListenAddr { address, .. } =
+                    self.swarm.select_next_some().await
+                {
+                    return address;
+                }
+            }
+        };
+        tokio::time::timeout(STEP, step)
+            .await
+            .expect("listening timed out")
+    }
+
+    /// Sends `req` to the GIS at `addr` (ending in `/p2p/<id>`); its answer.
+    async fn gis(&mut self, addr: &Multiaddr, req: GisRequest) -> GisResponse {
+        let Some(Protocol::P2p(gis)) = addr.iter().last() else {
+            panic!("GIS address {addr} names no peer");
+        };
+        self.swarm.add_peer_address(gis, addr.clone());
+        let id = self.swarm.behaviour_mut().gis.send_request(&gis, req);
+        let step = async {
+            loop {
+                match self.swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(ClientEvent::Gis(rr::Event::Message {
+                        message:
+                            rr::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    })) if request_id == id => return response,
+                    SwarmEvent::Behaviour(ClientEvent::Gis(rr::Event::OutboundFailure {
+                        request_id,
+                        error,
+                        ..
+                    })) if request_id == id => panic!("GIS request failed: {error}"),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(STEP, step)
+            .await
+            .expect("GIS request timed out")
     }
 
     /// Waits until no connection to `peer` is left.
@@ -551,5 +610,152 @@ async fn node_with_forged_certificate_gets_nothing_across_the_wan() {
             );
         }
     }
+    c.shutdown().await;
+}
+
+/// With 0-RTT stream negotiation, a peer that accepted a node's hello may ask for chunks at
+/// once, and the request can reach the node before the welcome does. The node, which
+/// dialled and waits for that welcome, holds the request and serves it once the welcome is
+/// judged; it used to answer "say hello first" and count a refusal. Here a raw peer of IDC A
+/// claims at the GIS to hold the image, so A's bridgehead, fetching it, dials the raw peer;
+/// the raw peer asks for chunk 0 and sends its welcome only 300 ms later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_request_that_overtakes_the_welcome_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _holder, bridgehead, image, m) = setup(dir.path()).await;
+    let mut raw = RawPeer::new(Keypair::generate_ed25519());
+    let addr = raw.listen().await;
+    let registered = raw
+        .gis(
+            &c.gis_addr,
+            GisRequest::Register {
+                idc: Idc::new("A").unwrap(),
+                addrs: vec![addr],
+                cert: None,
+                policy: Policy::Bids,
+            },
+        )
+        .await;
+    assert!(
+        matches!(registered, GisResponse::Registered { .. }),
+        "{registered:?}"
+    );
+    let published = raw
+        .gis(
+            &c.gis_addr,
+            GisRequest::Publish {
+                holding: Holding {
+                    image: m.id(),
+                    chunks_held: m.chunk_count(),
+                    complete: true,
+                    fetching: false,
+                },
+                manifest: m.to_bytes(),
+            },
+        )
+        .await;
+    assert!(
+        !matches!(published, GisResponse::Error { .. }),
+        "{published:?}"
+    );
+    let before = status(&c, bridgehead).await.refusals;
+    let b = c.nodes[bridgehead].node().clone();
+    let fetch = tokio::spawn(async move { b.fetch_and_wait(ImageQuery::Ref(image)).await });
+
+    let mut asked = None;
+    let mut welcome: Option<(Instant, rr::ResponseChannel<HelloReply>)> = None;
+    let answer = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let due = welcome.as_ref().map(|(at, _)| *at);
+            let event = tokio::select! {
+                e = raw.swarm.select_next_some() => Some(e),
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => None,
+            };
+            let Some(event) = event else {
+                let (_, channel) = welcome.take().unwrap();
+                let _ = raw
+                    .swarm
+                    .behaviour_mut()
+                    .hello
+                    .send_response(channel, HelloReply::Welcome(hello_as("A", None)));
+                continue;
+            };
+            match event {
+                SwarmEvent::Behaviour(ClientEvent::Hello(rr::Event::Message {
+                    peer,
+                    message: rr::Message::Request { channel, .. },
+                    ..
+                })) if asked.is_none() => {
+                    // Accept the node, ask it for a chunk at once, and welcome it later.
+                    let id = raw
+                        .swarm
+                        .behaviour_mut()
+                        .chunk
+                        .send_request(&peer, request(m.id()));
+                    asked = Some(id);
+                    welcome = Some((Instant::now() + Duration::from_millis(300), channel));
+                }
+                SwarmEvent::Behaviour(ClientEvent::Chunk(rr::Event::Message {
+                    message: rr::Message::Request { channel, .. },
+                    ..
+                })) => {
+                    // The raw peer holds nothing after all.
+                    let _ = raw
+                        .swarm
+                        .behaviour_mut()
+                        .chunk
+                        .send_response(channel, ChunkResponse::NotHeld);
+                }
+                SwarmEvent::Behaviour(ClientEvent::Chunk(rr::Event::Message {
+                    message:
+                        rr::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                })) if Some(request_id) == asked => return response,
+                SwarmEvent::Behaviour(ClientEvent::Chunk(rr::Event::OutboundFailure {
+                    request_id,
+                    error,
+                    ..
+                })) if Some(request_id) == asked => panic!("the chunk request failed: {error}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the bridgehead never dialled the raw peer, or never answered");
+    match answer {
+        ChunkResponse::Data { .. } => {}
+        other => panic!("a request that overtook the welcome got {other:?}"),
+    }
+    // Keep answering the bridgehead's requests, so its fetch does not wait for time-outs.
+    let answering = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(ClientEvent::Chunk(rr::Event::Message {
+                message: rr::Message::Request { channel, .. },
+                ..
+            })) = raw.swarm.select_next_some().await
+            {
+                let _ = raw
+                    .swarm
+                    .behaviour_mut()
+                    .chunk
+                    .send_response(channel, ChunkResponse::NotHeld);
+            }
+        }
+    });
+    let secs = tokio::time::timeout(Duration::from_secs(60), fetch)
+        .await
+        .expect("the fetch timed out")
+        .unwrap()
+        .expect("the fetch failed");
+    assert!(secs > 0.0);
+    assert_eq!(
+        status(&c, bridgehead).await.refusals,
+        before,
+        "the bridgehead refused someone"
+    );
+    answering.abort();
     c.shutdown().await;
 }
