@@ -1083,20 +1083,12 @@ impl Engine {
         self.release_early(peer);
     }
 
-    /// Chunk requests held while `peer`'s hello was pending: served if it is now accepted,
-    /// refused otherwise (refused, gone, or its hello timed out).
+    /// Chunk requests held while `peer`'s hello was pending go through the usual door now
+    /// that it is settled: served if the peer was accepted, refused (and counted) if it was
+    /// refused, gone, or its hello timed out.
     fn release_early(&mut self, peer: PeerId) {
         for (req, channel) in self.early.remove(&peer).unwrap_or_default() {
-            if self.link_of(&peer).is_some() {
-                self.on_chunk_request(peer, req, channel);
-            } else {
-                self.acct.refused();
-                self.respond(
-                    peer,
-                    channel,
-                    ChunkResponse::Refused("say hello first (or you were refused)".into()),
-                );
-            }
+            self.on_chunk_request(peer, req, channel);
         }
     }
 
