@@ -16,7 +16,7 @@ use common::{idc, image_file, status, wait_for, CHUNK, MIB};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self as rr, ProtocolSupport};
+use libp2p::request_response::{self as rr, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm};
 use std::time::{Duration, Instant};
@@ -91,57 +91,55 @@ impl RawPeer {
     /// Says `h` to `peer`; the answer, or why none came.
     async fn hello(&mut self, peer: PeerId, h: Hello) -> Result<HelloReply, String> {
         let id = self.swarm.behaviour_mut().hello.send_request(&peer, h);
-        let step = async {
-            loop {
-                match self.swarm.select_next_some().await {
-                    SwarmEvent::Behaviour(ClientEvent::Hello(rr::Event::Message {
-                        message:
-                            rr::Message::Response {
-                                request_id,
-                                response,
-                            },
-                        ..
-                    })) if request_id == id => return Ok(response),
-                    SwarmEvent::Behaviour(ClientEvent::Hello(rr::Event::OutboundFailure {
-                        request_id,
-                        error,
-                        ..
-                    })) if request_id == id => return Err(error.to_string()),
-                    _ => {}
-                }
-            }
-        };
-        tokio::time::timeout(STEP, step)
-            .await
-            .expect("hello timed out")
+        self.answer(id, "hello", |e| match e {
+            ClientEvent::Hello(e) => Some(e),
+            _ => None,
+        })
+        .await
     }
 
     /// Asks `peer` for a chunk; the answer, or why none came.
     async fn chunk(&mut self, peer: PeerId, req: ChunkRequest) -> Result<ChunkResponse, String> {
         let id = self.swarm.behaviour_mut().chunk.send_request(&peer, req);
+        self.answer(id, "chunk request", |e| match e {
+            ClientEvent::Chunk(e) => Some(e),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The answer to request `id` of one behaviour (`pick` takes its events out of the
+    /// swarm's), or why none came; panics after [`STEP`].
+    async fn answer<Req, Resp>(
+        &mut self,
+        id: OutboundRequestId,
+        what: &str,
+        pick: impl Fn(ClientEvent) -> Option<rr::Event<Req, Resp>>,
+    ) -> Result<Resp, String> {
         let step = async {
             loop {
-                match self.swarm.select_next_some().await {
-                    SwarmEvent::Behaviour(ClientEvent::Chunk(rr::Event::Message {
+                let SwarmEvent::Behaviour(e) = self.swarm.select_next_some().await else {
+                    continue;
+                };
+                match pick(e) {
+                    Some(rr::Event::Message {
                         message:
                             rr::Message::Response {
                                 request_id,
                                 response,
                             },
                         ..
-                    })) if request_id == id => return Ok(response),
-                    SwarmEvent::Behaviour(ClientEvent::Chunk(rr::Event::OutboundFailure {
-                        request_id,
-                        error,
-                        ..
-                    })) if request_id == id => return Err(error.to_string()),
+                    }) if request_id == id => return Ok(response),
+                    Some(rr::Event::OutboundFailure {
+                        request_id, error, ..
+                    }) if request_id == id => return Err(error.to_string()),
                     _ => {}
                 }
             }
         };
         tokio::time::timeout(STEP, step)
             .await
-            .expect("chunk request timed out")
+            .unwrap_or_else(|_| panic!("{what} timed out"))
     }
 
     /// Listens on loopback; its address.
@@ -170,29 +168,12 @@ impl RawPeer {
         };
         self.swarm.add_peer_address(gis, addr.clone());
         let id = self.swarm.behaviour_mut().gis.send_request(&gis, req);
-        let step = async {
-            loop {
-                match self.swarm.select_next_some().await {
-                    SwarmEvent::Behaviour(ClientEvent::Gis(rr::Event::Message {
-                        message:
-                            rr::Message::Response {
-                                request_id,
-                                response,
-                            },
-                        ..
-                    })) if request_id == id => return response,
-                    SwarmEvent::Behaviour(ClientEvent::Gis(rr::Event::OutboundFailure {
-                        request_id,
-                        error,
-                        ..
-                    })) if request_id == id => panic!("GIS request failed: {error}"),
-                    _ => {}
-                }
-            }
-        };
-        tokio::time::timeout(STEP, step)
-            .await
-            .expect("GIS request timed out")
+        self.answer(id, "GIS request", |e| match e {
+            ClientEvent::Gis(e) => Some(e),
+            _ => None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("GIS request failed: {e}"))
     }
 
     /// Waits until no connection to `peer` is left.
