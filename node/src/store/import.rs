@@ -140,7 +140,7 @@ impl Inner {
             images.by_id.insert(id, Arc::clone(&entry));
         }
         drop(_s);
-        self.queue_commit(&entry, &data_chunks)?;
+        self.queue_commit(&entry, &data_chunks, false)?;
         info!(image = %image, id = %id, size, chunks = m.chunk_count(), zero_chunks = m.chunk_count() - m.data_chunks(), "image imported");
         Ok(m)
     }

@@ -132,6 +132,24 @@ fn punch_hole(file: &File, off: u64, len: usize) -> io::Result<()> {
     file.write_all_at(&vec![0u8; len], off)
 }
 
+/// Advises the kernel to drop the page-cache pages of `[off, off + len)` of `file`
+/// (`POSIX_FADV_DONTNEED`): clean pages go, dirty or mapped ones stay.
+pub(crate) fn release_pages(file: &File, off: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "region does not fit in off_t",
+        ));
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments; no memory is involved.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
 /// Calls `f` on the bytes of `[off, off + len)` of `file` through a read-only map.
 pub(crate) fn with_region<R>(
     file: &File,

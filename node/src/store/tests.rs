@@ -269,3 +269,63 @@ fn export_writer_leaves_zero_pages_as_holes() {
     use std::os::unix::fs::MetadataExt;
     assert!(fs::metadata(&path).unwrap().blocks() * 512 <= 2 * 4096);
 }
+
+/// How many of the pages of `[off, off + len)` of the file at `path` are in the page cache.
+fn resident_pages(path: &Path, off: u64, len: usize) -> usize {
+    let f = File::open(path).unwrap();
+    // SAFETY: a read-only map of a region inside the file, dropped at the end of this call.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(off)
+            .len(len)
+            .map(&f)
+            .unwrap()
+    };
+    let mut pages = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `pages` has one byte per page of the mapped range, as mincore writes.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, pages.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
+    pages.iter().filter(|p| *p & 1 == 1).count()
+}
+
+#[test]
+fn pages_of_durable_downloaded_chunks_leave_the_page_cache_one_commit_later() {
+    for release in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            release_written_pages: release,
+            ..lazy()
+        };
+        let store = Store::open_with(dir.path(), opts).unwrap();
+        let (data, m) = sample();
+        let id = m.id();
+        store.add_manifest(&m).unwrap();
+        for i in [0u32, 1, 3, 4] {
+            let c = i as usize * 4096;
+            store.write_chunk(&id, i, &data[c..c + 4096]).unwrap();
+        }
+        let path = store.image_path(&id);
+        assert_eq!(
+            resident_pages(&path, 0, 5 * 4096),
+            4,
+            "written pages are cached"
+        );
+        store.flush().unwrap();
+        assert_eq!(
+            resident_pages(&path, 0, 5 * 4096),
+            4,
+            "the commit that makes them durable keeps them for peers asking next"
+        );
+        store.flush().unwrap();
+        let left = resident_pages(&path, 0, 5 * 4096);
+        if release {
+            assert_eq!(left, 0, "the next commit releases them");
+        } else {
+            assert_eq!(left, 4, "kept when release is off");
+        }
+        assert!(
+            store.verify(&id, &mut |_, _| {}).unwrap().is_empty(),
+            "released pages read back from disk intact"
+        );
+    }
+}
