@@ -8,7 +8,6 @@ use bids_protocols::admin::{
     ImageHolders, SignedCommand, Stats,
 };
 use futures::StreamExt;
-use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self as rr, OutboundRequestId, ProtocolSupport};
@@ -247,7 +246,7 @@ fn build_swarm(admin: &Keypair) -> Result<Swarm<Behaviour>, String> {
         // One protocol per stream: 0-RTT negotiation (V1 waits a round trip per request).
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(Duration::from_secs(3600))
-                .with_substream_upgrade_protocol_override(Version::V1Lazy)
+                .with_substream_upgrade_protocol_override(bids_protocols::STREAM_NEGOTIATION)
         })
         .build())
 }

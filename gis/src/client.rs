@@ -5,7 +5,6 @@
 use anyhow::{bail, Context};
 use bids_protocols::gis::{self, GisRequest, GisResponse};
 use futures::StreamExt;
-use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
@@ -69,7 +68,7 @@ fn build_swarm(keypair: Keypair, timeout: Duration) -> anyhow::Result<Swarm<Beha
         // for the GIS to confirm it (V1 would cost one RTT more per request).
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(timeout)
-                .with_substream_upgrade_protocol_override(Version::V1Lazy)
+                .with_substream_upgrade_protocol_override(bids_protocols::STREAM_NEGOTIATION)
         })
         .build())
 }

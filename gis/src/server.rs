@@ -11,7 +11,6 @@ use bids_protocols::admin::{self, AdminRequest, AdminResponse};
 use bids_protocols::gis::{self, GisRequest, GisResponse};
 use bids_protocols::Policy;
 use futures::{FutureExt, StreamExt};
-use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
@@ -210,7 +209,7 @@ fn build_swarm(keypair: &Keypair) -> anyhow::Result<Swarm<GisBehaviour>> {
         // Host commands open streams to nodes: 0-RTT negotiation, as the nodes do.
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
-                .with_substream_upgrade_protocol_override(Version::V1Lazy)
+                .with_substream_upgrade_protocol_override(bids_protocols::STREAM_NEGOTIATION)
         })
         .build();
     Ok(swarm)

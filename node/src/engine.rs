@@ -477,10 +477,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
             })
         })
         .map_err(|e| anyhow::anyhow!("building behaviours: {e}"))?
-        // 0-RTT stream negotiation (see `bids_node::transport::LAZY_NEGOTIATION`).
+        // 0-RTT stream negotiation (see `bids_protocols::STREAM_NEGOTIATION`).
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(Duration::from_secs(3600))
-                .with_substream_upgrade_protocol_override(crate::transport::LAZY_NEGOTIATION)
+                .with_substream_upgrade_protocol_override(bids_protocols::STREAM_NEGOTIATION)
         })
         .build();
 

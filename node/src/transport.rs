@@ -6,7 +6,6 @@ use futures::future::{BoxFuture, Ready};
 use futures::{AsyncRead, AsyncWrite, FutureExt};
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, DialOpts, ListenerId, TransportError, TransportEvent};
-use libp2p::core::upgrade::Version;
 use libp2p::core::{Multiaddr, Transport};
 use libp2p::multiaddr::Protocol;
 use libp2p::PeerId;
@@ -34,16 +33,6 @@ pub trait LinkShaper: Send + Sync + 'static {
 /// How long the noise and yamux upgrades of a new connection may take by default. Generous,
 /// because on an emulated slow WAN the handshake queues behind bulk data.
 pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// How the opener of a stream settles its protocol (multistream-select). With the default,
-/// `V1`, the opener waits for the other side to confirm the protocol before it writes the
-/// request: every chunk request and GIS lookup paid one round trip more than the exchange
-/// itself (measured in `bids demo`: a bridgehead's first chunk request reached the remote
-/// bridgehead ~130 ms after it was made over an 80 ms RTT path). Chunk, GIS and admin
-/// streams propose a single protocol that the other side speaks, so `V1Lazy` sends the
-/// proposal together with the request (0-RTT); the wire format is the same, and a stream
-/// that proposes several (gossipsub's) still waits for the answer to all but the last.
-pub const LAZY_NEGOTIATION: Version = Version::V1Lazy;
 
 /// Most yamux streams per connection. Every chunk request is one stream; the download
 /// scheduler keeps far fewer in flight per peer, so this is a ceiling against abuse.
@@ -95,7 +84,7 @@ pub fn build(
     })?;
     let timeout = opts.upgrade_timeout;
     Ok(TcpTransport::new(opts)
-        .upgrade(Version::V1Lazy)
+        .upgrade(bids_protocols::STREAM_NEGOTIATION)
         .authenticate(noise)
         .multiplex(yamux_config())
         .timeout(timeout)

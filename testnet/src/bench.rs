@@ -306,7 +306,7 @@ fn blob_swarm(depth: usize) -> Result<Swarm<BlobBehaviour>> {
         // Negotiated as the nodes do, so the reference pays no round trip they do not.
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(Duration::from_secs(60))
-                .with_substream_upgrade_protocol_override(bids_node::transport::LAZY_NEGOTIATION)
+                .with_substream_upgrade_protocol_override(bids_protocols::STREAM_NEGOTIATION)
         })
         .build();
     Ok(swarm)
