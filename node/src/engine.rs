@@ -257,6 +257,15 @@ enum GisPurpose {
     Caller(oneshot::Sender<Result<GisResponse, String>>),
 }
 
+/// A GIS request awaiting its answer: what the answer is for and, for lookups and
+/// callers' requests, the request itself and its attempt, to send it again if it fails
+/// (on a slow or saturated link an answer can time out; one lost answer must not fail a
+/// download).
+struct PendingGis {
+    purpose: GisPurpose,
+    resend: Option<(GisRequest, u32)>,
+}
+
 /// A running node: a cheap handle to its event loop.
 #[derive(Clone)]
 pub struct NodeHandle {
@@ -546,7 +555,6 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         early: HashMap::new(),
         inflight: HashMap::new(),
         gis_pending: HashMap::new(),
-        gis_resend: HashMap::new(),
         acct: Accounting::default(),
         cmd_rx: rx,
         itx,
@@ -605,9 +613,7 @@ struct Engine {
     /// welcome is judged, refused if the peer is.
     early: HashMap<PeerId, Vec<(ChunkRequest, ResponseChannel<ChunkResponse>)>>,
     inflight: HashMap<OutboundRequestId, (ImageId, ChunkIndex, PeerId)>,
-    gis_pending: HashMap<OutboundRequestId, GisPurpose>,
-    /// What to send again if a pending lookup or caller's request fails, and its attempt.
-    gis_resend: HashMap<OutboundRequestId, (GisRequest, u32)>,
+    gis_pending: HashMap<OutboundRequestId, PendingGis>,
     acct: Accounting,
     cmd_rx: mpsc::Receiver<Command>,
     itx: mpsc::Sender<Internal>,
@@ -682,16 +688,13 @@ impl Engine {
     /// download (registrations, heartbeats and publications repeat on their own).
     fn gis_request_attempt(&mut self, req: GisRequest, purpose: GisPurpose, attempt: u32) {
         let keep = matches!(purpose, GisPurpose::Lookup { .. } | GisPurpose::Caller(_));
-        let again = keep.then(|| req.clone());
+        let resend = keep.then(|| (req.clone(), attempt));
         let id = self
             .swarm
             .behaviour_mut()
             .gis
             .send_request(&self.gis_peer, req);
-        self.gis_pending.insert(id, purpose);
-        if let Some(req) = again {
-            self.gis_resend.insert(id, (req, attempt));
-        }
+        self.gis_pending.insert(id, PendingGis { purpose, resend });
     }
 
     fn register(&mut self) {
@@ -1017,22 +1020,20 @@ impl Engine {
                         },
                     ..
                 } => {
-                    self.gis_resend.remove(&request_id);
                     if let Some(p) = self.gis_pending.remove(&request_id) {
-                        self.on_gis_response(p, response);
+                        self.on_gis_response(p.purpose, response);
                     }
                 }
                 rr::Event::OutboundFailure {
                     request_id, error, ..
                 } => {
-                    let resend = self.gis_resend.remove(&request_id);
                     if let Some(p) = self.gis_pending.remove(&request_id) {
-                        match resend {
+                        match p.resend {
                             Some((req, attempt)) if attempt < GIS_RESENDS => {
                                 warn!(%error, attempt = attempt + 1, "a GIS request failed; sending it again");
-                                self.gis_request_attempt(req, p, attempt + 1);
+                                self.gis_request_attempt(req, p.purpose, attempt + 1);
                             }
-                            _ => self.on_gis_failure(p, error.to_string()),
+                            _ => self.on_gis_failure(p.purpose, error.to_string()),
                         }
                     }
                 }
