@@ -288,6 +288,16 @@ fn resident_pages(path: &Path, off: u64, len: usize) -> usize {
     pages.iter().filter(|p| *p & 1 == 1).count()
 }
 
+/// Whether `dir` is on tmpfs (e.g. a /tmp in memory), where no page can leave the cache.
+fn on_tmpfs(dir: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs writes one `statfs` struct into the zeroed value it is given.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == TMPFS_MAGIC
+}
+
 #[test]
 fn pages_of_durable_downloaded_chunks_leave_the_page_cache_one_commit_later() {
     for release in [true, false] {
@@ -318,7 +328,10 @@ fn pages_of_durable_downloaded_chunks_leave_the_page_cache_one_commit_later() {
         );
         store.flush().unwrap();
         let left = resident_pages(&path, 0, 5 * 4096);
-        if release {
+        if release && on_tmpfs(dir.path()) {
+            // tmpfs pages are the file itself: there is nothing on disk to drop them for.
+            eprintln!("the test directory is on tmpfs, where pages are never released; skipped");
+        } else if release {
             assert_eq!(left, 0, "the next commit releases them");
         } else {
             assert_eq!(left, 4, "kept when release is off");
