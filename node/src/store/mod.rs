@@ -540,11 +540,6 @@ impl Store {
         self.inner.write(&e, idx, data, true)
     }
 
-    pub fn exp_mark(&self, id: &ImageId, idx: ChunkIndex) {
-        if let Ok(e) = self.inner.entry(id) {
-            e.mark_held(idx);
-        }
-    }
     /// As [`Store::write_chunk`], for data whose SHA-256 the caller already checked.
     pub fn write_verified_chunk(
         &self,
