@@ -26,15 +26,21 @@ pub(crate) fn io_err(path: &Path, e: io::Error) -> StoreError {
     }
 }
 
+/// A region's offset and length as the `off_t`s that `fallocate` and `posix_fadvise` take.
+fn off_t_region(off: u64, len: u64) -> io::Result<(libc::off_t, libc::off_t)> {
+    match (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
+        (Ok(off), Ok(len)) => Ok((off, len)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "region does not fit in off_t",
+        )),
+    }
+}
+
 /// Allocates blocks for `[off, off + len)`. Ok(false) if the file system cannot
 /// (then the caller writes with `pwrite`, which still reports ENOSPC cleanly).
 fn reserve(file: &File, off: u64, len: usize) -> io::Result<bool> {
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "region does not fit in off_t",
-        ));
-    };
+    let (off, len) = off_t_region(off, len as u64)?;
     loop {
         // SAFETY: fallocate only reads its integer arguments; the fd is open for writing.
         let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) };
@@ -135,12 +141,7 @@ fn punch_hole(file: &File, off: u64, len: usize) -> io::Result<()> {
 /// Advises the kernel to drop the page-cache pages of `[off, off + len)` of `file`
 /// (`POSIX_FADV_DONTNEED`): clean pages go, dirty or mapped ones stay.
 pub(crate) fn release_pages(file: &File, off: u64, len: u64) -> io::Result<()> {
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "region does not fit in off_t",
-        ));
-    };
+    let (off, len) = off_t_region(off, len)?;
     // SAFETY: posix_fadvise only reads its integer arguments; no memory is involved.
     let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
     if rc == 0 {
