@@ -105,7 +105,11 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r.take(MAX_LINE));
     let mut line = String::new();
-    r.read_line(&mut line).await?;
+    if r.read_line(&mut line).await? == 0 {
+        // A client that connects and closes without a request: `node_running` probes so.
+        debug!("control connection closed without a request");
+        return Ok(());
+    }
     let req: ControlRequest = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(e) => {

@@ -179,8 +179,10 @@ done
 deadline=$((SECONDS + 60))
 for ((k = 1; k <= PROVIDERS; k++)); do
 	while :; do
-		n=$(ip netns exec "$BN_GIS_NS" "$BIN" lookup "$REF" --gis "$GIS_ADDR" --idc "idc$k" 2>/dev/null |
-			complete_copies "idc$k" || echo 0)
+		# A lookup that fails (the image is not listed yet) reads as no copies: wc still
+		# prints its one number, so no fallback may add a second line.
+		n=$({ ip netns exec "$BN_GIS_NS" "$BIN" lookup "$REF" --gis "$GIS_ADDR" --idc "idc$k" 2>/dev/null || true; } |
+			complete_copies "idc$k")
 		((n >= PROVIDER_HOSTS)) && break
 		((SECONDS > deadline)) && bn_die "the GIS does not list the copies of IDC $k"
 		sleep 0.3
