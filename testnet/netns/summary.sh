@@ -14,6 +14,16 @@ NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
 function v(name) { return (name in c) ? $(c[name]) : "" }
 function mb(b) { return sprintf("%.1f", b / 1e6) }
 function pct(x) { return sprintf("%+.1f%%", 100 * x) }
+# The 95 % interval of the change between points a and b (sums and sums of squares of their
+# runs), as " ± x %" of the base `base`; empty unless both points were run at least twice.
+function ci(sum, sq, a, b, base,   va, vb) {
+	if (dcnt[a] < 2 || dcnt[b] < 2) return ""
+	va = (sq[a] - sum[a] * sum[a] / dcnt[a]) / (dcnt[a] - 1)
+	vb = (sq[b] - sum[b] * sum[b] / dcnt[b]) / (dcnt[b] - 1)
+	if (va < 0) va = 0
+	if (vb < 0) vb = 0
+	return sprintf(" ± %.1f%%", 100 * 1.96 * sqrt(va / dcnt[a] + vb / dcnt[b]) / base)
+}
 {
 	n++
 	mode[n] = v("mode"); size[n] = v("image_bytes"); bw[n] = v("wan_mbit"); dl[n] = v("delay_ms")
@@ -70,6 +80,7 @@ END {
 		key = mode[i] SUBSEP size[i]
 		k3 = key SUBSEP dl[i]
 		dsum[k3] += mean[i]; dmx[k3] += mx[i]; dcnt[k3]++; dbw[key] = bw[i]
+		dsq[k3] += mean[i] * mean[i]; dmxsq[k3] += mx[i] * mx[i]
 		if (!(key in dlo) || dl[i] + 0 < dlo[key] + 0) dlo[key] = dl[i]
 		if (!(key in dhi) || dl[i] + 0 > dhi[key] + 0) dhi[key] = dl[i]
 	}
@@ -79,7 +90,7 @@ END {
 		a = key SUBSEP dlo[key]; b = key SUBSEP dhi[key]
 		ma = dsum[a] / dcnt[a]; mb_ = dsum[b] / dcnt[b]; xa = dmx[a] / dcnt[a]; xb = dmx[b] / dcnt[b]
 		chm = (mb_ - ma) / ma; chx = (xb - xa) / xa
-		printf "- %s, %s MB at %s Mbit/s, delay %s -> %s ms (%d / %d runs): mean %.2f -> %.2f s (%s), last host %.2f -> %.2f s (%s) (goal < 10%%): %s\n", kk[1], mb(kk[2]), dbw[key], dlo[key], dhi[key], dcnt[a], dcnt[b], ma, mb_, pct(chm), xa, xb, pct(chx), ((chm < 0.1 && chm > -0.1 && chx < 0.1 && chx > -0.1) ? "met" : "NOT met")
+		printf "- %s, %s MB at %s Mbit/s, delay %s -> %s ms (%d / %d runs): mean %.2f -> %.2f s (%s%s), last host %.2f -> %.2f s (%s%s) (goal < 10%%): %s\n", kk[1], mb(kk[2]), dbw[key], dlo[key], dhi[key], dcnt[a], dcnt[b], ma, mb_, pct(chm), ci(dsum, dsq, a, b, ma), xa, xb, pct(chx), ci(dmx, dmxsq, a, b, xa), ((chm < 0.1 && chm > -0.1 && chx < 0.1 && chx > -0.1) ? "met" : "NOT met")
 	}
 	bad = 0
 	for (i = 1; i <= n; i++) if (ok[i] != 1) bad++
