@@ -15,7 +15,7 @@
 #   --delay  only the full profile's delay sweep (Fig. 8): BIDS, three images, 10/30/50 ms
 #            at 10 Mbit/s, three times                                     (~13 min)
 #   --pairs  the delay goal where it is hardest: the 4.5 MB image, BIDS at 10 Mbit/s, 10 and
-#            50 ms as pairs with the same seed (start order and delays), 16 seeds (~10 min)
+#            50 ms as pairs with the same seed (start order and delays), 16 seeds  (~6 min)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NETNS=$ROOT/testnet/netns
