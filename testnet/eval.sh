@@ -10,8 +10,9 @@
 #
 #   --smoke  2 IDCs, 3 requesting hosts, a 4 MiB image, both modes        (~1 min)
 #   --quick  the paper's setup, 16 MB image (1.6 GB / 100), bandwidth and delay sweeps
+#                                                                           (~7-8 min)
 #   --full   the paper's three images / 100 (4.5 MB, 16 MB, 40 MB), both sweeps, the delay
-#            sweep three times                                              (~28 min)
+#            sweep three times                                          (~33-37 min)
 #   --delay  only the full profile's delay sweep (Fig. 8): BIDS, three images, 10/30/50 ms
 #            at 10 Mbit/s, three times                                     (~13 min)
 #   --pairs  the delay goal where it is hardest: the 4.5 MB image, BIDS at 10 Mbit/s, 10 and
@@ -35,7 +36,7 @@ while (($#)); do
 		shift
 		;;
 	-h | --help)
-		sed -n '2,18p' "$0"
+		sed -n '2,19p' "$0"
 		exit 0
 		;;
 	*) bn_die "unknown option $1 (use --smoke, --quick, --full, --delay or --pairs, and --out DIR)" ;;
@@ -125,7 +126,8 @@ quick)
 	;;
 pairs)
 	# A host's provision time varies from run to run by about as much as the effect looked
-	# for; a pair shares the seed, so the start order and delays are the same at both delays.
+	# for; a pair shares the seed, so the hosts' start order and start delays are the same
+	# at both delays.
 	for seed in $(seq 1 16); do
 		for delay in 10 50; do
 			run bids 4500000 10 "$delay" delay --seed "$seed"
