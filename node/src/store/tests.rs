@@ -290,12 +290,11 @@ fn resident_pages(path: &Path, off: u64, len: usize) -> usize {
 
 /// Whether `dir` is on tmpfs (e.g. a /tmp in memory), where no page can leave the cache.
 fn on_tmpfs(dir: &Path) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: statfs writes one `statfs` struct into the zeroed value it is given.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == TMPFS_MAGIC
+    rc == 0 && st.f_type == libc::TMPFS_MAGIC
 }
 
 #[test]
