@@ -43,17 +43,15 @@ struct Daemon {
 
 impl Daemon {
     fn start(args: &[&str]) -> Daemon {
-        Daemon::start_with(args, Stdio::null())
+        let mut c = bids();
+        c.args(args).stderr(Stdio::null());
+        Daemon::spawn(c)
     }
 
-    /// As `start`, with the daemon's logs (stderr) going to `stderr`.
-    fn start_with(args: &[&str], stderr: impl Into<Stdio>) -> Daemon {
-        let mut child = bids()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("daemon starts");
+    /// Runs `cmd` (arguments, environment and stderr as the caller set them) and waits for
+    /// the first line it prints.
+    fn spawn(mut cmd: Command) -> Daemon {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("daemon starts");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout)
@@ -344,24 +342,14 @@ fn gis_nodes_lookup_and_fetch() {
             "--store",
             &s1,
         ])
-        .env("BIDS_KEY", p(d, "a1.key"));
-        let mut child = c
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        Daemon {
-            child,
-            first_line: line,
-        }
+        .env("BIDS_KEY", p(d, "a1.key"))
+        .stderr(Stdio::null());
+        Daemon::spawn(c)
     };
     let n2_log = d.join("a2.log");
-    let _n2 = Daemon::start_with(
-        &[
+    let _n2 = {
+        let mut c = bids();
+        c.args([
             "node",
             "--key",
             &p(d, "a2.key"),
@@ -375,9 +363,10 @@ fn gis_nodes_lookup_and_fetch() {
             "/ip4/127.0.0.1/tcp/0",
             "--admin-peer",
             &admin,
-        ],
-        std::fs::File::create(&n2_log).unwrap(),
-    );
+        ])
+        .stderr(std::fs::File::create(&n2_log).unwrap());
+        Daemon::spawn(c)
+    };
 
     // The GIS lists the holder once it has published.
     let mut lookup = serde_json::Value::Null;
