@@ -21,8 +21,9 @@
 //!
 //! **Peer choice**, per chunk, in this order:
 //! 1. a chunk some LAN peer holds goes to the least-loaded such LAN peer with a free slot;
-//! 2. a chunk no LAN peer holds goes to the local bridgehead, else to the least-loaded remote
-//!    bridgehead (rotating among equals, so different chunks go to different remote
+//! 2. a chunk no LAN peer holds goes to the local bridgehead, those it announced first (it
+//!    answers them at once, so hosts keep pace with its pull), else to the least-loaded
+//!    remote bridgehead (rotating among equals, so different chunks go to different remote
 //!    bridgeheads and they work in parallel);
 //! 3. when every LAN holder is saturated, the local bridgehead takes LAN-available chunks only
 //!    while it has fewer than `bridgehead_spill` requests in flight: its upload relays every
@@ -586,7 +587,23 @@ impl Download {
             }
         }
 
-        // 3. Chunks no LAN peer holds: the local bridgehead, else the WAN.
+        // 3. Chunks no LAN peer holds: first those the local bridgehead announced, which it
+        //    answers at once (so hosts keep up with its pull instead of waiting on chunks it
+        //    has yet to get); then any, deferred at the local bridgehead, else the WAN.
+        if !free.bridgehead.is_empty() && self.levels[0].ones > 0 {
+            let cover = self.have_union(&free.bridgehead);
+            let mut from = 0;
+            while !free.bridgehead.is_empty() {
+                let Some(pos) = self.next_wanted(0, from, Some(&cover)) else {
+                    break;
+                };
+                from = pos + 1;
+                let idx = self.order[pos as usize];
+                if let Some(at) = self.pick(&free.bridgehead, idx, now, true) {
+                    self.assign(free.bridgehead[at], idx, now, &mut free, &mut out);
+                }
+            }
+        }
         let mut from = 0;
         while !(free.bridgehead.is_empty() && free.wan.is_empty()) {
             let Some(pos) = self.next_wanted(0, from, None) else {
@@ -1444,6 +1461,24 @@ mod tests {
         assert!(to(&reqs, a).iter().all(|i| *i < 50));
         assert_eq!(to(&reqs, bh).len(), 16);
         assert!(to(&reqs, bh).iter().all(|i| *i >= 50));
+    }
+
+    #[test]
+    fn local_bridgehead_is_asked_first_for_what_it_announced() {
+        // A bridgehead still pulling the image answers at once only the chunks it has; a
+        // host that asked it for random others would wait on its pull and fall behind.
+        let mut d = dl(200);
+        let bh = pid(9);
+        d.add_peer(bh, SourceKind::LocalBridgehead, false);
+        d.peer_has(&bh, &[(40, 50), (120, 124)]);
+        let reqs = to(&d.next_requests(Instant::now()), bh);
+        assert_eq!(reqs.len(), 16);
+        let announced = |i: &u32| (40..50).contains(i) || (120..124).contains(i);
+        let mut first: Vec<u32> = reqs[..14].to_vec();
+        first.sort_unstable();
+        assert_eq!(first, (40..50).chain(120..124).collect::<Vec<_>>());
+        // The two slots left still drive its pull (deferred requests).
+        assert!(reqs[14..].iter().all(|i| !announced(i)));
     }
 
     #[test]
