@@ -21,10 +21,11 @@
 //!
 //! **Peer choice**, per chunk, in this order:
 //! 1. a chunk some LAN peer holds goes to the least-loaded such LAN peer with a free slot;
-//! 2. a chunk no LAN peer holds goes to the local bridgehead, those it announced first (it
-//!    answers them at once, so hosts keep pace with its pull), else to the least-loaded
-//!    remote bridgehead (rotating among equals, so different chunks go to different remote
-//!    bridgeheads and they work in parallel);
+//! 2. a chunk no LAN peer holds goes to the local bridgehead (first those it announced and
+//!    this host is the designated taker of among its LAN peers: it answers them at once, so
+//!    hosts keep pace with its pull), else to the least-loaded remote bridgehead (rotating
+//!    among equals, so different chunks go to different remote bridgeheads and they work in
+//!    parallel);
 //! 3. when every LAN holder is saturated, the local bridgehead takes LAN-available chunks only
 //!    while it has fewer than `bridgehead_spill` requests in flight: its upload relays every
 //!    chunk into the IDC, so hosts should mostly serve each other.
@@ -458,6 +459,17 @@ impl Download {
             .any(|p| p.partial && p.usable() && share_score(&p.id, idx) > mine)
     }
 
+    /// Whether we are the designated taker of chunk `idx` from the local bridgehead among the
+    /// usable LAN peers we know (rendezvous hashing, as for the origin's chunks).
+    fn lan_share(&self, idx: u32) -> bool {
+        let Some(me) = self.me else { return true };
+        let mine = share_score(&me, idx);
+        !self
+            .peers
+            .iter()
+            .any(|p| p.counts_for_lan() && share_score(&p.id, idx) > mine)
+    }
+
     /// Adds a remote bridgehead of an IDC that is itself still fetching the image: it is
     /// asked only for chunks it announced (`peer_has`), and preferred for them over the
     /// origin's bridgehead, so the origin's WAN uplink carries each chunk about once while
@@ -587,9 +599,12 @@ impl Download {
             }
         }
 
-        // 3. Chunks no LAN peer holds: first those the local bridgehead announced, which it
-        //    answers at once (so hosts keep up with its pull instead of waiting on chunks it
-        //    has yet to get); then any, deferred at the local bridgehead, else the WAN.
+        // 3. Chunks no LAN peer holds: first those the local bridgehead announced and this
+        //    host is the designated taker of among the LAN peers it knows (the bridgehead
+        //    answers them at once, so hosts keep pace with its pull instead of waiting on
+        //    chunks it has yet to get, and each fresh chunk leaves it about once: the others
+        //    take it from the taker); then any, deferred at the local bridgehead, else the
+        //    WAN.
         if !free.bridgehead.is_empty() && self.levels[0].ones > 0 {
             let cover = self.have_union(&free.bridgehead);
             let mut from = 0;
@@ -599,6 +614,9 @@ impl Download {
                 };
                 from = pos + 1;
                 let idx = self.order[pos as usize];
+                if !self.lan_share(idx) {
+                    continue;
+                }
                 if let Some(at) = self.pick(&free.bridgehead, idx, now, true) {
                     self.assign(free.bridgehead[at], idx, now, &mut free, &mut out);
                 }
@@ -1479,6 +1497,25 @@ mod tests {
         assert_eq!(first, (40..50).chain(120..124).collect::<Vec<_>>());
         // The two slots left still drive its pull (deferred requests).
         assert!(reqs[14..].iter().all(|i| !announced(i)));
+
+        // With another host of the IDC known, each announced chunk has one designated
+        // taker: we ask first for ours only, the other host takes the rest.
+        let (me, other) = (pid(1), pid(2));
+        let mut d = dl(200);
+        d.set_identity(me);
+        d.add_peer(bh, SourceKind::LocalBridgehead, false);
+        d.add_peer(other, SourceKind::Lan, false);
+        d.peer_has(&other, &[(190, 200)]);
+        d.peer_has(&bh, &[(40, 50), (120, 124)]);
+        let ours: Vec<u32> = (40..50)
+            .chain(120..124)
+            .filter(|&i| share_score(&me, i) > share_score(&other, i))
+            .collect();
+        assert!(!ours.is_empty() && ours.len() < 14, "{ours:?}");
+        let reqs = to(&d.next_requests(Instant::now()), bh);
+        let mut first = reqs[..ours.len()].to_vec();
+        first.sort_unstable();
+        assert_eq!(first, ours);
     }
 
     #[test]
