@@ -452,22 +452,23 @@ impl Download {
             // Nothing arrived for a while: a designated fetcher may be stuck; take it ourselves.
             return true;
         }
-        let mine = share_score(&me, idx);
-        !self
-            .peers
-            .iter()
-            .any(|p| p.partial && p.usable() && share_score(&p.id, idx) > mine)
+        self.designated(me, idx, |p| p.partial && p.usable())
     }
 
     /// Whether we are the designated taker of chunk `idx` from the local bridgehead among the
     /// usable LAN peers we know (rendezvous hashing, as for the origin's chunks).
     fn lan_share(&self, idx: u32) -> bool {
         let Some(me) = self.me else { return true };
+        self.designated(me, idx, Peer::counts_for_lan)
+    }
+
+    /// Whether `me` wins the rendezvous hash of chunk `idx` against every peer `rival` picks.
+    fn designated(&self, me: PeerId, idx: u32, rival: impl Fn(&Peer) -> bool) -> bool {
         let mine = share_score(&me, idx);
         !self
             .peers
             .iter()
-            .any(|p| p.counts_for_lan() && share_score(&p.id, idx) > mine)
+            .any(|p| rival(p) && share_score(&p.id, idx) > mine)
     }
 
     /// Adds a remote bridgehead of an IDC that is itself still fetching the image: it is
