@@ -17,7 +17,8 @@
 //! 8 holders (more count as equally common). Priority hints (chunks a local waiter needs) go
 //! first, in the order they were given. The wanted chunks are kept as one bitset per
 //! availability level, so a call costs O(chunks / 64) word operations plus the requests it
-//! makes, and a call with every slot busy returns at once.
+//! makes (and at most `ANNOUNCED_SCAN` designated-taker checks), and a call with every slot
+//! busy returns at once.
 //!
 //! **Peer choice**, per chunk, in this order:
 //! 1. a chunk some LAN peer holds goes to the least-loaded such LAN peer with a free slot;
@@ -55,6 +56,9 @@ use rand::SeedableRng;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+/// Chunks the local bridgehead announced that one scheduling pass looks at, at most, for the
+/// ones this host is the designated taker of.
+const ANNOUNCED_SCAN: usize = 256;
 /// LAN availability is tracked exactly up to this many holders; chunks held by more count as
 /// equally common (rarest-first only matters among the rare ones).
 const MAX_RARITY: u32 = 8;
@@ -609,11 +613,15 @@ impl Download {
         if !free.bridgehead.is_empty() && self.levels[0].ones > 0 {
             let cover = self.have_union(&free.bridgehead);
             let mut from = 0;
-            while !free.bridgehead.is_empty() {
+            // Each candidate costs a hash per LAN peer: look at a bounded number per call
+            // (in random order, so about one in as many as the IDC's hosts is ours).
+            let mut budget = ANNOUNCED_SCAN;
+            while !free.bridgehead.is_empty() && budget > 0 {
                 let Some(pos) = self.next_wanted(0, from, Some(&cover)) else {
                     break;
                 };
                 from = pos + 1;
+                budget -= 1;
                 let idx = self.order[pos as usize];
                 if !self.lan_share(idx) {
                     continue;
