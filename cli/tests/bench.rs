@@ -1,6 +1,6 @@
-//! `bids bench` end to end, at sizes small enough for a test: the loopback bench measures three
-//! positive throughputs and prints the documented JSON object; the memory bench reads a
-//! peak RSS from a real child node for each size. Ratios are not asserted (machines are noisy).
+//! `bids bench` end to end, at sizes small enough for a test: the loopback bench measures four
+//! positive throughputs (three transfers and the storage pass) and prints the documented JSON
+//! object; the memory bench reads a peak RSS from a real child node for each size. Ratios are not asserted (machines are noisy).
 
 use std::process::Command;
 
@@ -21,13 +21,14 @@ fn bids(args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
-fn loopback_bench_measures_three_positive_throughputs() {
+fn loopback_bench_measures_four_positive_throughputs() {
     let v = bids(&["bench", "loopback", "--size", "32MiB", "--json"]);
     assert_eq!(v["size_bytes"].as_u64(), Some(32 << 20));
     for k in [
         "raw_tcp_bytes_per_s",
         "libp2p_rr_bytes_per_s",
         "bids_bytes_per_s",
+        "store_bytes_per_s",
     ] {
         let x = v[k]
             .as_f64()
@@ -40,8 +41,17 @@ fn loopback_bench_measures_three_positive_throughputs() {
             .unwrap_or_else(|| panic!("{k} missing in {v}"));
         assert!(x > 0.0 && x.is_finite(), "{k} = {x}");
     }
+    // CPU time of each transfer; the storage pass reads, hashes and writes every byte, so it
+    // cannot have cost nothing.
+    for k in ["raw_tcp", "libp2p_rr", "bids", "store"] {
+        let x = v["cpu_s"][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("cpu_s.{k} missing in {v}"));
+        assert!(x >= 0.0 && x.is_finite(), "cpu_s.{k} = {x}");
+    }
+    assert!(v["cpu_s"]["store"].as_f64() > Some(0.0), "{v}");
     let obj = v.as_object().expect("an object");
-    assert_eq!(obj.len(), 6, "exactly the documented fields: {v}");
+    assert_eq!(obj.len(), 8, "exactly the documented fields: {v}");
 }
 
 #[test]

@@ -1,13 +1,16 @@
 //! Whole-system benchmarks behind `bids bench`: chunk transfer on bare loopback set against two
 //! references measured in the same run (raw TCP, and a bare libp2p request-response exchange
-//! on the node's own transport), and the peak memory of a fetching node run as its own
-//! process. Argument parsing and printing of the figures are left to the CLI.
+//! on the node's own transport), plus the storage work of that transfer without any network
+//! (what the disk and the hashing cost on this machine), and the peak memory of a fetching
+//! node run as its own process. Argument parsing and printing of the figures are left to the
+//! CLI.
 
 use crate::cluster::{Cluster, ClusterSpec, IdcSpec};
 use crate::demo::make_image;
 use anyhow::{bail, Context, Result};
 use bids_node::control::{self, ControlReply, ControlRequest};
 use bids_node::scheduler::SchedulerConfig;
+use bids_node::store::Store;
 use bids_node::transport::{self, TransportOptions};
 use bids_protocols::gis::{GisRequest, GisResponse, ImageQuery};
 use bids_protocols::{Idc, ImageId, ImageRef, ObjectKind, Policy};
@@ -67,11 +70,16 @@ pub struct LoopbackReport {
     pub bids_vs_libp2p: f64,
     /// BIDS / raw TCP.
     pub bids_vs_tcp: f64,
+    /// (d): the storage work of the fetch alone, in one thread and without any network: each
+    /// chunk read from the seeding store, hashed, and written into a fresh store, as the
+    /// serving and the fetching node do. Bytes/s.
+    pub store_bytes_per_s: f64,
     /// CPU time (user + system, all threads of this process) each transfer used. On a shared
     /// machine this is steadier than the throughputs, and it says where the cost is.
     pub raw_tcp_cpu_s: f64,
     pub libp2p_rr_cpu_s: f64,
     pub bids_cpu_s: f64,
+    pub store_cpu_s: f64,
 }
 
 /// Progress lines for the operator.
@@ -120,6 +128,11 @@ async fn measure_all(
     let bids_cpu = process_cpu_s()? - cpu;
     log(&format!("    {}; checking the copy", human_rate(bids)));
     setup.check_copy().await?;
+    log("(d) the same storage work without the network: read, SHA-256, write");
+    let cpu = process_cpu_s()?;
+    let store = within(setup.store_only(), "the storage pass").await?;
+    let store_cpu = process_cpu_s()? - cpu;
+    log(&format!("    {}", human_rate(store)));
     Ok(LoopbackReport {
         size_bytes: o.size,
         depth: o.depth,
@@ -131,6 +144,8 @@ async fn measure_all(
         raw_tcp_cpu_s: tcp_cpu,
         libp2p_rr_cpu_s: rr_cpu,
         bids_cpu_s: bids_cpu,
+        store_bytes_per_s: store,
+        store_cpu_s: store_cpu,
     })
 }
 
@@ -412,7 +427,7 @@ struct BidsSetup {
     image: ImageRef,
     id: ImageId,
     source: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl BidsSetup {
@@ -432,7 +447,7 @@ impl BidsSetup {
             image,
             id,
             source,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -451,6 +466,41 @@ impl BidsSetup {
             .await
             .map_err(|e| anyhow::anyhow!("fetching {}: {e}", self.image))?;
         Ok(rate(size, start.elapsed()))
+    }
+
+    /// The fetch's storage work on its own, in one thread: every chunk read from the seeding
+    /// node's store (as it serves), checked against its SHA-256 and written into a fresh
+    /// store with the nodes' options (as the fetching node stores it). Bytes/s, up to the
+    /// last write, as the fetch is timed up to the last verified chunk; the fresh store is
+    /// removed afterwards.
+    async fn store_only(&self) -> Result<f64> {
+        let src = self.cluster.nodes[0].node().store().clone();
+        let dir = self.dir.path().join("store-only");
+        let id = self.id;
+        tokio::task::spawn_blocking(move || -> Result<f64> {
+            let m = src
+                .manifest(&id)
+                .context("the seeding node lost its manifest")?;
+            let dst = Store::open(&dir)?;
+            dst.add_manifest(&m)?;
+            let start = Instant::now();
+            for idx in 0..m.chunk_count() {
+                if m.chunks[idx as usize].zero {
+                    continue;
+                }
+                let data = src.read_chunk(&id, idx)?;
+                if bids_protocols::manifest::sha256(&data) != m.chunks[idx as usize].sha256 {
+                    bail!("chunk {idx} of the source does not match its SHA-256");
+                }
+                dst.write_verified_chunk(&id, idx, &data)?;
+            }
+            let took = start.elapsed();
+            drop(dst);
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            Ok(rate(m.size, took))
+        })
+        .await
+        .context("storage task")?
     }
 
     /// After the timing: the fetched copy must be the source, bit for bit.
@@ -831,6 +881,11 @@ pub fn render_loopback(r: &LoopbackReport) -> String {
             r.bids_bytes_per_s,
             r.bids_cpu_s,
         ),
+        (
+            "(d) its storage alone (read, SHA-256, write)",
+            r.store_bytes_per_s,
+            r.store_cpu_s,
+        ),
     ];
     for (name, bps, cpu) in rows {
         s += &format!(
@@ -845,6 +900,11 @@ pub fn render_loopback(r: &LoopbackReport) -> String {
         "\n(c)/(a) = {:.2}   (c)/(b) = {:.2}   (goal: (c)/(b) >= 0.70)\n",
         r.bids_vs_tcp, r.bids_vs_libp2p
     );
+    s += &format!(
+        "CPU of (c) without its storage work (c) - (d) = {:.2} s, {:.2} x that of (b)\n",
+        r.bids_cpu_s - r.store_cpu_s,
+        (r.bids_cpu_s - r.store_cpu_s) / r.libp2p_rr_cpu_s.max(1e-9)
+    );
     s
 }
 
@@ -857,6 +917,13 @@ pub fn loopback_json(r: &LoopbackReport) -> serde_json::Value {
         "bids_bytes_per_s": r.bids_bytes_per_s,
         "bids_vs_libp2p": r.bids_vs_libp2p,
         "bids_vs_tcp": r.bids_vs_tcp,
+        "store_bytes_per_s": r.store_bytes_per_s,
+        "cpu_s": {
+            "raw_tcp": r.raw_tcp_cpu_s,
+            "libp2p_rr": r.libp2p_rr_cpu_s,
+            "bids": r.bids_cpu_s,
+            "store": r.store_cpu_s,
+        },
     })
 }
 
