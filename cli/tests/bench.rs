@@ -1,6 +1,7 @@
 //! `bids bench` end to end, at sizes small enough for a test: the loopback bench measures four
 //! positive throughputs (three transfers and the storage pass) and prints the documented JSON
-//! object; the memory bench reads a peak RSS from a real child node for each size. Ratios are not asserted (machines are noisy).
+//! object; the memory bench reads a peak RSS from a real child node for each size. Ratios are
+//! not asserted (machines are noisy).
 
 use std::process::Command;
 
