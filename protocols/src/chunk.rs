@@ -15,6 +15,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 use std::io;
+use std::sync::Mutex;
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/bids/chunk/2");
 /// A request is tiny.
@@ -214,6 +215,29 @@ const ZSTD_LEVEL: i32 = 3;
 /// Bytes sampled to decide whether compressing is worth it.
 const SAMPLE: usize = 16 * 1024;
 
+/// Compression contexts kept for reuse. Making one per call (its workspace allocated and its
+/// tables cleared) cost more than compressing the sample of an incompressible chunk; keeping a
+/// few, not one per thread, bounds the memory they hold however many threads serve.
+static COMPRESSORS: Mutex<Vec<zstd::bulk::Compressor<'static>>> = Mutex::new(Vec::new());
+/// How many idle contexts are kept (each holds a few MiB after a whole chunk).
+const KEPT_COMPRESSORS: usize = 2;
+
+/// zstd at [`ZSTD_LEVEL`] through a kept context (or a new one).
+fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
+    let kept = COMPRESSORS.lock().ok().and_then(|mut v| v.pop());
+    let mut c = match kept {
+        Some(c) => c,
+        None => zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
+    };
+    let out = c.compress(data);
+    if let Ok(mut v) = COMPRESSORS.lock() {
+        if v.len() < KEPT_COMPRESSORS {
+            v.push(c);
+        }
+    }
+    out
+}
+
 /// Encodes a raw chunk for the wire: zstd if it is clearly smaller, raw otherwise (the
 /// buffer itself, not a copy). A sample is tried first so incompressible chunks cost little.
 pub fn encode_payload(raw: Vec<u8>) -> (Encoding, Bytes) {
@@ -221,18 +245,18 @@ pub fn encode_payload(raw: Vec<u8>) -> (Encoding, Bytes) {
         // Sample from the middle (headers compress well even in random-ish data).
         let mid = raw.len() / 2;
         let sample = &raw[mid - SAMPLE / 2..mid + SAMPLE / 2];
-        match zstd::bulk::compress(sample, ZSTD_LEVEL) {
+        match compress(sample) {
             Ok(c) if c.len() * 10 < sample.len() * 9 => {}
             _ => {
                 // Sample is nearly incompressible; try the start, which may hold text or zeros.
-                match zstd::bulk::compress(&raw[..SAMPLE], ZSTD_LEVEL) {
+                match compress(&raw[..SAMPLE]) {
                     Ok(c) if c.len() * 10 < SAMPLE * 9 => {}
                     _ => return (Encoding::Raw, raw.into()),
                 }
             }
         }
     }
-    match zstd::bulk::compress(&raw, ZSTD_LEVEL) {
+    match compress(&raw) {
         Ok(c) if c.len() < raw.len() => (Encoding::Zstd, c.into()),
         _ => (Encoding::Raw, raw.into()),
     }
@@ -320,6 +344,39 @@ mod tests {
         assert_eq!(enc, Encoding::Zstd);
         assert!(p.len() < raw.len() / 10);
         assert_eq!(decode_payload(enc, p, raw.len()).unwrap(), raw);
+    }
+
+    #[test]
+    fn kept_compression_contexts_carry_nothing_between_chunks() {
+        // Threads share the kept contexts; each chunk, whatever came before it on the same
+        // context (other sizes, other data, incompressible samples), decodes to itself.
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for k in 0..12u32 {
+                        let len = [4096usize, 100_000, 1 << 20][(k % 3) as usize];
+                        let raw: Vec<u8> = if (k + t as u32).is_multiple_of(2) {
+                            format!("thread {t} chunk {k} ")
+                                .into_bytes()
+                                .into_iter()
+                                .cycle()
+                                .take(len)
+                                .collect()
+                        } else {
+                            (0..len as u32)
+                                .map(|i| (i.wrapping_mul(2654435761).wrapping_add(k) >> 13) as u8)
+                                .collect()
+                        };
+                        let (enc, p) = encode_payload(raw.clone());
+                        assert_eq!(decode_payload(enc, p, raw.len()).unwrap(), raw, "{t}/{k}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(COMPRESSORS.lock().unwrap().len() <= KEPT_COMPRESSORS);
     }
 
     #[test]
