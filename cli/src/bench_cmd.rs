@@ -7,9 +7,10 @@ use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
-    /// Chunk transfer on unshaped loopback: raw TCP, a bare libp2p request-response exchange
-    /// and a BIDS fetch (hashing and disk included), with the ratios; then the fetch's storage
-    /// work alone (read, SHA-256, write), to tell its cost from the network's.
+    /// Chunk transfer on unshaped loopback: raw TCP, a bare libp2p request-response exchange,
+    /// that exchange with each blob checked against its SHA-256, and a BIDS fetch (hashing and
+    /// disk included), with the ratios; then the fetch's storage work alone (read, SHA-256,
+    /// write), to tell its cost from the network's.
     Loopback(LoopbackArgs),
     /// Peak RSS of a `bids node` process fetching images of the given sizes.
     Rss(RssArgs),

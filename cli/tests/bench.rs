@@ -1,5 +1,5 @@
-//! `bids bench` end to end, at sizes small enough for a test: the loopback bench measures four
-//! positive throughputs (three transfers and the storage pass) and prints the documented JSON
+//! `bids bench` end to end, at sizes small enough for a test: the loopback bench measures five
+//! positive throughputs (four transfers and the storage pass) and prints the documented JSON
 //! object; the memory bench reads a peak RSS from a real child node for each size. Ratios are
 //! not asserted (machines are noisy).
 
@@ -22,12 +22,13 @@ fn bids(args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
-fn loopback_bench_measures_four_positive_throughputs() {
+fn loopback_bench_measures_five_positive_throughputs() {
     let v = bids(&["bench", "loopback", "--size", "32MiB", "--json"]);
     assert_eq!(v["size_bytes"].as_u64(), Some(32 << 20));
     for k in [
         "raw_tcp_bytes_per_s",
         "libp2p_rr_bytes_per_s",
+        "libp2p_rr_verified_bytes_per_s",
         "bids_bytes_per_s",
         "store_bytes_per_s",
     ] {
@@ -36,7 +37,7 @@ fn loopback_bench_measures_four_positive_throughputs() {
             .unwrap_or_else(|| panic!("{k} missing in {v}"));
         assert!(x > 0.0 && x.is_finite(), "{k} = {x}");
     }
-    for k in ["bids_vs_libp2p", "bids_vs_tcp"] {
+    for k in ["bids_vs_libp2p", "bids_vs_tcp", "verified_vs_libp2p"] {
         let x = v[k]
             .as_f64()
             .unwrap_or_else(|| panic!("{k} missing in {v}"));
@@ -44,7 +45,13 @@ fn loopback_bench_measures_four_positive_throughputs() {
     }
     // CPU time of each transfer; the storage pass reads, hashes and writes every byte, so it
     // cannot have cost nothing.
-    for k in ["raw_tcp", "libp2p_rr", "bids", "store"] {
+    for k in [
+        "raw_tcp",
+        "libp2p_rr",
+        "libp2p_rr_verified",
+        "bids",
+        "store",
+    ] {
         let x = v["cpu_s"][k]
             .as_f64()
             .unwrap_or_else(|| panic!("cpu_s.{k} missing in {v}"));
@@ -52,7 +59,7 @@ fn loopback_bench_measures_four_positive_throughputs() {
     }
     assert!(v["cpu_s"]["store"].as_f64() > Some(0.0), "{v}");
     let obj = v.as_object().expect("an object");
-    assert_eq!(obj.len(), 8, "exactly the documented fields: {v}");
+    assert_eq!(obj.len(), 10, "exactly the documented fields: {v}");
 }
 
 #[test]

@@ -1,9 +1,10 @@
-//! Whole-system benchmarks behind `bids bench`: chunk transfer on bare loopback set against two
-//! references measured in the same run (raw TCP, and a bare libp2p request-response exchange
-//! on the node's own transport), plus the storage work of that transfer without any network
-//! (what the disk and the hashing cost on this machine), and the peak memory of a fetching
-//! node run as its own process. Argument parsing and printing of the figures are left to the
-//! CLI.
+//! Whole-system benchmarks behind `bids bench`: chunk transfer on bare loopback set against
+//! references measured in the same run (raw TCP; a bare libp2p request-response exchange on
+//! the node's own transport; that exchange with each blob checked against its SHA-256, the
+//! least work a verifying fetch does), plus the storage work of that transfer without any
+//! network (what the disk and the hashing cost on this machine), and the peak memory of a
+//! fetching node run as its own process. Argument parsing and printing of the figures are
+//! left to the CLI.
 
 use crate::cluster::{Cluster, ClusterSpec, IdcSpec};
 use crate::demo::make_image;
@@ -33,13 +34,16 @@ pub const BLOB: usize = 1 << 20;
 pub const RSS_GOAL_BYTES: u64 = 100 << 20;
 /// No single measurement may take longer than this (a hung transfer fails the bench).
 const STEP_TIMEOUT: Duration = Duration::from_secs(900);
+/// Blobs whose SHA-256 check may run at once in the verifying reference: as many as a node
+/// verifies at once.
+const VERIFYING: usize = 16;
 /// Protocol id of the bare request-response reference.
 const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/bids-bench/blob/1");
 
 /// What `bids bench loopback` measures.
 #[derive(Clone, Debug)]
 pub struct LoopbackOptions {
-    /// Bytes moved by each of the three transfers (the image size for BIDS).
+    /// Bytes moved by each transfer (the image size for BIDS).
     pub size: u64,
     /// Requests in flight in the libp2p reference. BIDS keeps `max_inflight_lan` requests in
     /// flight to one LAN peer, so that is the default: both pipelines are equally deep.
@@ -58,7 +62,7 @@ impl Default for LoopbackOptions {
     }
 }
 
-/// The three throughputs of one run and their ratios.
+/// The throughputs of one run, their ratios and their CPU times.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoopbackReport {
     pub size_bytes: u64,
@@ -70,6 +74,13 @@ pub struct LoopbackReport {
     pub bids_vs_libp2p: f64,
     /// BIDS / raw TCP.
     pub bids_vs_tcp: f64,
+    /// (b'): the bare exchange with every blob checked against its SHA-256 on the blocking
+    /// pool, as a node checks every chunk. Bytes/s.
+    pub libp2p_rr_verified_bytes_per_s: f64,
+    /// (b') / (b): what checking each blob's hash alone leaves of the bare exchange. A fetch
+    /// does that check and more (it also reads and writes every chunk), so on the same machine
+    /// `bids_vs_libp2p` stays below about this.
+    pub verified_vs_libp2p: f64,
     /// (d): the storage work of the fetch alone, in one thread and without any network: each
     /// chunk read from the seeding store, hashed, and written into a fresh store, as the
     /// serving and the fetching node do. Bytes/s.
@@ -78,6 +89,7 @@ pub struct LoopbackReport {
     /// machine this is steadier than the throughputs, and it says where the cost is.
     pub raw_tcp_cpu_s: f64,
     pub libp2p_rr_cpu_s: f64,
+    pub libp2p_rr_verified_cpu_s: f64,
     pub bids_cpu_s: f64,
     pub store_cpu_s: f64,
 }
@@ -85,7 +97,7 @@ pub struct LoopbackReport {
 /// Progress lines for the operator.
 pub type Log<'a> = &'a mut (dyn FnMut(&str) + Send);
 
-/// Runs the three loopback measurements back to back. The BIDS cluster and its image are
+/// Runs the loopback measurements back to back. The BIDS cluster and its image are
 /// set up (and flushed to disk) first, so that no set-up work overlaps a measurement.
 pub async fn loopback(o: &LoopbackOptions, log: Log<'_>) -> Result<LoopbackReport> {
     if o.size == 0 {
@@ -119,9 +131,18 @@ async fn measure_all(
         o.depth
     ));
     let cpu = process_cpu_s()?;
-    let rr = within(libp2p_rr(o.size, o.depth), "the libp2p exchange").await?;
+    let rr = within(libp2p_rr(o.size, o.depth, false), "the libp2p exchange").await?;
     let rr_cpu = process_cpu_s()? - cpu;
     log(&format!("    {}", human_rate(rr)));
+    log("(b') the same, each blob checked against its SHA-256 as a node checks a chunk");
+    let cpu = process_cpu_s()?;
+    let verified = within(
+        libp2p_rr(o.size, o.depth, true),
+        "the verifying libp2p exchange",
+    )
+    .await?;
+    let verified_cpu = process_cpu_s()? - cpu;
+    log(&format!("    {}", human_rate(verified)));
     log("(c) BIDS fetch, hashing and disk included");
     let cpu = process_cpu_s()?;
     let bids = within(setup.fetch(), "the BIDS fetch").await?;
@@ -141,8 +162,11 @@ async fn measure_all(
         bids_bytes_per_s: bids,
         bids_vs_libp2p: bids / rr,
         bids_vs_tcp: bids / tcp,
+        libp2p_rr_verified_bytes_per_s: verified,
+        verified_vs_libp2p: verified / rr,
         raw_tcp_cpu_s: tcp_cpu,
         libp2p_rr_cpu_s: rr_cpu,
+        libp2p_rr_verified_cpu_s: verified_cpu,
         bids_cpu_s: bids_cpu,
         store_bytes_per_s: store,
         store_cpu_s: store_cpu,
@@ -329,8 +353,10 @@ fn blob_swarm(depth: usize) -> Result<Swarm<BlobBehaviour>> {
 
 /// One client requests `BLOB`-sized blobs, `depth` in flight, from one server that answers
 /// from memory, until `bytes` have arrived. Client and server run in tasks of their own, as
-/// two BIDS nodes do. Returns bytes/s, from the first request to the last response.
-pub async fn libp2p_rr(bytes: u64, depth: usize) -> Result<f64> {
+/// two BIDS nodes do. With `verify`, the client checks each blob against its SHA-256 on the
+/// blocking pool, at most [`VERIFYING`] at once, as a node checks chunks, and fails on a
+/// mismatch. Returns bytes/s, from the first request to the last response (and check).
+pub async fn libp2p_rr(bytes: u64, depth: usize, verify: bool) -> Result<f64> {
     let mut server = blob_swarm(depth)?;
     server.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
     let addr = loop {
@@ -342,6 +368,7 @@ pub async fn libp2p_rr(bytes: u64, depth: usize) -> Result<f64> {
     };
     let server_peer = *server.local_peer_id();
     let blob = Arc::new(random_blob(11));
+    let digest = verify.then(|| bids_protocols::manifest::sha256(&blob));
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server_task = tokio::spawn(async move {
         loop {
@@ -363,6 +390,7 @@ pub async fn libp2p_rr(bytes: u64, depth: usize) -> Result<f64> {
         addr.with_p2p(server_peer).unwrap_or_else(|a| a),
         bytes,
         depth,
+        digest,
     ));
     let result = client.await.context("blob client task");
     let _ = stop_tx.send(());
@@ -370,7 +398,12 @@ pub async fn libp2p_rr(bytes: u64, depth: usize) -> Result<f64> {
     result?
 }
 
-async fn run_blob_client(server: Multiaddr, bytes: u64, depth: usize) -> Result<f64> {
+async fn run_blob_client(
+    server: Multiaddr,
+    bytes: u64,
+    depth: usize,
+    digest: Option<[u8; 32]>,
+) -> Result<f64> {
     let mut swarm = blob_swarm(depth)?;
     swarm
         .dial(server.clone())
@@ -390,6 +423,7 @@ async fn run_blob_client(server: Multiaddr, bytes: u64, depth: usize) -> Result<
     let mut sent = 0u64;
     let mut done = 0u64;
     let mut got = 0u64;
+    let mut checks = tokio::task::JoinSet::new();
     while sent < wanted.min(depth as u64) {
         swarm.behaviour_mut().send_request(&peer, sent as u32);
         sent += 1;
@@ -402,6 +436,14 @@ async fn run_blob_client(server: Multiaddr, bytes: u64, depth: usize) -> Result<
             }) => {
                 got += response.len() as u64;
                 done += 1;
+                if let Some(want) = digest {
+                    if checks.len() >= VERIFYING {
+                        blob_checked(checks.join_next().await)?;
+                    }
+                    checks.spawn_blocking(move || {
+                        bids_protocols::manifest::sha256(&response) == want
+                    });
+                }
                 if sent < wanted {
                     swarm.behaviour_mut().send_request(&peer, sent as u32);
                     sent += 1;
@@ -416,7 +458,19 @@ async fn run_blob_client(server: Multiaddr, bytes: u64, depth: usize) -> Result<
             _ => {}
         }
     }
+    while !checks.is_empty() {
+        blob_checked(checks.join_next().await)?;
+    }
     Ok(rate(got, start.elapsed()))
+}
+
+/// The outcome of one blob's SHA-256 check in the verifying reference.
+fn blob_checked(r: Option<Result<bool, tokio::task::JoinError>>) -> Result<()> {
+    match r {
+        Some(Ok(true)) | None => Ok(()),
+        Some(Ok(false)) => bail!("a blob did not match its SHA-256"),
+        Some(Err(e)) => bail!("a blob check failed: {e}"),
+    }
 }
 
 // ------------------------------------------------------------------------------ (c) BIDS
@@ -874,6 +928,11 @@ pub fn render_loopback(r: &LoopbackReport) -> String {
             r.libp2p_rr_cpu_s,
         ),
         (
+            "(b') (b), each blob checked against its SHA-256",
+            r.libp2p_rr_verified_bytes_per_s,
+            r.libp2p_rr_verified_cpu_s,
+        ),
+        (
             "(c) BIDS fetch (GIS, hashing, disk)",
             r.bids_bytes_per_s,
             r.bids_cpu_s,
@@ -897,6 +956,10 @@ pub fn render_loopback(r: &LoopbackReport) -> String {
         "\n(c)/(a) = {:.2}   (c)/(b) = {:.2}   (goal: (c)/(b) >= 0.70)\n",
         r.bids_vs_tcp, r.bids_vs_libp2p
     );
+    s += &format!(
+        "(b')/(b) = {:.2}: what the SHA-256 check of each chunk alone leaves of (b)\n",
+        r.verified_vs_libp2p
+    );
     let network_cpu = r.bids_cpu_s - r.store_cpu_s;
     s += &format!(
         "CPU of (c) without its storage work (c) - (d) = {:.2} s, {:.2} x that of (b)\n",
@@ -915,10 +978,13 @@ pub fn loopback_json(r: &LoopbackReport) -> serde_json::Value {
         "bids_bytes_per_s": r.bids_bytes_per_s,
         "bids_vs_libp2p": r.bids_vs_libp2p,
         "bids_vs_tcp": r.bids_vs_tcp,
+        "libp2p_rr_verified_bytes_per_s": r.libp2p_rr_verified_bytes_per_s,
+        "verified_vs_libp2p": r.verified_vs_libp2p,
         "store_bytes_per_s": r.store_bytes_per_s,
         "cpu_s": {
             "raw_tcp": r.raw_tcp_cpu_s,
             "libp2p_rr": r.libp2p_rr_cpu_s,
+            "libp2p_rr_verified": r.libp2p_rr_verified_cpu_s,
             "bids": r.bids_cpu_s,
             "store": r.store_cpu_s,
         },
@@ -978,6 +1044,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn references_move_every_byte() {
         assert!(raw_tcp(3 * BLOB as u64 + 5).await.unwrap() > 0.0);
-        assert!(libp2p_rr(4 * BLOB as u64, 2).await.unwrap() > 0.0);
+        assert!(libp2p_rr(4 * BLOB as u64, 2, false).await.unwrap() > 0.0);
+        assert!(libp2p_rr(20 * BLOB as u64, 3, true).await.unwrap() > 0.0);
     }
 }
