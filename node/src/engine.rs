@@ -1692,6 +1692,12 @@ impl Engine {
         let known = match self.downloads.get(&id) {
             // A refresh's answer carries no manifest: the download has it.
             Some(d) if list.manifest.is_empty() => Some(d.manifest.clone()),
+            // Only refreshes go without a reply, and their answers without a manifest: this
+            // one comes after its download ended (completed or given up), and is moot.
+            None if list.manifest.is_empty() && reply.is_none() => {
+                debug!(image = %id.short(), "a refresh answered after its download ended");
+                return;
+            }
             _ => None,
         };
         let manifest = match known.map_or_else(
