@@ -63,7 +63,7 @@ const MAX_SERVING: usize = 256;
 const BRIDGEHEAD_TOPIC: &str = "bids/bridgeheads/chunks";
 /// Chunks of one download received and not yet verified and stored, at most: the network
 /// keeps its pipeline full while the CPU hashes and writes, within bounded memory.
-const MAX_WRITING: usize = 16;
+pub const MAX_WRITING: usize = 16;
 /// How long a bridgehead that starts pulling an image waits for the LAN peers the GIS listed
 /// to say hello before it tells remote bridgeheads that its IDC lacks a chunk.
 const LAN_DISCOVERY_GRACE: Duration = Duration::from_secs(2);

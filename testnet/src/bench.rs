@@ -10,6 +10,7 @@ use crate::cluster::{Cluster, ClusterSpec, IdcSpec};
 use crate::demo::make_image;
 use anyhow::{bail, Context, Result};
 use bids_node::control::{self, ControlReply, ControlRequest};
+use bids_node::engine::MAX_WRITING;
 use bids_node::scheduler::SchedulerConfig;
 use bids_node::store::Store;
 use bids_node::transport::{self, TransportOptions};
@@ -34,9 +35,6 @@ pub const BLOB: usize = 1 << 20;
 pub const RSS_GOAL_BYTES: u64 = 100 << 20;
 /// No single measurement may take longer than this (a hung transfer fails the bench).
 const STEP_TIMEOUT: Duration = Duration::from_secs(900);
-/// Blobs whose SHA-256 check may run at once in the verifying reference: as many as a node
-/// verifies at once.
-const VERIFYING: usize = 16;
 /// Protocol id of the bare request-response reference.
 const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/bids-bench/blob/1");
 
@@ -122,37 +120,27 @@ async fn measure_all(
     log: Log<'_>,
 ) -> Result<LoopbackReport> {
     log("(a) raw TCP");
-    let cpu = process_cpu_s()?;
-    let tcp = within(raw_tcp(o.size), "the raw TCP transfer").await?;
-    let tcp_cpu = process_cpu_s()? - cpu;
+    let (tcp, tcp_cpu) = measured(raw_tcp(o.size), "the raw TCP transfer").await?;
     log(&format!("    {}", human_rate(tcp)));
     log(&format!(
         "(b) libp2p request-response, tcp+noise+yamux, {} in flight",
         o.depth
     ));
-    let cpu = process_cpu_s()?;
-    let rr = within(libp2p_rr(o.size, o.depth, false), "the libp2p exchange").await?;
-    let rr_cpu = process_cpu_s()? - cpu;
+    let (rr, rr_cpu) = measured(libp2p_rr(o.size, o.depth, false), "the libp2p exchange").await?;
     log(&format!("    {}", human_rate(rr)));
     log("(b') the same, each blob checked against its SHA-256 as a node checks a chunk");
-    let cpu = process_cpu_s()?;
-    let verified = within(
+    let (verified, verified_cpu) = measured(
         libp2p_rr(o.size, o.depth, true),
         "the verifying libp2p exchange",
     )
     .await?;
-    let verified_cpu = process_cpu_s()? - cpu;
     log(&format!("    {}", human_rate(verified)));
     log("(c) BIDS fetch, hashing and disk included");
-    let cpu = process_cpu_s()?;
-    let bids = within(setup.fetch(), "the BIDS fetch").await?;
-    let bids_cpu = process_cpu_s()? - cpu;
+    let (bids, bids_cpu) = measured(setup.fetch(), "the BIDS fetch").await?;
     log(&format!("    {}; checking the copy", human_rate(bids)));
     setup.check_copy().await?;
     log("(d) the same storage work without the network: read, SHA-256, write");
-    let cpu = process_cpu_s()?;
-    let store = within(setup.store_only(), "the storage pass").await?;
-    let store_cpu = process_cpu_s()? - cpu;
+    let (store, store_cpu) = measured(setup.store_only(), "the storage pass").await?;
     log(&format!("    {}", human_rate(store)));
     Ok(LoopbackReport {
         size_bytes: o.size,
@@ -185,6 +173,17 @@ fn process_cpu_s() -> Result<f64> {
     };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
+}
+
+/// Runs one timed transfer (see [`within`]); returns what it reports (bytes/s) and the CPU
+/// time this process spent meanwhile.
+async fn measured(
+    f: impl std::future::Future<Output = Result<f64>>,
+    what: &str,
+) -> Result<(f64, f64)> {
+    let cpu = process_cpu_s()?;
+    let rate = within(f, what).await?;
+    Ok((rate, process_cpu_s()? - cpu))
 }
 
 async fn within<T>(f: impl std::future::Future<Output = Result<T>>, what: &str) -> Result<T> {
@@ -354,7 +353,7 @@ fn blob_swarm(depth: usize) -> Result<Swarm<BlobBehaviour>> {
 /// One client requests `BLOB`-sized blobs, `depth` in flight, from one server that answers
 /// from memory, until `bytes` have arrived. Client and server run in tasks of their own, as
 /// two BIDS nodes do. With `verify`, the client checks each blob against its SHA-256 on the
-/// blocking pool, at most [`VERIFYING`] at once, as a node checks chunks, and fails on a
+/// blocking pool, at most [`MAX_WRITING`] at once, as a node checks chunks, and fails on a
 /// mismatch. Returns bytes/s, from the first request to the last response (and check).
 pub async fn libp2p_rr(bytes: u64, depth: usize, verify: bool) -> Result<f64> {
     let mut server = blob_swarm(depth)?;
@@ -437,7 +436,7 @@ async fn run_blob_client(
                 got += response.len() as u64;
                 done += 1;
                 if let Some(want) = digest {
-                    if checks.len() >= VERIFYING {
+                    if checks.len() >= MAX_WRITING {
                         blob_checked(checks.join_next().await)?;
                     }
                     checks.spawn_blocking(move || {
