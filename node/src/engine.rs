@@ -10,6 +10,7 @@ use crate::gate::{self, Link};
 use crate::payload_cache::PayloadCache;
 use crate::ratelimit::{DownloadBudget, RateLimiter};
 use crate::scheduler::{Download, Failure, SourceKind};
+use crate::seeding::{LanSeeder, Verdict};
 use crate::store::Store;
 use crate::transport::{self, TransportOptions};
 use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse};
@@ -573,6 +574,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         sharing,
         listen,
         dialing: HashSet::new(),
+        seeder: LanSeeder::default(),
         cfg,
     };
     // Every line this node logs names it: many nodes share one process in testnets.
@@ -640,6 +642,9 @@ struct Engine {
     sharing: bool,
     listen: Vec<Multiaddr>,
     dialing: HashSet<PeerId>,
+    /// Which host of our IDC each chunk we relayed went to (a bridgehead sends each chunk
+    /// into its LAN about once; see `crate::seeding`).
+    seeder: LanSeeder,
 }
 
 impl Engine {
@@ -966,6 +971,7 @@ impl Engine {
                     return;
                 }
                 self.peers.remove(&peer_id);
+                self.seeder.forget_host(&peer_id);
                 // Responses queued or held for it can no longer be delivered.
                 self.early.remove(&peer_id);
                 self.sending.remove(&peer_id);
@@ -1339,6 +1345,17 @@ impl Engine {
             self.respond(peer, channel, ChunkResponse::NotHeld);
             return;
         }
+        if link == Link::Lan
+            && self.seeds_lan()
+            && self
+                .seeder
+                .on_request(req.image, req.index, peer, Instant::now())
+                == Verdict::Elsewhere
+        {
+            // Another host of our IDC got it from us a moment ago: take it from there.
+            self.respond(peer, channel, ChunkResponse::NotHeld);
+            return;
+        }
         // A payload compressed before is served again without recompressing it.
         if let Some(p) = self.payload_cache.get(&req.image, req.index) {
             let resp = ChunkResponse::Data {
@@ -1379,6 +1396,11 @@ impl Engine {
             && self.role == Role::Bridgehead
             && self.cfg.cert.is_some()
             && matches!(self.peers.get(peer), Some(PeerState::Accepted { .. }))
+    }
+
+    /// A bridgehead under BIDS sends each chunk into its LAN about once (super-seeding).
+    fn seeds_lan(&self) -> bool {
+        self.cfg.policy == Policy::Bids && self.role == Role::Bridgehead
     }
 
     fn finish_serve(
@@ -1558,14 +1580,33 @@ impl Engine {
                 d.fresh.push(idx);
                 // Deferred requests for this chunk are answered now (cut-through relay),
                 // all from the one received buffer.
+                // Of the hosts of our IDC waiting, one gets it; the others take it from that
+                // host once it announces it (`crate::seeding`).
                 if let Some(ws) = self.waiters.remove(&(image, idx)) {
                     debug!(idx, waiters = ws.len(), "answering deferred requests");
+                    let seeds = self.seeds_lan();
+                    let lan: Vec<PeerId> = ws
+                        .iter()
+                        .map(|(_, p)| *p)
+                        .filter(|p| self.link_of(p) == Some(Link::Lan))
+                        .collect();
+                    let taker = if seeds && !lan.is_empty() {
+                        self.seeder
+                            .pick_taker(image, idx, &lan, now)
+                            .and_then(|k| lan.get(k).copied())
+                    } else {
+                        None
+                    };
                     for (channel, p) in ws {
+                        let link = self.link_of(&p).unwrap_or(Link::Lan);
+                        if seeds && link == Link::Lan && Some(p) != taker {
+                            self.respond(p, channel, ChunkResponse::NotHeld);
+                            continue;
+                        }
                         let resp = ChunkResponse::Data {
                             encoding,
                             payload: payload.clone(),
                         };
-                        let link = self.link_of(&p).unwrap_or(Link::Lan);
                         self.finish_serve(channel, p, image, resp, link);
                     }
                 }

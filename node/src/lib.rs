@@ -10,6 +10,7 @@ pub mod gate;
 pub mod payload_cache;
 pub mod ratelimit;
 pub mod scheduler;
+pub mod seeding;
 pub mod store;
 pub mod transport;
 pub mod versions;

@@ -1,0 +1,173 @@
+//! LAN super-seeding for a bridgehead (the idea of BitTorrent's BEP 16, sans-IO): each chunk
+//! the bridgehead relays into its IDC goes to one host, spread over distinct hosts; a host
+//! that asks for a chunk already given to another is told it is not held here, takes it from
+//! that host once it is announced, and the bridgehead's LAN link carries the image about
+//! once, whatever the number of hosts. The engine decides when the rule applies (a bridgehead
+//! under BIDS, a peer of its own IDC) and answers; this module only decides who gets a chunk.
+
+use bids_protocols::{ChunkIndex, ImageId};
+use libp2p::PeerId;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// A chunk given to one host is given again, to whoever asks, once this much time has passed:
+/// by then its taker has stored and announced it, so a host still asking either missed the
+/// announcement or the taker failed. Bounds what a lost taker costs the others.
+pub const RESEND_AFTER: Duration = Duration::from_secs(2);
+
+/// Whether to serve a chunk to a LAN host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it: nobody in the LAN got it from us yet (or long ago, or this host itself).
+    Serve,
+    /// Another host got it just now: answer "not held here" so the asker takes it from that
+    /// host once it is announced.
+    Elsewhere,
+}
+
+#[derive(Default)]
+struct ImageSeeding {
+    /// Per chunk: the host it last went to and when.
+    given: HashMap<ChunkIndex, (PeerId, Instant)>,
+    /// Chunks given to each host, to spread fresh chunks over distinct hosts.
+    per_host: HashMap<PeerId, u32>,
+}
+
+/// What a bridgehead has relayed into its LAN, per image.
+#[derive(Default)]
+pub struct LanSeeder {
+    images: HashMap<ImageId, ImageSeeding>,
+}
+
+impl LanSeeder {
+    /// Decides a request from LAN host `peer` for a chunk we hold, and records a `Serve`.
+    pub fn on_request(
+        &mut self,
+        image: ImageId,
+        idx: ChunkIndex,
+        peer: PeerId,
+        now: Instant,
+    ) -> Verdict {
+        let s = self.images.entry(image).or_default();
+        match s.given.get(&idx) {
+            Some((to, at)) if *to != peer && now.saturating_duration_since(*at) < RESEND_AFTER => {
+                Verdict::Elsewhere
+            }
+            _ => {
+                s.give(idx, peer, now);
+                Verdict::Serve
+            }
+        }
+    }
+
+    /// A chunk several LAN hosts wait for has arrived: the one of `waiters` (not empty) that
+    /// gets it, the one given the fewest chunks so far (the first among equals). The others
+    /// are answered [`Verdict::Elsewhere`]. `None` when the chunk went to one of them a moment
+    /// ago and none of the others is due a copy yet (see [`RESEND_AFTER`]).
+    pub fn pick_taker(
+        &mut self,
+        image: ImageId,
+        idx: ChunkIndex,
+        waiters: &[PeerId],
+        now: Instant,
+    ) -> Option<usize> {
+        let s = self.images.entry(image).or_default();
+        if let Some((to, at)) = s.given.get(&idx) {
+            if now.saturating_duration_since(*at) < RESEND_AFTER {
+                // Already given (e.g. answered while these waited): only its taker again.
+                return waiters.iter().position(|p| p == to);
+            }
+        }
+        let (pos, peer) = waiters
+            .iter()
+            .enumerate()
+            .min_by_key(|(k, p)| (s.per_host.get(*p).copied().unwrap_or(0), *k))?;
+        s.give(idx, *peer, now);
+        Some(pos)
+    }
+
+    /// Forgets an image (download over and no longer relayed, or removed).
+    pub fn forget(&mut self, image: &ImageId) {
+        self.images.remove(image);
+    }
+
+    /// Forgets a host that left: its chunks may go to others at once.
+    pub fn forget_host(&mut self, peer: &PeerId) {
+        for s in self.images.values_mut() {
+            if s.per_host.remove(peer).is_some() {
+                s.given.retain(|_, (to, _)| to != peer);
+            }
+        }
+    }
+}
+
+impl ImageSeeding {
+    fn give(&mut self, idx: ChunkIndex, peer: PeerId, now: Instant) {
+        let before = self.given.insert(idx, (peer, now));
+        if before.is_none_or(|(to, _)| to != peer) {
+            *self.per_host.entry(peer).or_default() += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid(n: u8) -> PeerId {
+        libp2p::identity::Keypair::ed25519_from_bytes([n; 32])
+            .expect("key")
+            .public()
+            .to_peer_id()
+    }
+
+    const IMG: ImageId = ImageId([7; 32]);
+
+    #[test]
+    fn a_chunk_goes_to_one_host_then_elsewhere_until_resend_time() {
+        let mut s = LanSeeder::default();
+        let t = Instant::now();
+        assert_eq!(s.on_request(IMG, 3, pid(1), t), Verdict::Serve);
+        assert_eq!(s.on_request(IMG, 3, pid(2), t), Verdict::Elsewhere);
+        // Its taker may ask again (its first copy was lost).
+        assert_eq!(s.on_request(IMG, 3, pid(1), t), Verdict::Serve);
+        assert_eq!(
+            s.on_request(IMG, 3, pid(2), t + RESEND_AFTER / 2),
+            Verdict::Elsewhere
+        );
+        assert_eq!(
+            s.on_request(IMG, 3, pid(2), t + RESEND_AFTER),
+            Verdict::Serve
+        );
+        // Other chunks and images are independent.
+        assert_eq!(s.on_request(IMG, 4, pid(2), t), Verdict::Serve);
+        assert_eq!(s.on_request(ImageId([8; 32]), 3, pid(2), t), Verdict::Serve);
+    }
+
+    #[test]
+    fn waiters_spread_over_hosts() {
+        let mut s = LanSeeder::default();
+        let t = Instant::now();
+        let hosts: Vec<PeerId> = (1..=4).map(pid).collect();
+        let mut got = HashMap::new();
+        for idx in 0..40 {
+            let k = s.pick_taker(IMG, idx, &hosts, t).expect("a taker");
+            *got.entry(k).or_insert(0) += 1;
+        }
+        // Every host waited for every chunk: each gets a quarter.
+        assert!(got.values().all(|&n| n == 10), "{got:?}");
+        // A chunk just given is not given to another waiter.
+        assert_eq!(s.pick_taker(IMG, 0, &hosts[1..2], t), None);
+    }
+
+    #[test]
+    fn a_departed_host_frees_its_chunks() {
+        let mut s = LanSeeder::default();
+        let t = Instant::now();
+        assert_eq!(s.on_request(IMG, 9, pid(1), t), Verdict::Serve);
+        s.forget_host(&pid(1));
+        assert_eq!(s.on_request(IMG, 9, pid(2), t), Verdict::Serve);
+        s.forget(&IMG);
+        assert_eq!(s.on_request(IMG, 9, pid(3), t), Verdict::Serve);
+    }
+}

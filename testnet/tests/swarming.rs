@@ -1,0 +1,85 @@
+//! LAN swarming inside a receiving IDC, in process: the bridgehead sends each chunk into its
+//! LAN about once and the hosts trade the rest among themselves, even when host links are
+//! only twice the WAN rate and the IDC has many hosts.
+
+mod common;
+
+use bids_protocols::gis::ImageQuery;
+use bids_protocols::{ImageRef, Policy};
+use bids_testnet::cluster::{Cluster, ClusterSpec, IdcSpec};
+use common::{file_hash, idc, image_file, ordinary, status, CHUNK, MIB};
+use std::time::Duration;
+
+/// Issue 17, test: A (one holder, one bridgehead) serves B (one bridgehead and 12 hosts) over
+/// a 2 MB/s WAN; every B link is 4 MB/s each way. All of B fetches at once. Every copy is
+/// bit-exact and B's bridgehead uploads at most 1.5 × the image into its LAN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridgehead_sends_each_chunk_into_its_lan_about_once() {
+    common::init_logs();
+    let size = 8 * MIB;
+    let (file, _guard) = image_file(size, 71, false);
+    let wan = 2_000_000;
+    let shaped = |spec: IdcSpec| IdcSpec {
+        wan_bps: wan,
+        wan_delay: Duration::from_millis(5),
+        lan_bps: 2 * wan,
+        ..spec
+    };
+    let c = Cluster::start(ClusterSpec {
+        idcs: vec![shaped(idc("A", 1, 1)), shaped(idc("B", 12, 1))],
+        policy: Policy::Bids,
+        shaped: true,
+    })
+    .await
+    .expect("cluster");
+    let holder = ordinary(&c, &c.idc_nodes("A"))[0];
+    let image: ImageRef = "swarm:1".parse().unwrap();
+    let m = c.seed(holder, &file, &image, CHUNK).await.expect("seeding");
+    let b = c.idc_nodes("B");
+    let bridgehead = *b
+        .iter()
+        .find(|&&i| c.nodes[i].is_bridgehead())
+        .expect("B has a bridgehead");
+    let started = std::time::Instant::now();
+    let times = c
+        .fetch_all(&b, &image, Duration::from_secs(90))
+        .await
+        .expect("every node of B fetches");
+    let took = started.elapsed().as_secs_f64();
+
+    let want = file_hash(&file);
+    let mut from_hosts = 0;
+    for &i in &b {
+        assert_eq!(
+            file_hash(&c.nodes[i].node().store().image_path(&m.id())),
+            want,
+            "node {i} of B is not bit-exact"
+        );
+        if i != bridgehead {
+            from_hosts += status(&c, i).await.total.lan_sent_bytes;
+        }
+    }
+    let st = status(&c, bridgehead).await;
+    let upload = st.total.lan_sent_bytes as f64 / size as f64;
+    let bound = size as f64 / wan as f64;
+    let last = times.iter().copied().fold(0.0, f64::max);
+    eprintln!(
+        "B's bridgehead LAN upload {:.2} x S, hosts' LAN upload {:.2} x S, WAN into B {:.3} x S; \
+         last host {last:.1} s = {:.2} x S/B_wan ({took:.1} s in all)",
+        upload,
+        from_hosts as f64 / size as f64,
+        st.total.wan_recv_bytes as f64 / size as f64,
+        last / bound,
+    );
+    assert!(
+        upload <= 1.5,
+        "B's bridgehead uploaded {upload:.2} x the image into its LAN (goal <= 1.5)"
+    );
+    let q = ImageQuery::Id(m.id());
+    let list = c.lookup("B", &q).await.expect("lookup");
+    assert!(
+        list.level0.len() >= b.len() - 1,
+        "B's hosts are listed as holders"
+    );
+    c.shutdown().await;
+}
