@@ -324,6 +324,14 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                             human(c.wan_sent_bytes),
                             c.wan_sent_chunks
                         );
+                        println!(
+                            "  by peer:  our IDC's bridgeheads: received {}, sent {}; \
+                             hosts of our IDC: received {}, sent {}",
+                            human(c.bridgehead_recv_bytes),
+                            human(c.bridgehead_sent_bytes),
+                            human(c.hosts_recv_bytes),
+                            human(c.hosts_sent_bytes)
+                        );
                         println!("  bad chunks received: {}", c.bad_chunks);
                         println!(
                             "  node: {} IDC {} role {} refusals {}",

@@ -1,6 +1,8 @@
 //! Transfer accounting: bytes and chunks sent and received, LAN (same IDC) or WAN (other
-//! IDC), per image, and how long each download took (its provision time). Reported to the
-//! GIS in heartbeats and shown by `bids image status`; the engine decides what to record.
+//! IDC), split by the kind of peer (a bridgehead of our IDC, an ordinary host of our IDC, a
+//! peer of another IDC), per image, and how long each download took (its provision time).
+//! Reported to the GIS in heartbeats and shown by `bids image status`; the engine decides
+//! what to record.
 
 use crate::gate::Link;
 use bids_protocols::gis::{Counters, HostStats, ProvisionTime};
@@ -15,32 +17,58 @@ pub struct Accounting {
     provisions: BTreeMap<ImageId, ProvisionTime>,
 }
 
+/// Whom bytes moved to or from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerKind {
+    /// A certified bridgehead of our own IDC.
+    Bridgehead,
+    /// An ordinary host of our own IDC.
+    Host,
+    /// A peer of another IDC (a bridgehead under BIDS; anyone under Baseline).
+    Remote,
+}
+
+impl PeerKind {
+    /// The kind of an accepted peer: its link, and whether it presented a certificate.
+    pub fn of(link: Link, certified: bool) -> PeerKind {
+        match (link, certified) {
+            (Link::Wan, _) => PeerKind::Remote,
+            (Link::Lan, true) => PeerKind::Bridgehead,
+            (Link::Lan, false) => PeerKind::Host,
+        }
+    }
+}
+
 impl Accounting {
-    pub fn sent(&mut self, image: ImageId, link: Link, bytes: u64) {
+    pub fn sent(&mut self, image: ImageId, to: PeerKind, bytes: u64) {
         for c in [&mut self.total, self.images.entry(image).or_default()] {
-            match link {
-                Link::Lan => {
-                    c.lan_sent_bytes += bytes;
-                    c.lan_sent_chunks += 1;
-                }
-                Link::Wan => {
-                    c.wan_sent_bytes += bytes;
-                    c.wan_sent_chunks += 1;
+            if to == PeerKind::Remote {
+                c.wan_sent_bytes += bytes;
+                c.wan_sent_chunks += 1;
+            } else {
+                c.lan_sent_bytes += bytes;
+                c.lan_sent_chunks += 1;
+                if to == PeerKind::Bridgehead {
+                    c.bridgehead_sent_bytes += bytes;
+                } else {
+                    c.hosts_sent_bytes += bytes;
                 }
             }
         }
     }
 
-    pub fn received(&mut self, image: ImageId, link: Link, bytes: u64) {
+    pub fn received(&mut self, image: ImageId, from: PeerKind, bytes: u64) {
         for c in [&mut self.total, self.images.entry(image).or_default()] {
-            match link {
-                Link::Lan => {
-                    c.lan_recv_bytes += bytes;
-                    c.lan_recv_chunks += 1;
-                }
-                Link::Wan => {
-                    c.wan_recv_bytes += bytes;
-                    c.wan_recv_chunks += 1;
+            if from == PeerKind::Remote {
+                c.wan_recv_bytes += bytes;
+                c.wan_recv_chunks += 1;
+            } else {
+                c.lan_recv_bytes += bytes;
+                c.lan_recv_chunks += 1;
+                if from == PeerKind::Bridgehead {
+                    c.bridgehead_recv_bytes += bytes;
+                } else {
+                    c.hosts_recv_bytes += bytes;
                 }
             }
         }
@@ -101,13 +129,21 @@ mod tests {
         let mut a = Accounting::default();
         let x = ImageId([1; 32]);
         let y = ImageId([2; 32]);
-        a.received(x, Link::Wan, 100);
-        a.received(x, Link::Lan, 50);
-        a.sent(y, Link::Lan, 7);
+        a.received(x, PeerKind::of(Link::Wan, true), 100);
+        a.received(x, PeerKind::of(Link::Lan, false), 50);
+        a.received(x, PeerKind::of(Link::Lan, true), 20);
+        a.sent(y, PeerKind::Host, 7);
+        a.sent(y, PeerKind::Bridgehead, 3);
         a.refused();
         assert_eq!(a.image(&x).wan_recv_bytes, 100);
-        assert_eq!(a.image(&x).lan_recv_chunks, 1);
-        assert_eq!(a.total().lan_sent_bytes, 7);
+        assert_eq!(a.image(&x).lan_recv_chunks, 2);
+        assert_eq!(a.image(&x).lan_recv_bytes, 70);
+        assert_eq!(a.image(&x).hosts_recv_bytes, 50);
+        assert_eq!(a.image(&x).bridgehead_recv_bytes, 20);
+        assert_eq!(a.total().lan_sent_bytes, 10);
+        assert_eq!(a.total().hosts_sent_bytes, 7);
+        assert_eq!(a.total().bridgehead_sent_bytes, 3);
+        assert_eq!(a.total().wan_sent_bytes, 0);
         assert_eq!(a.snapshot().refusals, 1);
     }
 

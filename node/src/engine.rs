@@ -4,7 +4,7 @@
 //! announces what it gains on its IDC's gossipsub topic. Disk work and hashing run on the
 //! blocking pool; their results come back as internal events.
 
-use crate::accounting::Accounting;
+use crate::accounting::{Accounting, PeerKind};
 use crate::config::NodeConfig;
 use crate::gate::{self, Link};
 use crate::payload_cache::PayloadCache;
@@ -215,11 +215,11 @@ enum PeerState {
     },
     Accepted {
         link: Link,
+        /// It presented a bridgehead certificate (for the accounting by kind of peer).
+        certified: bool,
     },
     /// Its hello was refused; disconnected once `REFUSAL_GRACE` has passed.
-    Refused {
-        since: Instant,
-    },
+    Refused { since: Instant },
 }
 
 /// Why a download runs.
@@ -1072,7 +1072,13 @@ impl Engine {
 
     fn accept(&mut self, peer: PeerId, h: &Hello, link: Link) {
         debug!(%peer, idc = %h.idc, ?link, "peer accepted");
-        self.peers.insert(peer, PeerState::Accepted { link });
+        self.peers.insert(
+            peer,
+            PeerState::Accepted {
+                link,
+                certified: h.cert.is_some(),
+            },
+        );
         if link == Link::Wan && !self.downloads.is_empty() {
             // A bridgehead of another IDC that trades with us missed our incremental
             // announcements while unconnected: repeat the full ones now (a moment later,
@@ -1168,6 +1174,14 @@ impl Engine {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Whom bytes exchanged with an accepted peer count for.
+    fn kind_of(&self, peer: &PeerId) -> Option<PeerKind> {
+        match self.peers.get(peer) {
+            Some(PeerState::Accepted { link, certified }) => Some(PeerKind::of(*link, *certified)),
+            _ => None,
         }
     }
 
@@ -1428,7 +1442,8 @@ impl Engine {
                 return;
             }
             let n = payload.len() as u64;
-            self.acct.sent(image, link, n);
+            let kind = self.kind_of(&peer).unwrap_or(PeerKind::of(link, false));
+            self.acct.sent(image, kind, n);
             self.upload.consume(n);
         }
         self.respond(peer, channel, resp);
@@ -1464,34 +1479,31 @@ impl Engine {
         resp: ChunkResponse,
     ) {
         let now = Instant::now();
+        let kind = self.kind_of(&peer);
         let Some(d) = self.downloads.get_mut(&image) else {
             return;
         };
         match resp {
             ChunkResponse::Data { encoding, payload } => {
-                let link = match self.peers.get(&peer) {
-                    Some(PeerState::Accepted { link, .. }) => Some(*link),
-                    _ => None,
-                };
                 let stored = self.store.has_chunk(&image, idx);
                 if stored || d.sched.is_verifying(idx) {
                     // A late endgame duplicate: count the bytes, drop the data.
-                    if let Some(link) = link {
-                        self.acct.received(image, link, payload.len() as u64);
+                    if let Some(kind) = kind {
+                        self.acct.received(image, kind, payload.len() as u64);
                     }
                     if stored {
                         d.sched.on_chunk(&peer, idx, now);
                     } else {
                         // The first copy is still being verified: only free this slot.
-                        d.sched.on_arrived(&peer, idx);
+                        d.sched.on_arrived(&peer, idx, now);
                     }
                     return;
                 }
-                if let Some(link) = link {
-                    self.acct.received(image, link, payload.len() as u64);
+                if let Some(kind) = kind {
+                    self.acct.received(image, kind, payload.len() as u64);
                 }
                 debug!(%peer, idx, bytes = payload.len(), "chunk arrived");
-                d.sched.on_arrived(&peer, idx);
+                d.sched.on_arrived(&peer, idx, now);
                 let m = d.manifest.clone();
                 let store = self.store.clone();
                 let itx = self.itx.clone();
@@ -2435,7 +2447,15 @@ impl Engine {
         let wan: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, st)| matches!(st, PeerState::Accepted { link: Link::Wan }))
+            .filter(|(_, st)| {
+                matches!(
+                    st,
+                    PeerState::Accepted {
+                        link: Link::Wan,
+                        ..
+                    }
+                )
+            })
             .map(|(p, _)| *p)
             .collect();
         for p in wan {
@@ -2485,7 +2505,15 @@ impl Engine {
             wan_links: self
                 .peers
                 .values()
-                .filter(|s| matches!(s, PeerState::Accepted { link: Link::Wan }))
+                .filter(|s| {
+                    matches!(
+                        s,
+                        PeerState::Accepted {
+                            link: Link::Wan,
+                            ..
+                        }
+                    )
+                })
                 .count(),
             images,
             total: self.acct.total(),

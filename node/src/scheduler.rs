@@ -59,6 +59,9 @@ use std::time::{Duration, Instant};
 /// Chunks the local bridgehead announced that one scheduling pass looks at, at most, for the
 /// ones this host is the designated taker of.
 const ANNOUNCED_SCAN: usize = 256;
+/// Endgame copies a LAN request only once it has waited at least this long (and four times
+/// the smoothed LAN latency).
+const ENDGAME_MIN_WAIT: Duration = Duration::from_millis(200);
 /// LAN availability is tracked exactly up to this many holders; chunks held by more count as
 /// equally common (rarest-first only matters among the rare ones).
 const MAX_RARITY: u32 = 8;
@@ -288,6 +291,7 @@ impl Peer {
 
 #[derive(Clone, Copy, Debug)]
 struct Request {
+    sent: Instant,
     deadline: Instant,
     /// Sent to a WAN source (decided at send time, even if the peer's kind changes later).
     wan: bool,
@@ -356,6 +360,9 @@ pub struct Download {
     me: Option<PeerId>,
     /// When the download started (before the first chunk, progress is measured from here).
     started: Option<Instant>,
+    /// Smoothed time from a LAN request to its data (endgame copies only requests that have
+    /// waited several times this long).
+    lan_latency: Option<Duration>,
 }
 
 impl Download {
@@ -404,6 +411,7 @@ impl Download {
             last_progress: None,
             me: None,
             started: None,
+            lan_latency: None,
         }
     }
 
@@ -653,17 +661,28 @@ impl Download {
             break;
         }
 
-        // 5. Endgame: everything missing is in flight; spare LAN slots duplicate.
-        if self.cfg.endgame && self.wanted_count() == 0 && !free.lan.is_empty() {
-            let mut chunks: Vec<u32> = self
+        // 5. Endgame: everything missing is in flight, and to LAN peers (a chunk a bridgehead
+        //    still has to pull is not late: copying LAN requests then only wastes the LAN);
+        //    spare LAN slots duplicate the requests that have waited several times the usual
+        //    LAN latency (a request just sent deserves its chance).
+        if self.cfg.endgame
+            && self.wanted_count() == 0
+            && !free.lan.is_empty()
+            && !self
                 .requests
                 .keys()
-                .map(|&(_, idx)| idx)
+                .any(|&(slot, _)| self.peers[slot].kind.is_bridgehead())
+        {
+            let patience = self
+                .lan_latency
+                .map_or(ENDGAME_MIN_WAIT, |l| (l * 4).max(ENDGAME_MIN_WAIT));
+            let mut chunks: Vec<u32> = self
+                .requests
+                .iter()
+                .filter(|(_, r)| now.saturating_duration_since(r.sent) >= patience)
+                .map(|(&(_, idx), _)| idx)
                 .filter(|&idx| !self.held[idx as usize])
                 .collect();
-            // Only chunks that were already in flight: a request just sent deserves its chance.
-            let just_sent: HashSet<u32> = out.iter().map(|&(_, i)| i).collect();
-            chunks.retain(|idx| !just_sent.contains(idx));
             // Random order again, and one entry per chunk.
             chunks.sort_unstable_by_key(|&idx| self.pos_of[idx as usize]);
             chunks.dedup();
@@ -686,13 +705,20 @@ impl Download {
     /// hashes and writes), and the chunk is not asked of anyone else meanwhile. Settle it
     /// with [`Download::on_chunk`], or with [`Download::on_failure`] (`Corrupt`), which
     /// makes it wanted again.
-    pub fn on_arrived(&mut self, peer: &PeerId, idx: u32) {
+    pub fn on_arrived(&mut self, peer: &PeerId, idx: u32, now: Instant) {
         if idx >= self.chunk_count || self.held[idx as usize] {
             return;
         }
         if let Some(&slot) = self.slots.get(peer) {
-            if self.finish_request(slot, idx).is_some() {
+            if let Some(req) = self.finish_request(slot, idx) {
                 self.peers[slot].busy_streak = 0;
+                if self.peers[slot].kind == SourceKind::Lan {
+                    let took = now.saturating_duration_since(req.sent);
+                    self.lan_latency = Some(match self.lan_latency {
+                        Some(l) => (l * 7 + took) / 8,
+                        None => took,
+                    });
+                }
             }
         }
         self.set_verifying(idx, true);
@@ -1154,6 +1180,7 @@ impl Download {
         self.requests.insert(
             (slot, idx),
             Request {
+                sent: now,
                 deadline: now + self.cfg.timeout(kind),
                 wan,
             },
@@ -1339,7 +1366,7 @@ mod tests {
         // A's two answers arrive and go to verification: A's slots are free again at once.
         let from_a = to(&first, a);
         for &i in &from_a {
-            d.on_arrived(&a, i);
+            d.on_arrived(&a, i, now);
         }
         assert_eq!(d.inflight_to(&a), 0);
         assert_eq!(d.verifying(), 2);
@@ -1800,6 +1827,11 @@ mod tests {
         let now = Instant::now();
         let first = d.next_requests(now);
         assert_eq!(first.len(), 4);
+        assert!(
+            d.next_requests(now).is_empty(),
+            "a request just sent deserves its chance"
+        );
+        let now = now + ENDGAME_MIN_WAIT;
         let dups = d.next_requests(now);
         assert_eq!(
             dups.len(),

@@ -33,6 +33,17 @@ pub struct Counters {
     pub wan_recv_chunks: u64,
     /// Chunks that failed verification (received from others).
     pub bad_chunks: u64,
+    /// Of the LAN bytes, those sent to and received from certified bridgeheads of our own
+    /// IDC; the rest went to or came from ordinary hosts (`hosts_*`). WAN bytes are those
+    /// exchanged with other IDCs (remote bridgeheads under BIDS). Absent from older nodes.
+    #[serde(default)]
+    pub bridgehead_sent_bytes: u64,
+    #[serde(default)]
+    pub bridgehead_recv_bytes: u64,
+    #[serde(default)]
+    pub hosts_sent_bytes: u64,
+    #[serde(default)]
+    pub hosts_recv_bytes: u64,
 }
 
 impl Counters {
@@ -46,6 +57,10 @@ impl Counters {
         self.wan_sent_chunks += o.wan_sent_chunks;
         self.wan_recv_chunks += o.wan_recv_chunks;
         self.bad_chunks += o.bad_chunks;
+        self.bridgehead_sent_bytes += o.bridgehead_sent_bytes;
+        self.bridgehead_recv_bytes += o.bridgehead_recv_bytes;
+        self.hosts_sent_bytes += o.hosts_sent_bytes;
+        self.hosts_recv_bytes += o.hosts_recv_bytes;
     }
 }
 

@@ -48,7 +48,8 @@ async fn bridgehead_sends_each_chunk_into_its_lan_about_once() {
     let took = started.elapsed().as_secs_f64();
 
     let want = file_hash(&file);
-    let mut from_hosts = 0;
+    // What B's hosts sent, and received from their bridgehead and from each other.
+    let (mut sent, mut from_bridgehead, mut from_hosts) = (0, 0, 0);
     for &i in &b {
         assert_eq!(
             file_hash(&c.nodes[i].node().store().image_path(&m.id())),
@@ -56,20 +57,42 @@ async fn bridgehead_sends_each_chunk_into_its_lan_about_once() {
             "node {i} of B is not bit-exact"
         );
         if i != bridgehead {
-            from_hosts += status(&c, i).await.total.lan_sent_bytes;
+            let t = status(&c, i).await.total;
+            assert_eq!(t.wan_recv_bytes, 0, "host {i} crossed the WAN");
+            assert_eq!(
+                t.lan_recv_bytes,
+                t.bridgehead_recv_bytes + t.hosts_recv_bytes,
+                "host {i}: LAN bytes by kind of peer do not add up"
+            );
+            sent += t.lan_sent_bytes;
+            from_bridgehead += t.bridgehead_recv_bytes;
+            from_hosts += t.hosts_recv_bytes;
         }
     }
-    let st = status(&c, bridgehead).await;
-    let upload = st.total.lan_sent_bytes as f64 / size as f64;
+    let st = status(&c, bridgehead).await.total;
+    let upload = st.lan_sent_bytes as f64 / size as f64;
     let bound = size as f64 / wan as f64;
     let last = times.iter().copied().fold(0.0, f64::max);
+    let x = |n: u64| n as f64 / size as f64;
     eprintln!(
-        "B's bridgehead LAN upload {:.2} x S, hosts' LAN upload {:.2} x S, WAN into B {:.3} x S; \
-         last host {last:.1} s = {:.2} x S/B_wan ({took:.1} s in all)",
-        upload,
-        from_hosts as f64 / size as f64,
-        st.total.wan_recv_bytes as f64 / size as f64,
+        "B's bridgehead LAN upload {upload:.2} x S; B's hosts sent {:.2} x S, received {:.2} x S \
+         from the bridgehead and {:.2} x S from each other; WAN into B {:.3} x S; last host \
+         {last:.1} s = {:.2} x S/B_wan ({took:.1} s in all); the bridgehead received {:.2} x S from \
+         hosts",
+        x(sent),
+        x(from_bridgehead),
+        x(from_hosts),
+        x(st.wan_recv_bytes),
         last / bound,
+        x(st.hosts_recv_bytes),
+    );
+    assert_eq!(
+        st.lan_sent_bytes, st.hosts_sent_bytes,
+        "the bridgehead's LAN upload all went to ordinary hosts"
+    );
+    assert_eq!(
+        from_bridgehead, st.lan_sent_bytes,
+        "what the hosts received from their bridgehead is what it sent them"
     );
     assert!(
         upload <= 1.5,
