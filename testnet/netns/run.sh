@@ -7,7 +7,11 @@
 #   run.sh --bin target/release/bids --image FILE --mode bids|baseline --csv runs.csv \
 #          [--providers 4] [--provider-hosts 2] [--hosts 8] [--wan-mbit 10] [--delay-ms 15]
 #          [--lan-mbit 200] [--chunk-bytes 258048] [--jitter-ms 2000] [--seed 1]
-#          [--sweep bw|delay] [--timeout-s 600] [--keep-logs DIR]
+#          [--sweep bw|delay|lan|hosts] [--bridgehead-random 0|1] [--timeout-s 600]
+#          [--keep-logs DIR]
+#
+# --bridgehead-random 1: the requester's bridgehead is one of the hosts started in random
+# order with a random delay (by default it starts first, at once).
 #
 # Exit status: 0 when every host got a bit-exact copy and no process died, non-zero otherwise.
 set -euo pipefail
@@ -17,7 +21,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 BIN="" IMAGE="" MODE="bids" CSV="" PROVIDERS=4 PROVIDER_HOSTS=2 HOSTS=8 WAN_MBIT=10
 DELAY_MS=15 LAN_MBIT=200 CHUNK=258048 JITTER_MS=2000 SEED=1 SWEEP="" TIMEOUT_S=600
-KEEP_LOGS=""
+KEEP_LOGS="" BH_RANDOM=0
 while (($#)); do
 	case $1 in
 	--bin) BIN=$2 ;;
@@ -36,6 +40,7 @@ while (($#)); do
 	--sweep) SWEEP=$2 ;;
 	--timeout-s) TIMEOUT_S=$2 ;;
 	--keep-logs) KEEP_LOGS=$2 ;;
+	--bridgehead-random) BH_RANDOM=$2 ;;
 	*) bn_die "unknown option $1" ;;
 	esac
 	shift 2
@@ -200,11 +205,16 @@ bn_log "$MODE: $HOSTS hosts of idc$R fetch $((SIZE >> 10)) KiB; WAN $WAN_MBIT Mb
 k_in0=$(bn_counter "$RNS" wan rx_bytes)
 k_off0=$(bn_counter "$BN_ROUTER_NS" "wan$R" tx_bytes)
 k_pk0=$(bn_counter "$RNS" wan rx_packets)
+# The requester's bridgehead's upload, counted on its own veth (its LAN upload, plus the small
+# WAN-bound traffic of its pull: requests and TCP acknowledgements).
+BH_NS=$(bn_host_ns "$R" 1)
+bh_tx0=$(bn_counter "$BH_NS" eth0 tx_bytes)
 
 # The requester's bridgehead starts at once (it pulls the image into the IDC); the hosts in
 # random order, each after a random delay of up to JITTER_MS.
 RANDOM=$SEED
-order=$(for ((j = 2; j <= HOSTS + 1; j++)); do echo "$RANDOM $j"; done | sort -n | cut -d' ' -f2)
+first=$((BH_RANDOM ? 1 : 2))
+order=$(for ((j = first; j <= HOSTS + 1; j++)); do echo "$RANDOM $j"; done | sort -n | cut -d' ' -f2)
 fetch() { # fetch J START_DELAY_MS
 	local j=$1 d=$2 t0 t1 rc=0
 	sleep "$(printf '%d.%03d' $((d / 1000)) $((d % 1000)))"
@@ -215,8 +225,11 @@ fetch() { # fetch J START_DELAY_MS
 	echo "$j $rc $t0 $t1 $d" >"$BN_WORK/fetch-$j.res"
 }
 T0=$(date +%s.%N)
-fetch 1 0 &
-FETCH_PIDS=($!)
+FETCH_PIDS=()
+if ((!BH_RANDOM)); then
+	fetch 1 0 &
+	FETCH_PIDS+=($!)
+fi
 for j in $order; do
 	fetch "$j" $((RANDOM % (JITTER_MS + 1))) &
 	FETCH_PIDS+=($!)
@@ -227,11 +240,14 @@ T1=$(date +%s.%N)
 k_in=$(($(bn_counter "$RNS" wan rx_bytes) - k_in0))
 k_off=$(($(bn_counter "$BN_ROUTER_NS" "wan$R" tx_bytes) - k_off0))
 k_pk=$(($(bn_counter "$RNS" wan rx_packets) - k_pk0))
+bh_tx=$(($(bn_counter "$BH_NS" eth0 tx_bytes) - bh_tx0))
 
 # Results: a host's provision time is what its node reports for the fetch (request to
 # complete and verified); every copy is compared with the source byte for byte.
 fail=()
 ptimes=()
+lan_rates=()
+bh_sent=0
 nodes_in=0
 makespan=0
 hosts_json=()
@@ -245,17 +261,23 @@ for ((j = 1; j <= HOSTS + 1; j++)); do
 		fail+=("host $j of idc$R: copy is not bit-exact")
 	fi
 	rm -f "$BN_WORK/out-$j.raw"
+	st=""
 	if kill -0 "${NODE_PID[$R-$j]}" 2>/dev/null; then
-		w=$("$BIN" image status "$REF" --store "$BN_WORK/s$R-$j" --json 2>/dev/null |
-			json_num wan_recv_bytes || echo 0)
-	else
-		w=0
+		st=$("$BIN" image status "$REF" --store "$BN_WORK/s$R-$j" --json 2>/dev/null || true)
 	fi
+	w=$(json_num wan_recv_bytes <<<"$st")
+	lan_in=$(json_num lan_recv_bytes <<<"$st")
+	((j == 1)) && bh_sent=$(json_num lan_sent_bytes <<<"$st")
+	# The host's mean LAN download rate over its provision time (Mbit/s).
+	lan_rate=$(awk "BEGIN { print ($secs > 0) ? ${lan_in:-0} * 8 / $secs / 1e6 : 0 }")
 	nodes_in=$((nodes_in + ${w:-0}))
 	((j > 1)) && ptimes+=("$secs")
 	# Completion since the bridgehead's start: the host's start delay plus its provision time.
 	makespan=$(awk "BEGIN { e = $d / 1000 + $secs; print (e > $makespan) ? e : $makespan }")
-	hosts_json+=("{\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"wan_recv_bytes\":${w:-0}}")
+	hosts_json+=("{\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"wan_recv_bytes\":${w:-0},\"lan_recv_bytes\":${lan_in:-0},\"lan_recv_mbit_per_s\":$(printf '%.1f' "$lan_rate")}")
+	if ((j > 1)); then
+		lan_rates+=("$lan_rate")
+	fi
 done
 # What the provider IDCs' nodes say they sent over the WAN.
 prov_out=0
@@ -274,6 +296,7 @@ kill -0 "$GIS_PID" 2>/dev/null || fail+=("the GIS died")
 
 stats=$(printf '%s\n' "${ptimes[@]}" | awk '{s+=$1; if($1>m)m=$1; if(n==0||$1<mn)mn=$1; n++} END {printf "%.3f %.3f %.3f", s/n, m, mn}')
 read -r mean max min <<<"$stats"
+read -r lan_min lan_mean <<<"$(printf '%s\n' "${lan_rates[@]}" | awk '{s+=$1; if(n==0||$1<m)m=$1; n++} END {printf "%.1f %.1f", m, s/n}')"
 bound=$(calc "$SIZE * 8 / ($WAN_MBIT * 1000000)")
 wall=$(calc "$T1 - $T0")
 verified=$([[ ${#fail[@]} == 0 ]] && echo 1 || echo 0)
@@ -283,12 +306,13 @@ kill -TERM "$BN_LINKEMU_PID" 2>/dev/null || true
 for _ in $(seq 30); do kill -0 "$BN_LINKEMU_PID" 2>/dev/null || break; sleep 0.1; done
 drops=$(grep -oE '"(up|down)_dropped":[0-9]+' "$BN_WORK/linkemu.out" | awk -F: '{ s += $2 } END { print s + 0 }')
 
-HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s"
+HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean"
 [[ -s $CSV ]] || echo "$HEADER" >"$CSV"
-printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f\n' "$MODE" "$SIZE" \
+printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s\n' "$MODE" "$SIZE" \
 	"$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$mean" "$max" "$k_in" "$nodes_in" "$SWEEP" "$CHUNK" "$min" \
 	"$bound" "$k_off" "$k_pk" "$drops" "$wall" "$PROVIDERS" "$verified" "$idle_bps" "$prov_out" \
-	"$makespan" >>"$CSV"
+	"$makespan" "$LAN_MBIT" "$BH_RANDOM" "$bh_tx" "${bh_sent:-0}" "$(calc "$bh_tx / $SIZE")" \
+	"$(calc "${bh_sent:-0} / $SIZE")" "$lan_min" "$lan_mean" >>"$CSV"
 {
 	printf '{"mode":"%s","image_bytes":%s,"wan_mbit":%s,"delay_ms":%s,"hosts":%s,"providers":%s,' \
 		"$MODE" "$SIZE" "$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$PROVIDERS"
@@ -300,7 +324,7 @@ printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f\
 		)"
 } >>"${CSV%.csv}.jsonl"
 
-bn_log "$MODE done: mean $mean s, last $max s (S/B $(printf '%.2f' "$bound") s); WAN in: kernel $k_in B, nodes $nodes_in B (image $SIZE B); drops $drops"
+bn_log "$MODE done: mean $mean s, last $max s (S/B $(printf '%.2f' "$bound") s); WAN in: kernel $k_in B, nodes $nodes_in B (image $SIZE B); drops $drops; bridgehead upload: kernel $(calc "$bh_tx / $SIZE") x image, node $(calc "${bh_sent:-0} / $SIZE") x image; hosts' LAN download $lan_min-$lan_mean Mbit/s (min-mean)"
 if ((${#fail[@]})); then
 	for f in "${fail[@]}"; do bn_log "FAIL: $f"; done
 	exit 1
