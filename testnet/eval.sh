@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The paper's §4 evaluation on real processes in Linux network namespaces (needs root):
-#   testnet/eval.sh --smoke | --quick | --full | --delay [--out DIR] [--bin PATH]
+#   testnet/eval.sh --smoke | --quick | --full | --delay | --pairs | --lan | --hosts
+#                   [--out DIR] [--bin PATH]
 # Each run builds a fresh netns testnet (testnet/netns/run.sh): 4 provider IDCs hold the
 # image, a requester IDC of 8 hosts and one bridgehead asks for it; BIDS and Baseline. Writes
 # DIR/runs.csv (one row per run), DIR/runs.jsonl (per-host details), DIR/summary.md (tables
@@ -17,6 +18,11 @@
 #            at 10 Mbit/s, three times                                     (~13 min)
 #   --pairs  the delay goal where it is hardest: the 4.5 MB image, BIDS at 10 Mbit/s, 10 and
 #            50 ms as pairs with the same seed (start order and delays), 16 seeds  (~6 min)
+#   --lan    LAN swarming against the LAN rate: a 32 MiB image, 8 hosts, 200 Mbit/s host
+#            links at WAN 10, 34 and 100 Mbit/s, and LAN = WAN = 100 Mbit/s; BIDS, the
+#            bridgehead first and started among the hosts in random order      (~5 min)
+#   --hosts  LAN swarming against the number of hosts: 8, 16, 32 and 64 hosts, 200 Mbit/s
+#            LAN, 34 Mbit/s WAN, a 32 MiB image; BIDS and Baseline             (~15 min)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NETNS=$ROOT/testnet/netns
@@ -26,7 +32,7 @@ NETNS=$ROOT/testnet/netns
 PROFILE="" OUT="" BIN=""
 while (($#)); do
 	case $1 in
-	--smoke | --quick | --full | --delay | --pairs) PROFILE=${1#--} ;;
+	--smoke | --quick | --full | --delay | --pairs | --lan | --hosts) PROFILE=${1#--} ;;
 	--out)
 		OUT=$2
 		shift
@@ -36,14 +42,14 @@ while (($#)); do
 		shift
 		;;
 	-h | --help)
-		sed -n '2,19p' "$0"
+		sed -n '2,25p' "$0"
 		exit 0
 		;;
-	*) bn_die "unknown option $1 (use --smoke, --quick, --full, --delay or --pairs, and --out DIR)" ;;
+	*) bn_die "unknown option $1 (use --smoke, --quick, --full, --delay, --pairs, --lan or --hosts, and --out DIR)" ;;
 	esac
 	shift
 done
-[[ -n $PROFILE ]] || bn_die "choose --smoke, --quick, --full, --delay or --pairs"
+[[ -n $PROFILE ]] || bn_die "choose --smoke, --quick, --full, --delay, --pairs, --lan or --hosts"
 ((EUID == 0)) || bn_die "network namespaces need root"
 command -v ip >/dev/null && command -v tc >/dev/null || bn_die "iproute2 (ip, tc) is needed"
 
@@ -131,6 +137,25 @@ pairs)
 	for seed in $(seq 1 16); do
 		for delay in 10 50; do
 			run bids 4500000 10 "$delay" delay --seed "$seed"
+		done
+	done
+	;;
+lan)
+	# The issue's LAN-swarming setup: 1 MiB chunks, all fetches started within 3 s.
+	for bh in 0 1; do
+		for wan in 10 34 100; do
+			run bids $((32 << 20)) "$wan" 15 lan --chunk-bytes 1048576 --jitter-ms 3000 \
+				--bridgehead-random "$bh"
+		done
+		run bids $((32 << 20)) 100 15 lan --chunk-bytes 1048576 --jitter-ms 3000 \
+			--bridgehead-random "$bh" --lan-mbit 100
+	done
+	;;
+hosts)
+	for hosts in 8 16 32 64; do
+		for mode in bids baseline; do
+			run "$mode" $((32 << 20)) 34 15 hosts --chunk-bytes 1048576 --jitter-ms 3000 \
+				--hosts "$hosts" --timeout-s 300
 		done
 	done
 	;;
