@@ -1,7 +1,8 @@
 //! The plots of the netns evaluation (`bids testnet eval-plot`): reads the `runs.csv` that
 //! `testnet/eval.sh` writes and draws the paper's Fig. 6 (provision time vs WAN bandwidth),
-//! Fig. 7 (chunks entering the requester IDC over the WAN) and Fig. 8 (provision time vs
-//! delay) as PNGs, one panel per image size. Running the experiment is left to the script.
+//! Fig. 7 (chunks entering the requester IDC over the WAN), Fig. 8 (provision time vs
+//! delay) and, beyond the paper, the last host against the number of hosts per IDC (LAN
+//! swarming) as PNGs, one panel per image size. Running the experiment is left to the script.
 //!
 //! Text is drawn with `ab_glyph` from a TrueType file read at run time (DejaVu Sans by
 //! default), so the binary needs no fontconfig or system font library.
@@ -372,6 +373,51 @@ fn fig8(runs: &[Run]) -> Vec<Panel> {
         .collect()
 }
 
+/// The last host's provision time ÷ S/B_wan against the hosts of the requester IDC (the
+/// `hosts` sweep), BIDS and Baseline, with the goal (1.3) as a reference line.
+fn fig_hosts(runs: &[Run]) -> Vec<Panel> {
+    grouped(runs, "hosts")
+        .into_iter()
+        .filter(|(_, modes)| modes.values().flatten().any(|r| r.sweep == "hosts"))
+        .map(|(size, modes)| {
+            let mut series = Vec::new();
+            let (mut xs, mut bw) = (Vec::new(), None);
+            for (mode, rows) in &modes {
+                bw = bw.or(rows.first().map(|r| r.wan_mbit));
+                xs.extend(rows.iter().map(|r| r.hosts as f64));
+                series.push(Series {
+                    label: format!("{} last host", mode_label(mode)),
+                    color: mode_color(mode),
+                    dashed: false,
+                    points: points(
+                        rows,
+                        |r| r.hosts as f64,
+                        |r| r.provision_s_max / (r.image_bytes as f64 * 8.0 / (r.wan_mbit * 1e6)),
+                    ),
+                });
+            }
+            xs.sort_by(f64::total_cmp);
+            xs.dedup();
+            series.push(Series {
+                label: "goal 1.3".into(),
+                color: REF_COLOR,
+                dashed: true,
+                points: xs.iter().map(|x| (*x, 1.3)).collect(),
+            });
+            Panel {
+                title: match bw {
+                    Some(b) => format!("{}, WAN {b} Mbit/s", size_label(size)),
+                    None => size_label(size),
+                },
+                x_label: "hosts in the requester IDC",
+                y_label: "last host / (S / B_wan)",
+                log_x: false,
+                series,
+            }
+        })
+        .collect()
+}
+
 fn bounds(panel: &Panel) -> ((f64, f64), (f64, f64)) {
     let pts = panel.series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
@@ -510,7 +556,7 @@ pub fn plot_all(runs: &[Run], out: &Path) -> Result<Vec<PathBuf>, PlotError> {
         path: out.to_path_buf(),
         source,
     })?;
-    let figs: [(&str, &str, Vec<Panel>); 3] = [
+    let figs: [(&str, &str, Vec<Panel>); 4] = [
         (
             "fig6_provision_vs_bandwidth.png",
             "Fig. 6: provision time vs WAN bandwidth",
@@ -525,6 +571,11 @@ pub fn plot_all(runs: &[Run], out: &Path) -> Result<Vec<PathBuf>, PlotError> {
             "fig8_provision_vs_delay.png",
             "Fig. 8: provision time vs WAN delay",
             fig8(runs),
+        ),
+        (
+            "fig_hosts_last_host_vs_hosts.png",
+            "LAN swarming: last host against hosts per IDC",
+            fig_hosts(runs),
         ),
     ];
     let mut written = Vec::new();
@@ -549,12 +600,15 @@ baseline,1048576,10,15,8,6.0,9.0,5000000,4800000,bw,262144\n\
 bids,1048576,34,15,8,0.6,0.8,1100000,1048576,bw,262144\n\
 baseline,1048576,34,15,8,2.0,3.0,3000000,2900000,bw,262144\n\
 bids,1048576,10,10,8,1.5,2.0,1100000,1048576,delay,262144\n\
-bids,1048576,10,50,8,1.6,2.1,1100000,1048576,delay,262144\n";
+bids,1048576,10,50,8,1.6,2.1,1100000,1048576,delay,262144\n\
+bids,1048576,34,15,8,0.3,0.33,1100000,1048576,hosts,262144\n\
+bids,1048576,34,15,16,0.3,0.35,1100000,1048576,hosts,262144\n\
+baseline,1048576,34,15,8,0.5,0.6,3000000,2900000,hosts,262144\n";
 
     #[test]
     fn parses_by_column_name() {
         let runs = parse_runs(CSV, Path::new("runs.csv")).unwrap();
-        assert_eq!(runs.len(), 6);
+        assert_eq!(runs.len(), 9);
         assert_eq!(runs[1].mode, "baseline");
         assert_eq!(runs[1].wan_in_bytes_kernel, 5_000_000);
         assert_eq!(runs[5].sweep, "delay");
@@ -594,6 +648,14 @@ bids,1048576,10,50,8,1.6,2.1,1100000,1048576,delay,262144\n";
         assert!((base_nodes.points[0].1 - 4_800_000.0 / 262_144.0).abs() < 1e-9);
         let f8 = fig8(&runs);
         assert_eq!(f8[0].series[0].points, vec![(10.0, 1.5), (50.0, 1.6)]);
+        let fh = fig_hosts(&runs);
+        assert_eq!(fh.len(), 1);
+        let bids = &fh[0].series[1];
+        assert_eq!(bids.label, "BIDS last host");
+        let bound = 1048576.0 * 8.0 / 34e6;
+        assert_eq!(bids.points.len(), 2);
+        assert!((bids.points[1].1 - 0.35 / bound).abs() < 1e-9, "{:?}", bids.points);
+        assert_eq!(bids.points[1].0, 16.0);
         // Repeated runs at one delay are averaged into one point.
         let mut rep = runs.clone();
         rep.push(Run {
@@ -616,7 +678,7 @@ bids,1048576,10,50,8,1.6,2.1,1100000,1048576,delay,262144\n";
         let runs = parse_runs(CSV, Path::new("runs.csv")).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let files = plot_all(&runs, dir.path()).unwrap();
-        assert_eq!(files.len(), 3);
+        assert_eq!(files.len(), 4);
         for f in files {
             let bytes = std::fs::read(&f).unwrap();
             assert_eq!(&bytes[1..4], b"PNG", "{}", f.display());
