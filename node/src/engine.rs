@@ -5,6 +5,7 @@
 //! blocking pool; their results come back as internal events.
 
 use crate::accounting::Accounting;
+use crate::backoff::Backoff;
 use crate::config::NodeConfig;
 use crate::gate::{self, Link};
 use crate::payload_cache::PayloadCache;
@@ -25,6 +26,7 @@ use bids_protocols::{ChunkIndex, Idc, ImageId, ImageRef, Manifest, Policy, Role}
 use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::request_response::{self as rr, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{gossipsub, identify, ping, Multiaddr, PeerId, Swarm};
 use serde::{Deserialize, Serialize};
@@ -42,6 +44,17 @@ const ANNOUNCE_BATCH: Duration = Duration::from_millis(100);
 const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
 /// How often a failed GIS lookup (or caller's request) is sent again before it fails.
 const GIS_RESENDS: u32 = 2;
+/// After the GIS connection is lost (or a dial fails) the GIS is redialled after a delay
+/// that starts here and doubles per failure, drawn at random in its upper half.
+const GIS_REDIAL_BASE: Duration = Duration::from_millis(250);
+/// ... up to this: a node is back at most this long (plus a tick) after the GIS is, and the
+/// hosts of a large IDC spread their redials over the upper half of it.
+const GIS_REDIAL_CAP: Duration = Duration::from_millis(2500);
+/// Requests someone waits for (a caller's, a fetch's first lookup) wait at most this long
+/// for the GIS to be reachable and registered with again; then they fail.
+const GIS_BACKLOG_WAIT: Duration = Duration::from_secs(15);
+/// At most this many such requests wait; more fail at once.
+const MAX_GIS_BACKLOG: usize = 256;
 /// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
 const FULL_ANNOUNCE_AFTER_CONNECT: Duration = Duration::from_millis(100);
 /// A download asks the GIS for fresh host lists this often.
@@ -547,6 +560,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         role: Role::Host,
         gis_connected: false,
         registered: false,
+        gis_redial: Backoff::new(GIS_REDIAL_BASE, GIS_REDIAL_CAP),
+        gis_dialing: false,
+        gis_lost: false,
+        gis_backlog: VecDeque::new(),
         revocations: Revocations::default(),
         peers: HashMap::new(),
         addrs: HashMap::new(),
@@ -601,6 +618,15 @@ struct Engine {
     role: Role,
     gis_connected: bool,
     registered: bool,
+    /// When to redial the GIS while it is unreachable (`crate::backoff`).
+    gis_redial: Backoff,
+    /// A dial of ours to the GIS is under way.
+    gis_dialing: bool,
+    /// The GIS connection was up once and was lost: the next one is a reconnection.
+    gis_lost: bool,
+    /// GIS requests someone waits for, held while the GIS is unreachable or has not yet
+    /// registered us again: since when, the request, its purpose and attempt.
+    gis_backlog: VecDeque<(Instant, GisRequest, GisPurpose, u32)>,
     revocations: Revocations,
     peers: HashMap<PeerId, PeerState>,
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
@@ -645,7 +671,8 @@ struct Engine {
 impl Engine {
     async fn run(mut self) {
         info!(peer = %self.me, idc = %self.cfg.idc, policy = %self.cfg.policy, "node started");
-        self.register();
+        // Registration follows once the connection is up (`on_gis_connected`).
+        self.dial_gis();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -687,6 +714,10 @@ impl Engine {
     /// or saturated link a GIS answer can time out, and one lost answer must not fail a
     /// download (registrations, heartbeats and publications repeat on their own).
     fn gis_request_attempt(&mut self, req: GisRequest, purpose: GisPurpose, attempt: u32) {
+        if !self.gis_connected {
+            self.hold_gis_request(req, purpose, attempt);
+            return;
+        }
         let keep = matches!(purpose, GisPurpose::Lookup { .. } | GisPurpose::Caller(_));
         let resend = keep.then(|| (req.clone(), attempt));
         let id = self
@@ -695,6 +726,96 @@ impl Engine {
             .gis
             .send_request(&self.gis_peer, req);
         self.gis_pending.insert(id, PendingGis { purpose, resend });
+    }
+
+    /// While the GIS is unreachable nothing is sent to it: each request would make the swarm
+    /// dial it again. What repeats on its own is dropped (registration, heartbeats,
+    /// publications: registering again re-publishes everything; a download's refresh asks
+    /// again later); what someone waits for is held, bounded in number and time, until we
+    /// are registered again.
+    fn hold_gis_request(&mut self, req: GisRequest, purpose: GisPurpose, attempt: u32) {
+        match purpose {
+            GisPurpose::Register | GisPurpose::Heartbeat | GisPurpose::Publish => {}
+            GisPurpose::Lookup {
+                image,
+                for_fetch: None,
+            } => self.lookup_failed(&image, None, String::new()),
+            p if self.gis_backlog.len() >= MAX_GIS_BACKLOG => self.on_gis_failure(
+                p,
+                "the GIS is unreachable and too many requests wait for it".into(),
+            ),
+            p => self
+                .gis_backlog
+                .push_back((Instant::now(), req, p, attempt)),
+        }
+    }
+
+    /// Sends the held requests (we are registered again), and fails those held too long.
+    fn drain_gis_backlog(&mut self, now: Instant) {
+        if self.registered && self.gis_connected {
+            for (_, req, purpose, attempt) in std::mem::take(&mut self.gis_backlog) {
+                self.gis_request_attempt(req, purpose, attempt);
+            }
+            return;
+        }
+        while let Some((since, ..)) = self.gis_backlog.front() {
+            if now.duration_since(*since) < GIS_BACKLOG_WAIT {
+                break;
+            }
+            if let Some((_, _, purpose, _)) = self.gis_backlog.pop_front() {
+                let why = format!(
+                    "not connected to and registered with the GIS {} for {GIS_BACKLOG_WAIT:?}",
+                    self.cfg.gis
+                );
+                self.on_gis_failure(purpose, why);
+            }
+        }
+    }
+
+    /// Dials the GIS at its configured address. The address is given with every dial: the
+    /// swarm forgets a peer's address after a failed dial, and the GIS is worth redialling.
+    fn dial_gis(&mut self) {
+        let opts = DialOpts::peer_id(self.gis_peer)
+            .addresses(vec![self.cfg.gis.clone()])
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) => self.gis_dialing = true,
+            Err(e) => self.gis_dial_failed(&e.to_string()),
+        }
+    }
+
+    fn gis_dial_failed(&mut self, error: &str) {
+        self.gis_dialing = false;
+        let wait = self.gis_redial.failed(Instant::now(), rand::random());
+        warn!(gis = %self.cfg.gis, %error, attempt = self.gis_redial.failures(), retry_in = ?wait, "cannot reach the GIS; redialling");
+    }
+
+    fn on_gis_connected(&mut self) {
+        self.gis_dialing = false;
+        if self.gis_connected {
+            return;
+        }
+        if self.gis_lost {
+            info!(gis = %self.cfg.gis, failed_dials = self.gis_redial.failures(), "reconnected to the GIS; registering again");
+        } else {
+            info!("connected to the GIS");
+        }
+        self.gis_connected = true;
+        self.gis_redial.reset();
+        self.register();
+    }
+
+    fn on_gis_disconnected(&mut self) {
+        if !self.gis_connected {
+            return;
+        }
+        self.gis_connected = false;
+        self.gis_lost = true;
+        // A restarted GIS has forgotten that we are alive: register again once back.
+        self.registered = false;
+        let wait = self.gis_redial.failed(Instant::now(), rand::random());
+        warn!(gis = %self.cfg.gis, retry_in = ?wait, "connection to the GIS lost; redialling with backoff (downloads go on with the peers they know)");
     }
 
     fn register(&mut self) {
@@ -931,10 +1052,7 @@ impl Engine {
             } => {
                 self.dialing.remove(&peer_id);
                 if peer_id == self.gis_peer {
-                    if !self.gis_connected {
-                        info!("connected to the GIS");
-                    }
-                    self.gis_connected = true;
+                    self.on_gis_connected();
                     return;
                 }
                 if num_established.get() == 1 && !self.peers.contains_key(&peer_id) {
@@ -960,9 +1078,7 @@ impl Engine {
                 ..
             } => {
                 if peer_id == self.gis_peer {
-                    // The next heartbeat redials it (request-response dials known addresses).
-                    warn!("connection to the GIS closed; it will be redialled");
-                    self.gis_connected = false;
+                    self.on_gis_disconnected();
                     return;
                 }
                 self.peers.remove(&peer_id);
@@ -975,6 +1091,13 @@ impl Engine {
                         d.sched.remove_peer(&peer_id);
                     }
                 }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(p),
+                error,
+                ..
+            } if p == self.gis_peer && !self.gis_connected => {
+                self.gis_dial_failed(&error.to_string());
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(p),
@@ -2023,6 +2146,10 @@ impl Engine {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if !self.gis_connected && !self.gis_dialing && self.gis_redial.due(now) {
+            self.dial_gis();
+        }
+        self.drain_gis_backlog(now);
         if now.duration_since(self.last_heartbeat) >= self.cfg.heartbeat {
             self.last_heartbeat = now;
             if !self.registered {
