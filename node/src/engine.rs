@@ -55,6 +55,8 @@ const GIS_REDIAL_CAP: Duration = Duration::from_millis(2500);
 const GIS_BACKLOG_WAIT: Duration = Duration::from_secs(15);
 /// At most this many such requests wait; more fail at once.
 const MAX_GIS_BACKLOG: usize = 256;
+/// While this node's bridgehead certificate is about to expire, the warning repeats this often.
+const CERT_WARN_EVERY: Duration = Duration::from_secs(86_400);
 /// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
 const FULL_ANNOUNCE_AFTER_CONNECT: Duration = Duration::from_millis(100);
 /// A download asks the GIS for fresh host lists this often.
@@ -148,6 +150,12 @@ pub struct NodeStatus {
     pub bad_chunks_served_to_us: u64,
     /// Rate limits and sharing now.
     pub settings: HostSettings,
+    /// When this node's bridgehead certificate expires (unix seconds); `None` without one.
+    #[serde(default)]
+    pub cert_expires_at: Option<i64>,
+    /// It expires within the configured warning period (`--cert-warn-days`).
+    #[serde(default)]
+    pub cert_expiring: bool,
 }
 
 /// Requests to the event loop.
@@ -565,6 +573,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         gis_lost: false,
         gis_backlog: VecDeque::new(),
         revocations: Revocations::default(),
+        wan_cert_ends: HashMap::new(),
+        cert_warned: None,
         peers: HashMap::new(),
         addrs: HashMap::new(),
         downloads: HashMap::new(),
@@ -628,6 +638,11 @@ struct Engine {
     /// registered us again: since when, the request, its purpose and attempt.
     gis_backlog: VecDeque<(Instant, GisRequest, GisPurpose, u32)>,
     revocations: Revocations,
+    /// When the certificates of the bridgeheads of other IDCs we accepted end (unix seconds,
+    /// from their hellos): their connections close then.
+    wan_cert_ends: HashMap<PeerId, i64>,
+    /// When we last warned that our own certificate is about to expire.
+    cert_warned: Option<Instant>,
     peers: HashMap<PeerId, PeerState>,
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     downloads: HashMap<ImageId, DownloadState>,
@@ -1082,6 +1097,7 @@ impl Engine {
                     return;
                 }
                 self.peers.remove(&peer_id);
+                self.wan_cert_ends.remove(&peer_id);
                 // Responses queued or held for it can no longer be delivered.
                 self.early.remove(&peer_id);
                 self.sending.remove(&peer_id);
@@ -1190,6 +1206,9 @@ impl Engine {
     fn accept(&mut self, peer: PeerId, h: &Hello, link: Link) {
         debug!(%peer, idc = %h.idc, ?link, "peer accepted");
         self.peers.insert(peer, PeerState::Accepted { link });
+        if let (Link::Wan, Policy::Bids, Some(c)) = (link, self.cfg.policy, &h.cert) {
+            self.wan_cert_ends.insert(peer, c.body.not_after);
+        }
         if link == Link::Wan && !self.downloads.is_empty() {
             // A bridgehead of another IDC that trades with us missed our incremental
             // announcements while unconnected: repeat the full ones now (a moment later,
@@ -2150,6 +2169,7 @@ impl Engine {
             self.dial_gis();
         }
         self.drain_gis_backlog(now);
+        self.check_cert_ends(now);
         if now.duration_since(self.last_heartbeat) >= self.cfg.heartbeat {
             self.last_heartbeat = now;
             if !self.registered {
@@ -2229,6 +2249,54 @@ impl Engine {
                 self.publish_gossip(Announcement { haves: vec![h] });
             }
         }
+    }
+
+    /// Certificates end at their not-after, as if revoked then: ours (this node becomes an
+    /// ordinary host of its IDC and registers again as one) and those of the bridgeheads of
+    /// other IDCs we accepted (their connections close; the other end closes too). A
+    /// certificate about to expire is warned about at start and daily.
+    fn check_cert_ends(&mut self, now: Instant) {
+        let secs = Self::now_secs();
+        if let Some(c) = &self.cfg.cert {
+            let (serial, not_after) = (c.body.serial, c.body.not_after);
+            let expires = bids_protocols::cert::fmt_time(not_after);
+            if secs >= not_after {
+                warn!(serial, %expires, "this node's bridgehead certificate expired: cross-IDC links close and the node goes on as an ordinary host of IDC {}; ask the admin for a new certificate and reload it (SIGHUP reloads --cert)", self.cfg.idc);
+                self.cfg.cert = None;
+                self.cert_warned = None;
+                self.leave_bridgehead_role();
+                self.register();
+            } else if self.cert_expiring(secs)
+                && self
+                    .cert_warned
+                    .is_none_or(|t| now.duration_since(t) >= CERT_WARN_EVERY)
+            {
+                self.cert_warned = Some(now);
+                let days_left = (not_after - secs) as f64 / 86_400.0;
+                warn!(serial, %expires, days_left = format!("{days_left:.1}"), "this node's bridgehead certificate expires soon; ask the admin for a new one and reload it (SIGHUP reloads --cert) before then");
+            }
+        }
+        let ended: Vec<PeerId> = self
+            .wan_cert_ends
+            .iter()
+            .filter(|(_, end)| secs >= **end)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in ended {
+            self.wan_cert_ends.remove(&p);
+            warn!(peer = %p, "the bridgehead certificate of this peer of another IDC expired; closing the connection");
+            self.peers.remove(&p);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
+    /// Our certificate ends within the warning period.
+    fn cert_expiring(&self, secs: i64) -> bool {
+        let warn = i64::try_from(self.cfg.cert_warn.as_secs()).unwrap_or(i64::MAX);
+        self.cfg
+            .cert
+            .as_ref()
+            .is_some_and(|c| secs.saturating_add(warn) >= c.body.not_after)
     }
 
     /// Remote bridgeheads that asked before we knew what our IDC holds are answered NotHeld
@@ -2505,9 +2573,19 @@ impl Engine {
             info!("bridgehead certificate dropped; cross-IDC links close");
             self.leave_bridgehead_role();
         } else if let Some(c) = &cert {
-            info!(serial = c.body.serial, db_id = %c.body.db_id, "bridgehead certificate set");
+            info!(serial = c.body.serial, db_id = %c.body.db_id, not_after = %bids_protocols::cert::fmt_time(c.body.not_after), "bridgehead certificate set");
         }
         self.cfg.cert = cert;
+        self.cert_warned = None;
+        // Bridgeheads of other IDCs still linked to us know our old certificate's end and
+        // would close then: tell them the new one.
+        if self.cfg.cert.is_some() {
+            let wan: Vec<PeerId> = self.wan_cert_ends.keys().copied().collect();
+            for p in wan {
+                let h = self.my_hello();
+                self.swarm.behaviour_mut().hello.send_request(&p, h);
+            }
+        }
         self.register_for(GisPurpose::RegisterFor(reply));
     }
 
@@ -2526,6 +2604,7 @@ impl Engine {
             .collect();
         for p in wan {
             self.peers.remove(&p);
+            self.wan_cert_ends.remove(&p);
             let _ = self.swarm.disconnect_peer_id(p);
         }
     }
@@ -2578,6 +2657,8 @@ impl Engine {
             refusals: self.acct.refusals(),
             bad_chunks_served_to_us: self.acct.total().bad_chunks,
             settings: self.settings(),
+            cert_expires_at: self.cfg.cert.as_ref().map(|c| c.body.not_after),
+            cert_expiring: self.cert_expiring(Self::now_secs()),
         }
     }
 }
