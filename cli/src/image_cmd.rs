@@ -299,7 +299,14 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                         bail!("image {image} is not in store {}", store.display());
                     };
                     if json {
-                        println!("{}", serde_json::to_string_pretty(i)?);
+                        // The image's report, plus the node's certificate expiry (operators
+                        // watch it from the same command).
+                        let mut v = serde_json::to_value(i)?;
+                        if let Some(o) = v.as_object_mut() {
+                            o.insert("cert_expires_at".into(), s.cert_expires_at.into());
+                            o.insert("cert_expiring".into(), s.cert_expiring.into());
+                        }
+                        println!("{}", serde_json::to_string_pretty(&v)?);
                     } else {
                         let c = &i.counters;
                         println!("{} {}", i.image, i.id);
@@ -337,6 +344,17 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                             "  node: {} IDC {} role {} refusals {}",
                             s.peer, s.idc, s.role, s.refusals
                         );
+                        if let Some(at) = s.cert_expires_at {
+                            println!(
+                                "  bridgehead certificate expires {}{}",
+                                bids_protocols::cert::fmt_time(at),
+                                if s.cert_expiring {
+                                    " (soon: ask the admin for a new one, then send SIGHUP)"
+                                } else {
+                                    ""
+                                }
+                            );
+                        }
                     }
                 }
             }

@@ -27,9 +27,13 @@ pub struct NodeArgs {
     /// Listen address (default /ip4/0.0.0.0/tcp/0).
     #[arg(long)]
     listen: Option<String>,
-    /// Bridgehead certificate (makes this host a bridgehead candidate of its IDC).
+    /// Bridgehead certificate (makes this host a bridgehead candidate of its IDC). SIGHUP
+    /// reloads it (a renewed certificate takes effect without a restart).
     #[arg(long)]
     cert: Option<PathBuf>,
+    /// Warn this many days before the bridgehead certificate expires (default 14).
+    #[arg(long)]
+    cert_warn_days: Option<u64>,
     #[arg(long)]
     admin_peer: Option<String>,
     #[arg(long)]
@@ -50,6 +54,7 @@ struct NodeSettings {
     store: Option<PathBuf>,
     listen: Option<String>,
     cert: Option<PathBuf>,
+    cert_warn_days: Option<u64>,
     admin_peer: Option<String>,
     policy: Option<String>,
     heartbeat_secs: Option<u64>,
@@ -72,6 +77,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
             ("store", s(&a.store)),
             ("listen", a.listen.clone()),
             ("cert", s(&a.cert)),
+            ("cert_warn_days", a.cert_warn_days.map(|v| v.to_string())),
             ("admin_peer", a.admin_peer.clone()),
             ("policy", a.policy.clone()),
             ("upload_bps", a.upload_bps.map(|v| v.to_string())),
@@ -103,8 +109,11 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     if let Some(e) = st.external_addr {
         cfg.external_addrs = vec![e.parse().context("external_addr is not a multiaddr")?];
     }
-    if let Some(c) = st.cert {
-        cfg.cert = Some(cert_cmd::read_cert(&c)?);
+    if let Some(c) = &st.cert {
+        cfg.cert = Some(cert_cmd::read_cert(c)?);
+    }
+    if let Some(d) = st.cert_warn_days {
+        cfg.cert_warn = Duration::from_secs(d.saturating_mul(86_400));
     }
     if let Some(p) = st.policy {
         cfg.policy = p.parse::<Policy>().map_err(anyhow::Error::msg)?;
@@ -114,7 +123,11 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     }
     cfg.upload_bps = st.upload_bps.unwrap_or(0);
     cfg.download_bps = st.download_bps.unwrap_or(0);
+    // Listen for SIGHUP before anything can send it: its default action ends the process.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP (certificate reloads)")?;
     let (node, task) = bids_node::start(cfg).await?;
+    let reload = tokio::spawn(reload_cert_on_sighup(hup, node.clone(), st.cert.clone()));
     for a in node.listen_addrs() {
         println!("{a}");
     }
@@ -129,7 +142,45 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         }
         _ = task => {}
     }
+    reload.abort();
     Ok(())
+}
+
+/// On every SIGHUP, reads the `--cert` file again and hands it to the node, which checks it
+/// and registers again: a renewed certificate takes effect without a restart. A file that
+/// is missing or refused leaves the node as it is, with the reason in the log.
+async fn reload_cert_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    node: bids_node::NodeHandle,
+    cert: Option<PathBuf>,
+) {
+    while hup.recv().await.is_some() {
+        let Some(path) = &cert else {
+            tracing::warn!(
+                "SIGHUP: this node runs without --cert; there is no certificate to reload"
+            );
+            continue;
+        };
+        let c = match cert_cmd::read_cert(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "SIGHUP: the certificate was not reloaded; the node keeps its current one"
+                );
+                continue;
+            }
+        };
+        let (serial, not_after) = (c.body.serial, c.body.not_after);
+        match node.set_cert(Some(c)).await {
+            Ok(role) => {
+                tracing::info!(file = %path.display(), serial, not_after, %role, "SIGHUP: bridgehead certificate reloaded")
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), serial, error = %e, "SIGHUP: the reloaded certificate was refused")
+            }
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -420,3 +420,122 @@ fn gis_nodes_lookup_and_fetch() {
     let log = std::fs::read_to_string(&n2_log).unwrap();
     assert!(!log.contains("malformed control request"), "{log}");
 }
+
+/// Issue 18, item 2 (d, e): a bridgehead's certificate file is replaced by a renewed one and
+/// the node is sent SIGHUP: it keeps running and takes the new certificate without a restart;
+/// `bids image status --json` shows when the certificate expires and whether that is within
+/// the warning period (`--cert-warn-days`).
+#[test]
+fn sighup_reloads_a_renewed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin = ok(&["key", "gen", "--out", &p(d, "admin.key")])
+        .trim()
+        .to_string();
+    ok(&["key", "gen", "--out", &p(d, "gis.key")]);
+    let db = ok(&["key", "gen", "--out", &p(d, "db.key")])
+        .trim()
+        .to_string();
+    let issue = |days: &str, out: &str| {
+        ok(&[
+            "cert",
+            "issue",
+            "--admin-key",
+            &p(d, "admin.key"),
+            "--peer",
+            &db,
+            "--idc",
+            "A",
+            "--db-id",
+            "a1",
+            "--days",
+            days,
+            "--out",
+            &p(d, out),
+        ]);
+        BridgeheadCert::from_bytes(&std::fs::read(d.join(out)).unwrap())
+            .unwrap()
+            .body
+            .not_after
+    };
+    let old_end = issue("30", "db.cert");
+    let gis = Daemon::start(&[
+        "gis",
+        "--key",
+        &p(d, "gis.key"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, "gis-data"),
+        "--admin-peer",
+        &admin,
+    ]);
+    let src = d.join("img.raw");
+    write_random(&src, 100_000, 7);
+    let store = p(d, "db");
+    ok(&[
+        "image",
+        "add",
+        &src.display().to_string(),
+        "--name",
+        "deb",
+        "--version",
+        "1",
+        "--store",
+        &store,
+    ]);
+    let mut node = {
+        let mut c = bids();
+        c.args([
+            "node",
+            "--key",
+            &p(d, "db.key"),
+            "--idc",
+            "A",
+            "--gis",
+            &gis.first_line,
+            "--store",
+            &store,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--admin-peer",
+            &admin,
+            "--cert",
+            &p(d, "db.cert"),
+            "--cert-warn-days",
+            "40",
+        ])
+        .stderr(Stdio::null());
+        Daemon::spawn(c)
+    };
+    let cert_status = || -> Option<(i64, bool)> {
+        let o = run(&["image", "status", "deb:1", "--store", &store, "--json"]);
+        if !o.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        Some((
+            v["cert_expires_at"].as_i64()?,
+            v["cert_expiring"].as_bool()?,
+        ))
+    };
+    wait_for("the node's status", Duration::from_secs(20), || {
+        Path::new(&store).join("control.sock").exists() && cert_status().is_some()
+    });
+    // 30 days left, warned about 40 days ahead: expiring.
+    assert_eq!(cert_status(), Some((old_end, true)));
+
+    // The admin renews it for a year; the operator replaces the file and sends SIGHUP.
+    let new_end = issue("365", "renewed.cert");
+    std::fs::rename(d.join("renewed.cert"), d.join("db.cert")).unwrap();
+    let pid = node.child.id().to_string();
+    let hup = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    assert!(hup.success());
+    wait_for("the renewed certificate", Duration::from_secs(10), || {
+        cert_status() == Some((new_end, false))
+    });
+    assert!(
+        node.child.try_wait().unwrap().is_none(),
+        "the node exited on SIGHUP"
+    );
+}

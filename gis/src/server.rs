@@ -159,6 +159,18 @@ impl GisHandle {
     }
 }
 
+impl GisHandle {
+    /// Kills the server as a crash would: its loop is aborted mid-flight (no graceful stop;
+    /// what sled has not yet written may be lost) and its connections drop. Returns once the
+    /// loop is gone. For fault tests.
+    pub async fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
 impl Drop for GisHandle {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {

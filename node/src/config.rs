@@ -41,7 +41,13 @@ pub struct NodeConfig {
     pub download_bps: u64,
     /// Serve chunks to others at all.
     pub sharing: bool,
+    /// Warn this long before the bridgehead certificate expires (in the log at start and
+    /// daily, and in the status as `cert_expiring`).
+    pub cert_warn: Duration,
 }
+
+/// Default of [`NodeConfig::cert_warn`]: 14 days.
+pub const DEFAULT_CERT_WARN: Duration = Duration::from_secs(14 * 86_400);
 
 impl NodeConfig {
     /// A configuration with defaults for everything but identity, IDC, GIS, store and admin.
@@ -71,6 +77,7 @@ impl NodeConfig {
             upload_bps: 0,
             download_bps: 0,
             sharing: true,
+            cert_warn: DEFAULT_CERT_WARN,
         }
     }
 

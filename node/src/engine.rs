@@ -5,6 +5,7 @@
 //! blocking pool; their results come back as internal events.
 
 use crate::accounting::{Accounting, PeerKind};
+use crate::backoff::Backoff;
 use crate::config::NodeConfig;
 use crate::gate::{self, Link};
 use crate::payload_cache::PayloadCache;
@@ -26,6 +27,7 @@ use bids_protocols::{ChunkIndex, Idc, ImageId, ImageRef, Manifest, Policy, Role}
 use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::request_response::{self as rr, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{gossipsub, identify, ping, Multiaddr, PeerId, Swarm};
 use serde::{Deserialize, Serialize};
@@ -43,6 +45,19 @@ const ANNOUNCE_BATCH: Duration = Duration::from_millis(100);
 const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
 /// How often a failed GIS lookup (or caller's request) is sent again before it fails.
 const GIS_RESENDS: u32 = 2;
+/// After the GIS connection is lost (or a dial fails) the GIS is redialled after a delay
+/// that starts here and doubles per failure, drawn at random in its upper half.
+const GIS_REDIAL_BASE: Duration = Duration::from_millis(250);
+/// ... up to this: a node is back at most this long (plus a tick) after the GIS is, and the
+/// hosts of a large IDC spread their redials over the upper half of it.
+const GIS_REDIAL_CAP: Duration = Duration::from_millis(2500);
+/// Requests someone waits for (a caller's, a fetch's first lookup) wait at most this long
+/// for the GIS to be reachable and registered with again; then they fail.
+const GIS_BACKLOG_WAIT: Duration = Duration::from_secs(15);
+/// At most this many such requests wait; more fail at once.
+const MAX_GIS_BACKLOG: usize = 256;
+/// While this node's bridgehead certificate is about to expire, the warning repeats this often.
+const CERT_WARN_EVERY: Duration = Duration::from_secs(86_400);
 /// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
 const FULL_ANNOUNCE_AFTER_CONNECT: Duration = Duration::from_millis(100);
 /// A download asks the GIS for fresh host lists this often.
@@ -136,6 +151,12 @@ pub struct NodeStatus {
     pub bad_chunks_served_to_us: u64,
     /// Rate limits and sharing now.
     pub settings: HostSettings,
+    /// When this node's bridgehead certificate expires (unix seconds); `None` without one.
+    #[serde(default)]
+    pub cert_expires_at: Option<i64>,
+    /// It expires within the configured warning period (`--cert-warn-days`).
+    #[serde(default)]
+    pub cert_expiring: bool,
 }
 
 /// Requests to the event loop.
@@ -548,7 +569,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         role: Role::Host,
         gis_connected: false,
         registered: false,
+        gis_redial: Backoff::new(GIS_REDIAL_BASE, GIS_REDIAL_CAP),
+        gis_dialing: false,
+        gis_lost: false,
+        gis_backlog: VecDeque::new(),
         revocations: Revocations::default(),
+        wan_cert_ends: HashMap::new(),
+        cert_warned: None,
         peers: HashMap::new(),
         addrs: HashMap::new(),
         downloads: HashMap::new(),
@@ -603,7 +630,21 @@ struct Engine {
     role: Role,
     gis_connected: bool,
     registered: bool,
+    /// When to redial the GIS while it is unreachable (`crate::backoff`).
+    gis_redial: Backoff,
+    /// A dial of ours to the GIS is under way.
+    gis_dialing: bool,
+    /// The GIS connection was up once and was lost: the next one is a reconnection.
+    gis_lost: bool,
+    /// GIS requests someone waits for, held while the GIS is unreachable or has not yet
+    /// registered us again: since when, the request, its purpose and attempt.
+    gis_backlog: VecDeque<(Instant, GisRequest, GisPurpose, u32)>,
     revocations: Revocations,
+    /// When the certificates of the bridgeheads of other IDCs we accepted end (unix seconds,
+    /// from their hellos): their connections close then.
+    wan_cert_ends: HashMap<PeerId, i64>,
+    /// When we last warned that our own certificate is about to expire.
+    cert_warned: Option<Instant>,
     peers: HashMap<PeerId, PeerState>,
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     downloads: HashMap<ImageId, DownloadState>,
@@ -650,7 +691,8 @@ struct Engine {
 impl Engine {
     async fn run(mut self) {
         info!(peer = %self.me, idc = %self.cfg.idc, policy = %self.cfg.policy, "node started");
-        self.register();
+        // Registration follows once the connection is up (`on_gis_connected`).
+        self.dial_gis();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -692,6 +734,10 @@ impl Engine {
     /// or saturated link a GIS answer can time out, and one lost answer must not fail a
     /// download (registrations, heartbeats and publications repeat on their own).
     fn gis_request_attempt(&mut self, req: GisRequest, purpose: GisPurpose, attempt: u32) {
+        if !self.gis_connected {
+            self.hold_gis_request(req, purpose, attempt);
+            return;
+        }
         let keep = matches!(purpose, GisPurpose::Lookup { .. } | GisPurpose::Caller(_));
         let resend = keep.then(|| (req.clone(), attempt));
         let id = self
@@ -700,6 +746,96 @@ impl Engine {
             .gis
             .send_request(&self.gis_peer, req);
         self.gis_pending.insert(id, PendingGis { purpose, resend });
+    }
+
+    /// While the GIS is unreachable nothing is sent to it: each request would make the swarm
+    /// dial it again. What repeats on its own is dropped (registration, heartbeats,
+    /// publications: registering again re-publishes everything; a download's refresh asks
+    /// again later); what someone waits for is held, bounded in number and time, until we
+    /// are registered again.
+    fn hold_gis_request(&mut self, req: GisRequest, purpose: GisPurpose, attempt: u32) {
+        match purpose {
+            GisPurpose::Register | GisPurpose::Heartbeat | GisPurpose::Publish => {}
+            GisPurpose::Lookup {
+                image,
+                for_fetch: None,
+            } => self.lookup_failed(&image, None, String::new()),
+            p if self.gis_backlog.len() >= MAX_GIS_BACKLOG => self.on_gis_failure(
+                p,
+                "the GIS is unreachable and too many requests wait for it".into(),
+            ),
+            p => self
+                .gis_backlog
+                .push_back((Instant::now(), req, p, attempt)),
+        }
+    }
+
+    /// Sends the held requests (we are registered again), and fails those held too long.
+    fn drain_gis_backlog(&mut self, now: Instant) {
+        if self.registered && self.gis_connected {
+            for (_, req, purpose, attempt) in std::mem::take(&mut self.gis_backlog) {
+                self.gis_request_attempt(req, purpose, attempt);
+            }
+            return;
+        }
+        while let Some((since, ..)) = self.gis_backlog.front() {
+            if now.duration_since(*since) < GIS_BACKLOG_WAIT {
+                break;
+            }
+            if let Some((_, _, purpose, _)) = self.gis_backlog.pop_front() {
+                let why = format!(
+                    "not connected to and registered with the GIS {} for {GIS_BACKLOG_WAIT:?}",
+                    self.cfg.gis
+                );
+                self.on_gis_failure(purpose, why);
+            }
+        }
+    }
+
+    /// Dials the GIS at its configured address. The address is given with every dial: the
+    /// swarm forgets a peer's address after a failed dial, and the GIS is worth redialling.
+    fn dial_gis(&mut self) {
+        let opts = DialOpts::peer_id(self.gis_peer)
+            .addresses(vec![self.cfg.gis.clone()])
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) => self.gis_dialing = true,
+            Err(e) => self.gis_dial_failed(&e.to_string()),
+        }
+    }
+
+    fn gis_dial_failed(&mut self, error: &str) {
+        self.gis_dialing = false;
+        let wait = self.gis_redial.failed(Instant::now(), rand::random());
+        warn!(gis = %self.cfg.gis, %error, attempt = self.gis_redial.failures(), retry_in = ?wait, "cannot reach the GIS; redialling");
+    }
+
+    fn on_gis_connected(&mut self) {
+        self.gis_dialing = false;
+        if self.gis_connected {
+            return;
+        }
+        if self.gis_lost {
+            info!(gis = %self.cfg.gis, failed_dials = self.gis_redial.failures(), "reconnected to the GIS; registering again");
+        } else {
+            info!("connected to the GIS");
+        }
+        self.gis_connected = true;
+        self.gis_redial.reset();
+        self.register();
+    }
+
+    fn on_gis_disconnected(&mut self) {
+        if !self.gis_connected {
+            return;
+        }
+        self.gis_connected = false;
+        self.gis_lost = true;
+        // A restarted GIS has forgotten that we are alive: register again once back.
+        self.registered = false;
+        let wait = self.gis_redial.failed(Instant::now(), rand::random());
+        warn!(gis = %self.cfg.gis, retry_in = ?wait, "connection to the GIS lost; redialling with backoff (downloads go on with the peers they know)");
     }
 
     fn register(&mut self) {
@@ -936,10 +1072,7 @@ impl Engine {
             } => {
                 self.dialing.remove(&peer_id);
                 if peer_id == self.gis_peer {
-                    if !self.gis_connected {
-                        info!("connected to the GIS");
-                    }
-                    self.gis_connected = true;
+                    self.on_gis_connected();
                     return;
                 }
                 if num_established.get() == 1 && !self.peers.contains_key(&peer_id) {
@@ -965,13 +1098,12 @@ impl Engine {
                 ..
             } => {
                 if peer_id == self.gis_peer {
-                    // The next heartbeat redials it (request-response dials known addresses).
-                    warn!("connection to the GIS closed; it will be redialled");
-                    self.gis_connected = false;
+                    self.on_gis_disconnected();
                     return;
                 }
                 self.peers.remove(&peer_id);
                 self.seeder.forget_host(&peer_id);
+                self.wan_cert_ends.remove(&peer_id);
                 // Responses queued or held for it can no longer be delivered.
                 self.early.remove(&peer_id);
                 self.sending.remove(&peer_id);
@@ -981,6 +1113,13 @@ impl Engine {
                         d.sched.remove_peer(&peer_id);
                     }
                 }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(p),
+                error,
+                ..
+            } if p == self.gis_peer && !self.gis_connected => {
+                self.gis_dial_failed(&error.to_string());
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(p),
@@ -1079,6 +1218,9 @@ impl Engine {
                 certified: h.cert.is_some(),
             },
         );
+        if let (Link::Wan, Policy::Bids, Some(c)) = (link, self.cfg.policy, &h.cert) {
+            self.wan_cert_ends.insert(peer, c.body.not_after);
+        }
         if link == Link::Wan && !self.downloads.is_empty() {
             // A bridgehead of another IDC that trades with us missed our incremental
             // announcements while unconnected: repeat the full ones now (a moment later,
@@ -2076,6 +2218,11 @@ impl Engine {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if !self.gis_connected && !self.gis_dialing && self.gis_redial.due(now) {
+            self.dial_gis();
+        }
+        self.drain_gis_backlog(now);
+        self.check_cert_ends(now);
         if now.duration_since(self.last_heartbeat) >= self.cfg.heartbeat {
             self.last_heartbeat = now;
             if !self.registered {
@@ -2155,6 +2302,54 @@ impl Engine {
                 self.publish_gossip(Announcement { haves: vec![h] });
             }
         }
+    }
+
+    /// Certificates end at their not-after, as if revoked then: ours (this node becomes an
+    /// ordinary host of its IDC and registers again as one) and those of the bridgeheads of
+    /// other IDCs we accepted (their connections close; the other end closes too). A
+    /// certificate about to expire is warned about at start and daily.
+    fn check_cert_ends(&mut self, now: Instant) {
+        let secs = Self::now_secs();
+        if let Some(c) = &self.cfg.cert {
+            let (serial, not_after) = (c.body.serial, c.body.not_after);
+            let expires = bids_protocols::cert::fmt_time(not_after);
+            if secs >= not_after {
+                warn!(serial, %expires, "this node's bridgehead certificate expired: cross-IDC links close and the node goes on as an ordinary host of IDC {}; ask the admin for a new certificate and reload it (SIGHUP reloads --cert)", self.cfg.idc);
+                self.cfg.cert = None;
+                self.cert_warned = None;
+                self.leave_bridgehead_role();
+                self.register();
+            } else if self.cert_expiring(secs)
+                && self
+                    .cert_warned
+                    .is_none_or(|t| now.duration_since(t) >= CERT_WARN_EVERY)
+            {
+                self.cert_warned = Some(now);
+                let days_left = (not_after - secs) as f64 / 86_400.0;
+                warn!(serial, %expires, days_left = format!("{days_left:.1}"), "this node's bridgehead certificate expires soon; ask the admin for a new one and reload it (SIGHUP reloads --cert) before then");
+            }
+        }
+        let ended: Vec<PeerId> = self
+            .wan_cert_ends
+            .iter()
+            .filter(|(_, end)| secs >= **end)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in ended {
+            self.wan_cert_ends.remove(&p);
+            warn!(peer = %p, "the bridgehead certificate of this peer of another IDC expired; closing the connection");
+            self.peers.remove(&p);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
+    /// Our certificate ends within the warning period.
+    fn cert_expiring(&self, secs: i64) -> bool {
+        let warn = i64::try_from(self.cfg.cert_warn.as_secs()).unwrap_or(i64::MAX);
+        self.cfg
+            .cert
+            .as_ref()
+            .is_some_and(|c| secs.saturating_add(warn) >= c.body.not_after)
     }
 
     /// Remote bridgeheads that asked before we knew what our IDC holds are answered NotHeld
@@ -2431,9 +2626,19 @@ impl Engine {
             info!("bridgehead certificate dropped; cross-IDC links close");
             self.leave_bridgehead_role();
         } else if let Some(c) = &cert {
-            info!(serial = c.body.serial, db_id = %c.body.db_id, "bridgehead certificate set");
+            info!(serial = c.body.serial, db_id = %c.body.db_id, not_after = %bids_protocols::cert::fmt_time(c.body.not_after), "bridgehead certificate set");
         }
         self.cfg.cert = cert;
+        self.cert_warned = None;
+        // Bridgeheads of other IDCs still linked to us know our old certificate's end and
+        // would close then: tell them the new one.
+        if self.cfg.cert.is_some() {
+            let wan: Vec<PeerId> = self.wan_cert_ends.keys().copied().collect();
+            for p in wan {
+                let h = self.my_hello();
+                self.swarm.behaviour_mut().hello.send_request(&p, h);
+            }
+        }
         self.register_for(GisPurpose::RegisterFor(reply));
     }
 
@@ -2460,6 +2665,7 @@ impl Engine {
             .collect();
         for p in wan {
             self.peers.remove(&p);
+            self.wan_cert_ends.remove(&p);
             let _ = self.swarm.disconnect_peer_id(p);
         }
     }
@@ -2520,6 +2726,8 @@ impl Engine {
             refusals: self.acct.refusals(),
             bad_chunks_served_to_us: self.acct.total().bad_chunks,
             settings: self.settings(),
+            cert_expires_at: self.cfg.cert.as_ref().map(|c| c.body.not_after),
+            cert_expiring: self.cert_expiring(Self::now_secs()),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod accounting;
 pub mod admin;
+pub mod backoff;
 pub mod config;
 pub mod control;
 pub mod engine;

@@ -79,7 +79,8 @@ impl Revocations {
     }
 }
 
-fn fmt_time(t: i64) -> String {
+/// Unix seconds as RFC 3339 (the number itself if out of range).
+pub fn fmt_time(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
         .ok()
         .and_then(|d| {

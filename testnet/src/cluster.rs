@@ -431,6 +431,49 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills the GIS abruptly, as a crash would (its task is aborted: no graceful stop,
+    /// connections dropped). Restart it with [`Cluster::start_gis_at_same_address`].
+    pub async fn kill_gis(&mut self) {
+        if let Some(g) = self.gis.take() {
+            g.abort().await;
+        }
+    }
+
+    /// Starts the GIS again on its data dir, identity and address (same port): nodes know
+    /// only the address they were configured with. Retries for a few seconds while the
+    /// killed GIS's port or database are still being released.
+    pub async fn start_gis_at_same_address(&mut self) -> Result<()> {
+        let mut listen = self.gis_addr.clone();
+        if matches!(
+            listen.iter().last(),
+            Some(libp2p::multiaddr::Protocol::P2p(_))
+        ) {
+            listen.pop();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut gcfg = GisConfig::new(
+                self.gis_key.clone(),
+                listen.clone(),
+                self.gis_dir.clone(),
+                self.admin.public().to_peer_id(),
+            );
+            gcfg.policy = self.spec.policy;
+            gcfg.heartbeat_timeout = Duration::from_secs(4);
+            match bids_gis::server::spawn(gcfg).await {
+                Ok(g) => {
+                    self.gis = Some(g);
+                    return Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "GIS restart on {listen} failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.context(format!("restarting the GIS on {listen}"))),
+            }
+        }
+    }
+
     /// Indexes of the nodes of an IDC.
     pub fn idc_nodes(&self, idc: &str) -> Vec<usize> {
         (0..self.nodes.len())

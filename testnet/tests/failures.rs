@@ -1,15 +1,18 @@
 //! Failures in a running cluster: a host killed mid-download resumes with only its missing
-//! chunks, a peer serving corrupted chunks corrupts nobody, and a bridgehead that dies
-//! mid-transfer is replaced by the other certified bridgehead of its IDC.
+//! chunks, a peer serving corrupted chunks corrupts nobody, a bridgehead that dies
+//! mid-transfer is replaced by the other certified bridgehead of its IDC, and a GIS killed
+//! mid-distribution is rejoined by every node once it is back.
 
 mod common;
 
+use bids_gis::admin_client::AdminClient;
 use bids_protocols::gis::ImageQuery;
 use bids_protocols::{ImageId, ImageRef, ObjectKind, Policy};
 use bids_testnet::cluster::{Cluster, ClusterSpec, IdcSpec};
 use common::{file_hash, idc, image_file, ordinary, status, wait_for, CHUNK, MIB};
+use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Issue 3, test 3: on a slow LAN, a host is killed once it holds some chunks, restarted on
 /// its store, and asked again: it completes bit-exact and receives only the chunks its store
@@ -294,6 +297,143 @@ async fn dead_bridgehead_is_replaced_by_another() {
     assert!(
         st.total.wan_recv_bytes > 0,
         "the surviving bridgehead never crossed the WAN: nobody took over"
+    );
+    c.shutdown().await;
+}
+
+/// Chunks of `id` held by `nodes`, summed.
+fn held(c: &Cluster, nodes: &[usize], id: &ImageId) -> u32 {
+    nodes
+        .iter()
+        .map(|&i| c.nodes[i].node().store().status(id).map_or(0, |s| s.held))
+        .sum()
+}
+
+/// Issue 18, item 1: the GIS is killed during a two-IDC distribution over a slow WAN and
+/// restarted 5 s later on the same address and data dir. Downloads go on meanwhile from the
+/// peers they know; once the GIS is back every node redials, registers and publishes again
+/// (all listed alive, B's hosts as holders, within 10 s); every copy is bit-exact and a
+/// host started afterwards fetches the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_rejoin_a_restarted_gis_and_downloads_go_on() {
+    common::init_logs();
+    let size = 12 * MIB;
+    let (file, _guard) = image_file(size, 61, false);
+    let wan = |spec: IdcSpec| IdcSpec {
+        wan_bps: 1_000_000,
+        wan_delay: Duration::from_millis(5),
+        ..spec
+    };
+    let mut c = Cluster::start(ClusterSpec {
+        idcs: vec![wan(idc("A", 1, 1)), wan(idc("B", 3, 1))],
+        policy: Policy::Bids,
+        shaped: true,
+    })
+    .await
+    .expect("cluster");
+    let holder = ordinary(&c, &c.idc_nodes("A"))[0];
+    let image: ImageRef = "gis-restart:1".parse().unwrap();
+    let m = c.seed(holder, &file, &image, CHUNK).await.expect("seeding");
+    let (id, total) = (m.id(), m.chunk_count());
+    let b = c.idc_nodes("B");
+    let hosts = ordinary(&c, &b);
+
+    let mut tasks = Vec::new();
+    for &i in &hosts {
+        let n = c.nodes[i].node().clone();
+        let q = ImageQuery::Ref(image.clone());
+        tasks.push((i, tokio::spawn(async move { n.fetch_and_wait(q).await })));
+    }
+    wait_for(
+        "B to hold a sixth of the image",
+        Duration::from_secs(20),
+        || {
+            let h = held(&c, &[b[0]], &id);
+            async move { (h >= total / 6).then_some(()) }
+        },
+    )
+    .await;
+    c.kill_gis().await;
+    let held_at_kill = held(&c, &b, &id);
+    assert!(
+        held_at_kill < total * b.len() as u32,
+        "B completed before the GIS died; slow the WAN down"
+    );
+    // The GIS stays down for 5 s, as in the report (a deliberate outage, not a wait).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let held_in_outage = held(&c, &b, &id);
+    assert!(
+        held_in_outage > held_at_kill,
+        "no chunk moved while the GIS was down ({held_at_kill} chunks held in B at the kill)"
+    );
+    c.start_gis_at_same_address()
+        .await
+        .expect("GIS restarts on its address");
+    let restarted = Instant::now();
+
+    // Every node is registered (alive) again, and B's hosts are listed as holders.
+    let admin = AdminClient::connect(c.gis_addr.clone(), c.admin.clone())
+        .await
+        .expect("admin client connects");
+    let everyone: BTreeSet<_> = c.nodes.iter().map(|n| n.peer_id()).collect();
+    wait_for(
+        "every node alive at the GIS again",
+        Duration::from_secs(10),
+        || async {
+            let alive: BTreeSet<_> = admin
+                .hosts()
+                .await
+                .ok()?
+                .into_iter()
+                .filter(|h| h.alive)
+                .map(|h| h.peer)
+                .collect();
+            everyone.is_subset(&alive).then_some(())
+        },
+    )
+    .await;
+    let b_peers: BTreeSet<_> = b.iter().map(|&i| c.nodes[i].peer_id()).collect();
+    wait_for(
+        "B's nodes listed as holders again",
+        Duration::from_secs(10).saturating_sub(restarted.elapsed()),
+        || async {
+            let list = c.lookup("B", &ImageQuery::Id(id)).await.ok()?;
+            let listed: BTreeSet<_> = list.level0.iter().map(|e| e.peer).collect();
+            b_peers.is_subset(&listed).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "all nodes back {:?} after the GIS restarted; B held {held_at_kill} chunks at the \
+         kill, {held_in_outage} at the restart",
+        restarted.elapsed()
+    );
+
+    for (i, t) in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .unwrap_or_else(|_| panic!("host {i} did not finish"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("host {i} failed: {e}"));
+    }
+    let want = file_hash(&file);
+    for &i in &hosts {
+        assert_eq!(
+            file_hash(&c.nodes[i].node().store().image_path(&id)),
+            want,
+            "host {i} is not bit-exact"
+        );
+    }
+    // A host that joins now finds the image through the restarted GIS.
+    let fresh = c.add_node("B").expect("a new host");
+    c.start_node(fresh).await.expect("the new host starts");
+    c.fetch_all(&[fresh], &image, Duration::from_secs(20))
+        .await
+        .expect("the new host fetches");
+    assert_eq!(
+        file_hash(&c.nodes[fresh].node().store().image_path(&id)),
+        want,
+        "the new host is not bit-exact"
     );
     c.shutdown().await;
 }

@@ -2,17 +2,19 @@
 //! and chunk protocols, nothing else) knocks on IDC A's nodes as an ordinary host of IDC B, as
 //! a "bridgehead" with a forged, stolen or expired certificate, and as a properly certified
 //! one (the control); then a real node with a forged certificate joins the cluster. Last, a
-//! peer that a node dialled asks for chunks before its welcome reached the node.
+//! peer that a node dialled asks for chunks before its welcome reached the node, and
+//! certificates that expire while their links are open close those links.
 
 mod common;
 
+use bids_gis::admin_client::AdminClient;
 use bids_protocols::cert::CertBody;
 use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse};
 use bids_protocols::gis::{self as gisp, ErrorKind, GisRequest, GisResponse, Holding, ImageQuery};
 use bids_protocols::hello::{self, Hello, HelloReply};
 use bids_protocols::{BridgeheadCert, Idc, ImageId, ImageRef, Manifest, Policy, Role};
-use bids_testnet::cluster::{issue_cert, Cluster, ClusterSpec};
-use common::{idc, image_file, status, wait_for, CHUNK, MIB};
+use bids_testnet::cluster::{issue_cert, Cluster, ClusterSpec, IdcSpec};
+use common::{file_hash, idc, image_file, ordinary, status, wait_for, CHUNK, MIB};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -738,5 +740,213 @@ async fn a_chunk_request_that_overtakes_the_welcome_is_served() {
         "the bridgehead refused someone"
     );
     answering.abort();
+    c.shutdown().await;
+}
+
+/// Sleeps until unix time `at_ms` (milliseconds).
+async fn sleep_until_unix_ms(at_ms: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    if at_ms > now {
+        tokio::time::sleep(Duration::from_millis((at_ms - now) as u64)).await;
+    }
+}
+
+/// Issue 18, item 2 (b): a bridgehead of another IDC whose certificate was valid at its hello
+/// is disconnected at the certificate's not-after, by our side alone (this raw peer never
+/// closes on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_whose_certificate_expires_is_disconnected_at_its_not_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _, bridgehead, _, _) = setup(dir.path()).await;
+    let key = Keypair::generate_ed25519();
+    let now = bids_protocols::unix_now();
+    let cert = BridgeheadCert::issue(
+        &c.admin,
+        CertBody {
+            peer: key.public().to_peer_id(),
+            idc: Idc::new("B").unwrap(),
+            db_id: "B-short".into(),
+            serial: 8888,
+            not_before: now - 60,
+            not_after: now + 3,
+            issuer: key.public().to_peer_id(),
+        },
+    )
+    .unwrap();
+    let not_after = cert.body.not_after;
+    // B's real bridgehead is linked already.
+    let links = status(&c, bridgehead).await.wan_links;
+    let mut client = RawPeer::new(key);
+    let peer = client.connect(&addr_of(&c, bridgehead)).await;
+    match client.hello(peer, hello_as("B", Some(cert))).await {
+        Ok(HelloReply::Welcome(_)) => {}
+        other => panic!("a bridgehead with a valid certificate was not welcome: {other:?}"),
+    }
+    assert_eq!(status(&c, bridgehead).await.wan_links, links + 1);
+    client.closed(peer).await;
+    let closed_at = bids_protocols::unix_now();
+    assert!(
+        closed_at >= not_after && closed_at <= not_after + 2,
+        "closed at {closed_at}, the certificate ended at {not_after}"
+    );
+    assert_eq!(status(&c, bridgehead).await.wan_links, links);
+    c.shutdown().await;
+}
+
+/// Issue 18, item 2: B's bridgehead gets a certificate that ends a few seconds into a
+/// cross-IDC transfer over a slow WAN. At its not-after the WAN transfer stops (no WAN byte
+/// moves 2 s later), the node is an ordinary host (status and GIS), B gets no chosen
+/// bridgehead; a renewed certificate handed over without a restart makes it a bridgehead
+/// again, and B's hosts complete bit-exact, never crossing the WAN themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_bridgehead_certificate_stops_the_wan_and_a_renewal_resumes_it() {
+    common::init_logs();
+    let size = 16 * MIB;
+    let (file, _guard) = image_file(size, 71, false);
+    let wan = |spec: IdcSpec| IdcSpec {
+        wan_bps: 1_000_000,
+        wan_delay: Duration::from_millis(5),
+        ..spec
+    };
+    let c = Cluster::start(ClusterSpec {
+        idcs: vec![wan(idc("A", 1, 1)), wan(idc("B", 2, 1))],
+        policy: Policy::Bids,
+        shaped: true,
+    })
+    .await
+    .expect("cluster");
+    let holder = ordinary(&c, &c.idc_nodes("A"))[0];
+    let image: ImageRef = "expiry:1".parse().unwrap();
+    let m = c.seed(holder, &file, &image, CHUNK).await.expect("seeding");
+    let id = m.id();
+    let b = c.idc_nodes("B");
+    let db = b[0];
+    assert!(c.nodes[db].is_bridgehead());
+    let hosts = ordinary(&c, &b);
+    let db_peer = c.nodes[db].peer_id();
+
+    // A certificate that ends in a few seconds, taken without a restart.
+    let short = issue_cert(
+        &c.admin,
+        db_peer,
+        "B",
+        "B-db1",
+        5001,
+        Duration::from_secs(5),
+    )
+    .expect("short certificate");
+    let not_after = short.body.not_after;
+    let role = c.nodes[db].node().set_cert(Some(short)).await;
+    assert_eq!(role, Ok(Role::Bridgehead));
+    let st = status(&c, db).await;
+    assert_eq!(st.cert_expires_at, Some(not_after));
+    assert!(
+        st.cert_expiring,
+        "5 s left is within the default 14-day warning"
+    );
+
+    let mut tasks = Vec::new();
+    for &i in &hosts {
+        let n = c.nodes[i].node().clone();
+        let q = ImageQuery::Ref(image.clone());
+        tasks.push((i, tokio::spawn(async move { n.fetch_and_wait(q).await })));
+    }
+    wait_for(
+        "B's bridgehead to pull over the WAN",
+        Duration::from_secs(10),
+        || async { (status(&c, db).await.total.wan_recv_bytes > 0).then_some(()) },
+    )
+    .await;
+    assert!(
+        bids_protocols::unix_now() < not_after,
+        "the certificate ended before the WAN transfer began; lengthen it"
+    );
+
+    // 2 s after the not-after the WAN is closed: nothing more crosses it.
+    sleep_until_unix_ms(not_after * 1000 + 2000).await;
+    let at_2s = status(&c, db).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let at_3s = status(&c, db).await;
+    eprintln!(
+        "WAN bytes into B: {} two seconds after the not-after, {} 1.5 s later (image {size})",
+        at_2s.total.wan_recv_bytes, at_3s.total.wan_recv_bytes
+    );
+    assert!(
+        at_2s.total.wan_recv_bytes < size,
+        "the whole image crossed before the certificate ended; slow the WAN down"
+    );
+    assert_eq!(
+        at_3s.total.wan_recv_bytes, at_2s.total.wan_recv_bytes,
+        "WAN bytes still grow after the certificate ended"
+    );
+    assert_eq!(at_3s.wan_links, 0, "a cross-IDC link is still open");
+    assert_eq!(
+        at_3s.role,
+        Role::Host,
+        "the node still reports role bridgehead"
+    );
+    assert_eq!(at_3s.cert_expires_at, None);
+    let admin = AdminClient::connect(c.gis_addr.clone(), c.admin.clone())
+        .await
+        .expect("admin client connects");
+    let seen = admin
+        .hosts()
+        .await
+        .expect("hosts")
+        .into_iter()
+        .find(|h| h.peer == db_peer)
+        .expect("the GIS lists B's bridgehead");
+    assert_eq!(
+        seen.role,
+        Role::Host,
+        "the GIS still shows it as a bridgehead"
+    );
+    let list = c.lookup("B", &ImageQuery::Id(id)).await.expect("lookup");
+    assert!(
+        list.level1.is_empty(),
+        "B still has a chosen bridgehead: {:?}",
+        list.level1
+    );
+
+    // A renewed certificate takes effect without a restart, and the transfer resumes.
+    let renewed = issue_cert(
+        &c.admin,
+        db_peer,
+        "B",
+        "B-db1",
+        5002,
+        Duration::from_secs(30 * 86_400),
+    )
+    .expect("renewed certificate");
+    assert_eq!(
+        c.nodes[db].node().set_cert(Some(renewed)).await,
+        Ok(Role::Bridgehead)
+    );
+    assert_eq!(status(&c, db).await.role, Role::Bridgehead);
+    assert!(!status(&c, db).await.cert_expiring);
+    for (i, t) in tasks {
+        tokio::time::timeout(Duration::from_secs(40), t)
+            .await
+            .unwrap_or_else(|_| panic!("host {i} did not finish"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("host {i} failed: {e}"));
+    }
+    let want = file_hash(&file);
+    for &i in &hosts {
+        assert_eq!(
+            file_hash(&c.nodes[i].node().store().image_path(&id)),
+            want,
+            "host {i} is not bit-exact"
+        );
+        assert_eq!(
+            status(&c, i).await.total.wan_recv_bytes,
+            0,
+            "host {i} crossed the WAN itself"
+        );
+    }
+    assert!(status(&c, db).await.total.wan_recv_bytes > at_3s.total.wan_recv_bytes);
     c.shutdown().await;
 }
