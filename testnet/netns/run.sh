@@ -131,7 +131,7 @@ for ((k = 1; k <= R; k++)); do
 		peer=$("$BIN" key gen --out "$K/$k-$j.key")
 		if ((j == 1)); then
 			"$BIN" cert issue --admin-key "$K/admin.key" --peer "$peer" --idc "idc$k" \
-				--db-id "idc$k-db1" --days 2 --out "$K/$k-$j.cert" >>"$BN_WORK/certs.log" 2>&1 ||
+				--db-id "idc$k-db1" --days 30 --out "$K/$k-$j.cert" >>"$BN_WORK/certs.log" 2>&1 ||
 				bn_die "cert issue failed: $(tail -3 "$BN_WORK/certs.log")"
 		fi
 	done
