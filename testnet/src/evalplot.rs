@@ -51,6 +51,8 @@ pub struct Run {
     pub provision_s_max: f64,
     pub wan_in_bytes_kernel: u64,
     pub wan_in_bytes_nodes: u64,
+    /// Every copy bit-exact and every fetch done (`verified` column; true when absent).
+    pub verified: bool,
 }
 
 /// Parses `runs.csv` (comma-separated, a header line naming the columns, no quoting).
@@ -81,7 +83,7 @@ pub fn parse_runs(text: &str, path: &Path) -> Result<Vec<Run>, PlotError> {
         need("wan_in_bytes_kernel")?,
         need("wan_in_bytes_nodes")?,
     );
-    let (sweep, chunk) = (col("sweep"), col("chunk_bytes"));
+    let (sweep, chunk, verified) = (col("sweep"), col("chunk_bytes"), col("verified"));
     let mut runs = Vec::new();
     for (i, l) in lines {
         let f: Vec<&str> = l.split(',').map(str::trim).collect();
@@ -115,6 +117,10 @@ pub fn parse_runs(text: &str, path: &Path) -> Result<Vec<Run>, PlotError> {
             provision_s_max: num(max)?,
             wan_in_bytes_kernel: num(kern)? as u64,
             wan_in_bytes_nodes: num(nodes)? as u64,
+            verified: match verified {
+                Some(c) => num(c)? != 0.0,
+                None => true,
+            },
         });
     }
     Ok(runs)
@@ -374,9 +380,11 @@ fn fig8(runs: &[Run]) -> Vec<Panel> {
 }
 
 /// The last host's provision time ÷ S/B_wan against the hosts of the requester IDC (the
-/// `hosts` sweep), BIDS and Baseline, with the goal (1.3) as a reference line.
+/// `hosts` sweep), BIDS and Baseline, with the goal (1.3) as a reference line. Failed runs
+/// (a fetch that never finished has no provision time) are left out.
 fn fig_hosts(runs: &[Run]) -> Vec<Panel> {
-    grouped(runs, "hosts")
+    let done: Vec<Run> = runs.iter().filter(|r| r.verified).cloned().collect();
+    grouped(&done, "hosts")
         .into_iter()
         .filter(|(_, modes)| modes.values().flatten().any(|r| r.sweep == "hosts"))
         .map(|(size, modes)| {
@@ -604,6 +612,10 @@ bids,1048576,10,50,8,1.6,2.1,1100000,1048576,delay,262144\n\
 bids,1048576,34,15,8,0.3,0.33,1100000,1048576,hosts,262144\n\
 bids,1048576,34,15,16,0.3,0.35,1100000,1048576,hosts,262144\n\
 baseline,1048576,34,15,8,0.5,0.6,3000000,2900000,hosts,262144\n";
+    /// The same with a `verified` column: the failed run (0) is left out of the hosts figure.
+    const CSV_VERIFIED: &str = "mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,verified\n\
+bids,1048576,34,15,8,0.3,0.33,1100000,1048576,hosts,262144,1\n\
+bids,1048576,34,15,32,0.0,0.0,1100000,1048576,hosts,262144,0\n";
 
     #[test]
     fn parses_by_column_name() {
@@ -656,6 +668,9 @@ baseline,1048576,34,15,8,0.5,0.6,3000000,2900000,hosts,262144\n";
         assert_eq!(bids.points.len(), 2);
         assert!((bids.points[1].1 - 0.35 / bound).abs() < 1e-9, "{:?}", bids.points);
         assert_eq!(bids.points[1].0, 16.0);
+        let v = parse_runs(CSV_VERIFIED, Path::new("runs.csv")).unwrap();
+        assert!(v[0].verified && !v[1].verified);
+        assert_eq!(fig_hosts(&v)[0].series[0].points.len(), 1, "the failed run is left out");
         // Repeated runs at one delay are averaged into one point.
         let mut rep = runs.clone();
         rep.push(Run {
