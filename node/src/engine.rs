@@ -2536,6 +2536,7 @@ impl Engine {
             Command::Removed { id } => {
                 self.downloads.remove(&id);
                 self.acct.forget(&id);
+                self.seeder.forget(&id);
                 self.gis_request(GisRequest::Unpublish { image: id }, GisPurpose::Unpublish);
             }
             Command::SetLimits {

@@ -53,7 +53,7 @@ use libp2p::PeerId;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Chunks the local bridgehead announced that one scheduling pass looks at, at most, for the
@@ -1302,6 +1302,7 @@ fn share_score(peer: &PeerId, idx: u32) -> u64 {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use std::collections::HashSet;
 
     fn pid(n: u8) -> PeerId {
         libp2p::identity::Keypair::ed25519_from_bytes([n; 32])

@@ -666,11 +666,19 @@ bids,1048576,34,15,32,0.0,0.0,1100000,1048576,hosts,262144,0\n";
         assert_eq!(bids.label, "BIDS last host");
         let bound = 1048576.0 * 8.0 / 34e6;
         assert_eq!(bids.points.len(), 2);
-        assert!((bids.points[1].1 - 0.35 / bound).abs() < 1e-9, "{:?}", bids.points);
+        assert!(
+            (bids.points[1].1 - 0.35 / bound).abs() < 1e-9,
+            "{:?}",
+            bids.points
+        );
         assert_eq!(bids.points[1].0, 16.0);
         let v = parse_runs(CSV_VERIFIED, Path::new("runs.csv")).unwrap();
         assert!(v[0].verified && !v[1].verified);
-        assert_eq!(fig_hosts(&v)[0].series[0].points.len(), 1, "the failed run is left out");
+        assert_eq!(
+            fig_hosts(&v)[0].series[0].points.len(),
+            1,
+            "the failed run is left out"
+        );
         // Repeated runs at one delay are averaged into one point.
         let mut rep = runs.clone();
         rep.push(Run {
