@@ -277,6 +277,28 @@ fn image_store_round_trip_without_a_node() {
     .contains("nonexistent"));
 }
 
+/// Runs `cmd` to its end, killing it (and failing the test) if it takes longer than `within`.
+fn output_within(cmd: &mut Command, within: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bids runs");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.expect("bids output"),
+        Err(_) => {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("{cmd:?} did not end within {within:?}");
+        }
+    }
+}
+
 fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -419,4 +441,52 @@ fn gis_nodes_lookup_and_fetch() {
     // (The node logs at `warn`, the level of that warning.)
     let log = std::fs::read_to_string(&n2_log).unwrap();
     assert!(!log.contains("malformed control request"), "{log}");
+}
+
+/// Issue 18, items 6 and 7: `image add` names what its source is when that is no image
+/// (a directory, a pipe, a character device) and refuses an empty file, whose fetch would
+/// never end; nothing is added to the store.
+#[test]
+fn image_add_refuses_what_is_no_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = p(d, "store");
+    let add = |src: &str| {
+        let o = output_within(
+            bids().args([
+                "image",
+                "add",
+                src,
+                "--name",
+                "x",
+                "--version",
+                "1",
+                "--store",
+                &store,
+            ]),
+            Duration::from_secs(20),
+        );
+        assert!(!o.status.success(), "adding {src} should fail");
+        let e = String::from_utf8(o.stderr).unwrap();
+        assert_eq!(e.trim().lines().count(), 1, "one-line reason: {e}");
+        e
+    };
+    let e = add(&p(d, "."));
+    assert!(e.contains("is a directory"), "{e}");
+    assert!(!e.contains("9223372036854775807"), "{e}");
+    let fifo = d.join("pipe");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // No writer ever opens the pipe: `image add` must answer, not wait for one.
+    let e = add(&fifo.display().to_string());
+    assert!(e.contains("is a named pipe"), "{e}");
+    assert!(add("/dev/null").contains("is a character device"));
+    let empty = d.join("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    let e = add(&empty.display().to_string());
+    assert!(e.contains("is empty"), "{e}");
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&["image", "ls", "--store", &store, "--json"])).unwrap();
+    assert_eq!(ls, serde_json::json!([]), "nothing was added");
 }

@@ -97,6 +97,10 @@ pub enum StoreError {
     },
     #[error("invalid manifest: {0}")]
     InvalidManifest(String),
+    /// The import source is not something an image can be read from (a directory, a pipe,
+    /// a character device, a socket) or holds nothing.
+    #[error("{} {detail}", path.display())]
+    BadSource { path: PathBuf, detail: String },
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error(
