@@ -490,3 +490,87 @@ fn image_add_refuses_what_is_no_image() {
         serde_json::from_str(&ok(&["image", "ls", "--store", &store, "--json"])).unwrap();
     assert_eq!(ls, serde_json::json!([]), "nothing was added");
 }
+
+/// Issue 18, item 5: a GIS or a node told to listen on a port another process listens on
+/// fails at once ("address … is already in use", non-zero exit) instead of sharing the
+/// port with it (libp2p-tcp's SO_REUSEPORT would let the kernel split connections).
+#[test]
+fn a_listen_port_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin = ok(&["key", "gen", "--out", &p(d, "admin.key")])
+        .trim()
+        .to_string();
+    ok(&["key", "gen", "--out", &p(d, "gis.key")]);
+    ok(&["key", "gen", "--out", &p(d, "gis2.key")]);
+    ok(&["key", "gen", "--out", &p(d, "n.key")]);
+    let gis = Daemon::start(&[
+        "gis",
+        "--key",
+        &p(d, "gis.key"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, "gis-data"),
+        "--admin-peer",
+        &admin,
+    ]);
+    let gis_addr = gis.first_line.clone();
+    let taken: libp2p::Multiaddr = gis_addr.parse().unwrap();
+    let port = taken
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("a tcp port");
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let want = format!("address 127.0.0.1:{port} is already in use");
+    let within = Duration::from_secs(30);
+
+    let o = output_within(
+        bids().args([
+            "gis",
+            "--key",
+            &p(d, "gis2.key"),
+            "--listen",
+            &listen,
+            "--data",
+            &p(d, "gis2-data"),
+            "--admin-peer",
+            &admin,
+        ]),
+        within,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a second GIS on {listen} must fail: {e}"
+    );
+    assert!(e.contains(&want), "{e}");
+
+    let o = output_within(
+        bids().args([
+            "node",
+            "--key",
+            &p(d, "n.key"),
+            "--idc",
+            "A",
+            "--gis",
+            &gis_addr,
+            "--store",
+            &p(d, "n"),
+            "--listen",
+            &listen,
+            "--admin-peer",
+            &admin,
+        ]),
+        within,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a node on {listen} must fail: {e}");
+    assert!(e.contains(&want), "{e}");
+    // The first GIS still answers alone.
+    let o = run(&["lookup", "x:1", "--gis", &gis_addr, "--idc", "A"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not known"));
+}

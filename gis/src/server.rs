@@ -215,6 +215,53 @@ fn build_swarm(keypair: &Keypair) -> anyhow::Result<Swarm<GisBehaviour>> {
     Ok(swarm)
 }
 
+/// Fails with "address A is already in use" if some socket listens on the TCP address of
+/// `listen` (port 0 or no TCP address: nothing to check).
+///
+/// libp2p-tcp binds every listening socket with `SO_REUSEPORT`, and Linux lets any number
+/// of sockets of one user bind a port that way: a second GIS on a taken port would start
+/// without error, and the kernel would split new connections between the two (lookups
+/// then alternate between answers and "Unexpected peer ID"). A socket bound with
+/// `SO_REUSEADDR` only is refused by any listener on the port, so one is bound first,
+/// without listening, and dropped. The node's transport has the same check
+/// (`bids_node::transport::ensure_port_free`); the two crates share no transport.
+pub fn ensure_port_free(listen: &Multiaddr) -> std::io::Result<()> {
+    let mut ip = None;
+    let mut port = None;
+    for p in listen.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Tcp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    let addr = std::net::SocketAddr::new(ip, port);
+    let probe = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    probe.set_reuseaddr(true)?;
+    match probe.bind(addr) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "address {addr} is already in use (another process listens on it); stop that \
+                 process or choose another --listen port"
+            ),
+        )),
+        // Any other failure (say, an address that is not local) is libp2p's to report.
+        _ => Ok(()),
+    }
+}
+
 /// The event loop. `addrs` (if given) receives the listen addresses as they appear.
 async fn run_with_storage(
     cfg: GisConfig,
@@ -233,6 +280,7 @@ async fn run_with_storage(
     );
     let mut swarm = build_swarm(&cfg.keypair)?;
     let local = *swarm.local_peer_id();
+    ensure_port_free(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
     swarm
         .listen_on(cfg.listen.clone())
         .with_context(|| format!("listening on {}", cfg.listen))?;
