@@ -114,6 +114,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     }
     cfg.upload_bps = st.upload_bps.unwrap_or(0);
     cfg.download_bps = st.download_bps.unwrap_or(0);
+    crate::limits::raise_open_files("peer connections");
     let (node, task) = bids_node::start(cfg).await?;
     for a in node.listen_addrs() {
         println!("{a}");
@@ -198,6 +199,7 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
         policy,
         heartbeat_timeout: Duration::from_secs(st.heartbeat_timeout_secs.unwrap_or(10)),
     };
+    crate::limits::raise_open_files("connected hosts (one connection each)");
     let gis = bids_gis::server::spawn(cfg).await?;
     for a in gis.listen_addrs() {
         println!("{a}");

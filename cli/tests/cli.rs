@@ -574,3 +574,57 @@ fn a_listen_port_in_use_is_refused() {
     let o = run(&["lookup", "x:1", "--gis", &gis_addr, "--idc", "A"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not known"));
 }
+
+/// Issue 18, item 9: a GIS started under a low soft limit of open files raises it to the
+/// hard limit and says so, with how many hosts that admits.
+#[test]
+fn gis_raises_its_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin = ok(&["key", "gen", "--out", &p(d, "admin.key")])
+        .trim()
+        .to_string();
+    ok(&["key", "gen", "--out", &p(d, "gis.key")]);
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .unwrap();
+    if hard != "unlimited" && hard.parse::<u64>().unwrap() <= 64 {
+        eprintln!("hard limit {hard}: nothing to raise, not checked");
+        return;
+    }
+    let log = d.join("gis.log");
+    let mut c = Command::new("sh");
+    c.args([
+        "-c",
+        "ulimit -S -n 64 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_bids"),
+        "gis",
+        "--key",
+        &p(d, "gis.key"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, "gis-data"),
+        "--admin-peer",
+        &admin,
+    ])
+    .env("RUST_LOG", "info")
+    .stderr(std::fs::File::create(&log).unwrap());
+    let gis = Daemon::spawn(c);
+    assert!(gis.first_line.contains("/p2p/"), "{}", gis.first_line);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gis.child.id())).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .unwrap();
+    assert_eq!(soft, hard, "soft limit raised to the hard one: {limits}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("raised from 64") && text.contains("connected hosts"),
+        "{text}"
+    );
+}

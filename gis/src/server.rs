@@ -18,7 +18,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, ping, Multiaddr, PeerId, Swarm};
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, trace, warn};
@@ -31,6 +31,9 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// Most swarm events handled before one group commit: bounds how long a reply waits.
 const MAX_BATCH: usize = 256;
+/// At most one listener-error warning per this long. Out of file descriptors, libp2p-tcp
+/// reports a failed accept every 100 ms for as long as it lasts.
+const LISTENER_WARN_EVERY: Duration = Duration::from_secs(10);
 /// sled's directory inside the GIS data dir.
 const DB_DIR: &str = "gis.sled";
 
@@ -262,6 +265,40 @@ pub fn ensure_port_free(listen: &Multiaddr) -> std::io::Result<()> {
     }
 }
 
+/// Lets a repeated warning through at most once per `every`, counting what it holds back
+/// so the next one can say how many were suppressed. Sans-IO: the caller passes `now`.
+#[derive(Debug)]
+pub struct WarnThrottle {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnThrottle {
+    pub fn new(every: Duration) -> Self {
+        WarnThrottle {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` if the warning should be logged now, `n` being how many were suppressed
+    /// since the last one logged; `None` (and one more suppressed) otherwise.
+    pub fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
 /// The event loop. `addrs` (if given) receives the listen addresses as they appear.
 async fn run_with_storage(
     cfg: GisConfig,
@@ -294,6 +331,7 @@ async fn run_with_storage(
     let mut desk = AdminDesk::new();
     let mut admin_events: Vec<request_response::Event<AdminRequest, AdminResponse>> = Vec::new();
     let mut admin_replies: Vec<AdminReply> = Vec::new();
+    let mut listener_warn = WarnThrottle::new(LISTENER_WARN_EVERY);
 
     loop {
         tokio::select! {
@@ -304,7 +342,7 @@ async fn run_with_storage(
                 }
             }
             event = swarm.select_next_some() => {
-                let mut ctx = Ctx { index: &mut index, replies: &mut replies, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local };
+                let mut ctx = Ctx { index: &mut index, replies: &mut replies, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn };
                 ctx.on_event(event);
                 // Group commit: take whatever else is ready, then make all of it durable
                 // with one flush before any of those replies goes out.
@@ -356,6 +394,7 @@ struct Ctx<'a> {
     listening: &'a mut Vec<Multiaddr>,
     addrs: Option<&'a watch::Sender<Vec<Multiaddr>>>,
     local: PeerId,
+    listener_warn: &'a mut WarnThrottle,
 }
 
 impl Ctx<'_> {
@@ -384,7 +423,15 @@ impl Ctx<'_> {
                 self.listening.retain(|a| *a != full);
                 self.publish_addrs();
             }
-            SwarmEvent::ListenerError { error, .. } => warn!(%error, "listener error"),
+            SwarmEvent::ListenerError { error, .. } => {
+                // Out of file descriptors this repeats every 100 ms: warn once per
+                // LISTENER_WARN_EVERY, saying how many were held back.
+                if let Some(suppressed) = self.listener_warn.admit(Instant::now()) {
+                    warn!(%error, suppressed, "listener error (at most one such warning per {LISTENER_WARN_EVERY:?}; `suppressed` counts those not logged since the last one)");
+                } else {
+                    debug!(%error, "listener error");
+                }
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
@@ -438,5 +485,24 @@ impl Ctx<'_> {
             }
             request_response::Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warn_throttle_lets_one_through_per_period_and_counts_the_rest() {
+        let mut t = WarnThrottle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(t.admit(t0), Some(0));
+        // Every 100 ms for 10 s: all held back.
+        for i in 1..100 {
+            assert_eq!(t.admit(t0 + Duration::from_millis(100 * i)), None);
+        }
+        assert_eq!(t.admit(t0 + Duration::from_secs(10)), Some(99));
+        assert_eq!(t.admit(t0 + Duration::from_secs(11)), None);
+        assert_eq!(t.admit(t0 + Duration::from_secs(30)), Some(1));
     }
 }
