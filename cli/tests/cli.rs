@@ -369,24 +369,25 @@ fn gis_nodes_lookup_and_fetch() {
         Daemon::spawn(c)
     };
     let n2_log = d.join("a2.log");
-    let _n2 = {
+    let n2_args = [
+        "node",
+        "--key",
+        &p(d, "a2.key"),
+        "--idc",
+        "A",
+        "--gis",
+        &gis_addr,
+        "--store",
+        &s2,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--admin-peer",
+        &admin,
+    ];
+    let mut n2 = {
         let mut c = bids();
-        c.args([
-            "node",
-            "--key",
-            &p(d, "a2.key"),
-            "--idc",
-            "A",
-            "--gis",
-            &gis_addr,
-            "--store",
-            &s2,
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--admin-peer",
-            &admin,
-        ])
-        .stderr(std::fs::File::create(&n2_log).unwrap());
+        c.args(n2_args)
+            .stderr(std::fs::File::create(&n2_log).unwrap());
         Daemon::spawn(c)
     };
 
@@ -441,6 +442,37 @@ fn gis_nodes_lookup_and_fetch() {
     // (The node logs at `warn`, the level of that warning.)
     let log = std::fs::read_to_string(&n2_log).unwrap();
     assert!(!log.contains("malformed control request"), "{log}");
+
+    // Issue 18, item 8: the counters are kept in the store. Stop the node (SIGTERM, as an
+    // init system would), start it again on the same store: status shows the same.
+    // SAFETY: kill only sends a signal to our own child.
+    unsafe { libc::kill(n2.child.id() as libc::pid_t, libc::SIGTERM) };
+    let t = Instant::now();
+    while n2.child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "node 2 stops on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _n2 = {
+        let mut c = bids();
+        c.args(n2_args).stderr(Stdio::null());
+        Daemon::spawn(c)
+    };
+    let mut again = serde_json::Value::Null;
+    wait_for("node 2 to answer again", Duration::from_secs(20), || {
+        let o = run(&["image", "status", "deb:1", "--store", &s2, "--json"]);
+        if !o.status.success() {
+            return false;
+        }
+        again = serde_json::from_slice(&o.stdout).unwrap();
+        true
+    });
+    assert_eq!(
+        again["counters"], st["counters"],
+        "counters after a restart"
+    );
 }
 
 /// Issue 18, items 6 and 7: `image add` names what its source is when that is no image
