@@ -352,8 +352,8 @@ pub async fn publish(a: PublishArgs) -> Result<()> {
     }
     let store =
         Store::open(&a.store).with_context(|| format!("opening store {}", a.store.display()))?;
-    let total = std::fs::metadata(&file)?.len();
-    let mut p = Progress::new(&format!("importing {image}"), total, true);
+    // The store measures the source and refuses what is no image (see `image add`).
+    let mut p = Progress::new(&format!("importing {image}"), 0, true);
     let nv = tokio::task::block_in_place(|| {
         versions::import_version(
             &store,

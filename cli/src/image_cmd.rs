@@ -156,8 +156,9 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 return Ok(());
             }
             let s = open_store(&store)?;
-            let total = std::fs::metadata(&file)?.len();
-            let mut p = Progress::new(&format!("importing {image}"), total, true);
+            // The store measures the source (a block device's metadata says 0 bytes) and
+            // refuses what is no image; the bar learns the size from the first report.
+            let mut p = Progress::new(&format!("importing {image}"), 0, true);
             let m = tokio::task::block_in_place(|| {
                 s.import(
                     &file,

@@ -7,6 +7,7 @@ mod delta_cmd;
 mod demo_cmd;
 mod image_cmd;
 mod keys;
+mod limits;
 mod lookup_cmd;
 mod node_cmd;
 mod progress;

@@ -126,6 +126,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     // Listen for SIGHUP before anything can send it: its default action ends the process.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("listening for SIGHUP (certificate reloads)")?;
+    crate::limits::raise_open_files("peer connections");
     let (node, task) = bids_node::start(cfg).await?;
     let reload = tokio::spawn(reload_cert_on_sighup(hup, node.clone(), st.cert.clone()));
     for a in node.listen_addrs() {
@@ -249,6 +250,7 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
         policy,
         heartbeat_timeout: Duration::from_secs(st.heartbeat_timeout_secs.unwrap_or(10)),
     };
+    crate::limits::raise_open_files("connected hosts (one connection each)");
     let gis = bids_gis::server::spawn(cfg).await?;
     for a in gis.listen_addrs() {
         println!("{a}");

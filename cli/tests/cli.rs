@@ -277,6 +277,28 @@ fn image_store_round_trip_without_a_node() {
     .contains("nonexistent"));
 }
 
+/// Runs `cmd` to its end, killing it (and failing the test) if it takes longer than `within`.
+fn output_within(cmd: &mut Command, within: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bids runs");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.expect("bids output"),
+        Err(_) => {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("{cmd:?} did not end within {within:?}");
+        }
+    }
+}
+
 fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -347,24 +369,25 @@ fn gis_nodes_lookup_and_fetch() {
         Daemon::spawn(c)
     };
     let n2_log = d.join("a2.log");
-    let _n2 = {
+    let n2_args = [
+        "node",
+        "--key",
+        &p(d, "a2.key"),
+        "--idc",
+        "A",
+        "--gis",
+        &gis_addr,
+        "--store",
+        &s2,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--admin-peer",
+        &admin,
+    ];
+    let mut n2 = {
         let mut c = bids();
-        c.args([
-            "node",
-            "--key",
-            &p(d, "a2.key"),
-            "--idc",
-            "A",
-            "--gis",
-            &gis_addr,
-            "--store",
-            &s2,
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--admin-peer",
-            &admin,
-        ])
-        .stderr(std::fs::File::create(&n2_log).unwrap());
+        c.args(n2_args)
+            .stderr(std::fs::File::create(&n2_log).unwrap());
         Daemon::spawn(c)
     };
 
@@ -419,6 +442,223 @@ fn gis_nodes_lookup_and_fetch() {
     // (The node logs at `warn`, the level of that warning.)
     let log = std::fs::read_to_string(&n2_log).unwrap();
     assert!(!log.contains("malformed control request"), "{log}");
+
+    // Issue 18, item 8: the counters are kept in the store. Stop the node (SIGTERM, as an
+    // init system would), start it again on the same store: status shows the same.
+    // SAFETY: kill only sends a signal to our own child.
+    unsafe { libc::kill(n2.child.id() as libc::pid_t, libc::SIGTERM) };
+    let t = Instant::now();
+    while n2.child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "node 2 stops on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _n2 = {
+        let mut c = bids();
+        c.args(n2_args).stderr(Stdio::null());
+        Daemon::spawn(c)
+    };
+    let mut again = serde_json::Value::Null;
+    wait_for("node 2 to answer again", Duration::from_secs(20), || {
+        let o = run(&["image", "status", "deb:1", "--store", &s2, "--json"]);
+        if !o.status.success() {
+            return false;
+        }
+        again = serde_json::from_slice(&o.stdout).unwrap();
+        true
+    });
+    assert_eq!(
+        again["counters"], st["counters"],
+        "counters after a restart"
+    );
+}
+
+/// Issue 18, items 6 and 7: `image add` names what its source is when that is no image
+/// (a directory, a pipe, a character device) and refuses an empty file, whose fetch would
+/// never end; nothing is added to the store.
+#[test]
+fn image_add_refuses_what_is_no_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = p(d, "store");
+    let add = |src: &str| {
+        let o = output_within(
+            bids().args([
+                "image",
+                "add",
+                src,
+                "--name",
+                "x",
+                "--version",
+                "1",
+                "--store",
+                &store,
+            ]),
+            Duration::from_secs(20),
+        );
+        assert!(!o.status.success(), "adding {src} should fail");
+        let e = String::from_utf8(o.stderr).unwrap();
+        assert_eq!(e.trim().lines().count(), 1, "one-line reason: {e}");
+        e
+    };
+    let e = add(&p(d, "."));
+    assert!(e.contains("is a directory"), "{e}");
+    assert!(!e.contains("9223372036854775807"), "{e}");
+    let fifo = d.join("pipe");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // No writer ever opens the pipe: `image add` must answer, not wait for one.
+    let e = add(&fifo.display().to_string());
+    assert!(e.contains("is a named pipe"), "{e}");
+    assert!(add("/dev/null").contains("is a character device"));
+    let empty = d.join("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    let e = add(&empty.display().to_string());
+    assert!(e.contains("is empty"), "{e}");
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&["image", "ls", "--store", &store, "--json"])).unwrap();
+    assert_eq!(ls, serde_json::json!([]), "nothing was added");
+}
+
+/// Issue 18, item 5: a GIS or a node told to listen on a port another process listens on
+/// fails at once ("address … is already in use", non-zero exit) instead of sharing the
+/// port with it (libp2p-tcp's SO_REUSEPORT would let the kernel split connections).
+#[test]
+fn a_listen_port_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin = ok(&["key", "gen", "--out", &p(d, "admin.key")])
+        .trim()
+        .to_string();
+    ok(&["key", "gen", "--out", &p(d, "gis.key")]);
+    ok(&["key", "gen", "--out", &p(d, "gis2.key")]);
+    ok(&["key", "gen", "--out", &p(d, "n.key")]);
+    let gis = Daemon::start(&[
+        "gis",
+        "--key",
+        &p(d, "gis.key"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, "gis-data"),
+        "--admin-peer",
+        &admin,
+    ]);
+    let gis_addr = gis.first_line.clone();
+    let taken: libp2p::Multiaddr = gis_addr.parse().unwrap();
+    let port = taken
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("a tcp port");
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let want = format!("address 127.0.0.1:{port} is already in use");
+    let within = Duration::from_secs(30);
+
+    let o = output_within(
+        bids().args([
+            "gis",
+            "--key",
+            &p(d, "gis2.key"),
+            "--listen",
+            &listen,
+            "--data",
+            &p(d, "gis2-data"),
+            "--admin-peer",
+            &admin,
+        ]),
+        within,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a second GIS on {listen} must fail: {e}"
+    );
+    assert!(e.contains(&want), "{e}");
+
+    let o = output_within(
+        bids().args([
+            "node",
+            "--key",
+            &p(d, "n.key"),
+            "--idc",
+            "A",
+            "--gis",
+            &gis_addr,
+            "--store",
+            &p(d, "n"),
+            "--listen",
+            &listen,
+            "--admin-peer",
+            &admin,
+        ]),
+        within,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a node on {listen} must fail: {e}");
+    assert!(e.contains(&want), "{e}");
+    // The first GIS still answers alone.
+    let o = run(&["lookup", "x:1", "--gis", &gis_addr, "--idc", "A"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not known"));
+}
+
+/// Issue 18, item 9: a GIS started under a low soft limit of open files raises it to the
+/// hard limit and says so, with how many hosts that admits.
+#[test]
+fn gis_raises_its_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin = ok(&["key", "gen", "--out", &p(d, "admin.key")])
+        .trim()
+        .to_string();
+    ok(&["key", "gen", "--out", &p(d, "gis.key")]);
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .unwrap();
+    if hard != "unlimited" && hard.parse::<u64>().unwrap() <= 64 {
+        eprintln!("hard limit {hard}: nothing to raise, not checked");
+        return;
+    }
+    let log = d.join("gis.log");
+    let mut c = Command::new("sh");
+    c.args([
+        "-c",
+        "ulimit -S -n 64 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_bids"),
+        "gis",
+        "--key",
+        &p(d, "gis.key"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, "gis-data"),
+        "--admin-peer",
+        &admin,
+    ])
+    .env("RUST_LOG", "info")
+    .stderr(std::fs::File::create(&log).unwrap());
+    let gis = Daemon::spawn(c);
+    assert!(gis.first_line.contains("/p2p/"), "{}", gis.first_line);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gis.child.id())).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .unwrap();
+    assert_eq!(soft, hard, "soft limit raised to the hard one: {limits}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("raised from 64") && text.contains("connected hosts"),
+        "{text}"
+    );
 }
 
 /// Issue 18, item 2 (d, e): a bridgehead's certificate file is replaced by a renewed one and

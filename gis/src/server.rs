@@ -18,7 +18,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, ping, Multiaddr, PeerId, Swarm};
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, trace, warn};
@@ -31,6 +31,9 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// Most swarm events handled before one group commit: bounds how long a reply waits.
 const MAX_BATCH: usize = 256;
+/// At most one listener-error warning per this long. Out of file descriptors, libp2p-tcp
+/// reports a failed accept every 100 ms for as long as it lasts.
+const LISTENER_WARN_EVERY: Duration = Duration::from_secs(10);
 /// sled's directory inside the GIS data dir.
 const DB_DIR: &str = "gis.sled";
 
@@ -227,6 +230,87 @@ fn build_swarm(keypair: &Keypair) -> anyhow::Result<Swarm<GisBehaviour>> {
     Ok(swarm)
 }
 
+/// Fails with "address A is already in use" if some socket listens on the TCP address of
+/// `listen` (port 0 or no TCP address: nothing to check).
+///
+/// libp2p-tcp binds every listening socket with `SO_REUSEPORT`, and Linux lets any number
+/// of sockets of one user bind a port that way: a second GIS on a taken port would start
+/// without error, and the kernel would split new connections between the two (lookups
+/// then alternate between answers and "Unexpected peer ID"). A socket bound with
+/// `SO_REUSEADDR` only is refused by any listener on the port, so one is bound first,
+/// without listening, and dropped. The node's transport has the same check
+/// (`bids_node::transport::ensure_port_free`); the two crates share no transport.
+pub fn ensure_port_free(listen: &Multiaddr) -> std::io::Result<()> {
+    let mut ip = None;
+    let mut port = None;
+    for p in listen.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Tcp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    let addr = std::net::SocketAddr::new(ip, port);
+    let probe = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    probe.set_reuseaddr(true)?;
+    match probe.bind(addr) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "address {addr} is already in use (another process listens on it); stop that \
+                 process or choose another --listen port"
+            ),
+        )),
+        // Any other failure (say, an address that is not local) is libp2p's to report.
+        _ => Ok(()),
+    }
+}
+
+/// Lets a repeated warning through at most once per `every`, counting what it holds back
+/// so the next one can say how many were suppressed. Sans-IO: the caller passes `now`.
+#[derive(Debug)]
+pub struct WarnThrottle {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnThrottle {
+    pub fn new(every: Duration) -> Self {
+        WarnThrottle {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` if the warning should be logged now, `n` being how many were suppressed
+    /// since the last one logged; `None` (and one more suppressed) otherwise.
+    pub fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
 /// The event loop. `addrs` (if given) receives the listen addresses as they appear.
 async fn run_with_storage(
     cfg: GisConfig,
@@ -245,6 +329,7 @@ async fn run_with_storage(
     );
     let mut swarm = build_swarm(&cfg.keypair)?;
     let local = *swarm.local_peer_id();
+    ensure_port_free(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
     swarm
         .listen_on(cfg.listen.clone())
         .with_context(|| format!("listening on {}", cfg.listen))?;
@@ -258,6 +343,7 @@ async fn run_with_storage(
     let mut desk = AdminDesk::new();
     let mut admin_events: Vec<request_response::Event<AdminRequest, AdminResponse>> = Vec::new();
     let mut admin_replies: Vec<AdminReply> = Vec::new();
+    let mut listener_warn = WarnThrottle::new(LISTENER_WARN_EVERY);
 
     loop {
         tokio::select! {
@@ -268,7 +354,7 @@ async fn run_with_storage(
                 }
             }
             event = swarm.select_next_some() => {
-                let mut ctx = Ctx { index: &mut index, replies: &mut replies, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local };
+                let mut ctx = Ctx { index: &mut index, replies: &mut replies, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn };
                 ctx.on_event(event);
                 // Group commit: take whatever else is ready, then make all of it durable
                 // with one flush before any of those replies goes out.
@@ -320,6 +406,7 @@ struct Ctx<'a> {
     listening: &'a mut Vec<Multiaddr>,
     addrs: Option<&'a watch::Sender<Vec<Multiaddr>>>,
     local: PeerId,
+    listener_warn: &'a mut WarnThrottle,
 }
 
 impl Ctx<'_> {
@@ -348,7 +435,15 @@ impl Ctx<'_> {
                 self.listening.retain(|a| *a != full);
                 self.publish_addrs();
             }
-            SwarmEvent::ListenerError { error, .. } => warn!(%error, "listener error"),
+            SwarmEvent::ListenerError { error, .. } => {
+                // Out of file descriptors this repeats every 100 ms: warn once per
+                // LISTENER_WARN_EVERY, saying how many were held back.
+                if let Some(suppressed) = self.listener_warn.admit(Instant::now()) {
+                    warn!(%error, suppressed, "listener error (at most one such warning per {LISTENER_WARN_EVERY:?}; `suppressed` counts those not logged since the last one)");
+                } else {
+                    debug!(%error, "listener error");
+                }
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
@@ -402,5 +497,24 @@ impl Ctx<'_> {
             }
             request_response::Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warn_throttle_lets_one_through_per_period_and_counts_the_rest() {
+        let mut t = WarnThrottle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(t.admit(t0), Some(0));
+        // Every 100 ms for 10 s: all held back.
+        for i in 1..100 {
+            assert_eq!(t.admit(t0 + Duration::from_millis(100 * i)), None);
+        }
+        assert_eq!(t.admit(t0 + Duration::from_secs(10)), Some(99));
+        assert_eq!(t.admit(t0 + Duration::from_secs(11)), None);
+        assert_eq!(t.admit(t0 + Duration::from_secs(30)), Some(1));
     }
 }

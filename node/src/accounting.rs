@@ -7,7 +7,7 @@
 use crate::gate::Link;
 use bids_protocols::gis::{Counters, HostStats, ProvisionTime};
 use bids_protocols::ImageId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Default, Debug, Clone)]
 pub struct Accounting {
@@ -15,6 +15,8 @@ pub struct Accounting {
     images: BTreeMap<ImageId, Counters>,
     refusals: u64,
     provisions: BTreeMap<ImageId, ProvisionTime>,
+    /// Images whose counters changed since [`Accounting::take_dirty`] last ran.
+    dirty: BTreeSet<ImageId>,
 }
 
 /// Whom bytes moved to or from.
@@ -40,7 +42,27 @@ impl PeerKind {
 }
 
 impl Accounting {
+    /// Starts from per-image counters saved in the store, so a restart does not reset
+    /// them; the node's total starts as their sum.
+    pub fn restore(saved: impl IntoIterator<Item = (ImageId, Counters)>) -> Self {
+        let mut a = Accounting::default();
+        for (id, c) in saved {
+            a.total.add(&c);
+            a.images.insert(id, c);
+        }
+        a
+    }
+
+    /// The per-image counters changed since the last call, to be saved.
+    pub fn take_dirty(&mut self) -> Vec<(ImageId, Counters)> {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .filter_map(|id| self.images.get(&id).map(|c| (id, *c)))
+            .collect()
+    }
+
     pub fn sent(&mut self, image: ImageId, to: PeerKind, bytes: u64) {
+        self.dirty.insert(image);
         for c in [&mut self.total, self.images.entry(image).or_default()] {
             if to == PeerKind::Remote {
                 c.wan_sent_bytes += bytes;
@@ -58,6 +80,7 @@ impl Accounting {
     }
 
     pub fn received(&mut self, image: ImageId, from: PeerKind, bytes: u64) {
+        self.dirty.insert(image);
         for c in [&mut self.total, self.images.entry(image).or_default()] {
             if from == PeerKind::Remote {
                 c.wan_recv_bytes += bytes;
@@ -76,6 +99,7 @@ impl Accounting {
 
     pub fn bad_chunk(&mut self, image: ImageId) {
         self.total.bad_chunks += 1;
+        self.dirty.insert(image);
         self.images.entry(image).or_default().bad_chunks += 1;
     }
 
@@ -107,6 +131,7 @@ impl Accounting {
     pub fn forget(&mut self, image: &ImageId) {
         self.images.remove(image);
         self.provisions.remove(image);
+        self.dirty.remove(image);
     }
 
     pub fn snapshot(&self) -> HostStats {
@@ -145,6 +170,31 @@ mod tests {
         assert_eq!(a.total().bridgehead_sent_bytes, 3);
         assert_eq!(a.total().wan_sent_bytes, 0);
         assert_eq!(a.snapshot().refusals, 1);
+    }
+
+    #[test]
+    fn changed_counters_are_taken_for_saving_and_restored() {
+        let mut a = Accounting::default();
+        let x = ImageId([1; 32]);
+        let y = ImageId([2; 32]);
+        a.received(x, PeerKind::Host, 100);
+        a.sent(y, PeerKind::Remote, 7);
+        let saved = a.take_dirty();
+        assert_eq!(saved.len(), 2);
+        assert!(a.take_dirty().is_empty(), "nothing changed since");
+        a.forget(&y);
+        a.bad_chunk(y);
+        a.forget(&y);
+        assert!(a.take_dirty().is_empty(), "a forgotten image is not saved");
+        let b = Accounting::restore(saved);
+        assert_eq!(b.image(&x).lan_recv_bytes, 100);
+        assert_eq!(
+            b.image(&x).hosts_recv_bytes,
+            100,
+            "kinds of peer are kept too"
+        );
+        assert_eq!(b.image(&y).wan_sent_chunks, 1);
+        assert_eq!(b.total().lan_recv_bytes + b.total().wan_sent_bytes, 107);
     }
 
     #[test]

@@ -583,7 +583,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         early: HashMap::new(),
         inflight: HashMap::new(),
         gis_pending: HashMap::new(),
-        acct: Accounting::default(),
+        acct: Accounting::restore(handle.store.saved_counters()),
         cmd_rx: rx,
         itx,
         irx,
@@ -714,10 +714,20 @@ impl Engine {
     }
 
     fn stop(&mut self) {
+        self.save_counters();
         if let Err(e) = self.store.flush() {
             warn!(error = %e, "flushing the store at shutdown failed");
         }
         info!(peer = %self.me, "node stopped");
+    }
+
+    /// Per-image counters survive a restart: saved with each heartbeat and at stop.
+    fn save_counters(&mut self) {
+        for (id, c) in self.acct.take_dirty() {
+            if let Err(e) = self.store.save_counters(&id, &c) {
+                warn!(image = %id.short(), error = %e, "could not save the transfer counters");
+            }
+        }
     }
 
     fn now_secs() -> i64 {
@@ -2225,6 +2235,7 @@ impl Engine {
         self.check_cert_ends(now);
         if now.duration_since(self.last_heartbeat) >= self.cfg.heartbeat {
             self.last_heartbeat = now;
+            self.save_counters();
             if !self.registered {
                 self.register();
             } else {

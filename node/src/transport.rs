@@ -175,6 +175,9 @@ impl Transport for TcpTransport {
         id: ListenerId,
         addr: Multiaddr,
     ) -> Result<(), TransportError<Self::Error>> {
+        if let Some(target) = multiaddr_to_socketaddr(&addr) {
+            ensure_port_free(target).map_err(TransportError::Other)?;
+        }
         self.listener.listen_on(id, addr)
     }
 
@@ -222,6 +225,42 @@ impl Transport for TcpTransport {
     }
 }
 
+/// Fails with "address A is already in use" if some socket listens on `addr` (port 0:
+/// nothing to check).
+///
+/// libp2p-tcp binds every listening socket with `SO_REUSEPORT` (so that dials can leave
+/// from the listening port), and Linux lets any number of sockets of one user bind a port
+/// that way: a second daemon started on a taken port would listen without error, and the
+/// kernel would then split new connections between the two processes. A socket bound
+/// without `SO_REUSEPORT` (`SO_REUSEADDR` only, as std and tokio set it, so connections in
+/// TIME_WAIT do not block a restart) is refused by any listener on the port; binding one
+/// first, without listening, and dropping it turns the silent sharing into a clear error.
+/// Two daemons started on one port within the same few microseconds could still both pass.
+///
+/// The GIS has the same check (`bids_gis::server`): the two crates share no transport.
+pub fn ensure_port_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    probe.set_reuseaddr(true)?;
+    match probe.bind(addr) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "address {addr} is already in use (another process listens on it); stop that \
+                 process or choose another listen port"
+            ),
+        )),
+        // Any other failure (say, an address that is not local) is libp2p's to report.
+        _ => Ok(()),
+    }
+}
+
 /// The TCP socket address of a multiaddr `/ip4|ip6/…/tcp/…[/p2p/…]`.
 fn multiaddr_to_socketaddr(addr: &Multiaddr) -> Option<SocketAddr> {
     let mut port = None;
@@ -256,6 +295,31 @@ mod tests {
         assert_eq!(parse("/ip4/127.0.0.1"), None);
         assert_eq!(parse("/dns4/example.org/tcp/1"), None);
         assert_eq!(parse("/ip4/127.0.0.1/tcp/1/tcp/2"), None);
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_refused_not_shared() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = ensure_port_free(addr).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(
+            e.to_string()
+                .contains(&format!("address {addr} is already in use")),
+            "{e}"
+        );
+        // Through the transport: listen_on fails instead of sharing the port.
+        let mut t = TcpTransport::new(TransportOptions::default());
+        let ma: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", addr.port())
+            .parse()
+            .unwrap();
+        assert!(matches!(
+            t.listen_on(ListenerId::next(), ma),
+            Err(TransportError::Other(_))
+        ));
+        drop(taken);
+        ensure_port_free(addr).unwrap();
+        ensure_port_free("127.0.0.1:0".parse().unwrap()).unwrap();
     }
 
     #[test]

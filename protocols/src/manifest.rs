@@ -139,6 +139,15 @@ impl Manifest {
                 self.chunk_size
             ));
         }
+        // An empty image has no chunk whose arrival could complete its download: a fetch
+        // of it would wait forever. Nothing needs distributing, so it is refused here, on
+        // import and on every manifest read from the wire or from disk alike.
+        if self.size == 0 {
+            return inv(format!(
+                "image {}:{} is empty (0 bytes, no chunks); there is nothing to distribute",
+                self.name, self.version
+            ));
+        }
         let expected = self.size.div_ceil(self.chunk_size as u64);
         if expected != self.chunks.len() as u64 {
             return inv(format!(
@@ -215,6 +224,19 @@ mod tests {
         let mut m = sample();
         m.chunk_size = 3;
         assert!(Manifest::from_bytes(&m.to_bytes()).is_err());
+    }
+
+    #[test]
+    fn empty_image_rejected() {
+        let m = Manifest {
+            size: 0,
+            chunks: Vec::new(),
+            ..sample()
+        };
+        // As a peer or the GIS would send it: decoding refuses it, nothing waits on it.
+        let e = Manifest::from_bytes(&m.to_bytes()).unwrap_err().to_string();
+        assert!(e.contains("is empty"), "{e}");
+        assert!(m.validate().is_err());
     }
 
     #[test]

@@ -44,9 +44,7 @@ impl Inner {
                  {MAX_CHUNK_SIZE}"
             )));
         }
-        let mut src = File::open(path).map_err(|e| io_err(path, e))?;
-        // Seeking to the end also sizes block devices, whose metadata length is 0.
-        let size = src.seek(SeekFrom::End(0)).map_err(|e| io_err(path, e))?;
+        let (src, size) = open_source(path)?;
         let count = size.div_ceil(cs as u64);
         if count > MAX_CHUNKS as u64 {
             let need = size.div_ceil(MAX_CHUNKS as u64).next_multiple_of(4096);
@@ -193,6 +191,64 @@ impl Inner {
     }
 }
 
+/// Opens an import source and measures it. Regular files and block devices (a VM disk
+/// on an LVM volume or a disk partition) are images; anything else is refused with what
+/// it is, and so is an empty source.
+///
+/// The open uses `O_NONBLOCK`, so a FIFO is refused at once instead of blocking the open
+/// until some writer appears, and the kind comes from the opened file (`fstat`), so it
+/// cannot change between the check and the reads. `O_NONBLOCK` does not change reads of
+/// regular files or block devices.
+pub(super) fn open_source(path: &Path) -> Result<(File, u64), StoreError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let bad = |detail: &str| StoreError::BadSource {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    };
+    let mut src = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    let ft = src.metadata().map_err(|e| io_err(path, e))?.file_type();
+    let what = if ft.is_dir() {
+        "is a directory"
+    } else if ft.is_fifo() {
+        "is a named pipe (FIFO)"
+    } else if ft.is_socket() {
+        "is a socket"
+    } else if ft.is_char_device() {
+        "is a character device"
+    } else {
+        ""
+    };
+    if !what.is_empty() {
+        return Err(bad(&format!(
+            "{what}; an image is read from a regular file or a block device (its size must \
+             be known and it is read at offsets): copy the data into a file first"
+        )));
+    }
+    let size = source_size(&mut src).map_err(|e| io_err(path, e))?;
+    if size == 0 {
+        return Err(bad(
+            "is empty (0 bytes); there is nothing to distribute, so it is not imported",
+        ));
+    }
+    Ok((src, size))
+}
+
+/// Size of a regular file or of a block device. A block device's metadata length is 0;
+/// seeking to its end gives its size (what the `BLKGETSIZE64` ioctl reports).
+fn source_size(src: &mut File) -> io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = src.metadata()?;
+    if meta.file_type().is_block_device() {
+        src.seek(SeekFrom::End(0))
+    } else {
+        Ok(meta.len())
+    }
+}
+
 /// Checksums of a chunk that is not all zeros. Both hashes run on this thread: hashing
 /// MD5 on a second thread was measured slower here whenever the other core is busy
 /// (as it is on a node that serves peers while it imports).
@@ -267,4 +323,68 @@ pub(super) fn scan_source(
         progress(off + len as u64, size);
     }
     Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::io::AsRawFd;
+
+    fn refused(path: &Path) -> String {
+        match open_source(path) {
+            Err(e @ StoreError::BadSource { .. }) => e.to_string(),
+            other => panic!("{} should be refused, got {other:?}", path.display()),
+        }
+    }
+
+    #[test]
+    fn sources_that_are_not_images_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(refused(dir.path()).contains("is a directory"));
+        let empty = dir.path().join("empty.raw");
+        File::create(&empty).unwrap();
+        assert!(refused(&empty).contains("is empty"));
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // No writer ever opens it: the open must not block.
+        assert!(refused(&fifo).contains("is a named pipe"));
+        assert!(refused(Path::new("/dev/null")).contains("is a character device"));
+        let file = dir.path().join("img");
+        fs::write(&file, [7u8; 5000]).unwrap();
+        let (_, size) = open_source(&file).unwrap();
+        assert_eq!(size, 5000);
+    }
+
+    /// A block device is sized by seeking to its end, which must agree with the kernel's
+    /// `BLKGETSIZE64`. Only reads the size of the first block device this process may open
+    /// (none is created: setting up a loop device would change the host); skipped without.
+    #[test]
+    fn block_devices_are_sized_like_the_kernel_says() {
+        let Ok(entries) = fs::read_dir("/dev") else {
+            return;
+        };
+        for e in entries.flatten() {
+            // Never open anything else under /dev: opening some character devices acts.
+            if !e.file_type().is_ok_and(|t| t.is_block_device()) {
+                continue;
+            }
+            let Ok(mut f) = File::open(e.path()) else {
+                continue;
+            };
+            let mut want: u64 = 0;
+            // BLKGETSIZE64 = _IOR(0x12, 114, size_t).
+            const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+            // SAFETY: the ioctl writes one u64 into `want`.
+            let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64 as _, &mut want) };
+            if rc != 0 {
+                continue;
+            }
+            assert_eq!(source_size(&mut f).unwrap(), want, "{}", e.path().display());
+            return;
+        }
+        eprintln!("no readable block device: block device sizing not checked");
+    }
 }

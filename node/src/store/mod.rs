@@ -8,7 +8,8 @@
 //! Layout of a store directory `DIR`:
 //! - `DIR/index.sled/`: sled trees `manifests` (id → canonical manifest bytes), `refs`
 //!   ("name:version" → id), `bitmaps` (id → packed bitmap of durable chunks), `meta`
-//!   (id → CBOR [`Meta`]: added / last used, for GC policies);
+//!   (id → CBOR [`Meta`]: added / last used, for GC policies), `counters` (id → CBOR
+//!   transfer counters, saved by the node so they survive a restart);
 //! - `DIR/images/<hex id>.img`: the image, created at full length and sparse; all-zero
 //!   chunks are never written and stay holes.
 //!
@@ -24,6 +25,7 @@ mod bits;
 mod import;
 mod region;
 
+use bids_protocols::gis::Counters;
 use bids_protocols::manifest::{chunk_info, is_zero, sha256, ChunkInfo, Manifest, ObjectKind};
 use bids_protocols::{
     ChunkIndex, ImageId, ImageRef, DEFAULT_CHUNK_SIZE, MAX_CHUNKS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
@@ -97,6 +99,10 @@ pub enum StoreError {
     },
     #[error("invalid manifest: {0}")]
     InvalidManifest(String),
+    /// The import source is not something an image can be read from (a directory, a pipe,
+    /// a character device, a socket) or holds nothing.
+    #[error("{} {detail}", path.display())]
+    BadSource { path: PathBuf, detail: String },
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error(
@@ -317,6 +323,7 @@ struct Inner {
     refs: sled::Tree,
     bitmaps: sled::Tree,
     meta: sled::Tree,
+    counters: sled::Tree,
     images: RwLock<Images>,
     /// Serialises adding and removing images (never held while hashing chunk data).
     structure: Mutex<()>,
@@ -403,6 +410,7 @@ impl Store {
             refs: db.open_tree("refs")?,
             bitmaps: db.open_tree("bitmaps")?,
             meta: db.open_tree("meta")?,
+            counters: db.open_tree("counters")?,
             db,
             images: RwLock::new(Images::default()),
             structure: Mutex::new(()),
@@ -623,6 +631,47 @@ impl Store {
         }
     }
 
+    /// Saves an image's transfer counters (the node's accounting; the store only keeps
+    /// them). Durable with the next commit or flush; ignored for an image not held.
+    pub fn save_counters(&self, id: &ImageId, c: &Counters) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let _s = lock(&inner.structure);
+        if inner
+            .get(id)
+            .is_none_or(|e| e.removed.load(Ordering::Acquire))
+        {
+            return Ok(());
+        }
+        let bytes = serde_cbor::to_vec(c)
+            .map_err(|e| StoreError::Invalid(format!("encoding counters: {e}")))?;
+        inner.counters.insert(id.0, bytes)?;
+        Ok(())
+    }
+
+    /// The saved transfer counters of the images held; unreadable records are skipped.
+    pub fn saved_counters(&self) -> Vec<(ImageId, Counters)> {
+        let inner = &self.inner;
+        let images = read(&inner.images);
+        inner
+            .counters
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, v)| {
+                let id = ImageId(<[u8; 32]>::try_from(k.as_ref()).ok()?);
+                if !images.by_id.contains_key(&id) {
+                    return None;
+                }
+                match serde_cbor::from_slice::<Counters>(&v) {
+                    Ok(c) => Some((id, c)),
+                    Err(e) => {
+                        warn!(image = %id, error = %e, "skipping unreadable saved counters");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// Path of the image's sparse file (read it via mmap; only the store writes it).
     pub fn image_path(&self, id: &ImageId) -> PathBuf {
         self.inner.image_path(id)
@@ -716,7 +765,7 @@ impl Inner {
             images.by_id.insert(id, Arc::new(entry));
         }
         // Records whose manifest is gone belong to a removal a crash interrupted.
-        for tree in [&self.bitmaps, &self.meta] {
+        for tree in [&self.bitmaps, &self.meta, &self.counters] {
             for k in tree.iter().keys() {
                 let k = k?;
                 let known = <[u8; 32]>::try_from(k.as_ref())
@@ -882,14 +931,21 @@ impl Inner {
             let _c = lock(&self.commit_lock);
             entry.removed.store(true, Ordering::Release);
             let key = ref_key(&r);
-            let res = (&self.manifests, &self.refs, &self.bitmaps, &self.meta)
-                .transaction(|(mt, rt, bt, et)| {
+            let res = (
+                &self.manifests,
+                &self.refs,
+                &self.bitmaps,
+                &self.meta,
+                &self.counters,
+            )
+                .transaction(|(mt, rt, bt, et, ct)| {
                     mt.remove(&id.0)?;
                     if rt.get(key.as_slice())?.as_deref() == Some(&id.0[..]) {
                         rt.remove(key.as_slice())?;
                     }
                     bt.remove(&id.0)?;
                     et.remove(&id.0)?;
+                    ct.remove(&id.0)?;
                     Ok::<(), ConflictableTransactionError<()>>(())
                 })
                 .map_err(tx_err)
