@@ -80,10 +80,8 @@ fn round_trip(cs: u32, mmap_writes: bool) {
     };
     let store = Store::open_with(&dir.path().join("store"), opts).unwrap();
     let c = cs as usize;
-    for (i, size) in [0, 1, c - 1, c, c + 1, 5 * MIB + 123]
-        .into_iter()
-        .enumerate()
-    {
+    // (An empty source is refused: see `empty_image_is_refused`.)
+    for (i, size) in [1, c - 1, c, c + 1, 5 * MIB + 123].into_iter().enumerate() {
         let data = random_bytes(size, i as u64);
         let src = dir.path().join(format!("src-{size}"));
         write_file(&src, &data);
@@ -134,22 +132,32 @@ fn round_trip_bit_exact_writing_through_maps() {
     round_trip(64 * KIB as u32, true);
 }
 
+/// An empty image has no chunk whose arrival could complete its download (issue 18 item
+/// 6): its manifest is refused, and so is an empty file at import; nothing is added.
 #[test]
-fn empty_image_is_complete_at_once() {
+fn empty_image_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
     let m = manifest_of(&[], 4096, &r("empty", "1"));
     assert_eq!(m.chunk_count(), 0);
-    store.add_manifest(&m).unwrap();
-    let st = store.status(&m.id()).unwrap();
-    assert!(st.complete && st.total == 0 && st.held == 0);
-    let out = dir.path().join("out");
-    store.export(&m.id(), &out, &mut no_progress()).unwrap();
-    assert_eq!(fs::metadata(&out).unwrap().len(), 0);
     assert!(matches!(
-        store.read_chunk(&m.id(), 0),
-        Err(StoreError::BadIndex { .. })
+        store.add_manifest(&m),
+        Err(StoreError::InvalidManifest(_))
     ));
+    let src = dir.path().join("empty.raw");
+    write_file(&src, &[]);
+    let e = store
+        .import(
+            &src,
+            &r("empty", "1"),
+            4096,
+            None,
+            ObjectKind::Image,
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("is empty"), "{e}");
+    assert!(store.list().is_empty());
 }
 
 #[test]
