@@ -141,6 +141,26 @@ bn_wait_line() {
 	return 0
 }
 
+# The kernel's ARP table is one for all network namespaces, and its hard limit
+# (net.ipv4.neigh.default.gc_thresh3, 1024 by default) is reached by an IDC of about 32
+# hosts that all talk to each other: each host holds an entry per peer. Past it, new ARP
+# resolutions fail in every namespace ("neighbor table overflow" in the kernel log), and the
+# whole testnet, GIS and other IDCs included, goes silent. Raise the limits to what this
+# testnet needs (never lowered again: another testnet may run beside this one).
+bn_neigh_room() {
+	local need=256 h cur
+	for h in "${BN_HOSTS[@]}"; do
+		need=$((need + (h + 1) * (h + 2)))
+	done
+	cur=$(cat /proc/sys/net/ipv4/neigh/default/gc_thresh3)
+	if ((cur < 2 * need)); then
+		bn_log "raising the kernel's ARP table limits to $need / $((2 * need)) entries (was gc_thresh3 $cur)"
+		{ echo "$((2 * need))" >/proc/sys/net/ipv4/neigh/default/gc_thresh3 &&
+			echo "$need" >/proc/sys/net/ipv4/neigh/default/gc_thresh2; } 2>/dev/null ||
+			bn_log "could not raise the ARP table limits; more than ~30 hosts per IDC may stall"
+	fi
+}
+
 # bn_up: builds the network. Inputs (variables):
 #   BN_BIN          the bids binary
 #   BN_WORK         a directory for logs
@@ -154,6 +174,7 @@ bn_up() {
 	BN_PIDS_FILE="$BN_WORK/pids"
 	: >"$BN_PIDS_FILE"
 	bn_log "building $nidc IDCs (hosts: ${BN_HOSTS[*]}; WAN Mbit/s: ${BN_WAN_MBIT[*]}; delay ms: ${BN_DELAY_MS[*]}; LAN ${lan} Mbit/s)"
+	bn_neigh_room
 	bn_ns_new "$BN_ROUTER_NS"
 	bn_ns_new "$BN_GIS_NS"
 	# The GIS hangs off the router by a plain veth: its traffic crosses the WAN link of the
