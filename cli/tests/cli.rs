@@ -75,6 +75,22 @@ fn p(dir: &Path, name: &str) -> String {
     dir.join(name).display().to_string()
 }
 
+/// A GIS on a free loopback port with `d/gis.key` and data in `d/gis-data`; its first line is
+/// its address.
+fn start_gis(d: &Path, admin: &str) -> Daemon {
+    Daemon::start(&[
+        "gis",
+        "--key",
+        &p(d, "gis.key"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, "gis-data"),
+        "--admin-peer",
+        admin,
+    ])
+}
+
 fn write_random(path: &Path, size: usize, seed: u8) {
     let mut f = std::fs::File::create(path).unwrap();
     let mut x: u32 = seed as u32 * 2654435761 + 1;
@@ -317,17 +333,7 @@ fn gis_nodes_lookup_and_fetch() {
     ok(&["key", "gen", "--out", &p(d, "gis.key")]);
     ok(&["key", "gen", "--out", &p(d, "a1.key")]);
     ok(&["key", "gen", "--out", &p(d, "a2.key")]);
-    let gis = Daemon::start(&[
-        "gis",
-        "--key",
-        &p(d, "gis.key"),
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data",
-        &p(d, "gis-data"),
-        "--admin-peer",
-        &admin,
-    ]);
+    let gis = start_gis(d, &admin);
     let gis_addr = gis.first_line.clone();
     assert!(
         gis_addr.contains("/p2p/"),
@@ -536,17 +542,7 @@ fn a_listen_port_in_use_is_refused() {
     ok(&["key", "gen", "--out", &p(d, "gis.key")]);
     ok(&["key", "gen", "--out", &p(d, "gis2.key")]);
     ok(&["key", "gen", "--out", &p(d, "n.key")]);
-    let gis = Daemon::start(&[
-        "gis",
-        "--key",
-        &p(d, "gis.key"),
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data",
-        &p(d, "gis-data"),
-        "--admin-peer",
-        &admin,
-    ]);
+    let gis = start_gis(d, &admin);
     let gis_addr = gis.first_line.clone();
     let taken: libp2p::Multiaddr = gis_addr.parse().unwrap();
     let port = taken
@@ -699,17 +695,7 @@ fn sighup_reloads_a_renewed_certificate() {
             .not_after
     };
     let old_end = issue("30", "db.cert");
-    let gis = Daemon::start(&[
-        "gis",
-        "--key",
-        &p(d, "gis.key"),
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data",
-        &p(d, "gis-data"),
-        "--admin-peer",
-        &admin,
-    ]);
+    let gis = start_gis(d, &admin);
     let src = d.join("img.raw");
     write_random(&src, 100_000, 7);
     let store = p(d, "db");
