@@ -271,20 +271,8 @@ async fn dead_bridgehead_is_replaced_by_another() {
     );
     c.kill_node(dead).await;
 
-    for (i, t) in tasks {
-        tokio::time::timeout(Duration::from_secs(45), t)
-            .await
-            .unwrap_or_else(|_| panic!("host {i} did not finish"))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("host {i} failed: {e}"));
-    }
-    let want = file_hash(&file);
+    common::fetched_bit_exact(&c, tasks, &id, &file, Duration::from_secs(45)).await;
     for &i in &hosts {
-        assert_eq!(
-            file_hash(&c.nodes[i].node().store().image_path(&id)),
-            want,
-            "host {i} is not bit-exact"
-        );
         assert_eq!(
             status(&c, i).await.total.wan_recv_bytes,
             0,
@@ -412,21 +400,7 @@ async fn nodes_rejoin_a_restarted_gis_and_downloads_go_on() {
         restarted.elapsed()
     );
 
-    for (i, t) in tasks {
-        tokio::time::timeout(Duration::from_secs(30), t)
-            .await
-            .unwrap_or_else(|_| panic!("host {i} did not finish"))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("host {i} failed: {e}"));
-    }
-    let want = file_hash(&file);
-    for &i in &hosts {
-        assert_eq!(
-            file_hash(&c.nodes[i].node().store().image_path(&id)),
-            want,
-            "host {i} is not bit-exact"
-        );
-    }
+    common::fetched_bit_exact(&c, tasks, &id, &file, Duration::from_secs(30)).await;
     // A host that joins now finds the image through the restarted GIS.
     let fresh = c.add_node("B").expect("a new host");
     c.start_node(fresh).await.expect("the new host starts");
@@ -435,7 +409,7 @@ async fn nodes_rejoin_a_restarted_gis_and_downloads_go_on() {
         .expect("the new host fetches");
     assert_eq!(
         file_hash(&c.nodes[fresh].node().store().image_path(&id)),
-        want,
+        file_hash(&file),
         "the new host is not bit-exact"
     );
     c.shutdown().await;

@@ -14,7 +14,7 @@ use bids_protocols::gis::{self as gisp, ErrorKind, GisRequest, GisResponse, Hold
 use bids_protocols::hello::{self, Hello, HelloReply};
 use bids_protocols::{BridgeheadCert, Idc, ImageId, ImageRef, Manifest, Policy, Role};
 use bids_testnet::cluster::{issue_cert, Cluster, ClusterSpec, IdcSpec};
-use common::{file_hash, idc, image_file, ordinary, status, wait_for, CHUNK, MIB};
+use common::{idc, image_file, ordinary, status, wait_for, CHUNK, MIB};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -927,20 +927,8 @@ async fn expired_bridgehead_certificate_stops_the_wan_and_a_renewal_resumes_it()
     );
     assert_eq!(status(&c, db).await.role, Role::Bridgehead);
     assert!(!status(&c, db).await.cert_expiring);
-    for (i, t) in tasks {
-        tokio::time::timeout(Duration::from_secs(40), t)
-            .await
-            .unwrap_or_else(|_| panic!("host {i} did not finish"))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("host {i} failed: {e}"));
-    }
-    let want = file_hash(&file);
+    common::fetched_bit_exact(&c, tasks, &id, &file, Duration::from_secs(40)).await;
     for &i in &hosts {
-        assert_eq!(
-            file_hash(&c.nodes[i].node().store().image_path(&id)),
-            want,
-            "host {i} is not bit-exact"
-        );
         assert_eq!(
             status(&c, i).await.total.wan_recv_bytes,
             0,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use bids_node::NodeStatus;
+use bids_protocols::ImageId;
 use bids_testnet::cluster::{Cluster, IdcSpec};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -67,6 +68,37 @@ pub async fn status(c: &Cluster, i: usize) -> NodeStatus {
         .status()
         .await
         .unwrap_or_else(|e| panic!("status of node {i}: {e}"))
+}
+
+/// Fetch tasks of `NodeHandle::fetch_and_wait`, by node index.
+pub type FetchTasks = Vec<(usize, tokio::task::JoinHandle<Result<f64, String>>)>;
+
+/// Waits for each fetch task (each within `within`), failing on a timeout or an error, then
+/// checks every fetching node's copy of `id` is bit-exact with `file`.
+pub async fn fetched_bit_exact(
+    c: &Cluster,
+    tasks: FetchTasks,
+    id: &ImageId,
+    file: &Path,
+    within: Duration,
+) {
+    let mut nodes = Vec::new();
+    for (i, t) in tasks {
+        tokio::time::timeout(within, t)
+            .await
+            .unwrap_or_else(|_| panic!("host {i} did not finish"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("host {i} failed: {e}"));
+        nodes.push(i);
+    }
+    let want = file_hash(file);
+    for i in nodes {
+        assert_eq!(
+            file_hash(&c.nodes[i].node().store().image_path(id)),
+            want,
+            "host {i} is not bit-exact"
+        );
+    }
 }
 
 /// The ordinary (uncertified) hosts among `nodes`.
