@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's §4 evaluation on real processes in Linux network namespaces (needs root):
 #   testnet/eval.sh --smoke | --quick | --full | --delay | --pairs | --lan | --hosts
-#                   [--out DIR] [--bin PATH]
+#                   | --faults [--smoke] [--out DIR] [--bin PATH]
 # Each run builds a fresh netns testnet (testnet/netns/run.sh): 4 provider IDCs hold the
 # image, a requester IDC of 8 hosts and one bridgehead asks for it; BIDS and Baseline. Writes
 # DIR/runs.csv (one row per run), DIR/runs.jsonl (per-host details), DIR/summary.md (tables
@@ -23,16 +23,26 @@
 #            bridgehead first and started among the hosts in random order      (~5 min)
 #   --hosts  LAN swarming against the number of hosts: 8, 16, 32 and 64 hosts, 200 Mbit/s
 #            LAN, 34 Mbit/s WAN, a 32 MiB image; BIDS and Baseline             (~15 min)
+#   --faults ordinary faults (run.sh --faults 1): during each BIDS distribution (16 MB,
+#            20 Mbit/s WAN, 6 hosts) the GIS, a provider's bridgehead and a host are
+#            SIGKILLed and restarted, a provider host's copy rots and a host's disk fills;
+#            20 seeds, each also run without faults for the overhead       (~25 min)
+#            With --smoke: one pair on a small testnet                          (~1 min)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NETNS=$ROOT/testnet/netns
 # shellcheck source=netns/lib.sh
 . "$NETNS/lib.sh"
 
-PROFILE="" OUT="" BIN=""
+PROFILE="" OUT="" BIN="" SMOKE=0
 while (($#)); do
 	case $1 in
-	--smoke | --quick | --full | --delay | --pairs | --lan | --hosts) PROFILE=${1#--} ;;
+	--smoke)
+		SMOKE=1
+		[[ $PROFILE == faults ]] || PROFILE=smoke
+		;;
+	--faults) PROFILE=faults ;;
+	--quick | --full | --delay | --pairs | --lan | --hosts) PROFILE=${1#--} ;;
 	--out)
 		OUT=$2
 		shift
@@ -42,14 +52,14 @@ while (($#)); do
 		shift
 		;;
 	-h | --help)
-		sed -n '2,25p' "$0"
+		sed -n '2,30p' "$0"
 		exit 0
 		;;
-	*) bn_die "unknown option $1 (use --smoke, --quick, --full, --delay, --pairs, --lan or --hosts, and --out DIR)" ;;
+	*) bn_die "unknown option $1 (use --smoke, --quick, --full, --delay, --pairs, --lan, --hosts or --faults, and --out DIR)" ;;
 	esac
 	shift
 done
-[[ -n $PROFILE ]] || bn_die "choose --smoke, --quick, --full, --delay, --pairs, --lan or --hosts"
+[[ -n $PROFILE ]] || bn_die "choose --smoke, --quick, --full, --delay, --pairs, --lan, --hosts or --faults"
 ((EUID == 0)) || bn_die "network namespaces need root"
 command -v ip >/dev/null && command -v tc >/dev/null || bn_die "iproute2 (ip, tc) is needed"
 
@@ -151,6 +161,22 @@ lan)
 			--bridgehead-random "$bh" --lan-mbit 100
 	done
 	;;
+faults)
+	# Each seed twice: without faults (the reference for the overhead), then with them.
+	if ((SMOKE)); then
+		seeds=1 args=(--providers 2 --provider-hosts 2 --hosts 3)
+		size=$((4 << 20)) wan=10
+	else
+		seeds=20 args=(--providers 4 --provider-hosts 2 --hosts 6)
+		size=16000000 wan=20
+	fi
+	for seed in $(seq 1 "$seeds"); do
+		for f in 0 1; do
+			run bids "$size" "$wan" 10 faults "${args[@]}" --jitter-ms 1000 --seed "$seed" \
+				--faults "$f" --timeout-s 120
+		done
+	done
+	;;
 hosts)
 	for hosts in 8 16 32 64; do
 		for mode in bids baseline; do
@@ -187,7 +213,7 @@ if [[ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] && command -v apt-
 fi
 if ! "$BIN" testnet eval-plot --csv "$CSV" --out "$OUT" >/dev/null 2>"$WORK/plot.err"; then
 	bn_log "plots failed: $(cat "$WORK/plot.err")"
-	[[ $PROFILE == smoke || $PROFILE == delay || $PROFILE == pairs ]] || FAILED=$((FAILED + 1))
+	[[ $PROFILE == smoke || $PROFILE == delay || $PROFILE == pairs || $PROFILE == faults ]] || FAILED=$((FAILED + 1))
 fi
 
 # Summary: the tables and the issue's goals, from runs.csv.

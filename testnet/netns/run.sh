@@ -8,10 +8,19 @@
 #          [--providers 4] [--provider-hosts 2] [--hosts 8] [--wan-mbit 10] [--delay-ms 15]
 #          [--lan-mbit 200] [--chunk-bytes 258048] [--jitter-ms 2000] [--seed 1]
 #          [--sweep bw|delay|lan|hosts] [--bridgehead-random 0|1] [--timeout-s 600]
-#          [--keep-logs DIR]
+#          [--faults 0|1] [--keep-logs DIR]
 #
 # --bridgehead-random 1: the requester's bridgehead is one of the hosts started in random
 # order with a random delay (by default it starts first, at once).
+#
+# --faults 1: ordinary faults at random times (seeded by --seed) while the hosts fetch: the
+# GIS, one provider IDC's bridgehead and one requesting host are SIGKILLed and restarted a
+# few seconds later (same keys, stores and addresses); one provider host's stored copy rots
+# (one flipped byte in each of several chunks); one requesting host's store sits on its own
+# tmpfs, which fills up for a few seconds mid-download. A fetch that fails is started again
+# until it succeeds or --timeout-s passes. Afterwards every copy listed complete by the GIS
+# is checked against its store (`bids image verify`). The faults injected go to the CSV
+# (`faults`, `gis_listed_not_held`) and the JSON details.
 #
 # Exit status: 0 when every host got a bit-exact copy and no process died, non-zero otherwise.
 set -euo pipefail
@@ -21,7 +30,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 BIN="" IMAGE="" MODE="bids" CSV="" PROVIDERS=4 PROVIDER_HOSTS=2 HOSTS=8 WAN_MBIT=10
 DELAY_MS=15 LAN_MBIT=200 CHUNK=258048 JITTER_MS=2000 SEED=1 SWEEP="" TIMEOUT_S=600
-KEEP_LOGS="" BH_RANDOM=0
+KEEP_LOGS="" BH_RANDOM=0 FAULTS=0
 while (($#)); do
 	case $1 in
 	--bin) BIN=$2 ;;
@@ -41,6 +50,7 @@ while (($#)); do
 	--timeout-s) TIMEOUT_S=$2 ;;
 	--keep-logs) KEEP_LOGS=$2 ;;
 	--bridgehead-random) BH_RANDOM=$2 ;;
+	--faults) FAULTS=$2 ;;
 	*) bn_die "unknown option $1" ;;
 	esac
 	shift 2
@@ -56,10 +66,12 @@ IMAGE=$(cd "$(dirname "$IMAGE")" && pwd)/$(basename "$IMAGE")
 bn_names $$
 BN_WORK=$(mktemp -d "${TMPDIR:-/tmp}/bidsnet-run.XXXXXX")
 BN_PIDS_FILE="$BN_WORK/pids"
+DISK_MNT=""
 cleanup() {
 	local rc=$?
 	trap - EXIT INT TERM
 	bn_down
+	[[ -n $DISK_MNT ]] && umount -l "$DISK_MNT" 2>/dev/null || true
 	# A failed run keeps its logs beside the CSV unless told where.
 	if ((rc != 0)) && [[ -z $KEEP_LOGS && -n $CSV ]]; then
 		KEEP_LOGS=$(dirname "$CSV")/failed-logs-$$
@@ -126,9 +138,11 @@ K=$BN_WORK/keys
 mkdir -p "$K"
 ADMIN=$("$BIN" key gen --out "$K/admin.key")
 "$BIN" key gen --out "$K/gis.key" >/dev/null
+declare -A PEER_OF
 for ((k = 1; k <= R; k++)); do
 	for ((j = 1; j <= BN_HOSTS[k - 1]; j++)); do
 		peer=$("$BIN" key gen --out "$K/$k-$j.key")
+		PEER_OF[$k-$j]=$peer
 		if ((j == 1)); then
 			"$BIN" cert issue --admin-key "$K/admin.key" --peer "$peer" --idc "idc$k" \
 				--db-id "idc$k-db1" --days 30 --out "$K/$k-$j.cert" >>"$BN_WORK/certs.log" 2>&1 ||
@@ -139,9 +153,13 @@ done
 
 # The GIS.
 GIS_PORT=7000
-bn_spawn "$BN_GIS_NS" gis "$BIN" gis --key "$K/gis.key" \
-	--listen "/ip4/$BN_GIS_IP/tcp/$GIS_PORT" --data "$BN_WORK/gis-data" \
-	--admin-peer "$ADMIN" --policy "$MODE"
+# spawn_gis NAME: the GIS (again, after a fault: same key, data and address).
+spawn_gis() {
+	bn_spawn "$BN_GIS_NS" "$1" "$BIN" gis --key "$K/gis.key" \
+		--listen "/ip4/$BN_GIS_IP/tcp/$GIS_PORT" --data "$BN_WORK/gis-data" \
+		--admin-peer "$ADMIN" --policy "$MODE"
+}
+spawn_gis gis
 GIS_PID=$BN_LAST_PID
 bn_wait_line "$BN_WORK/gis.out" '/p2p/' "$GIS_PID" 20 || bn_die "the GIS did not start: $(tail -3 "$BN_WORK/gis.log")"
 GIS_ADDR=$(grep -m1 '/p2p/' "$BN_WORK/gis.out")
@@ -162,16 +180,35 @@ for p in "${ADD_PIDS[@]}"; do
 	wait "$p" || bn_die "importing the image failed: $(cat "$BN_WORK"/add-*.log | tail -3)"
 done
 
-# Nodes.
+SIZE=$(stat -c %s "$IMAGE")
+# With faults, one requesting host's store has a tmpfs of its own, with room for the image
+# and its index and little more: the fault fills it mid-download.
+DISK_HOST=0
+if ((FAULTS)); then
+	RANDOM=$((SEED + 7919))
+	DISK_HOST=$((2 + RANDOM % HOSTS))
+	DISK_MNT=$BN_WORK/s$R-$DISK_HOST
+	mkdir -p "$DISK_MNT"
+	mount -t tmpfs -o size=$((SIZE + (48 << 20))) bids-faults "$DISK_MNT" ||
+		bn_die "cannot mount a tmpfs for the disk-full fault"
+fi
+
+# Nodes. spawn_node K J NAME: host J of IDC K (again, after a fault: same key, store and
+# address).
+NODE_EXTRA=()
+((FAULTS)) && NODE_EXTRA=(--scrub-rate 64)
+spawn_node() {
+	local k=$1 j=$2 cert=()
+	((j == 1)) && cert=(--cert "$K/$k-$j.cert")
+	bn_spawn "$(bn_host_ns "$k" "$j")" "$3" "$BIN" node \
+		--key "$K/$k-$j.key" "${cert[@]}" --idc "idc$k" --gis "$GIS_ADDR" \
+		--store "$BN_WORK/s$k-$j" --admin-peer "$ADMIN" --policy "$MODE" \
+		--listen "/ip4/$(bn_host_ip "$k" "$j")/tcp/4001" "${NODE_EXTRA[@]}"
+}
 declare -A NODE_PID
 for ((k = 1; k <= R; k++)); do
 	for ((j = 1; j <= BN_HOSTS[k - 1]; j++)); do
-		cert=()
-		((j == 1)) && cert=(--cert "$K/$k-$j.cert")
-		bn_spawn "$(bn_host_ns "$k" "$j")" "node-$k-$j" "$BIN" node \
-			--key "$K/$k-$j.key" "${cert[@]}" --idc "idc$k" --gis "$GIS_ADDR" \
-			--store "$BN_WORK/s$k-$j" --admin-peer "$ADMIN" --policy "$MODE" \
-			--listen "/ip4/$(bn_host_ip "$k" "$j")/tcp/4001"
+		spawn_node "$k" "$j" "node-$k-$j"
 		NODE_PID[$k-$j]=$BN_LAST_PID
 	done
 done
@@ -200,7 +237,6 @@ idle0=$(bn_counter "$RNS" wan rx_bytes)
 sleep 3
 idle_bps=$((($(bn_counter "$RNS" wan rx_bytes) - idle0) / 3))
 
-SIZE=$(stat -c %s "$IMAGE")
 bn_log "$MODE: $HOSTS hosts of idc$R fetch $((SIZE >> 10)) KiB; WAN $WAN_MBIT Mbit/s, IDC-to-IDC delay $DELAY_MS ms"
 k_in0=$(bn_counter "$RNS" wan rx_bytes)
 k_off0=$(bn_counter "$BN_ROUTER_NS" "wan$R" tx_bytes)
@@ -216,16 +252,115 @@ RANDOM=$SEED
 first=$((BH_RANDOM ? 1 : 2))
 order=$(for ((j = first; j <= HOSTS + 1; j++)); do echo "$RANDOM $j"; done | sort -n | cut -d' ' -f2)
 fetch() { # fetch J START_DELAY_MS
-	local j=$1 d=$2 t0 t1 rc=0
+	local j=$1 d=$2 t0 t1 rc=0 tries=1 end
 	sleep "$(printf '%d.%03d' $((d / 1000)) $((d % 1000)))"
 	t0=$(date +%s.%N)
-	timeout "$TIMEOUT_S" "$BIN" image fetch "$REF" --store "$BN_WORK/s$R-$j" \
-		--out "$BN_WORK/out-$j.raw" >"$BN_WORK/fetch-$j.log" 2>&1 || rc=$?
+	end=$((SECONDS + TIMEOUT_S))
+	while :; do
+		rc=0
+		timeout "$((end - SECONDS))" "$BIN" image fetch "$REF" --store "$BN_WORK/s$R-$j" \
+			--out "$BN_WORK/out-$j.raw" >>"$BN_WORK/fetch-$j.log" 2>&1 || rc=$?
+		# With faults, a fetch that failed (its node was killed, its disk was full) is
+		# started again, as an operator's script would, until the run's time is up.
+		((rc == 0 || !FAULTS || SECONDS + 2 >= end)) && break
+		echo "[attempt $tries failed with exit $rc; starting the fetch again]" >>"$BN_WORK/fetch-$j.log"
+		tries=$((tries + 1))
+		sleep 1
+	done
 	t1=$(date +%s.%N)
-	echo "$j $rc $t0 $t1 $d" >"$BN_WORK/fetch-$j.res"
+	echo "$j $rc $t0 $t1 $d $tries" >"$BN_WORK/fetch-$j.res"
+}
+# The fault injector (with --faults 1), a background job of its own: it logs each fault to
+# faults.log ("<s since the fetches started> <fault>") and each process it started again to
+# respawned ("<node key or gis> <pid>").
+nap_ms() { sleep "$(printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)))"; }
+# rnd LO HI: a number in [LO, HI] into R_ (no subshell: bash reseeds $RANDOM in subshells,
+# and every draw here comes from the run's seed).
+rnd() { R_=$(($1 + RANDOM % ($2 - $1 + 1))); }
+inject_faults() {
+	local b_ms lo hi k j img nch c f=0
+	local t_gis d_gis t_bh d_bh k_bh t_host d_host j_host t_rot k_rot t_disk d_disk offs=()
+	RANDOM=$((SEED * 31 + 5))
+	b_ms=$(awk "BEGIN { printf \"%d\", $SIZE * 8 / ($WAN_MBIT * 1000) }")
+	# Each fault at its own random time within the first 60 % of the bound S/B_wan.
+	lo=$((b_ms / 10)) hi=$((b_ms * 6 / 10))
+	rnd "$lo" "$hi"; t_gis=$R_; rnd 2000 5000; d_gis=$R_
+	rnd "$lo" "$hi"; t_bh=$R_; rnd 2000 5000; d_bh=$R_; rnd 1 "$PROVIDERS"; k_bh=$R_
+	rnd "$lo" "$hi"; t_host=$R_; rnd 1000 3000; d_host=$R_; rnd 2 $((HOSTS + 1)); j_host=$R_
+	((j_host == DISK_HOST)) && j_host=$((j_host == HOSTS + 1 ? 2 : j_host + 1))
+	rnd 0 "$hi"; t_rot=$R_; rnd 1 "$PROVIDERS"; k_rot=$R_
+	rnd "$lo" "$hi"; t_disk=$R_; rnd 3000 6000; d_disk=$R_
+	# Bit rot: one byte in each of up to 8 chunks, spread over the image.
+	nch=$(((SIZE + CHUNK - 1) / CHUNK))
+	for ((c = 0; c < nch && ${#offs[@]} < 8; c += 1 + nch / 8)); do
+		rnd 0 $(((c + 1) * CHUNK > SIZE ? SIZE - c * CHUNK - 1 : CHUNK - 1))
+		offs+=($((c * CHUNK + R_)))
+	done
+	flog() { echo "$(calc "$(date +%s.%N) - $T0") $*" >>"$BN_WORK/faults.log"; }
+	{
+		nap_ms "$t_gis"
+		flog "SIGKILL gis"
+		kill -KILL "$GIS_PID" 2>/dev/null || true
+		nap_ms "$d_gis"
+		spawn_gis gis-2
+		echo "gis $BN_LAST_PID" >>"$BN_WORK/respawned"
+		flog "restarted gis"
+	} &
+	{
+		nap_ms "$t_bh"
+		flog "SIGKILL bridgehead of idc$k_bh"
+		kill -KILL "${NODE_PID[$k_bh-1]}" 2>/dev/null || true
+		nap_ms "$d_bh"
+		spawn_node "$k_bh" 1 "node-$k_bh-1-2"
+		echo "$k_bh-1 $BN_LAST_PID" >>"$BN_WORK/respawned"
+		flog "restarted bridgehead of idc$k_bh"
+	} &
+	{
+		nap_ms "$t_host"
+		flog "SIGKILL host $j_host of idc$R"
+		kill -KILL "${NODE_PID[$R-$j_host]}" 2>/dev/null || true
+		nap_ms "$d_host"
+		spawn_node "$R" "$j_host" "node-$R-$j_host-2"
+		echo "$R-$j_host $BN_LAST_PID" >>"$BN_WORK/respawned"
+		flog "restarted host $j_host of idc$R"
+	} &
+	{
+		# At a provider host that is not a bridgehead (that one may be killed), under its
+		# running node.
+		nap_ms "$t_rot"
+		img=$(find "$BN_WORK/s$k_rot-2/images" -name '*.img' | head -1)
+		for c in "${offs[@]}"; do
+			# The byte read, inverted.
+			b=$(od -An -tu1 -j "$c" -N1 "$img" | tr -d ' ')
+			printf "\\x$(printf %02x $((255 - b)))" |
+				dd of="$img" bs=1 seek="$c" conv=notrunc status=none && f=$((f + 1))
+		done
+		flog "bit rot: $f bytes flipped in $f chunks of host 2 of idc$k_rot"
+	} &
+	{
+		# The disk of one requesting host fills for a few seconds: a file takes all but
+		# 256 KiB of its tmpfs, then goes.
+		local free
+		nap_ms "$t_disk"
+		free=$(df -B1 --output=avail "$DISK_MNT" | tail -1)
+		((free > 262144)) && { fallocate -l $((free - 262144)) "$DISK_MNT/filler" ||
+			head -c $((free - 262144)) /dev/zero >"$DISK_MNT/filler"; } 2>/dev/null
+		flog "disk full: host $DISK_HOST of idc$R ($((free >> 10)) KiB taken)"
+		nap_ms "$d_disk"
+		rm -f "$DISK_MNT/filler"
+		flog "disk freed: host $DISK_HOST of idc$R"
+	} &
+	wait
 }
 T0=$(date +%s.%N)
 FETCH_PIDS=()
+INJECTOR_PID=""
+if ((FAULTS)); then
+	: >"$BN_WORK/faults.log"
+	: >"$BN_WORK/respawned"
+	inject_faults &
+	INJECTOR_PID=$!
+fi
 if ((!BH_RANDOM)); then
 	fetch 1 0 &
 	FETCH_PIDS+=($!)
@@ -236,6 +371,13 @@ for j in $order; do
 done
 for p in "${FETCH_PIDS[@]}"; do wait "$p" || true; done
 T1=$(date +%s.%N)
+if [[ -n $INJECTOR_PID ]]; then
+	wait "$INJECTOR_PID" || true
+	# Processes started again by the injector replace the killed ones.
+	while read -r key pid; do
+		if [[ $key == gis ]]; then GIS_PID=$pid; else NODE_PID[$key]=$pid; fi
+	done <"$BN_WORK/respawned"
+fi
 
 k_in=$(($(bn_counter "$RNS" wan rx_bytes) - k_in0))
 k_off=$(($(bn_counter "$BN_ROUTER_NS" "wan$R" tx_bytes) - k_off0))
@@ -252,8 +394,11 @@ nodes_in=0
 makespan=0
 hosts_json=()
 for ((j = 1; j <= HOSTS + 1; j++)); do
-	read -r _ rc t0 t1 d <"$BN_WORK/fetch-$j.res" || { rc=99 t0=0 t1=0 d=0; }
+	read -r _ rc t0 t1 d tries <"$BN_WORK/fetch-$j.res" || { rc=99 t0=0 t1=0 d=0 tries=0; }
 	secs=$(sed -nE 's/.*complete and verified in ([0-9.]+) s.*/\1/p' "$BN_WORK/fetch-$j.log" | tail -1)
+	# A fetch started again after a fault took from its first start to its last end.
+	((tries > 1)) && [[ -n $secs ]] && secs=$(calc "$t1 - $t0")
+	last_done=$(awk "BEGIN { e = $t1 - $T0; print (e > ${last_done:-0}) ? e : ${last_done:-0} }")
 	if ((rc != 0)) || [[ -z $secs ]]; then
 		fail+=("host $j of idc$R: fetch failed (exit $rc): $(tail -2 "$BN_WORK/fetch-$j.log" | tr '\n' ' ')")
 		secs=0
@@ -274,7 +419,7 @@ for ((j = 1; j <= HOSTS + 1; j++)); do
 	((j > 1)) && ptimes+=("$secs")
 	# Completion since the bridgehead's start: the host's start delay plus its provision time.
 	makespan=$(awk "BEGIN { e = $d / 1000 + $secs; print (e > $makespan) ? e : $makespan }")
-	hosts_json+=("{\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"wan_recv_bytes\":${w:-0},\"lan_recv_bytes\":${lan_in:-0},\"lan_recv_mbit_per_s\":$(printf '%.1f' "$lan_rate")}")
+	hosts_json+=("{\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"fetch_attempts\":${tries:-0},\"wan_recv_bytes\":${w:-0},\"lan_recv_bytes\":${lan_in:-0},\"lan_recv_mbit_per_s\":$(printf '%.1f' "$lan_rate")}")
 	if ((j > 1)); then
 		lan_rates+=("$lan_rate")
 	fi
@@ -294,6 +439,39 @@ done
 kill -0 "$BN_LINKEMU_PID" 2>/dev/null || fail+=("the link emulator died")
 kill -0 "$GIS_PID" 2>/dev/null || fail+=("the GIS died")
 
+# With faults: nothing the GIS lists as a complete copy may be anything less. Every peer it
+# lists complete, in any IDC, has its store checked chunk by chunk (`bids image verify`,
+# through the running node). The GIS learns of a loss by the node's next report, so the
+# check is repeated for up to 20 s until it holds; what still fails then is counted.
+listed_not_held=0
+faults_json=""
+if ((FAULTS)); then
+	declare -A KEY_OF
+	for key in "${!PEER_OF[@]}"; do KEY_OF[${PEER_OF[$key]}]=$key; done
+	deadline=$((SECONDS + 20))
+	while :; do
+		bad=()
+		for ((k = 1; k <= R; k++)); do
+			listed=$({ ip netns exec "$BN_GIS_NS" "$BIN" lookup "$REF" --gis "$GIS_ADDR" --idc "idc$k" 2>/dev/null || true; } |
+				tr -d ' \n' | tr '{}' '\n\n' | awk -v idc="\"idc\":\"idc$k\"" '/"complete":true/ && index($0, idc) && match($0, /"peer":"[^"]*"/) {
+					print substr($0, RSTART + 8, RLENGTH - 9) }' | sort -u)
+			for peer in $listed; do
+				key=${KEY_OF[$peer]:-}
+				[[ -n $key ]] || continue
+				"$BIN" image verify "$REF" --store "$BN_WORK/s$key" >"$BN_WORK/verify-$key.log" 2>&1 ||
+					bad+=("$key: $(tail -1 "$BN_WORK/verify-$key.log")")
+			done
+		done
+		((${#bad[@]} == 0 || SECONDS > deadline)) && break
+		sleep 2
+	done
+	listed_not_held=${#bad[@]}
+	for b in "${bad[@]}"; do fail+=("listed complete by the GIS but not held whole: host $b"); done
+	mapfile -t flines <"$BN_WORK/faults.log"
+	faults_json=$(json_strings "${flines[@]}")
+	bn_log "faults injected: $(printf '%s; ' "${flines[@]}")"
+fi
+
 stats=$(printf '%s\n' "${ptimes[@]}" | awk '{s+=$1; if($1>m)m=$1; if(n==0||$1<mn)mn=$1; n++} END {printf "%.3f %.3f %.3f", s/n, m, mn}')
 read -r mean max min <<<"$stats"
 read -r lan_min lan_mean <<<"$(printf '%s\n' "${lan_rates[@]}" | awk '{s+=$1; if(n==0||$1<m)m=$1; n++} END {printf "%.1f %.1f", m, s/n}')"
@@ -306,18 +484,20 @@ kill -TERM "$BN_LINKEMU_PID" 2>/dev/null || true
 for _ in $(seq 30); do kill -0 "$BN_LINKEMU_PID" 2>/dev/null || break; sleep 0.1; done
 drops=$(grep -oE '"(up|down)_dropped":[0-9]+' "$BN_WORK/linkemu.out" | awk -F: '{ s += $2 } END { print s + 0 }')
 
-HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean"
+HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean,faults,gis_listed_not_held,last_done_s,seed"
 [[ -s $CSV ]] || echo "$HEADER" >"$CSV"
-printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s\n' "$MODE" "$SIZE" \
+printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s\n' "$MODE" "$SIZE" \
 	"$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$mean" "$max" "$k_in" "$nodes_in" "$SWEEP" "$CHUNK" "$min" \
 	"$bound" "$k_off" "$k_pk" "$drops" "$wall" "$PROVIDERS" "$verified" "$idle_bps" "$prov_out" \
 	"$makespan" "$LAN_MBIT" "$BH_RANDOM" "$bh_tx" "${bh_sent:-0}" "$(calc "$bh_tx / $SIZE")" \
-	"$(calc "${bh_sent:-0} / $SIZE")" "$lan_min" "$lan_mean" >>"$CSV"
+	"$(calc "${bh_sent:-0} / $SIZE")" "$lan_min" "$lan_mean" \
+	"$(((FAULTS)) && grep -cE 'SIGKILL|bit rot|disk full' "$BN_WORK/faults.log" || echo 0)" \
+	"$listed_not_held" "${last_done:-0}" "$SEED" >>"$CSV"
 {
 	printf '{"mode":"%s","image_bytes":%s,"wan_mbit":%s,"delay_ms":%s,"hosts":%s,"providers":%s,' \
 		"$MODE" "$SIZE" "$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$PROVIDERS"
 	printf '"wan_in_bytes_kernel":%s,"wan_offered_bytes_kernel":%s,"wan_in_bytes_nodes":%s,' "$k_in" "$k_off" "$nodes_in"
-	printf '"failures":[%s],"hosts_detail":[%s]}\n' "$(json_strings "${fail[@]}")" \
+	printf '"faults":[%s],"failures":[%s],"hosts_detail":[%s]}\n' "$faults_json" "$(json_strings "${fail[@]}")" \
 		"$(
 			IFS=,
 			echo "${hosts_json[*]}"

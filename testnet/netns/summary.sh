@@ -33,6 +33,7 @@ function ci(sum, sq, a, b, base,   va, vb) {
 	# Kernel bytes less the non-image traffic measured before the fetch (rate x fetch time).
 	kimg[n] = kin[n] - v("wan_in_idle_bytes_per_s") * v("wall_s")
 	span[n] = v("makespan_s")
+	nf[n] = v("faults"); lnh[n] = v("gis_listed_not_held"); done_[n] = v("last_done_s"); seed[n] = v("seed")
 }
 END {
 	print "### Runs\n"
@@ -92,6 +93,27 @@ END {
 		chm = (mb_ - ma) / ma; chx = (xb - xa) / xa
 		printf "- %s, %s MB at %s Mbit/s, delay %s -> %s ms (%d / %d runs): mean %.2f -> %.2f s (%s%s), last host %.2f -> %.2f s (%s%s) (goal < 10%%): %s\n", kk[1], mb(kk[2]), dbw[key], dlo[key], dhi[key], dcnt[a], dcnt[b], ma, mb_, pct(chm), ci(dsum, dsq, a, b, ma), xa, xb, pct(chx), ci(dmx, dmxsq, a, b, xa), ((chm < 0.1 && chm > -0.1 && chx < 0.1 && chx > -0.1) ? "met" : "NOT met")
 	}
+	# Fault-injection runs, each against the same seed without faults.
+	fr = 0; fok = 0; flnh = 0; osum = 0; ocnt = 0
+	for (i = 1; i <= n; i++) if (sweep[i] == "faults" && nf[i] + 0 > 0) {
+		if (!fr++) {
+			print "\n### Fault injection (run.sh --faults 1)\n"
+			print "| seed | faults injected | every copy bit-exact, no process dead | listed by the GIS but not held | every host done, no faults (s) | with faults (s) | overhead |"
+			print "|---|---|---|---|---|---|---|"
+		}
+		ref = 0
+		for (j = 1; j <= n; j++) if (sweep[j] == "faults" && nf[j] + 0 == 0 && seed[j] == seed[i] && size[j] == size[i]) ref = j
+		if (ok[i] == 1) fok++
+		flnh += lnh[i]
+		if (ref && done_[ref] > 0) { o = done_[i] / done_[ref]; osum += o; ocnt++; os = sprintf("%.2fx", o); rs = sprintf("%.2f", done_[ref]) } else { os = "-"; rs = "-" }
+		printf "| %s | %s | %s | %s | %s | %.2f | %s |\n", seed[i], nf[i], (ok[i] == 1 ? "yes" : "NO"), lnh[i], rs, done_[i], os
+	}
+	if (fr) {
+		printf "\n- fault runs with every copy bit-exact and no process dead: %d of %d\n", fok, fr
+		printf "- copies listed complete by the GIS but not held whole (after 20 s to settle), over all runs: %d\n", flnh
+		if (ocnt) printf "- provision-time overhead (every host done, with / without faults, same seed): mean %.2fx over %d pairs\n", osum / ocnt, ocnt
+	}
+
 	bad = 0
 	for (i = 1; i <= n; i++) if (ok[i] != 1) bad++
 	printf "- runs with every copy bit-exact and no process dead: %d of %d\n", n - bad, n
