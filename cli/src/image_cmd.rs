@@ -372,6 +372,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
             }
             let mut p: Option<Progress> = None;
             let mut result: Option<Result<f64, String>> = None;
+            let mut startup = None;
             let mut err = None;
             control::request(
                 &store,
@@ -384,6 +385,9 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                             Progress::new(&format!("fetching {image}"), pr.total as u64, false)
                         });
                         bar.set(pr.held as u64, pr.total as u64);
+                        if pr.startup.is_some() {
+                            startup = pr.startup;
+                        }
                         if let Some(d) = pr.done {
                             result = Some(d);
                         }
@@ -401,7 +405,12 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 bail!("{e}");
             }
             match result {
-                Some(Ok(secs)) => eprintln!("{image}: complete and verified in {secs:.2} s"),
+                Some(Ok(secs)) => {
+                    eprintln!("{image}: complete and verified in {secs:.2} s");
+                    if let Some(s) = startup {
+                        eprintln!("{image}: start-up: {s}");
+                    }
+                }
                 Some(Err(e)) => bail!("fetching {image} failed: {e}"),
                 None => bail!("the node stopped before {image} was complete"),
             }

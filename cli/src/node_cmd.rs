@@ -44,6 +44,11 @@ pub struct NodeArgs {
     /// Download limit in bytes/s (0 = unlimited).
     #[arg(long)]
     download_bps: Option<u64>,
+    /// Chunk requests kept in flight over the WAN: enough for this many milliseconds at the
+    /// rate chunks arrive over it (default 300; 0 = only the per-peer limit). Fewer chunks
+    /// in flight land sooner, so the IDC's hosts can trade them sooner.
+    #[arg(long)]
+    wan_window_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -60,6 +65,7 @@ struct NodeSettings {
     heartbeat_secs: Option<u64>,
     upload_bps: Option<u64>,
     download_bps: Option<u64>,
+    wan_window_ms: Option<u64>,
     external_addr: Option<String>,
 }
 
@@ -82,6 +88,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
             ("policy", a.policy.clone()),
             ("upload_bps", a.upload_bps.map(|v| v.to_string())),
             ("download_bps", a.download_bps.map(|v| v.to_string())),
+            ("wan_window_ms", a.wan_window_ms.map(|v| v.to_string())),
         ],
     )?;
     let key = keys::load(&settings::required(st.key, "key", "--key")?)?;
@@ -123,6 +130,9 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     }
     cfg.upload_bps = st.upload_bps.unwrap_or(0);
     cfg.download_bps = st.download_bps.unwrap_or(0);
+    if let Some(w) = st.wan_window_ms {
+        cfg.scheduler.wan_window = Duration::from_millis(w);
+    }
     // Listen for SIGHUP before anything can send it: its default action ends the process.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("listening for SIGHUP (certificate reloads)")?;

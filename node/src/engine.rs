@@ -12,6 +12,7 @@ use crate::payload_cache::PayloadCache;
 use crate::ratelimit::{DownloadBudget, RateLimiter};
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::seeding::{LanSeeder, Verdict};
+use crate::startup::{Startup, StartupReport};
 use crate::store::Store;
 use crate::transport::{self, TransportOptions};
 use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse};
@@ -113,6 +114,9 @@ pub struct FetchProgress {
     pub size: u64,
     /// `Some(Ok(seconds))` when complete and verified, `Some(Err(reason))` when failed.
     pub done: Option<Result<f64, String>>,
+    /// Where the start-up went, once the first chunk data has arrived.
+    #[serde(default)]
+    pub startup: Option<StartupReport>,
 }
 
 /// One image as `bids image status` shows it.
@@ -262,6 +266,8 @@ struct DownloadState {
     no_source_since: Option<Instant>,
     /// Chunks gained since the last announcement.
     fresh: Vec<ChunkIndex>,
+    /// Where the first second went (lookup, first source, first request, first byte).
+    startup: Startup,
 }
 
 enum GisPurpose {
@@ -274,6 +280,8 @@ enum GisPurpose {
     Lookup {
         image: ImageQuery,
         for_fetch: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>>,
+        /// When the fetch (or refresh) was asked: a download's start-up counts from it.
+        asked: Instant,
     },
     /// A request made on behalf of a caller of `NodeHandle::gis_request`.
     Caller(oneshot::Sender<Result<GisResponse, String>>),
@@ -769,6 +777,7 @@ impl Engine {
             GisPurpose::Lookup {
                 image,
                 for_fetch: None,
+                ..
             } => self.lookup_failed(&image, None, String::new()),
             p if self.gis_backlog.len() >= MAX_GIS_BACKLOG => self.on_gis_failure(
                 p,
@@ -963,10 +972,22 @@ impl Engine {
                 self.set_revocations(revocations);
                 self.link_bridgeheads(bridgeheads);
             }
-            (GisPurpose::Lookup { image, for_fetch }, GisResponse::HostList(list)) => {
-                self.on_host_list(image, *list, for_fetch);
+            (
+                GisPurpose::Lookup {
+                    image,
+                    for_fetch,
+                    asked,
+                },
+                GisResponse::HostList(list),
+            ) => {
+                self.on_host_list(image, *list, for_fetch, asked);
             }
-            (GisPurpose::Lookup { image, for_fetch }, GisResponse::Error { kind, message }) => {
+            (
+                GisPurpose::Lookup {
+                    image, for_fetch, ..
+                },
+                GisResponse::Error { kind, message },
+            ) => {
                 debug!(?kind, %message, "lookup refused");
                 self.lookup_failed(&image, for_fetch, message);
             }
@@ -1022,7 +1043,9 @@ impl Engine {
             GisPurpose::Caller(reply) => {
                 let _ = reply.send(Err(format!("the GIS did not answer: {error}")));
             }
-            GisPurpose::Lookup { image, for_fetch } => {
+            GisPurpose::Lookup {
+                image, for_fetch, ..
+            } => {
                 self.lookup_failed(
                     &image,
                     for_fetch,
@@ -1655,6 +1678,11 @@ impl Engine {
                     self.acct.received(image, kind, payload.len() as u64);
                 }
                 debug!(%peer, idx, bytes = payload.len(), "chunk arrived");
+                if d.startup.data_arrived(now) {
+                    let startup = d.startup.report();
+                    info!(image = %d.manifest.image_ref(), %startup, "first chunk data arrived");
+                    d.progress.send_modify(|p| p.startup = Some(startup));
+                }
                 d.sched.on_arrived(&peer, idx, now);
                 let m = d.manifest.clone();
                 let store = self.store.clone();
@@ -1862,6 +1890,7 @@ impl Engine {
                             total: st.total,
                             size: m.size,
                             done: Some(Ok(0.0)),
+                            startup: None,
                         });
                         let _ = r.send(Ok(rx));
                     }
@@ -1877,6 +1906,7 @@ impl Engine {
             GisPurpose::Lookup {
                 image,
                 for_fetch: Some(reply.unwrap_or_else(|| oneshot::channel().0)),
+                asked: Instant::now(),
             },
         );
         // Mark a pending id so repeated requests for it do not each start a lookup.
@@ -1892,6 +1922,7 @@ impl Engine {
         query: ImageQuery,
         list: HostList,
         reply: Option<oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>>,
+        asked: Instant,
     ) {
         let id = list.image.id;
         let known = match self.downloads.get(&id) {
@@ -1936,6 +1967,7 @@ impl Engine {
                         total: manifest.chunk_count(),
                         size: manifest.size,
                         done: Some(Ok(0.0)),
+                        startup: None,
                     });
                     let _ = r.send(Ok(rx));
                 }
@@ -1974,6 +2006,7 @@ impl Engine {
                 total: manifest.chunk_count(),
                 size: manifest.size,
                 done: None,
+                startup: None,
             });
             info!(image = %manifest.image_ref(), id = %id.short(), chunks = manifest.chunk_count(),
                   level0 = list.level0.len(), level1 = list.level1.len(), level2 = list.level2.len(), "download started");
@@ -1981,6 +2014,8 @@ impl Engine {
                 // No saved-up burst: the download limit holds from the first request.
                 self.download.start_fresh(Instant::now());
             }
+            let mut startup = Startup::new(asked);
+            startup.lookup_answered(Instant::now());
             self.downloads.insert(
                 id,
                 DownloadState {
@@ -1997,6 +2032,7 @@ impl Engine {
                     last_publish: Instant::now(),
                     no_source_since: None,
                     fresh: Vec::new(),
+                    startup,
                 },
             );
             self.publish(&id, true);
@@ -2100,6 +2136,7 @@ impl Engine {
         };
         if accepted {
             if d.active.insert(*peer) {
+                d.startup.source_ready(Instant::now());
                 if kind == SourceKind::RemoteBridgehead && !complete {
                     d.sched.add_fetching_bridgehead(*peer);
                 } else {
@@ -2440,6 +2477,7 @@ impl Engine {
                     index: idx,
                 },
             );
+            d.startup.request_sent(now);
             self.download
                 .sent(rid, d.manifest.chunk_len(idx) as u64, now);
             self.inflight.insert(rid, (*id, idx, peer));
@@ -2526,6 +2564,7 @@ impl Engine {
                     GisPurpose::Lookup {
                         image: ImageQuery::Id(id),
                         for_fetch: None,
+                        asked: now,
                     },
                 );
             }

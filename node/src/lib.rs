@@ -12,6 +12,7 @@ pub mod payload_cache;
 pub mod ratelimit;
 pub mod scheduler;
 pub mod seeding;
+pub mod startup;
 pub mod store;
 pub mod transport;
 pub mod versions;

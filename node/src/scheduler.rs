@@ -88,6 +88,13 @@ impl SourceKind {
     }
 }
 
+/// Default of [`SchedulerConfig::wan_window`].
+pub const DEFAULT_WAN_WINDOW: Duration = Duration::from_millis(300);
+/// Fewest requests kept in flight over the WAN (one arriving, one on its way).
+pub const WAN_WINDOW_MIN: usize = 2;
+/// The span over which the WAN arrival rate is measured.
+const WAN_RATE_SPAN: Duration = Duration::from_secs(1);
+
 /// Tuning of one download.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -97,6 +104,13 @@ pub struct SchedulerConfig {
     pub max_inflight_bridgehead: usize,
     /// Requests in flight to one remote bridgehead.
     pub max_inflight_wan: usize,
+    /// Requests in flight over the WAN, all remote bridgeheads together: enough to keep the
+    /// WAN busy for this long at the rate chunks have been arriving over it (at least
+    /// [`WAN_WINDOW_MIN`]). Every chunk in flight shares the WAN link, so each extra one
+    /// delays them all: with the whole image in flight at once, the first chunk lands when
+    /// nearly everything does, and the IDC's hosts have nothing to trade until then. Zero:
+    /// no limit beyond `max_inflight_wan` per peer.
+    pub wan_window: Duration,
     /// A LAN request unanswered this long counts as failed (`Timeout`).
     pub request_timeout: Duration,
     /// A bridgehead request (local or remote, possibly deferred) unanswered this long fails.
@@ -126,6 +140,7 @@ impl Default for SchedulerConfig {
             max_inflight_lan: 8,
             max_inflight_bridgehead: 16,
             max_inflight_wan: 8,
+            wan_window: DEFAULT_WAN_WINDOW,
             request_timeout: Duration::from_secs(30),
             deferred_timeout: Duration::from_secs(120),
             endgame: true,
@@ -303,6 +318,8 @@ struct Free {
     lan: Vec<usize>,
     bridgehead: Vec<usize>,
     wan: Vec<usize>,
+    /// WAN requests this pass may still make (`SchedulerConfig::wan_window`).
+    wan_budget: usize,
 }
 
 impl Free {
@@ -363,6 +380,8 @@ pub struct Download {
     /// Smoothed time from a LAN request to its data (endgame copies only requests that have
     /// waited several times this long).
     lan_latency: Option<Duration>,
+    /// When chunks arrived from remote bridgeheads over the last `WAN_RATE_SPAN`.
+    wan_arrivals: VecDeque<Instant>,
 }
 
 impl Download {
@@ -412,7 +431,31 @@ impl Download {
             me: None,
             started: None,
             lan_latency: None,
+            wan_arrivals: VecDeque::new(),
         }
+    }
+
+    /// WAN requests to keep in flight now (`SchedulerConfig::wan_window`): the chunks that
+    /// arrived over the WAN in the last second, scaled to the window, plus one; at least
+    /// `WAN_WINDOW_MIN`. It grows as the WAN delivers (each pass may use it all), so a fast
+    /// link fills up within a few round trips, and it never holds more than the link drains
+    /// in about the window.
+    pub fn wan_window(&mut self, now: Instant) -> usize {
+        if self.cfg.wan_window.is_zero() {
+            return usize::MAX;
+        }
+        while self
+            .wan_arrivals
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) > WAN_RATE_SPAN)
+        {
+            self.wan_arrivals.pop_front();
+        }
+        // Arrivals per span, scaled to the window, rounded up (integers: no float edges).
+        let span = WAN_RATE_SPAN.as_millis().max(1);
+        let scaled =
+            (self.wan_arrivals.len() as u128 * self.cfg.wan_window.as_millis()).div_ceil(span);
+        (scaled as usize + 1).max(WAN_WINDOW_MIN)
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -555,7 +598,11 @@ impl Download {
         if self.is_complete() {
             return out;
         }
-        let mut free = Free::default();
+        let wan_inflight = self.requests.values().filter(|r| r.wan).count();
+        let mut free = Free {
+            wan_budget: self.wan_window(now).saturating_sub(wan_inflight),
+            ..Free::default()
+        };
         for (slot, p) in self.peers.iter_mut().enumerate() {
             if let Some(until) = p.cooldown_until {
                 if until > now {
@@ -571,6 +618,9 @@ impl Download {
                 continue;
             }
             free.list(p.kind).push(slot);
+        }
+        if free.wan_budget == 0 {
+            free.wan.clear();
         }
         if free.is_empty() {
             return out;
@@ -712,6 +762,9 @@ impl Download {
         if let Some(&slot) = self.slots.get(peer) {
             if let Some(req) = self.finish_request(slot, idx) {
                 self.peers[slot].busy_streak = 0;
+                if req.wan {
+                    self.wan_arrivals.push_back(now);
+                }
                 if self.peers[slot].kind == SourceKind::Lan {
                     let took = now.saturating_duration_since(req.sent);
                     self.lan_latency = Some(match self.lan_latency {
@@ -1189,6 +1242,10 @@ impl Download {
         self.req_count[i] = self.req_count[i].saturating_add(1);
         if wan {
             self.wan_count[i] += 1;
+            free.wan_budget = free.wan_budget.saturating_sub(1);
+            if free.wan_budget == 0 {
+                free.wan.clear();
+            }
         }
         self.refresh_wanted(idx);
         if full {
@@ -1591,7 +1648,10 @@ mod tests {
 
     #[test]
     fn remote_bridgeheads_get_different_chunks_in_parallel() {
-        let mut d = dl(100);
+        // The per-peer limit alone (the WAN window is tested on its own below).
+        let mut c = cfg();
+        c.wan_window = Duration::ZERO;
+        let mut d = Download::new(100, |_| false, c, 7);
         let (r1, r2) = (pid(21), pid(22));
         d.add_peer(r1, SourceKind::RemoteBridgehead, true);
         d.add_peer(r2, SourceKind::RemoteBridgehead, true);
@@ -1625,6 +1685,52 @@ mod tests {
         }
         wan.sort_unstable();
         assert_eq!(wan, (90..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_wan_window_starts_small_and_follows_the_arrival_rate() {
+        let c = cfg();
+        let mut d = Download::new(400, |_| false, c.clone(), 3);
+        let remotes: Vec<PeerId> = (40..44).map(pid).collect();
+        for r in &remotes {
+            d.add_peer(*r, SourceKind::RemoteBridgehead, true);
+        }
+        let t0 = Instant::now();
+        // Nothing has arrived yet: two requests, not 4 x max_inflight_wan.
+        let first = d.next_requests(t0);
+        assert_eq!(first.len(), WAN_WINDOW_MIN);
+        assert!(d.next_requests(t0).is_empty(), "the window is full");
+        // 40 chunks a second arrive: 40 x 0.3 s + 1 = 13 in flight.
+        let mut t = t0;
+        let mut inflight = first;
+        for _ in 0..40 {
+            t += Duration::from_millis(25);
+            let (peer, idx) = inflight.remove(0);
+            d.on_arrived(&peer, idx, t);
+            assert!(d.on_chunk(&peer, idx, t));
+            inflight.extend(d.next_requests(t));
+        }
+        assert_eq!(d.wan_window(t), 40 * 3 / 10 + 1);
+        assert_eq!(inflight.len(), d.wan_window(t));
+        // A second later with nothing arriving the window is back at its minimum, and no new
+        // request leaves while more than that are in flight.
+        let later = t + Duration::from_millis(1100);
+        assert_eq!(d.wan_window(later), WAN_WINDOW_MIN);
+        assert!(d.next_requests(later).is_empty());
+    }
+
+    #[test]
+    fn a_zero_wan_window_keeps_only_the_per_peer_limit() {
+        let mut c = cfg();
+        c.wan_window = Duration::ZERO;
+        let mut d = Download::new(400, |_| false, c.clone(), 3);
+        for r in (40..44).map(pid) {
+            d.add_peer(r, SourceKind::RemoteBridgehead, true);
+        }
+        assert_eq!(
+            d.next_requests(Instant::now()).len(),
+            4 * c.max_inflight_wan
+        );
     }
 
     #[test]

@@ -680,6 +680,7 @@ fn initial_progress(p: &UpgradePath) -> FetchProgress {
             .sum(),
         size: p.target.size,
         done: None,
+        startup: None,
     }
 }
 

@@ -8,7 +8,7 @@
 #          [--providers 4] [--provider-hosts 2] [--hosts 8] [--wan-mbit 10] [--delay-ms 15]
 #          [--lan-mbit 200] [--chunk-bytes 258048] [--jitter-ms 2000] [--seed 1]
 #          [--sweep bw|delay|lan|hosts] [--bridgehead-random 0|1] [--timeout-s 600]
-#          [--faults 0|1] [--keep-logs DIR]
+#          [--faults 0|1] [--wan-window-ms MS] [--keep-logs DIR]
 #
 # --bridgehead-random 1: the requester's bridgehead is one of the hosts started in random
 # order with a random delay (by default it starts first, at once).
@@ -30,7 +30,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 BIN="" IMAGE="" MODE="bids" CSV="" PROVIDERS=4 PROVIDER_HOSTS=2 HOSTS=8 WAN_MBIT=10
 DELAY_MS=15 LAN_MBIT=200 CHUNK=258048 JITTER_MS=2000 SEED=1 SWEEP="" TIMEOUT_S=600
-KEEP_LOGS="" BH_RANDOM=0 FAULTS=0
+KEEP_LOGS="" BH_RANDOM=0 FAULTS=0 WAN_WINDOW_MS=""
 while (($#)); do
 	case $1 in
 	--bin) BIN=$2 ;;
@@ -51,6 +51,7 @@ while (($#)); do
 	--keep-logs) KEEP_LOGS=$2 ;;
 	--bridgehead-random) BH_RANDOM=$2 ;;
 	--faults) FAULTS=$2 ;;
+	--wan-window-ms) WAN_WINDOW_MS=$2 ;;
 	*) bn_die "unknown option $1" ;;
 	esac
 	shift 2
@@ -197,6 +198,7 @@ fi
 # address).
 NODE_EXTRA=()
 ((FAULTS)) && NODE_EXTRA=(--scrub-rate 64)
+[[ -n $WAN_WINDOW_MS ]] && NODE_EXTRA+=(--wan-window-ms "$WAN_WINDOW_MS")
 spawn_node() {
 	local k=$1 j=$2 cert=()
 	((j == 1)) && cert=(--cert "$K/$k-$j.cert")
@@ -388,6 +390,7 @@ bh_tx=$(($(bn_counter "$BH_NS" eth0 tx_bytes) - bh_tx0))
 # complete and verified); every copy is compared with the source byte for byte.
 fail=()
 ptimes=()
+first_bytes=()
 lan_rates=()
 bh_sent=0
 nodes_in=0
@@ -396,6 +399,10 @@ hosts_json=()
 for ((j = 1; j <= HOSTS + 1; j++)); do
 	read -r _ rc t0 t1 d tries <"$BN_WORK/fetch-$j.res" || { rc=99 t0=0 t1=0 d=0 tries=0; }
 	secs=$(sed -nE 's/.*complete and verified in ([0-9.]+) s.*/\1/p' "$BN_WORK/fetch-$j.log" | tail -1)
+	# Where its start-up went (ms from the fetch being asked): the node's own marks.
+	su=$(sed -nE 's/.*start-up: lookup ([0-9-]+)( ms)?, first source ([0-9-]+)( ms)?, first request ([0-9-]+)( ms)?, first byte ([0-9-]+)( ms)?.*/\1 \3 \5 \7/p' "$BN_WORK/fetch-$j.log" | tail -1)
+	read -r su_lookup su_source su_request su_byte <<<"${su:-- - - -}"
+	[[ $su_byte =~ ^[0-9]+$ ]] && first_bytes+=("$su_byte")
 	# A fetch started again after a fault took from its first start to its last end.
 	((tries > 1)) && [[ -n $secs ]] && secs=$(calc "$t1 - $t0")
 	last_done=$(awk "BEGIN { e = $t1 - $T0; print (e > ${last_done:-0}) ? e : ${last_done:-0} }")
@@ -419,7 +426,7 @@ for ((j = 1; j <= HOSTS + 1; j++)); do
 	((j > 1)) && ptimes+=("$secs")
 	# Completion since the bridgehead's start: the host's start delay plus its provision time.
 	makespan=$(awk "BEGIN { e = $d / 1000 + $secs; print (e > $makespan) ? e : $makespan }")
-	hosts_json+=("{\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"fetch_attempts\":${tries:-0},\"wan_recv_bytes\":${w:-0},\"lan_recv_bytes\":${lan_in:-0},\"lan_recv_mbit_per_s\":$(printf '%.1f' "$lan_rate")}")
+	hosts_json+=("{\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"fetch_attempts\":${tries:-0},\"startup_ms\":{\"lookup\":\"$su_lookup\",\"first_source\":\"$su_source\",\"first_request\":\"$su_request\",\"first_byte\":\"$su_byte\"},\"wan_recv_bytes\":${w:-0},\"lan_recv_bytes\":${lan_in:-0},\"lan_recv_mbit_per_s\":$(printf '%.1f' "$lan_rate")}")
 	if ((j > 1)); then
 		lan_rates+=("$lan_rate")
 	fi
@@ -474,6 +481,8 @@ fi
 
 stats=$(printf '%s\n' "${ptimes[@]}" | awk '{s+=$1; if($1>m)m=$1; if(n==0||$1<mn)mn=$1; n++} END {printf "%.3f %.3f %.3f", s/n, m, mn}')
 read -r mean max min <<<"$stats"
+# The hosts' first byte of chunk data after their fetch was asked (ms): mean and max.
+read -r fb_mean fb_max <<<"$(printf '%s\n' "${first_bytes[@]}" | awk 'NF { s += $1; if ($1 > m) m = $1; n++ } END { if (n) printf "%.0f %d", s / n, m; else print "- -" }')"
 read -r lan_min lan_mean <<<"$(printf '%s\n' "${lan_rates[@]}" | awk '{s+=$1; if(n==0||$1<m)m=$1; n++} END {printf "%.1f %.1f", m, s/n}')"
 bound=$(calc "$SIZE * 8 / ($WAN_MBIT * 1000000)")
 wall=$(calc "$T1 - $T0")
@@ -484,15 +493,15 @@ kill -TERM "$BN_LINKEMU_PID" 2>/dev/null || true
 for _ in $(seq 30); do kill -0 "$BN_LINKEMU_PID" 2>/dev/null || break; sleep 0.1; done
 drops=$(grep -oE '"(up|down)_dropped":[0-9]+' "$BN_WORK/linkemu.out" | awk -F: '{ s += $2 } END { print s + 0 }')
 
-HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean,faults,gis_listed_not_held,last_done_s,seed"
+HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean,faults,gis_listed_not_held,last_done_s,seed,first_byte_ms_mean,first_byte_ms_max"
 [[ -s $CSV ]] || echo "$HEADER" >"$CSV"
-printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s\n' "$MODE" "$SIZE" \
+printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s\n' "$MODE" "$SIZE" \
 	"$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$mean" "$max" "$k_in" "$nodes_in" "$SWEEP" "$CHUNK" "$min" \
 	"$bound" "$k_off" "$k_pk" "$drops" "$wall" "$PROVIDERS" "$verified" "$idle_bps" "$prov_out" \
 	"$makespan" "$LAN_MBIT" "$BH_RANDOM" "$bh_tx" "${bh_sent:-0}" "$(calc "$bh_tx / $SIZE")" \
 	"$(calc "${bh_sent:-0} / $SIZE")" "$lan_min" "$lan_mean" \
 	"$(((FAULTS)) && grep -cE 'SIGKILL|bit rot|disk full' "$BN_WORK/faults.log" || echo 0)" \
-	"$listed_not_held" "${last_done:-0}" "$SEED" >>"$CSV"
+	"$listed_not_held" "${last_done:-0}" "$SEED" "$fb_mean" "$fb_max" >>"$CSV"
 {
 	printf '{"mode":"%s","image_bytes":%s,"wan_mbit":%s,"delay_ms":%s,"hosts":%s,"providers":%s,' \
 		"$MODE" "$SIZE" "$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$PROVIDERS"
