@@ -340,6 +340,16 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                             human(c.hosts_recv_bytes),
                             human(c.hosts_sent_bytes)
                         );
+                        if c.lan_available_ms > 0 {
+                            println!(
+                                "  LAN rate while our IDC held chunks we lacked: {:.1} Mbit/s \
+                                 over {:.2} s",
+                                c.lan_available_recv_bytes as f64 * 8.0
+                                    / c.lan_available_ms as f64
+                                    / 1000.0,
+                                c.lan_available_ms as f64 / 1000.0
+                            );
+                        }
                         println!("  bad chunks received: {}", c.bad_chunks);
                         println!(
                             "  node: {} IDC {} role {} refusals {}",

@@ -8,6 +8,7 @@ use crate::gate::Link;
 use bids_protocols::gis::{Counters, HostStats, ProvisionTime};
 use bids_protocols::ImageId;
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 #[derive(Default, Debug, Clone)]
 pub struct Accounting {
@@ -101,6 +102,17 @@ impl Accounting {
         self.total.bad_chunks += 1;
         self.dirty.insert(image);
         self.images.entry(image).or_default().bad_chunks += 1;
+    }
+
+    /// `elapsed` of downloading `image` while our IDC held a chunk we lacked, during which
+    /// `lan_bytes` arrived over the LAN.
+    pub fn lan_available(&mut self, image: ImageId, elapsed: Duration, lan_bytes: u64) {
+        let ms = elapsed.as_millis() as u64;
+        for c in [&mut self.total, self.images.entry(image).or_default()] {
+            c.lan_available_ms += ms;
+            c.lan_available_recv_bytes += lan_bytes;
+        }
+        self.dirty.insert(image);
     }
 
     /// A download of `image` completed and verified; a later download of it replaces this.

@@ -268,6 +268,9 @@ struct DownloadState {
     fresh: Vec<ChunkIndex>,
     /// Where the first second went (lookup, first source, first request, first byte).
     startup: Startup,
+    /// Whether our IDC held a chunk we lacked at the last look, and when that was
+    /// (`Engine::note_lan_availability`).
+    lan_available: (bool, Instant),
 }
 
 enum GisPurpose {
@@ -1677,6 +1680,10 @@ impl Engine {
                 if let Some(kind) = kind {
                     self.acct.received(image, kind, payload.len() as u64);
                 }
+                let lan_bytes = match kind {
+                    Some(PeerKind::Bridgehead | PeerKind::Host) => payload.len() as u64,
+                    _ => 0,
+                };
                 debug!(%peer, idx, bytes = payload.len(), "chunk arrived");
                 if d.startup.data_arrived(now) {
                     let startup = d.startup.report();
@@ -1685,6 +1692,7 @@ impl Engine {
                 }
                 d.sched.on_arrived(&peer, idx, now);
                 let m = d.manifest.clone();
+                self.note_lan_availability(&image, now, lan_bytes);
                 let store = self.store.clone();
                 let itx = self.itx.clone();
                 tokio::task::spawn_blocking(move || {
@@ -2033,6 +2041,7 @@ impl Engine {
                     no_source_since: None,
                     fresh: Vec::new(),
                     startup,
+                    lan_available: (false, Instant::now()),
                 },
             );
             self.publish(&id, true);
@@ -2447,6 +2456,21 @@ impl Engine {
         }
     }
 
+    /// Counts the time since the last look as time the IDC could have kept us busy over
+    /// the LAN if it held a chunk we lacked then (with the LAN bytes that arrived by `now`),
+    /// and looks again. Called on every tick and every chunk that arrives.
+    fn note_lan_availability(&mut self, id: &ImageId, now: Instant, lan_bytes: u64) {
+        let Some(d) = self.downloads.get_mut(id) else {
+            return;
+        };
+        let (was, since) = d.lan_available;
+        d.lan_available = (d.sched.idc_holds_missing(), now);
+        if was {
+            self.acct
+                .lan_available(*id, now.saturating_duration_since(since), lan_bytes);
+        }
+    }
+
     /// Sends the requests the scheduler wants now (called on every event that frees a slot,
     /// not only on the tick, so the pipeline never waits for the clock).
     fn pump(&mut self, id: &ImageId, now: Instant) {
@@ -2496,6 +2520,7 @@ impl Engine {
             for (peer, idx) in d.sched.expire(now) {
                 debug!(%peer, idx, "chunk request timed out");
             }
+            self.note_lan_availability(&id, now, 0);
             self.pump(&id, now);
             let Some(d) = self.downloads.get_mut(&id) else {
                 continue;

@@ -778,6 +778,36 @@ impl Download {
         self.refresh_wanted(idx);
     }
 
+    /// Some host or bridgehead of our IDC holds a chunk we lack: a LAN peer holds a wanted
+    /// chunk, a LAN request is in flight, or the local bridgehead announced a chunk we still
+    /// want or have asked it for. (The time this holds is what a host's LAN download rate is
+    /// judged against: it could have been downloading over the LAN.)
+    pub fn idc_holds_missing(&self) -> bool {
+        if self.levels[1..].iter().any(|b| b.ones > 0) {
+            return true;
+        }
+        let in_flight = self.requests.keys().any(|&(slot, idx)| {
+            let p = &self.peers[slot];
+            match p.kind {
+                SourceKind::Lan => true,
+                SourceKind::LocalBridgehead => p.have.get(self.pos_of[idx as usize]),
+                SourceKind::RemoteBridgehead => false,
+            }
+        });
+        if in_flight {
+            return true;
+        }
+        let bridgeheads: Vec<usize> = (0..self.peers.len())
+            .filter(|&s| {
+                self.peers[s].usable() && self.peers[s].kind == SourceKind::LocalBridgehead
+            })
+            .collect();
+        !bridgeheads.is_empty()
+            && self
+                .next_wanted(0, 0, Some(&self.have_union(&bridgeheads)))
+                .is_some()
+    }
+
     /// Chunks between [`Download::on_arrived`] and their settlement.
     pub fn verifying(&self) -> usize {
         self.verifying_count
@@ -1717,6 +1747,26 @@ mod tests {
         let later = t + Duration::from_millis(1100);
         assert_eq!(d.wan_window(later), WAN_WINDOW_MIN);
         assert!(d.next_requests(later).is_empty());
+    }
+
+    #[test]
+    fn the_idc_holds_missing_chunks_while_a_lan_peer_or_the_bridgehead_has_one() {
+        let mut d = dl(8);
+        let (remote, host, bh) = (pid(50), pid(51), pid(52));
+        d.add_peer(remote, SourceKind::RemoteBridgehead, true);
+        assert!(!d.idc_holds_missing(), "only the WAN has the image");
+        d.add_peer(host, SourceKind::Lan, false);
+        assert!(!d.idc_holds_missing(), "a LAN peer that holds nothing");
+        d.peer_has(&host, &[(3, 4)]);
+        assert!(d.idc_holds_missing(), "a LAN peer holds chunk 3");
+        let t = Instant::now();
+        d.on_arrived(&host, 3, t);
+        assert!(d.on_chunk(&host, 3, t));
+        assert!(!d.idc_holds_missing(), "we hold chunk 3 now");
+        d.add_peer(bh, SourceKind::LocalBridgehead, false);
+        assert!(!d.idc_holds_missing(), "the bridgehead announced nothing yet");
+        d.peer_has(&bh, &[(5, 6)]);
+        assert!(d.idc_holds_missing(), "the bridgehead announced chunk 5");
     }
 
     #[test]

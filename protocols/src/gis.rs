@@ -44,6 +44,13 @@ pub struct Counters {
     pub hosts_sent_bytes: u64,
     #[serde(default)]
     pub hosts_recv_bytes: u64,
+    /// Time spent downloading the image while some host or bridgehead of our IDC held a
+    /// chunk we lacked, and the LAN bytes received meanwhile: together, the LAN download
+    /// rate while the IDC could have kept this host busy. Absent from older nodes.
+    #[serde(default)]
+    pub lan_available_ms: u64,
+    #[serde(default)]
+    pub lan_available_recv_bytes: u64,
 }
 
 impl Counters {
@@ -61,6 +68,8 @@ impl Counters {
         self.bridgehead_recv_bytes += o.bridgehead_recv_bytes;
         self.hosts_sent_bytes += o.hosts_sent_bytes;
         self.hosts_recv_bytes += o.hosts_recv_bytes;
+        self.lan_available_ms += o.lan_available_ms;
+        self.lan_available_recv_bytes += o.lan_available_recv_bytes;
     }
 }
 

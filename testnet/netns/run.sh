@@ -391,6 +391,7 @@ bh_tx=$(($(bn_counter "$BH_NS" eth0 tx_bytes) - bh_tx0))
 fail=()
 ptimes=()
 first_bytes=()
+av_rates=()
 lan_rates=()
 bh_sent=0
 nodes_in=0
@@ -420,15 +421,20 @@ for ((j = 1; j <= HOSTS + 1; j++)); do
 	w=$(json_num wan_recv_bytes <<<"$st")
 	lan_in=$(json_num lan_recv_bytes <<<"$st")
 	((j == 1)) && bh_sent=$(json_num lan_sent_bytes <<<"$st")
-	# The host's mean LAN download rate over its provision time (Mbit/s).
+	# The host's mean LAN download rate over its provision time (Mbit/s), and over the time
+	# its IDC held chunks it lacked (the node's own measure).
 	lan_rate=$(awk "BEGIN { print ($secs > 0) ? ${lan_in:-0} * 8 / $secs / 1e6 : 0 }")
+	av_ms=$(json_num lan_available_ms <<<"$st")
+	av_b=$(json_num lan_available_recv_bytes <<<"$st")
+	av_rate=$(awk "BEGIN { print (${av_ms:-0} > 0) ? ${av_b:-0} * 8 / ${av_ms:-0} / 1e3 : -1 }")
 	nodes_in=$((nodes_in + ${w:-0}))
 	((j > 1)) && ptimes+=("$secs")
 	# Completion since the bridgehead's start: the host's start delay plus its provision time.
 	makespan=$(awk "BEGIN { e = $d / 1000 + $secs; print (e > $makespan) ? e : $makespan }")
-	hosts_json+=("{\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"fetch_attempts\":${tries:-0},\"startup_ms\":{\"lookup\":\"$su_lookup\",\"first_source\":\"$su_source\",\"first_request\":\"$su_request\",\"first_byte\":\"$su_byte\"},\"wan_recv_bytes\":${w:-0},\"lan_recv_bytes\":${lan_in:-0},\"lan_recv_mbit_per_s\":$(printf '%.1f' "$lan_rate")}")
+	hosts_json+=("{\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"fetch_attempts\":${tries:-0},\"startup_ms\":{\"lookup\":\"$su_lookup\",\"first_source\":\"$su_source\",\"first_request\":\"$su_request\",\"first_byte\":\"$su_byte\"},\"wan_recv_bytes\":${w:-0},\"lan_recv_bytes\":${lan_in:-0},\"lan_recv_mbit_per_s\":$(printf '%.1f' "$lan_rate"),\"lan_available_s\":$(calc "${av_ms:-0} / 1000"),\"lan_mbit_while_available\":$(printf '%.1f' "$av_rate")}")
 	if ((j > 1)); then
 		lan_rates+=("$lan_rate")
+		[[ $av_rate != -1 ]] && av_rates+=("$av_rate")
 	fi
 done
 # What the provider IDCs' nodes say they sent over the WAN.
@@ -483,6 +489,8 @@ stats=$(printf '%s\n' "${ptimes[@]}" | awk '{s+=$1; if($1>m)m=$1; if(n==0||$1<mn
 read -r mean max min <<<"$stats"
 # The hosts' first byte of chunk data after their fetch was asked (ms): mean and max.
 read -r fb_mean fb_max <<<"$(printf '%s\n' "${first_bytes[@]}" | awk 'NF { s += $1; if ($1 > m) m = $1; n++ } END { if (n) printf "%.0f %d", s / n, m; else print "- -" }')"
+# The hosts' LAN download rate while their IDC held chunks they lacked: min and mean.
+read -r av_min av_mean <<<"$(printf '%s\n' "${av_rates[@]}" | awk 'NF { s += $1; if (n == 0 || $1 < m) m = $1; n++ } END { if (n) printf "%.1f %.1f", m, s / n; else print "- -" }')"
 read -r lan_min lan_mean <<<"$(printf '%s\n' "${lan_rates[@]}" | awk '{s+=$1; if(n==0||$1<m)m=$1; n++} END {printf "%.1f %.1f", m, s/n}')"
 bound=$(calc "$SIZE * 8 / ($WAN_MBIT * 1000000)")
 wall=$(calc "$T1 - $T0")
@@ -493,15 +501,15 @@ kill -TERM "$BN_LINKEMU_PID" 2>/dev/null || true
 for _ in $(seq 30); do kill -0 "$BN_LINKEMU_PID" 2>/dev/null || break; sleep 0.1; done
 drops=$(grep -oE '"(up|down)_dropped":[0-9]+' "$BN_WORK/linkemu.out" | awk -F: '{ s += $2 } END { print s + 0 }')
 
-HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean,faults,gis_listed_not_held,last_done_s,seed,first_byte_ms_mean,first_byte_ms_max"
+HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean,faults,gis_listed_not_held,last_done_s,seed,first_byte_ms_mean,first_byte_ms_max,host_lan_mbit_available_min,host_lan_mbit_available_mean"
 [[ -s $CSV ]] || echo "$HEADER" >"$CSV"
-printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s\n' "$MODE" "$SIZE" \
+printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s\n' "$MODE" "$SIZE" \
 	"$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$mean" "$max" "$k_in" "$nodes_in" "$SWEEP" "$CHUNK" "$min" \
 	"$bound" "$k_off" "$k_pk" "$drops" "$wall" "$PROVIDERS" "$verified" "$idle_bps" "$prov_out" \
 	"$makespan" "$LAN_MBIT" "$BH_RANDOM" "$bh_tx" "${bh_sent:-0}" "$(calc "$bh_tx / $SIZE")" \
 	"$(calc "${bh_sent:-0} / $SIZE")" "$lan_min" "$lan_mean" \
 	"$(((FAULTS)) && grep -cE 'SIGKILL|bit rot|disk full' "$BN_WORK/faults.log" || echo 0)" \
-	"$listed_not_held" "${last_done:-0}" "$SEED" "$fb_mean" "$fb_max" >>"$CSV"
+	"$listed_not_held" "${last_done:-0}" "$SEED" "$fb_mean" "$fb_max" "$av_min" "$av_mean" >>"$CSV"
 {
 	printf '{"mode":"%s","image_bytes":%s,"wan_mbit":%s,"delay_ms":%s,"hosts":%s,"providers":%s,' \
 		"$MODE" "$SIZE" "$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$PROVIDERS"
@@ -513,7 +521,7 @@ printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,
 		)"
 } >>"${CSV%.csv}.jsonl"
 
-bn_log "$MODE done: mean $mean s, last $max s (S/B $(printf '%.2f' "$bound") s); WAN in: kernel $k_in B, nodes $nodes_in B (image $SIZE B); drops $drops; bridgehead upload: kernel $(calc "$bh_tx / $SIZE") x image, node $(calc "${bh_sent:-0} / $SIZE") x image; hosts' LAN download $lan_min-$lan_mean Mbit/s (min-mean)"
+bn_log "$MODE done: mean $mean s, last $max s (S/B $(printf '%.2f' "$bound") s); WAN in: kernel $k_in B, nodes $nodes_in B (image $SIZE B); drops $drops; bridgehead upload: kernel $(calc "$bh_tx / $SIZE") x image, node $(calc "${bh_sent:-0} / $SIZE") x image; hosts' LAN download $lan_min-$lan_mean Mbit/s (min-mean), $av_min-$av_mean Mbit/s while their IDC held chunks they lacked"
 if ((${#fail[@]})); then
 	for f in "${fail[@]}"; do bn_log "FAIL: $f"; done
 	exit 1
