@@ -12,7 +12,7 @@ use crate::payload_cache::PayloadCache;
 use crate::ratelimit::{DownloadBudget, RateLimiter};
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::seeding::{LanSeeder, Verdict};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::transport::{self, TransportOptions};
 use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse};
 use bids_protocols::cert::{BridgeheadCert, Revocations};
@@ -210,7 +210,7 @@ enum Internal {
         image: ImageId,
         idx: ChunkIndex,
         peer: PeerId,
-        result: Result<(Encoding, Bytes), String>,
+        result: Result<(Encoding, Bytes), StoreFail>,
     },
     Served {
         channel: ResponseChannel<ChunkResponse>,
@@ -219,6 +219,17 @@ enum Internal {
         index: ChunkIndex,
         response: ChunkResponse,
     },
+}
+
+/// Why a received chunk was not stored: the sender's fault, or ours.
+#[derive(Debug)]
+enum StoreFail {
+    /// The data does not decode, has the wrong length or fails its SHA-256: the sender is
+    /// penalised.
+    Corrupt(String),
+    /// The chunk verified but our store could not keep it (a full disk, an I/O error): no
+    /// sender is to blame, and the download stops.
+    Local(crate::store::StoreError),
 }
 
 /// A chunk response waiting for its turn to one peer.
@@ -1732,7 +1743,7 @@ impl Engine {
         image: ImageId,
         idx: ChunkIndex,
         peer: PeerId,
-        result: Result<(Encoding, Bytes), String>,
+        result: Result<(Encoding, Bytes), StoreFail>,
     ) {
         let now = Instant::now();
         let Some(d) = self.downloads.get_mut(&image) else {
@@ -1777,10 +1788,34 @@ impl Engine {
                 self.payload_cache.insert(image, idx, (encoding, payload));
                 self.update_progress(&image);
             }
-            Err(e) => {
+            Err(StoreFail::Corrupt(e)) => {
                 warn!(%peer, image = %image.short(), idx, error = %e, "chunk failed verification; penalising the sender");
                 self.acct.bad_chunk(image);
                 d.sched.on_failure(&peer, idx, Failure::Corrupt, now);
+            }
+            Err(StoreFail::Local(e)) => {
+                // Our disk, not the sender: nobody is penalised, and fetching more only
+                // fails the same way, so the download stops (the chunk stays missing).
+                let reason = match e {
+                    StoreError::DiskFull { .. } => {
+                        let needed = self.store.bytes_needed(&d.manifest);
+                        match self.store.free_space() {
+                            Ok(free) => StoreError::NoSpace {
+                                dir: self.store.dir().to_path_buf(),
+                                needed,
+                                free,
+                            }
+                            .to_string(),
+                            Err(_) => e.to_string(),
+                        }
+                    }
+                    e => format!(
+                        "storing chunk {idx} of {} failed: {e} (a local fault; no sender is blamed)",
+                        d.manifest.image_ref()
+                    ),
+                };
+                self.fail_download(image, reason);
+                return;
             }
         }
         self.pump(&image, now);
@@ -1949,6 +1984,14 @@ impl Engine {
                         manifest.image_ref(),
                         self.cfg.idc
                     )));
+                }
+                return;
+            }
+            // A download that cannot fit fails now, not after filling the disk.
+            if let Err(e) = self.store.check_space(&manifest) {
+                warn!(image = %manifest.image_ref(), error = %e, "not starting a download");
+                if let Some(r) = reply {
+                    let _ = r.send(Err(e.to_string()));
                 }
                 return;
             }
@@ -2501,23 +2544,7 @@ impl Engine {
                 publish = true;
             }
             if let Some(reason) = failed {
-                warn!(image = %id.short(), %reason, "download failed");
-                if let Some(d) = self.downloads.remove(&id) {
-                    d.progress
-                        .send_modify(|p| p.done = Some(Err(reason.clone())));
-                }
-                let keys: Vec<(ImageId, ChunkIndex)> = self
-                    .waiters
-                    .keys()
-                    .filter(|(i, _)| *i == id)
-                    .copied()
-                    .collect();
-                for k in keys {
-                    for (ch, p) in self.waiters.remove(&k).unwrap_or_default() {
-                        self.respond(p, ch, ChunkResponse::NotHeld);
-                    }
-                }
-                self.publish(&id, false);
+                self.fail_download(id, reason);
                 continue;
             }
             if lookup {
@@ -2533,6 +2560,28 @@ impl Engine {
                 self.publish(&id, true);
             }
         }
+    }
+
+    /// Ends a download with `reason`: its watchers learn why, requests deferred on it are
+    /// answered NotHeld, and the GIS learns what we hold now.
+    fn fail_download(&mut self, id: ImageId, reason: String) {
+        warn!(image = %id.short(), %reason, "download failed");
+        if let Some(d) = self.downloads.remove(&id) {
+            d.progress
+                .send_modify(|p| p.done = Some(Err(reason.clone())));
+        }
+        let keys: Vec<(ImageId, ChunkIndex)> = self
+            .waiters
+            .keys()
+            .filter(|(i, _)| *i == id)
+            .copied()
+            .collect();
+        for k in keys {
+            for (ch, p) in self.waiters.remove(&k).unwrap_or_default() {
+                self.respond(p, ch, ChunkResponse::NotHeld);
+            }
+        }
+        self.publish(&id, false);
     }
 
     // ---------------------------------------------------------------- commands
@@ -2753,38 +2802,33 @@ fn verify_and_store(
     idx: ChunkIndex,
     encoding: Encoding,
     payload: Bytes,
-) -> Result<(Encoding, Bytes), String> {
+) -> Result<(Encoding, Bytes), StoreFail> {
     let info = m
         .chunks
         .get(idx as usize)
-        .ok_or_else(|| format!("chunk {idx} is past the end"))?;
+        .ok_or_else(|| StoreFail::Corrupt(format!("chunk {idx} is past the end")))?;
     let want = m.chunk_len(idx);
     let raw = match encoding {
         Encoding::Raw => {
             if payload.len() != want {
-                return Err(format!(
+                return Err(StoreFail::Corrupt(format!(
                     "chunk {idx} is {} bytes, expected {want}",
                     payload.len()
-                ));
+                )));
             }
-            if bids_protocols::manifest::sha256(&payload) != info.sha256 {
-                return Err(format!("chunk {idx} does not match its SHA-256"));
-            }
-            store
-                .write_verified_chunk(image, idx, &payload)
-                .map_err(|e| e.to_string())?;
-            return Ok((encoding, payload));
+            payload.clone()
         }
-        Encoding::Zstd => {
-            chunk::decode_payload(encoding, payload.clone(), want).map_err(|e| e.to_string())?
-        }
+        Encoding::Zstd => chunk::decode_payload(encoding, payload.clone(), want)
+            .map_err(|e| StoreFail::Corrupt(e.to_string()))?,
     };
     if bids_protocols::manifest::sha256(&raw) != info.sha256 {
-        return Err(format!("chunk {idx} does not match its SHA-256"));
+        return Err(StoreFail::Corrupt(format!(
+            "chunk {idx} does not match its SHA-256"
+        )));
     }
     store
         .write_verified_chunk(image, idx, &raw)
-        .map_err(|e| e.to_string())?;
+        .map_err(StoreFail::Local)?;
     Ok((encoding, payload))
 }
 

@@ -1,7 +1,8 @@
 //! Failures in a running cluster: a host killed mid-download resumes with only its missing
 //! chunks, a peer serving corrupted chunks corrupts nobody, a bridgehead that dies
 //! mid-transfer is replaced by the other certified bridgehead of its IDC, and a GIS killed
-//! mid-distribution is rejoined by every node once it is back.
+//! mid-distribution is rejoined by every node once it is back; a full disk stops a download
+//! without blaming the senders.
 
 mod common;
 
@@ -412,5 +413,132 @@ async fn nodes_rejoin_a_restarted_gis_and_downloads_go_on() {
         file_hash(&file),
         "the new host is not bit-exact"
     );
+    c.shutdown().await;
+}
+
+/// Issue 18 item 3: a host whose store lives on a 20 MiB tmpfs is asked for a 32 MiB image:
+/// the fetch fails at once with "disk full on <store>: needs N more bytes, M free", nothing is
+/// requested and nobody is blamed. A 12 MiB image passes that check, and the disk is filled
+/// by another writer mid-download: the download stops with the same kind of message, no
+/// chunk counts as bad, no holder is penalised, what the store holds verifies, and the node,
+/// still up, completes the image bit-exact from the same holders once space is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_stops_the_download_without_blaming_the_senders() {
+    common::init_logs();
+    let Some(tmpfs) = common::Tmpfs::mount(20 * MIB, "full_disk_stops_the_download") else {
+        return;
+    };
+    let (big_file, _g1) = image_file(32 * MIB, 61, false);
+    let (file, _g2) = image_file(12 * MIB, 62, false);
+    let mut c = Cluster::start(ClusterSpec {
+        idcs: vec![idc("A", 3, 0)],
+        policy: Policy::Bids,
+        shaped: false,
+    })
+    .await
+    .expect("cluster");
+    let (holders, host) = ([0, 1], 2);
+    let big: ImageRef = "img32:1".parse().unwrap();
+    let image: ImageRef = "img12:1".parse().unwrap();
+    let mut id = None;
+    for h in holders {
+        c.seed(h, &big_file, &big, CHUNK).await.expect("seeding");
+        id = Some(c.seed(h, &file, &image, CHUNK).await.expect("seeding").id());
+    }
+    let id = id.unwrap();
+    let store_dir = tmpfs.path().join("store");
+    c.stop_node(host).await;
+    let sd = store_dir.clone();
+    c.start_node_with(host, move |cfg| cfg.store_dir = sd)
+        .await
+        .expect("restart on the tmpfs");
+    c.wait_registered(Duration::from_secs(10))
+        .await
+        .expect("registered");
+    let node = c.nodes[host].node().clone();
+
+    // Up front.
+    let err = node
+        .fetch_and_wait(ImageQuery::Ref(big.clone()))
+        .await
+        .expect_err("32 MiB cannot fit in 20 MiB");
+    eprintln!("up front: {err}");
+    let want = format!(
+        "disk full on {}: needs {} more bytes, ",
+        store_dir.display(),
+        32 * MIB
+    );
+    assert!(err.starts_with(&want), "{err}");
+    let st = status(&c, host).await;
+    assert_eq!(st.total.bad_chunks, 0);
+    assert_eq!(st.total.lan_recv_chunks, 0, "chunks were fetched anyway");
+
+    // Mid-download: slow the download, then let another writer fill the disk.
+    node.set_limits(0, 3_000_000).await.unwrap();
+    let mut progress = node
+        .fetch(ImageQuery::Ref(image.clone()))
+        .await
+        .expect("12 MiB passes the check");
+    wait_for("some chunks", Duration::from_secs(20), || {
+        let held = node.store().status(&id).map_or(0, |s| s.held);
+        async move { (held >= 8).then_some(()) }
+    })
+    .await;
+    let filler = tmpfs.path().join("filler");
+    {
+        let free = node.store().free_space().unwrap();
+        let f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0xa5u8; 64 * 1024];
+        let mut left = free.saturating_sub(CHUNK as u64 / 2);
+        let mut off = 0;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            if f.write_all_at(&block[..n], off).is_err() {
+                break;
+            }
+            off += n as u64;
+            left -= n as u64;
+        }
+    }
+    let reason = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(done) = progress.borrow_and_update().done.clone() {
+                return done;
+            }
+            progress.changed().await.expect("node alive");
+        }
+    })
+    .await
+    .expect("the download stops")
+    .expect_err("the disk is full");
+    eprintln!("mid-download: {reason}");
+    assert!(
+        reason.starts_with(&format!("disk full on {}: needs ", store_dir.display()))
+            && reason.contains(" more bytes, ")
+            && reason.contains(" free"),
+        "{reason}"
+    );
+    let st = status(&c, host).await;
+    assert_eq!(st.total.bad_chunks, 0, "a full disk counted as bad chunks");
+    assert_eq!(st.bad_chunks_served_to_us, 0);
+    let held = node.store().status(&id).unwrap();
+    assert!(!held.complete && held.held > 0, "{held:?}");
+    let s = node.store().clone();
+    let bad = tokio::task::spawn_blocking(move || s.verify(&id, &mut |_, _| {}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        bad.is_empty(),
+        "half-written chunks counted as held: {bad:?}"
+    );
+
+    // Space again: the same node finishes from the same holders (none was banned).
+    std::fs::remove_file(&filler).unwrap();
+    node.set_limits(0, 0).await.unwrap();
+    let n = node.clone();
+    let q = ImageQuery::Ref(image.clone());
+    let t = tokio::spawn(async move { n.fetch_and_wait(q).await });
+    common::fetched_bit_exact(&c, vec![(host, t)], &id, &file, Duration::from_secs(30)).await;
     c.shutdown().await;
 }

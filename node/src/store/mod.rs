@@ -111,6 +111,17 @@ pub enum StoreError {
     SourceChanged { path: PathBuf, detail: String },
     #[error("disk full writing {path}; free some space (e.g. remove old images) and retry")]
     DiskFull { path: PathBuf },
+    /// The store's file system has less room than an image's missing data chunks need.
+    #[error(
+        "disk full on {}: needs {needed} more bytes, {free} free; free some space (e.g. \
+         remove old images) and retry",
+        dir.display()
+    )]
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        free: u64,
+    },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -677,6 +688,37 @@ impl Store {
         self.inner.image_path(id)
     }
 
+    /// Bytes an unprivileged writer may still put on the store's file system (`statvfs`).
+    pub fn free_space(&self) -> Result<u64, StoreError> {
+        region::free_space(&self.inner.dir).map_err(|e| io_err(&self.inner.dir, e))
+    }
+
+    /// Bytes of `m`'s data chunks this store does not hold yet: what a download of it still
+    /// writes at most (all-zero chunks never are; partly zero pages may end up as holes, so
+    /// this is an upper bound).
+    pub fn bytes_needed(&self, m: &Manifest) -> u64 {
+        let e = self.inner.get(&m.id());
+        (0..m.chunk_count())
+            .filter(|&i| !m.chunks[i as usize].zero && !e.as_ref().is_some_and(|e| e.held.get(i)))
+            .map(|i| m.chunk_len(i) as u64)
+            .sum()
+    }
+
+    /// Checks the file system has room for `m`'s missing data chunks; the error says how
+    /// much is needed and how much is free ([`StoreError::NoSpace`]).
+    pub fn check_space(&self, m: &Manifest) -> Result<(), StoreError> {
+        let needed = self.bytes_needed(m);
+        let free = self.free_space()?;
+        if needed > free {
+            return Err(StoreError::NoSpace {
+                dir: self.inner.dir.clone(),
+                needed,
+                free,
+            });
+        }
+        Ok(())
+    }
+
     /// Makes every held chunk's mark durable (fsync of the data, then of the index).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.inner.commit()?;
@@ -1018,13 +1060,15 @@ impl Inner {
             // one file anyway (inode lock), and its waiters spin on the CPU; ours sleep,
             // leaving the core to the hashing and the network.
             let _one = lock(&e.write_lock);
-            region::write_region(
-                &e.file,
-                &e.path,
-                m.chunk_offset(idx),
-                data,
-                self.opts.mmap_writes,
-            )?;
+            let off = m.chunk_offset(idx);
+            if let Err(err) =
+                region::write_region(&e.file, &e.path, off, data, self.opts.mmap_writes)
+            {
+                // Nothing half-written counts as held (the chunk stays missing); give back
+                // the blocks a partial write took, so a full disk is not fuller for it.
+                region::discard(&e.file, off, data.len());
+                return Err(err);
+            }
         }
         // The bytes are in the file: only now may the chunk count as held.
         e.mark_held(idx);
