@@ -149,6 +149,9 @@ pub struct NodeStatus {
     pub total: Counters,
     pub refusals: u64,
     pub bad_chunks_served_to_us: u64,
+    /// Peers banned node-wide for serving corrupt chunks, with the seconds left on the ban.
+    #[serde(default)]
+    pub banned_peers: Vec<(PeerId, u64)>,
     /// Rate limits and sharing now.
     pub settings: HostSettings,
     /// When this node's bridgehead certificate expires (unix seconds); `None` without one.
@@ -219,6 +222,15 @@ enum Internal {
         index: ChunkIndex,
         response: ChunkResponse,
     },
+}
+
+/// Aborts a task when dropped (a helper task lives exactly as long as the engine).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Why a received chunk was not stored: the sender's fault, or ours.
@@ -445,11 +457,20 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
     cfg.validate().map_err(anyhow::Error::msg)?;
     tune_allocator();
     let store_dir = cfg.store_dir.clone();
+    let verify_reads = cfg.verify_reads;
     let store = Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(&store_dir))
-            .await
-            .context("store task")?
-            .with_context(|| format!("opening store {}", cfg.store_dir.display()))?,
+        tokio::task::spawn_blocking(move || {
+            Store::open_with(
+                &store_dir,
+                crate::store::StoreOptions {
+                    verify_reads,
+                    ..Default::default()
+                },
+            )
+        })
+        .await
+        .context("store task")?
+        .with_context(|| format!("opening store {}", cfg.store_dir.display()))?,
     );
     let gis_peer = cfg.gis_peer().map_err(anyhow::Error::msg)?;
     let me = cfg.keypair.public().to_peer_id();
@@ -566,6 +587,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
     let upload = RateLimiter::new(cfg.upload_bps);
     let download = DownloadBudget::new(cfg.download_bps, Instant::now());
     let sharing = cfg.sharing;
+    let cfg_scrub_bps = cfg.scrub_bps;
     let admin_gate = crate::admin::AdminGate::new(cfg.admin_peer, gis_peer, me);
     let self_tx = handle.tx.downgrade();
     let engine = Engine {
@@ -604,6 +626,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         last_full_announce: Instant::now(),
         last_batch: Instant::now(),
         recently_completed: HashMap::new(),
+        bans: HashMap::new(),
+        _scrub: (cfg_scrub_bps > 0).then(|| {
+            AbortOnDrop(
+                tokio::spawn(crate::repair::scrub(handle.store.clone(), cfg_scrub_bps))
+                    .abort_handle(),
+            )
+        }),
         upload,
         download,
         upload_queue: VecDeque::new(),
@@ -678,6 +707,11 @@ struct Engine {
     last_full_announce: Instant,
     last_batch: Instant,
     recently_completed: HashMap<ImageId, Instant>,
+    /// Peers banned node-wide for serving corrupt chunks, until when: no download asks them
+    /// for anything and no chunk from them is accepted; reported to the GIS.
+    bans: HashMap<PeerId, Instant>,
+    /// The background scrub (`--scrub-rate`), stopped with the engine.
+    _scrub: Option<AbortOnDrop>,
     upload: RateLimiter,
     /// Charged as chunk requests leave, settled by their answers (`crate::ratelimit`).
     download: DownloadBudget<OutboundRequestId>,
@@ -1551,6 +1585,8 @@ impl Engine {
                     let (encoding, payload) = chunk::encode_payload(raw);
                     ChunkResponse::Data { encoding, payload }
                 }
+                // Found corrupt at rest: the store logged it and marked it missing.
+                Err(StoreError::Corrupt { .. }) => ChunkResponse::NotHeld,
                 Err(e) => {
                     warn!(image = %req.image.short(), idx = req.index, error = %e, "reading a chunk failed");
                     ChunkResponse::NotHeld
@@ -1647,6 +1683,11 @@ impl Engine {
             return;
         };
         match resp {
+            ChunkResponse::Data { payload, .. } if self.bans.contains_key(&peer) => {
+                // Its requests were released when it was banned: this answer was already on
+                // its way. Not one more chunk from it is trusted.
+                debug!(%peer, idx, bytes = payload.len(), "dropping a chunk from a peer banned for corrupt chunks");
+            }
             ChunkResponse::Data { encoding, payload } => {
                 let stored = self.store.has_chunk(&image, idx);
                 if stored || d.sched.is_verifying(idx) {
@@ -1788,10 +1829,18 @@ impl Engine {
                 self.payload_cache.insert(image, idx, (encoding, payload));
                 self.update_progress(&image);
             }
+            Err(StoreFail::Corrupt(e)) if self.bans.contains_key(&peer) => {
+                // Arrived before the ban, verified after: it changes nothing.
+                debug!(%peer, idx, error = %e, "another corrupt chunk from a banned peer");
+                d.sched.on_failure(&peer, idx, Failure::Corrupt, now);
+            }
             Err(StoreFail::Corrupt(e)) => {
                 warn!(%peer, image = %image.short(), idx, error = %e, "chunk failed verification; penalising the sender");
                 self.acct.bad_chunk(image);
                 d.sched.on_failure(&peer, idx, Failure::Corrupt, now);
+                if d.sched.is_banned(&peer) && !self.bans.contains_key(&peer) {
+                    self.ban(peer, now);
+                }
             }
             Err(StoreFail::Local(e)) => {
                 // Our disk, not the sender: nobody is penalised, and fetching more only
@@ -2133,6 +2182,9 @@ impl Engine {
 
     /// Adds a candidate source to its download once its hello is accepted; dials it otherwise.
     fn activate(&mut self, image: &ImageId, peer: &PeerId) {
+        if self.bans.contains_key(peer) {
+            return;
+        }
         let accepted = matches!(self.peers.get(peer), Some(PeerState::Accepted { .. }));
         let connected = self.swarm.is_connected(peer);
         let Some(d) = self.downloads.get_mut(image) else {
@@ -2185,6 +2237,12 @@ impl Engine {
             let Some(d) = self.downloads.get_mut(&h.image) else {
                 continue;
             };
+            if !h.lost.is_empty() {
+                d.sched.peer_lost(&src, &h.lost);
+                if let Some(c) = d.candidates.get_mut(&src) {
+                    c.1 = false;
+                }
+            }
             if d.active.contains(&src) {
                 if h.complete {
                     d.sched.peer_complete(&src);
@@ -2220,6 +2278,7 @@ impl Engine {
                 image,
                 ranges: gossip::to_ranges(&idx),
                 complete,
+                lost: Vec::new(),
             }],
         };
         self.publish_gossip(msg);
@@ -2236,11 +2295,13 @@ impl Engine {
                     image: h.image,
                     ranges: h.ranges[..mid].to_vec(),
                     complete: false,
+                    lost: Vec::new(),
                 };
                 let b = Have {
                     image: h.image,
                     ranges: h.ranges[mid..].to_vec(),
                     complete: h.complete,
+                    lost: h.lost.clone(),
                 };
                 self.publish_gossip(Announcement { haves: vec![a] });
                 self.publish_gossip(Announcement { haves: vec![b] });
@@ -2267,6 +2328,66 @@ impl Engine {
         }
     }
 
+    /// Bans `peer` node-wide for serving corrupt chunks: every download drops it (its
+    /// in-flight requests go elsewhere; answers still on their way are dropped), no new one
+    /// takes it until the ban expires, and the GIS hears of it at once.
+    fn ban(&mut self, peer: PeerId, now: Instant) {
+        let until = now + self.cfg.ban_duration;
+        self.bans.insert(peer, until);
+        warn!(%peer, secs = self.cfg.ban_duration.as_secs(), "peer banned node-wide for serving corrupt chunks; reported to the GIS");
+        for d in self.downloads.values_mut() {
+            d.sched.ban(&peer);
+            d.active.remove(&peer);
+            d.candidates.remove(&peer);
+        }
+        if self.registered {
+            self.send_heartbeat();
+        }
+    }
+
+    fn send_heartbeat(&mut self) {
+        let mut stats = self.acct.snapshot();
+        stats.settings = Some(self.settings());
+        stats.banned = self.bans.keys().copied().collect();
+        self.gis_request(GisRequest::Heartbeat { stats }, GisPurpose::Heartbeat);
+    }
+
+    /// Chunks the store found corrupt at rest (serving, export, verification, scrubbing) and
+    /// marked missing are withdrawn: the IDC's peers learn it by gossip (they stop asking us
+    /// for them), the GIS by a publish (we no longer count as a complete holder), and a
+    /// download of the image fetches them again.
+    fn withdraw_lost(&mut self) {
+        let lost = self.store.take_lost();
+        if lost.is_empty() {
+            return;
+        }
+        let mut by_image: HashMap<ImageId, Vec<ChunkIndex>> = HashMap::new();
+        for (id, idx) in lost {
+            by_image.entry(id).or_default().push(idx);
+        }
+        for (id, mut idx) in by_image {
+            idx.sort_unstable();
+            idx.dedup();
+            self.recently_completed.remove(&id);
+            if let Some(d) = self.downloads.get_mut(&id) {
+                for &i in &idx {
+                    d.sched.unmark_held(i);
+                }
+            }
+            info!(image = %id.short(), chunks = idx.len(), "withdrawing chunks found corrupt at rest from the GIS and the IDC's peers");
+            self.publish_gossip(Announcement {
+                haves: vec![Have {
+                    image: id,
+                    ranges: Vec::new(),
+                    complete: false,
+                    lost: gossip::to_ranges(&idx),
+                }],
+            });
+            let fetching = self.downloads.contains_key(&id);
+            self.publish(&id, fetching);
+        }
+    }
+
     // ---------------------------------------------------------------- the tick
 
     fn on_tick(&mut self) {
@@ -2282,9 +2403,7 @@ impl Engine {
             if !self.registered {
                 self.register();
             } else {
-                let mut stats = self.acct.snapshot();
-                stats.settings = Some(self.settings());
-                self.gis_request(GisRequest::Heartbeat { stats }, GisPurpose::Heartbeat);
+                self.send_heartbeat();
             }
         }
         // Peers that never said hello, or were refused and had time to read why, are dropped.
@@ -2308,6 +2427,17 @@ impl Engine {
                 break;
             };
             self.finish_serve(channel, peer, image, resp, link);
+        }
+        self.withdraw_lost();
+        let expired: Vec<PeerId> = self
+            .bans
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            self.bans.remove(&p);
+            info!(peer = %p, "ban for corrupt chunks expired");
         }
         self.release_stuck_waiters();
         self.drive_downloads(now);
@@ -2341,6 +2471,7 @@ impl Engine {
                             image: *id,
                             ranges: gossip::to_ranges(&idx),
                             complete: false,
+                            lost: Vec::new(),
                         });
                     }
                 }
@@ -2350,6 +2481,7 @@ impl Engine {
                     image: *id,
                     ranges: Vec::new(),
                     complete: true,
+                    lost: Vec::new(),
                 });
             }
             for h in haves {
@@ -2786,6 +2918,13 @@ impl Engine {
             total: self.acct.total(),
             refusals: self.acct.refusals(),
             bad_chunks_served_to_us: self.acct.total().bad_chunks,
+            banned_peers: {
+                let now = Instant::now();
+                self.bans
+                    .iter()
+                    .map(|(p, until)| (*p, until.saturating_duration_since(now).as_secs()))
+                    .collect()
+            },
             settings: self.settings(),
             cert_expires_at: self.cfg.cert.as_ref().map(|c| c.body.not_after),
             cert_expiring: self.cert_expiring(Self::now_secs()),
