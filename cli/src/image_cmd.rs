@@ -65,6 +65,20 @@ pub enum ImageCmd {
     /// Import a new version of an image held in the store, build the delta from the old
     /// version and publish both (the delta is stored as NAME:OLD-to-VERSION).
     Publish(crate::delta_cmd::PublishArgs),
+    /// Re-hash every chunk of an image in one pass; chunks that no longer match are marked
+    /// missing (and withdrawn from the GIS and the IDC by the running node). With --repair
+    /// the node then fetches all of them in one download.
+    Verify {
+        image: String,
+        #[arg(long)]
+        store: PathBuf,
+        /// Fetch the bad chunks again (needs the node running on the store).
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an image from the store (and tell the GIS).
     Rm {
         image: String,
@@ -238,6 +252,73 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                         format!("{held}/{total}")
                     );
                 }
+            }
+            Ok(())
+        }
+        ImageCmd::Verify {
+            image,
+            store,
+            repair,
+            json,
+        } => {
+            let image = image_ref(&image)?;
+            let report = if control::node_running(&store).await {
+                let replies = via_node(&store, ControlRequest::Verify { image, repair }).await?;
+                fail_on_error(&replies)?;
+                replies
+                    .into_iter()
+                    .find_map(|r| match r {
+                        ControlReply::Verified(r) => Some(*r),
+                        _ => None,
+                    })
+                    .context("the node sent no verification report")?
+            } else {
+                let s = open_store(&store)?;
+                let r = tokio::task::block_in_place(|| bids_node::repair::check(&s, &image))
+                    .with_context(|| format!("verifying {image} in store {}", store.display()))?;
+                if repair && r.missing > 0 {
+                    eprintln!(
+                        "no node runs on {}: the {} missing chunk(s) are fetched by `bids image fetch {image}` once one does",
+                        store.display(),
+                        r.missing
+                    );
+                }
+                r
+            };
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let bad = if report.bad.is_empty() {
+                    "none bad".to_string()
+                } else {
+                    let list: Vec<String> = report.bad.iter().map(|i| i.to_string()).collect();
+                    format!(
+                        "{} bad (chunks {}), marked missing",
+                        report.bad.len(),
+                        list.join(", ")
+                    )
+                };
+                println!(
+                    "{} {}: {} of {} chunks re-hashed in {:.2} s, {bad}; {} missing",
+                    report.image,
+                    report.id,
+                    report.checked,
+                    report.total,
+                    report.check_secs,
+                    report.missing
+                );
+                if let (Some(n), Some(secs)) = (report.repaired, report.repair_secs) {
+                    println!("repaired: {n} chunk(s) fetched again in one download ({secs:.2} s)");
+                }
+            }
+            if !repair && !report.bad.is_empty() {
+                bail!(
+                    "{} chunk(s) of {} were bad; run `bids image verify {} --store {} --repair`",
+                    report.bad.len(),
+                    report.image,
+                    report.image,
+                    store.display()
+                );
             }
             Ok(())
         }

@@ -49,6 +49,13 @@ pub struct NodeArgs {
     /// in flight land sooner, so the IDC's hosts can trade them sooner.
     #[arg(long)]
     wan_window_ms: Option<u64>,
+    /// Re-hash the held chunks in the background at this many MB/s (bit rot found is
+    /// marked missing and withdrawn); off by default (0).
+    #[arg(long, value_name = "MBYTES_PER_S")]
+    scrub_rate: Option<f64>,
+    /// How long a peer that served corrupt chunks stays banned, node-wide (default 3600).
+    #[arg(long)]
+    ban_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -67,6 +74,8 @@ struct NodeSettings {
     download_bps: Option<u64>,
     wan_window_ms: Option<u64>,
     external_addr: Option<String>,
+    scrub_rate: Option<f64>,
+    ban_secs: Option<u64>,
 }
 
 fn s(p: &Option<PathBuf>) -> Option<String> {
@@ -89,6 +98,8 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
             ("upload_bps", a.upload_bps.map(|v| v.to_string())),
             ("download_bps", a.download_bps.map(|v| v.to_string())),
             ("wan_window_ms", a.wan_window_ms.map(|v| v.to_string())),
+            ("scrub_rate", a.scrub_rate.map(|v| v.to_string())),
+            ("ban_secs", a.ban_secs.map(|v| v.to_string())),
         ],
     )?;
     let key = keys::load(&settings::required(st.key, "key", "--key")?)?;
@@ -127,6 +138,15 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     }
     if let Some(h) = st.heartbeat_secs {
         cfg.heartbeat = Duration::from_secs(h.max(1));
+    }
+    if let Some(r) = st.scrub_rate {
+        if !(r.is_finite() && r >= 0.0) {
+            anyhow::bail!("--scrub-rate must be a number of MB/s, 0 or more (got {r})");
+        }
+        cfg.scrub_bps = (r * 1e6) as u64;
+    }
+    if let Some(b) = st.ban_secs {
+        cfg.ban_duration = Duration::from_secs(b);
     }
     cfg.upload_bps = st.upload_bps.unwrap_or(0);
     cfg.download_bps = st.download_bps.unwrap_or(0);

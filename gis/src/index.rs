@@ -564,6 +564,9 @@ impl Index {
             }
             h.last_seen_ms = Some(now_ms);
             h.reported_dead = false;
+            for bad in stats.banned.iter().filter(|b| !h.stats.banned.contains(b)) {
+                warn!(reporter = %peer, idc = %h.rec.idc, peer = %bad, "a host banned a peer for serving it corrupt chunks; that peer is no longer listed to it");
+            }
             h.stats = stats;
         }
         Ok(())
@@ -917,10 +920,14 @@ impl Index {
         let id = image.info.id;
         let empty = BTreeMap::new();
         let holders = self.holders.get(&id).unwrap_or(&empty);
+        // Peers the requester banned for serving it corrupt chunks are not listed to it.
+        let banned: &[PeerId] = requester
+            .and_then(|r| self.hosts.get(&r))
+            .map_or(&[], |h| h.stats.banned.as_slice());
         // Live, listable holders with their host records.
         let live: Vec<(&HostState, &Holding)> = holders
             .iter()
-            .filter(|(_, hd)| listable(hd))
+            .filter(|(p, hd)| listable(hd) && !banned.contains(p))
             .filter_map(|(p, hd)| self.hosts.get(p).map(|h| (h, hd)))
             .filter(|(h, _)| self.is_listable_host(h, now_ms))
             .collect();

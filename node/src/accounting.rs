@@ -153,6 +153,7 @@ impl Accounting {
             refusals: self.refusals,
             settings: None,
             provisions: self.provisions.clone(),
+            banned: Vec::new(),
         }
     }
 }

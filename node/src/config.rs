@@ -44,7 +44,20 @@ pub struct NodeConfig {
     /// Warn this long before the bridgehead certificate expires (in the log at start and
     /// daily, and in the status as `cert_expiring`).
     pub cert_warn: Duration,
+    /// A peer banned for serving corrupt chunks stays banned, for every download of this
+    /// node, this long.
+    pub ban_duration: Duration,
+    /// Background scrub: re-hash the held chunks at this many bytes/s, over and over (bit
+    /// rot found is marked missing and withdrawn like any chunk found bad). 0 = off.
+    pub scrub_bps: u64,
+    /// Re-hash each chunk read for serving and withdraw one found bad (the store's
+    /// `verify_reads`). On by default; off, the node serves whatever its disk holds and
+    /// leaves the check to the receivers (the tests use that to play a corrupting peer).
+    pub verify_reads: bool,
 }
+
+/// Default of [`NodeConfig::ban_duration`]: one hour.
+pub const DEFAULT_BAN: Duration = Duration::from_secs(3600);
 
 /// Default of [`NodeConfig::cert_warn`]: 14 days.
 pub const DEFAULT_CERT_WARN: Duration = Duration::from_secs(14 * 86_400);
@@ -78,6 +91,9 @@ impl NodeConfig {
             download_bps: 0,
             sharing: true,
             cert_warn: DEFAULT_CERT_WARN,
+            ban_duration: DEFAULT_BAN,
+            scrub_bps: 0,
+            verify_reads: true,
         }
     }
 

@@ -34,6 +34,12 @@ pub enum ControlRequest {
     Remove {
         image: ImageRef,
     },
+    /// Re-hash every chunk of `image`; with `repair`, fetch the bad ones again
+    /// (`crate::repair`).
+    Verify {
+        image: ImageRef,
+        repair: bool,
+    },
     /// Import `file` as `image`, a new version of `from` (held here), build and import the
     /// delta `from` → `image`, publish both (`crate::versions::publish`). `chunk_size` 0
     /// takes `from`'s.
@@ -57,6 +63,7 @@ pub enum ControlReply {
     },
     Done,
     Published(Box<NewVersion>),
+    Verified(Box<crate::repair::VerifyReport>),
     Error(String),
 }
 
@@ -204,6 +211,12 @@ async fn handle(node: NodeHandle, stream: UnixStream) -> std::io::Result<()> {
             Ok(nv) => write_reply(&mut w, &ControlReply::Published(Box::new(nv))).await,
             Err(e) => write_reply(&mut w, &ControlReply::Error(e.to_string())).await,
         },
+        ControlRequest::Verify { image, repair } => {
+            match crate::repair::verify(&node, &image, repair).await {
+                Ok(r) => write_reply(&mut w, &ControlReply::Verified(Box::new(r))).await,
+                Err(e) => write_reply(&mut w, &ControlReply::Error(e)).await,
+            }
+        }
         ControlRequest::Remove { image } => {
             let store = node.store().clone();
             let Some(id) = store.resolve(&image) else {

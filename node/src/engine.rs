@@ -13,7 +13,7 @@ use crate::ratelimit::{DownloadBudget, RateLimiter};
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::seeding::{LanSeeder, Verdict};
 use crate::startup::{Startup, StartupReport};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::transport::{self, TransportOptions};
 use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse};
 use bids_protocols::cert::{BridgeheadCert, Revocations};
@@ -153,6 +153,9 @@ pub struct NodeStatus {
     pub total: Counters,
     pub refusals: u64,
     pub bad_chunks_served_to_us: u64,
+    /// Peers banned node-wide for serving corrupt chunks, with the seconds left on the ban.
+    #[serde(default)]
+    pub banned_peers: Vec<(PeerId, u64)>,
     /// Rate limits and sharing now.
     pub settings: HostSettings,
     /// When this node's bridgehead certificate expires (unix seconds); `None` without one.
@@ -214,7 +217,7 @@ enum Internal {
         image: ImageId,
         idx: ChunkIndex,
         peer: PeerId,
-        result: Result<(Encoding, Bytes), String>,
+        result: Result<(Encoding, Bytes), StoreFail>,
     },
     Served {
         channel: ResponseChannel<ChunkResponse>,
@@ -223,6 +226,26 @@ enum Internal {
         index: ChunkIndex,
         response: ChunkResponse,
     },
+}
+
+/// Aborts a task when dropped (a helper task lives exactly as long as the engine).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why a received chunk was not stored: the sender's fault, or ours.
+#[derive(Debug)]
+enum StoreFail {
+    /// The data does not decode, has the wrong length or fails its SHA-256: the sender is
+    /// penalised.
+    Corrupt(String),
+    /// The chunk verified but our store could not keep it (a full disk, an I/O error): no
+    /// sender is to blame, and the download stops.
+    Local(crate::store::StoreError),
 }
 
 /// A chunk response waiting for its turn to one peer.
@@ -445,11 +468,20 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
     cfg.validate().map_err(anyhow::Error::msg)?;
     tune_allocator();
     let store_dir = cfg.store_dir.clone();
+    let verify_reads = cfg.verify_reads;
     let store = Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(&store_dir))
-            .await
-            .context("store task")?
-            .with_context(|| format!("opening store {}", cfg.store_dir.display()))?,
+        tokio::task::spawn_blocking(move || {
+            Store::open_with(
+                &store_dir,
+                crate::store::StoreOptions {
+                    verify_reads,
+                    ..Default::default()
+                },
+            )
+        })
+        .await
+        .context("store task")?
+        .with_context(|| format!("opening store {}", cfg.store_dir.display()))?,
     );
     let gis_peer = cfg.gis_peer().map_err(anyhow::Error::msg)?;
     let me = cfg.keypair.public().to_peer_id();
@@ -566,6 +598,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
     let upload = RateLimiter::new(cfg.upload_bps);
     let download = DownloadBudget::new(cfg.download_bps, Instant::now());
     let sharing = cfg.sharing;
+    let cfg_scrub_bps = cfg.scrub_bps;
     let admin_gate = crate::admin::AdminGate::new(cfg.admin_peer, gis_peer, me);
     let self_tx = handle.tx.downgrade();
     let engine = Engine {
@@ -604,6 +637,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         last_full_announce: Instant::now(),
         last_batch: Instant::now(),
         recently_completed: HashMap::new(),
+        bans: HashMap::new(),
+        _scrub: (cfg_scrub_bps > 0).then(|| {
+            AbortOnDrop(
+                tokio::spawn(crate::repair::scrub(handle.store.clone(), cfg_scrub_bps))
+                    .abort_handle(),
+            )
+        }),
         upload,
         download,
         upload_queue: VecDeque::new(),
@@ -678,6 +718,11 @@ struct Engine {
     last_full_announce: Instant,
     last_batch: Instant,
     recently_completed: HashMap<ImageId, Instant>,
+    /// Peers banned node-wide for serving corrupt chunks, until when: no download asks them
+    /// for anything and no chunk from them is accepted; reported to the GIS.
+    bans: HashMap<PeerId, Instant>,
+    /// The background scrub (`--scrub-rate`), stopped with the engine.
+    _scrub: Option<AbortOnDrop>,
     upload: RateLimiter,
     /// Charged as chunk requests leave, settled by their answers (`crate::ratelimit`).
     download: DownloadBudget<OutboundRequestId>,
@@ -1566,6 +1611,8 @@ impl Engine {
                     let (encoding, payload) = chunk::encode_payload(raw);
                     ChunkResponse::Data { encoding, payload }
                 }
+                // Found corrupt at rest: the store logged it and marked it missing.
+                Err(StoreError::Corrupt { .. }) => ChunkResponse::NotHeld,
                 Err(e) => {
                     warn!(image = %req.image.short(), idx = req.index, error = %e, "reading a chunk failed");
                     ChunkResponse::NotHeld
@@ -1662,6 +1709,11 @@ impl Engine {
             return;
         };
         match resp {
+            ChunkResponse::Data { payload, .. } if self.bans.contains_key(&peer) => {
+                // Its requests were released when it was banned: this answer was already on
+                // its way. Not one more chunk from it is trusted.
+                debug!(%peer, idx, bytes = payload.len(), "dropping a chunk from a peer banned for corrupt chunks");
+            }
             ChunkResponse::Data { encoding, payload } => {
                 let stored = self.store.has_chunk(&image, idx);
                 if stored || d.sched.is_verifying(idx) {
@@ -1768,7 +1820,7 @@ impl Engine {
         image: ImageId,
         idx: ChunkIndex,
         peer: PeerId,
-        result: Result<(Encoding, Bytes), String>,
+        result: Result<(Encoding, Bytes), StoreFail>,
     ) {
         let now = Instant::now();
         let Some(d) = self.downloads.get_mut(&image) else {
@@ -1813,10 +1865,42 @@ impl Engine {
                 self.payload_cache.insert(image, idx, (encoding, payload));
                 self.update_progress(&image);
             }
-            Err(e) => {
+            Err(StoreFail::Corrupt(e)) if self.bans.contains_key(&peer) => {
+                // Arrived before the ban, verified after: it changes nothing.
+                debug!(%peer, idx, error = %e, "another corrupt chunk from a banned peer");
+                d.sched.on_failure(&peer, idx, Failure::Corrupt, now);
+            }
+            Err(StoreFail::Corrupt(e)) => {
                 warn!(%peer, image = %image.short(), idx, error = %e, "chunk failed verification; penalising the sender");
                 self.acct.bad_chunk(image);
                 d.sched.on_failure(&peer, idx, Failure::Corrupt, now);
+                if d.sched.is_banned(&peer) && !self.bans.contains_key(&peer) {
+                    self.ban(peer, now);
+                }
+            }
+            Err(StoreFail::Local(e)) => {
+                // Our disk, not the sender: nobody is penalised, and fetching more only
+                // fails the same way, so the download stops (the chunk stays missing).
+                let reason = match e {
+                    StoreError::DiskFull { .. } => {
+                        let needed = self.store.bytes_needed(&d.manifest);
+                        match self.store.free_space() {
+                            Ok(free) => StoreError::NoSpace {
+                                dir: self.store.dir().to_path_buf(),
+                                needed,
+                                free,
+                            }
+                            .to_string(),
+                            Err(_) => e.to_string(),
+                        }
+                    }
+                    e => format!(
+                        "storing chunk {idx} of {} failed: {e} (a local fault; no sender is blamed)",
+                        d.manifest.image_ref()
+                    ),
+                };
+                self.fail_download(image, reason);
+                return;
             }
         }
         self.pump(&image, now);
@@ -1992,6 +2076,14 @@ impl Engine {
                 }
                 return;
             }
+            // A download that cannot fit fails now, not after filling the disk.
+            if let Err(e) = self.store.check_space(&manifest) {
+                warn!(image = %manifest.image_ref(), error = %e, "not starting a download");
+                if let Some(r) = reply {
+                    let _ = r.send(Err(e.to_string()));
+                }
+                return;
+            }
             if let Err(e) = self.store.add_manifest(&manifest) {
                 if let Some(r) = reply {
                     let _ = r.send(Err(format!("cannot prepare the store: {e}")));
@@ -2135,6 +2227,9 @@ impl Engine {
 
     /// Adds a candidate source to its download once its hello is accepted; dials it otherwise.
     fn activate(&mut self, image: &ImageId, peer: &PeerId) {
+        if self.bans.contains_key(peer) {
+            return;
+        }
         let accepted = matches!(self.peers.get(peer), Some(PeerState::Accepted { .. }));
         let connected = self.swarm.is_connected(peer);
         let Some(d) = self.downloads.get_mut(image) else {
@@ -2188,6 +2283,12 @@ impl Engine {
             let Some(d) = self.downloads.get_mut(&h.image) else {
                 continue;
             };
+            if !h.lost.is_empty() {
+                d.sched.peer_lost(&src, &h.lost);
+                if let Some(c) = d.candidates.get_mut(&src) {
+                    c.1 = false;
+                }
+            }
             if d.active.contains(&src) {
                 if h.complete {
                     d.sched.peer_complete(&src);
@@ -2223,6 +2324,7 @@ impl Engine {
                 image,
                 ranges: gossip::to_ranges(&idx),
                 complete,
+                lost: Vec::new(),
             }],
         };
         self.publish_gossip(msg);
@@ -2239,11 +2341,13 @@ impl Engine {
                     image: h.image,
                     ranges: h.ranges[..mid].to_vec(),
                     complete: false,
+                    lost: Vec::new(),
                 };
                 let b = Have {
                     image: h.image,
                     ranges: h.ranges[mid..].to_vec(),
                     complete: h.complete,
+                    lost: h.lost.clone(),
                 };
                 self.publish_gossip(Announcement { haves: vec![a] });
                 self.publish_gossip(Announcement { haves: vec![b] });
@@ -2270,6 +2374,66 @@ impl Engine {
         }
     }
 
+    /// Bans `peer` node-wide for serving corrupt chunks: every download drops it (its
+    /// in-flight requests go elsewhere; answers still on their way are dropped), no new one
+    /// takes it until the ban expires, and the GIS hears of it at once.
+    fn ban(&mut self, peer: PeerId, now: Instant) {
+        let until = now + self.cfg.ban_duration;
+        self.bans.insert(peer, until);
+        warn!(%peer, secs = self.cfg.ban_duration.as_secs(), "peer banned node-wide for serving corrupt chunks; reported to the GIS");
+        for d in self.downloads.values_mut() {
+            d.sched.ban(&peer);
+            d.active.remove(&peer);
+            d.candidates.remove(&peer);
+        }
+        if self.registered {
+            self.send_heartbeat();
+        }
+    }
+
+    fn send_heartbeat(&mut self) {
+        let mut stats = self.acct.snapshot();
+        stats.settings = Some(self.settings());
+        stats.banned = self.bans.keys().copied().collect();
+        self.gis_request(GisRequest::Heartbeat { stats }, GisPurpose::Heartbeat);
+    }
+
+    /// Chunks the store found corrupt at rest (serving, export, verification, scrubbing) and
+    /// marked missing are withdrawn: the IDC's peers learn it by gossip (they stop asking us
+    /// for them), the GIS by a publish (we no longer count as a complete holder), and a
+    /// download of the image fetches them again.
+    fn withdraw_lost(&mut self) {
+        let lost = self.store.take_lost();
+        if lost.is_empty() {
+            return;
+        }
+        let mut by_image: HashMap<ImageId, Vec<ChunkIndex>> = HashMap::new();
+        for (id, idx) in lost {
+            by_image.entry(id).or_default().push(idx);
+        }
+        for (id, mut idx) in by_image {
+            idx.sort_unstable();
+            idx.dedup();
+            self.recently_completed.remove(&id);
+            if let Some(d) = self.downloads.get_mut(&id) {
+                for &i in &idx {
+                    d.sched.unmark_held(i);
+                }
+            }
+            info!(image = %id.short(), chunks = idx.len(), "withdrawing chunks found corrupt at rest from the GIS and the IDC's peers");
+            self.publish_gossip(Announcement {
+                haves: vec![Have {
+                    image: id,
+                    ranges: Vec::new(),
+                    complete: false,
+                    lost: gossip::to_ranges(&idx),
+                }],
+            });
+            let fetching = self.downloads.contains_key(&id);
+            self.publish(&id, fetching);
+        }
+    }
+
     // ---------------------------------------------------------------- the tick
 
     fn on_tick(&mut self) {
@@ -2285,9 +2449,7 @@ impl Engine {
             if !self.registered {
                 self.register();
             } else {
-                let mut stats = self.acct.snapshot();
-                stats.settings = Some(self.settings());
-                self.gis_request(GisRequest::Heartbeat { stats }, GisPurpose::Heartbeat);
+                self.send_heartbeat();
             }
         }
         // Peers that never said hello, or were refused and had time to read why, are dropped.
@@ -2311,6 +2473,17 @@ impl Engine {
                 break;
             };
             self.finish_serve(channel, peer, image, resp, link);
+        }
+        self.withdraw_lost();
+        let expired: Vec<PeerId> = self
+            .bans
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            self.bans.remove(&p);
+            info!(peer = %p, "ban for corrupt chunks expired");
         }
         self.release_stuck_waiters();
         self.drive_downloads(now);
@@ -2344,6 +2517,7 @@ impl Engine {
                             image: *id,
                             ranges: gossip::to_ranges(&idx),
                             complete: false,
+                            lost: Vec::new(),
                         });
                     }
                 }
@@ -2353,6 +2527,7 @@ impl Engine {
                     image: *id,
                     ranges: Vec::new(),
                     complete: true,
+                    lost: Vec::new(),
                 });
             }
             for h in haves {
@@ -2564,23 +2739,7 @@ impl Engine {
                 publish = true;
             }
             if let Some(reason) = failed {
-                warn!(image = %id.short(), %reason, "download failed");
-                if let Some(d) = self.downloads.remove(&id) {
-                    d.progress
-                        .send_modify(|p| p.done = Some(Err(reason.clone())));
-                }
-                let keys: Vec<(ImageId, ChunkIndex)> = self
-                    .waiters
-                    .keys()
-                    .filter(|(i, _)| *i == id)
-                    .copied()
-                    .collect();
-                for k in keys {
-                    for (ch, p) in self.waiters.remove(&k).unwrap_or_default() {
-                        self.respond(p, ch, ChunkResponse::NotHeld);
-                    }
-                }
-                self.publish(&id, false);
+                self.fail_download(id, reason);
                 continue;
             }
             if lookup {
@@ -2597,6 +2756,28 @@ impl Engine {
                 self.publish(&id, true);
             }
         }
+    }
+
+    /// Ends a download with `reason`: its watchers learn why, requests deferred on it are
+    /// answered NotHeld, and the GIS learns what we hold now.
+    fn fail_download(&mut self, id: ImageId, reason: String) {
+        warn!(image = %id.short(), %reason, "download failed");
+        if let Some(d) = self.downloads.remove(&id) {
+            d.progress
+                .send_modify(|p| p.done = Some(Err(reason.clone())));
+        }
+        let keys: Vec<(ImageId, ChunkIndex)> = self
+            .waiters
+            .keys()
+            .filter(|(i, _)| *i == id)
+            .copied()
+            .collect();
+        for k in keys {
+            for (ch, p) in self.waiters.remove(&k).unwrap_or_default() {
+                self.respond(p, ch, ChunkResponse::NotHeld);
+            }
+        }
+        self.publish(&id, false);
     }
 
     // ---------------------------------------------------------------- commands
@@ -2801,6 +2982,13 @@ impl Engine {
             total: self.acct.total(),
             refusals: self.acct.refusals(),
             bad_chunks_served_to_us: self.acct.total().bad_chunks,
+            banned_peers: {
+                let now = Instant::now();
+                self.bans
+                    .iter()
+                    .map(|(p, until)| (*p, until.saturating_duration_since(now).as_secs()))
+                    .collect()
+            },
             settings: self.settings(),
             cert_expires_at: self.cfg.cert.as_ref().map(|c| c.body.not_after),
             cert_expiring: self.cert_expiring(Self::now_secs()),
@@ -2817,38 +3005,33 @@ fn verify_and_store(
     idx: ChunkIndex,
     encoding: Encoding,
     payload: Bytes,
-) -> Result<(Encoding, Bytes), String> {
+) -> Result<(Encoding, Bytes), StoreFail> {
     let info = m
         .chunks
         .get(idx as usize)
-        .ok_or_else(|| format!("chunk {idx} is past the end"))?;
+        .ok_or_else(|| StoreFail::Corrupt(format!("chunk {idx} is past the end")))?;
     let want = m.chunk_len(idx);
     let raw = match encoding {
         Encoding::Raw => {
             if payload.len() != want {
-                return Err(format!(
+                return Err(StoreFail::Corrupt(format!(
                     "chunk {idx} is {} bytes, expected {want}",
                     payload.len()
-                ));
+                )));
             }
-            if bids_protocols::manifest::sha256(&payload) != info.sha256 {
-                return Err(format!("chunk {idx} does not match its SHA-256"));
-            }
-            store
-                .write_verified_chunk(image, idx, &payload)
-                .map_err(|e| e.to_string())?;
-            return Ok((encoding, payload));
+            payload.clone()
         }
-        Encoding::Zstd => {
-            chunk::decode_payload(encoding, payload.clone(), want).map_err(|e| e.to_string())?
-        }
+        Encoding::Zstd => chunk::decode_payload(encoding, payload.clone(), want)
+            .map_err(|e| StoreFail::Corrupt(e.to_string()))?,
     };
     if bids_protocols::manifest::sha256(&raw) != info.sha256 {
-        return Err(format!("chunk {idx} does not match its SHA-256"));
+        return Err(StoreFail::Corrupt(format!(
+            "chunk {idx} does not match its SHA-256"
+        )));
     }
     store
         .write_verified_chunk(image, idx, &raw)
-        .map_err(|e| e.to_string())?;
+        .map_err(StoreFail::Local)?;
     Ok((encoding, payload))
 }
 

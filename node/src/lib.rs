@@ -10,6 +10,7 @@ pub mod engine;
 pub mod gate;
 pub mod payload_cache;
 pub mod ratelimit;
+pub mod repair;
 pub mod scheduler;
 pub mod seeding;
 pub mod startup;

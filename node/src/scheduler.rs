@@ -559,6 +559,30 @@ impl Download {
         }
     }
 
+    /// The peer no longer holds these chunks (it found them corrupt at rest): a LAN peer is
+    /// not asked for them again until it announces them (a bridgehead supplies every chunk
+    /// anyway, pulling what it lacks).
+    pub fn peer_lost(&mut self, peer: &PeerId, ranges: &[(u32, u32)]) {
+        let Some(&slot) = self.slots.get(peer) else {
+            return;
+        };
+        for &(start, end) in ranges {
+            for idx in start..end.min(self.chunk_count) {
+                self.clear_have(slot, idx);
+            }
+        }
+    }
+
+    /// A chunk we held is missing again (found corrupt at rest): wanted once more.
+    pub fn unmark_held(&mut self, idx: u32) {
+        let i = idx as usize;
+        if i < self.held.len() && self.held[i] {
+            self.held[i] = false;
+            self.held_count -= 1;
+            self.refresh_wanted(idx);
+        }
+    }
+
     /// Forgets a source (disconnected, gone from the host list). Its in-flight requests become
     /// re-requestable; its penalties and ban are kept.
     pub fn remove_peer(&mut self, peer: &PeerId) {
@@ -1011,6 +1035,17 @@ impl Download {
             .filter(|p| p.corrupt > 0 || p.failures > 0)
             .map(|p| (p.id, p.corrupt, p.failures))
             .collect()
+    }
+
+    /// Bans a peer from this download (a node-wide ban, decided elsewhere): its in-flight
+    /// requests become re-requestable at once and it is never asked again.
+    pub fn ban(&mut self, peer: &PeerId) {
+        if let Some(&slot) = self.slots.get(peer) {
+            if !self.peers[slot].banned {
+                self.update_peer(slot, |p| p.banned = true);
+                self.release(slot);
+            }
+        }
     }
 
     pub fn is_banned(&self, peer: &PeerId) -> bool {
@@ -1764,7 +1799,10 @@ mod tests {
         assert!(d.on_chunk(&host, 3, t));
         assert!(!d.idc_holds_missing(), "we hold chunk 3 now");
         d.add_peer(bh, SourceKind::LocalBridgehead, false);
-        assert!(!d.idc_holds_missing(), "the bridgehead announced nothing yet");
+        assert!(
+            !d.idc_holds_missing(),
+            "the bridgehead announced nothing yet"
+        );
         d.peer_has(&bh, &[(5, 6)]);
         assert!(d.idc_holds_missing(), "the bridgehead announced chunk 5");
     }
@@ -1843,6 +1881,31 @@ mod tests {
         assert!(d.next_requests(t0 + Duration::from_millis(500)).is_empty());
         assert_eq!(d.next_deadline(), Some(t0 + cfg().retry_backoff));
         assert_eq!(d.next_requests(t0 + cfg().retry_backoff), vec![(bh, 0)]);
+    }
+
+    #[test]
+    fn lost_chunks_are_not_asked_of_their_former_holder() {
+        let now = Instant::now();
+        let mut d = Download::new(4, |_| false, cfg(), 7);
+        let (a, b) = (pid(1), pid(2));
+        d.add_peer(a, SourceKind::Lan, true);
+        d.add_peer(b, SourceKind::Lan, false);
+        d.peer_has(&b, &[(2, 3)]);
+        d.peer_lost(&a, &[(2, 4)]);
+        let reqs = d.next_requests(now);
+        let of = |i: u32| reqs.iter().find(|r| r.1 == i).map(|r| r.0);
+        assert_eq!(of(2), Some(b), "chunk 2 only from b now: {reqs:?}");
+        assert_eq!(of(3), None, "nobody holds chunk 3 any more: {reqs:?}");
+        assert_eq!(of(0), Some(a));
+        for (p, i) in reqs {
+            d.on_chunk(&p, i, now);
+        }
+        assert_eq!(d.held_count(), 3);
+        // One of ours rots: wanted again.
+        d.unmark_held(0);
+        assert_eq!(d.held_count(), 2);
+        assert!(!d.is_held(0));
+        assert_eq!(d.next_requests(now), vec![(a, 0)]);
     }
 
     #[test]

@@ -847,3 +847,138 @@ proptest! {
         prop_assert!(fs::read(&out).unwrap() == data);
     }
 }
+
+/// A tmpfs of a given size mounted on a fresh temporary directory, unmounted on drop: a
+/// real small file system to fill. Mounting needs root (as in CI).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// None, after saying why the caller's test is skipped, where this process may not mount.
+    fn mount(bytes: u64, test: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED {test}: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Issue 18 item 3, in the store: a full disk is a local error (`DiskFull`, not a bad
+/// chunk), it is seen before writing from the manifest (`check_space`), the chunk whose
+/// write failed is not held and its partial blocks are given back, and every chunk that
+/// counts as held reads back intact, before and after reopening.
+#[test]
+fn full_disk_is_a_local_error_and_nothing_half_written_is_held() {
+    let Some(fs_) = Tmpfs::mount(6 * MIB as u64, "full_disk_is_a_local_error") else {
+        return;
+    };
+    let dir = fs_.path().join("store");
+    let opts = StoreOptions {
+        // No commit between the writes below: the free space moves only with them.
+        commit_interval: Duration::from_secs(3600),
+        commit_batch: 1000,
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&dir, opts.clone()).unwrap();
+    let cs = MIB as u32;
+    let data = data_with_zero_chunks(12 * MIB, MIB, &[2], 5);
+    let m = manifest_of(&data, cs, &r("full", "1"));
+    let id = m.id();
+
+    // Up front: 11 data chunks cannot fit in what is left of 6 MiB.
+    assert_eq!(store.bytes_needed(&m), 11 * MIB as u64);
+    let free = store.free_space().unwrap();
+    assert!(
+        free < 6 * MIB as u64 && free > 2 * MIB as u64,
+        "free {free}"
+    );
+    let err = store.check_space(&m).unwrap_err();
+    let want = format!(
+        "disk full on {}: needs {} more bytes, {free} free",
+        dir.display(),
+        11 * MIB
+    );
+    assert!(err.to_string().starts_with(&want), "{err}");
+    let small = manifest_of(&data[..MIB], cs, &r("small", "1"));
+    store.check_space(&small).expect("one chunk fits");
+
+    // Mid-download: write until the disk is full.
+    store.add_manifest(&m).unwrap();
+    let mut written = Vec::new();
+    let mut failed = None;
+    for i in (0..m.chunk_count()).filter(|&i| !m.chunks[i as usize].zero) {
+        let before = store.free_space().unwrap();
+        match store.write_chunk(&id, i, chunk(&data, cs, i)) {
+            Ok(true) => written.push(i),
+            Ok(false) => panic!("chunk {i} was held already"),
+            Err(e) => {
+                assert!(matches!(e, StoreError::DiskFull { .. }), "chunk {i}: {e}");
+                assert!(e.to_string().contains("disk full"), "{e}");
+                let after = store.free_space().unwrap();
+                assert!(
+                    after + 64 * KIB as u64 >= before,
+                    "the failed write kept its partial blocks: {before} free before, {after} after"
+                );
+                failed = Some(i);
+                break;
+            }
+        }
+    }
+    let failed = failed.expect("a 6 MiB file system took 11 MiB");
+    assert!(!written.is_empty(), "no chunk fitted");
+    assert!(
+        !store.has_chunk(&id, failed),
+        "a half-written chunk counts as held"
+    );
+    let st = store.status(&id).unwrap();
+    assert_eq!(
+        st.held as usize,
+        written.len() + 1,
+        "held: written + the zero chunk"
+    );
+    assert_eq!(
+        store.bytes_needed(&m),
+        (11 - written.len() as u64) * MIB as u64
+    );
+    for &i in &written {
+        assert_eq!(store.read_chunk(&id, i).unwrap(), chunk(&data, cs, i));
+    }
+    assert!(store.verify(&id, &mut no_progress()).unwrap().is_empty());
+
+    // What counts as held after reopening is intact too (marks may have stayed uncommitted
+    // if the index could not grow: those chunks are fetched again, never trusted blindly).
+    drop(store);
+    let store = Store::open_with(&dir, opts).unwrap();
+    let held = store.held(&id).unwrap();
+    assert!(!held[failed as usize]);
+    for i in (0..m.chunk_count()).filter(|&i| held[i as usize]) {
+        assert_eq!(
+            store.read_chunk(&id, i).unwrap(),
+            chunk(&data, cs, i),
+            "chunk {i}"
+        );
+    }
+    assert!(store.verify(&id, &mut no_progress()).unwrap().is_empty());
+}

@@ -89,6 +89,10 @@ pub struct HostStats {
     /// nodes; an image removed from the host leaves this map).
     #[serde(default)]
     pub provisions: BTreeMap<ImageId, ProvisionTime>,
+    /// Peers this host banned for serving it corrupt chunks (until its ban expires): the GIS
+    /// no longer lists them to it. Absent from older nodes.
+    #[serde(default)]
+    pub banned: Vec<PeerId>,
 }
 
 /// One image's provision time on one host: from the start of its download to its last chunk

@@ -20,6 +20,10 @@ pub struct Have {
     pub ranges: Vec<(ChunkIndex, ChunkIndex)>,
     /// The host now holds the whole image.
     pub complete: bool,
+    /// Ranges the host no longer holds (found corrupt at rest): peers stop asking it for
+    /// them. Absent from older hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<(ChunkIndex, ChunkIndex)>,
 }
 
 /// One gossipsub message: a batch of haves from one host.
@@ -42,7 +46,7 @@ impl Announcement {
         let a: Announcement =
             serde_cbor::from_slice(b).map_err(|e| format!("malformed announcement: {e}"))?;
         for h in &a.haves {
-            if h.ranges.iter().any(|(s, e)| s >= e) {
+            if h.ranges.iter().chain(&h.lost).any(|(s, e)| s >= e) {
                 return Err("announcement holds an empty or reversed range".into());
             }
         }
@@ -83,9 +87,51 @@ mod tests {
                 image: ImageId([0; 32]),
                 ranges: vec![(5, 5)],
                 complete: false,
+                lost: Vec::new(),
             }],
         };
         assert!(Announcement::from_bytes(&a.to_bytes()).is_err());
+    }
+
+    #[test]
+    fn lost_ranges_round_trip_and_older_haves_decode() {
+        let a = Announcement {
+            haves: vec![Have {
+                image: ImageId([1; 32]),
+                ranges: Vec::new(),
+                complete: false,
+                lost: vec![(3, 4), (9, 12)],
+            }],
+        };
+        assert_eq!(Announcement::from_bytes(&a.to_bytes()).unwrap(), a);
+        let bad = Announcement {
+            haves: vec![Have {
+                lost: vec![(4, 3)],
+                ..a.haves[0].clone()
+            }],
+        };
+        assert!(Announcement::from_bytes(&bad.to_bytes()).is_err());
+        // What a host without the field sends.
+        #[derive(Serialize)]
+        struct OldHave {
+            image: ImageId,
+            ranges: Vec<(ChunkIndex, ChunkIndex)>,
+            complete: bool,
+        }
+        #[derive(Serialize)]
+        struct OldAnnouncement {
+            haves: Vec<OldHave>,
+        }
+        let old = serde_cbor::to_vec(&OldAnnouncement {
+            haves: vec![OldHave {
+                image: ImageId([2; 32]),
+                ranges: vec![(0, 2)],
+                complete: true,
+            }],
+        })
+        .unwrap();
+        let back = Announcement::from_bytes(&old).unwrap();
+        assert!(back.haves[0].lost.is_empty() && back.haves[0].complete);
     }
 
     proptest! {

@@ -1,7 +1,8 @@
 //! Failures in a running cluster: a host killed mid-download resumes with only its missing
 //! chunks, a peer serving corrupted chunks corrupts nobody, a bridgehead that dies
 //! mid-transfer is replaced by the other certified bridgehead of its IDC, and a GIS killed
-//! mid-distribution is rejoined by every node once it is back.
+//! mid-distribution is rejoined by every node once it is back; a full disk stops a download
+//! without blaming the senders.
 
 mod common;
 
@@ -99,7 +100,8 @@ async fn killed_host_resumes_with_only_its_missing_chunks() {
 }
 
 /// Imports `file` into node `i`'s store and flips one byte in every data chunk of the stored
-/// copy (the store does not re-hash what it serves), then publishes it.
+/// copy, then publishes it. Node `i` must run with `verify_reads` off to serve them (a
+/// lying peer); with it on, it finds the damage when it reads.
 async fn seed_corrupted(
     c: &Cluster,
     i: usize,
@@ -128,12 +130,6 @@ async fn seed_corrupted(
         stored.write_all_at(&[!b[0]], at).unwrap();
     }
     drop(stored);
-    let served = h.store().read_chunk(&id, 0).unwrap();
-    assert_ne!(
-        bids_protocols::manifest::sha256(&served),
-        m.chunks[0].sha256,
-        "tampering did not change what the node serves"
-    );
     h.imported(id).await.unwrap();
     c.wait_listed(i, &ImageQuery::Id(id), Duration::from_secs(20))
         .await
@@ -142,13 +138,17 @@ async fn seed_corrupted(
 }
 
 /// Issue 3, test 4: the only source at first serves corrupted chunks; the hosts detect them,
-/// penalise it, and complete bit-exact from an honest holder that appears later.
+/// penalise it, and complete bit-exact from an honest holder that appears later. Issue 18
+/// item 4: once a host bans the corrupting peer, not one more of its chunks is accepted
+/// (each host counts at most the 3 that earned the ban), the ban holds node-wide for the
+/// next download, and the GIS, told of it, no longer lists that peer to the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_chunks_are_detected_and_fetched_elsewhere() {
     common::init_logs();
     let size = 8 * MIB;
     let (file, _guard) = image_file(size, 41, false);
-    let c = Cluster::start(ClusterSpec {
+    let (file2, _guard2) = image_file(2 * MIB, 42, false);
+    let mut c = Cluster::start(ClusterSpec {
         idcs: vec![idc("A", 5, 0)],
         policy: Policy::Bids,
         shaped: false,
@@ -156,6 +156,13 @@ async fn corrupted_chunks_are_detected_and_fetched_elsewhere() {
     .await
     .expect("cluster");
     let (bad, honest, fetchers) = (0, 1, vec![2, 3, 4]);
+    c.stop_node(bad).await;
+    c.start_node_with(bad, |cfg| cfg.verify_reads = false)
+        .await
+        .expect("restarting the corrupting peer");
+    c.wait_registered(Duration::from_secs(10))
+        .await
+        .expect("registered");
     let image: ImageRef = "corrupt:1".parse().unwrap();
     let id = seed_corrupted(&c, bad, &file, &image).await;
 
@@ -201,6 +208,240 @@ async fn corrupted_chunks_are_detected_and_fetched_elsewhere() {
         file_hash(&c.nodes[bad].node().store().image_path(&id)),
         want
     );
+    let bad_peer = c.nodes[bad].peer_id();
+    for &i in &fetchers {
+        let st = status(&c, i).await;
+        assert!(
+            st.total.bad_chunks <= 3,
+            "node {i} took {} corrupt chunks: more came after the ban",
+            st.total.bad_chunks
+        );
+        assert!(
+            st.banned_peers
+                .iter()
+                .any(|(p, secs)| *p == bad_peer && *secs > 0),
+            "node {i} does not ban the corrupting peer: {:?}",
+            st.banned_peers
+        );
+    }
+
+    // The ban outlives the download: a second image, held by both, comes from the honest
+    // holder only, and the GIS no longer lists the banned peer to the fetchers.
+    let image2: ImageRef = "corrupt:2".parse().unwrap();
+    let id2 = seed_corrupted(&c, bad, &file2, &image2).await;
+    c.seed(honest, &file2, &image2, CHUNK)
+        .await
+        .expect("seeding the honest holder");
+    for &i in &fetchers {
+        let reply = c.nodes[i]
+            .node()
+            .gis_request(bids_protocols::gis::GisRequest::Lookup {
+                image: ImageQuery::Id(id2),
+                idc: None,
+            })
+            .await
+            .expect("lookup");
+        let bids_protocols::gis::GisResponse::HostList(list) = reply else {
+            panic!("not a host list: {reply:?}")
+        };
+        let listed: Vec<_> = list.level0.iter().map(|e| e.peer).collect();
+        assert!(
+            !listed.contains(&bad_peer),
+            "the GIS still lists the banned peer to node {i}: {listed:?}"
+        );
+    }
+    let bad_sent = status(&c, bad).await.total.lan_sent_chunks;
+    let before: Vec<u64> = {
+        let mut v = Vec::new();
+        for &i in &fetchers {
+            v.push(status(&c, i).await.total.bad_chunks);
+        }
+        v
+    };
+    let mut tasks = Vec::new();
+    for &i in &fetchers {
+        let n = c.nodes[i].node().clone();
+        let q = ImageQuery::Ref(image2.clone());
+        tasks.push((i, tokio::spawn(async move { n.fetch_and_wait(q).await })));
+    }
+    common::fetched_bit_exact(&c, tasks, &id2, &file2, Duration::from_secs(30)).await;
+    for (k, &i) in fetchers.iter().enumerate() {
+        assert_eq!(status(&c, i).await.total.bad_chunks, before[k], "node {i}");
+    }
+    assert_eq!(
+        status(&c, bad).await.total.lan_sent_chunks,
+        bad_sent,
+        "the banned peer was asked for chunks again"
+    );
+    c.shutdown().await;
+}
+
+/// Flips one byte in each of `chunks` of image `id` in node `i`'s store, behind its back.
+fn rot(c: &Cluster, i: usize, id: &ImageId, chunks: &[u32]) {
+    let store = c.nodes[i].node().store();
+    let m = store.manifest(id).expect("manifest");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(store.image_path(id))
+        .expect("opening the stored image");
+    for &idx in chunks {
+        let at = m.chunk_offset(idx) + 1000;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[!b[0]], at).unwrap();
+    }
+}
+
+/// How the GIS lists node `i` for `id` to an ordinary host of `idc`: (complete, chunks).
+async fn listed_as(c: &Cluster, idc: &str, i: usize, id: ImageId) -> Option<(bool, u32)> {
+    let list = c.lookup(idc, &ImageQuery::Id(id)).await.ok()?;
+    let me = c.nodes[i].peer_id();
+    list.level0
+        .iter()
+        .find(|e| e.peer == me)
+        .map(|e| (e.complete, e.chunks_held))
+}
+
+/// Issue 18 item 4: a holder whose disk rotted in 4 of 16 chunks serves none of them: it
+/// finds each when it reads it, marks it missing and stops claiming it (the GIS lists it as
+/// holding 12 of 16); the fetcher sees no bad chunk and completes from an honest holder.
+/// Three more chunks rot; `verify --repair` finds them in one pass and refetches all 7
+/// missing chunks in one download: the holder is whole again, bit-exact, and listed complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_rot_is_withdrawn_and_repaired_in_one_download() {
+    common::init_logs();
+    let (file, _guard) = image_file(16 * CHUNK as u64, 71, false);
+    let c = Cluster::start(ClusterSpec {
+        idcs: vec![idc("A", 3, 0)],
+        policy: Policy::Bids,
+        shaped: false,
+    })
+    .await
+    .expect("cluster");
+    let (rotting, honest, fetcher) = (0, 1, 2);
+    let image: ImageRef = "rot:1".parse().unwrap();
+    let m = c
+        .seed(rotting, &file, &image, CHUNK)
+        .await
+        .expect("seeding");
+    let id = m.id();
+    assert_eq!(m.chunk_count(), 16);
+    rot(&c, rotting, &id, &[2, 5, 9, 13]);
+
+    let n = c.nodes[fetcher].node().clone();
+    let q = ImageQuery::Ref(image.clone());
+    let task = tokio::spawn(async move { n.fetch_and_wait(q).await });
+    // The fetcher asks the only holder for every chunk: the 4 rotten ones are found.
+    let store = c.nodes[rotting].node().store().clone();
+    wait_for(
+        "the rotten chunks withdrawn",
+        Duration::from_secs(15),
+        || {
+            let held = store.status(&id).map_or(0, |s| s.held);
+            async move { (held == 12).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(store.missing(&id).unwrap(), vec![2, 5, 9, 13]);
+    wait_for(
+        "the GIS to list 12 of 16",
+        Duration::from_secs(10),
+        || async { (listed_as(&c, "A", rotting, id).await == Some((false, 12))).then_some(()) },
+    )
+    .await;
+    assert_eq!(status(&c, fetcher).await.total.bad_chunks, 0);
+    c.seed(honest, &file, &image, CHUNK).await.expect("seeding");
+    common::fetched_bit_exact(
+        &c,
+        vec![(fetcher, task)],
+        &id,
+        &file,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        status(&c, fetcher).await.total.bad_chunks,
+        0,
+        "rot was served"
+    );
+
+    // Three more rot; one pass finds them, one download repairs all seven.
+    rot(&c, rotting, &id, &[0, 7, 11]);
+    let node = c.nodes[rotting].node().clone();
+    let recv = |s: bids_node::NodeStatus| s.total.lan_recv_chunks + s.total.wan_recv_chunks;
+    let before = recv(status(&c, rotting).await);
+    let report = bids_node::repair::verify(&node, &image, true)
+        .await
+        .expect("verify --repair");
+    eprintln!("{report:?}");
+    assert_eq!(report.bad, vec![0, 7, 11]);
+    assert_eq!(report.checked, 12);
+    assert_eq!(report.missing, 7);
+    assert_eq!(report.repaired, Some(7));
+    let got = recv(status(&c, rotting).await) - before;
+    // Late duplicate copies of a chunk (endgame) count as received too.
+    assert!(
+        (7..=9).contains(&got),
+        "the repair received {got} chunks for 7"
+    );
+    assert_eq!(file_hash(&store.image_path(&id)), file_hash(&file));
+    c.wait_listed(rotting, &ImageQuery::Id(id), Duration::from_secs(10))
+        .await
+        .expect("listed complete again");
+    let again = bids_node::repair::verify(&node, &image, false)
+        .await
+        .unwrap();
+    assert!(again.bad.is_empty() && again.missing == 0, "{again:?}");
+    c.shutdown().await;
+}
+
+/// Issue 18 item 4: with `--scrub-rate`, a node finds rot at rest on its own (nobody reads
+/// the chunks) and withdraws it; without it (the default) nothing is scrubbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_scrub_finds_rot_at_rest() {
+    common::init_logs();
+    let (file, _guard) = image_file(16 * CHUNK as u64, 81, false);
+    let mut c = Cluster::start(ClusterSpec {
+        idcs: vec![idc("A", 2, 0)],
+        policy: Policy::Bids,
+        shaped: false,
+    })
+    .await
+    .expect("cluster");
+    let (scrubbing, idle) = (0, 1);
+    c.stop_node(scrubbing).await;
+    c.start_node_with(scrubbing, |cfg| cfg.scrub_bps = 20_000_000)
+        .await
+        .expect("restart with a scrub");
+    c.wait_registered(Duration::from_secs(10))
+        .await
+        .expect("registered");
+    let image: ImageRef = "scrub:1".parse().unwrap();
+    let mut id = None;
+    for i in [scrubbing, idle] {
+        id = Some(c.seed(i, &file, &image, CHUNK).await.expect("seeding").id());
+    }
+    let id = id.unwrap();
+    for i in [scrubbing, idle] {
+        rot(&c, i, &id, &[3, 12]);
+    }
+    let store = c.nodes[scrubbing].node().store().clone();
+    let t = std::time::Instant::now();
+    wait_for("the scrub to find the rot", Duration::from_secs(10), || {
+        let missing = store.missing(&id).unwrap_or_default();
+        async move { (missing == vec![3, 12]).then_some(()) }
+    })
+    .await;
+    eprintln!("scrub found 2 rotten chunks of 16 in {:?}", t.elapsed());
+    wait_for(
+        "the GIS to list 14 of 16",
+        Duration::from_secs(10),
+        || async { (listed_as(&c, "A", scrubbing, id).await == Some((false, 14))).then_some(()) },
+    )
+    .await;
+    let idle_st = c.nodes[idle].node().store().status(&id).unwrap();
+    assert!(idle_st.complete, "a node without --scrub-rate scrubbed");
     c.shutdown().await;
 }
 
@@ -412,5 +653,132 @@ async fn nodes_rejoin_a_restarted_gis_and_downloads_go_on() {
         file_hash(&file),
         "the new host is not bit-exact"
     );
+    c.shutdown().await;
+}
+
+/// Issue 18 item 3: a host whose store lives on a 20 MiB tmpfs is asked for a 32 MiB image:
+/// the fetch fails at once with "disk full on <store>: needs N more bytes, M free", nothing is
+/// requested and nobody is blamed. A 12 MiB image passes that check, and the disk is filled
+/// by another writer mid-download: the download stops with the same kind of message, no
+/// chunk counts as bad, no holder is penalised, what the store holds verifies, and the node,
+/// still up, completes the image bit-exact from the same holders once space is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_stops_the_download_without_blaming_the_senders() {
+    common::init_logs();
+    let Some(tmpfs) = common::Tmpfs::mount(20 * MIB, "full_disk_stops_the_download") else {
+        return;
+    };
+    let (big_file, _g1) = image_file(32 * MIB, 61, false);
+    let (file, _g2) = image_file(12 * MIB, 62, false);
+    let mut c = Cluster::start(ClusterSpec {
+        idcs: vec![idc("A", 3, 0)],
+        policy: Policy::Bids,
+        shaped: false,
+    })
+    .await
+    .expect("cluster");
+    let (holders, host) = ([0, 1], 2);
+    let big: ImageRef = "img32:1".parse().unwrap();
+    let image: ImageRef = "img12:1".parse().unwrap();
+    let mut id = None;
+    for h in holders {
+        c.seed(h, &big_file, &big, CHUNK).await.expect("seeding");
+        id = Some(c.seed(h, &file, &image, CHUNK).await.expect("seeding").id());
+    }
+    let id = id.unwrap();
+    let store_dir = tmpfs.path().join("store");
+    c.stop_node(host).await;
+    let sd = store_dir.clone();
+    c.start_node_with(host, move |cfg| cfg.store_dir = sd)
+        .await
+        .expect("restart on the tmpfs");
+    c.wait_registered(Duration::from_secs(10))
+        .await
+        .expect("registered");
+    let node = c.nodes[host].node().clone();
+
+    // Up front.
+    let err = node
+        .fetch_and_wait(ImageQuery::Ref(big.clone()))
+        .await
+        .expect_err("32 MiB cannot fit in 20 MiB");
+    eprintln!("up front: {err}");
+    let want = format!(
+        "disk full on {}: needs {} more bytes, ",
+        store_dir.display(),
+        32 * MIB
+    );
+    assert!(err.starts_with(&want), "{err}");
+    let st = status(&c, host).await;
+    assert_eq!(st.total.bad_chunks, 0);
+    assert_eq!(st.total.lan_recv_chunks, 0, "chunks were fetched anyway");
+
+    // Mid-download: slow the download, then let another writer fill the disk.
+    node.set_limits(0, 3_000_000).await.unwrap();
+    let mut progress = node
+        .fetch(ImageQuery::Ref(image.clone()))
+        .await
+        .expect("12 MiB passes the check");
+    wait_for("some chunks", Duration::from_secs(20), || {
+        let held = node.store().status(&id).map_or(0, |s| s.held);
+        async move { (held >= 8).then_some(()) }
+    })
+    .await;
+    let filler = tmpfs.path().join("filler");
+    {
+        let free = node.store().free_space().unwrap();
+        let f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0xa5u8; 64 * 1024];
+        let mut left = free.saturating_sub(CHUNK as u64 / 2);
+        let mut off = 0;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            if f.write_all_at(&block[..n], off).is_err() {
+                break;
+            }
+            off += n as u64;
+            left -= n as u64;
+        }
+    }
+    let reason = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(done) = progress.borrow_and_update().done.clone() {
+                return done;
+            }
+            progress.changed().await.expect("node alive");
+        }
+    })
+    .await
+    .expect("the download stops")
+    .expect_err("the disk is full");
+    eprintln!("mid-download: {reason}");
+    assert!(
+        reason.starts_with(&format!("disk full on {}: needs ", store_dir.display()))
+            && reason.contains(" more bytes, ")
+            && reason.contains(" free"),
+        "{reason}"
+    );
+    let st = status(&c, host).await;
+    assert_eq!(st.total.bad_chunks, 0, "a full disk counted as bad chunks");
+    assert_eq!(st.bad_chunks_served_to_us, 0);
+    let held = node.store().status(&id).unwrap();
+    assert!(!held.complete && held.held > 0, "{held:?}");
+    let s = node.store().clone();
+    let bad = tokio::task::spawn_blocking(move || s.verify(&id, &mut |_, _| {}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        bad.is_empty(),
+        "half-written chunks counted as held: {bad:?}"
+    );
+
+    // Space again: the same node finishes from the same holders (none was banned).
+    std::fs::remove_file(&filler).unwrap();
+    node.set_limits(0, 0).await.unwrap();
+    let n = node.clone();
+    let q = ImageQuery::Ref(image.clone());
+    let t = tokio::spawn(async move { n.fetch_and_wait(q).await });
+    common::fetched_bit_exact(&c, vec![(host, t)], &id, &file, Duration::from_secs(30)).await;
     c.shutdown().await;
 }

@@ -1117,3 +1117,28 @@ fn observer_lookup_sees_what_an_ordinary_host_of_that_idc_sees() {
         }
     ));
 }
+
+/// Issue 18 item 4: a host that banned a peer for corrupt chunks reports it in its
+/// heartbeats; the GIS no longer lists that peer to it (others still see it), and lists it
+/// again once the ban is no longer reported.
+#[test]
+fn peers_a_host_banned_are_not_listed_to_it() {
+    let mut s = scenario();
+    let x = s.x;
+    let before = peers(&s.w.lookup(&s.a_host, x).level0);
+    assert!(before.contains(&s.a_full.peer), "{before:?}");
+    let stats = HostStats {
+        banned: vec![s.a_full.peer],
+        ..HostStats::default()
+    };
+    s.w.ix.heartbeat(s.a_host.peer, stats, s.w.now).unwrap();
+    let after = peers(&s.w.lookup(&s.a_host, x).level0);
+    assert!(!after.contains(&s.a_full.peer), "{after:?}");
+    assert!(after.contains(&s.a_part.peer), "{after:?}");
+    let others = peers(&s.w.lookup(&s.a_part, x).level0);
+    assert!(others.contains(&s.a_full.peer), "{others:?}");
+    s.w.ix
+        .heartbeat(s.a_host.peer, HostStats::default(), s.w.now)
+        .unwrap();
+    assert!(peers(&s.w.lookup(&s.a_host, x).level0).contains(&s.a_full.peer));
+}

@@ -138,6 +138,39 @@ fn punch_hole(file: &File, off: u64, len: usize) -> io::Result<()> {
     file.write_all_at(&vec![0u8; len], off)
 }
 
+/// Deallocates `[off, off + len)` where the file system can (best effort: a region left
+/// as it was is still not held by the store).
+pub(crate) fn discard(file: &File, off: u64, len: usize) {
+    if let Ok((off, len)) = off_t_region(off, len as u64) {
+        // SAFETY: fallocate on an open descriptor with a valid range; no memory is involved.
+        unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+    }
+}
+
+/// Bytes an unprivileged writer may still put on the file system holding `path`.
+pub(crate) fn free_space(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes only into the struct we pass; `c` is NUL-terminated.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The field types differ between platforms (u32 or u64).
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let (avail, frsize) = (st.f_bavail as u64, st.f_frsize as u64);
+    Ok(avail.saturating_mul(frsize))
+}
+
 /// Advises the kernel to drop the page-cache pages of `[off, off + len)` of `file`
 /// (`POSIX_FADV_DONTNEED`): clean pages go, dirty or mapped ones stay.
 pub(crate) fn release_pages(file: &File, off: u64, len: u64) -> io::Result<()> {

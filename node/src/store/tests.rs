@@ -341,3 +341,115 @@ fn pages_of_durable_downloaded_chunks_leave_the_page_cache_one_commit_later() {
         );
     }
 }
+
+#[test]
+fn bit_rot_found_by_reads_checks_and_exports_is_marked_missing_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (data, m) = sample();
+    let src = dir.path().join("src");
+    fs::write(&src, &data).unwrap();
+    store
+        .import(
+            &src,
+            &m.image_ref(),
+            4096,
+            None,
+            ObjectKind::Image,
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let id = m.id();
+    let f = File::options()
+        .write(true)
+        .open(store.image_path(&id))
+        .unwrap();
+    for i in [1u64, 5, 6] {
+        f.write_all_at(b"rot", i * 4096 + 11).unwrap();
+    }
+    assert!(store.take_lost().is_empty());
+    // Serving reads re-hash: the chunk is refused, missing, reported once.
+    let err = store.read_chunk(&id, 1).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt {
+                index: 1,
+                count: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!store.has_chunk(&id, 1));
+    assert!(!persisted_bit(&store, &id, 1));
+    assert!(matches!(
+        store.read_chunk(&id, 1),
+        Err(StoreError::NotHeld { .. })
+    ));
+    assert_eq!(store.take_lost(), vec![(id, 1)]);
+    assert!(store.take_lost().is_empty());
+    // The scrub's check.
+    assert_eq!(store.check_chunk(&id, 5).unwrap(), (4096, true));
+    assert_eq!(
+        store.check_chunk(&id, 5).unwrap(),
+        (0, false),
+        "not held any more"
+    );
+    assert_eq!(store.check_chunk(&id, 2).unwrap(), (0, false), "all-zero");
+    assert_eq!(store.check_chunk(&id, 0).unwrap(), (4096, false));
+    // An export checks every chunk and reports them all, not only the first.
+    f.write_all_at(b"rot", 7 * 4096 + 3).unwrap();
+    // Put 1 and 5 back so the export runs on a complete image.
+    assert!(store
+        .write_chunk(&id, 5, &data[5 * 4096..6 * 4096])
+        .unwrap());
+    assert!(store.write_chunk(&id, 1, &data[4096..2 * 4096]).unwrap());
+    let out = dir.path().join("out");
+    let err = store.export(&id, &out, &mut |_, _| {}).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt {
+                index: 6,
+                count: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--repair"), "{err}");
+    assert_eq!(store.missing(&id).unwrap(), vec![6, 7]);
+    assert_eq!(store.take_lost(), vec![(id, 5), (id, 6), (id, 7)]);
+}
+
+#[test]
+fn reads_are_not_rehashed_when_asked_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        verify_reads: false,
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(dir.path(), opts).unwrap();
+    let (data, m) = sample();
+    let src = dir.path().join("src");
+    fs::write(&src, &data).unwrap();
+    store
+        .import(
+            &src,
+            &m.image_ref(),
+            4096,
+            None,
+            ObjectKind::Image,
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let id = m.id();
+    let f = File::options()
+        .write(true)
+        .open(store.image_path(&id))
+        .unwrap();
+    f.write_all_at(b"rot", 3 * 4096).unwrap();
+    assert_ne!(store.read_chunk(&id, 3).unwrap(), &data[3 * 4096..4 * 4096]);
+    assert!(store.has_chunk(&id, 3));
+}
