@@ -293,6 +293,61 @@ fn image_store_round_trip_without_a_node() {
     .contains("nonexistent"));
 }
 
+/// Issue 18 item 4: `bids image verify` re-hashes every chunk in one pass, reports all bad
+/// ones (JSON with --json), marks them missing and exits non-zero without --repair; on a
+/// store without a node, --repair says what fetches them.
+#[test]
+fn image_verify_finds_every_bad_chunk_without_a_node() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("img.raw");
+    write_random(&src, 4 * 65536, 5);
+    let store = p(dir.path(), "store");
+    ok(&[
+        "image",
+        "add",
+        &src.display().to_string(),
+        "--name",
+        "deb",
+        "--version",
+        "1",
+        "--store",
+        &store,
+        "--chunk-size",
+        "64KiB",
+    ]);
+    let clean = ok(&["image", "verify", "deb:1", "--store", &store, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&clean).unwrap();
+    assert_eq!(
+        (v["checked"].as_u64(), v["missing"].as_u64()),
+        (Some(4), Some(0)),
+        "{v}"
+    );
+    let img = std::fs::read_dir(Path::new(&store).join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "img"))
+        .expect("the stored image");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    for k in [1u64, 3] {
+        f.write_all_at(b"rot", k * 65536 + 100).unwrap();
+    }
+    let o = run(&["image", "verify", "deb:1", "--store", &store, "--json"]);
+    assert!(!o.status.success(), "bad chunks must fail the command");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["bad"], serde_json::json!([1, 3]), "{v}");
+    assert_eq!(v["missing"], 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--repair"));
+    let human = ok(&["image", "verify", "deb:1", "--store", &store]);
+    assert!(
+        human.contains("2 of 4 chunks re-hashed") && human.contains("2 missing"),
+        "{human}"
+    );
+    let o = run(&["image", "verify", "deb:1", "--store", &store, "--repair"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no node runs"));
+}
+
 /// Runs `cmd` to its end, killing it (and failing the test) if it takes longer than `within`.
 fn output_within(cmd: &mut Command, within: Duration) -> Output {
     let child = cmd
