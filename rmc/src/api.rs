@@ -324,7 +324,12 @@ async fn set_limits(
     Body(b): Body<LimitsBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let cmd = HostCommand::SetLimits {
-        upload_bps: whole("upload_bps", &b.upload_bps, MAX_RATE_BPS, "bytes/s (0 = unlimited)")?,
+        upload_bps: whole(
+            "upload_bps",
+            &b.upload_bps,
+            MAX_RATE_BPS,
+            "bytes/s (0 = unlimited)",
+        )?,
         download_bps: whole(
             "download_bps",
             &b.download_bps,

@@ -190,7 +190,8 @@ impl Console {
             let left = if t.chunks == 0 {
                 0.0
             } else {
-                t.size as f64 * f64::from(t.chunks.saturating_sub(t.chunks_held)) / f64::from(t.chunks)
+                t.size as f64 * f64::from(t.chunks.saturating_sub(t.chunks_held))
+                    / f64::from(t.chunks)
             };
             t.eta_s = t.bytes_per_s.filter(|r| *r > 0.0).map(|r| left / r);
         }

@@ -79,10 +79,13 @@ pub struct RoleEvent {
     pub not_after: Option<i64>,
 }
 
+/// A point of a [`Window`]: unix ms and the value then.
+type Point<T> = (i64, T);
+
 /// Points `(t_ms, value)` spanning at most one rate window (plus the point just before it).
 #[derive(Clone, Debug, Default)]
 struct Window<T> {
-    pts: VecDeque<(i64, T)>,
+    pts: VecDeque<Point<T>>,
 }
 
 impl<T> Window<T> {
@@ -95,7 +98,7 @@ impl<T> Window<T> {
     }
 
     /// Oldest and newest point, if they are apart in time.
-    fn span(&self) -> Option<(&(i64, T), &(i64, T))> {
+    fn span(&self) -> Option<(&Point<T>, &Point<T>)> {
         let (a, b) = (self.pts.front()?, self.pts.back()?);
         (b.0 > a.0).then_some((a, b))
     }
@@ -565,7 +568,10 @@ mod tests {
         // The node dropped its ended certificate and registered again as a host.
         h.record(101_000, &[bridgehead("db", None, false)], &[]);
         let e = h.last_demotion("db").unwrap();
-        assert_eq!((e.reason.as_str(), e.serial, e.t_ms), ("certificate expired", Some(7), 101_000));
+        assert_eq!(
+            (e.reason.as_str(), e.serial, e.t_ms),
+            ("certificate expired", Some(7), 101_000)
+        );
         // Promoted again with a new certificate, then demoted by the admin before its end.
         let fresh = CertSample {
             serial: 8,
@@ -578,7 +584,12 @@ mod tests {
             ..fresh
         };
         h.record(103_000, &[bridgehead("db", Some(revoked), false)], &[]);
-        let changes: Vec<_> = h.view().events.iter().map(|e| (e.change.clone(), e.reason.clone())).collect();
+        let changes: Vec<_> = h
+            .view()
+            .events
+            .iter()
+            .map(|e| (e.change.clone(), e.reason.clone()))
+            .collect();
         assert_eq!(
             changes,
             vec![

@@ -95,7 +95,10 @@ impl HostView {
     pub fn new(h: &HostInfo, now_s: i64, cert_warn_s: i64, history: Option<&History>) -> Self {
         let peer = h.peer.to_string();
         let cert_expires_in_s = h.cert.as_ref().map(|c| c.not_after.saturating_sub(now_s));
-        let cert_expiring = h.cert.as_ref().is_some_and(|c| c.status == CertStatus::Valid)
+        let cert_expiring = h
+            .cert
+            .as_ref()
+            .is_some_and(|c| c.status == CertStatus::Valid)
             && cert_expires_in_s.is_some_and(|s| s <= cert_warn_s);
         HostView {
             rates: history.and_then(|hi| hi.host_rates(&peer)),
@@ -235,7 +238,13 @@ pub struct BridgeheadUpload {
 /// Fills each image's `bridgeheads` from the per-image counters of the hosts that are (or
 /// hold a certificate to be) bridgeheads.
 pub fn add_bridgehead_uploads(images: &mut [ImageView], hosts: &[HostInfo]) {
-    let ratio = |b: u64, size: u64| if size == 0 { 0.0 } else { b as f64 / size as f64 };
+    let ratio = |b: u64, size: u64| {
+        if size == 0 {
+            0.0
+        } else {
+            b as f64 / size as f64
+        }
+    };
     for im in images.iter_mut() {
         im.bridgeheads = hosts
             .iter()
@@ -256,7 +265,8 @@ pub fn add_bridgehead_uploads(images: &mut [ImageView], hosts: &[HostInfo]) {
                 })
             })
             .collect();
-        im.bridgeheads.sort_by(|a, b| (&a.idc, &a.peer).cmp(&(&b.idc, &b.peer)));
+        im.bridgeheads
+            .sort_by(|a, b| (&a.idc, &a.peer).cmp(&(&b.idc, &b.peer)));
     }
 }
 

@@ -210,15 +210,22 @@ mod tests {
     use bids_protocols::gis::Counters;
 
     fn pairs(s: &[(&str, &str)]) -> Vec<(String, String)> {
-        s.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        s.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn host(n: usize) -> HostView {
         HostView {
             peer: format!("peer{n:04}"),
             idc: ["A", "B", "C"][n % 3].into(),
-            role: if n % 10 == 0 { "bridgehead" } else { "host" }.into(),
-            alive: n % 2 == 0,
+            role: if n.is_multiple_of(10) {
+                "bridgehead"
+            } else {
+                "host"
+            }
+            .into(),
+            alive: n.is_multiple_of(2),
             connected: true,
             last_seen_ms: Some(n as i64),
             addrs: vec![format!("/ip4/10.0.{}.{}/tcp/4001", n / 250, n % 250)],
@@ -242,7 +249,10 @@ mod tests {
     #[test]
     fn bad_values_are_refused_with_what_is_accepted() {
         let e = HostQuery::parse(&pairs(&[("limit", "-1")])).unwrap_err();
-        assert!(e.contains("limit must be a whole number from 1 to 1000"), "{e}");
+        assert!(
+            e.contains("limit must be a whole number from 1 to 1000"),
+            "{e}"
+        );
         assert!(HostQuery::parse(&pairs(&[("limit", "0")])).is_err());
         assert!(HostQuery::parse(&pairs(&[("limit", "1001")])).is_err());
         assert!(HostQuery::parse(&pairs(&[("offset", "x")])).is_err());
@@ -250,7 +260,9 @@ mod tests {
         assert!(e.contains("wan_in_rate"), "{e}");
         assert!(HostQuery::parse(&pairs(&[("order", "up")])).is_err());
         assert!(HostQuery::parse(&pairs(&[("role", "king")])).is_err());
-        assert!(HostQuery::parse(&pairs(&[("limt", "5")])).unwrap_err().contains("unknown"));
+        assert!(HostQuery::parse(&pairs(&[("limt", "5")]))
+            .unwrap_err()
+            .contains("unknown"));
         let long = "x".repeat(MAX_SEARCH + 1);
         assert!(HostQuery::parse(&pairs(&[("q", long.as_str())])).is_err());
     }

@@ -46,7 +46,10 @@ async fn two_thousand_hosts_are_paged_searched_and_sorted() {
     let first = http.get("/api/hosts?sort=peer&limit=100").await;
     eprintln!("one page of {total} hosts in {:?}", t.elapsed());
     assert_eq!(first.status, 200, "{}", first.body);
-    assert_eq!(first.header("x-total-count"), Some(total.to_string().as_str()));
+    assert_eq!(
+        first.header("x-total-count"),
+        Some(total.to_string().as_str())
+    );
     let mut seen = peers(&first.json());
     for offset in (100..total).step_by(100) {
         let r = http
@@ -81,15 +84,21 @@ async fn two_thousand_hosts_are_paged_searched_and_sorted() {
         .iter()
         .map(|n| n.peer_id().to_string())
         .collect();
-    let r = wait_for("the idle hosts to count as down", Duration::from_secs(30), || {
-        let http = http.clone();
-        async move {
-            let r = http.get_json("/api/hosts?sort=alive&order=desc&limit=5").await;
-            let arr = r.as_array()?;
-            (arr[..4].iter().all(|h| h["alive"] == true) && arr[4]["alive"] == false)
-                .then_some(r)
-        }
-    })
+    let r = wait_for(
+        "the idle hosts to count as down",
+        Duration::from_secs(30),
+        || {
+            let http = http.clone();
+            async move {
+                let r = http
+                    .get_json("/api/hosts?sort=alive&order=desc&limit=5")
+                    .await;
+                let arr = r.as_array()?;
+                (arr[..4].iter().all(|h| h["alive"] == true) && arr[4]["alive"] == false)
+                    .then_some(r)
+            }
+        },
+    )
     .await;
     let mut top = peers(&r)[..4].to_vec();
     top.sort();
@@ -131,7 +140,10 @@ async fn bad_input_gets_a_clear_json_400() {
         .await;
     assert_eq!(r.status, 400, "{}", r.body);
     let r = http
-        .post(&format!("/api/hosts/{peer}/limits"), json!({"upload_bps": 1}))
+        .post(
+            &format!("/api/hosts/{peer}/limits"),
+            json!({"upload_bps": 1}),
+        )
         .await;
     assert_eq!(r.status, 400);
     assert!(error(&r).contains("download_bps"), "{}", r.body);
@@ -139,21 +151,36 @@ async fn bad_input_gets_a_clear_json_400() {
         .post("/api/gc", json!({"policy": "oldest", "keep": -2}))
         .await;
     assert_eq!(r.status, 400);
-    assert!(error(&r).starts_with("keep must be a whole number"), "{}", r.body);
+    assert!(
+        error(&r).starts_with("keep must be a whole number"),
+        "{}",
+        r.body
+    );
     let r = http
-        .post(&format!("/api/hosts/{peer}/fetch"), json!({"image": "no-version"}))
+        .post(
+            &format!("/api/hosts/{peer}/fetch"),
+            json!({"image": "no-version"}),
+        )
         .await;
     assert_eq!(r.status, 400);
     assert!(error(&r).contains("name:version"), "{}", r.body);
     // Not JSON at all.
     let r = http
-        .raw("POST", &format!("/api/hosts/{peer}/sharing"), Some(&json!("on")), true)
+        .raw(
+            "POST",
+            &format!("/api/hosts/{peer}/sharing"),
+            Some(&json!("on")),
+            true,
+        )
         .await;
     assert_eq!(r.status, 400);
     assert!(error(&r).starts_with("bad request body"), "{}", r.body);
 
     for (q, want) in [
-        ("limit=-1", "limit must be a whole number from 1 to 1000, got \"-1\""),
+        (
+            "limit=-1",
+            "limit must be a whole number from 1 to 1000, got \"-1\"",
+        ),
         ("limit=abc", "limit must be a whole number"),
         ("offset=-5", "offset must be a whole number"),
         ("sort=colour", "sort must be one of"),
@@ -164,7 +191,8 @@ async fn bad_input_gets_a_clear_json_400() {
         let r = http.get(&format!("/api/hosts?{q}")).await;
         assert_eq!(r.status, 400, "{q}: {}", r.body);
         assert!(
-            r.header("content-type").is_some_and(|c| c.starts_with("application/json")),
+            r.header("content-type")
+                .is_some_and(|c| c.starts_with("application/json")),
             "{q}"
         );
         assert!(error(&r).contains(want), "{q}: {}", r.body);
