@@ -50,6 +50,10 @@ pub struct DemoArgs {
     /// Keep the last mode's testnet (and console) running after the run, until Ctrl-C.
     #[arg(long, requires = "rmc")]
     hold: bool,
+    /// With --hold: register this many more idle hosts (no images, spread over the IDCs)
+    /// with the GIS before holding, to see the console with thousands of hosts.
+    #[arg(long, default_value_t = 0, requires = "hold")]
+    extra_hosts: usize,
 }
 
 pub async fn run(a: DemoArgs) -> Result<()> {
@@ -80,7 +84,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     };
     let console = a
         .rmc
-        .map(|addr| crate::rmc_cmd::DemoConsole::new(addr, a.hold));
+        .map(|addr| crate::rmc_cmd::DemoConsole::new(addr, a.hold, a.extra_hosts));
     let hook = console.as_ref().map(|c| c as &dyn demo::DemoHook);
     let report = demo::run_with(&o, &mut log, hook).await?;
     if a.json {

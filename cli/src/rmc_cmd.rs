@@ -103,15 +103,22 @@ pub fn announce(addr: SocketAddr, password: &str, generated: bool) -> String {
     format!("console: http://{addr}/\n{how}")
 }
 
-/// `bids demo --rmc ADDR [--hold]`: a console attached to the demo's testnet, as its admin.
+/// `bids demo --rmc ADDR [--hold] [--extra-hosts N]`: a console attached to the demo's
+/// testnet, as its admin.
 pub struct DemoConsole {
     addr: SocketAddr,
     hold: bool,
+    /// Idle hosts to register with the GIS before holding.
+    extra_hosts: usize,
 }
 
 impl DemoConsole {
-    pub fn new(addr: SocketAddr, hold: bool) -> Self {
-        DemoConsole { addr, hold }
+    pub fn new(addr: SocketAddr, hold: bool, extra_hosts: usize) -> Self {
+        DemoConsole {
+            addr,
+            hold,
+            extra_hosts,
+        }
     }
 }
 
@@ -139,10 +146,34 @@ impl bids_testnet::demo::DemoHook for DemoConsole {
 
     fn hold<'a>(
         &'a self,
-        _c: &'a bids_testnet::cluster::Cluster,
+        c: &'a bids_testnet::cluster::Cluster,
         _r: &'a bids_testnet::demo::RunResult,
     ) -> futures::future::BoxFuture<'a, ()> {
         Box::pin(async move {
+            if self.hold && self.extra_hosts > 0 {
+                let idcs: Vec<bids_protocols::Idc> = c
+                    .spec
+                    .idcs
+                    .iter()
+                    .filter_map(|i| bids_protocols::Idc::new(&i.name).ok())
+                    .collect();
+                let started = std::time::Instant::now();
+                match bids_testnet::crowd::register_idle_hosts(
+                    &c.gis_addr,
+                    &idcs,
+                    c.spec.policy,
+                    self.extra_hosts,
+                )
+                .await
+                {
+                    Ok(ps) => eprintln!(
+                        "registered {} idle hosts with the GIS in {:.1} s",
+                        ps.len(),
+                        started.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => eprintln!("registering the idle hosts failed: {e:#}"),
+                }
+            }
             if self.hold {
                 eprintln!(
                     "holding the testnet with the console at http://{}/ ; Ctrl-C to stop",

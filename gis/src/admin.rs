@@ -244,6 +244,7 @@ pub fn stats(index: &Index, now_ms: i64) -> Stats {
         live_hosts: count(hosts.iter().filter(|h| h.alive).count()),
         images: count(index.images(now_ms).len()),
         idcs,
+        policy: Some(index.config().policy),
     }
 }
 

@@ -544,6 +544,9 @@ pub struct Stats {
     pub live_hosts: u32,
     pub images: u32,
     pub idcs: Vec<IdcStats>,
+    /// The distribution policy the GIS runs (absent from older GISes).
+    #[serde(default)]
+    pub policy: Option<crate::Policy>,
 }
 
 pub type Codec = crate::codec::CborCodec<AdminRequest, AdminResponse>;

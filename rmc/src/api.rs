@@ -7,7 +7,8 @@
 use crate::auth::{self, LoginError, SessionInfo, Sessions, CSRF_HEADER};
 use crate::console::{self, Console, ConsoleError, GcOrder};
 use crate::gis_link::GisCallError;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,8 +16,9 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use bids_protocols::admin::{AdminErrorKind, GcPolicy, HostCommand};
 use libp2p::PeerId;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Number};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,6 +68,54 @@ impl From<ConsoleError> for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON request body whose every rejection is a JSON error: 400 for a body that is not
+/// JSON or does not fit (with the field and what was expected), 415 without a JSON content
+/// type, instead of axum's plain-text messages.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(r) => Err(body_error(r)),
+        }
+    }
+}
+
+fn body_error(r: JsonRejection) -> ApiError {
+    let text = r.body_text();
+    let detail = text
+        .split_once(": ")
+        .map(|(_, d)| d.to_string())
+        .unwrap_or(text);
+    match r {
+        JsonRejection::MissingJsonContentType(_) => ApiError(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the body as JSON with Content-Type: application/json".into(),
+        ),
+        _ => ApiError::bad(format!("bad request body: {detail}")),
+    }
+}
+
+fn query_error(r: QueryRejection) -> ApiError {
+    ApiError::bad(format!("bad query string: {}", r.body_text()))
+}
+
+/// A whole number from 0 to `max` in a JSON body, or a 400 that says so.
+fn whole(name: &str, n: &Number, max: u64, unit: &str) -> ApiResult<u64> {
+    match n.as_u64() {
+        Some(v) if v <= max => Ok(v),
+        _ => Err(ApiError::bad(format!(
+            "{name} must be a whole number of {unit} from 0 to {max}, got {n}"
+        ))),
+    }
+}
+
+/// The highest rate limit accepted (1 TB/s): anything above is a unit mistake.
+const MAX_RATE_BPS: u64 = 1_000_000_000_000;
 
 /// The whole router: pages, assets and API.
 pub fn router(state: AppState) -> Router {
@@ -164,7 +214,7 @@ struct LoginBody {
     password: String,
 }
 
-async fn login(State(st): State<AppState>, Json(b): Json<LoginBody>) -> Response {
+async fn login(State(st): State<AppState>, Body(b): Body<LoginBody>) -> Response {
     match st.sessions.login(&b.user, &b.password, Instant::now()) {
         Ok(s) => {
             tracing::info!(user = %b.user, session = %&s.token[..8], "login");
@@ -211,8 +261,19 @@ async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Response {
     r
 }
 
-async fn hosts(State(st): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
-    Ok(Json(json!(st.console.hosts().await?)))
+/// `GET /api/hosts[?q=&idc=&role=&alive=&sort=&order=&offset=&limit=]`: the matching hosts
+/// (one page when `limit` is given); `X-Total-Count` says how many matched.
+async fn hosts(
+    State(st): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(pairs) = query.map_err(query_error)?;
+    let q = crate::query::HostQuery::parse(&pairs).map_err(ApiError::bad)?;
+    let (total, page) = st.console.hosts_page(&q).await?;
+    let mut r = Json(json!(page)).into_response();
+    r.headers_mut()
+        .insert("x-total-count", HeaderValue::from(total as u64));
+    Ok(r)
 }
 
 async fn images(State(st): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
@@ -252,19 +313,29 @@ async fn run_command(
 
 #[derive(Deserialize)]
 struct LimitsBody {
-    upload_bps: u64,
-    download_bps: u64,
+    upload_bps: Number,
+    download_bps: Number,
 }
 
 async fn set_limits(
     State(st): State<AppState>,
     Extension(who): Extension<SessionInfo>,
     Path(peer): Path<String>,
-    Json(b): Json<LimitsBody>,
+    Body(b): Body<LimitsBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let cmd = HostCommand::SetLimits {
-        upload_bps: b.upload_bps,
-        download_bps: b.download_bps,
+        upload_bps: whole(
+            "upload_bps",
+            &b.upload_bps,
+            MAX_RATE_BPS,
+            "bytes/s (0 = unlimited)",
+        )?,
+        download_bps: whole(
+            "download_bps",
+            &b.download_bps,
+            MAX_RATE_BPS,
+            "bytes/s (0 = unlimited)",
+        )?,
     };
     run_command(&st, &who, peer_of(&peer)?, cmd).await
 }
@@ -278,7 +349,7 @@ async fn set_sharing(
     State(st): State<AppState>,
     Extension(who): Extension<SessionInfo>,
     Path(peer): Path<String>,
-    Json(b): Json<SharingBody>,
+    Body(b): Body<SharingBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let cmd = HostCommand::SetSharing { enabled: b.enabled };
     run_command(&st, &who, peer_of(&peer)?, cmd).await
@@ -294,7 +365,7 @@ async fn fetch(
     State(st): State<AppState>,
     Extension(who): Extension<SessionInfo>,
     Path(peer): Path<String>,
-    Json(b): Json<ImageBody>,
+    Body(b): Body<ImageBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let image = console::image_ref(&b.image, None)?;
     run_command(&st, &who, peer_of(&peer)?, HostCommand::Fetch { image }).await
@@ -304,7 +375,7 @@ async fn remove(
     State(st): State<AppState>,
     Extension(who): Extension<SessionInfo>,
     Path(peer): Path<String>,
-    Json(b): Json<ImageBody>,
+    Body(b): Body<ImageBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let image = console::image_ref(&b.image, None)?;
     run_command(&st, &who, peer_of(&peer)?, HostCommand::Remove { image }).await
@@ -327,7 +398,7 @@ async fn publish(
     State(st): State<AppState>,
     Extension(who): Extension<SessionInfo>,
     Path(peer): Path<String>,
-    Json(b): Json<PublishBody>,
+    Body(b): Body<PublishBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let image = bids_protocols::ImageRef::new(&b.name, &b.version).map_err(ApiError::bad)?;
     let from = match b.from.as_deref().filter(|s| !s.is_empty()) {
@@ -353,7 +424,7 @@ async fn set_bridgeheads(
     State(st): State<AppState>,
     Extension(who): Extension<SessionInfo>,
     Path(idc): Path<String>,
-    Json(b): Json<BridgeheadsBody>,
+    Body(b): Body<BridgeheadsBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let peers = b
         .peers
@@ -368,9 +439,9 @@ async fn set_bridgeheads(
 struct GcBody {
     policy: String,
     #[serde(default)]
-    keep: Option<u32>,
+    keep: Option<Number>,
     #[serde(default)]
-    free_target: Option<u64>,
+    free_target: Option<Number>,
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
@@ -384,9 +455,17 @@ struct GcBody {
 async fn gc(
     State(st): State<AppState>,
     Extension(who): Extension<SessionInfo>,
-    Json(b): Json<GcBody>,
+    Body(b): Body<GcBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let policy: GcPolicy = b.policy.parse().map_err(ApiError::bad)?;
+    let keep = match &b.keep {
+        Some(n) => Some(whole("keep", n, u64::from(u32::MAX), "images")? as u32),
+        None => None,
+    };
+    let free_target = match &b.free_target {
+        Some(n) => Some(whole("free_target", n, u64::MAX, "bytes")?),
+        None => None,
+    };
     let peers = match &b.peers {
         Some(ps) => Some(
             ps.iter()
@@ -395,13 +474,13 @@ async fn gc(
         ),
         None => None,
     };
-    tracing::info!(user = %who.user, session = %who.tag, policy = %b.policy, keep = ?b.keep, free_target = ?b.free_target, dry_run = b.dry_run, "gc ordered");
+    tracing::info!(user = %who.user, session = %who.tag, policy = %b.policy, keep = ?keep, free_target = ?free_target, dry_run = b.dry_run, "gc ordered");
     let v = st
         .console
         .gc(GcOrder {
             policy,
-            keep: b.keep,
-            free_target: b.free_target,
+            keep,
+            free_target,
             dry_run: b.dry_run,
             seed: b.seed,
             idc: b.idc,

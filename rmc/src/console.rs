@@ -4,8 +4,9 @@
 //! `api` only parses, authenticates and maps errors.
 
 use crate::gis_link::{AdminGis, GisCallError};
-use crate::history::{History, HostSample, Provision};
+use crate::history::{CertSample, History, HostSample, Provision};
 use crate::model::{self, GcHostView, GcView, HostView, ImageView, StatsView};
+use crate::query::HostQuery;
 use bids_protocols::admin::{CertStatus, CommandOutcome, GcPolicy, GcRequest, HostCommand};
 use bids_protocols::cert::CertBody;
 use bids_protocols::{BridgeheadCert, Idc, ImageRef, Role};
@@ -84,7 +85,12 @@ pub struct Console {
     history: Mutex<History>,
     last_serial: AtomicU64,
     cert_validity: Duration,
+    cert_warn: Duration,
 }
+
+/// Certificates ending within this long are flagged; a node warns in its log from the same
+/// point by default (`--cert-warn-days`).
+pub const DEFAULT_CERT_WARN: Duration = Duration::from_secs(14 * 86_400);
 
 fn unix_ms() -> i64 {
     bids_gis::server::unix_ms()
@@ -105,7 +111,18 @@ impl Console {
             history: Mutex::new(History::new(interval_ms, 3600, 2000)),
             last_serial: AtomicU64::new(0),
             cert_validity,
+            cert_warn: DEFAULT_CERT_WARN,
         }
+    }
+
+    /// Flags certificates that end within `d` (14 days by default).
+    pub fn with_cert_warn(mut self, d: Duration) -> Self {
+        self.cert_warn = d;
+        self
+    }
+
+    fn cert_warn_s(&self) -> i64 {
+        i64::try_from(self.cert_warn.as_secs()).unwrap_or(i64::MAX)
     }
 
     pub fn gis(&self) -> &Arc<dyn AdminGis> {
@@ -118,11 +135,26 @@ impl Console {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub async fn hosts(&self) -> Result<Vec<HostView>, ConsoleError> {
-        Ok(self.gis.hosts().await?.iter().map(HostView::from).collect())
+    fn host_views(&self, hosts: &[bids_protocols::admin::HostInfo]) -> Vec<HostView> {
+        let now_s = bids_protocols::unix_now();
+        let warn = self.cert_warn_s();
+        let history = self.history();
+        hosts
+            .iter()
+            .map(|h| HostView::new(h, now_s, warn, Some(&history)))
+            .collect()
     }
 
-    pub async fn images(&self) -> Result<Vec<ImageView>, ConsoleError> {
+    pub async fn hosts(&self) -> Result<Vec<HostView>, ConsoleError> {
+        Ok(self.host_views(&self.gis.hosts().await?))
+    }
+
+    /// The hosts `q` selects, one page of them, and how many matched before paging.
+    pub async fn hosts_page(&self, q: &HostQuery) -> Result<(usize, Vec<HostView>), ConsoleError> {
+        Ok(q.apply(self.hosts().await?))
+    }
+
+    async fn plain_images(&self) -> Result<Vec<ImageView>, ConsoleError> {
         Ok(self
             .gis
             .images()
@@ -132,33 +164,89 @@ impl Console {
             .collect())
     }
 
+    /// Images with their holders, and what each bridgehead moved for each.
+    pub async fn images(&self) -> Result<Vec<ImageView>, ConsoleError> {
+        let hosts = async { self.gis.hosts().await.map_err(ConsoleError::from) };
+        let (hosts, mut images) = tokio::try_join!(hosts, self.plain_images())?;
+        model::add_bridgehead_uploads(&mut images, &hosts);
+        Ok(images)
+    }
+
     pub async fn stats(&self) -> Result<StatsView, ConsoleError> {
         let stats = async { self.gis.stats().await.map_err(ConsoleError::from) };
-        let (stats, images) = tokio::try_join!(stats, self.images())?;
+        let hosts = async { self.gis.hosts().await.map_err(ConsoleError::from) };
+        let (stats, images, hosts) = tokio::try_join!(stats, self.plain_images(), hosts)?;
         let names = model::image_names(&images);
+        let views = self.host_views(&hosts);
+        let history = self.history();
+        let rates = history.idc_rates();
+        let mut idcs = model::idc_views(&stats, &names);
+        for i in &mut idcs {
+            i.rates = rates.get(&i.idc).copied().unwrap_or_default();
+        }
+        let mut transfers = model::transfers(&images);
+        for t in &mut transfers {
+            t.bytes_per_s = history.download_rate(&t.peer, &t.id);
+            let left = if t.chunks == 0 {
+                0.0
+            } else {
+                t.size as f64 * f64::from(t.chunks.saturating_sub(t.chunks_held))
+                    / f64::from(t.chunks)
+            };
+            t.eta_s = t.bytes_per_s.filter(|r| *r > 0.0).map(|r| left / r);
+        }
         Ok(StatsView {
             now_ms: stats.now_ms,
+            policy: stats.policy.map(|p| p.to_string()),
+            cert_alerts: model::cert_alerts(&views),
+            cert_warn_s: self.cert_warn_s(),
             hosts: stats.hosts,
             alive: stats.live_hosts,
             images: stats.images,
-            idcs: model::idc_views(&stats, &names),
-            transfers: model::transfers(&images),
-            history: self.history().view(),
+            idcs,
+            transfers,
+            history: history.view(),
         })
     }
 
-    /// Takes one sample of the GIS's counters and the hosts' provision times into the
-    /// history.
+    /// Takes one sample of the GIS's counters, roles and the hosts' provision times and
+    /// downloads into the history.
     pub async fn sample(&self) -> Result<(), ConsoleError> {
         let hosts = async { self.gis.hosts().await.map_err(ConsoleError::from) };
-        let (hosts, images) = tokio::try_join!(hosts, self.images())?;
+        let (hosts, images) = tokio::try_join!(hosts, self.plain_images())?;
         let names = model::image_names(&images);
+        let fetching: std::collections::HashSet<(String, String)> = images
+            .iter()
+            .flat_map(|i| {
+                i.holders
+                    .iter()
+                    .filter(|h| h.fetching && !h.complete)
+                    .map(|h| (h.peer.clone(), i.id.clone()))
+            })
+            .collect();
         let hs: Vec<HostSample> = hosts
             .iter()
-            .map(|h| HostSample {
-                peer: h.peer.to_string(),
-                idc: h.idc.to_string(),
-                counters: h.counters,
+            .map(|h| {
+                let peer = h.peer.to_string();
+                let downloads = h
+                    .image_counters
+                    .iter()
+                    .map(|c| (c.id.to_hex(), c.counters))
+                    .filter(|(id, _)| fetching.contains(&(peer.clone(), id.clone())))
+                    .map(|(id, c)| (id, c.lan_recv_bytes + c.wan_recv_bytes))
+                    .collect();
+                HostSample {
+                    idc: h.idc.to_string(),
+                    counters: h.counters,
+                    bridgehead: h.role == Role::Bridgehead,
+                    cert: h.cert.as_ref().map(|c| CertSample {
+                        serial: c.serial,
+                        not_after: c.not_after,
+                        status: c.status,
+                    }),
+                    downloads,
+                    peer,
+                }
             })
             .collect();
         let provisions: Vec<Provision> = hosts

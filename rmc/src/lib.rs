@@ -18,6 +18,7 @@ pub mod console;
 pub mod gis_link;
 pub mod history;
 pub mod model;
+pub mod query;
 pub mod server;
 
 pub use auth::AuthConfig;

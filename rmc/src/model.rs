@@ -2,6 +2,7 @@
 //! admin wire types of `bids_protocols::admin`, with peer ids and image ids as strings and
 //! every field named for an operator. The wire types stay free to change; these are the API.
 
+use crate::history::{History, HostRates, IdcRates, RoleEvent};
 use bids_protocols::admin::{
     CertInfo, CertStatus, CommandOutcome, GcItem, GcReport, HostInfo, ImageHolders, Stats,
 };
@@ -57,10 +58,18 @@ pub struct HostView {
     pub limits: Option<Limits>,
     pub sharing: Option<bool>,
     pub counters: Counters,
+    /// Bytes/s over the last few seconds; `null` until the console has two samples.
+    pub rates: Option<HostRates>,
     pub refusals: u64,
     /// Images it holds any part of.
     pub images: u32,
     pub cert: Option<CertView>,
+    /// Its certificate is valid but ends within the console's warning period.
+    pub cert_expiring: bool,
+    /// Seconds until its certificate ends (negative once it ended).
+    pub cert_expires_in_s: Option<i64>,
+    /// The last time the console saw it stop being a bridgehead, and why.
+    pub demoted: Option<RoleEvent>,
     /// How long each image it downloaded took, as the host measured it.
     pub provisions: Vec<HostProvisionView>,
 }
@@ -80,10 +89,21 @@ pub fn seconds(t: &ProvisionTime) -> f64 {
     t.millis as f64 / 1000.0
 }
 
-impl From<&HostInfo> for HostView {
-    fn from(h: &HostInfo) -> Self {
+impl HostView {
+    /// The view of `h` at `now_s` (unix seconds), warning of certificates that end within
+    /// `cert_warn_s`; rates and demotions come from the history, when there is one.
+    pub fn new(h: &HostInfo, now_s: i64, cert_warn_s: i64, history: Option<&History>) -> Self {
+        let peer = h.peer.to_string();
+        let cert_expires_in_s = h.cert.as_ref().map(|c| c.not_after.saturating_sub(now_s));
+        let cert_expiring = h
+            .cert
+            .as_ref()
+            .is_some_and(|c| c.status == CertStatus::Valid)
+            && cert_expires_in_s.is_some_and(|s| s <= cert_warn_s);
         HostView {
-            peer: h.peer.to_string(),
+            rates: history.and_then(|hi| hi.host_rates(&peer)),
+            demoted: history.and_then(|hi| hi.last_demotion(&peer).cloned()),
+            peer,
             idc: h.idc.to_string(),
             role: h.role.to_string(),
             alive: h.alive,
@@ -99,6 +119,8 @@ impl From<&HostInfo> for HostView {
             refusals: h.refusals,
             images: h.images,
             cert: h.cert.as_ref().map(CertView::from),
+            cert_expiring,
+            cert_expires_in_s,
             provisions: h
                 .provisions
                 .iter()
@@ -110,6 +132,47 @@ impl From<&HostInfo> for HostView {
                 .collect(),
         }
     }
+}
+
+/// A certificate an operator should look at: ending soon, ended, or revoked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CertAlert {
+    pub peer: String,
+    pub idc: String,
+    pub serial: u64,
+    pub db_id: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// expiring (valid, ends within the warning period), expired or revoked.
+    pub state: String,
+    pub expires_in_s: i64,
+}
+
+/// The alerts among `hosts`, soonest end first.
+pub fn cert_alerts(hosts: &[HostView]) -> Vec<CertAlert> {
+    let mut out: Vec<CertAlert> = hosts
+        .iter()
+        .filter_map(|h| {
+            let c = h.cert.as_ref()?;
+            let state = match c.status {
+                CertStatus::Valid if h.cert_expiring => "expiring",
+                CertStatus::Expired => "expired",
+                CertStatus::Revoked => "revoked",
+                _ => return None,
+            };
+            Some(CertAlert {
+                peer: h.peer.clone(),
+                idc: h.idc.clone(),
+                serial: c.serial,
+                db_id: c.db_id.clone(),
+                not_after: c.not_after,
+                state: state.into(),
+                expires_in_s: h.cert_expires_in_s.unwrap_or(0),
+            })
+        })
+        .collect();
+    out.sort_by_key(|a| a.not_after);
+    out
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -150,6 +213,61 @@ pub struct ImageView {
     pub holders: Vec<HolderView>,
     /// Holders counted per IDC.
     pub idcs: BTreeMap<String, IdcHolding>,
+    /// What each bridgehead moved for this image (filled by the console from the hosts'
+    /// per-image counters).
+    pub bridgeheads: Vec<BridgeheadUpload>,
+}
+
+/// One bridgehead's traffic for one image, and its ratios to the image size: the LAN upload
+/// ratio tells whether the IDC's hosts swarmed (about 1) or all fetched from it (about the
+/// number of hosts).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BridgeheadUpload {
+    pub peer: String,
+    pub idc: String,
+    /// Sent to hosts of its own IDC.
+    pub lan_sent_bytes: u64,
+    /// `lan_sent_bytes` ÷ the image size.
+    pub lan_upload_ratio: f64,
+    /// Received from other IDCs.
+    pub wan_recv_bytes: u64,
+    /// `wan_recv_bytes` ÷ the image size.
+    pub wan_in_ratio: f64,
+}
+
+/// Fills each image's `bridgeheads` from the per-image counters of the hosts that are (or
+/// hold a certificate to be) bridgeheads.
+pub fn add_bridgehead_uploads(images: &mut [ImageView], hosts: &[HostInfo]) {
+    let ratio = |b: u64, size: u64| {
+        if size == 0 {
+            0.0
+        } else {
+            b as f64 / size as f64
+        }
+    };
+    for im in images.iter_mut() {
+        im.bridgeheads = hosts
+            .iter()
+            .filter(|h| h.role == bids_protocols::Role::Bridgehead || h.cert.is_some())
+            .filter_map(|h| {
+                let c = h
+                    .image_counters
+                    .iter()
+                    .find(|c| c.id.to_hex() == im.id)?
+                    .counters;
+                Some(BridgeheadUpload {
+                    peer: h.peer.to_string(),
+                    idc: h.idc.to_string(),
+                    lan_sent_bytes: c.lan_sent_bytes,
+                    lan_upload_ratio: ratio(c.lan_sent_bytes, im.size),
+                    wan_recv_bytes: c.wan_recv_bytes,
+                    wan_in_ratio: ratio(c.wan_recv_bytes, im.size),
+                })
+            })
+            .collect();
+        im.bridgeheads
+            .sort_by(|a, b| (&a.idc, &a.peer).cmp(&(&b.idc, &b.peer)));
+    }
 }
 
 impl From<&ImageHolders> for ImageView {
@@ -196,6 +314,7 @@ impl From<&ImageHolders> for ImageView {
             published_ms: i.published_ms,
             holders,
             idcs,
+            bridgeheads: Vec::new(),
         }
     }
 }
@@ -209,6 +328,8 @@ pub struct IdcView {
     pub live_bridgeheads: u32,
     /// Sums of its hosts' counters; `wan_recv_bytes` is what entered the IDC over the WAN.
     pub counters: Counters,
+    /// Bytes/s over the last few seconds of the console's samples.
+    pub rates: IdcRates,
     /// Provision times its hosts report now (an image removed from a host leaves this list;
     /// the history keeps it).
     pub provisions: Vec<crate::history::Provision>,
@@ -225,6 +346,14 @@ pub struct TransferView {
     pub chunks_held: u32,
     pub chunks: u32,
     pub percent: f64,
+    /// Image size in bytes.
+    pub size: u64,
+    /// Bytes/s the host receives for this image over the last few seconds; `null` until the
+    /// console has two samples of the download.
+    pub bytes_per_s: Option<f64>,
+    /// Seconds left at that rate (the bytes of the chunks it lacks ÷ the rate); `null` while
+    /// the rate is unknown or zero.
+    pub eta_s: Option<f64>,
 }
 
 /// The live transfers in a list of images.
@@ -245,6 +374,9 @@ pub fn transfers(images: &[ImageView]) -> Vec<TransferView> {
                 chunks_held: h.chunks_held,
                 chunks: i.chunks,
                 percent,
+                size: i.size,
+                bytes_per_s: None,
+                eta_s: None,
             });
         }
     }
@@ -256,6 +388,13 @@ pub fn transfers(images: &[ImageView]) -> Vec<TransferView> {
 pub struct StatsView {
     /// The GIS's clock (unix ms) when it answered.
     pub now_ms: i64,
+    /// The distribution policy the GIS runs: `bids` or `baseline` (`null` from a GIS too
+    /// old to say).
+    pub policy: Option<String>,
+    /// Certificates ending within `cert_warn_s`, ended or revoked.
+    pub cert_alerts: Vec<CertAlert>,
+    /// The warning period for certificates, in seconds.
+    pub cert_warn_s: i64,
     pub hosts: u32,
     pub alive: u32,
     pub images: u32,
@@ -318,6 +457,7 @@ pub fn idc_views(s: &Stats, names: &BTreeMap<String, String>) -> Vec<IdcView> {
                 bridgeheads: i.bridgeheads,
                 live_bridgeheads: i.live_bridgeheads,
                 counters: i.counters,
+                rates: IdcRates::default(),
                 provisions,
             }
         })

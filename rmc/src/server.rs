@@ -35,6 +35,8 @@ pub struct RmcConfig {
     pub sample_interval: Duration,
     /// Lifetime of the bridgehead certificates the console issues.
     pub cert_validity: Duration,
+    /// Certificates that end within this long are flagged in the pages and the API.
+    pub cert_warn: Duration,
 }
 
 impl RmcConfig {
@@ -45,6 +47,7 @@ impl RmcConfig {
             admin,
             sample_interval: Duration::from_millis(500),
             cert_validity: Duration::from_secs(30 * 86_400),
+            cert_warn: crate::console::DEFAULT_CERT_WARN,
         }
     }
 }
@@ -100,12 +103,15 @@ pub async fn start(cfg: RmcConfig, gis: Arc<dyn AdminGis>) -> Result<RmcHandle, 
         addr: cfg.listen,
         source,
     })?;
-    let console = Arc::new(Console::new(
-        gis,
-        cfg.admin.clone(),
-        cfg.sample_interval,
-        cfg.cert_validity,
-    ));
+    let console = Arc::new(
+        Console::new(
+            gis,
+            cfg.admin.clone(),
+            cfg.sample_interval,
+            cfg.cert_validity,
+        )
+        .with_cert_warn(cfg.cert_warn),
+    );
     let state = AppState {
         sessions: Arc::new(Sessions::new(cfg.auth.clone())),
         console: console.clone(),

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod crowd;
 pub mod demo;
 pub mod evalplot;
 pub mod linkemu;
