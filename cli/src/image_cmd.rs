@@ -14,11 +14,15 @@ use std::path::{Path, PathBuf};
 pub enum ImageCmd {
     /// Import a file as image NAME:VERSION.
     Add {
+        /// The image file (a raw disk image, or a block device).
         file: PathBuf,
+        /// The image's name, e.g. debian.
         #[arg(long)]
         name: String,
+        /// The image's version, e.g. 12.1.
         #[arg(long)]
         version: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
         /// Chunk size (bytes, or with KiB/MiB suffix); a multiple of 4 KiB.
@@ -30,32 +34,41 @@ pub enum ImageCmd {
     },
     /// List the images of a store.
     Ls {
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
-        /// Print JSON.
+        /// Print JSON (image ids in hex; see docs/json.md).
         #[arg(long)]
         json: bool,
     },
     /// Write an image out, bit-exact (sparse where it has zero chunks).
     Export {
+        /// The image, NAME:VERSION.
         image: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
+        /// The file to write.
         #[arg(long)]
         out: PathBuf,
     },
     /// Progress and LAN/WAN transfer counters of one image.
     Status {
+        /// The image, NAME:VERSION.
         image: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
+        /// Print JSON (image id in hex; see docs/json.md).
         #[arg(long)]
         json: bool,
     },
     /// Ask the node running on the store to download an image (as delta files applied to
     /// a version it holds, when the GIS finds that moves fewer bytes).
     Fetch {
+        /// The image, NAME:VERSION.
         image: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
         /// Also export the image to this file when complete.
@@ -67,7 +80,9 @@ pub enum ImageCmd {
     Publish(crate::delta_cmd::PublishArgs),
     /// Remove an image from the store (and tell the GIS).
     Rm {
+        /// The image, NAME:VERSION.
         image: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
     },
@@ -150,7 +165,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                         chunks,
                     } = r
                     {
-                        println!("{image} {id} {size} bytes, {chunks} chunks (published by the running node)");
+                        outln!("{image} {id} {size} bytes, {chunks} chunks (published by the running node)");
                     }
                 }
                 return Ok(());
@@ -170,7 +185,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 )
             })?;
             p.finish();
-            println!(
+            outln!(
                 "{} {} {} bytes, {} chunks ({} all-zero)",
                 m.image_ref(),
                 m.id(),
@@ -224,14 +239,18 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                         serde_json::json!({"name": n, "version": v, "id": id, "size": size, "chunks_held": held, "chunks_total": total})
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
+                outln!(
                     "{:<20} {:<12} {:<16} {:>12} {:>15}",
-                    "NAME", "VERSION", "ID", "SIZE", "CHUNKS"
+                    "NAME",
+                    "VERSION",
+                    "ID",
+                    "SIZE",
+                    "CHUNKS"
                 );
                 for (n, v, id, size, held, total) in rows {
-                    println!(
+                    outln!(
                         "{n:<20} {v:<12} {:<16} {:>12} {:>15}",
                         &id[..12],
                         human(size),
@@ -283,12 +302,12 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 })?;
                 let st = s.status(&id).context("image vanished")?;
                 if json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"image": image.to_string(), "id": id.to_hex(), "held": st.held, "total": st.total, "complete": st.complete, "node_running": false})
                     );
                 } else {
-                    println!("{image} {id}\n  chunks: {}/{}{}\n  (no node runs on this store: no transfer counters)", st.held, st.total, if st.complete { " complete" } else { "" });
+                    outln!("{image} {id}\n  chunks: {}/{}{}\n  (no node runs on this store: no transfer counters)", st.held, st.total, if st.complete { " complete" } else { "" });
                 }
                 return Ok(());
             }
@@ -307,32 +326,32 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                             o.insert("cert_expires_at".into(), s.cert_expires_at.into());
                             o.insert("cert_expiring".into(), s.cert_expiring.into());
                         }
-                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        outln!("{}", serde_json::to_string_pretty(&v)?);
                     } else {
                         let c = &i.counters;
-                        println!("{} {}", i.image, i.id);
-                        println!(
+                        outln!("{} {}", i.image, i.id);
+                        outln!(
                             "  chunks:   {}/{}{}{}",
                             i.held,
                             i.total,
                             if i.complete { " complete" } else { "" },
                             if i.fetching { " (fetching)" } else { "" }
                         );
-                        println!(
+                        outln!(
                             "  LAN:      received {} in {} chunks, sent {} in {} chunks",
                             human(c.lan_recv_bytes),
                             c.lan_recv_chunks,
                             human(c.lan_sent_bytes),
                             c.lan_sent_chunks
                         );
-                        println!(
+                        outln!(
                             "  WAN:      received {} in {} chunks, sent {} in {} chunks",
                             human(c.wan_recv_bytes),
                             c.wan_recv_chunks,
                             human(c.wan_sent_bytes),
                             c.wan_sent_chunks
                         );
-                        println!(
+                        outln!(
                             "  by peer:  our IDC's bridgeheads: received {}, sent {}; \
                              hosts of our IDC: received {}, sent {}",
                             human(c.bridgehead_recv_bytes),
@@ -340,13 +359,16 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                             human(c.hosts_recv_bytes),
                             human(c.hosts_sent_bytes)
                         );
-                        println!("  bad chunks received: {}", c.bad_chunks);
-                        println!(
+                        outln!("  bad chunks received: {}", c.bad_chunks);
+                        outln!(
                             "  node: {} IDC {} role {} refusals {}",
-                            s.peer, s.idc, s.role, s.refusals
+                            s.peer,
+                            s.idc,
+                            s.role,
+                            s.refusals
                         );
                         if let Some(at) = s.cert_expires_at {
-                            println!(
+                            outln!(
                                 "  bridgehead certificate expires {}{}",
                                 bids_protocols::cert::fmt_time(at),
                                 if s.cert_expiring {

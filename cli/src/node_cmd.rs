@@ -15,16 +15,21 @@ pub struct NodeArgs {
     /// TOML file with any of the settings below (flags win over it, BIDS_… variables in between).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// This node's keypair file (`bids key gen`); its peer id is the node's identity.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// The IDC (data center) this host is in, e.g. B; hosts share chunks only within it.
     #[arg(long)]
     idc: Option<String>,
-    /// GIS address ending in /p2p/<peer id>.
+    /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it,
+    /// e.g. /ip4/10.0.0.1/tcp/7000/p2p/12D3KooW….
     #[arg(long)]
     gis: Option<String>,
+    /// Chunk store directory (images, their chunk bitmaps, the control socket); one node
+    /// per store.
     #[arg(long)]
     store: Option<PathBuf>,
-    /// Listen address (default /ip4/0.0.0.0/tcp/0).
+    /// Listen address(es), comma-separated (default /ip4/0.0.0.0/tcp/0).
     #[arg(long)]
     listen: Option<String>,
     /// Bridgehead certificate (makes this host a bridgehead candidate of its IDC). SIGHUP
@@ -34,8 +39,14 @@ pub struct NodeArgs {
     /// Warn this many days before the bridgehead certificate expires (default 14).
     #[arg(long)]
     cert_warn_days: Option<u64>,
+    /// Peer id of the admin (`bids key peer-id admin.key`). The admin's key signs bridgehead
+    /// certificates: this node trusts a bridgehead of another IDC (and its own --cert) only if
+    /// the admin signed it, and obeys only commands the admin signed (sent from the console
+    /// through the GIS). Every node, GIS and console of one deployment uses the same one.
     #[arg(long)]
     admin_peer: Option<String>,
+    /// bids (default: the IDC rule, only bridgeheads cross the WAN) or baseline (any host
+    /// dials any host; for the evaluation only). Must match the GIS's.
     #[arg(long)]
     policy: Option<String>,
     /// Upload limit in bytes/s (0 = unlimited).
@@ -86,9 +97,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     )?;
     let key = keys::load(&settings::required(st.key, "key", "--key")?)?;
     let idc = Idc::new(&settings::required(st.idc, "idc", "--idc")?).map_err(anyhow::Error::msg)?;
-    let gis: Multiaddr = settings::required(st.gis, "gis", "--gis")?
-        .parse()
-        .context("--gis is not a multiaddr")?;
+    let gis: Multiaddr = settings::gis_addr(&settings::required(st.gis, "gis", "--gis")?)?;
     let store = settings::required(st.store, "store", "--store")?;
     let admin = keys::parse_peer(&settings::required(
         st.admin_peer,
@@ -130,7 +139,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     let (node, task) = bids_node::start(cfg).await?;
     let reload = tokio::spawn(reload_cert_on_sighup(hup, node.clone(), st.cert.clone()));
     for a in node.listen_addrs() {
-        println!("{a}");
+        crate::output::announce(&a.to_string());
     }
     let control = tokio::spawn(bids_node::control::serve(node.clone()));
     tokio::select! {
@@ -186,8 +195,10 @@ async fn reload_cert_on_sighup(
 
 #[derive(Args, Debug)]
 pub struct GisArgs {
+    /// TOML file with any of the settings below (flags win over it, BIDS_… variables in between).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The GIS's keypair file (`bids key gen`); its peer id ends the address nodes use.
     #[arg(long)]
     key: Option<PathBuf>,
     /// Listen address, e.g. /ip4/127.0.0.1/tcp/7000.
@@ -196,9 +207,13 @@ pub struct GisArgs {
     /// Data directory (sled).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Peer id of the admin (`bids key peer-id admin.key`). The GIS lists a bridgehead only if
+    /// its certificate is signed by this admin, and accepts console requests (host lists,
+    /// commands, revocations) only from this identity.
     #[arg(long)]
     admin_peer: Option<String>,
-    /// bids (default) or baseline (evaluation only).
+    /// bids (default: per-IDC host lists, bridgeheads across the WAN) or baseline (holders
+    /// from every IDC; for the evaluation only).
     #[arg(long)]
     policy: Option<String>,
 }
@@ -253,7 +268,7 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
     crate::limits::raise_open_files("connected hosts (one connection each)");
     let gis = bids_gis::server::spawn(cfg).await?;
     for a in gis.listen_addrs() {
-        println!("{a}");
+        crate::output::announce(&a.to_string());
     }
     shutdown_signal().await;
     gis.shutdown().await?;

@@ -18,13 +18,15 @@ pub struct RmcArgs {
     /// BIDS_… variables in between).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// GIS address ending in /p2p/<peer id>.
+    /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it.
     #[arg(long)]
     gis: Option<String>,
-    /// The admin keypair: the console speaks to the GIS as the admin and signs with it.
+    /// The admin keypair (the one whose peer id the GIS got as --admin-peer): the console
+    /// speaks to the GIS as the admin and signs commands and certificates with it.
     #[arg(long)]
     admin_key: Option<PathBuf>,
-    /// Web server address; loopback unless told otherwise.
+    /// Web server address, IP:PORT (default 127.0.0.1:8080); put TLS in front of it when it
+    /// listens beyond loopback.
     #[arg(long)]
     listen: Option<String>,
 }
@@ -59,9 +61,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
             ("listen", a.listen.clone()),
         ],
     )?;
-    let gis: Multiaddr = settings::required(st.gis, "gis", "--gis")?
-        .parse()
-        .context("--gis is not a multiaddr")?;
+    let gis: Multiaddr = settings::gis_addr(&settings::required(st.gis, "gis", "--gis")?)?;
     let admin = keys::load(&settings::required(
         st.admin_key,
         "admin_key",
@@ -87,7 +87,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
         .await
         .with_context(|| format!("connecting to the GIS at {gis} as the admin"))?;
     let rmc = bids_rmc::start(cfg, link).await?;
-    println!("{}", announce(rmc.local_addr(), &password, generated));
+    crate::output::announce(&announce(rmc.local_addr(), &password, generated));
     node_cmd::shutdown_signal().await;
     rmc.shutdown().await?;
     Ok(())
