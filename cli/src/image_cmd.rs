@@ -302,10 +302,15 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 })?;
                 let st = s.status(&id).context("image vanished")?;
                 if json {
-                    outln!(
-                        "{}",
-                        serde_json::json!({"image": image.to_string(), "id": id.to_hex(), "held": st.held, "total": st.total, "complete": st.complete, "node_running": false})
+                    let v = status_json(
+                        &image,
+                        &id,
+                        st.size,
+                        st.chunk_size,
+                        (st.held, st.total, st.complete),
+                        None,
                     );
+                    outln!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
                     outln!("{image} {id}\n  chunks: {}/{}{}\n  (no node runs on this store: no transfer counters)", st.held, st.total, if st.complete { " complete" } else { "" });
                 }
@@ -319,13 +324,14 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                         bail!("image {image} is not in store {}", store.display());
                     };
                     if json {
-                        // The image's report, plus the node's certificate expiry (operators
-                        // watch it from the same command).
-                        let mut v = serde_json::to_value(i)?;
-                        if let Some(o) = v.as_object_mut() {
-                            o.insert("cert_expires_at".into(), s.cert_expires_at.into());
-                            o.insert("cert_expiring".into(), s.cert_expiring.into());
-                        }
+                        let v = status_json(
+                            &i.image,
+                            &i.id,
+                            i.size,
+                            i.chunk_size,
+                            (i.held, i.total, i.complete),
+                            Some((i, &s)),
+                        );
                         outln!("{}", serde_json::to_string_pretty(&v)?);
                     } else {
                         let c = &i.counters;
@@ -447,6 +453,42 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `bids image status --json`, one shape with or without a running node (docs/json.md): the
+/// image as `name:version` and its parts, the id in hex as `image ls --json` has it; with a
+/// node also the transfer counters and the node's certificate expiry (operators watch it
+/// from the same command).
+fn status_json(
+    image: &ImageRef,
+    id: &bids_protocols::ImageId,
+    size: u64,
+    chunk_size: u32,
+    (held, total, complete): (u32, u32, bool),
+    node: Option<(&bids_node::ImageReport, &bids_node::NodeStatus)>,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "image": image.to_string(),
+        "name": image.name,
+        "version": image.version,
+        "id": id.to_hex(),
+        "size": size,
+        "chunk_size": chunk_size,
+        "held": held,
+        "total": total,
+        "complete": complete,
+        "node_running": node.is_some(),
+    });
+    if let (Some((i, s)), Some(o)) = (node, v.as_object_mut()) {
+        o.insert("fetching".into(), i.fetching.into());
+        o.insert(
+            "counters".into(),
+            serde_json::to_value(&i.counters).unwrap_or_default(),
+        );
+        o.insert("cert_expires_at".into(), s.cert_expires_at.into());
+        o.insert("cert_expiring".into(), s.cert_expiring.into());
+    }
+    v
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
