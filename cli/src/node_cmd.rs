@@ -289,3 +289,93 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deploy(file: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(file)
+    }
+
+    /// Every key of the example files in deploy/ is a setting the daemon reads (a misspelt
+    /// key would be ignored silently), and the required ones are there.
+    #[test]
+    fn deploy_examples_hold_known_settings() {
+        let keys = |file: &str| -> Vec<String> {
+            let text = std::fs::read_to_string(deploy(file)).unwrap();
+            let t: toml::Table = toml::from_str(&text).unwrap();
+            t.keys().cloned().collect()
+        };
+        for file in ["node.toml", "bridgehead.toml"] {
+            let st: NodeSettings = settings::load(Some(&deploy(file)), &[]).unwrap();
+            let NodeSettings {
+                key,
+                idc,
+                gis,
+                store,
+                listen,
+                cert,
+                cert_warn_days,
+                admin_peer,
+                policy,
+                heartbeat_secs,
+                upload_bps,
+                download_bps,
+                external_addr,
+            } = st;
+            let set = [
+                ("key", key.is_some()),
+                ("idc", idc.is_some()),
+                ("gis", gis.is_some()),
+                ("store", store.is_some()),
+                ("listen", listen.is_some()),
+                ("cert", cert.is_some()),
+                ("cert_warn_days", cert_warn_days.is_some()),
+                ("admin_peer", admin_peer.is_some()),
+                ("policy", policy.is_some()),
+                ("heartbeat_secs", heartbeat_secs.is_some()),
+                ("upload_bps", upload_bps.is_some()),
+                ("download_bps", download_bps.is_some()),
+                ("external_addr", external_addr.is_some()),
+            ];
+            for k in keys(file) {
+                assert!(
+                    set.iter().any(|(n, s)| *n == k && *s),
+                    "{file}: `{k}` is no node setting"
+                );
+            }
+            for required in ["key", "idc", "gis", "store", "admin_peer"] {
+                assert!(
+                    set.iter().any(|(n, s)| *n == required && *s),
+                    "{file}: {required}"
+                );
+            }
+        }
+        let st: GisSettings = settings::load(Some(&deploy("gis.toml")), &[]).unwrap();
+        let GisSettings {
+            key,
+            listen,
+            data,
+            admin_peer,
+            policy,
+            heartbeat_timeout_secs,
+        } = st;
+        let set = [
+            ("key", key.is_some()),
+            ("listen", listen.is_some()),
+            ("data", data.is_some()),
+            ("admin_peer", admin_peer.is_some()),
+            ("policy", policy.is_some()),
+            ("heartbeat_timeout_secs", heartbeat_timeout_secs.is_some()),
+        ];
+        for k in keys("gis.toml") {
+            assert!(
+                set.iter().any(|(n, s)| *n == k && *s),
+                "gis.toml: `{k}` is no GIS setting"
+            );
+        }
+    }
+}

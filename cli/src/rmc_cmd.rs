@@ -158,6 +158,36 @@ impl bids_testnet::demo::DemoHook for DemoConsole {
 mod tests {
     use super::*;
 
+    /// deploy/rmc.toml holds only settings the console reads.
+    #[test]
+    fn deploy_example_holds_known_settings() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rmc.toml");
+        let st: RmcSettings = settings::load(Some(&path), &[]).unwrap();
+        let RmcSettings {
+            gis,
+            admin_key,
+            listen,
+            rmc_password,
+            rmc_sample_ms,
+            rmc_cert_days,
+        } = st;
+        let set = [
+            ("gis", gis.is_some()),
+            ("admin_key", admin_key.is_some()),
+            ("listen", listen.is_some()),
+            ("rmc_password", rmc_password.is_some()),
+            ("rmc_sample_ms", rmc_sample_ms.is_some()),
+            ("rmc_cert_days", rmc_cert_days.is_some()),
+        ];
+        let t: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for k in t.keys() {
+            assert!(
+                set.iter().any(|(n, s)| n == k && *s),
+                "rmc.toml: `{k}` is no console setting"
+            );
+        }
+    }
+
     #[test]
     fn configured_password_wins_else_a_fresh_token() {
         assert_eq!(
