@@ -483,7 +483,7 @@ fn status_json(
         o.insert("fetching".into(), i.fetching.into());
         o.insert(
             "counters".into(),
-            serde_json::to_value(&i.counters).unwrap_or_default(),
+            serde_json::to_value(i.counters).unwrap_or_default(),
         );
         o.insert("cert_expires_at".into(), s.cert_expires_at.into());
         o.insert("cert_expiring".into(), s.cert_expiring.into());
