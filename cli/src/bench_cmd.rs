@@ -38,6 +38,7 @@ pub struct RssArgs {
     /// Image sizes, one fetch by a fresh process each (repeat or separate with commas).
     #[arg(long = "size", value_delimiter = ',', default_value = "256MiB,1GiB", value_parser = crate::parse_size)]
     sizes: Vec<u64>,
+    /// Seed of the random images.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Print one JSON object instead of the table.
@@ -69,9 +70,9 @@ async fn loopback(a: LoopbackArgs) -> Result<()> {
     };
     let r = bench::loopback(&o, &mut log).await?;
     if a.json {
-        println!("{}", serde_json::to_string(&bench::loopback_json(&r))?);
+        outln!("{}", serde_json::to_string(&bench::loopback_json(&r))?);
     } else {
-        print!("{}", bench::render_loopback(&r));
+        out!("{}", bench::render_loopback(&r));
     }
     Ok(())
 }
@@ -91,9 +92,9 @@ async fn rss(a: RssArgs) -> Result<()> {
     };
     let samples = bench::rss(&o, &mut log).await?;
     if a.json {
-        println!("{}", serde_json::to_string(&bench::rss_json(&samples))?);
+        outln!("{}", serde_json::to_string(&bench::rss_json(&samples))?);
     } else {
-        print!("{}", bench::render_rss(&samples));
+        out!("{}", bench::render_rss(&samples));
     }
     Ok(())
 }

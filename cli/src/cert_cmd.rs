@@ -11,11 +11,14 @@ use std::path::PathBuf;
 pub enum CertCmd {
     /// Sign a bridgehead certificate with the admin key.
     Issue {
+        /// The admin's keypair file (`bids key gen`), whose peer id every GIS and node gets as
+        /// --admin-peer.
         #[arg(long)]
         admin_key: PathBuf,
         /// The bridgehead's peer id.
         #[arg(long)]
         peer: String,
+        /// The IDC the bridgehead serves (it must run with this --idc).
         #[arg(long)]
         idc: String,
         /// The admin-assigned bridgehead id.
@@ -27,12 +30,18 @@ pub enum CertCmd {
         /// End of validity, RFC 3339 (e.g. 2027-01-01T00:00:00Z).
         #[arg(long)]
         not_after: Option<String>,
+        /// The certificate file to write; an existing file is kept unless --force.
         #[arg(long)]
         out: PathBuf,
+        /// Overwrite --out if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Verify a certificate; exit 0 if valid, non-zero with the reason otherwise.
     Verify {
+        /// The certificate file.
         file: PathBuf,
+        /// Peer id of the admin whose signature it must carry.
         #[arg(long)]
         admin_peer: String,
         /// The peer that presents it.
@@ -46,7 +55,10 @@ pub enum CertCmd {
         revoked: Option<PathBuf>,
     },
     /// Print a certificate readably.
-    Show { file: PathBuf },
+    Show {
+        /// The certificate file.
+        file: PathBuf,
+    },
 }
 
 pub fn read_cert(path: &std::path::Path) -> Result<BridgeheadCert> {
@@ -59,6 +71,30 @@ pub fn read_cert(path: &std::path::Path) -> Result<BridgeheadCert> {
         std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
     BridgeheadCert::from_bytes(&bytes)
         .with_context(|| format!("{} is not a bridgehead certificate", path.display()))
+}
+
+/// Writes `bytes` to `out`, which must not exist unless `force` (as `bids key gen` refuses
+/// to overwrite a key, so a certificate in use is not replaced by a slip).
+fn write_new(out: &std::path::Path, bytes: &[u8], force: bool) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true);
+    if force {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
+    }
+    let mut f = match o.open(out) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "{} already exists; refusing to overwrite a certificate (pass --force to replace it)",
+            out.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("creating {}", out.display())),
+    };
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", out.display()))
 }
 
 fn parse_rfc3339(s: &str) -> Result<i64> {
@@ -98,6 +134,7 @@ pub fn run(cmd: CertCmd) -> Result<()> {
             days,
             not_after,
             out,
+            force,
         } => {
             let admin = keys::load(&admin_key)?;
             let peer = keys::parse_peer(&peer)?;
@@ -124,8 +161,7 @@ pub fn run(cmd: CertCmd) -> Result<()> {
                 issuer: peer,
             };
             let cert = BridgeheadCert::issue(&admin, body).map_err(anyhow::Error::msg)?;
-            std::fs::write(&out, cert.to_bytes())
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_new(&out, &cert.to_bytes(), force)?;
             eprint!("{}", cert.describe());
             Ok(())
         }
@@ -155,15 +191,18 @@ pub fn run(cmd: CertCmd) -> Result<()> {
                 let idc = Idc::new(&i).map_err(anyhow::Error::msg)?;
                 cert.verify_for(&admin, &cert.body.peer, &idc, now, &revs)?;
             }
-            println!(
+            outln!(
                 "valid: bridgehead {} of IDC {} (db id {}, serial {})",
-                cert.body.peer, cert.body.idc, cert.body.db_id, cert.body.serial
+                cert.body.peer,
+                cert.body.idc,
+                cert.body.db_id,
+                cert.body.serial
             );
             Ok(())
         }
         CertCmd::Show { file } => {
             let cert = read_cert(&file)?;
-            print!("{}", cert.describe());
+            out!("{}", cert.describe());
             Ok(())
         }
     }

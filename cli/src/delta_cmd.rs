@@ -25,6 +25,7 @@ pub enum DeltaCmd {
         /// The new version: a file, or NAME:VERSION of an image in --store.
         #[arg(long)]
         to: String,
+        /// The delta file to write.
         #[arg(long)]
         out: PathBuf,
         /// Store whose images NAME:VERSION arguments name.
@@ -51,17 +52,21 @@ pub enum DeltaCmd {
         /// The delta: a file, or NAME:VERSION of a delta object in --store.
         #[arg(long)]
         delta: String,
+        /// The file to write the new version to.
         #[arg(long)]
         out: PathBuf,
+        /// Store whose objects NAME:VERSION arguments name.
         #[arg(long)]
         store: Option<PathBuf>,
     },
     /// Show a delta file's header, after checking the whole file.
     Info {
+        /// The delta file.
         delta: PathBuf,
         /// Read the header only, without checking the file's checksum.
         #[arg(long)]
         quick: bool,
+        /// Print the header as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -72,13 +77,16 @@ pub enum DeltaCmd {
 pub struct PublishArgs {
     /// The new version's image file.
     pub file: PathBuf,
+    /// The image's name (that of the version it derives from).
     #[arg(long)]
     pub name: String,
+    /// The new version, e.g. 12.2.
     #[arg(long)]
     pub version: String,
     /// The version it derives from, held in the store: NAME:VERSION (or VERSION of NAME).
     #[arg(long)]
     pub from: String,
+    /// Chunk store directory holding the old version (a running node's, if any).
     #[arg(long)]
     pub store: PathBuf,
     /// Chunk size (default: the old version's).
@@ -211,7 +219,7 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
                 human(st.literal_stored_bytes)
             );
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({
                         "out": out.display().to_string(),
@@ -233,7 +241,7 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
                 } else {
                     100.0 * st.delta_size as f64 / st.to_size as f64
                 };
-                println!(
+                outln!(
                     "{} {} bytes ({pct:.2} % of the new version's {} bytes)",
                     out.display(),
                     st.delta_size,
@@ -261,7 +269,7 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
                 human(st.zero_bytes),
                 human(st.literal_bytes)
             );
-            println!("{} {} bytes", out.display(), st.to_size);
+            outln!("{} {} bytes", out.display(), st.to_size);
             Ok(())
         }
         DeltaCmd::Info { delta, quick, json } => {
@@ -276,12 +284,12 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
                 eprintln!("checksum verified in {:.2} s", t0.elapsed().as_secs_f64());
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&header_json(&h))?);
+                outln!("{}", serde_json::to_string_pretty(&header_json(&h))?);
             } else {
-                println!("delta format {} (block size {})", h.version, h.block_size);
-                println!("from   {} bytes  sha256 {}", h.from_size, h.from_hex());
-                println!("to     {} bytes  sha256 {}", h.to_size, h.to_hex());
-                println!(
+                outln!("delta format {} (block size {})", h.version, h.block_size);
+                outln!("from   {} bytes  sha256 {}", h.from_size, h.from_hex());
+                outln!("to     {} bytes  sha256 {}", h.to_size, h.to_hex());
+                outln!(
                     "size   {} bytes ({} body){}",
                     h.file_len(),
                     h.body_len,
@@ -303,13 +311,20 @@ fn print_new_version(nv: &NewVersion) {
         nv.from,
         human(nv.literal_bytes)
     );
-    println!(
+    outln!(
         "{} {} {} bytes, {} chunks",
-        nv.image, nv.id, nv.size, nv.chunks
+        nv.image,
+        nv.id,
+        nv.size,
+        nv.chunks
     );
-    println!(
+    outln!(
         "{} {} {} bytes (delta {} → {})",
-        nv.delta, nv.delta_id, nv.delta_size, nv.from, nv.image
+        nv.delta,
+        nv.delta_id,
+        nv.delta_size,
+        nv.from,
+        nv.image
     );
 }
 

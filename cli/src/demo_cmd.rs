@@ -38,6 +38,7 @@ pub struct DemoArgs {
     /// Distribute this file (e.g. a real raw VM disk image) instead of a generated one.
     #[arg(long, conflicts_with_all = ["size", "sparse"])]
     image: Option<std::path::PathBuf>,
+    /// Seed of the generated image's content.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Print one JSON object instead of the table.
@@ -56,7 +57,8 @@ pub struct DemoArgs {
     extra_hosts: usize,
 }
 
-pub async fn run(a: DemoArgs) -> Result<()> {
+/// `log_file`: where `--log-file` keeps the full log, told to the reader at the end.
+pub async fn run(a: DemoArgs, log_file: Option<&std::path::Path>) -> Result<()> {
     let modes = match a.mode.as_str() {
         "bids" => vec![Mode::Bids],
         "baseline" => vec![Mode::Baseline],
@@ -88,9 +90,17 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let hook = console.as_ref().map(|c| c as &dyn demo::DemoHook);
     let report = demo::run_with(&o, &mut log, hook).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&demo::to_json(&report))?);
+        outln!("{}", serde_json::to_string_pretty(&demo::to_json(&report))?);
     } else {
-        print!("{}", demo::render(&report));
+        out!("{}", demo::render(&report));
+    }
+    if !a.json {
+        match log_file {
+            Some(f) => eprintln!("full log: {}", f.display()),
+            None => eprintln!(
+                "(the log shows warnings only: -v or RUST_LOG=info for all of it, --log-file FILE to keep it)"
+            ),
+        }
     }
     Ok(())
 }

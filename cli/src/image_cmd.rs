@@ -14,11 +14,15 @@ use std::path::{Path, PathBuf};
 pub enum ImageCmd {
     /// Import a file as image NAME:VERSION.
     Add {
+        /// The image file (a raw disk image, or a block device).
         file: PathBuf,
+        /// The image's name, e.g. debian.
         #[arg(long)]
         name: String,
+        /// The image's version, e.g. 12.1.
         #[arg(long)]
         version: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
         /// Chunk size (bytes, or with KiB/MiB suffix); a multiple of 4 KiB.
@@ -30,32 +34,41 @@ pub enum ImageCmd {
     },
     /// List the images of a store.
     Ls {
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
-        /// Print JSON.
+        /// Print JSON (image ids in hex; see docs/json.md).
         #[arg(long)]
         json: bool,
     },
     /// Write an image out, bit-exact (sparse where it has zero chunks).
     Export {
+        /// The image, NAME:VERSION.
         image: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
+        /// The file to write.
         #[arg(long)]
         out: PathBuf,
     },
     /// Progress and LAN/WAN transfer counters of one image.
     Status {
+        /// The image, NAME:VERSION.
         image: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
+        /// Print JSON (image id in hex; see docs/json.md).
         #[arg(long)]
         json: bool,
     },
     /// Ask the node running on the store to download an image (as delta files applied to
     /// a version it holds, when the GIS finds that moves fewer bytes).
     Fetch {
+        /// The image, NAME:VERSION.
         image: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
         /// Also export the image to this file when complete.
@@ -69,7 +82,9 @@ pub enum ImageCmd {
     /// missing (and withdrawn from the GIS and the IDC by the running node). With --repair
     /// the node then fetches all of them in one download.
     Verify {
+        /// The image, NAME:VERSION.
         image: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
         /// Fetch the bad chunks again (needs the node running on the store).
@@ -81,7 +96,9 @@ pub enum ImageCmd {
     },
     /// Remove an image from the store (and tell the GIS).
     Rm {
+        /// The image, NAME:VERSION.
         image: String,
+        /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
     },
@@ -164,7 +181,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                         chunks,
                     } = r
                     {
-                        println!("{image} {id} {size} bytes, {chunks} chunks (published by the running node)");
+                        outln!("{image} {id} {size} bytes, {chunks} chunks (published by the running node)");
                     }
                 }
                 return Ok(());
@@ -184,7 +201,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 )
             })?;
             p.finish();
-            println!(
+            outln!(
                 "{} {} {} bytes, {} chunks ({} all-zero)",
                 m.image_ref(),
                 m.id(),
@@ -238,14 +255,18 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                         serde_json::json!({"name": n, "version": v, "id": id, "size": size, "chunks_held": held, "chunks_total": total})
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
+                outln!(
                     "{:<20} {:<12} {:<16} {:>12} {:>15}",
-                    "NAME", "VERSION", "ID", "SIZE", "CHUNKS"
+                    "NAME",
+                    "VERSION",
+                    "ID",
+                    "SIZE",
+                    "CHUNKS"
                 );
                 for (n, v, id, size, held, total) in rows {
-                    println!(
+                    outln!(
                         "{n:<20} {v:<12} {:<16} {:>12} {:>15}",
                         &id[..12],
                         human(size),
@@ -286,7 +307,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 r
             };
             if json {
-                println!("{}", serde_json::to_string(&report)?);
+                outln!("{}", serde_json::to_string(&report)?);
             } else {
                 let bad = if report.bad.is_empty() {
                     "none bad".to_string()
@@ -298,7 +319,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                         list.join(", ")
                     )
                 };
-                println!(
+                outln!(
                     "{} {}: {} of {} chunks re-hashed in {:.2} s, {bad}; {} missing",
                     report.image,
                     report.id,
@@ -308,7 +329,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                     report.missing
                 );
                 if let (Some(n), Some(secs)) = (report.repaired, report.repair_secs) {
-                    println!("repaired: {n} chunk(s) fetched again in one download ({secs:.2} s)");
+                    outln!("repaired: {n} chunk(s) fetched again in one download ({secs:.2} s)");
                 }
             }
             if !repair && !report.bad.is_empty() {
@@ -364,12 +385,17 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                 })?;
                 let st = s.status(&id).context("image vanished")?;
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"image": image.to_string(), "id": id.to_hex(), "held": st.held, "total": st.total, "complete": st.complete, "node_running": false})
+                    let v = status_json(
+                        &image,
+                        &id,
+                        st.size,
+                        st.chunk_size,
+                        (st.held, st.total, st.complete),
+                        None,
                     );
+                    outln!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
-                    println!("{image} {id}\n  chunks: {}/{}{}\n  (no node runs on this store: no transfer counters)", st.held, st.total, if st.complete { " complete" } else { "" });
+                    outln!("{image} {id}\n  chunks: {}/{}{}\n  (no node runs on this store: no transfer counters)", st.held, st.total, if st.complete { " complete" } else { "" });
                 }
                 return Ok(());
             }
@@ -381,39 +407,40 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                         bail!("image {image} is not in store {}", store.display());
                     };
                     if json {
-                        // The image's report, plus the node's certificate expiry (operators
-                        // watch it from the same command).
-                        let mut v = serde_json::to_value(i)?;
-                        if let Some(o) = v.as_object_mut() {
-                            o.insert("cert_expires_at".into(), s.cert_expires_at.into());
-                            o.insert("cert_expiring".into(), s.cert_expiring.into());
-                        }
-                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        let v = status_json(
+                            &i.image,
+                            &i.id,
+                            i.size,
+                            i.chunk_size,
+                            (i.held, i.total, i.complete),
+                            Some((i, &s)),
+                        );
+                        outln!("{}", serde_json::to_string_pretty(&v)?);
                     } else {
                         let c = &i.counters;
-                        println!("{} {}", i.image, i.id);
-                        println!(
+                        outln!("{} {}", i.image, i.id);
+                        outln!(
                             "  chunks:   {}/{}{}{}",
                             i.held,
                             i.total,
                             if i.complete { " complete" } else { "" },
                             if i.fetching { " (fetching)" } else { "" }
                         );
-                        println!(
+                        outln!(
                             "  LAN:      received {} in {} chunks, sent {} in {} chunks",
                             human(c.lan_recv_bytes),
                             c.lan_recv_chunks,
                             human(c.lan_sent_bytes),
                             c.lan_sent_chunks
                         );
-                        println!(
+                        outln!(
                             "  WAN:      received {} in {} chunks, sent {} in {} chunks",
                             human(c.wan_recv_bytes),
                             c.wan_recv_chunks,
                             human(c.wan_sent_bytes),
                             c.wan_sent_chunks
                         );
-                        println!(
+                        outln!(
                             "  by peer:  our IDC's bridgeheads: received {}, sent {}; \
                              hosts of our IDC: received {}, sent {}",
                             human(c.bridgehead_recv_bytes),
@@ -422,7 +449,7 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                             human(c.hosts_sent_bytes)
                         );
                         if c.lan_available_ms > 0 {
-                            println!(
+                            outln!(
                                 "  LAN rate while our IDC held chunks we lacked: {:.1} Mbit/s \
                                  over {:.2} s",
                                 c.lan_available_recv_bytes as f64 * 8.0
@@ -431,13 +458,16 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
                                 c.lan_available_ms as f64 / 1000.0
                             );
                         }
-                        println!("  bad chunks received: {}", c.bad_chunks);
-                        println!(
+                        outln!("  bad chunks received: {}", c.bad_chunks);
+                        outln!(
                             "  node: {} IDC {} role {} refusals {}",
-                            s.peer, s.idc, s.role, s.refusals
+                            s.peer,
+                            s.idc,
+                            s.role,
+                            s.refusals
                         );
                         if let Some(at) = s.cert_expires_at {
-                            println!(
+                            outln!(
                                 "  bridgehead certificate expires {}{}",
                                 bids_protocols::cert::fmt_time(at),
                                 if s.cert_expiring {
@@ -525,6 +555,42 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `bids image status --json`, one shape with or without a running node (docs/json.md): the
+/// image as `name:version` and its parts, the id in hex as `image ls --json` has it; with a
+/// node also the transfer counters and the node's certificate expiry (operators watch it
+/// from the same command).
+fn status_json(
+    image: &ImageRef,
+    id: &bids_protocols::ImageId,
+    size: u64,
+    chunk_size: u32,
+    (held, total, complete): (u32, u32, bool),
+    node: Option<(&bids_node::ImageReport, &bids_node::NodeStatus)>,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "image": image.to_string(),
+        "name": image.name,
+        "version": image.version,
+        "id": id.to_hex(),
+        "size": size,
+        "chunk_size": chunk_size,
+        "held": held,
+        "total": total,
+        "complete": complete,
+        "node_running": node.is_some(),
+    });
+    if let (Some((i, s)), Some(o)) = (node, v.as_object_mut()) {
+        o.insert("fetching".into(), i.fetching.into());
+        o.insert(
+            "counters".into(),
+            serde_json::to_value(i.counters).unwrap_or_default(),
+        );
+        o.insert("cert_expires_at".into(), s.cert_expires_at.into());
+        o.insert("cert_expiring".into(), s.cert_expiring.into());
+    }
+    v
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {

@@ -1,7 +1,7 @@
 //! `bids lookup NAME:VER`: asks the GIS for the hierarchical host list and prints it as JSON.
 
 use crate::keys;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use bids_protocols::gis::{GisRequest, GisResponse, HostEntry, ImageQuery};
 use bids_protocols::{Idc, ImageRef};
 use clap::Args;
@@ -12,9 +12,9 @@ use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct LookupArgs {
-    /// NAME:VERSION
+    /// The image, NAME:VERSION.
     image: String,
-    /// GIS address ending in /p2p/<peer id>.
+    /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it.
     #[arg(long)]
     gis: String,
     /// Ask as a host of this IDC.
@@ -39,7 +39,7 @@ fn entry(e: &HostEntry) -> Value {
 pub async fn run(a: LookupArgs) -> Result<()> {
     let image: ImageRef = a.image.parse().map_err(anyhow::Error::msg)?;
     let idc = Idc::new(&a.idc).map_err(anyhow::Error::msg)?;
-    let gis: Multiaddr = a.gis.parse().context("--gis is not a multiaddr")?;
+    let gis: Multiaddr = crate::settings::gis_addr(&a.gis)?;
     let key = match &a.key {
         Some(k) => keys::load(k)?,
         None => libp2p::identity::Keypair::generate_ed25519(),
@@ -63,7 +63,7 @@ pub async fn run(a: LookupArgs) -> Result<()> {
                 "level1": l.level1.iter().map(entry).collect::<Vec<_>>(),
                 "level2": l.level2.iter().map(entry).collect::<Vec<_>>(),
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            outln!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
         GisResponse::Error { message, .. } => bail!("{message}"),

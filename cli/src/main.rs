@@ -1,6 +1,18 @@
 //! `bids`: the one binary of BIDS. It parses arguments, loads configuration and wires the
 //! crates together; the logic lives in the library crates.
 
+/// `println!` for results on stdout; ends the process quietly when stdout is closed
+/// (`bids image ls | head -1`) instead of panicking, see `output`.
+macro_rules! outln {
+    () => { $crate::output::write(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::output::write(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// `print!` with the same rule as `outln!`.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::output::write(format_args!($($t)*)) };
+}
+
 mod bench_cmd;
 mod cert_cmd;
 mod delta_cmd;
@@ -10,13 +22,15 @@ mod keys;
 mod limits;
 mod lookup_cmd;
 mod node_cmd;
+mod output;
 mod progress;
 mod rmc_cmd;
 mod settings;
 mod testnet_cmd;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -26,6 +40,14 @@ use std::path::PathBuf;
     about = "Bridgehead-employed VM image distribution"
 )]
 struct Cli {
+    /// More log output: -v shows what happens (info), -vv debugging detail. RUST_LOG, when
+    /// set, decides instead (e.g. RUST_LOG=bids_node=debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Also write the full log (info, or what -v/RUST_LOG ask for) to this file, appending,
+    /// whatever stderr shows.
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -60,17 +82,33 @@ enum Cmd {
     /// Helpers of the netns testnet scripts: WAN link emulator, evaluation plots.
     #[command(subcommand, hide = true)]
     Testnet(testnet_cmd::TestnetCmd),
+    /// Print a shell completion script: `bids completions bash > /etc/bash_completion.d/bids`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (bids.1, bids-node.1, …) into a directory.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum KeyCmd {
     /// Generate a keypair file (mode 0600) and print its peer id.
     Gen {
+        /// The key file to create; an existing file is never overwritten.
         #[arg(long)]
         out: PathBuf,
     },
     /// Print the peer id of a keypair file.
-    PeerId { file: PathBuf },
+    PeerId {
+        /// The key file (from `bids key gen`).
+        file: PathBuf,
+    },
 }
 
 /// Parses a size with an optional KiB/MiB/GiB (or K/M/G) suffix.
@@ -98,21 +136,78 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((v * mult as f64).round() as u64)
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "warn,bids=info,bids_node=info,bids_gis=info,bids_rmc=info",
-        )
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Daemons log what they do (info) by default; one-shot commands, the demo included, only
+/// warnings, so their results are not lost among log lines.
+fn is_daemon(cmd: &Cmd) -> bool {
+    matches!(
+        cmd,
+        Cmd::Gis(_) | Cmd::Node(_) | Cmd::Rmc(_) | Cmd::Testnet(_)
+    )
+}
+
+/// The log filter: RUST_LOG if set, else by kind of command and -v.
+fn log_filter(daemon: bool, verbose: u8) -> String {
+    if let Ok(f) = std::env::var("RUST_LOG") {
+        if !f.trim().is_empty() {
+            return f;
+        }
+    }
+    let ours = match (daemon, verbose) {
+        (false, 0) => return "warn".into(),
+        (true, 0) | (false, 1) => "info",
+        (_, 1) | (_, 2) => "debug",
+        _ => return "debug".into(),
+    };
+    format!("warn,bids={ours},bids_node={ours},bids_gis={ours},bids_rmc={ours},bids_testnet={ours},bids_delta={ours}")
+}
+
+/// Logs to stderr (ANSI colours only on a terminal, and not with NO_COLOR) and, with
+/// `--log-file`, the full log to that file too.
+fn init_logging(daemon: bool, verbose: u8, log_file: Option<&std::path::Path>) -> Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let filter = log_filter(daemon, verbose);
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
+        .with_filter(EnvFilter::new(&filter));
+    let file = match log_file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening the log file {}", path.display()))?;
+            // The file keeps at least what a daemon logs, whatever stderr shows.
+            let full = if verbose == 0 && std::env::var_os("RUST_LOG").is_none() {
+                log_filter(true, 0)
+            } else {
+                filter.clone()
+            };
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(f))
+                    .with_filter(EnvFilter::new(full)),
+            )
+        }
+        None => None,
+    };
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(file)
         .try_init();
+    Ok(())
 }
 
 fn main() {
-    init_logging();
     let cli = Cli::parse();
+    if let Err(e) = init_logging(is_daemon(&cli.cmd), cli.verbose, cli.log_file.as_deref()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -133,11 +228,11 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Key(KeyCmd::Gen { out }) => {
             let k = keys::generate(&out)?;
-            println!("{}", k.public().to_peer_id());
+            outln!("{}", k.public().to_peer_id());
             Ok(())
         }
         Cmd::Key(KeyCmd::PeerId { file }) => {
-            println!("{}", keys::load(&file)?.public().to_peer_id());
+            outln!("{}", keys::load(&file)?.public().to_peer_id());
             Ok(())
         }
         Cmd::Cert(c) => cert_cmd::run(c),
@@ -146,16 +241,67 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Image(c) => image_cmd::run(c).await,
         Cmd::Delta(c) => delta_cmd::run(c).await,
         Cmd::Lookup(a) => lookup_cmd::run(a).await,
-        Cmd::Demo(a) => demo_cmd::run(a).await,
+        Cmd::Demo(a) => demo_cmd::run(a, cli.log_file.as_deref()).await,
         Cmd::Bench(c) => bench_cmd::run(c).await,
         Cmd::Rmc(a) => rmc_cmd::run(a).await,
         Cmd::Testnet(c) => testnet_cmd::run(c).await,
+        Cmd::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "bids", &mut buf);
+            output::write_bytes(&buf);
+            Ok(())
+        }
+        Cmd::Man { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            clap_mangen::generate_to(Cli::command(), &out)
+                .with_context(|| format!("writing the manual pages into {}", out.display()))?;
+            outln!("manual pages written to {}", out.display());
+            Ok(())
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::parse_size;
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand, hidden ones included, has a help line (the
+    /// generated --help, completions and manual pages all show it).
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && cmd.get_name() != "help" {
+                missing.push(format!("{path} (the command itself)"));
+            }
+            for a in cmd.get_arguments() {
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    #[test]
+    fn the_demo_is_quiet_and_daemons_are_not() {
+        // RUST_LOG would decide instead; the tests of this crate run without it.
+        if std::env::var_os("RUST_LOG").is_some() {
+            return;
+        }
+        assert_eq!(super::log_filter(false, 0), "warn");
+        assert!(super::log_filter(false, 1).contains("bids_node=info"));
+        assert!(super::log_filter(true, 0).contains("bids_node=info"));
+        assert!(super::log_filter(true, 1).contains("bids_node=debug"));
+    }
 
     #[test]
     fn sizes() {

@@ -15,16 +15,21 @@ pub struct NodeArgs {
     /// TOML file with any of the settings below (flags win over it, BIDS_… variables in between).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// This node's keypair file (`bids key gen`); its peer id is the node's identity.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// The IDC (data center) this host is in, e.g. B; hosts share chunks only within it.
     #[arg(long)]
     idc: Option<String>,
-    /// GIS address ending in /p2p/<peer id>.
+    /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it,
+    /// e.g. /ip4/10.0.0.1/tcp/7000/p2p/12D3KooW….
     #[arg(long)]
     gis: Option<String>,
+    /// Chunk store directory (images, their chunk bitmaps, the control socket); one node
+    /// per store.
     #[arg(long)]
     store: Option<PathBuf>,
-    /// Listen address (default /ip4/0.0.0.0/tcp/0).
+    /// Listen address(es), comma-separated (default /ip4/0.0.0.0/tcp/0).
     #[arg(long)]
     listen: Option<String>,
     /// Bridgehead certificate (makes this host a bridgehead candidate of its IDC). SIGHUP
@@ -34,8 +39,14 @@ pub struct NodeArgs {
     /// Warn this many days before the bridgehead certificate expires (default 14).
     #[arg(long)]
     cert_warn_days: Option<u64>,
+    /// Peer id of the admin (`bids key peer-id admin.key`). The admin's key signs bridgehead
+    /// certificates: this node trusts a bridgehead of another IDC (and its own --cert) only if
+    /// the admin signed it, and obeys only commands the admin signed (sent from the console
+    /// through the GIS). Every node, GIS and console of one deployment uses the same one.
     #[arg(long)]
     admin_peer: Option<String>,
+    /// bids (default: the IDC rule, only bridgeheads cross the WAN) or baseline (any host
+    /// dials any host; for the evaluation only). Must match the GIS's.
     #[arg(long)]
     policy: Option<String>,
     /// Upload limit in bytes/s (0 = unlimited).
@@ -104,9 +115,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     )?;
     let key = keys::load(&settings::required(st.key, "key", "--key")?)?;
     let idc = Idc::new(&settings::required(st.idc, "idc", "--idc")?).map_err(anyhow::Error::msg)?;
-    let gis: Multiaddr = settings::required(st.gis, "gis", "--gis")?
-        .parse()
-        .context("--gis is not a multiaddr")?;
+    let gis: Multiaddr = settings::gis_addr(&settings::required(st.gis, "gis", "--gis")?)?;
     let store = settings::required(st.store, "store", "--store")?;
     let admin = keys::parse_peer(&settings::required(
         st.admin_peer,
@@ -160,7 +169,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     let (node, task) = bids_node::start(cfg).await?;
     let reload = tokio::spawn(reload_cert_on_sighup(hup, node.clone(), st.cert.clone()));
     for a in node.listen_addrs() {
-        println!("{a}");
+        crate::output::announce(&a.to_string());
     }
     let control = tokio::spawn(bids_node::control::serve(node.clone()));
     tokio::select! {
@@ -216,8 +225,10 @@ async fn reload_cert_on_sighup(
 
 #[derive(Args, Debug)]
 pub struct GisArgs {
+    /// TOML file with any of the settings below (flags win over it, BIDS_… variables in between).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The GIS's keypair file (`bids key gen`); its peer id ends the address nodes use.
     #[arg(long)]
     key: Option<PathBuf>,
     /// Listen address, e.g. /ip4/127.0.0.1/tcp/7000.
@@ -226,9 +237,13 @@ pub struct GisArgs {
     /// Data directory (sled).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Peer id of the admin (`bids key peer-id admin.key`). The GIS lists a bridgehead only if
+    /// its certificate is signed by this admin, and accepts console requests (host lists,
+    /// commands, revocations) only from this identity.
     #[arg(long)]
     admin_peer: Option<String>,
-    /// bids (default) or baseline (evaluation only).
+    /// bids (default: per-IDC host lists, bridgeheads across the WAN) or baseline (holders
+    /// from every IDC; for the evaluation only).
     #[arg(long)]
     policy: Option<String>,
 }
@@ -283,7 +298,7 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
     crate::limits::raise_open_files("connected hosts (one connection each)");
     let gis = bids_gis::server::spawn(cfg).await?;
     for a in gis.listen_addrs() {
-        println!("{a}");
+        crate::output::announce(&a.to_string());
     }
     shutdown_signal().await;
     gis.shutdown().await?;
@@ -302,5 +317,95 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deploy(file: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(file)
+    }
+
+    /// Every key of the example files in deploy/ is a setting the daemon reads (a misspelt
+    /// key would be ignored silently), and the required ones are there.
+    #[test]
+    fn deploy_examples_hold_known_settings() {
+        let keys = |file: &str| -> Vec<String> {
+            let text = std::fs::read_to_string(deploy(file)).unwrap();
+            let t: toml::Table = toml::from_str(&text).unwrap();
+            t.keys().cloned().collect()
+        };
+        for file in ["node.toml", "bridgehead.toml"] {
+            let st: NodeSettings = settings::load(Some(&deploy(file)), &[]).unwrap();
+            let NodeSettings {
+                key,
+                idc,
+                gis,
+                store,
+                listen,
+                cert,
+                cert_warn_days,
+                admin_peer,
+                policy,
+                heartbeat_secs,
+                upload_bps,
+                download_bps,
+                external_addr,
+            } = st;
+            let set = [
+                ("key", key.is_some()),
+                ("idc", idc.is_some()),
+                ("gis", gis.is_some()),
+                ("store", store.is_some()),
+                ("listen", listen.is_some()),
+                ("cert", cert.is_some()),
+                ("cert_warn_days", cert_warn_days.is_some()),
+                ("admin_peer", admin_peer.is_some()),
+                ("policy", policy.is_some()),
+                ("heartbeat_secs", heartbeat_secs.is_some()),
+                ("upload_bps", upload_bps.is_some()),
+                ("download_bps", download_bps.is_some()),
+                ("external_addr", external_addr.is_some()),
+            ];
+            for k in keys(file) {
+                assert!(
+                    set.iter().any(|(n, s)| *n == k && *s),
+                    "{file}: `{k}` is no node setting"
+                );
+            }
+            for required in ["key", "idc", "gis", "store", "admin_peer"] {
+                assert!(
+                    set.iter().any(|(n, s)| *n == required && *s),
+                    "{file}: {required}"
+                );
+            }
+        }
+        let st: GisSettings = settings::load(Some(&deploy("gis.toml")), &[]).unwrap();
+        let GisSettings {
+            key,
+            listen,
+            data,
+            admin_peer,
+            policy,
+            heartbeat_timeout_secs,
+        } = st;
+        let set = [
+            ("key", key.is_some()),
+            ("listen", listen.is_some()),
+            ("data", data.is_some()),
+            ("admin_peer", admin_peer.is_some()),
+            ("policy", policy.is_some()),
+            ("heartbeat_timeout_secs", heartbeat_timeout_secs.is_some()),
+        ];
+        for k in keys("gis.toml") {
+            assert!(
+                set.iter().any(|(n, s)| *n == k && *s),
+                "gis.toml: `{k}` is no GIS setting"
+            );
+        }
     }
 }

@@ -18,13 +18,15 @@ pub struct RmcArgs {
     /// BIDS_… variables in between).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// GIS address ending in /p2p/<peer id>.
+    /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it.
     #[arg(long)]
     gis: Option<String>,
-    /// The admin keypair: the console speaks to the GIS as the admin and signs with it.
+    /// The admin keypair (the one whose peer id the GIS got as --admin-peer): the console
+    /// speaks to the GIS as the admin and signs commands and certificates with it.
     #[arg(long)]
     admin_key: Option<PathBuf>,
-    /// Web server address; loopback unless told otherwise.
+    /// Web server address, IP:PORT (default 127.0.0.1:8080); put TLS in front of it when it
+    /// listens beyond loopback.
     #[arg(long)]
     listen: Option<String>,
 }
@@ -59,9 +61,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
             ("listen", a.listen.clone()),
         ],
     )?;
-    let gis: Multiaddr = settings::required(st.gis, "gis", "--gis")?
-        .parse()
-        .context("--gis is not a multiaddr")?;
+    let gis: Multiaddr = settings::gis_addr(&settings::required(st.gis, "gis", "--gis")?)?;
     let admin = keys::load(&settings::required(
         st.admin_key,
         "admin_key",
@@ -87,7 +87,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
         .await
         .with_context(|| format!("connecting to the GIS at {gis} as the admin"))?;
     let rmc = bids_rmc::start(cfg, link).await?;
-    println!("{}", announce(rmc.local_addr(), &password, generated));
+    crate::output::announce(&announce(rmc.local_addr(), &password, generated));
     node_cmd::shutdown_signal().await;
     rmc.shutdown().await?;
     Ok(())
@@ -188,6 +188,36 @@ impl bids_testnet::demo::DemoHook for DemoConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// deploy/rmc.toml holds only settings the console reads.
+    #[test]
+    fn deploy_example_holds_known_settings() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rmc.toml");
+        let st: RmcSettings = settings::load(Some(&path), &[]).unwrap();
+        let RmcSettings {
+            gis,
+            admin_key,
+            listen,
+            rmc_password,
+            rmc_sample_ms,
+            rmc_cert_days,
+        } = st;
+        let set = [
+            ("gis", gis.is_some()),
+            ("admin_key", admin_key.is_some()),
+            ("listen", listen.is_some()),
+            ("rmc_password", rmc_password.is_some()),
+            ("rmc_sample_ms", rmc_sample_ms.is_some()),
+            ("rmc_cert_days", rmc_cert_days.is_some()),
+        ];
+        let t: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for k in t.keys() {
+            assert!(
+                set.iter().any(|(n, s)| n == k && *s),
+                "rmc.toml: `{k}` is no console setting"
+            );
+        }
+    }
 
     #[test]
     fn configured_password_wins_else_a_fresh_token() {

@@ -40,9 +40,41 @@ pub fn required<T>(v: Option<T>, name: &str, flag: &str) -> Result<T> {
     })
 }
 
+/// The one rule for every `--gis`: a multiaddr that ends in `/p2p/<the GIS's peer id>`,
+/// because the connection is authenticated against that id (Noise) before anything is asked.
+pub fn gis_addr(s: &str) -> Result<libp2p::Multiaddr> {
+    const EXAMPLE: &str = "e.g. --gis /ip4/10.0.0.1/tcp/7000/p2p/12D3KooW… (`bids gis` prints its \
+        full address at start; `bids key peer-id gis.key` gives the peer id)";
+    let addr: libp2p::Multiaddr = s
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--gis {s:?} is not a multiaddr ({e}); {EXAMPLE}"))?;
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(_)) => Ok(addr),
+        _ => anyhow::bail!(
+            "--gis {s:?} lacks the GIS's peer id: the address must end in /p2p/<peer id>, {EXAMPLE}"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gis_addresses_need_the_peer_id() {
+        let id = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        assert!(gis_addr(&format!("/ip4/127.0.0.1/tcp/7000/p2p/{id}")).is_ok());
+        let e = gis_addr("/ip4/127.0.0.1/tcp/7000").unwrap_err().to_string();
+        assert!(
+            e.contains("/p2p/<peer id>") && e.contains("e.g. --gis /ip4/"),
+            "{e}"
+        );
+        let e = gis_addr("127.0.0.1:7000").unwrap_err().to_string();
+        assert!(e.contains("not a multiaddr") && e.contains("e.g."), "{e}");
+    }
     use serde::Deserialize;
 
     #[derive(Deserialize, Debug)]

@@ -20,8 +20,10 @@ pub enum TestnetCmd {
     },
     /// Draw Fig. 6/7/8 (PNG) from the runs.csv of testnet/eval.sh.
     EvalPlot {
+        /// The runs.csv written by testnet/eval.sh.
         #[arg(long)]
         csv: PathBuf,
+        /// Directory to write the PNG figures into.
         #[arg(long)]
         out: PathBuf,
         /// TrueType font for the text (default: DejaVu Sans from the usual places).
@@ -38,7 +40,7 @@ pub async fn run(cmd: TestnetCmd) -> Result<()> {
                 .map(|l| linkemu::LinkSpec::parse(l))
                 .collect::<Result<Vec<_>, _>>()?;
             let (stats, tasks) = linkemu::start(&specs)?;
-            println!("ready");
+            crate::output::announce("ready");
             std::io::stdout().flush()?;
             let mut tasks = futures::future::select_all(tasks);
             let failed = tokio::select! {
@@ -46,7 +48,7 @@ pub async fn run(cmd: TestnetCmd) -> Result<()> {
                 (r, _, _) = &mut tasks => Some(r),
             };
             for s in &stats {
-                println!("{s}");
+                outln!("{s}");
             }
             match failed {
                 None => Ok(()),
@@ -62,7 +64,7 @@ pub async fn run(cmd: TestnetCmd) -> Result<()> {
             }
             evalplot::load_font(font.as_deref())?;
             for f in evalplot::plot_all(&runs, &out)? {
-                println!("{}", f.display());
+                outln!("{}", f.display());
             }
             Ok(())
         }

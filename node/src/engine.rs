@@ -522,10 +522,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
                 .with_request_timeout(Duration::from_secs(180))
                 .with_max_concurrent_streams(1024);
             Ok(Behaviour {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/bids/id/1".into(),
-                    k.public(),
-                )),
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/bids/id/1".into(), k.public())
+                        .with_agent_version(crate::transport::agent_version()),
+                ),
                 ping: ping::Behaviour::default(),
                 gossipsub,
                 hello: rr::Behaviour::with_codec(
@@ -615,6 +615,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         registered: false,
         gis_redial: Backoff::new(GIS_REDIAL_BASE, GIS_REDIAL_CAP),
         gis_dialing: false,
+        gis_watch: crate::gis_watch::GisWatch::default(),
         gis_lost: false,
         gis_backlog: VecDeque::new(),
         revocations: Revocations::default(),
@@ -685,6 +686,8 @@ struct Engine {
     gis_redial: Backoff,
     /// A dial of ours to the GIS is under way.
     gis_dialing: bool,
+    /// When to warn that the GIS is out of reach (`crate::gis_watch`).
+    gis_watch: crate::gis_watch::GisWatch,
     /// The GIS connection was up once and was lost: the next one is a reconnection.
     gis_lost: bool,
     /// GIS requests someone waits for, held while the GIS is unreachable or has not yet
@@ -748,6 +751,7 @@ impl Engine {
     async fn run(mut self) {
         info!(peer = %self.me, idc = %self.cfg.idc, policy = %self.cfg.policy, "node started");
         // Registration follows once the connection is up (`on_gis_connected`).
+        self.gis_watch.down(Instant::now());
         self.dial_gis();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -868,14 +872,19 @@ impl Engine {
             .build();
         match self.swarm.dial(opts) {
             Ok(()) => self.gis_dialing = true,
-            Err(e) => self.gis_dial_failed(&e.to_string()),
+            Err(e) => self.gis_dial_failed(&crate::gis_watch::dial_cause(&e)),
         }
     }
 
     fn gis_dial_failed(&mut self, error: &str) {
         self.gis_dialing = false;
-        let wait = self.gis_redial.failed(Instant::now(), rand::random());
-        warn!(gis = %self.cfg.gis, %error, attempt = self.gis_redial.failures(), retry_in = ?wait, "cannot reach the GIS; redialling");
+        let now = Instant::now();
+        let wait = self.gis_redial.failed(now, rand::random());
+        if self.gis_watch.dial_failed(now, error) {
+            warn!(gis = %self.cfg.gis, cause = %error, "cannot reach the GIS; redialling with backoff (reminders follow while it stays out of reach)");
+        } else {
+            debug!(gis = %self.cfg.gis, cause = %error, attempt = self.gis_redial.failures(), retry_in = ?wait, "cannot reach the GIS; redialling");
+        }
     }
 
     fn on_gis_connected(&mut self) {
@@ -889,6 +898,7 @@ impl Engine {
             info!("connected to the GIS");
         }
         self.gis_connected = true;
+        self.gis_watch.up(Instant::now());
         self.gis_redial.reset();
         self.register();
     }
@@ -902,6 +912,7 @@ impl Engine {
         // A restarted GIS has forgotten that we are alive: register again once back.
         self.registered = false;
         let wait = self.gis_redial.failed(Instant::now(), rand::random());
+        self.gis_watch.down(Instant::now());
         warn!(gis = %self.cfg.gis, retry_in = ?wait, "connection to the GIS lost; redialling with backoff (downloads go on with the peers they know)");
     }
 
@@ -1200,7 +1211,7 @@ impl Engine {
                 error,
                 ..
             } if p == self.gis_peer && !self.gis_connected => {
-                self.gis_dial_failed(&error.to_string());
+                self.gis_dial_failed(&crate::gis_watch::dial_cause(&error));
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(p),
@@ -2440,6 +2451,10 @@ impl Engine {
         let now = Instant::now();
         if !self.gis_connected && !self.gis_dialing && self.gis_redial.due(now) {
             self.dial_gis();
+        }
+        if let Some(r) = self.gis_watch.due(now) {
+            let cause = r.cause.as_deref().unwrap_or("a dial is under way, no answer yet (packets dropped on the way, or the port is not the GIS's?)");
+            warn!(gis = %self.cfg.gis, down_for = ?r.down_for, %cause, next_reminder_in = ?r.next_in, "still no connection to the GIS");
         }
         self.drain_gis_backlog(now);
         self.check_cert_ends(now);

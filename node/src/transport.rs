@@ -17,6 +17,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// The identify agent a node announces, `bids-node/<version>` (the GIS announces
+/// `bids-gis/<version>`), so a peer or an operator's tool sees what it talks to.
+pub fn agent_version() -> String {
+    format!("bids-node/{}", env!("CARGO_PKG_VERSION"))
+}
+
 /// A duplex byte stream (futures-io traits, as libp2p uses).
 pub trait RawStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> RawStream for T {}

@@ -21,6 +21,14 @@ pub enum RmcError {
     },
     #[error("the console's HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error(
+        "the GIS refuses {peer} as its admin ({message}); start the console with the admin's \
+         key, the one whose peer id the GIS got as --admin-peer"
+    )]
+    NotAdmin {
+        peer: libp2p::PeerId,
+        message: String,
+    },
 }
 
 /// Everything a console needs besides its link to the GIS.
@@ -90,6 +98,7 @@ impl RmcHandle {
 
 /// Starts a console on `cfg.listen` talking to the GIS through `gis`.
 pub async fn start(cfg: RmcConfig, gis: Arc<dyn AdminGis>) -> Result<RmcHandle, RmcError> {
+    check_admin(&cfg, gis.as_ref()).await?;
     if !cfg.listen.ip().is_loopback() {
         tracing::warn!(addr = %cfg.listen, "the console listens beyond loopback; put TLS in front of it");
     }
@@ -139,6 +148,28 @@ pub async fn start(cfg: RmcConfig, gis: Arc<dyn AdminGis>) -> Result<RmcHandle, 
         stop,
         task,
     })
+}
+
+/// A console whose key is not the GIS's admin could do nothing but be refused: ask the GIS
+/// once, at start, and refuse to start then. A GIS that does not answer now is no reason to
+/// stop (the sampler retries); only its refusal is.
+async fn check_admin(cfg: &RmcConfig, gis: &dyn AdminGis) -> Result<(), RmcError> {
+    use crate::gis_link::GisCallError;
+    use bids_protocols::admin::AdminErrorKind;
+    match gis.stats().await {
+        Err(GisCallError::Refused {
+            kind: AdminErrorKind::Forbidden,
+            message,
+        }) => Err(RmcError::NotAdmin {
+            peer: cfg.admin.public().to_peer_id(),
+            message,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "the GIS did not answer the console's first request; starting anyway");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Samples the GIS every `interval` into the history; a failed sample is logged once per

@@ -419,10 +419,11 @@ impl Store {
             .cache_capacity(opts.cache_bytes)
             .open()
             .map_err(|e| match e {
+                // sled's text ends in the raw `Os { code: 11, … }`: say it in words.
                 sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
                     StoreError::Locked {
                         dir: dir.to_path_buf(),
-                        detail: io.to_string(),
+                        detail: format!("its index {} is locked", db_path.display()),
                     }
                 }
                 other => StoreError::Db(other),
