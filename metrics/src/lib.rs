@@ -8,7 +8,7 @@ pub mod text;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing;
 use axum::Router;
 pub use prometheus_client;
 use prometheus_client::registry::Registry;
@@ -62,9 +62,9 @@ impl Endpoint {
     /// bigger router.
     pub fn router(self) -> Router {
         Router::new()
-            .route("/metrics", get(metrics))
-            .route("/healthz", get(|| async { "ok\n" }))
-            .route("/readyz", get(readyz))
+            .route("/metrics", routing::get(metrics))
+            .route("/healthz", routing::get(|| async { "ok\n" }))
+            .route("/readyz", routing::get(readyz))
             .with_state(self)
     }
 }
@@ -82,7 +82,11 @@ async fn metrics(State(ep): State<Endpoint>) -> Response {
 async fn readyz(State(ep): State<Endpoint>) -> Response {
     match (ep.ready)() {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -123,23 +127,42 @@ pub async fn serve(addr: SocketAddr, ep: Endpoint) -> Result<MetricsServer, Metr
     Ok(MetricsServer { addr: local, task })
 }
 
+/// Answers bigger than this are refused by [`get`].
+pub const MAX_ANSWER: u64 = 16 << 20;
+
+/// One `GET path` to a metrics listener (HTTP/1.1, connection closed after it): the status
+/// code and the body. For tests and probes of our own listeners, which answer with a
+/// `Content-Length` body; at most [`MAX_ANSWER`] bytes are read.
+pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    (&mut s).take(MAX_ANSWER).read_to_end(&mut raw).await?;
+    let text = String::from_utf8(raw).map_err(|_| bad("answer is not UTF-8"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("answer has no header end"))?;
+    let code = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("answer has no HTTP/1.1 status line"))?;
+    Ok((code, body.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use prometheus_client::metrics::counter::Counter;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        let code = out[9..12].parse().unwrap();
-        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        (code, body)
+        super::get(addr, path).await.unwrap()
     }
 
     #[tokio::test]

@@ -71,10 +71,16 @@ pub fn parse(body: &str) -> Result<Scrape, ParseError> {
             match parts.next() {
                 Some("EOF") => {}
                 Some("HELP") | Some("UNIT") => {
-                    parts.next().filter(|n| valid_name(n)).ok_or(err("bad metric name"))?;
+                    parts
+                        .next()
+                        .filter(|n| valid_name(n))
+                        .ok_or(err("bad metric name"))?;
                 }
                 Some("TYPE") => {
-                    let name = parts.next().filter(|n| valid_name(n)).ok_or(err("bad metric name"))?;
+                    let name = parts
+                        .next()
+                        .filter(|n| valid_name(n))
+                        .ok_or(err("bad metric name"))?;
                     let ty = parts.next().ok_or(err("TYPE without a type"))?;
                     out.types.insert(name.to_string(), ty.to_string());
                 }

@@ -44,6 +44,8 @@ pub struct NodeConfig {
     /// Warn this long before the bridgehead certificate expires (in the log at start and
     /// daily, and in the status as `cert_expiring`).
     pub cert_warn: Duration,
+    /// Serve Prometheus metrics, `/healthz` and `/readyz` on this address (off by default).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Default of [`NodeConfig::cert_warn`]: 14 days.
@@ -78,6 +80,7 @@ impl NodeConfig {
             download_bps: 0,
             sharing: true,
             cert_warn: DEFAULT_CERT_WARN,
+            metrics: None,
         }
     }
 

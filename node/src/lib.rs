@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod gate;
+pub mod metrics;
 pub mod payload_cache;
 pub mod ratelimit;
 pub mod scheduler;
