@@ -44,6 +44,10 @@ pub struct NodeArgs {
     /// Download limit in bytes/s (0 = unlimited).
     #[arg(long)]
     download_bps: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and /readyz beside
+    /// them (IP:PORT, e.g. 127.0.0.1:9100; off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -61,6 +65,7 @@ struct NodeSettings {
     upload_bps: Option<u64>,
     download_bps: Option<u64>,
     external_addr: Option<String>,
+    metrics: Option<String>,
 }
 
 fn s(p: &Option<PathBuf>) -> Option<String> {
@@ -82,6 +87,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
             ("policy", a.policy.clone()),
             ("upload_bps", a.upload_bps.map(|v| v.to_string())),
             ("download_bps", a.download_bps.map(|v| v.to_string())),
+            ("metrics", a.metrics.clone()),
         ],
     )?;
     let key = keys::load(&settings::required(st.key, "key", "--key")?)?;
@@ -123,6 +129,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     }
     cfg.upload_bps = st.upload_bps.unwrap_or(0);
     cfg.download_bps = st.download_bps.unwrap_or(0);
+    cfg.metrics = metrics_addr(st.metrics.as_deref())?;
     // Listen for SIGHUP before anything can send it: its default action ends the process.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("listening for SIGHUP (certificate reloads)")?;
@@ -132,6 +139,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     for a in node.listen_addrs() {
         println!("{a}");
     }
+    announce_metrics(node.metrics_addr());
     let control = tokio::spawn(bids_node::control::serve(node.clone()));
     tokio::select! {
         _ = shutdown_signal() => {
@@ -201,6 +209,10 @@ pub struct GisArgs {
     /// bids (default) or baseline (evaluation only).
     #[arg(long)]
     policy: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and /readyz beside
+    /// them (IP:PORT, e.g. 127.0.0.1:9100; off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -211,6 +223,7 @@ struct GisSettings {
     admin_peer: Option<String>,
     policy: Option<String>,
     heartbeat_timeout_secs: Option<u64>,
+    metrics: Option<String>,
 }
 
 pub async fn run_gis(a: GisArgs) -> Result<()> {
@@ -222,6 +235,7 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
             ("data", s(&a.data)),
             ("admin_peer", a.admin_peer.clone()),
             ("policy", a.policy.clone()),
+            ("metrics", a.metrics.clone()),
         ],
     )?;
     let keypair = keys::load(&settings::required(st.key, "key", "--key")?)?;
@@ -249,15 +263,33 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
         admin_peer,
         policy,
         heartbeat_timeout: Duration::from_secs(st.heartbeat_timeout_secs.unwrap_or(10)),
+        metrics: metrics_addr(st.metrics.as_deref())?,
     };
     crate::limits::raise_open_files("connected hosts (one connection each)");
     let gis = bids_gis::server::spawn(cfg).await?;
     for a in gis.listen_addrs() {
         println!("{a}");
     }
+    announce_metrics(gis.metrics_addr());
     shutdown_signal().await;
     gis.shutdown().await?;
     Ok(())
+}
+
+/// The `--metrics` address, if one is set.
+pub fn metrics_addr(v: Option<&str>) -> Result<Option<std::net::SocketAddr>> {
+    v.map(|v| {
+        v.parse()
+            .with_context(|| format!("--metrics {v:?} must be IP:PORT, e.g. 127.0.0.1:9100"))
+    })
+    .transpose()
+}
+
+/// Says where the metrics are (stderr: stdout carries the daemon's addresses).
+pub fn announce_metrics(addr: Option<std::net::SocketAddr>) {
+    if let Some(a) = addr {
+        eprintln!("metrics: http://{a}/metrics (health: /healthz, readiness: /readyz)");
+    }
 }
 
 /// Ctrl-C or SIGTERM.
