@@ -624,7 +624,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         dialing: HashSet::new(),
         seeder: LanSeeder::default(),
         metrics,
-        metrics_server: metrics_server,
+        metrics_server,
         last_metrics_sample: Instant::now(),
         cfg,
     };
