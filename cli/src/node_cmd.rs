@@ -67,6 +67,10 @@ pub struct NodeArgs {
     /// How long a peer that served corrupt chunks stays banned, node-wide (default 3600).
     #[arg(long)]
     ban_secs: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and /readyz beside
+    /// them (IP:PORT, e.g. 127.0.0.1:9100; off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -87,6 +91,7 @@ struct NodeSettings {
     external_addr: Option<String>,
     scrub_rate: Option<f64>,
     ban_secs: Option<u64>,
+    metrics: Option<String>,
 }
 
 fn s(p: &Option<PathBuf>) -> Option<String> {
@@ -111,6 +116,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
             ("wan_window_ms", a.wan_window_ms.map(|v| v.to_string())),
             ("scrub_rate", a.scrub_rate.map(|v| v.to_string())),
             ("ban_secs", a.ban_secs.map(|v| v.to_string())),
+            ("metrics", a.metrics.clone()),
         ],
     )?;
     let key = keys::load(&settings::required(st.key, "key", "--key")?)?;
@@ -162,6 +168,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     if let Some(w) = st.wan_window_ms {
         cfg.scheduler.wan_window = Duration::from_millis(w);
     }
+    cfg.metrics = metrics_addr(st.metrics.as_deref())?;
     // Listen for SIGHUP before anything can send it: its default action ends the process.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("listening for SIGHUP (certificate reloads)")?;
@@ -171,6 +178,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     for a in node.listen_addrs() {
         crate::output::announce(&a.to_string());
     }
+    announce_metrics(node.metrics_addr());
     let control = tokio::spawn(bids_node::control::serve(node.clone()));
     tokio::select! {
         _ = shutdown_signal() => {
@@ -246,6 +254,10 @@ pub struct GisArgs {
     /// from every IDC; for the evaluation only).
     #[arg(long)]
     policy: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and /readyz beside
+    /// them (IP:PORT, e.g. 127.0.0.1:9100; off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -256,6 +268,7 @@ struct GisSettings {
     admin_peer: Option<String>,
     policy: Option<String>,
     heartbeat_timeout_secs: Option<u64>,
+    metrics: Option<String>,
 }
 
 pub async fn run_gis(a: GisArgs) -> Result<()> {
@@ -267,6 +280,7 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
             ("data", s(&a.data)),
             ("admin_peer", a.admin_peer.clone()),
             ("policy", a.policy.clone()),
+            ("metrics", a.metrics.clone()),
         ],
     )?;
     let keypair = keys::load(&settings::required(st.key, "key", "--key")?)?;
@@ -294,15 +308,33 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
         admin_peer,
         policy,
         heartbeat_timeout: Duration::from_secs(st.heartbeat_timeout_secs.unwrap_or(10)),
+        metrics: metrics_addr(st.metrics.as_deref())?,
     };
     crate::limits::raise_open_files("connected hosts (one connection each)");
     let gis = bids_gis::server::spawn(cfg).await?;
     for a in gis.listen_addrs() {
         crate::output::announce(&a.to_string());
     }
+    announce_metrics(gis.metrics_addr());
     shutdown_signal().await;
     gis.shutdown().await?;
     Ok(())
+}
+
+/// The `--metrics` address, if one is set.
+pub fn metrics_addr(v: Option<&str>) -> Result<Option<std::net::SocketAddr>> {
+    v.map(|v| {
+        v.parse()
+            .with_context(|| format!("--metrics {v:?} must be IP:PORT, e.g. 127.0.0.1:9100"))
+    })
+    .transpose()
+}
+
+/// Says where the metrics are (stderr: stdout carries the daemon's addresses).
+pub fn announce_metrics(addr: Option<std::net::SocketAddr>) {
+    if let Some(a) = addr {
+        eprintln!("metrics: http://{a}/metrics (health: /healthz, readiness: /readyz)");
+    }
 }
 
 /// Ctrl-C or SIGTERM.

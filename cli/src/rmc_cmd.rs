@@ -29,6 +29,10 @@ pub struct RmcArgs {
     /// listens beyond loopback.
     #[arg(long)]
     listen: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and /readyz beside
+    /// them (IP:PORT, e.g. 127.0.0.1:9100; off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -39,6 +43,7 @@ struct RmcSettings {
     rmc_password: Option<String>,
     rmc_sample_ms: Option<u64>,
     rmc_cert_days: Option<u64>,
+    metrics: Option<String>,
 }
 
 /// The password to require, and whether it was made up here (then it must be shown).
@@ -59,6 +64,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
                 a.admin_key.as_ref().map(|p| p.display().to_string()),
             ),
             ("listen", a.listen.clone()),
+            ("metrics", a.metrics.clone()),
         ],
     )?;
     let gis: Multiaddr = settings::gis_addr(&settings::required(st.gis, "gis", "--gis")?)?;
@@ -77,6 +83,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
     let mut cfg = bids_rmc::RmcConfig::new(admin.clone(), password.clone());
     cfg.auth.single_use = generated;
     cfg.listen = listen;
+    cfg.metrics = node_cmd::metrics_addr(st.metrics.as_deref())?;
     if let Some(ms) = st.rmc_sample_ms {
         cfg.sample_interval = Duration::from_millis(ms.max(100));
     }
@@ -88,6 +95,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
         .with_context(|| format!("connecting to the GIS at {gis} as the admin"))?;
     let rmc = bids_rmc::start(cfg, link).await?;
     crate::output::announce(&announce(rmc.local_addr(), &password, generated));
+    node_cmd::announce_metrics(rmc.metrics_addr());
     node_cmd::shutdown_signal().await;
     rmc.shutdown().await?;
     Ok(())

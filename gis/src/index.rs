@@ -1036,6 +1036,11 @@ impl Index {
         found.into_iter().map(|(_, _, e)| e).collect()
     }
 
+    /// How many images and delta files are known.
+    pub fn image_count(&self) -> usize {
+        self.images.len()
+    }
+
     /// Every registered host, for the console.
     pub fn hosts(&self, now_ms: i64) -> Vec<HostView> {
         self.hosts

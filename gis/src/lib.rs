@@ -25,6 +25,7 @@ pub mod admin;
 pub mod admin_client;
 pub mod client;
 pub mod index;
+pub mod metrics;
 pub mod server;
 pub mod storage;
 

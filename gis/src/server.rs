@@ -5,6 +5,7 @@
 
 use crate::admin::{AdminDesk, AdminReply, HOST_COMMAND_TIMEOUT};
 use crate::index::{Index, IndexConfig, DEFAULT_HEARTBEAT_TIMEOUT};
+use crate::metrics::{self as gis_metrics, GisMetrics};
 use crate::storage::{SledStorage, Storage};
 use anyhow::Context;
 use bids_protocols::admin::{self, AdminRequest, AdminResponse};
@@ -17,7 +18,9 @@ use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, ping, Multiaddr, PeerId, Swarm};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -48,6 +51,8 @@ pub struct GisConfig {
     pub admin_peer: PeerId,
     pub policy: Policy,
     pub heartbeat_timeout: Duration,
+    /// Serve Prometheus metrics, `/healthz` and `/readyz` on this address (off by default).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl GisConfig {
@@ -60,6 +65,7 @@ impl GisConfig {
             admin_peer,
             policy: Policy::Bids,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            metrics: None,
         }
     }
 }
@@ -84,7 +90,7 @@ pub fn unix_ms() -> i64 {
 /// Runs the GIS until `shutdown` completes, storing its state in sled under `data_dir`.
 pub async fn run(cfg: GisConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let storage = open_sled(&cfg)?;
-    run_with_storage(cfg, Box::new(storage), shutdown, None).await
+    run_with_storage(cfg, Box::new(storage), shutdown, None, None).await
 }
 
 /// Starts the GIS on the current tokio runtime and returns once it listens.
@@ -102,9 +108,16 @@ pub async fn spawn_with_storage(
     let peer_id = cfg.keypair.public().to_peer_id();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (addrs_tx, mut addrs_rx) = watch::channel(Vec::new());
+    let metrics_at = Arc::new(OnceLock::new());
     // A dropped sender also means stop, so dropping the handle stops the server.
     let shutdown = stop_rx.map(|_| ());
-    let mut task = tokio::spawn(run_with_storage(cfg, storage, shutdown, Some(addrs_tx)));
+    let mut task = tokio::spawn(run_with_storage(
+        cfg,
+        storage,
+        shutdown,
+        Some(addrs_tx),
+        Some(metrics_at.clone()),
+    ));
     tokio::select! {
         ready = addrs_rx.wait_for(|a| !a.is_empty()) => {
             if ready.is_err() {
@@ -126,6 +139,7 @@ pub async fn spawn_with_storage(
     }
     Ok(GisHandle {
         peer_id,
+        metrics_addr: metrics_at.get().copied(),
         addrs: addrs_rx,
         stop: Some(stop_tx),
         task: Some(task),
@@ -135,6 +149,7 @@ pub async fn spawn_with_storage(
 /// A GIS running in the background. Dropping it stops the server.
 pub struct GisHandle {
     peer_id: PeerId,
+    metrics_addr: Option<SocketAddr>,
     addrs: watch::Receiver<Vec<Multiaddr>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -143,6 +158,11 @@ pub struct GisHandle {
 impl GisHandle {
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`GisConfig::metrics`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The addresses it listens on, each ending in `/p2p/<peer id>`.
@@ -194,7 +214,10 @@ fn open_sled(cfg: &GisConfig) -> anyhow::Result<SledStorage> {
     })
 }
 
-fn build_swarm(keypair: &Keypair) -> anyhow::Result<Swarm<GisBehaviour>> {
+fn build_swarm(
+    keypair: &Keypair,
+    registry: &mut prometheus_client::registry::Registry,
+) -> anyhow::Result<Swarm<GisBehaviour>> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -203,6 +226,7 @@ fn build_swarm(keypair: &Keypair) -> anyhow::Result<Swarm<GisBehaviour>> {
             libp2p::yamux::Config::default,
         )
         .context("building the tcp/noise/yamux transport")?
+        .with_bandwidth_metrics(registry)
         .with_behaviour(|key| GisBehaviour {
             gis: request_response::Behaviour::with_codec(
                 gis::codec(),
@@ -311,12 +335,14 @@ impl WarnThrottle {
     }
 }
 
-/// The event loop. `addrs` (if given) receives the listen addresses as they appear.
+/// The event loop. `addrs` (if given) receives the listen addresses as they appear;
+/// `metrics_at` the address of the metrics listener, before them.
 async fn run_with_storage(
     cfg: GisConfig,
     mut storage: Box<dyn Storage>,
     shutdown: impl Future<Output = ()>,
     addrs: Option<watch::Sender<Vec<Multiaddr>>>,
+    metrics_at: Option<Arc<OnceLock<SocketAddr>>>,
 ) -> anyhow::Result<()> {
     let snapshot = storage.load().context("loading the GIS state")?;
     let mut index = Index::restore(
@@ -327,12 +353,26 @@ async fn run_with_storage(
         },
         snapshot,
     );
-    let mut swarm = build_swarm(&cfg.keypair)?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(GisMetrics::new(&mut registry));
+    let mut swarm = build_swarm(&cfg.keypair, &mut registry)?;
     let local = *swarm.local_peer_id();
     ensure_port_free(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
     swarm
         .listen_on(cfg.listen.clone())
         .with_context(|| format!("listening on {}", cfg.listen))?;
+    let _metrics_server = match cfg.metrics {
+        Some(addr) => {
+            let srv = bids_metrics::serve(addr, metrics.endpoint(Arc::new(registry))).await?;
+            if let Some(at) = &metrics_at {
+                let _ = at.set(srv.local_addr());
+            }
+            Some(srv)
+        }
+        None => None,
+    };
+    metrics.sample(&index, unix_ms());
+    metrics.set_open(true);
     info!(peer = %local, listen = %cfg.listen, policy = %cfg.policy, admin = %cfg.admin_peer, "GIS starting");
 
     let mut listening: Vec<Multiaddr> = Vec::new();
@@ -352,9 +392,10 @@ async fn run_with_storage(
                 for peer in index.expire(unix_ms()) {
                     info!(%peer, "host went dead (no heartbeat within {:?})", cfg.heartbeat_timeout);
                 }
+                metrics.sample(&index, unix_ms());
             }
             event = swarm.select_next_some() => {
-                let mut ctx = Ctx { index: &mut index, replies: &mut replies, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn };
+                let mut ctx = Ctx { index: &mut index, replies: &mut replies, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn, metrics: &metrics };
                 ctx.on_event(event);
                 // Group commit: take whatever else is ready, then make all of it durable
                 // with one flush before any of those replies goes out.
@@ -372,11 +413,13 @@ async fn run_with_storage(
                 if !changes.is_empty() {
                     let started = std::time::Instant::now();
                     let committed = storage.commit(&changes);
+                    metrics.committed(started.elapsed());
                     debug!(changes = changes.len(), replies = replies.len(), took = ?started.elapsed(), "state committed");
                     if let Err(e) = committed {
                         // Memory and disk now disagree; stop rather than answer from state
                         // that a restart would lose. Clients see the connection drop and retry.
                         error!(error = %e, "could not persist GIS state; stopping");
+                        metrics.set_open(false);
                         return Err(anyhow::Error::new(e).context("persisting GIS state"));
                     }
                 }
@@ -393,6 +436,7 @@ async fn run_with_storage(
             }
         }
     }
+    metrics.set_open(false);
     info!(peer = %local, "GIS stopped");
     Ok(())
 }
@@ -407,10 +451,12 @@ struct Ctx<'a> {
     addrs: Option<&'a watch::Sender<Vec<Multiaddr>>>,
     local: PeerId,
     listener_warn: &'a mut WarnThrottle,
+    metrics: &'a GisMetrics,
 }
 
 impl Ctx<'_> {
     fn on_event(&mut self, event: SwarmEvent<GisBehaviourEvent>) {
+        self.record(&event);
         match event {
             SwarmEvent::Behaviour(GisBehaviourEvent::Gis(ev)) => self.on_gis(ev),
             SwarmEvent::Behaviour(GisBehaviourEvent::Admin(ev)) => self.admin_events.push(ev),
@@ -463,6 +509,18 @@ impl Ctx<'_> {
         }
     }
 
+    /// libp2p's metrics of the swarm and of identify and ping.
+    fn record(&self, event: &SwarmEvent<GisBehaviourEvent>) {
+        self.metrics.record(event);
+        match event {
+            SwarmEvent::Behaviour(GisBehaviourEvent::Identify(e)) => {
+                self.metrics.record_identify(e)
+            }
+            SwarmEvent::Behaviour(GisBehaviourEvent::Ping(e)) => self.metrics.record_ping(e),
+            _ => {}
+        }
+    }
+
     fn publish_addrs(&self) {
         if let Some(tx) = self.addrs {
             tx.send_replace(self.listening.clone());
@@ -479,7 +537,10 @@ impl Ctx<'_> {
                     },
                 ..
             } => {
+                let kind = gis_metrics::request_kind(&request);
+                let started = Instant::now();
                 let response = self.index.handle(peer, request, unix_ms());
+                self.metrics.request(kind, &response, started.elapsed());
                 self.replies.push((channel, response));
             }
             request_response::Event::Message {

@@ -54,6 +54,8 @@ pub struct NodeConfig {
     /// `verify_reads`). On by default; off, the node serves whatever its disk holds and
     /// leaves the check to the receivers (the tests use that to play a corrupting peer).
     pub verify_reads: bool,
+    /// Serve Prometheus metrics, `/healthz` and `/readyz` on this address (off by default).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Default of [`NodeConfig::ban_duration`]: one hour.
@@ -94,6 +96,7 @@ impl NodeConfig {
             ban_duration: DEFAULT_BAN,
             scrub_bps: 0,
             verify_reads: true,
+            metrics: None,
         }
     }
 

@@ -7,7 +7,8 @@
 use crate::accounting::{Accounting, PeerKind};
 use crate::backoff::Backoff;
 use crate::config::NodeConfig;
-use crate::gate::{self, Link};
+use crate::gate::{self, Link, RefusalReason};
+use crate::metrics::NodeMetrics;
 use crate::payload_cache::PayloadCache;
 use crate::ratelimit::{DownloadBudget, RateLimiter};
 use crate::scheduler::{Download, Failure, SourceKind};
@@ -89,11 +90,13 @@ const LAN_DISCOVERY_GRACE: Duration = Duration::from_secs(2);
 /// chunk arrives whole soon while the others keep the link busy. Four, not one or two: a
 /// yamux stream starts with a 256 KiB window, about 3 MB/s at an 80 ms round trip.
 const MAX_SENDING_PER_PEER: usize = 4;
+/// How often the metrics' gauges are sampled from the engine's state (readiness follows).
+const METRICS_SAMPLE: Duration = Duration::from_millis(200);
 /// Compressed payloads kept for reuse (bytes) (a bridgehead serves one chunk to many hosts).
 const PAYLOAD_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(NetworkBehaviour)]
-struct Behaviour {
+pub(crate) struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     gossipsub: gossipsub::Behaviour,
@@ -329,9 +332,15 @@ pub struct NodeHandle {
     peer: PeerId,
     listen: Vec<Multiaddr>,
     store: Arc<Store>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl NodeHandle {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`NodeConfig::metrics`).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
+
     pub fn peer_id(&self) -> PeerId {
         self.peer
     }
@@ -497,6 +506,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         ..Default::default()
     };
     let keypair = cfg.keypair.clone();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(NodeMetrics::new(&mut registry, store.clone()));
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_other_transport(|k| {
@@ -504,6 +515,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
         .context("building transport")?
+        .with_bandwidth_metrics(&mut registry)
         .with_behaviour(|k| {
             let gcfg = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_millis(500))
@@ -517,7 +529,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
                 .build()
                 .map_err(|e| format!("gossipsub config: {e}"))?;
             let gossipsub =
-                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(k.clone()), gcfg)?;
+                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(k.clone()), gcfg)?
+                    .with_metrics(
+                        registry.sub_registry_with_prefix("libp2p_gossipsub"),
+                        Default::default(),
+                    );
             let chunk_cfg = rr::Config::default()
                 .with_request_timeout(Duration::from_secs(180))
                 .with_max_concurrent_streams(1024);
@@ -587,6 +603,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         }
     }
     swarm.add_peer_address(gis_peer, cfg.gis.clone());
+    let metrics_server = match cfg.metrics {
+        Some(addr) => Some(bids_metrics::serve(addr, metrics.endpoint(Arc::new(registry))).await?),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel(256);
     let (itx, irx) = mpsc::channel(1024);
     let handle = NodeHandle {
@@ -594,6 +614,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         peer: me,
         listen: listen.clone(),
         store: store.clone(),
+        metrics_addr: metrics_server.as_ref().map(|m| m.local_addr()),
     };
     let upload = RateLimiter::new(cfg.upload_bps);
     let download = DownloadBudget::new(cfg.download_bps, Instant::now());
@@ -654,6 +675,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         listen,
         dialing: HashSet::new(),
         seeder: LanSeeder::default(),
+        metrics,
+        metrics_server,
+        last_metrics_sample: Instant::now(),
         cfg,
     };
     // Every line this node logs names it: many nodes share one process in testnets.
@@ -745,6 +769,10 @@ struct Engine {
     /// Which host of our IDC each chunk we relayed went to (a bridgehead sends each chunk
     /// into its LAN about once; see `crate::seeding`).
     seeder: LanSeeder,
+    metrics: Arc<NodeMetrics>,
+    /// Serves `metrics` while the loop runs (`--metrics`); stops when dropped.
+    metrics_server: Option<bids_metrics::MetricsServer>,
+    last_metrics_sample: Instant,
 }
 
 impl Engine {
@@ -774,6 +802,7 @@ impl Engine {
     }
 
     fn stop(&mut self) {
+        self.metrics.stopped();
         self.save_counters();
         if let Err(e) = self.store.flush() {
             warn!(error = %e, "flushing the store at shutdown failed");
@@ -1155,6 +1184,7 @@ impl Engine {
     // ---------------------------------------------------------------- swarm events
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        self.metrics.record(&ev);
         match ev {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -1288,7 +1318,7 @@ impl Engine {
         }
     }
 
-    fn judge(&self, peer: &PeerId, h: &Hello) -> Result<Link, String> {
+    fn judge(&self, peer: &PeerId, h: &Hello) -> Result<Link, gate::Refusal> {
         let us = gate::Us {
             peer: &self.me,
             idc: &self.cfg.idc,
@@ -1339,9 +1369,10 @@ impl Engine {
         }
     }
 
-    fn refuse(&mut self, peer: PeerId, reason: &str) {
+    fn refuse(&mut self, peer: PeerId, why: RefusalReason, reason: &str) {
         warn!(%peer, %reason, "connection refused");
         self.acct.refused();
+        self.metrics.refused(why);
         self.peers.remove(&peer);
         self.release_early(peer);
         let _ = self.swarm.disconnect_peer_id(peer);
@@ -1371,11 +1402,12 @@ impl Engine {
                         .swarm
                         .behaviour_mut()
                         .hello
-                        .send_response(channel, HelloReply::Refused(reason.clone()));
+                        .send_response(channel, HelloReply::Refused(reason.message.clone()));
                     // Closing now would drop the refusal before the peer reads it; the tick
                     // closes the connection after REFUSAL_GRACE. It gets no data meanwhile.
                     warn!(%peer, %reason, "connection refused");
                     self.acct.refused();
+                    self.metrics.refused(reason.reason);
                     self.peers.insert(
                         peer,
                         PeerState::Refused {
@@ -1392,11 +1424,11 @@ impl Engine {
             } => match response {
                 HelloReply::Welcome(h) => match self.judge(&peer, &h) {
                     Ok(link) => self.accept(peer, &h, link),
-                    Err(reason) => self.refuse(peer, &reason),
+                    Err(r) => self.refuse(peer, r.reason, &r.message),
                 },
                 HelloReply::Refused(reason) => {
                     let reason = format!("peer refused us: {}", truncate(&reason, 300));
-                    self.refuse(peer, &reason);
+                    self.refuse(peer, RefusalReason::RefusedByPeer, &reason);
                 }
             },
             rr::Event::OutboundFailure { peer, error, .. } => {
@@ -1530,6 +1562,7 @@ impl Engine {
             }
             // No image data before an accepted hello.
             self.acct.refused();
+            self.metrics.refused(RefusalReason::NoHello);
             warn!(%peer, "chunk request before an accepted hello refused");
             self.respond(
                 peer,
@@ -1680,6 +1713,7 @@ impl Engine {
             let n = payload.len() as u64;
             let kind = self.kind_of(&peer).unwrap_or(PeerKind::of(link, false));
             self.acct.sent(image, kind, n);
+            self.metrics.sent(&image, link, n);
             self.upload.consume(n);
         }
         self.respond(peer, channel, resp);
@@ -1726,6 +1760,9 @@ impl Engine {
                 debug!(%peer, idx, bytes = payload.len(), "dropping a chunk from a peer banned for corrupt chunks");
             }
             ChunkResponse::Data { encoding, payload } => {
+                if let Some(kind) = kind {
+                    self.metrics.received(&image, kind, payload.len() as u64);
+                }
                 let stored = self.store.has_chunk(&image, idx);
                 if stored || d.sched.is_verifying(idx) {
                     // A late endgame duplicate: count the bytes, drop the data.
@@ -1839,6 +1876,7 @@ impl Engine {
         };
         match result {
             Ok((encoding, payload)) => {
+                self.metrics.chunk_verified();
                 d.sched.on_chunk(&peer, idx, now);
                 d.fresh.push(idx);
                 // Deferred requests for this chunk are answered now (cut-through relay),
@@ -1884,6 +1922,7 @@ impl Engine {
             Err(StoreFail::Corrupt(e)) => {
                 warn!(%peer, image = %image.short(), idx, error = %e, "chunk failed verification; penalising the sender");
                 self.acct.bad_chunk(image);
+                self.metrics.chunk_failed();
                 d.sched.on_failure(&peer, idx, Failure::Corrupt, now);
                 if d.sched.is_banned(&peer) && !self.bans.contains_key(&peer) {
                     self.ban(peer, now);
@@ -1928,6 +1967,8 @@ impl Engine {
             let took = d.started.elapsed();
             let secs = took.as_secs_f64();
             info!(image = %d.manifest.image_ref(), id = %image.short(), secs = format!("{secs:.2}"), "download complete and verified");
+            // Counted before watchers learn of it: what they scrape then includes it.
+            self.metrics.download_done(took);
             d.progress.send_modify(|p| p.done = Some(Ok(secs)));
             // The host's own measure of the provision time, for the GIS and the console.
             self.acct.provisioned(
@@ -2458,6 +2499,7 @@ impl Engine {
         }
         self.drain_gis_backlog(now);
         self.check_cert_ends(now);
+        self.sample_metrics(now);
         if now.duration_since(self.last_heartbeat) >= self.cfg.heartbeat {
             self.last_heartbeat = now;
             self.save_counters();
@@ -2549,6 +2591,34 @@ impl Engine {
                 self.publish_gossip(Announcement { haves: vec![h] });
             }
         }
+    }
+
+    /// Gauges the engine's state: peers by kind, downloads, GIS link, certificate expiry.
+    fn sample_metrics(&mut self, now: Instant) {
+        if now.duration_since(self.last_metrics_sample) < METRICS_SAMPLE {
+            return;
+        }
+        self.last_metrics_sample = now;
+        let mut s = crate::metrics::Sample {
+            gis_connected: self.gis_connected,
+            registered: self.registered,
+            downloads_active: self.downloads.len(),
+            cert_expires_at: self.cfg.cert.as_ref().map(|c| c.body.not_after),
+            cert_expiring: self.cert_expiring(Self::now_secs()),
+            ..Default::default()
+        };
+        for st in self.peers.values() {
+            match st {
+                PeerState::Accepted { link, certified } => match PeerKind::of(*link, *certified) {
+                    PeerKind::Bridgehead => s.bridgeheads += 1,
+                    PeerKind::Host => s.hosts += 1,
+                    PeerKind::Remote => s.remotes += 1,
+                },
+                PeerState::Pending { .. } => s.pending += 1,
+                PeerState::Refused { .. } => {}
+            }
+        }
+        self.metrics.sample(&s);
     }
 
     /// Certificates end at their not-after, as if revoked then: ours (this node becomes an
@@ -2776,6 +2846,7 @@ impl Engine {
     /// Ends a download with `reason`: its watchers learn why, requests deferred on it are
     /// answered NotHeld, and the GIS learns what we hold now.
     fn fail_download(&mut self, id: ImageId, reason: String) {
+        self.metrics.download_failed();
         warn!(image = %id.short(), %reason, "download failed");
         if let Some(d) = self.downloads.remove(&id) {
             d.progress
@@ -2854,6 +2925,7 @@ impl Engine {
             peer: self.me,
             listen: self.listen.clone(),
             store: self.store.clone(),
+            metrics_addr: self.metrics_server.as_ref().map(|m| m.local_addr()),
         });
         match (self.admin_gate.admit(peer, request, Self::now_secs()), node) {
             (Err(refusal), _) => {

@@ -27,14 +27,70 @@ pub enum Link {
     Wan,
 }
 
-/// Judges a peer's hello. `Err` carries the reason, for the log and for the peer.
-pub fn judge(us: &Us<'_>, peer: &PeerId, hello: &Hello) -> Result<Link, String> {
-    hello.idc.validate()?;
+/// Why a peer (or its request) was refused: a bounded set, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// Its hello names an invalid IDC.
+    BadIdc,
+    /// It runs the other policy (bids / baseline).
+    PolicyMismatch,
+    /// We are an ordinary host and it is of another IDC.
+    NotBridgehead,
+    /// Our own bridgehead certificate is not valid (expired, revoked).
+    OwnCertificate,
+    /// A peer of another IDC without a bridgehead certificate.
+    NoCertificate,
+    /// Its certificate is forged, expired, revoked, or not its own.
+    BadCertificate,
+    /// The peer refused our hello.
+    RefusedByPeer,
+    /// It asked for chunks without an accepted hello.
+    NoHello,
+}
+
+impl RefusalReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RefusalReason::BadIdc => "bad_idc",
+            RefusalReason::PolicyMismatch => "policy_mismatch",
+            RefusalReason::NotBridgehead => "not_bridgehead",
+            RefusalReason::OwnCertificate => "own_certificate",
+            RefusalReason::NoCertificate => "no_certificate",
+            RefusalReason::BadCertificate => "bad_certificate",
+            RefusalReason::RefusedByPeer => "refused_by_peer",
+            RefusalReason::NoHello => "no_hello",
+        }
+    }
+}
+
+/// A refused hello: why, as a category and as a message for the log and the peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn refusal(reason: RefusalReason) -> impl FnOnce(String) -> Refusal {
+    move |message| Refusal { reason, message }
+}
+
+/// Judges a peer's hello. `Err` carries the reason, for the log, the metrics and the peer.
+pub fn judge(us: &Us<'_>, peer: &PeerId, hello: &Hello) -> Result<Link, Refusal> {
+    hello
+        .idc
+        .validate()
+        .map_err(refusal(RefusalReason::BadIdc))?;
     if hello.policy != us.policy {
-        return Err(format!(
+        return Err(refusal(RefusalReason::PolicyMismatch)(format!(
             "peer runs policy {} but this node runs {}; all nodes of a testnet must agree",
             hello.policy, us.policy
-        ));
+        )));
     }
     if &hello.idc == us.idc {
         return Ok(Link::Lan);
@@ -44,22 +100,26 @@ pub fn judge(us: &Us<'_>, peer: &PeerId, hello: &Hello) -> Result<Link, String> 
     }
     // Cross-IDC under BIDS: both ends must be certified bridgeheads of their own IDCs.
     let ours = us.cert.ok_or_else(|| {
-        format!(
+        refusal(RefusalReason::NotBridgehead)(format!(
             "this node is an ordinary host of IDC {}; it exchanges no data with IDC {}",
             us.idc, hello.idc
-        )
+        ))
     })?;
     ours.verify_for(us.admin, us.peer, us.idc, us.now, us.revocations)
-        .map_err(|e| format!("this node's own bridgehead certificate is not valid: {e}"))?;
+        .map_err(|e| {
+            refusal(RefusalReason::OwnCertificate)(format!(
+                "this node's own bridgehead certificate is not valid: {e}"
+            ))
+        })?;
     let theirs = hello.cert.as_ref().ok_or_else(|| {
-        format!(
+        refusal(RefusalReason::NoCertificate)(format!(
             "peer of IDC {} presents no bridgehead certificate; only bridgeheads cross IDCs",
             hello.idc
-        )
+        ))
     })?;
     theirs
         .verify_for(us.admin, peer, &hello.idc, us.now, us.revocations)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| refusal(RefusalReason::BadCertificate)(e.to_string()))?;
     Ok(Link::Wan)
 }
 
@@ -134,11 +194,17 @@ mod tests {
         // Same IDC: always.
         assert_eq!(judge(&host, &b, &hello("A", None)), Ok(Link::Lan));
         // Ordinary host: never another IDC.
-        assert!(judge(&host, &b, &hello("B", Some(cb.clone()))).is_err());
+        assert_eq!(
+            judge(&host, &b, &hello("B", Some(cb.clone()))).map_err(|r| r.reason),
+            Err(RefusalReason::NotBridgehead)
+        );
         // Bridgehead to certified bridgehead: yes.
         assert_eq!(judge(&db, &b, &hello("B", Some(cb.clone()))), Ok(Link::Wan));
         // Bridgehead to uncertified host of another IDC: no.
-        assert!(judge(&db, &b, &hello("B", None)).is_err());
+        assert_eq!(
+            judge(&db, &b, &hello("B", None)).map_err(|r| r.reason),
+            Err(RefusalReason::NoCertificate)
+        );
         // Cert of another peer presented: no.
         assert!(judge(&db, &b, &hello("B", Some(ca.clone()))).is_err());
         // Forged (self-signed) cert: no.
@@ -146,9 +212,9 @@ mod tests {
         assert!(judge(&db, &b, &hello("B", Some(forged))).is_err());
         // Expired cert: no.
         let old = cert(&w.admin, &w.b, "B", 5);
-        assert!(judge(&db, &b, &hello("B", Some(old)))
-            .unwrap_err()
-            .contains("expired"));
+        let r = judge(&db, &b, &hello("B", Some(old))).unwrap_err();
+        assert!(r.message.contains("expired"));
+        assert_eq!(r.reason, RefusalReason::BadCertificate);
         // Revoked: no.
         let mut rev = Revocations::default();
         rev.serials.insert(7);
@@ -166,6 +232,9 @@ mod tests {
         h.policy = Policy::Baseline;
         assert_eq!(judge(&base, &b, &h), Ok(Link::Wan));
         // Policy mismatch: no.
-        assert!(judge(&host, &b, &h).is_err());
+        assert_eq!(
+            judge(&host, &b, &h).map_err(|r| r.reason),
+            Err(RefusalReason::PolicyMismatch)
+        );
     }
 }

@@ -9,6 +9,7 @@ pub mod control;
 pub mod engine;
 pub mod gate;
 pub mod gis_watch;
+pub mod metrics;
 pub mod payload_cache;
 pub mod ratelimit;
 pub mod repair;

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod console;
 pub mod gis_link;
 pub mod history;
+pub mod metrics;
 pub mod model;
 pub mod query;
 pub mod server;

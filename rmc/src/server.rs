@@ -6,6 +6,7 @@ use crate::api::{self, AppState};
 use crate::auth::{AuthConfig, Sessions};
 use crate::console::Console;
 use crate::gis_link::AdminGis;
+use crate::metrics::RmcMetrics;
 use libp2p::identity::Keypair;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ pub enum RmcError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Metrics(#[from] bids_metrics::MetricsError),
     #[error("the console's HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error(
@@ -45,6 +48,8 @@ pub struct RmcConfig {
     pub cert_validity: Duration,
     /// Certificates that end within this long are flagged in the pages and the API.
     pub cert_warn: Duration,
+    /// Serve the console's Prometheus metrics, `/healthz` and `/readyz` here (off by default).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl RmcConfig {
@@ -56,6 +61,7 @@ impl RmcConfig {
             sample_interval: Duration::from_millis(500),
             cert_validity: Duration::from_secs(30 * 86_400),
             cert_warn: crate::console::DEFAULT_CERT_WARN,
+            metrics: None,
         }
     }
 }
@@ -63,6 +69,7 @@ impl RmcConfig {
 /// A running console. Dropping it stops the server and the sampler too, without waiting.
 pub struct RmcHandle {
     addr: SocketAddr,
+    metrics: Option<bids_metrics::MetricsServer>,
     console: Arc<Console>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), RmcError>>,
@@ -72,6 +79,11 @@ impl RmcHandle {
     /// The address the web server listens on (with the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the console's `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
     }
 
     pub fn console(&self) -> &Arc<Console> {
@@ -125,11 +137,18 @@ pub async fn start(cfg: RmcConfig, gis: Arc<dyn AdminGis>) -> Result<RmcHandle, 
         sessions: Arc::new(Sessions::new(cfg.auth.clone())),
         console: console.clone(),
     };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(RmcMetrics::new(&mut registry));
+    let metrics_server = match cfg.metrics {
+        Some(addr) => Some(bids_metrics::serve(addr, metrics.endpoint(Arc::new(registry))).await?),
+        None => None,
+    };
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(sample_loop(
         console.clone(),
         cfg.sample_interval,
         stopped.clone(),
+        metrics,
     ));
     let app = api::router(state);
     let mut stopped_srv = stopped;
@@ -144,6 +163,7 @@ pub async fn start(cfg: RmcConfig, gis: Arc<dyn AdminGis>) -> Result<RmcHandle, 
     tracing::info!(%addr, "console listening");
     Ok(RmcHandle {
         addr,
+        metrics: metrics_server,
         console,
         stop,
         task,
@@ -174,7 +194,12 @@ async fn check_admin(cfg: &RmcConfig, gis: &dyn AdminGis) -> Result<(), RmcError
 
 /// Samples the GIS every `interval` into the history; a failed sample is logged once per
 /// outage and skipped, so a GIS restart leaves a gap, not a dead console.
-async fn sample_loop(console: Arc<Console>, interval: Duration, mut stop: watch::Receiver<bool>) {
+async fn sample_loop(
+    console: Arc<Console>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+    metrics: Arc<RmcMetrics>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut failing = false;
@@ -183,7 +208,10 @@ async fn sample_loop(console: Arc<Console>, interval: Duration, mut stop: watch:
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match console.sample().await {
+        let started = std::time::Instant::now();
+        let sampled = console.sample().await;
+        metrics.sampled(sampled.is_ok(), started.elapsed());
+        match sampled {
             Ok(()) => {
                 if failing {
                     tracing::info!("sampling the GIS works again");

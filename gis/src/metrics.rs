@@ -1,0 +1,192 @@
+//! The GIS's Prometheus metrics: requests by kind and outcome, lookups and their latency,
+//! hosts by IDC, role and liveness, images known, state commits; plus libp2p's own swarm,
+//! identify, ping and transport-bandwidth metrics in the same registry. The server loop
+//! calls one method per event; serving them is `bids_metrics`' business.
+//!
+//! Labels stay bounded: request kinds, outcomes, IDC names, roles; never a peer id.
+
+use crate::index::{IdcView, Index};
+use bids_metrics::{Endpoint, ReadyFn};
+use bids_protocols::gis::{GisRequest, GisResponse};
+use libp2p::metrics::Recorder;
+use libp2p::swarm::SwarmEvent;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    request: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    idc: String,
+    role: &'static str,
+    state: &'static str,
+}
+
+/// Every metric the GIS exposes.
+pub struct GisMetrics {
+    p2p: libp2p::metrics::Metrics,
+    requests: Family<RequestLabels, Counter>,
+    lookup_seconds: Histogram,
+    hosts: Family<HostLabels, Gauge>,
+    images: Gauge,
+    commit_seconds: Histogram,
+    index_open: Gauge,
+}
+
+impl GisMetrics {
+    /// Registers the GIS's metrics (prefix `bids_gis_`) and libp2p's (prefix `libp2p_`).
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = GisMetrics {
+            p2p: libp2p::metrics::Metrics::new(registry),
+            requests: Family::default(),
+            // 10 µs .. about 0.33 s.
+            lookup_seconds: Histogram::new(exponential_buckets(1e-5, 2.0, 16)),
+            hosts: Family::default(),
+            images: Gauge::default(),
+            // 100 µs .. about 3.3 s.
+            commit_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
+            index_open: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("bids_gis");
+        r.register(
+            "requests",
+            "GIS requests handled, by kind (register, heartbeat, publish, unpublish, lookup, refresh, revoke, upgrade_path) and outcome (ok, error)",
+            m.requests.clone(),
+        );
+        r.register(
+            "lookup_seconds",
+            "Time to answer a lookup (or refresh) in the index",
+            m.lookup_seconds.clone(),
+        );
+        r.register(
+            "hosts",
+            "Registered hosts by IDC, role (host, bridgehead: certificate valid now) and state (live, dead)",
+            m.hosts.clone(),
+        );
+        r.register("images", "Images and delta files known", m.images.clone());
+        r.register(
+            "commit_seconds",
+            "Time to make one batch of index changes durable",
+            m.commit_seconds.clone(),
+        );
+        r.register(
+            "index_open",
+            "1 while the index and its storage are open",
+            m.index_open.clone(),
+        );
+        m
+    }
+
+    /// The endpoint to serve: ready while the index and its storage are open.
+    pub fn endpoint(self: &Arc<Self>, registry: Arc<Registry>) -> Endpoint {
+        let me = self.clone();
+        let ready: ReadyFn = Arc::new(move || {
+            if me.index_open.get() == 1 {
+                Ok(())
+            } else {
+                Err("the index or its storage is not open".into())
+            }
+        });
+        Endpoint {
+            registry,
+            ready,
+            refresh: None,
+        }
+    }
+
+    /// Index loaded from storage and the listener up (`true`), or the loop ended (`false`).
+    pub fn set_open(&self, open: bool) {
+        self.index_open.set(i64::from(open));
+    }
+
+    pub fn record<E>(&self, ev: &SwarmEvent<E>) {
+        self.p2p.record(ev);
+    }
+
+    pub fn record_identify(&self, ev: &libp2p::identify::Event) {
+        self.p2p.record(ev);
+    }
+
+    pub fn record_ping(&self, ev: &libp2p::ping::Event) {
+        self.p2p.record(ev);
+    }
+
+    /// A request was answered with `resp` after `took` in the index.
+    pub fn request(&self, kind: &'static str, resp: &GisResponse, took: Duration) {
+        let outcome = match resp {
+            GisResponse::Error { .. } => "error",
+            _ => "ok",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                request: kind,
+                outcome,
+            })
+            .inc();
+        if matches!(kind, "lookup" | "refresh") {
+            self.lookup_seconds.observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn committed(&self, took: Duration) {
+        self.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Samples the index: hosts per IDC, role and state; images.
+    pub fn sample(&self, index: &Index, now_ms: i64) {
+        for v in index.idcs(now_ms) {
+            let IdcView {
+                idc,
+                hosts,
+                live_hosts,
+                bridgeheads,
+                live_bridgeheads,
+            } = v;
+            let live_plain = live_hosts.saturating_sub(live_bridgeheads);
+            let dead_bridgeheads = bridgeheads.saturating_sub(live_bridgeheads);
+            let dead_plain = hosts
+                .saturating_sub(live_hosts)
+                .saturating_sub(dead_bridgeheads);
+            for (role, state, n) in [
+                ("host", "live", live_plain),
+                ("host", "dead", dead_plain),
+                ("bridgehead", "live", live_bridgeheads),
+                ("bridgehead", "dead", dead_bridgeheads),
+            ] {
+                self.hosts
+                    .get_or_create(&HostLabels {
+                        idc: idc.to_string(),
+                        role,
+                        state,
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        self.images
+            .set(i64::try_from(index.image_count()).unwrap_or(i64::MAX));
+    }
+}
+
+/// The metric label of a request kind.
+pub fn request_kind(req: &GisRequest) -> &'static str {
+    match req {
+        GisRequest::Register { .. } => "register",
+        GisRequest::Heartbeat { .. } => "heartbeat",
+        GisRequest::Publish { .. } => "publish",
+        GisRequest::Unpublish { .. } => "unpublish",
+        GisRequest::Lookup { .. } => "lookup",
+        GisRequest::Refresh { .. } => "refresh",
+        GisRequest::Revoke { .. } => "revoke",
+        GisRequest::UpgradePath { .. } => "upgrade_path",
+    }
+}
