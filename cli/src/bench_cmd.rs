@@ -1,5 +1,6 @@
 //! `bids bench`: whole-system figures, each against a reference measured in the same run.
-//! The measuring lives in `bids_testnet::bench`; this file parses flags and prints.
+//! The measuring lives in `bids_testnet::bench` and `bids_gis::loadgen`; this file parses
+//! flags and prints.
 
 use anyhow::{Context, Result};
 use bids_testnet::bench::{self, LoopbackOptions, RssOptions};
@@ -14,6 +15,58 @@ pub enum BenchCmd {
     Loopback(LoopbackArgs),
     /// Peak RSS of a `bids node` process fetching images of the given sizes.
     Rss(RssArgs),
+    /// Load on a GIS over its real protocol: virtual hosts (one identity and one tcp + noise +
+    /// yamux connection each, from their own 127.x.y.z address) register, publish holdings,
+    /// heartbeat at the interval the GIS announces and look images up at the given rates.
+    /// Without --gis it starts a `bids gis` child and reads its CPU time and peak RSS.
+    Gis(GisArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GisArgs {
+    /// Virtual hosts, each its own identity and connection.
+    #[arg(long, default_value_t = 1000)]
+    hosts: usize,
+    /// IDCs the hosts are spread over.
+    #[arg(long, default_value_t = 10)]
+    idcs: usize,
+    /// Images (synthetic manifests) the hosts hold and look up.
+    #[arg(long, default_value_t = 100)]
+    images: usize,
+    /// Total lookups per second; several (comma-separated) run one after another, for a
+    /// latency-against-load curve. 0: heartbeats only.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    lookups_per_s: Vec<u64>,
+    /// Seconds each lookup rate runs.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// The GIS to load (repeatable: hosts are spread over the addresses). Default: start one.
+    #[arg(long)]
+    gis: Vec<String>,
+    /// Images each host holds.
+    #[arg(long, default_value_t = 5)]
+    holdings_per_host: usize,
+    /// Chunks of each synthetic image (1 MiB each; the manifest is ~60 bytes a chunk and
+    /// travels in every lookup answer).
+    #[arg(long, default_value_t = 64)]
+    chunks: u32,
+    /// Heartbeat interval in seconds (default: what the GIS announces, as nodes do).
+    #[arg(long)]
+    heartbeat_secs: Option<f64>,
+    /// Hosts connecting and registering at once.
+    #[arg(long, default_value_t = 256)]
+    register_concurrency: usize,
+    /// Certified bridgeheads per IDC (with --gis, only if --admin-key is given).
+    #[arg(long, default_value_t = 2)]
+    bridgeheads_per_idc: usize,
+    /// The admin key the GIS under test trusts, to certify bridgeheads.
+    #[arg(long)]
+    admin_key: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -50,7 +103,62 @@ pub async fn run(c: BenchCmd) -> Result<()> {
     match c {
         BenchCmd::Loopback(a) => loopback(a).await,
         BenchCmd::Rss(a) => rss(a).await,
+        BenchCmd::Gis(a) => gis(a).await,
     }
+}
+
+async fn gis(a: GisArgs) -> Result<()> {
+    let gis = a
+        .gis
+        .iter()
+        .map(|s| {
+            s.parse::<libp2p::Multiaddr>()
+                .with_context(|| format!("--gis {s:?} is not a multiaddr"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !(a.duration > 0.0 && a.duration.is_finite()) {
+        anyhow::bail!("--duration must be a positive number of seconds");
+    }
+    let admin = match &a.admin_key {
+        Some(p) => Some(crate::keys::load(p)?),
+        None => None,
+    };
+    let o = bids_gis::loadgen::LoadOptions {
+        spawn_program: if gis.is_empty() {
+            Some(std::env::current_exe().context("finding the bids executable")?)
+        } else {
+            None
+        },
+        gis,
+        hosts: a.hosts,
+        idcs: a.idcs,
+        images: a.images,
+        holdings_per_host: a.holdings_per_host,
+        chunks_per_image: a.chunks,
+        lookup_rates: a.lookups_per_s,
+        duration: std::time::Duration::from_secs_f64(a.duration),
+        heartbeat: a
+            .heartbeat_secs
+            .filter(|h| *h > 0.0 && h.is_finite())
+            .map(std::time::Duration::from_secs_f64),
+        register_concurrency: a.register_concurrency,
+        bridgeheads_per_idc: a.bridgeheads_per_idc,
+        admin,
+        seed: a.seed,
+    };
+    let quiet = a.json;
+    let mut log = |s: &str| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    };
+    let r = bids_gis::loadgen::run(&o, &mut log).await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print!("{}", bids_gis::loadgen::render(&r));
+    }
+    Ok(())
 }
 
 async fn loopback(a: LoopbackArgs) -> Result<()> {

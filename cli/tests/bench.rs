@@ -75,3 +75,71 @@ fn rss_bench_reads_the_peak_of_a_child_node_per_size() {
         assert!(s["fetch_s"].as_f64().is_some_and(|t| t >= 0.0));
     }
 }
+
+#[test]
+fn gis_bench_registers_every_virtual_host_and_serves_lookups_over_the_real_protocol() {
+    let v = bids(&[
+        "bench",
+        "gis",
+        "--hosts",
+        "200",
+        "--idcs",
+        "10",
+        "--images",
+        "50",
+        "--lookups-per-s",
+        "200,400",
+        "--duration",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(v["hosts"].as_u64(), Some(200), "{v}");
+    let reg = &v["registration"];
+    assert_eq!(reg["registered"].as_u64(), Some(200), "{v}");
+    assert_eq!(reg["failed"].as_u64(), Some(0), "{v}");
+    assert!(
+        reg["all_registered_s"].as_f64().is_some_and(|t| t > 0.0),
+        "{v}"
+    );
+    assert_eq!(reg["register"]["count"].as_u64(), Some(200), "{v}");
+    // Every host published its 5 holdings.
+    assert_eq!(reg["publish"]["count"].as_u64(), Some(1000), "{v}");
+    // 20 certified bridgeheads (2 per IDC) were accepted as such.
+    assert_eq!(v["bridgeheads"].as_u64(), Some(20), "{v}");
+    // The GIS told the hosts the node's default heartbeat interval.
+    assert_eq!(v["heartbeat_s"].as_f64(), Some(2.0), "{v}");
+    let phases = v["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), 2, "{v}");
+    for (p, rate) in phases.iter().zip([200u64, 400]) {
+        assert_eq!(p["offered_lookups_per_s"].as_u64(), Some(rate));
+        // Open loop: (almost) every offered lookup was answered with a host list.
+        let served = p["lookups_per_s"].as_f64().expect("lookups_per_s");
+        assert!(
+            served > 0.5 * rate as f64,
+            "served {served} of {rate}/s: {v}"
+        );
+        let l = &p["lookup"];
+        assert!(l["count"].as_u64() >= Some(rate * 5 * 9 / 10), "{v}");
+        let (p50, p99, p999) = (
+            l["p50_ms"].as_f64().expect("p50"),
+            l["p99_ms"].as_f64().expect("p99"),
+            l["p999_ms"].as_f64().expect("p999"),
+        );
+        assert!(p50 > 0.0 && p50 <= p99 && p99 <= p999, "{v}");
+        // 200 hosts every 2 s: about 100 heartbeats/s.
+        let hb = p["heartbeats_per_s"].as_f64().expect("heartbeats_per_s");
+        assert!(hb > 50.0 && hb < 150.0, "heartbeats/s {hb}: {v}");
+        assert!(p["gis_cpu_s"].as_f64().is_some_and(|c| c > 0.0), "{v}");
+    }
+    assert_eq!(v["lookups_per_s"], phases[1]["lookups_per_s"]);
+    // The spawned GIS's process was read: it ran and held some memory.
+    assert_eq!(v["gis_spawned"].as_bool(), Some(true));
+    assert!(v["gis"]["cpu_s"].as_f64().is_some_and(|c| c > 0.0), "{v}");
+    assert!(v["gis"]["peak_rss_bytes"].as_u64() > Some(1 << 20), "{v}");
+    assert!(
+        v["nofile"]["limit"].as_u64() >= v["nofile"]["needed"].as_u64(),
+        "{v}"
+    );
+    let errors = v["errors"].as_object().expect("errors");
+    assert!(errors.is_empty(), "no errors on loopback: {v}");
+}

@@ -342,6 +342,11 @@ impl Index {
         std::mem::take(&mut self.changes)
     }
 
+    /// Changes queued since the last `take_changes`: a request that grew this changed state.
+    pub fn pending_changes(&self) -> usize {
+        self.changes.len()
+    }
+
     pub fn revocations(&self) -> &Revocations {
         &self.revocations
     }

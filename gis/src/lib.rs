@@ -5,6 +5,7 @@
 //! - [`storage`]: the `Storage` trait that makes the index's changes durable (sled by default).
 //! - [`server`]: the libp2p peer; one event loop owns the swarm, the index and the storage.
 //! - [`client`]: a one-shot client for tools and tests.
+//! - [`loadgen`]: `bids bench gis`, thousands of virtual hosts on the real protocol.
 //! - [`admin`]: the admin control path at the GIS: queries, revocations, command relay.
 //! - [`admin_client`]: the console's long-lived client for the admin control path.
 //!
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod admin_client;
 pub mod client;
 pub mod index;
+pub mod loadgen;
 pub mod metrics;
 pub mod server;
 pub mod storage;

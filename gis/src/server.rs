@@ -1,12 +1,14 @@
 //! The GIS as a libp2p peer: tcp + noise + yamux, identify, ping and the GIS
-//! request-response protocol. One event loop owns the swarm, the `Index` and the `Storage`;
-//! it turns each request into an `Index` call, persists the resulting changes, then replies.
-//! What the answers mean is the index's business.
+//! request-response protocol. One event loop owns the swarm and the `Index`; it turns each
+//! request into an `Index` call. A committer thread owns the `Storage`: a request that changed
+//! the index is answered once its changes are durable (group commit: while one flush runs, the
+//! next batch gathers), a request that changed nothing (lookups, heartbeats) at once, so a
+//! slow disk delays writers only. What the answers mean is the index's business.
 
 use crate::admin::{AdminDesk, AdminReply, HOST_COMMAND_TIMEOUT};
 use crate::index::{Index, IndexConfig, DEFAULT_HEARTBEAT_TIMEOUT};
 use crate::metrics::{self as gis_metrics, GisMetrics};
-use crate::storage::{SledStorage, Storage};
+use crate::storage::{Change, SledStorage, Storage, StorageError};
 use anyhow::Context;
 use bids_protocols::admin::{self, AdminRequest, AdminResponse};
 use bids_protocols::gis::{self, GisRequest, GisResponse};
@@ -30,9 +32,11 @@ use tracing::{debug, error, info, trace, warn};
 pub const IDENTIFY_PROTOCOL: &str = "/bids/id/1";
 /// Hosts stay connected to the GIS between heartbeats; keep idle connections this long.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How often the GIS pings each connected host (it answers their pings whatever this is).
+const GIS_PING_EVERY: Duration = Duration::from_secs(300);
 /// How often dead hosts are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
-/// Most swarm events handled before one group commit: bounds how long a reply waits.
+/// Most swarm events handled in one go before replies go out: bounds how long a reply waits.
 const MAX_BATCH: usize = 256;
 /// At most one listener-error warning per this long. Out of file descriptors, libp2p-tcp
 /// reports a failed accept every 100 ms for as long as it lasts.
@@ -242,7 +246,10 @@ fn build_swarm(
                 identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
                     .with_agent_version(format!("bids-gis/{}", env!("CARGO_PKG_VERSION"))),
             ),
-            ping: ping::Behaviour::default(),
+            // Liveness comes from heartbeats; the GIS only answers the hosts' pings and pings
+            // rarely itself: at the default 15 s, 20,000 hosts cost it 1,300 stream exchanges
+            // a second, as much as 2,600 hosts' heartbeats.
+            ping: ping::Behaviour::new(ping::Config::new().with_interval(GIS_PING_EVERY)),
         })
         .context("building the GIS behaviour")?
         // Host commands open streams to nodes: 0-RTT negotiation, as the nodes do.
@@ -339,7 +346,7 @@ impl WarnThrottle {
 /// `metrics_at` the address of the metrics listener, before them.
 async fn run_with_storage(
     cfg: GisConfig,
-    mut storage: Box<dyn Storage>,
+    storage: Box<dyn Storage>,
     shutdown: impl Future<Output = ()>,
     addrs: Option<watch::Sender<Vec<Multiaddr>>>,
     metrics_at: Option<Arc<OnceLock<SocketAddr>>>,
@@ -380,10 +387,12 @@ async fn run_with_storage(
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut replies: Vec<(ResponseChannel<GisResponse>, GisResponse)> = Vec::new();
+    let mut waiting: Vec<(ResponseChannel<GisResponse>, GisResponse)> = Vec::new();
     let mut desk = AdminDesk::new();
     let mut admin_events: Vec<request_response::Event<AdminRequest, AdminResponse>> = Vec::new();
     let mut admin_replies: Vec<AdminReply> = Vec::new();
     let mut listener_warn = WarnThrottle::new(LISTENER_WARN_EVERY);
+    let mut committer = Committer::start(storage, metrics.clone());
 
     loop {
         tokio::select! {
@@ -394,11 +403,20 @@ async fn run_with_storage(
                 }
                 metrics.sample(&index, unix_ms());
             }
+            done = committer.done() => {
+                let released = match done {
+                    Ok(r) => r,
+                    Err(e) => {
+                        metrics.set_open(false);
+                        return Err(anyhow::Error::new(e).context("persisting GIS state"));
+                    }
+                };
+                send_replies(&mut swarm, released);
+            }
             event = swarm.select_next_some() => {
-                let mut ctx = Ctx { index: &mut index, replies: &mut replies, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn, metrics: &metrics };
+                let mut ctx = Ctx { index: &mut index, replies: &mut replies, waiting: &mut waiting, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn, metrics: &metrics };
                 ctx.on_event(event);
-                // Group commit: take whatever else is ready, then make all of it durable
-                // with one flush before any of those replies goes out.
+                // Take whatever else is ready: one commit for all of it.
                 for _ in 1..MAX_BATCH {
                     match swarm.next().now_or_never() {
                         Some(Some(event)) => ctx.on_event(event),
@@ -410,41 +428,194 @@ async fn run_with_storage(
                     desk.on_event(ev, &mut index, &mut swarm.behaviour_mut().admin, unix_ms(), &mut admin_replies);
                 }
                 let changes = index.take_changes();
-                if !changes.is_empty() {
-                    let started = std::time::Instant::now();
-                    let committed = storage.commit(&changes);
-                    metrics.committed(started.elapsed());
-                    debug!(changes = changes.len(), replies = replies.len(), took = ?started.elapsed(), "state committed");
-                    if let Err(e) = committed {
-                        // Memory and disk now disagree; stop rather than answer from state
-                        // that a restart would lose. Clients see the connection drop and retry.
-                        error!(error = %e, "could not persist GIS state; stopping");
-                        metrics.set_open(false);
-                        return Err(anyhow::Error::new(e).context("persisting GIS state"));
-                    }
+                if changes.is_empty() && committer.idle() {
+                    // Nothing waits for the disk: admin replies go out with the rest.
+                    send_replies(&mut swarm, Released { gis: std::mem::take(&mut waiting), admin: std::mem::take(&mut admin_replies) });
+                } else {
+                    committer.add(changes, Released { gis: std::mem::take(&mut waiting), admin: std::mem::take(&mut admin_replies) });
                 }
+                // Requests that changed nothing are answered now, from the index as it is.
                 for (channel, response) in replies.drain(..) {
                     if swarm.behaviour_mut().gis.send_response(channel, response).is_err() {
                         debug!("requester went away before its reply");
                     }
                 }
-                for (channel, response) in admin_replies.drain(..) {
-                    if swarm.behaviour_mut().admin.send_response(channel, response).is_err() {
-                        debug!("admin went away before its reply");
+            }
+        }
+        committer.kick();
+    }
+    // What was answered is durable; make the rest durable too before stopping.
+    let rest = committer.finish().await;
+    metrics.set_open(false);
+    send_replies(&mut swarm, rest.context("persisting GIS state")?);
+    info!(peer = %local, "GIS stopped");
+    Ok(())
+}
+
+/// Replies held until the changes made before them are durable.
+#[derive(Default)]
+struct Released {
+    gis: Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    admin: Vec<AdminReply>,
+}
+
+impl Released {
+    fn append(&mut self, mut other: Released) {
+        self.gis.append(&mut other.gis);
+        self.admin.append(&mut other.admin);
+    }
+}
+
+fn send_replies(swarm: &mut Swarm<GisBehaviour>, r: Released) {
+    for (channel, response) in r.gis {
+        if swarm
+            .behaviour_mut()
+            .gis
+            .send_response(channel, response)
+            .is_err()
+        {
+            debug!("requester went away before its reply");
+        }
+    }
+    for (channel, response) in r.admin {
+        if swarm
+            .behaviour_mut()
+            .admin
+            .send_response(channel, response)
+            .is_err()
+        {
+            debug!("admin went away before its reply");
+        }
+    }
+}
+
+/// Group commit on a thread of its own: the storage's flush (an fsync) never blocks the event
+/// loop. At most one commit runs; changes that arrive meanwhile gather into the next one.
+struct Committer {
+    /// Changes and replies not yet handed to the thread.
+    gathered: Vec<Change>,
+    gathered_replies: Released,
+    /// Replies of the commit in progress.
+    in_flight: Option<Released>,
+    /// `None` once dropped: the thread then ends and closes the storage.
+    to_thread: Option<std::sync::mpsc::Sender<Vec<Change>>>,
+    from_thread: tokio::sync::mpsc::UnboundedReceiver<Result<(), StorageError>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Committer {
+    /// Ends the thread and waits for it, so the storage (sled's lock on the data dir) is
+    /// released when the event loop ends, even when it was aborted. At most one commit is
+    /// running: the wait is one flush at worst.
+    fn drop(&mut self) {
+        self.to_thread = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Committer {
+    fn start(mut storage: Box<dyn Storage>, metrics: Arc<GisMetrics>) -> Committer {
+        let (to_thread, batches) = std::sync::mpsc::channel::<Vec<Change>>();
+        let (done, from_thread) = tokio::sync::mpsc::unbounded_channel();
+        let spawned = std::thread::Builder::new()
+            .name("gis-commit".into())
+            .spawn(move || {
+                while let Ok(changes) = batches.recv() {
+                    let started = Instant::now();
+                    let result = storage.commit(&changes);
+                    metrics.committed(started.elapsed());
+                    debug!(changes = changes.len(), took = ?started.elapsed(), "state committed");
+                    if done.send(result).is_err() {
+                        break;
                     }
                 }
+            });
+        let thread = match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Without the thread every commit reports failure and the GIS stops.
+                error!(error = %e, "cannot start the commit thread");
+                None
+            }
+        };
+        Committer {
+            gathered: Vec::new(),
+            gathered_replies: Released::default(),
+            in_flight: None,
+            to_thread: Some(to_thread),
+            from_thread,
+            thread,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.is_none() && self.gathered.is_empty()
+    }
+
+    /// Queues `changes`; `replies` go out once they (and every change before them) are durable.
+    fn add(&mut self, mut changes: Vec<Change>, replies: Released) {
+        self.gathered.append(&mut changes);
+        self.gathered_replies.append(replies);
+    }
+
+    /// Starts a commit of what gathered, unless one is running.
+    fn kick(&mut self) {
+        if self.in_flight.is_some()
+            || (self.gathered.is_empty()
+                && self.gathered_replies.gis.is_empty()
+                && self.gathered_replies.admin.is_empty())
+        {
+            return;
+        }
+        let changes = std::mem::take(&mut self.gathered);
+        self.in_flight = Some(std::mem::take(&mut self.gathered_replies));
+        let sent = self.to_thread.as_ref().map(|t| t.send(changes));
+        if !matches!(sent, Some(Ok(()))) {
+            error!("the commit thread is gone");
+        }
+    }
+
+    /// The replies the finished commit releases; an error if it failed (memory and disk
+    /// would then disagree: the GIS stops rather than answer from state a restart would lose).
+    async fn done(&mut self) -> Result<Released, StorageError> {
+        if self.in_flight.is_none() {
+            return std::future::pending().await;
+        }
+        let result = match self.from_thread.recv().await {
+            Some(r) => r,
+            None => Err(StorageError::CommitThread),
+        };
+        let released = self.in_flight.take().unwrap_or_default();
+        if let Err(e) = &result {
+            error!(error = %e, "could not persist GIS state; stopping");
+        }
+        result.map(|()| released)
+    }
+
+    /// Waits for the running commit, commits what gathered, and returns every held reply.
+    async fn finish(mut self) -> Result<Released, StorageError> {
+        let mut all = Released::default();
+        loop {
+            if self.in_flight.is_some() {
+                all.append(self.done().await?);
+            }
+            self.kick();
+            if self.in_flight.is_none() {
+                return Ok(all);
             }
         }
     }
-    metrics.set_open(false);
-    info!(peer = %local, "GIS stopped");
-    Ok(())
 }
 
 /// What handling one swarm event may touch.
 struct Ctx<'a> {
     index: &'a mut Index,
+    /// Answers to requests that changed nothing: sent at the end of the batch.
     replies: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    /// Answers to requests that changed the index: sent once the changes are durable.
+    waiting: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
     /// Handled after the batch, where the admin behaviour is at hand.
     admin_events: &'a mut Vec<request_response::Event<AdminRequest, AdminResponse>>,
     listening: &'a mut Vec<Multiaddr>,
@@ -539,9 +710,14 @@ impl Ctx<'_> {
             } => {
                 let kind = gis_metrics::request_kind(&request);
                 let started = Instant::now();
+                let before = self.index.pending_changes();
                 let response = self.index.handle(peer, request, unix_ms());
                 self.metrics.request(kind, &response, started.elapsed());
-                self.replies.push((channel, response));
+                if self.index.pending_changes() > before {
+                    self.waiting.push((channel, response));
+                } else {
+                    self.replies.push((channel, response));
+                }
             }
             request_response::Event::Message {
                 peer,

@@ -75,6 +75,8 @@ pub struct Snapshot {
 pub enum StorageError {
     #[error("GIS database error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("the GIS commit thread stopped; the GIS stops too (its log says why)")]
+    CommitThread,
     #[error("could not encode a GIS record: {0}")]
     Encode(String),
     #[error("GIS database at {path} has format version {found:?}, this GIS understands {expected}; use a matching release or a new data dir")]

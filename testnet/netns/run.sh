@@ -342,12 +342,19 @@ inject_faults() {
 	{
 		# The disk of one requesting host fills for a few seconds: a file takes all but
 		# 256 KiB of its tmpfs, then goes.
-		local free
+		# (The node writes meanwhile: a filler that no longer fits is tried smaller, and
+		# nothing here may end this job before the filler is gone again.)
+		local free=0 took=0 margin
 		nap_ms "$t_disk"
-		free=$(df -B1 --output=avail "$DISK_MNT" | tail -1)
-		((free > 262144)) && { fallocate -l $((free - 262144)) "$DISK_MNT/filler" ||
-			head -c $((free - 262144)) /dev/zero >"$DISK_MNT/filler"; } 2>/dev/null
-		flog "disk full: host $DISK_HOST of idc$R ($((free >> 10)) KiB taken)"
+		for margin in 262144 1048576 4194304 16777216; do
+			free=$(df -B1 --output=avail "$DISK_MNT" | tail -1)
+			((free > margin)) || break
+			if fallocate -l $((free - margin)) "$DISK_MNT/filler" 2>/dev/null; then
+				took=$((free - margin))
+				break
+			fi
+		done
+		flog "disk full: host $DISK_HOST of idc$R ($((took >> 10)) KiB taken, $(((free - took) >> 10)) KiB left)"
 		nap_ms "$d_disk"
 		rm -f "$DISK_MNT/filler"
 		flog "disk freed: host $DISK_HOST of idc$R"

@@ -1,0 +1,1009 @@
+//! `bids bench gis`: a load generator on the GIS's real protocol. Thousands of virtual hosts,
+//! each with its own identity and its own tcp + noise + yamux connection from its own
+//! 127.x.y.z source address, register (bridgeheads with admin-signed certificates), publish
+//! their holdings, heartbeat at the interval the GIS tells them, and look images up at a given
+//! total rate. It reports the latencies, the lookups served, errors by kind, and the CPU and
+//! memory of the GIS (when it knows its process) and of itself.
+//!
+//! What the answers mean is the index's business; this module only checks each answer has the
+//! expected shape. The GIS under test is either given (`gis`) or started as a child process.
+
+pub mod conn;
+pub mod stats;
+
+use anyhow::{bail, Context};
+use bids_protocols::cert::{BridgeheadCert, CertBody};
+use bids_protocols::gis::{
+    Counters, GisRequest, GisResponse, Holding, HostSettings, HostStats, ImageQuery,
+};
+use bids_protocols::manifest::{ChunkInfo, Manifest, ObjectKind};
+use bids_protocols::{Idc, ImageId, ImageRef, Policy};
+use conn::{Conn, Done};
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use stats::{proc_sample, Kind, Latency, ProcSample, Recorder};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+/// Dial, noise and yamux together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// One request, queueing for a stream included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lookups queued at one virtual host before the generator counts it as behind.
+const HOST_QUEUE: usize = 64;
+/// File descriptors the generator needs besides one per virtual host.
+const RESERVED_FDS: u64 = 512;
+/// How long a phase waits for its last lookups to come back.
+const DRAIN: Duration = Duration::from_secs(5);
+/// Chunk size of the synthetic images (1 MiB, the default).
+const CHUNK_SIZE: u32 = 1 << 20;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// GIS addresses (each ending in `/p2p/<peer id>`); virtual hosts are spread over them.
+    /// Empty: start one with `spawn_program`.
+    pub gis: Vec<Multiaddr>,
+    /// The `bids` executable, to start a GIS (`bids gis`) as a child when `gis` is empty.
+    pub spawn_program: Option<PathBuf>,
+    pub hosts: usize,
+    pub idcs: usize,
+    pub images: usize,
+    /// Images each host holds (complete or partly).
+    pub holdings_per_host: usize,
+    /// Chunks of each synthetic image (its manifest travels in each lookup answer).
+    pub chunks_per_image: u32,
+    /// Total lookups per second, one phase per rate, in order (0: heartbeats only).
+    pub lookup_rates: Vec<u64>,
+    /// Length of each phase.
+    pub duration: Duration,
+    /// Heartbeat interval; `None`: what the GIS says when a host registers (as nodes do).
+    pub heartbeat: Option<Duration>,
+    /// Hosts connecting and registering at the same time.
+    pub register_concurrency: usize,
+    /// Certified bridgeheads per IDC (needs `admin`, or a spawned GIS).
+    pub bridgeheads_per_idc: usize,
+    /// The admin key the GIS trusts, to certify bridgeheads. A spawned GIS gets a new one.
+    pub admin: Option<Keypair>,
+    pub seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            gis: Vec::new(),
+            spawn_program: None,
+            hosts: 1000,
+            idcs: 10,
+            images: 100,
+            holdings_per_host: 5,
+            chunks_per_image: 64,
+            lookup_rates: vec![1000],
+            duration: Duration::from_secs(10),
+            heartbeat: None,
+            register_concurrency: 256,
+            bridgeheads_per_idc: 2,
+            admin: None,
+            seed: 1,
+        }
+    }
+}
+
+/// The open-file limit the generator needs and has.
+#[derive(Clone, Debug, Serialize)]
+pub struct NoFile {
+    pub needed: u64,
+    pub limit: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RegistrationReport {
+    pub registered: usize,
+    pub failed: usize,
+    /// From the first dial until every host registered (`None` if some never did).
+    pub all_registered_s: Option<f64>,
+    /// Until every host also published all its holdings.
+    pub all_published_s: Option<f64>,
+    /// Dial + noise + yamux.
+    pub connect: Latency,
+    pub register: Latency,
+    pub publish: Latency,
+    pub errors: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseReport {
+    pub offered_lookups_per_s: u64,
+    pub duration_s: f64,
+    /// Successful lookups over the phase (its drain included).
+    pub lookups_per_s: f64,
+    pub lookup: Latency,
+    pub heartbeats_per_s: f64,
+    pub heartbeat: Latency,
+    pub gis_cpu_s: Option<f64>,
+    /// `gis_cpu_s` over the phase's wall time: cores busy.
+    pub gis_cores: Option<f64>,
+    pub generator_cpu_s: Option<f64>,
+    pub generator_cores: Option<f64>,
+    pub errors: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub hosts: usize,
+    pub idcs: usize,
+    pub images: usize,
+    pub holdings_per_host: usize,
+    pub bridgeheads: usize,
+    pub heartbeat_s: Option<f64>,
+    pub gis_addrs: Vec<String>,
+    pub gis_spawned: bool,
+    pub nofile: NoFile,
+    pub registration: RegistrationReport,
+    pub phases: Vec<PhaseReport>,
+    /// Of the last phase.
+    pub lookups_per_s: f64,
+    /// Of the last phase.
+    pub lookup: Latency,
+    /// Of the registration stretch.
+    pub register: Latency,
+    /// The GIS process over the whole run (`None` when it is not ours to read).
+    pub gis: Option<ProcSample>,
+    pub generator: Option<ProcSample>,
+    /// Every error of the run, by kind.
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// One synthetic image.
+struct ImageSpec {
+    r: ImageRef,
+    id: ImageId,
+    manifest: Vec<u8>,
+    chunks: u32,
+}
+
+fn synthetic_image(i: usize, chunks: u32) -> ImageSpec {
+    let m = Manifest {
+        name: format!("bench-{i:05}"),
+        version: "1".into(),
+        base: None,
+        kind: ObjectKind::Image,
+        size: u64::from(chunks) * u64::from(CHUNK_SIZE),
+        chunk_size: CHUNK_SIZE,
+        chunks: (0..chunks)
+            .map(|c| {
+                let mut seed = (i as u64).to_be_bytes().to_vec();
+                seed.extend(c.to_be_bytes());
+                let sha256 = bids_protocols::manifest::sha256(&seed);
+                let mut md5 = [0u8; 16];
+                md5.copy_from_slice(&sha256[..16]);
+                ChunkInfo {
+                    sha256,
+                    md5,
+                    zero: false,
+                }
+            })
+            .collect(),
+    };
+    ImageSpec {
+        r: m.image_ref(),
+        id: m.id(),
+        manifest: m.to_bytes(),
+        chunks,
+    }
+}
+
+struct HostSpec {
+    key: Keypair,
+    idc: Idc,
+    src: IpAddr,
+    gis: Multiaddr,
+    cert: Option<BridgeheadCert>,
+    holdings: Vec<Holding>,
+}
+
+/// Host `i`'s own source address: 127.(1 + i / 65536).(i / 256 % 256).(i % 256).
+fn source_addr(i: usize) -> IpAddr {
+    let b = 1 + (i / 65536).min(254);
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        b as u8,
+        (i / 256 % 256) as u8,
+        (i % 256) as u8,
+    ))
+}
+
+/// State shared by the virtual hosts and the driver.
+struct Shared {
+    rec: Mutex<Recorder>,
+    images: Vec<ImageSpec>,
+    heartbeat: Option<Duration>,
+    register_limit: Semaphore,
+    registered: AtomicUsize,
+    published: AtomicUsize,
+    failed: AtomicUsize,
+    /// Lookups sent and not yet answered.
+    outstanding: AtomicI64,
+    /// The heartbeat interval the GIS announced, in ms (0: none yet).
+    announced_heartbeat_ms: AtomicUsize,
+    progress: Notify,
+}
+
+impl Shared {
+    fn record(&self, f: impl FnOnce(&mut Recorder)) {
+        let mut r = self.rec.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut r);
+    }
+    fn take(&self) -> Recorder {
+        std::mem::take(&mut *self.rec.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A lookup to send: which image, and when it was due.
+struct LookupCmd {
+    image: usize,
+    due: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Tag {
+    Register,
+    Publish,
+    Heartbeat,
+    Lookup,
+}
+
+impl Tag {
+    fn kind(self) -> Kind {
+        match self {
+            Tag::Register => Kind::Register,
+            Tag::Publish => Kind::Publish,
+            Tag::Heartbeat => Kind::Heartbeat,
+            Tag::Lookup => Kind::Lookup,
+        }
+    }
+}
+
+fn heartbeat_request(h: &HostSpec) -> GisRequest {
+    let per_image = Counters {
+        lan_recv_bytes: 64 << 20,
+        lan_recv_chunks: 64,
+        lan_sent_bytes: 32 << 20,
+        lan_sent_chunks: 32,
+        ..Default::default()
+    };
+    let mut total = Counters::default();
+    let mut images = BTreeMap::new();
+    for hd in &h.holdings {
+        total.add(&per_image);
+        images.insert(hd.image, per_image);
+    }
+    GisRequest::Heartbeat {
+        stats: HostStats {
+            total,
+            images,
+            refusals: 0,
+            settings: Some(HostSettings {
+                upload_bps: 0,
+                download_bps: 0,
+                sharing: true,
+            }),
+            provisions: BTreeMap::new(),
+            banned: Vec::new(),
+        },
+    }
+}
+
+/// Checks the shape of an answer and records it.
+fn on_done(shared: &Shared, d: Done<Tag>) -> Option<GisResponse> {
+    let kind = d.tag.kind();
+    if matches!(d.tag, Tag::Lookup) {
+        shared.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+    match d.result {
+        Err(e) => {
+            shared.record(|r| r.error(format!("{}: {e}", kind.name())));
+            None
+        }
+        Ok(GisResponse::Error { kind: k, .. }) => {
+            shared.record(|r| r.error(format!("{}: gis {k:?}", kind.name())));
+            None
+        }
+        Ok(resp) => {
+            let fits = matches!(
+                (&d.tag, &resp),
+                (Tag::Register, GisResponse::Registered { .. })
+                    | (Tag::Publish, GisResponse::Ack { .. })
+                    | (Tag::Heartbeat, GisResponse::Ack { .. })
+                    | (Tag::Lookup, GisResponse::HostList(_))
+            );
+            if fits {
+                let took = d.due.elapsed();
+                shared.record(|r| r.ok(kind, took));
+                Some(resp)
+            } else {
+                shared.record(|r| r.error(format!("{}: unexpected answer", kind.name())));
+                None
+            }
+        }
+    }
+}
+
+/// One virtual host: connect, register, publish, then heartbeat and look up until its
+/// command channel closes.
+async fn host_task(h: HostSpec, shared: Arc<Shared>, mut cmds: mpsc::Receiver<LookupCmd>) {
+    let gave_up = |shared: &Shared| {
+        shared.failed.fetch_add(1, Ordering::Relaxed);
+        shared.progress.notify_one();
+    };
+    let permit = match shared.register_limit.acquire().await {
+        Ok(p) => p,
+        Err(_) => return gave_up(&shared),
+    };
+    let dial = Instant::now();
+    let mut conn: Conn<Tag> = match conn::connect(&h.key, h.src, &h.gis, CONNECT_TIMEOUT).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(src = %h.src, error = %e, "virtual host could not connect");
+            shared.record(|r| r.error(e.kind()));
+            return gave_up(&shared);
+        }
+    };
+    let connected = Instant::now();
+    shared.record(|r| r.ok(Kind::Connect, connected - dial));
+    conn.send(
+        Tag::Register,
+        connected,
+        GisRequest::Register {
+            idc: h.idc.clone(),
+            addrs: vec![format!("/ip4/{}/tcp/4001", h.src)
+                .parse()
+                .unwrap_or_else(|_| Multiaddr::empty())],
+            cert: h.cert.clone(),
+            policy: Policy::Bids,
+        },
+    );
+    // Register, then publish every holding.
+    let every = match conn.next_done(REQUEST_TIMEOUT).await {
+        Ok(d) => match on_done(&shared, d) {
+            Some(GisResponse::Registered { heartbeat_secs, .. }) => shared
+                .heartbeat
+                .unwrap_or(Duration::from_secs(u64::from(heartbeat_secs.max(1)))),
+            _ => return gave_up(&shared),
+        },
+        Err(e) => {
+            shared.record(|r| r.error(e.kind()));
+            return gave_up(&shared);
+        }
+    };
+    drop(permit);
+    shared
+        .announced_heartbeat_ms
+        .store(every.as_millis() as usize, Ordering::Relaxed);
+    shared.registered.fetch_add(1, Ordering::Relaxed);
+    shared.progress.notify_one();
+    let now = Instant::now();
+    for hd in &h.holdings {
+        let manifest = shared
+            .images
+            .iter()
+            .find(|s| s.id == hd.image)
+            .map(|s| s.manifest.clone())
+            .unwrap_or_default();
+        conn.send(
+            Tag::Publish,
+            now,
+            GisRequest::Publish {
+                holding: hd.clone(),
+                manifest,
+            },
+        );
+    }
+    let mut publishing = h.holdings.len();
+    if publishing == 0 {
+        shared.published.fetch_add(1, Ordering::Relaxed);
+        shared.progress.notify_one();
+    }
+    // Heartbeats spread evenly over the interval, as independent nodes' would be.
+    let offset = rand::thread_rng().gen_range(Duration::ZERO..every);
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let heartbeat = heartbeat_request(&h);
+    loop {
+        tokio::select! {
+            done = conn.next_done(REQUEST_TIMEOUT) => match done {
+                Ok(d) => {
+                    let publish = matches!(d.tag, Tag::Publish);
+                    on_done(&shared, d);
+                    if publish {
+                        publishing -= 1;
+                        if publishing == 0 {
+                            shared.published.fetch_add(1, Ordering::Relaxed);
+                            shared.progress.notify_one();
+                        }
+                    }
+                }
+                Err(e) => {
+                    shared.record(|r| r.error(e.kind()));
+                    // Lookups still queued here will never come back.
+                    let lost = conn.in_flight() as i64;
+                    shared.outstanding.fetch_sub(lost.min(shared.outstanding.load(Ordering::Relaxed)), Ordering::Relaxed);
+                    return gave_up(&shared);
+                }
+            },
+            _ = beat.tick() => conn.send(Tag::Heartbeat, Instant::now(), heartbeat.clone()),
+            cmd = cmds.recv() => match cmd {
+                Some(LookupCmd { image, due }) => {
+                    let r = shared.images.get(image).map(|s| s.r.clone());
+                    if let Some(r) = r {
+                        conn.send(Tag::Lookup, due, GisRequest::Lookup { image: ImageQuery::Ref(r), idc: None });
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    conn.close().await;
+}
+
+/// Raises RLIMIT_NOFILE to at least `needed` if it can (root may raise the hard limit).
+fn raise_nofile(needed: u64) -> NoFile {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return NoFile { needed, limit: 0 };
+    }
+    if lim.rlim_cur < needed {
+        let want = libc::rlimit {
+            rlim_cur: needed.max(lim.rlim_cur),
+            rlim_max: needed.max(lim.rlim_max),
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            lim = want;
+        } else {
+            let soft = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // SAFETY: as above.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } == 0 {
+                lim = soft;
+            }
+        }
+    }
+    NoFile {
+        needed,
+        limit: lim.rlim_cur,
+    }
+}
+
+/// A GIS started for the run, as a child `bids gis`; killed when dropped.
+struct ChildGis {
+    child: tokio::process::Child,
+    dir: PathBuf,
+    addr: Multiaddr,
+}
+
+impl ChildGis {
+    async fn start(program: &std::path::Path, admin: &Keypair) -> anyhow::Result<ChildGis> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("bids-bench-gis-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let key = dir.join("gis.key");
+        let bytes = Keypair::generate_ed25519()
+            .to_protobuf_encoding()
+            .context("encoding the GIS key")?;
+        std::fs::write(&key, bytes).with_context(|| format!("writing {}", key.display()))?;
+        let log = std::fs::File::create(dir.join("gis.log")).context("creating the GIS log")?;
+        let mut child = tokio::process::Command::new(program)
+            .arg("gis")
+            .arg("--key")
+            .arg(&key)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--admin-peer"])
+            .arg(admin.public().to_peer_id().to_string())
+            .arg("--data")
+            .arg(dir.join("data"))
+            .env(
+                "RUST_LOG",
+                std::env::var("BIDS_BENCH_GIS_LOG").unwrap_or("warn".into()),
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} gis", program.display()))?;
+        let stdout = child.stdout.take().context("the GIS's stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+        let addr = match first {
+            Ok(Ok(Some(line))) => line
+                .trim()
+                .parse::<Multiaddr>()
+                .with_context(|| format!("the GIS printed {line:?}, not its address"))?,
+            _ => bail!(
+                "the GIS did not print its address within 30 s; see {}",
+                dir.join("gis.log").display()
+            ),
+        };
+        Ok(ChildGis { child, dir, addr })
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildGis {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Runs the whole benchmark. `log` receives progress lines.
+pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> {
+    if o.hosts == 0 || o.idcs == 0 || o.images == 0 {
+        bail!("--hosts, --idcs and --images must be at least 1");
+    }
+    if o.hosts > 254 * 65536 {
+        bail!(
+            "at most {} virtual hosts (one loopback address each)",
+            254 * 65536
+        );
+    }
+    let needed = o.hosts as u64 + RESERVED_FDS;
+    let nofile = raise_nofile(needed);
+    log(&format!(
+        "open files: need {} (one per virtual host + {RESERVED_FDS}){}, limit {}",
+        nofile.needed,
+        if o.gis.is_empty() {
+            ", the same again for the GIS child"
+        } else {
+            ""
+        },
+        nofile.limit
+    ));
+    if nofile.limit < needed {
+        log(&format!(
+            "warning: the open-file limit {} is below the {needed} needed; raise it (ulimit -n, as root) or expect connect errors",
+            nofile.limit
+        ));
+    }
+    let (admin, child) = if o.gis.is_empty() {
+        let program = o
+            .spawn_program
+            .as_ref()
+            .context("no --gis given and no bids executable to start one")?;
+        let admin = o.admin.clone().unwrap_or_else(Keypair::generate_ed25519);
+        let child = ChildGis::start(program, &admin).await?;
+        log(&format!(
+            "started a GIS at {} (pid {:?})",
+            child.addr,
+            child.pid()
+        ));
+        (Some(admin), Some(child))
+    } else {
+        (o.admin.clone(), None)
+    };
+    let gis_addrs: Vec<Multiaddr> = match &child {
+        Some(c) => vec![c.addr.clone()],
+        None => o.gis.clone(),
+    };
+    let gis_pid = child.as_ref().and_then(ChildGis::pid);
+
+    let images: Vec<ImageSpec> = (0..o.images)
+        .map(|i| synthetic_image(i, o.chunks_per_image.max(1)))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let now_s = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut specs = Vec::with_capacity(o.hosts);
+    let mut bridgeheads = 0;
+    for i in 0..o.hosts {
+        let key = Keypair::generate_ed25519();
+        let idc = Idc::new(&format!("idc-{:03}", i % o.idcs)).map_err(anyhow::Error::msg)?;
+        let cert = match &admin {
+            Some(a) if i / o.idcs < o.bridgeheads_per_idc => {
+                bridgeheads += 1;
+                Some(
+                    BridgeheadCert::issue(
+                        a,
+                        CertBody {
+                            peer: key.public().to_peer_id(),
+                            idc: idc.clone(),
+                            db_id: format!("db{}", i / o.idcs),
+                            serial: i as u64 + 1,
+                            not_before: now_s - 3600,
+                            not_after: now_s + 30 * 86400,
+                            issuer: a.public().to_peer_id(),
+                        },
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                )
+            }
+            _ => None,
+        };
+        let k = o.holdings_per_host.min(o.images);
+        let holdings = sample(&mut rng, o.images, k)
+            .into_iter()
+            .map(|j| {
+                let chunks = images[j].chunks;
+                if rng.gen_bool(0.8) {
+                    Holding {
+                        image: images[j].id,
+                        chunks_held: chunks,
+                        complete: true,
+                        fetching: false,
+                    }
+                } else {
+                    Holding {
+                        image: images[j].id,
+                        chunks_held: rng.gen_range(0..chunks),
+                        complete: false,
+                        fetching: true,
+                    }
+                }
+            })
+            .collect();
+        specs.push(HostSpec {
+            key,
+            idc,
+            src: source_addr(i),
+            gis: gis_addrs[i % gis_addrs.len()].clone(),
+            cert,
+            holdings,
+        });
+    }
+    let shared = Arc::new(Shared {
+        rec: Mutex::new(Recorder::default()),
+        images,
+        heartbeat: o.heartbeat,
+        register_limit: Semaphore::new(o.register_concurrency.max(1)),
+        registered: AtomicUsize::new(0),
+        published: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        outstanding: AtomicI64::new(0),
+        announced_heartbeat_ms: AtomicUsize::new(0),
+        progress: Notify::new(),
+    });
+    let gis_start = gis_pid.and_then(|p| proc_sample(Some(p)));
+    let gen_start = proc_sample(None);
+
+    // Registration from cold.
+    log(&format!(
+        "{} virtual hosts in {} IDCs ({bridgeheads} bridgeheads) registering with {} GIS address(es), {} at a time",
+        o.hosts,
+        o.idcs,
+        gis_addrs.len(),
+        o.register_concurrency
+    ));
+    let started = Instant::now();
+    let mut senders = Vec::with_capacity(o.hosts);
+    let mut tasks = tokio::task::JoinSet::new();
+    for h in specs {
+        let (tx, rx) = mpsc::channel(HOST_QUEUE);
+        senders.push(tx);
+        tasks.spawn(host_task(h, shared.clone(), rx));
+    }
+    let deadline = started + Duration::from_secs(60 + o.hosts as u64 / 100);
+    let mut all_registered = None;
+    let mut all_published = None;
+    let mut last_log = Instant::now();
+    loop {
+        let failed = shared.failed.load(Ordering::Relaxed);
+        let registered = shared.registered.load(Ordering::Relaxed);
+        let published = shared.published.load(Ordering::Relaxed);
+        if all_registered.is_none() && registered == o.hosts {
+            all_registered = Some(started.elapsed());
+        }
+        if all_published.is_none() && published == o.hosts {
+            all_published = Some(started.elapsed());
+        }
+        if published + failed >= o.hosts || Instant::now() > deadline {
+            break;
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            last_log = Instant::now();
+            log(&format!(
+                "  {:.0} s: {registered} registered, {published} published, {failed} failed",
+                secs(started.elapsed())
+            ));
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), shared.progress.notified()).await;
+    }
+    let mut rec = shared.take();
+    let registration = RegistrationReport {
+        registered: shared.registered.load(Ordering::Relaxed),
+        failed: shared.failed.load(Ordering::Relaxed),
+        all_registered_s: all_registered.map(secs),
+        all_published_s: all_published.map(secs),
+        connect: rec.summary(Kind::Connect),
+        register: rec.summary(Kind::Register),
+        publish: rec.summary(Kind::Publish),
+        errors: rec.errors.clone(),
+    };
+    log(&format!(
+        "registered {} of {} in {}; register p50 {:.1} ms p99 {:.1} ms; connect p99 {:.1} ms",
+        registration.registered,
+        o.hosts,
+        all_registered.map_or("(not all)".into(), |d| format!("{:.1} s", secs(d))),
+        registration.register.p50_ms,
+        registration.register.p99_ms,
+        registration.connect.p99_ms
+    ));
+    let mut errors = registration.errors.clone();
+    let heartbeat_ms = shared.announced_heartbeat_ms.load(Ordering::Relaxed);
+
+    // One phase per lookup rate.
+    let mut phases = Vec::new();
+    for &rate in &o.lookup_rates {
+        let gis0 = gis_pid.and_then(|p| proc_sample(Some(p)));
+        let gen0 = proc_sample(None);
+        let t0 = Instant::now();
+        drive_lookups(&shared, &senders, rate, o.duration, o.seed ^ rate).await;
+        let drain_until = Instant::now() + DRAIN;
+        while shared.outstanding.load(Ordering::Relaxed) > 0 && Instant::now() < drain_until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let wall = t0.elapsed();
+        let mut rec = shared.take();
+        let cpu = |a: Option<ProcSample>, b: Option<ProcSample>| match (a, b) {
+            (Some(a), Some(b)) => Some(b.cpu_s - a.cpu_s),
+            _ => None,
+        };
+        let gis_cpu = cpu(gis0, gis_pid.and_then(|p| proc_sample(Some(p))));
+        let gen_cpu = cpu(gen0, proc_sample(None));
+        let lookup = rec.summary(Kind::Lookup);
+        let heartbeat = rec.summary(Kind::Heartbeat);
+        let p = PhaseReport {
+            offered_lookups_per_s: rate,
+            duration_s: secs(wall),
+            lookups_per_s: lookup.count as f64 / secs(wall),
+            heartbeats_per_s: heartbeat.count as f64 / secs(wall),
+            lookup,
+            heartbeat,
+            gis_cpu_s: gis_cpu,
+            gis_cores: gis_cpu.map(|c| c / secs(wall)),
+            generator_cpu_s: gen_cpu,
+            generator_cores: gen_cpu.map(|c| c / secs(wall)),
+            errors: rec.errors.clone(),
+        };
+        log(&format!(
+            "offered {rate:>6} lookups/s: served {:>8.0}/s p50 {:>6.2} ms p99 {:>7.2} ms p999 {:>7.2} ms | heartbeats {:>6.0}/s p99 {:>7.2} ms | GIS {} cores, generator {} cores | errors {}",
+            p.lookups_per_s,
+            p.lookup.p50_ms,
+            p.lookup.p99_ms,
+            p.lookup.p999_ms,
+            p.heartbeats_per_s,
+            p.heartbeat.p99_ms,
+            p.gis_cores.map_or("?".into(), |c| format!("{c:.2}")),
+            p.generator_cores.map_or("?".into(), |c| format!("{c:.2}")),
+            p.errors.values().sum::<u64>()
+        ));
+        for (k, v) in &p.errors {
+            *errors.entry(k.clone()).or_default() += v;
+        }
+        phases.push(p);
+    }
+
+    let gis_end = gis_pid.and_then(|p| proc_sample(Some(p)));
+    let gen_end = proc_sample(None);
+    // Stop: closing the command channels ends every virtual host.
+    drop(senders);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    drop(child);
+    let whole = |a: Option<ProcSample>, b: Option<ProcSample>| match (a, b) {
+        (Some(a), Some(b)) => Some(ProcSample {
+            cpu_s: b.cpu_s - a.cpu_s,
+            ..b
+        }),
+        _ => None,
+    };
+    let last = phases.last();
+    Ok(Report {
+        hosts: o.hosts,
+        idcs: o.idcs,
+        images: o.images,
+        holdings_per_host: o.holdings_per_host.min(o.images),
+        bridgeheads,
+        heartbeat_s: (heartbeat_ms > 0).then(|| heartbeat_ms as f64 / 1000.0),
+        gis_addrs: gis_addrs.iter().map(|a| a.to_string()).collect(),
+        gis_spawned: gis_pid.is_some(),
+        nofile,
+        lookups_per_s: last.map_or(0.0, |p| p.lookups_per_s),
+        lookup: last.map(|p| p.lookup.clone()).unwrap_or_default(),
+        register: registration.register.clone(),
+        registration,
+        phases,
+        gis: whole(gis_start, gis_end),
+        generator: whole(gen_start, gen_end),
+        errors,
+    })
+}
+
+/// Sends `rate` lookups per second for `duration`, each to a random virtual host for a random
+/// image, on a fixed schedule (open loop: a slow GIS does not slow the offered load).
+async fn drive_lookups(
+    shared: &Shared,
+    senders: &[mpsc::Sender<LookupCmd>],
+    rate: u64,
+    duration: Duration,
+    seed: u64,
+) {
+    let t0 = Instant::now();
+    if rate == 0 {
+        tokio::time::sleep(duration).await;
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let total = (rate as f64 * secs(duration)) as u64;
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let images = shared.images.len();
+    while sent < total {
+        tick.tick().await;
+        let due_count = ((secs(t0.elapsed()) * rate as f64) as u64).min(total);
+        while sent < due_count {
+            // The instant this lookup was due on the schedule.
+            let due = t0 + Duration::from_secs_f64(sent as f64 / rate as f64);
+            sent += 1;
+            let host = rng.gen_range(0..senders.len());
+            let image = rng.gen_range(0..images);
+            match senders[host].try_send(LookupCmd { image, due }) {
+                Ok(()) => {
+                    shared.outstanding.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    shared.record(|r| r.error("lookup: virtual host backlog full"))
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    shared.record(|r| r.error("lookup: virtual host gone"))
+                }
+            }
+        }
+    }
+}
+
+/// The report as a human-readable table.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let reg = &r.registration;
+    let _ = writeln!(
+        s,
+        "GIS bench: {} hosts in {} IDCs ({} bridgeheads), {} images, {} holdings per host, heartbeat every {}",
+        r.hosts,
+        r.idcs,
+        r.bridgeheads,
+        r.images,
+        r.holdings_per_host,
+        r.heartbeat_s.map_or("?".into(), |h| format!("{h} s"))
+    );
+    let _ = writeln!(
+        s,
+        "registration: {} of {} in {} (all published in {}); register p50 {:.2} / p99 {:.2} / p999 {:.2} ms; connect p99 {:.2} ms; publish p99 {:.2} ms",
+        reg.registered,
+        r.hosts,
+        reg.all_registered_s.map_or("(not all)".into(), |t| format!("{t:.1} s")),
+        reg.all_published_s.map_or("(not all)".into(), |t| format!("{t:.1} s")),
+        reg.register.p50_ms,
+        reg.register.p99_ms,
+        reg.register.p999_ms,
+        reg.connect.p99_ms,
+        reg.publish.p99_ms
+    );
+    let _ = writeln!(
+        s,
+        "{:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7}",
+        "offered/s",
+        "served/s",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "hb/s",
+        "hb p99",
+        "GIS cores",
+        "gen cores"
+    );
+    for p in &r.phases {
+        let _ = writeln!(
+            s,
+            "{:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.0} {:>9.2} {:>9} {:>7}",
+            p.offered_lookups_per_s,
+            p.lookups_per_s,
+            p.lookup.p50_ms,
+            p.lookup.p99_ms,
+            p.lookup.p999_ms,
+            p.heartbeats_per_s,
+            p.heartbeat.p99_ms,
+            p.gis_cores.map_or("?".into(), |c| format!("{c:.2}")),
+            p.generator_cores.map_or("?".into(), |c| format!("{c:.2}")),
+        );
+    }
+    match &r.gis {
+        Some(g) => {
+            let _ = writeln!(
+                s,
+                "GIS process: {:.1} CPU s over the run, peak RSS {:.1} MiB",
+                g.cpu_s,
+                g.peak_rss_bytes as f64 / (1 << 20) as f64
+            );
+        }
+        None => {
+            let _ = writeln!(s, "GIS process: not ours, CPU and memory not read");
+        }
+    }
+    if let Some(g) = &r.generator {
+        let _ = writeln!(
+            s,
+            "generator: {:.1} CPU s over the run, peak RSS {:.1} MiB",
+            g.cpu_s,
+            g.peak_rss_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    let _ = writeln!(
+        s,
+        "open files: needed {}, limit {}",
+        r.nofile.needed, r.nofile.limit
+    );
+    if r.errors.is_empty() {
+        let _ = writeln!(s, "errors: none");
+    } else {
+        let _ = writeln!(s, "errors:");
+        for (k, v) in &r.errors {
+            let _ = writeln!(s, "  {k}: {v}");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_images_are_valid_manifests_with_distinct_ids() {
+        let a = synthetic_image(0, 64);
+        let b = synthetic_image(1, 64);
+        assert_ne!(a.id, b.id);
+        let m = Manifest::from_bytes_with_id(&a.manifest, a.id).expect("valid manifest");
+        assert_eq!(m.chunk_count(), 64);
+    }
+
+    #[test]
+    fn source_addresses_are_distinct_loopback_addresses() {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..70_000 {
+            let a = source_addr(i);
+            assert!(a.is_loopback());
+            assert_ne!(a, IpAddr::V4(Ipv4Addr::LOCALHOST));
+            assert!(seen.insert(a));
+        }
+    }
+}
