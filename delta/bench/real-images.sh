@@ -28,6 +28,8 @@ PKGS_V2=${PKGS_V2:-"less nano file"}
 PKGS_V3=${PKGS_V3:-"python3-minimal"}
 ZSTD_LEVEL=${ZSTD_LEVEL:-19}
 REUSE=${REUSE:-0}
+RECOMMENDS=${RECOMMENDS:-1}
+IMAGES_ONLY=${IMAGES_ONLY:-0}
 SKIP_ZSTD=${SKIP_ZSTD:-0}
 RESULTS=$HERE/RESULTS.md
 
@@ -140,7 +142,9 @@ install_pkgs() { # image pkgs...
     attach_mount "$img"
     chroot_mounts
     chroot "$MNT" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive chroot "$MNT" apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    local rec=(--no-install-recommends)
+    [ "$RECOMMENDS" = 1 ] && rec=()
+    DEBIAN_FRONTEND=noninteractive chroot "$MNT" apt-get install -y -qq "${rec[@]}" "$@" >/dev/null
     finish_image
 }
 
@@ -167,6 +171,7 @@ else
     install_pkgs "$V3" $PKGS_V3
     touch "$WORK/images.done"
 fi
+[ "$IMAGES_ONLY" = 1 ] && { log "images ready in $WORK"; exit 0; }
 
 # ---------------------------------------------------------------- measurements
 # run NAME CMD...: runs CMD under /usr/bin/time -v; sets T_SEC and T_RSS_MB.
