@@ -39,9 +39,12 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-pub use build::{BuildOptions, DeltaStats};
+pub use build::{BuildOptions, DeltaStats, DEFAULT_LEVEL};
 pub use error::DeltaError;
-pub use format::{DeltaHeader, HEADER_LEN, MAGIC, MAX_FRAME, TRAILER_LEN, VERSION};
+pub use format::{
+    DeltaHeader, HEADER_LEN, MAGIC, MAX_FRAME, MAX_FRAME_V2, MAX_OPS_BLOCK, MIN_VERSION,
+    TRAILER_LEN, VERSION,
+};
 
 use apply::{check_delta, decode, hash_jobs, FileSink, VecSink};
 use image::{Image, MappedFile};
@@ -188,7 +191,13 @@ pub fn apply_with(
         let hasher = s.spawn(move || hash_jobs(base_bytes, rx));
         let (decoded, written) = {
             let mut sink = FileSink::new(file, tmp.path().to_path_buf(), &b_img, tx);
-            let r = decode(body, base_bytes.len(), header.to_size, &mut sink);
+            let r = decode(
+                body,
+                header.version,
+                base_bytes.len(),
+                header.to_size,
+                &mut sink,
+            );
             let f = sink.finish();
             (r.and_then(|st| f.map(|()| st)), sink.written)
             // `sink` (and with it the sender) is dropped here, so the hasher ends.
@@ -289,7 +298,7 @@ pub fn apply_bytes(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
         base,
         out: Vec::new(),
     };
-    decode(body, base.len(), header.to_size, &mut sink)?;
+    decode(body, header.version, base.len(), header.to_size, &mut sink)?;
     let digest = apply::sha256(&sink.out);
     if digest != header.to_sha256 {
         return Err(DeltaError::OutputMismatch {

@@ -107,14 +107,16 @@ fn small_opts() -> impl Strategy<Value = BuildOptions> {
         any::<bool>(),
         prop::sample::select(vec![8192usize, 4 << 20]),
         1i32..6,
+        1usize..4,
     )
         .prop_map(
-            |(block_size, rolling, rolling_max_run, level)| BuildOptions {
+            |(block_size, rolling, rolling_max_run, level, threads)| BuildOptions {
                 block_size,
                 rolling,
                 rolling_max_run,
                 level,
                 frame_size: 64 << 10,
+                threads,
             },
         )
 }
@@ -212,4 +214,32 @@ fn rolling_search_finds_unaligned_moves() {
         "without rolling: {}",
         without.len()
     );
+}
+
+/// New data that B repeats (aligned, and shifted by a non-multiple of the block size) is
+/// carried once: later copies come from B's own earlier bytes.
+#[test]
+fn repeated_new_data_is_stored_once() {
+    let a = noise(21, 1 << 20);
+    let new = noise(22, 3 << 20);
+    let mut b = a.clone();
+    b.extend_from_slice(&new); // at a block boundary
+    b.extend_from_slice(&new); // aligned repeat
+    b.extend_from_slice(&[7u8; 1234]);
+    b.extend_from_slice(&new[..1 << 20]); // unaligned repeat
+    for threads in [1, 2] {
+        let opts = BuildOptions {
+            threads,
+            ..Default::default()
+        };
+        let d = build_bytes_with(&a, &b, &opts).unwrap();
+        assert_eq!(apply_bytes(&a, &d).unwrap(), b);
+        // Noise does not compress: the delta holds `new` once and little else.
+        assert!(
+            d.len() < new.len() + (64 << 10),
+            "{threads} threads: delta {} bytes for {} new",
+            d.len(),
+            new.len()
+        );
+    }
 }
