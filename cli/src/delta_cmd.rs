@@ -34,7 +34,7 @@ pub enum DeltaCmd {
         #[arg(long, value_parser = crate::parse_size)]
         block_size: Option<u64>,
         /// zstd level of the literal data (1..=22): higher is smaller and slower
-        /// (default 16).
+        /// (default 9).
         #[arg(long)]
         level: Option<i32>,
         /// Threads compressing the literal data in parallel (default 2).

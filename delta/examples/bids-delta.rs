@@ -76,7 +76,6 @@ fn main() -> anyhow::Result<()> {
                 block_size,
                 rolling: !no_rolling,
                 rolling_max_run,
-                ..Default::default()
             };
             let st = bids_delta::build(&from, &to, &out, &opts)
                 .with_context(|| format!("building {} -> {}", from.display(), to.display()))?;

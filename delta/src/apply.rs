@@ -93,7 +93,11 @@ pub(crate) fn decode<S: Sink>(
         frame_pos: 0,
         counts: DecodeStats::default(),
     };
-    let max_frame = if version >= 2 { MAX_FRAME_V2 } else { MAX_FRAME };
+    let max_frame = if version >= 2 {
+        MAX_FRAME_V2
+    } else {
+        MAX_FRAME
+    };
     loop {
         let rec = r.offset();
         let tag = r.u8()?;

@@ -22,7 +22,14 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 /// Text-like bytes (compressible), so the fixture holds zstd literal frames.
 fn text(seed: u64, len: usize) -> Vec<u8> {
     let words: [&[u8]; 8] = [
-        b"image ", b"delta ", b"bridgehead ", b"chunk ", b"manifest ", b"idc ", b"host ", b"\n",
+        b"image ",
+        b"delta ",
+        b"bridgehead ",
+        b"chunk ",
+        b"manifest ",
+        b"idc ",
+        b"host ",
+        b"\n",
     ];
     noise(seed, len / 4)
         .iter()
@@ -68,6 +75,9 @@ fn version_1_delta_still_applies() {
     assert_eq!(read_header(&pd).unwrap(), h);
     let st = apply(&pa, &pd, &po).unwrap();
     assert_eq!(st.to_size, b.len() as u64);
-    assert!(st.literal_bytes > 0 && st.copied_bytes > 0 && st.zero_bytes > 0, "{st:?}");
+    assert!(
+        st.literal_bytes > 0 && st.copied_bytes > 0 && st.zero_bytes > 0,
+        "{st:?}"
+    );
     assert_eq!(fs::read(&po).unwrap(), b);
 }

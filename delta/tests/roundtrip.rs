@@ -154,6 +154,32 @@ proptest! {
         prop_assert!(apply_bytes(&a, &d[..i]).is_err(), "cut at {} accepted", i);
     }
 
+    /// A body damaged behind a valid trailer (what a malicious or buggy builder could
+    /// send) never panics or over-allocates: the decoder's own checks (record bounds,
+    /// frame and block limits, COPY_OUT before the output position) or the output's
+    /// SHA-256 refuse it, or it still rebuilds B exactly.
+    #[test]
+    fn damaged_body_with_valid_trailer_never_panics(
+        (a, b) in image_pair(6000),
+        pos in 0.0f64..1.0,
+        mask in 1u8..=255,
+        threads in 1usize..3,
+    ) {
+        use sha2::{Digest, Sha256};
+        let opts = BuildOptions { level: 3, threads, ..Default::default() };
+        let d = build_bytes_with(&a, &b, &opts).unwrap();
+        let body_end = d.len() - bids_delta::TRAILER_LEN;
+        let span = body_end - bids_delta::HEADER_LEN;
+        let i = bids_delta::HEADER_LEN + ((span as f64 * pos) as usize).min(span - 1);
+        let mut bad = d[..body_end].to_vec();
+        bad[i] ^= mask;
+        let sum = Sha256::digest(&bad);
+        bad.extend_from_slice(&sum);
+        if let Ok(out) = apply_bytes(&a, &bad) {
+            prop_assert_eq!(out, b);
+        }
+    }
+
     /// B = A with bytes inserted and deleted at unaligned offsets: correct, and the
     /// rolling search keeps the delta far smaller than B.
     #[test]
