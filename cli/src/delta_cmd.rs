@@ -34,9 +34,13 @@ pub enum DeltaCmd {
         /// Block size the old version is indexed by (power of two, 512 B to 1 MiB).
         #[arg(long, value_parser = crate::parse_size)]
         block_size: Option<u64>,
-        /// zstd level of the literal data (1..=22).
+        /// zstd level of the literal data (1..=22): higher is smaller and slower
+        /// (default 9).
         #[arg(long)]
         level: Option<i32>,
+        /// Threads compressing the literal data in parallel (default 2).
+        #[arg(long)]
+        threads: Option<usize>,
         /// Skip the byte-wise search for content shifted by less than a block.
         #[arg(long)]
         no_rolling: bool,
@@ -191,6 +195,7 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
             store,
             block_size,
             level,
+            threads,
             no_rolling,
             json,
         } => {
@@ -203,6 +208,9 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
             if let Some(l) = level {
                 opts.level = l;
             }
+            if let Some(t) = threads {
+                opts.threads = t;
+            }
             opts.rolling = !no_rolling;
             eprintln!("building the delta {} → {} …", a.label, b.label);
             let st =
@@ -210,10 +218,11 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
                     .with_context(|| format!("building the delta {} → {}", a.label, b.label))?;
             let secs = st.elapsed.as_secs_f64();
             eprintln!(
-                "built in {secs:.2} s ({} of the new version): {} same offset, {} moved, {} zero, {} literal stored in {}",
+                "built in {secs:.2} s ({} of the new version): {} same offset, {} moved ({} of them repeating the new version's own bytes), {} zero, {} literal stored in {}",
                 rate(st.to_size, secs),
                 human(st.same_offset_bytes),
                 human(st.moved_bytes),
+                human(st.own_bytes),
                 human(st.zero_bytes),
                 human(st.literal_bytes),
                 human(st.literal_stored_bytes)
@@ -228,6 +237,7 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
                         "delta_size": st.delta_size,
                         "same_offset_bytes": st.same_offset_bytes,
                         "moved_bytes": st.moved_bytes,
+                        "own_bytes": st.own_bytes,
                         "zero_bytes": st.zero_bytes,
                         "literal_bytes": st.literal_bytes,
                         "literal_stored_bytes": st.literal_stored_bytes,

@@ -5,18 +5,24 @@
 #   v2: copy of v1 with $PKGS_V2 installed in place (loop mount + chroot apt-get)
 #   v3: copy of v2 with $PKGS_V3 installed in place
 #
-# Then, for v1->v2, v2->v3 and v1->v3: `bids delta build/apply` (or the crate's example
-# binary when the CLI has no `delta` subcommand) against `xdelta3 -9 -e -s` (default
-# 64 MiB source window, and with the window set to the image size) and
-# `zstd --patch-from --long=31 -19`: delta size, build and apply time, peak RSS, every
-# output verified with cmp. Prints a Markdown table and writes delta/bench/RESULTS.md.
+# Then, for v1->v2, v2->v3 and v1->v3: `bids delta build/apply` at its default level
+# against the three anchors of issue 22, all measured in the same run: `xdelta3 -9 -e -s`
+# (default 64 MiB source window), `zstd -3 --long=31 --patch-from` and
+# `zstd -19 --long=31 --patch-from`; optionally a previous delta encoder (OLD_DELTA, a
+# `bids-delta` example binary built from an older commit: its apply time is the
+# reference "today's apply") and extra `--level` rows. Delta size, build and apply time,
+# peak RSS, every output verified with cmp. Prints a Markdown table and ratios and writes
+# delta/bench/RESULTS.md.
 #
 # Needs root (loop devices, mount, chroot) and apt (installs debootstrap, xdelta3, zstd,
 # e2fsprogs, time if missing). The Debian mirror is the one apt uses on this machine.
 #
 # Environment: SIZE (1G), SUITE (this machine's Debian codename), WORK (scratch dir,
-# default ${TMPDIR:-/var/tmp}/bids-delta-bench), BIDS (target/release/bids), PKGS_V2,
-# PKGS_V3, REUSE=1 (keep images already built in WORK), ZSTD_LEVEL (19), SKIP_ZSTD=1.
+# default ${TMPDIR:-/var/tmp}/bids-delta-bench), BIDS (target/release/bids), PKGS_V2
+# ("openssh-server curl python3-minimal"), PKGS_V3 ("nginx-light git"), RECOMMENDS (1:
+# apt installs recommended packages too), REUSE=1 (keep images already built in WORK),
+# IMAGES_ONLY=1 (stop once the images are built), OLD_DELTA, EXTRA_LEVELS ("": e.g.
+# "9 22"), PAIRS ("v1:v2 v2:v3 v1:v3").
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,11 +30,14 @@ ROOT=$(cd "$HERE/../.." && pwd)
 SIZE=${SIZE:-1G}
 WORK=${WORK:-${TMPDIR:-/var/tmp}/bids-delta-bench}
 BIDS=${BIDS:-$ROOT/target/release/bids}
-PKGS_V2=${PKGS_V2:-"less nano file"}
-PKGS_V3=${PKGS_V3:-"python3-minimal"}
-ZSTD_LEVEL=${ZSTD_LEVEL:-19}
+PKGS_V2=${PKGS_V2:-"openssh-server curl python3-minimal"}
+PKGS_V3=${PKGS_V3:-"nginx-light git"}
+OLD_DELTA=${OLD_DELTA:-}
+EXTRA_LEVELS=${EXTRA_LEVELS:-}
+PAIRS=${PAIRS:-"v1:v2 v2:v3 v1:v3"}
 REUSE=${REUSE:-0}
-SKIP_ZSTD=${SKIP_ZSTD:-0}
+RECOMMENDS=${RECOMMENDS:-1}
+IMAGES_ONLY=${IMAGES_ONLY:-0}
 RESULTS=$HERE/RESULTS.md
 
 log() { printf '[real-images] %s\n' "$*" >&2; }
@@ -85,17 +94,9 @@ MIRROR=$(find_mirror | head -n1)
 log "suite $SUITE, mirror $MIRROR"
 
 # ---------------------------------------------------------------- delta tool
-# The example binary is always built: it also runs the extra high-level row.
-EX=$ROOT/target/release/examples/bids-delta
-(cd "$ROOT" && cargo build --release -q -p bids-delta --example bids-delta)
-if [ -x "$BIDS" ] && "$BIDS" delta --help >/dev/null 2>&1; then
-    DELTA=("$BIDS" delta)
-    DELTA_NAME="bids delta"
-else
-    log "$BIDS has no delta subcommand: using the crate's example binary"
-    DELTA=("$EX")
-    DELTA_NAME="bids-delta (example)"
-fi
+(cd "$ROOT" && cargo build --release -q -p bids)
+[ -x "$BIDS" ] || die "no bids binary at $BIDS"
+DELTA_NAME="bids delta (default level)"
 
 # ---------------------------------------------------------------- cleanup
 mkdir -p "$WORK"
@@ -140,7 +141,9 @@ install_pkgs() { # image pkgs...
     attach_mount "$img"
     chroot_mounts
     chroot "$MNT" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive chroot "$MNT" apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    local rec=(--no-install-recommends)
+    [ "$RECOMMENDS" = 1 ] && rec=()
+    DEBIAN_FRONTEND=noninteractive chroot "$MNT" apt-get install -y -qq "${rec[@]}" "$@" >/dev/null
     finish_image
 }
 
@@ -167,6 +170,7 @@ else
     install_pkgs "$V3" $PKGS_V3
     touch "$WORK/images.done"
 fi
+[ "$IMAGES_ONLY" = 1 ] && { log "images ready in $WORK"; exit 0; }
 
 # ---------------------------------------------------------------- measurements
 # run NAME CMD...: runs CMD under /usr/bin/time -v; sets T_SEC and T_RSS_MB.
@@ -186,73 +190,76 @@ mib() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 1048576 }'; }
 bytes_of() { stat -c %s "$1"; }
 alloc_of() { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
 
-XD_WINDOW=$(bytes_of "$V1")
-[ "$XD_WINDOW" -le 2147483648 ] || XD_WINDOW=2147483648
 ROWS=()
 add_row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 | $8 |"); }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
+
+# measure LABEL NAME BUILD-CMD... -- APPLY-CMD...: runs both (the delta at $d, the output
+# at $out), checks the output, adds a row; sets M_SIZE M_BUILD M_BRSS M_APPLY M_ARSS.
+measure() {
+    local label=$1 name=$2; shift 2
+    local build=() apply=()
+    while [ "$1" != -- ]; do build+=("$1"); shift; done
+    shift
+    apply=("$@")
+    log "$label: $name"
+    rm -f "$d" "$out"
+    run build "${build[@]}"
+    M_BUILD=$T_SEC M_BRSS=$T_RSS_MB M_SIZE=$(bytes_of "$d")
+    run apply "${apply[@]}"
+    M_APPLY=$T_SEC M_ARSS=$T_RSS_MB
+    cmp -s "$out" "$to" || die "$name: output differs from $to"
+    add_row "$label" "$name" "$(mib "$M_SIZE")" "$M_BUILD" "$M_BRSS" "$M_APPLY" "$M_ARSS" "yes"
+    rm -f "$d" "$out"
+}
 
 compare() { # label from to
-    local label=$1 from=$2 to=$3 d=$WORK/delta out=$WORK/out.img
-    local bsec brss asec arss size
+    local label=$1 from=$2
+    to=$3 d=$WORK/delta out=$WORK/out.img
+    local lvl
     log "$label: zstd -3 of the target (reference)"
     run zstd3 zstd -3 -q -f -T1 "$to" -o "$d.zst3"
     add_row "$label" "zstd -3 of target (no delta)" "$(mib "$(bytes_of "$d.zst3")")" "$T_SEC" "$T_RSS_MB" "-" "-" "-"
+    rm -f "$d.zst3"
 
-    log "$label: $DELTA_NAME"
-    run bids_build "${DELTA[@]}" build "$from" "$to" "$d.bids"
-    bsec=$T_SEC brss=$T_RSS_MB size=$(bytes_of "$d.bids")
-    rm -f "$out"
-    run bids_apply "${DELTA[@]}" apply "$from" "$d.bids" "$out"
-    asec=$T_SEC arss=$T_RSS_MB
-    cmp -s "$out" "$to" || die "$DELTA_NAME output differs from $to"
-    add_row "$label" "$DELTA_NAME" "$(mib "$size")" "$bsec" "$brss" "$asec" "$arss" "yes (output $(mib "$(alloc_of "$out")") MiB allocated)"
-    BIDS_SIZE=$size BIDS_BUILD=$bsec
-
-    # Same algorithm, literals at zstd level 19: what a slower build buys.
-    log "$label: bids-delta --level 19"
-    run bids19_build "$EX" build --level 19 "$from" "$to" "$d.bids19"
-    bsec=$T_SEC brss=$T_RSS_MB size=$(bytes_of "$d.bids19")
-    rm -f "$out"
-    run bids19_apply "$EX" apply "$from" "$d.bids19" "$out"
-    asec=$T_SEC arss=$T_RSS_MB
-    cmp -s "$out" "$to" || die "bids-delta --level 19 output differs from $to"
-    add_row "$label" "bids-delta --level 19" "$(mib "$size")" "$bsec" "$brss" "$asec" "$arss" "yes"
-
-    for win in default "$XD_WINDOW"; do
-        local wopt=() wname="xdelta3 -9 -e -s"
-        if [ "$win" != default ]; then wopt=(-B "$win"); wname="xdelta3 -9 -e -B $win -s"; fi
-        log "$label: $wname"
-        run xd_build xdelta3 -9 -e -f "${wopt[@]}" -s "$from" "$to" "$d.xd"
-        bsec=$T_SEC brss=$T_RSS_MB size=$(bytes_of "$d.xd")
-        rm -f "$out"
-        run xd_apply xdelta3 -d -f "${wopt[@]}" -s "$from" "$d.xd" "$out"
-        asec=$T_SEC arss=$T_RSS_MB
-        cmp -s "$out" "$to" || die "xdelta3 output differs from $to"
-        add_row "$label" "$wname" "$(mib "$size")" "$bsec" "$brss" "$asec" "$arss" "yes"
-        if [ "$win" = default ]; then XD_SIZE=$size XD_BUILD=$bsec; fi
+    measure "$label" "$DELTA_NAME" \
+        "$BIDS" delta build --from "$from" --to "$to" --out "$d" -- \
+        "$BIDS" delta apply --base "$from" --delta "$d" --out "$out"
+    local b_size=$M_SIZE b_build=$M_BUILD b_brss=$M_BRSS b_apply=$M_APPLY
+    for lvl in $EXTRA_LEVELS; do
+        measure "$label" "bids delta --level $lvl" \
+            "$BIDS" delta build --level "$lvl" --from "$from" --to "$to" --out "$d" -- \
+            "$BIDS" delta apply --base "$from" --delta "$d" --out "$out"
     done
-
-    if [ "$SKIP_ZSTD" != 1 ]; then
-        log "$label: zstd --patch-from -$ZSTD_LEVEL --long=31"
-        run zp_build zstd -q -f -T1 "-$ZSTD_LEVEL" --long=31 --patch-from="$from" "$to" -o "$d.zp"
-        bsec=$T_SEC brss=$T_RSS_MB size=$(bytes_of "$d.zp")
-        rm -f "$out"
-        run zp_apply zstd -q -d -f --long=31 --patch-from="$from" "$d.zp" -o "$out"
-        asec=$T_SEC arss=$T_RSS_MB
-        cmp -s "$out" "$to" || die "zstd output differs from $to"
-        add_row "$label" "zstd --patch-from -$ZSTD_LEVEL --long=31" "$(mib "$size")" "$bsec" "$brss" "$asec" "$arss" "yes"
+    local o_apply=""
+    if [ -n "$OLD_DELTA" ]; then
+        measure "$label" "previous encoder (format 1)" \
+            "$OLD_DELTA" build "$from" "$to" "$d" -- "$OLD_DELTA" apply "$from" "$d" "$out"
+        o_apply=$M_APPLY
     fi
-    RATIOS+=("$label: size $(awk -v a="$BIDS_SIZE" -v b="$XD_SIZE" 'BEGIN{printf "%.2f", a/b}') x xdelta3 -9, build time $(awk -v a="$BIDS_BUILD" -v b="$XD_BUILD" 'BEGIN{printf "%.2f", (b > 0 ? a/b : 0)}') x xdelta3 -9")
-    rm -f "$out" "$d".*
+    measure "$label" "xdelta3 -9 -e -s" \
+        xdelta3 -9 -e -f -s "$from" "$to" "$d" -- xdelta3 -d -f -s "$from" "$d" "$out"
+    local x_build=$M_BUILD
+    measure "$label" "zstd -3 --long=31 --patch-from" \
+        zstd -q -f -T1 -3 --long=31 --patch-from="$from" "$to" -o "$d" -- \
+        zstd -q -d -f --long=31 --patch-from="$from" "$d" -o "$out"
+    measure "$label" "zstd -19 --long=31 --patch-from" \
+        zstd -q -f -T1 -19 --long=31 --patch-from="$from" "$to" -o "$d" -- \
+        zstd -q -d -f --long=31 --patch-from="$from" "$d" -o "$out"
+    local z_size=$M_SIZE
+    local line="$label: size $(ratio "$b_size" "$z_size") x zstd -19 ($( [ "$b_size" -le "$z_size" ] && echo met || echo MISSED)); build time $(ratio "$b_build" "$x_build") x xdelta3 -9 ($(awk -v a="$b_build" -v b="$x_build" 'BEGIN { print (a <= 0.5 * b) ? "met" : "MISSED" }')); build peak RSS $b_brss MiB ($( [ "$b_brss" -le 256 ] && echo met || echo MISSED))"
+    if [ -n "$o_apply" ]; then
+        line="$line; apply time $(ratio "$b_apply" "$o_apply") x the previous encoder's ($(awk -v a="$b_apply" -v b="$o_apply" 'BEGIN { print (a <= 2 * b) ? "met" : "MISSED" }'))"
+    fi
+    RATIOS+=("$line")
 }
 
 RATIOS=()
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
-compare "v1→v2" "$V1" "$V2"
-compare "v2→v3" "$V2" "$V3"
-compare "v1→v3" "$V1" "$V3"
-
 # ---------------------------------------------------------------- report
+# Prints the table so far and (re)writes RESULTS.md: called after every pair, so a long
+# run that is stopped keeps what it measured.
+report() {
 TABLE=$(
     echo "| pair | tool | delta MiB | build s | build peak RSS MiB | apply s | apply peak RSS MiB | verified |"
     echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"
@@ -267,7 +274,7 @@ img_line() { echo "- \`$(basename "$1")\` ($2): $(mib "$(bytes_of "$1")") MiB ap
     echo
     echo "Generated by \`delta/bench/real-images.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC')."
     echo
-    echo "Command: \`SIZE=$SIZE PKGS_V2=\"$PKGS_V2\" PKGS_V3=\"$PKGS_V3\" ZSTD_LEVEL=$ZSTD_LEVEL delta/bench/real-images.sh\`"
+    echo "Command: \`SIZE=$SIZE PKGS_V2=\"$PKGS_V2\" PKGS_V3=\"$PKGS_V3\" RECOMMENDS=$RECOMMENDS EXTRA_LEVELS=\"$EXTRA_LEVELS\" OLD_DELTA=${OLD_DELTA:+<bids-delta of an older commit>} delta/bench/real-images.sh\`"
     echo
     echo "## Machine"
     echo "- CPU: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(nproc) cores available"
@@ -278,8 +285,9 @@ img_line() { echo "- \`$(basename "$1")\` ($2): $(mib "$(bytes_of "$1")") MiB ap
     echo "- all files in the page cache (warm), no other tuning; peak RSS from \`/usr/bin/time -v\`"
     echo
     echo "## Images"
-    echo "Raw ext4, $SIZE sparse, Debian $SUITE \`debootstrap --variant=minbase\`; after each"
-    echo "install \`apt-get clean\`, apt lists removed and \`fstrim\` (freed blocks become holes)."
+    echo "Raw ext4, $SIZE sparse, Debian $SUITE \`debootstrap --variant=minbase\`; packages"
+    echo "installed in place through a loop mount (recommended packages: $( [ "$RECOMMENDS" = 1 ] && echo yes || echo no));"
+    echo "after each install \`apt-get clean\`, apt lists removed and \`fstrim\` (freed blocks become holes)."
     img_line "$V1" "minbase"
     img_line "$V2" "v1 + $PKGS_V2"
     img_line "$V3" "v2 + $PKGS_V3"
@@ -289,13 +297,21 @@ img_line() { echo "- \`$(basename "$1")\` ($2): $(mib "$(bytes_of "$1")") MiB ap
     echo "$TABLE"
     echo
     echo "Notes: \"zstd -3 of target\" is the cost of shipping the new version whole (the"
-    echo "reference for what a delta saves). bids-delta apply verifies the base and the output"
+    echo "reference for what a delta saves). bids apply verifies the base and the output"
     echo "SHA-256 and fsyncs the output before renaming it into place; xdelta3 and zstd do"
-    echo "neither. xdelta3 is shown with its default 64 MiB source window (the command the"
-    echo "brief names) and with the window widened to the whole image."
+    echo "neither. Times are wall clock on a shared machine: compare ratios within this run."
     echo
-    echo "Ratios (bids-delta against \`xdelta3 -9 -e -s\` with its default window):"
+    echo "Goals of issue 22 (size ≤ zstd -19's; build time ≤ 0.5 × xdelta3 -9's; build peak"
+    echo "RSS ≤ 256 MiB; apply time ≤ 2 × the previous encoder's), as measured:"
     echo
     printf -- '- %s\n' "${RATIOS[@]}"
 } >"$RESULTS"
 log "wrote $RESULTS"
+}
+
+for pair in $PAIRS; do
+    f=${pair%%:*} t=${pair##*:}
+    compare "$f→$t" "$WORK/$f.img" "$WORK/$t.img"
+    report
+done
+

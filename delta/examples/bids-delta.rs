@@ -23,9 +23,15 @@ enum Cmd {
         from: PathBuf,
         to: PathBuf,
         out: PathBuf,
-        /// zstd level of literal frames.
-        #[arg(long, default_value_t = 3)]
+        /// zstd level of literal frames (default: the library's).
+        #[arg(long, default_value_t = bids_delta::DEFAULT_LEVEL)]
         level: i32,
+        /// Threads compressing literal frames.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Uncompressed size of a literal frame.
+        #[arg(long, default_value_t = 16 << 20)]
+        frame_size: usize,
         /// Block size A is indexed by.
         #[arg(long, default_value_t = 4096)]
         block_size: usize,
@@ -60,13 +66,16 @@ fn main() -> anyhow::Result<()> {
             block_size,
             no_rolling,
             rolling_max_run,
+            threads,
+            frame_size,
         } => {
             let opts = bids_delta::BuildOptions {
                 level,
+                threads,
+                frame_size,
                 block_size,
                 rolling: !no_rolling,
                 rolling_max_run,
-                ..Default::default()
             };
             let st = bids_delta::build(&from, &to, &out, &opts)
                 .with_context(|| format!("building {} -> {}", from.display(), to.display()))?;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::format::{
-    BodyReader, DeltaHeader, HEADER_LEN, MAX_FRAME, TAG_COPY, TAG_DATA, TAG_END, TAG_LIT_RAW,
-    TAG_LIT_ZSTD, TAG_ZERO, TRAILER_LEN,
+    BodyReader, DeltaHeader, HEADER_LEN, MAX_FRAME, MAX_FRAME_V2, MAX_OPS_BLOCK, TAG_COPY,
+    TAG_COPY_OUT, TAG_DATA, TAG_END, TAG_LIT_RAW, TAG_LIT_ZSTD, TAG_OPS_ZSTD, TAG_ZERO,
+    TRAILER_LEN,
 };
 use crate::image::{hash_zeros, Image};
 use crate::DeltaError;
@@ -26,6 +27,9 @@ pub(crate) trait Sink {
         -> Result<(), DeltaError>;
     /// `len` zero bytes.
     fn zero(&mut self, len: u64) -> Result<(), DeltaError>;
+    /// `len` bytes of the output already written, from offset `src` (`src + len` is at
+    /// most the current output position).
+    fn output(&mut self, src: u64, len: u64) -> Result<(), DeltaError>;
     /// A new literal frame is about to replace the previous ones (lets a sink bound how
     /// many frames it keeps alive).
     fn new_frame(&mut self) -> Result<(), DeltaError> {
@@ -67,22 +71,33 @@ pub(crate) fn check_delta(bytes: &[u8], what: &str) -> Result<DeltaHeader, Delta
     Ok(h)
 }
 
-/// Replays the body. Every length and offset is checked against the base, the declared
-/// output size and the current frame before it is used; frames are decompressed into
-/// buffers of at most `MAX_FRAME` bytes whatever the delta claims.
+/// Replays the body of a delta of format `version`. Every length and offset is checked
+/// against the base, the declared output size and the current frame before it is used;
+/// frames and instruction blocks are decompressed into buffers of at most `MAX_FRAME(_V2)`
+/// and `MAX_OPS_BLOCK` bytes whatever the delta claims.
 pub(crate) fn decode<S: Sink>(
     body: &[u8],
+    version: u8,
     base_len: usize,
     to_size: u64,
     sink: &mut S,
 ) -> Result<DecodeStats, DeltaError> {
     let mut r = BodyReader::new(body, HEADER_LEN as u64);
-    let mut out_pos: u64 = 0;
-    let mut frame: Arc<Vec<u8>> = Arc::new(Vec::new());
-    let mut frame_pos = 0usize;
     let mut dec = zstd::bulk::Decompressor::new()
         .map_err(|source| DeltaError::Zstd { op: "init", source })?;
-    let mut st = DecodeStats::default();
+    let mut st = Replay {
+        base_len: base_len as u64,
+        to_size,
+        out_pos: 0,
+        frame: Arc::new(Vec::new()),
+        frame_pos: 0,
+        counts: DecodeStats::default(),
+    };
+    let max_frame = if version >= 2 {
+        MAX_FRAME_V2
+    } else {
+        MAX_FRAME
+    };
     loop {
         let rec = r.offset();
         let tag = r.u8()?;
@@ -91,107 +106,195 @@ pub(crate) fn decode<S: Sink>(
                 if r.remaining() != 0 {
                     return Err(r.err("bytes after the END record"));
                 }
-                if out_pos != to_size {
+                if st.out_pos != to_size {
                     return Err(DeltaError::corrupt(
                         rec,
-                        format!("output ends at {out_pos} bytes, header says {to_size}"),
+                        format!("output ends at {} bytes, header says {to_size}", st.out_pos),
                     ));
                 }
-                if frame_pos != frame.len() {
+                if st.frame_pos != st.frame.len() {
                     return Err(DeltaError::corrupt(rec, "literal bytes left unused"));
                 }
-                return Ok(st);
+                return Ok(st.counts);
             }
-            TAG_COPY | TAG_ZERO | TAG_DATA => {
-                let src = if tag == TAG_COPY { r.varint()? } else { 0 };
-                let len = r.varint()?;
-                if len == 0 {
-                    return Err(DeltaError::corrupt(rec, "zero-length operation"));
-                }
-                if len > to_size - out_pos {
+            TAG_COPY | TAG_ZERO | TAG_DATA => st.op(tag, rec, &mut r, sink)?,
+            TAG_COPY_OUT if version >= 2 => st.op(tag, rec, &mut r, sink)?,
+            TAG_OPS_ZSTD if version >= 2 => {
+                let raw_len = r.varint()?;
+                if raw_len == 0 || raw_len > MAX_OPS_BLOCK as u64 {
                     return Err(DeltaError::corrupt(
                         rec,
-                        format!("operation of {len} bytes at output {out_pos} passes the output size {to_size}"),
+                        format!("instruction block of {raw_len} bytes (limit {MAX_OPS_BLOCK})"),
                     ));
                 }
-                match tag {
-                    TAG_COPY => {
-                        if src.checked_add(len).is_none_or(|end| end > base_len as u64) {
-                            return Err(DeltaError::corrupt(
-                                rec,
-                                format!("copy of {len} bytes from {src} passes the base size {base_len}"),
-                            ));
-                        }
-                        sink.base(src as usize, len as usize)?;
-                        st.copied += len;
-                    }
-                    TAG_ZERO => {
-                        sink.zero(len)?;
-                        st.zero += len;
-                    }
-                    _ => {
-                        if len > (frame.len() - frame_pos) as u64 {
-                            return Err(DeltaError::corrupt(
-                                rec,
-                                format!(
-                                    "literal of {len} bytes, only {} left in the frame",
-                                    frame.len() - frame_pos
+                let comp_len = r.varint()?;
+                let packed = r.bytes(comp_len)?;
+                let ops = unpack(&mut dec, packed, raw_len as usize, rec, "instruction block")?;
+                // Offsets in errors inside a block point at the block's record.
+                let mut inner = BodyReader::new(&ops, 0);
+                while inner.remaining() > 0 {
+                    let tag = inner.u8()?;
+                    match tag {
+                        TAG_COPY | TAG_ZERO | TAG_DATA | TAG_COPY_OUT => {
+                            st.op(tag, rec, &mut inner, sink).map_err(|e| match e {
+                                DeltaError::Corrupt { reason, .. } => DeltaError::corrupt(
+                                    rec,
+                                    format!("in the instruction block: {reason}"),
                                 ),
-                            ));
+                                e => e,
+                            })?
                         }
-                        sink.literal(&frame, frame_pos, len as usize)?;
-                        frame_pos += len as usize;
-                        st.literal += len;
+                        other => {
+                            return Err(DeltaError::corrupt(
+                                rec,
+                                format!("record tag {other:#04x} inside an instruction block"),
+                            ))
+                        }
                     }
                 }
-                out_pos += len;
             }
             TAG_LIT_ZSTD | TAG_LIT_RAW => {
-                if frame_pos != frame.len() {
+                if st.frame_pos != st.frame.len() {
                     return Err(DeltaError::corrupt(
                         rec,
                         "new literal frame before the previous one was used up",
                     ));
                 }
                 let raw_len = r.varint()?;
-                if raw_len == 0 || raw_len > MAX_FRAME as u64 {
+                if raw_len == 0 || raw_len > max_frame as u64 {
                     return Err(DeltaError::corrupt(
                         rec,
-                        format!("literal frame of {raw_len} bytes (limit {MAX_FRAME})"),
+                        format!("literal frame of {raw_len} bytes (limit {max_frame})"),
                     ));
                 }
                 let raw_len = raw_len as usize;
                 let data = if tag == TAG_LIT_ZSTD {
                     let comp_len = r.varint()?;
                     let packed = r.bytes(comp_len)?;
-                    let mut v = Vec::with_capacity(raw_len);
-                    dec.decompress_to_buffer(packed, &mut v).map_err(|e| {
-                        DeltaError::corrupt(rec, format!("literal frame does not decompress: {e}"))
-                    })?;
-                    if v.len() != raw_len {
-                        return Err(DeltaError::corrupt(
-                            rec,
-                            format!(
-                                "literal frame decompresses to {} bytes, not {raw_len}",
-                                v.len()
-                            ),
-                        ));
-                    }
-                    v
+                    unpack(&mut dec, packed, raw_len, rec, "literal frame")?
                 } else {
                     r.bytes(raw_len as u64)?.to_vec()
                 };
                 sink.new_frame()?;
-                frame = Arc::new(data);
-                frame_pos = 0;
+                st.frame = Arc::new(data);
+                st.frame_pos = 0;
             }
             other => {
                 return Err(DeltaError::corrupt(
                     rec,
-                    format!("unknown record tag {other:#04x}"),
+                    format!("unknown record tag {other:#04x} in a version {version} delta"),
                 ))
             }
         }
+    }
+}
+
+/// Decompresses one zstd frame that must hold exactly `raw_len` bytes.
+fn unpack(
+    dec: &mut zstd::bulk::Decompressor<'_>,
+    packed: &[u8],
+    raw_len: usize,
+    rec: u64,
+    what: &str,
+) -> Result<Vec<u8>, DeltaError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(raw_len)
+        .map_err(|e| DeltaError::Internal(format!("cannot allocate a {what}: {e}")))?;
+    dec.decompress_to_buffer(packed, &mut v)
+        .map_err(|e| DeltaError::corrupt(rec, format!("{what} does not decompress: {e}")))?;
+    if v.len() != raw_len {
+        return Err(DeltaError::corrupt(
+            rec,
+            format!("{what} decompresses to {} bytes, not {raw_len}", v.len()),
+        ));
+    }
+    Ok(v)
+}
+
+/// The replay state: output position and the current literal frame.
+struct Replay {
+    base_len: u64,
+    to_size: u64,
+    out_pos: u64,
+    frame: Arc<Vec<u8>>,
+    frame_pos: usize,
+    counts: DecodeStats,
+}
+
+impl Replay {
+    /// Reads the fields of one COPY, COPY_OUT, ZERO or DATA record (tag already read)
+    /// from `r`, checks them and hands the bytes to the sink.
+    fn op<S: Sink>(
+        &mut self,
+        tag: u8,
+        rec: u64,
+        r: &mut BodyReader<'_>,
+        sink: &mut S,
+    ) -> Result<(), DeltaError> {
+        let src = if tag == TAG_COPY || tag == TAG_COPY_OUT {
+            r.varint()?
+        } else {
+            0
+        };
+        let len = r.varint()?;
+        if len == 0 {
+            return Err(DeltaError::corrupt(rec, "zero-length operation"));
+        }
+        let out_pos = self.out_pos;
+        if len > self.to_size - out_pos {
+            return Err(DeltaError::corrupt(
+                rec,
+                format!(
+                    "operation of {len} bytes at output {out_pos} passes the output size {}",
+                    self.to_size
+                ),
+            ));
+        }
+        match tag {
+            TAG_COPY => {
+                if src.checked_add(len).is_none_or(|end| end > self.base_len) {
+                    return Err(DeltaError::corrupt(
+                        rec,
+                        format!(
+                            "copy of {len} bytes from {src} passes the base size {}",
+                            self.base_len
+                        ),
+                    ));
+                }
+                sink.base(src as usize, len as usize)?;
+                self.counts.copied += len;
+            }
+            TAG_COPY_OUT => {
+                if src.checked_add(len).is_none_or(|end| end > out_pos) {
+                    return Err(DeltaError::corrupt(
+                        rec,
+                        format!(
+                            "copy of {len} output bytes from {src} reaches past the output written so far ({out_pos})"
+                        ),
+                    ));
+                }
+                sink.output(src, len)?;
+                self.counts.copied += len;
+            }
+            TAG_ZERO => {
+                sink.zero(len)?;
+                self.counts.zero += len;
+            }
+            _ => {
+                let left = self.frame.len() - self.frame_pos;
+                if len > left as u64 {
+                    return Err(DeltaError::corrupt(
+                        rec,
+                        format!("literal of {len} bytes, only {left} left in the frame"),
+                    ));
+                }
+                sink.literal(&self.frame, self.frame_pos, len as usize)?;
+                self.frame_pos += len as usize;
+                self.counts.literal += len;
+            }
+        }
+        self.out_pos += len;
+        Ok(())
     }
 }
 
@@ -225,6 +328,13 @@ impl Sink for VecSink<'_> {
             .map_err(|_| DeltaError::Internal("zero run larger than memory".into()))?;
         self.reserve(len)?;
         self.out.resize(self.out.len() + len, 0);
+        Ok(())
+    }
+    fn output(&mut self, src: u64, len: u64) -> Result<(), DeltaError> {
+        // `decode` checked src + len <= the output length, which is this Vec's length.
+        let (src, len) = (src as usize, len as usize);
+        self.reserve(len)?;
+        self.out.extend_from_within(src..src + len);
         Ok(())
     }
 }
@@ -373,6 +483,23 @@ impl Sink for FileSink<'_> {
         self.flush_buf()?;
         self.pos += len;
         self.send(HashJob::Zero(len))
+    }
+
+    fn output(&mut self, src: u64, len: u64) -> Result<(), DeltaError> {
+        // Everything before the current position is in the file once the buffer is out.
+        self.flush_buf()?;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(PIECE as u64) as usize;
+            let mut piece = vec![0u8; n];
+            self.file
+                .read_exact_at(&mut piece, src + done)
+                .map_err(|e| DeltaError::io("read back", &self.path, e))?;
+            self.put(&piece)?;
+            self.send(HashJob::Literal(Arc::new(piece), 0, n))?;
+            done += n as u64;
+        }
+        Ok(())
     }
 
     fn new_frame(&mut self) -> Result<(), DeltaError> {

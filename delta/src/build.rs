@@ -3,20 +3,28 @@
 //! zero runs, rolling search for content shifted by non-multiples of the block size), and
 //! encode the ops with zstd-compressed literal frames. Applying lives in `apply`.
 //!
-//! Threads: one hashes A then B with SHA-256 (sequential reads, holes not read), the
-//! caller's thread indexes A and scans B segment by segment, one encodes and compresses.
+//! Threads: two hash A and B with SHA-256 (sequential reads, holes not read), the
+//! caller's thread indexes A and scans B segment by segment, one groups the ops and
+//! writes, and `threads` workers (default 2) compress the groups: at the default level
+//! compression costs several times the scan, and the frames are independent, so two
+//! cores nearly halve the build time.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::ops::Range;
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::format::{put_varint, TAG_COPY, TAG_DATA, TAG_END, TAG_LIT_RAW, TAG_LIT_ZSTD, TAG_ZERO};
+use crate::format::{
+    put_varint, TAG_COPY, TAG_COPY_OUT, TAG_DATA, TAG_END, TAG_LIT_RAW, TAG_LIT_ZSTD, TAG_OPS_ZSTD,
+    TAG_ZERO,
+};
 use crate::image::Image;
 use crate::index::{
     common_prefix, common_suffix, is_zero, zero_prefix, zero_suffix, BlockIndex, PolyHash,
 };
-use crate::{DeltaError, MAX_FRAME};
+use crate::{DeltaError, MAX_FRAME_V2};
 
 /// How to build a delta. `Default` is what `bids delta build` uses.
 #[derive(Debug, Clone)]
@@ -24,7 +32,8 @@ pub struct BuildOptions {
     /// Size of the aligned blocks A is indexed by and B is scanned in. A power of two
     /// from 512 to 1 MiB; default 4096 (the ext4 block size).
     pub block_size: usize,
-    /// zstd level of literal frames (1..=22); default 3.
+    /// zstd level of literal frames (1..=22): higher is smaller and slower; default
+    /// `DEFAULT_LEVEL`.
     pub level: i32,
     /// Byte-by-byte rolling search of literal runs for blocks of A shifted by a
     /// non-multiple of the block size (rsync-style); default on.
@@ -32,18 +41,24 @@ pub struct BuildOptions {
     /// Literal runs longer than this are not searched byte-wise (long runs of new bytes
     /// are new files, where the search costs time and finds nothing); default 4 MiB.
     pub rolling_max_run: usize,
-    /// Uncompressed size of one literal frame, 64 KiB ..= 16 MiB; default 4 MiB.
+    /// Uncompressed size of one literal frame, 64 KiB ..= 64 MiB; default 16 MiB.
     pub frame_size: usize,
+    /// Threads compressing literal frames in parallel (1..=64); default 2.
+    pub threads: usize,
 }
+
+/// Default zstd level of literal frames.
+pub const DEFAULT_LEVEL: i32 = 9;
 
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
             block_size: 4096,
-            level: 3,
+            level: DEFAULT_LEVEL,
             rolling: true,
             rolling_max_run: 4 << 20,
-            frame_size: 4 << 20,
+            frame_size: 16 << 20,
+            threads: 2,
         }
     }
 }
@@ -62,10 +77,16 @@ impl BuildOptions {
                 self.level
             )));
         }
-        if !(64 << 10..=MAX_FRAME).contains(&self.frame_size) {
+        if !(64 << 10..=MAX_FRAME_V2).contains(&self.frame_size) {
             return Err(DeltaError::InvalidOptions(format!(
-                "frame size {} must be from 65536 to {MAX_FRAME}",
+                "frame size {} must be from 65536 to {MAX_FRAME_V2}",
                 self.frame_size
+            )));
+        }
+        if !(1..=64).contains(&self.threads) {
+            return Err(DeltaError::InvalidOptions(format!(
+                "{} compression threads: must be from 1 to 64",
+                self.threads
             )));
         }
         Ok(())
@@ -83,8 +104,11 @@ pub struct DeltaStats {
     pub delta_size: u64,
     /// Bytes of B copied from the same offset in A.
     pub same_offset_bytes: u64,
-    /// Bytes of B copied from another offset of A (moved blocks, shifted content).
+    /// Bytes of B copied from another offset of A (moved blocks, shifted content) or from
+    /// B's own earlier bytes (`own_bytes` of them).
     pub moved_bytes: u64,
+    /// Of the moved bytes, those copied from B's own earlier bytes (repeated new data).
+    pub own_bytes: u64,
     /// Bytes of B that are zero (holes in the output).
     pub zero_bytes: u64,
     /// Bytes of B carried as literals.
@@ -108,15 +132,30 @@ pub struct DeltaStats {
 /// One output operation while building. `Data` points into B (its bytes become literal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Op {
-    Copy { src: u64, len: u64 },
-    Zero { len: u64 },
-    Data { start: u64, len: u64 },
+    Copy {
+        src: u64,
+        len: u64,
+    },
+    /// Copy from B itself, from bytes before the op's own position.
+    Own {
+        src: u64,
+        len: u64,
+    },
+    Zero {
+        len: u64,
+    },
+    Data {
+        start: u64,
+        len: u64,
+    },
 }
 
 /// Appends `op`, merging it into the previous op when both describe one contiguous run.
 fn push_op(ops: &mut Vec<Op>, op: Op) {
     let empty = match op {
-        Op::Copy { len, .. } | Op::Zero { len } | Op::Data { len, .. } => len == 0,
+        Op::Copy { len, .. } | Op::Own { len, .. } | Op::Zero { len } | Op::Data { len, .. } => {
+            len == 0
+        }
     };
     if empty {
         return;
@@ -124,6 +163,10 @@ fn push_op(ops: &mut Vec<Op>, op: Op) {
     if let Some(last) = ops.last_mut() {
         match (last, op) {
             (Op::Copy { src, len }, Op::Copy { src: s2, len: l2 }) if *src + *len == s2 => {
+                *len += l2;
+                return;
+            }
+            (Op::Own { src, len }, Op::Own { src: s2, len: l2 }) if *src + *len == s2 => {
                 *len += l2;
                 return;
             }
@@ -150,6 +193,10 @@ struct Scanner<'s> {
     a: &'s Image<'s>,
     b: &'s Image<'s>,
     index: &'s BlockIndex,
+    /// B's own aligned blocks that were not found in A, from the segments already
+    /// scanned: later copies of new data (a file installed twice, metadata and the
+    /// journal's copy of it) become copies from the output instead of literals.
+    own: BlockIndex,
     poly: &'s PolyHash,
     block_size: usize,
     rolling: bool,
@@ -158,47 +205,71 @@ struct Scanner<'s> {
 
 impl Scanner<'_> {
     /// Ops for `seg` (block-aligned start) and the number of bytes matched byte-wise.
-    fn scan(&self, seg: Range<usize>) -> (Vec<Op>, u64) {
-        let coarse = self.classify(seg);
-        self.refine(coarse)
+    fn scan(&mut self, seg: Range<usize>) -> (Vec<Op>, u64) {
+        let (coarse, new_blocks) = self.classify(seg);
+        let r = self.refine(coarse);
+        // Indexed only now, so every source found in `own` lies before the segment.
+        let b = self.b.bytes();
+        for (h, k) in new_blocks {
+            self.own.add(h, k / self.block_size, b);
+        }
+        r
     }
 
-    /// Block by block: zero, same offset in A, continuation of the previous moved copy,
-    /// any aligned block of A (index), else literal.
-    fn classify(&self, seg: Range<usize>) -> Vec<Op> {
+    /// Block by block: zero, same offset in A, continuation of the previous copy (from A
+    /// or from B itself), any aligned block of A (index), any earlier new block of B,
+    /// else literal. Also returns (hash, offset) of the full literal blocks.
+    fn classify(&self, seg: Range<usize>) -> (Vec<Op>, Vec<(u32, usize)>) {
         let a = self.a.bytes();
         let b = self.b.bytes();
         let bs = self.block_size;
         let mut ops = Vec::new();
-        // Where in A the next block would continue the last moved copy.
+        let mut new_blocks = Vec::new();
+        // Where the next block would continue the last moved copy (in A, or in B).
         let mut next_src: Option<usize> = None;
+        let mut next_own: Option<usize> = None;
         let mut k = seg.start;
         while k < seg.end {
             let end = (k + bs).min(seg.end);
             let len = (end - k) as u64;
             if self.b.is_hole(k as u64, end as u64) || is_zero(&b[k..end]) {
                 push_op(&mut ops, Op::Zero { len });
-                next_src = None;
+                (next_src, next_own) = (None, None);
                 k = end;
                 continue;
             }
             let blk = &b[k..end];
-            let src =
-                if end <= a.len() && !self.a.is_hole(k as u64, end as u64) && &a[k..end] == blk {
-                    Some(k)
-                } else if let Some(s) =
-                    next_src.filter(|&s| s + blk.len() <= a.len() && &a[s..s + blk.len()] == blk)
-                {
-                    Some(s)
-                } else if blk.len() == bs {
-                    self.index.find(self.poly.hash(blk), blk, a)
-                } else {
-                    None
-                };
-            match src {
+            let n = blk.len();
+            let mut h = None;
+            let src = if end <= a.len()
+                && !self.a.is_hole(k as u64, end as u64)
+                && &a[k..end] == blk
+            {
+                Some(k)
+            } else if let Some(s) = next_src.filter(|&s| s + n <= a.len() && &a[s..s + n] == blk) {
+                Some(s)
+            } else if n == bs {
+                let hh = self.poly.hash(blk);
+                h = Some(hh);
+                self.index.find(hh, blk, a)
+            } else {
+                None
+            };
+            if let Some(s) = src {
+                push_op(&mut ops, Op::Copy { src: s as u64, len });
+                (next_src, next_own) = (Some(s + n), None);
+                k = end;
+                continue;
+            }
+            let own = if let Some(s) = next_own.filter(|&s| s + n <= k && &b[s..s + n] == blk) {
+                Some(s)
+            } else {
+                h.and_then(|hh| self.own.find(hh, blk, b))
+            };
+            match own {
                 Some(s) => {
-                    push_op(&mut ops, Op::Copy { src: s as u64, len });
-                    next_src = Some(s + blk.len());
+                    push_op(&mut ops, Op::Own { src: s as u64, len });
+                    (next_src, next_own) = (None, Some(s + n));
                 }
                 None => {
                     push_op(
@@ -208,12 +279,15 @@ impl Scanner<'_> {
                             len,
                         },
                     );
-                    next_src = None;
+                    if let Some(hh) = h {
+                        new_blocks.push((hh, k));
+                    }
+                    (next_src, next_own) = (None, None);
                 }
             }
             k = end;
         }
-        ops
+        (ops, new_blocks)
     }
 
     /// Shrinks literal runs: the copy (or zero run) before a literal run is extended
@@ -302,7 +376,7 @@ impl Scanner<'_> {
                 if self.rolling
                     && run >= self.block_size
                     && run <= self.rolling_max_run
-                    && self.index.len() > 0
+                    && self.index.len() + self.own.len() > 0
                 {
                     shifted += self.rolling_search(s, e, &mut out);
                 } else {
@@ -331,8 +405,48 @@ impl Scanner<'_> {
         let (outs, ins) = (&w[..w.len() - bs], &w[bs..]);
         for (k, (&o, &i)) in outs.iter().zip(ins).enumerate() {
             h = self.poly.roll(h, o, i);
-            if self.index.may_contain(h) {
+            if self.index.may_contain(h) || self.own.may_contain(h) {
                 return Some((k + 1, h));
+            }
+        }
+        None
+    }
+
+    /// The window of B at `p` (hash `h`) in A's index, else in B's own: the copy grown
+    /// backward (not before `lit`) and forward (not past `e`; a copy from B ends before
+    /// its destination starts). Returns (destination start, length, op).
+    fn match_at(&self, p: usize, h: u32, lit: usize, e: usize) -> Option<(usize, usize, Op)> {
+        let a = self.a.bytes();
+        let b = self.b.bytes();
+        let bs = self.block_size;
+        let win = &b[p..p + bs];
+        if self.index.may_contain(h) {
+            if let Some(off) = self.index.find(h, win, a) {
+                let back = common_suffix(&b[lit..p], &a[..off]);
+                let fwd = common_prefix(&b[p + bs..e], &a[off + bs..]);
+                let len = back + bs + fwd;
+                let op = Op::Copy {
+                    src: (off - back) as u64,
+                    len: len as u64,
+                };
+                return Some((p - back, len, op));
+            }
+        }
+        if self.own.may_contain(h) {
+            if let Some(off) = self.own.find(h, win, b) {
+                let back = common_suffix(&b[lit..p], &b[..off]);
+                let start = p - back;
+                // Source end (off + bs + fwd) stays at or before the destination start.
+                let room = start.saturating_sub(off + bs);
+                let fwd = common_prefix(&b[p + bs..e], &b[off + bs..off + bs + room]);
+                let len = back + bs + fwd;
+                if off + bs <= start {
+                    let op = Op::Own {
+                        src: (off - back) as u64,
+                        len: len as u64,
+                    };
+                    return Some((start, len, op));
+                }
             }
         }
         None
@@ -342,7 +456,6 @@ impl Scanner<'_> {
     /// rolling hash hits the index and the bytes match, copy from A, extended backward
     /// and forward as far as the bytes agree. Returns the bytes matched.
     fn rolling_search(&self, s: usize, e: usize, out: &mut Vec<Op>) -> u64 {
-        let a = self.a.bytes();
         let b = self.b.bytes();
         let bs = self.block_size;
         let mut lit = s;
@@ -351,30 +464,19 @@ impl Scanner<'_> {
         'windows: while e - p >= bs {
             let mut h = self.poly.hash(&b[p..p + bs]);
             loop {
-                if self.index.may_contain(h) {
-                    if let Some(off) = self.index.find(h, &b[p..p + bs], a) {
-                        let back = common_suffix(&b[lit..p], &a[..off]);
-                        let fwd = common_prefix(&b[p + bs..e], &a[off + bs..]);
-                        let (m_start, m_src, m_len) = (p - back, off - back, back + bs + fwd);
-                        push_op(
-                            out,
-                            Op::Data {
-                                start: lit as u64,
-                                len: (m_start - lit) as u64,
-                            },
-                        );
-                        push_op(
-                            out,
-                            Op::Copy {
-                                src: m_src as u64,
-                                len: m_len as u64,
-                            },
-                        );
-                        matched += m_len as u64;
-                        p = m_start + m_len;
-                        lit = p;
-                        continue 'windows;
-                    }
+                if let Some((m_start, m_len, op)) = self.match_at(p, h, lit, e) {
+                    push_op(
+                        out,
+                        Op::Data {
+                            start: lit as u64,
+                            len: (m_start - lit) as u64,
+                        },
+                    );
+                    push_op(out, op);
+                    matched += m_len as u64;
+                    p = m_start + m_len;
+                    lit = p;
+                    continue 'windows;
                 }
                 match self.next_candidate(h, &b[p..e]) {
                     Some((step, h2)) => {
@@ -441,9 +543,12 @@ fn best_suffix(
     best
 }
 
-/// Ops waiting for the literal frame they read from are flushed (with an early, smaller
-/// frame) past this many, so the encoder's memory stays bounded.
+/// A group (one literal frame and the instruction block that consumes it) is closed
+/// past this many ops, so the encoder's memory and the decoder's instruction block stay
+/// bounded (65536 records of at most 21 bytes fit `MAX_OPS_BLOCK`).
 const MAX_PENDING_OPS: usize = 1 << 16;
+/// zstd level of the instruction blocks: they are small, so the strongest level is cheap.
+const OPS_LEVEL: i32 = 19;
 
 /// Counters the encoder keeps.
 #[derive(Debug, Default)]
@@ -451,6 +556,7 @@ struct EncStats {
     body_len: u64,
     same_offset: u64,
     moved: u64,
+    own: u64,
     zero: u64,
     literal: u64,
     literal_stored: u64,
@@ -458,37 +564,100 @@ struct EncStats {
     frames: u64,
 }
 
-/// Turns ops into body records. Literal bytes collect in a frame; the DATA ops that
-/// consume a frame are written right after it, so a decoder needs one frame in memory.
+/// One literal frame and the encoded records that consume it, ready to be compressed.
+struct Group {
+    lit: Vec<u8>,
+    ops: Vec<u8>,
+}
+
+/// A compressed group: its records, and how many of its bytes are the literal frame.
+struct Packed {
+    bytes: Vec<u8>,
+    lit_stored: u64,
+}
+
+/// The literal frames' compressor: level `level`, a window as large as the frame (at
+/// most 2^26), and zstd's long-distance matcher for the far repeats inside a frame.
+fn literal_compressor(opts: &BuildOptions) -> Result<zstd::bulk::Compressor<'static>, DeltaError> {
+    use zstd::zstd_safe::CParameter;
+    let zerr = |source| DeltaError::Zstd { op: "init", source };
+    let mut c = zstd::bulk::Compressor::new(opts.level).map_err(zerr)?;
+    let wlog = opts
+        .frame_size
+        .next_power_of_two()
+        .trailing_zeros()
+        .clamp(20, 26);
+    c.set_parameter(CParameter::WindowLog(wlog)).map_err(zerr)?;
+    if opts.level >= LONG_FROM_LEVEL {
+        c.set_parameter(CParameter::EnableLongDistanceMatching(true))
+            .map_err(zerr)?;
+    }
+    Ok(c)
+}
+
+/// Levels from which literal frames also use zstd's long-distance matcher.
+const LONG_FROM_LEVEL: i32 = 3;
+
+/// Compresses one group into its records: LIT_ZSTD (or LIT_RAW when zstd does not help)
+/// with the frame, then OPS_ZSTD with the instruction block.
+fn pack(
+    lit_comp: &mut zstd::bulk::Compressor<'static>,
+    ops_comp: &mut zstd::bulk::Compressor<'static>,
+    g: &Group,
+) -> Result<Packed, DeltaError> {
+    let zerr = |source| DeltaError::Zstd {
+        op: "compress",
+        source,
+    };
+    let mut out = Vec::new();
+    let mut lit_stored = 0;
+    if !g.lit.is_empty() {
+        let packed = lit_comp.compress(&g.lit).map_err(zerr)?;
+        if packed.len() < g.lit.len() {
+            out.push(TAG_LIT_ZSTD);
+            put_varint(&mut out, g.lit.len() as u64);
+            put_varint(&mut out, packed.len() as u64);
+            out.extend_from_slice(&packed);
+        } else {
+            out.push(TAG_LIT_RAW);
+            put_varint(&mut out, g.lit.len() as u64);
+            out.extend_from_slice(&g.lit);
+        }
+        lit_stored = out.len() as u64;
+    }
+    if !g.ops.is_empty() {
+        let packed = ops_comp.compress(&g.ops).map_err(zerr)?;
+        out.push(TAG_OPS_ZSTD);
+        put_varint(&mut out, g.ops.len() as u64);
+        put_varint(&mut out, packed.len() as u64);
+        out.extend_from_slice(&packed);
+    }
+    Ok(Packed {
+        bytes: out,
+        lit_stored,
+    })
+}
+
+/// A group handed to the compression workers, with where to send the result.
+type Job = (Group, SyncSender<Result<Packed, DeltaError>>);
+
+/// Turns ops into groups, has the workers compress them, and writes the results in
+/// order. Literal bytes collect in a frame; the records that consume a frame go into the
+/// instruction block written right after it, so a decoder holds one frame at a time.
 struct Encoder<'b, W: Write> {
     w: W,
     b: &'b [u8],
     lit: Vec<u8>,
     pending: Vec<Op>,
     frame_size: usize,
-    comp: zstd::bulk::Compressor<'static>,
-    rec: Vec<u8>,
+    jobs: SyncSender<Job>,
+    in_flight: VecDeque<Receiver<Result<Packed, DeltaError>>>,
+    max_in_flight: usize,
     out_pos: u64,
     st: EncStats,
 }
 
 impl<'b, W: Write> Encoder<'b, W> {
-    fn new(w: W, b: &'b [u8], opts: &BuildOptions) -> Result<Self, DeltaError> {
-        let comp = zstd::bulk::Compressor::new(opts.level)
-            .map_err(|source| DeltaError::Zstd { op: "init", source })?;
-        Ok(Encoder {
-            w,
-            b,
-            lit: Vec::with_capacity(opts.frame_size),
-            pending: Vec::new(),
-            frame_size: opts.frame_size,
-            comp,
-            rec: Vec::with_capacity(64),
-            out_pos: 0,
-            st: EncStats::default(),
-        })
-    }
-
     fn push(&mut self, op: Op) -> Result<(), DeltaError> {
         match op {
             Op::Data { mut start, mut len } => {
@@ -501,70 +670,63 @@ impl<'b, W: Write> Encoder<'b, W> {
                     start += take;
                     len -= take;
                     if self.lit.len() >= self.frame_size {
-                        self.flush_frame()?;
+                        self.close_group()?;
                     }
                 }
             }
-            Op::Copy { .. } | Op::Zero { .. } => {
+            Op::Copy { .. } | Op::Own { .. } | Op::Zero { .. } => {
                 push_op(&mut self.pending, op);
-                if self.lit.is_empty() && self.pending.len() > 1 {
-                    // Nothing waits for literal bytes: write all but the last op, which
-                    // the next one may still extend.
-                    let keep = self.pending.len() - 1;
-                    let ready: Vec<Op> = self.pending.drain(..keep).collect();
-                    for op in ready {
-                        self.write_op(op)?;
-                    }
-                } else if self.pending.len() >= MAX_PENDING_OPS {
-                    self.flush_frame()?;
+                if self.pending.len() >= MAX_PENDING_OPS {
+                    self.close_group()?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Writes the current literal frame (if any), then every pending op.
-    fn flush_frame(&mut self) -> Result<(), DeltaError> {
-        if !self.lit.is_empty() {
-            let packed = self
-                .comp
-                .compress(&self.lit)
-                .map_err(|source| DeltaError::Zstd {
-                    op: "compress",
-                    source,
-                })?;
-            self.rec.clear();
-            let body: &[u8] = if packed.len() < self.lit.len() {
-                self.rec.push(TAG_LIT_ZSTD);
-                put_varint(&mut self.rec, self.lit.len() as u64);
-                put_varint(&mut self.rec, packed.len() as u64);
-                &packed
-            } else {
-                self.rec.push(TAG_LIT_RAW);
-                put_varint(&mut self.rec, self.lit.len() as u64);
-                &self.lit
-            };
-            self.st.literal_stored += (self.rec.len() + body.len()) as u64;
-            self.st.body_len += (self.rec.len() + body.len()) as u64;
-            self.st.frames += 1;
-            write(&mut self.w, &self.rec)?;
-            write(&mut self.w, body)?;
-            self.lit.clear();
+    /// Encodes the pending ops, hands the group to a worker, and writes finished groups
+    /// while too many are in flight.
+    fn close_group(&mut self) -> Result<(), DeltaError> {
+        if self.lit.is_empty() && self.pending.is_empty() {
+            return Ok(());
         }
-        let ready = std::mem::take(&mut self.pending);
-        for op in ready {
-            self.write_op(op)?;
+        let mut ops = Vec::with_capacity(self.pending.len() * 8);
+        for op in std::mem::take(&mut self.pending) {
+            self.encode_op(op, &mut ops);
+        }
+        if !self.lit.is_empty() {
+            self.st.frames += 1;
+        }
+        let lit = std::mem::replace(&mut self.lit, Vec::with_capacity(self.frame_size));
+        let (tx, rx) = sync_channel(1);
+        self.jobs
+            .send((Group { lit, ops }, tx))
+            .map_err(|_| DeltaError::Internal("delta compression workers stopped".into()))?;
+        self.in_flight.push_back(rx);
+        while self.in_flight.len() > self.max_in_flight {
+            self.write_oldest()?;
         }
         Ok(())
     }
 
-    fn write_op(&mut self, op: Op) -> Result<(), DeltaError> {
-        self.rec.clear();
+    fn write_oldest(&mut self) -> Result<(), DeltaError> {
+        let Some(rx) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let packed = rx
+            .recv()
+            .map_err(|_| DeltaError::Internal("a delta compression worker died".into()))??;
+        self.st.literal_stored += packed.lit_stored;
+        self.st.body_len += packed.bytes.len() as u64;
+        write(&mut self.w, &packed.bytes)
+    }
+
+    fn encode_op(&mut self, op: Op, rec: &mut Vec<u8>) {
         match op {
             Op::Copy { src, len } => {
-                self.rec.push(TAG_COPY);
-                put_varint(&mut self.rec, src);
-                put_varint(&mut self.rec, len);
+                rec.push(TAG_COPY);
+                put_varint(rec, src);
+                put_varint(rec, len);
                 if src == self.out_pos {
                     self.st.same_offset += len;
                 } else {
@@ -572,32 +734,59 @@ impl<'b, W: Write> Encoder<'b, W> {
                 }
                 self.out_pos += len;
             }
+            Op::Own { src, len } => {
+                rec.push(TAG_COPY_OUT);
+                put_varint(rec, src);
+                put_varint(rec, len);
+                self.st.moved += len;
+                self.st.own += len;
+                self.out_pos += len;
+            }
             Op::Zero { len } => {
-                self.rec.push(TAG_ZERO);
-                put_varint(&mut self.rec, len);
+                rec.push(TAG_ZERO);
+                put_varint(rec, len);
                 self.st.zero += len;
                 self.out_pos += len;
             }
             Op::Data { len, .. } => {
-                self.rec.push(TAG_DATA);
-                put_varint(&mut self.rec, len);
+                rec.push(TAG_DATA);
+                put_varint(rec, len);
                 self.st.literal += len;
                 self.out_pos += len;
             }
         }
         self.st.ops += 1;
-        self.st.body_len += self.rec.len() as u64;
-        write(&mut self.w, &self.rec)
     }
 
     fn finish(mut self) -> Result<(W, EncStats), DeltaError> {
-        self.flush_frame()?;
+        self.close_group()?;
+        while !self.in_flight.is_empty() {
+            self.write_oldest()?;
+        }
         write(&mut self.w, &[TAG_END])?;
         self.st.body_len += 1;
         self.w
             .flush()
             .map_err(|e| DeltaError::io("write", "delta body", e))?;
         Ok((self.w, self.st))
+    }
+}
+
+/// A compression worker: takes groups from the shared queue until it closes.
+fn compress_worker(jobs: &Mutex<Receiver<Job>>, opts: &BuildOptions) -> Result<(), DeltaError> {
+    let mut lit_comp = literal_compressor(opts)?;
+    let mut ops_comp = zstd::bulk::Compressor::new(OPS_LEVEL)
+        .map_err(|source| DeltaError::Zstd { op: "init", source })?;
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return Err(DeltaError::Internal("delta job queue poisoned".into())),
+        };
+        let Ok((group, reply)) = job else {
+            return Ok(());
+        };
+        // The encoder may have stopped on an error; then nobody waits for this reply.
+        let _ = reply.send(pack(&mut lit_comp, &mut ops_comp, &group));
     }
 }
 
@@ -628,6 +817,8 @@ pub(crate) fn build_body<W: Write + Send>(
             "base has more than 2^32 blocks of {bs} bytes; use a larger block size"
         )));
     }
+    let (job_tx, job_rx) = sync_channel::<Job>(0);
+    let job_rx = Mutex::new(job_rx);
     std::thread::scope(|scope| {
         // SHA-256 is sequential per file and, on sparse images, mostly spent on the
         // zeros of the holes: one thread per input.
@@ -641,20 +832,39 @@ pub(crate) fn build_body<W: Write + Send>(
 
         let (tx, rx) = sync_channel::<Vec<Op>>(2);
         let b_bytes = b.bytes();
+        let workers: Vec<_> = (0..opts.threads)
+            .map(|_| {
+                let job_rx = &job_rx;
+                scope.spawn(move || compress_worker(job_rx, opts))
+            })
+            .collect();
         let encoder = scope.spawn(move || -> Result<(W, EncStats), DeltaError> {
-            let mut enc = Encoder::new(w, b_bytes, opts)?;
+            let mut enc = Encoder {
+                w,
+                b: b_bytes,
+                lit: Vec::with_capacity(opts.frame_size),
+                pending: Vec::new(),
+                frame_size: opts.frame_size,
+                jobs: job_tx,
+                in_flight: VecDeque::new(),
+                max_in_flight: opts.threads,
+                out_pos: 0,
+                st: EncStats::default(),
+            };
             for ops in rx {
                 for op in ops {
                     enc.push(op)?;
                 }
             }
             enc.finish()
+            // `enc` and with it the job sender are dropped here: the workers end.
         });
 
-        let scanner = Scanner {
+        let mut scanner = Scanner {
             a,
             b,
             index: &index,
+            own: BlockIndex::with_capacity(b.bytes().len() / bs, bs),
             poly: &poly,
             block_size: bs,
             rolling: opts.rolling,
@@ -681,6 +891,10 @@ pub(crate) fn build_body<W: Write + Send>(
         let enc = encoder
             .join()
             .map_err(|_| DeltaError::Internal("delta encoder thread panicked".into()))?;
+        for wk in workers {
+            wk.join()
+                .map_err(|_| DeltaError::Internal("delta compression worker panicked".into()))??;
+        }
         let hashed = |h: std::thread::ScopedJoinHandle<'_, std::io::Result<[u8; 32]>>| {
             h.join()
                 .map_err(|_| DeltaError::Internal("hashing thread panicked".into()))?
@@ -697,6 +911,7 @@ pub(crate) fn build_body<W: Write + Send>(
             delta_size: 0,
             same_offset_bytes: st.same_offset,
             moved_bytes: st.moved,
+            own_bytes: st.own,
             zero_bytes: st.zero,
             literal_bytes: st.literal,
             literal_stored_bytes: st.literal_stored,
@@ -759,7 +974,12 @@ mod tests {
         };
         assert!(o.validate().is_err());
         o = BuildOptions {
-            frame_size: MAX_FRAME + 1,
+            frame_size: MAX_FRAME_V2 + 1,
+            ..Default::default()
+        };
+        assert!(o.validate().is_err());
+        o = BuildOptions {
+            threads: 0,
             ..Default::default()
         };
         assert!(o.validate().is_err());

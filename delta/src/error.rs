@@ -18,7 +18,7 @@ pub enum DeltaError {
     #[error("{what} is not a BIDS delta file (no \"BIDSDLT\" magic); check the path")]
     NotADelta { what: String },
     /// The file is a delta of a format version this build cannot read.
-    #[error("delta format version {found} is not supported (this build reads version {supported}); upgrade bids")]
+    #[error("delta format version {found} is not supported (this build reads versions 1 to {supported}); upgrade bids")]
     UnsupportedVersion { found: u8, supported: u8 },
     /// The delta file is shorter than its header says.
     #[error(

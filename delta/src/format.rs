@@ -5,15 +5,22 @@ use crate::DeltaError;
 
 /// First seven bytes of every delta file.
 pub const MAGIC: &[u8; 7] = b"BIDSDLT";
-/// Format version written by this build (and the only one it reads).
-pub const VERSION: u8 = 1;
+/// Format version written by this build. It reads every version from 1 to this one.
+pub const VERSION: u8 = 2;
+/// Oldest format version this build still reads.
+pub const MIN_VERSION: u8 = 1;
 /// Size of the fixed header in bytes.
 pub const HEADER_LEN: usize = 104;
 /// Size of the SHA-256 trailer in bytes.
 pub const TRAILER_LEN: usize = 32;
-/// Largest literal frame (uncompressed) a decoder accepts. Bounds the decoder's memory
-/// whatever the delta claims; builders use smaller frames (`BuildOptions::frame_size`).
+/// Largest literal frame (uncompressed) a decoder accepts in a version 1 delta. Bounds the
+/// decoder's memory whatever the delta claims.
 pub const MAX_FRAME: usize = 16 << 20;
+/// Largest literal frame (uncompressed) in a version 2 delta: bigger frames let the
+/// literal compressor see more of the new data at once (builders default to 16 MiB).
+pub const MAX_FRAME_V2: usize = 64 << 20;
+/// Largest decompressed instruction block (`OPS_ZSTD`) a decoder accepts.
+pub const MAX_OPS_BLOCK: usize = 4 << 20;
 
 /// Record tags of the body.
 pub(crate) const TAG_END: u8 = 0x00;
@@ -22,11 +29,15 @@ pub(crate) const TAG_ZERO: u8 = 0x02;
 pub(crate) const TAG_DATA: u8 = 0x03;
 pub(crate) const TAG_LIT_ZSTD: u8 = 0x04;
 pub(crate) const TAG_LIT_RAW: u8 = 0x05;
+/// Version 2: copy from the output already written.
+pub(crate) const TAG_COPY_OUT: u8 = 0x06;
+/// Version 2: a zstd-compressed block of COPY, COPY_OUT, ZERO and DATA records.
+pub(crate) const TAG_OPS_ZSTD: u8 = 0x07;
 
 /// The fixed header of a delta file: what it turns into what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaHeader {
-    /// Format version (currently 1).
+    /// Format version (1 or 2).
     pub version: u8,
     /// Block size the builder indexed the base with (informational: apply does not need it).
     pub block_size: u32,
@@ -88,7 +99,7 @@ impl DeltaHeader {
             });
         }
         let version = bytes[7];
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(DeltaError::UnsupportedVersion {
                 found: version,
                 supported: VERSION,
@@ -108,7 +119,7 @@ impl DeltaHeader {
         if flags != 0 {
             return Err(DeltaError::corrupt(
                 12,
-                format!("unknown header flags {flags:#x} (version 1 defines none)"),
+                format!("unknown header flags {flags:#x} (versions 1 and 2 define none)"),
             ));
         }
         let mut from_sha256 = [0u8; 32];
@@ -263,12 +274,17 @@ mod tests {
             DeltaHeader::decode(&bad, "t"),
             Err(DeltaError::NotADelta { .. })
         ));
-        let mut v2 = enc;
-        v2[7] = 2;
-        assert!(matches!(
-            DeltaHeader::decode(&v2, "t"),
-            Err(DeltaError::UnsupportedVersion { found: 2, .. })
-        ));
+        let mut v1 = enc;
+        v1[7] = 1;
+        assert_eq!(DeltaHeader::decode(&v1, "t").unwrap().version, 1);
+        for bad in [0u8, VERSION + 1] {
+            let mut v = enc;
+            v[7] = bad;
+            assert!(matches!(
+                DeltaHeader::decode(&v, "t"),
+                Err(DeltaError::UnsupportedVersion { found, .. }) if found == bad
+            ));
+        }
         let mut flags = enc;
         flags[13] = 1;
         assert!(matches!(

@@ -162,6 +162,32 @@ impl BlockIndex {
         idx
     }
 
+    /// An empty index for up to `blocks` blocks that grows by `add` (the target's own
+    /// blocks, indexed as the scan goes). Its filter is sized for `blocks` from the start.
+    pub(crate) fn with_capacity(blocks: usize, block_size: usize) -> Self {
+        let slot_bits = bits_for(blocks.saturating_mul(2), 4);
+        let filter_bits = bits_for(blocks.saturating_mul(FILTER_BITS_PER_BLOCK), 6);
+        BlockIndex {
+            slots: vec![0u64; 1usize << slot_bits],
+            slot_shift: 32 - slot_bits,
+            filter: vec![0u64; (1usize << filter_bits) / 64],
+            filter_shift: 32 - filter_bits,
+            block_size,
+            entries: 0,
+        }
+    }
+
+    /// Adds block number `block` of `data` (hash `h`) to an index made by
+    /// `with_capacity`; ignored once the index is half full (look-ups stay short).
+    pub(crate) fn add(&mut self, h: u32, block: usize, data: &[u8]) {
+        if (self.entries + 1) * 2 > self.slots.len() || block >= u32::MAX as usize {
+            return;
+        }
+        self.insert(h, block, data);
+        let bit = self.filter_bit(h);
+        self.filter[bit / 64] |= 1u64 << (bit % 64);
+    }
+
     /// Number of distinct blocks indexed.
     pub(crate) fn len(&self) -> usize {
         self.entries
@@ -207,6 +233,9 @@ impl BlockIndex {
     /// Cheap pre-check for the rolling search: false means "certainly not indexed".
     #[inline(always)]
     pub(crate) fn may_contain(&self, h: u32) -> bool {
+        if self.filter.is_empty() {
+            return false;
+        }
         let bit = self.filter_bit(h);
         self.filter[bit / 64] & (1u64 << (bit % 64)) != 0
     }
@@ -351,6 +380,29 @@ mod tests {
         let other = pseudo_random(bs, 99);
         assert_eq!(idx.find(poly.hash(&other), &other, &a), None);
         assert!(idx.memory() > 0);
+    }
+
+    #[test]
+    fn growing_index_finds_added_blocks() {
+        let bs = 512;
+        let b = pseudo_random(bs * 6, 5);
+        let poly = PolyHash::new(bs);
+        let mut idx = BlockIndex::with_capacity(6, bs);
+        let h2 = poly.hash(&b[2 * bs..3 * bs]);
+        assert!(idx.find(h2, &b[2 * bs..3 * bs], &b).is_none());
+        idx.add(h2, 2, &b);
+        idx.add(h2, 2, &b); // the same block twice is stored once
+        assert_eq!(idx.len(), 1);
+        assert!(idx.may_contain(h2));
+        assert_eq!(idx.find(h2, &b[2 * bs..3 * bs], &b), Some(2 * bs));
+        let h4 = poly.hash(&b[4 * bs..5 * bs]);
+        assert!(idx.find(h4, &b[4 * bs..5 * bs], &b).is_none());
+        // Capacity 6 blocks: at most 6 entries (half of the 16 slots would allow 8).
+        for j in 0..6 {
+            idx.add(poly.hash(&b[j * bs..(j + 1) * bs]), j, &b);
+        }
+        assert_eq!(idx.len(), 6);
+        assert_eq!(idx.find(h4, &b[4 * bs..5 * bs], &b), Some(4 * bs));
     }
 
     #[test]

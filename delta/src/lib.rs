@@ -3,25 +3,28 @@
 //! the base checked first, of the output last, written to a temporary file and renamed
 //! into place only when verified). Distribution of deltas (chunks, GIS) is the node's job.
 //!
-//! Algorithm. Disk images change in aligned blocks, and files move. A is indexed by its
-//! aligned non-zero blocks (default 4 KiB, the ext4 block size) under a 32-bit rolling
-//! polynomial hash. Each aligned block of B becomes, in this order: ZERO (all zero, or a
-//! hole of the sparse file, which is never read), COPY from the same offset of A, COPY
-//! continuing the previous moved copy, COPY from any block of A with equal bytes (index
-//! hit confirmed by comparing bytes), else literal. Literal runs are then refined byte-wise:
-//! the copy before and after a run is extended while the bytes agree, and the rest is
-//! searched rsync-style with the rolling hash at every byte offset for blocks of A shifted
-//! by a non-multiple of the block size (a bit filter rejects most offsets without touching
-//! the table). The search costs about 4 ns a searched byte, so only literal runs of at
-//! most 4 MiB are searched: on real ext4 images files start on block boundaries, shifted
-//! content lives in small edited files, and long literal runs are new files where the
-//! search finds nothing (measured: it trims ~0.5 % off a package-install delta). Adjacent
-//! ops are coalesced; literal bytes go into zstd frames (level 3, 4 MiB) stored before the
-//! ops that use them. See `delta/FORMAT.md` for the byte layout.
+//! Algorithm. Disk images change in aligned blocks, files move, and a new version
+//! repeats some of its own new data. A is indexed by its aligned non-zero blocks (default
+//! 4 KiB, the ext4 block size) under a 32-bit rolling polynomial hash. Each aligned block
+//! of B becomes, in this order: ZERO (all zero, or a hole of the sparse file, which is
+//! never read), COPY from the same offset of A, COPY continuing the previous moved copy,
+//! COPY from any block of A with equal bytes, COPY_OUT from an earlier new block of B
+//! with equal bytes (B's literal blocks are indexed as the scan goes), else literal (every
+//! index hit confirmed by comparing bytes). Literal runs are then refined byte-wise: the
+//! copy before and after a run is extended while the bytes agree, and the rest is
+//! searched rsync-style with the rolling hash at every byte offset, against A and against
+//! B's earlier new blocks (bit filters reject most offsets without touching the tables).
+//! The search costs about 4 ns a searched byte, so only literal runs of at most 4 MiB are
+//! searched: long literal runs are new files where it finds nothing. Adjacent ops are
+//! coalesced; literal bytes go into 16 MiB frames compressed with zstd (level 9, a
+//! frame-sized window, long-distance matching) by two worker threads in parallel, each
+//! frame followed by the zstd-compressed block of records that consume it. See
+//! `delta/FORMAT.md` for the byte layout (version 2; version 1 files still apply).
 //!
 //! Memory: inputs are memory-mapped and their pages released behind each pass; the index
-//! is about 16 bytes per block of A (a 4 GiB base: 24 MiB at most); the encoder and the
-//! decoder hold a few literal frames. Nothing is proportional to the image size otherwise.
+//! is about 16 bytes per block of A (a 4 GiB base: 24 MiB at most) plus as much for B's
+//! new blocks; the encoder holds a few literal frames and one zstd context per worker,
+//! the decoder a few frames. Nothing is proportional to the image size otherwise.
 
 mod apply;
 mod build;
@@ -39,9 +42,12 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-pub use build::{BuildOptions, DeltaStats};
+pub use build::{BuildOptions, DeltaStats, DEFAULT_LEVEL};
 pub use error::DeltaError;
-pub use format::{DeltaHeader, HEADER_LEN, MAGIC, MAX_FRAME, TRAILER_LEN, VERSION};
+pub use format::{
+    DeltaHeader, HEADER_LEN, MAGIC, MAX_FRAME, MAX_FRAME_V2, MAX_OPS_BLOCK, MIN_VERSION,
+    TRAILER_LEN, VERSION,
+};
 
 use apply::{check_delta, decode, hash_jobs, FileSink, VecSink};
 use image::{Image, MappedFile};
@@ -188,7 +194,13 @@ pub fn apply_with(
         let hasher = s.spawn(move || hash_jobs(base_bytes, rx));
         let (decoded, written) = {
             let mut sink = FileSink::new(file, tmp.path().to_path_buf(), &b_img, tx);
-            let r = decode(body, base_bytes.len(), header.to_size, &mut sink);
+            let r = decode(
+                body,
+                header.version,
+                base_bytes.len(),
+                header.to_size,
+                &mut sink,
+            );
             let f = sink.finish();
             (r.and_then(|st| f.map(|()| st)), sink.written)
             // `sink` (and with it the sender) is dropped here, so the hasher ends.
@@ -289,7 +301,7 @@ pub fn apply_bytes(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
         base,
         out: Vec::new(),
     };
-    decode(body, base.len(), header.to_size, &mut sink)?;
+    decode(body, header.version, base.len(), header.to_size, &mut sink)?;
     let digest = apply::sha256(&sink.out);
     if digest != header.to_sha256 {
         return Err(DeltaError::OutputMismatch {

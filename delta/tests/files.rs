@@ -312,3 +312,35 @@ fn apply_replaces_an_existing_target_and_handles_empty_files() {
         assert_eq!(fs::read(&out).unwrap(), fs::read(to).unwrap());
     }
 }
+
+/// Copies from the output already written (COPY_OUT) are read back from the file being
+/// rebuilt, including from its holes, and verified like everything else.
+#[test]
+fn file_apply_reads_back_its_own_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = noise(31, 1 << 20);
+    let new = noise(32, 5 << 20);
+    let mut b = a.clone();
+    b.extend_from_slice(&new);
+    b.extend(std::iter::repeat_n(0u8, 3 << 20)); // a hole in the output
+    b.extend_from_slice(&new[..(2 << 20) + 100]);
+    b.extend_from_slice(&new[4096..(1 << 20) + 7]);
+    let (pa, pb, pd, po) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("d"),
+        dir.path().join("o"),
+    );
+    fs::write(&pa, &a).unwrap();
+    fs::write(&pb, &b).unwrap();
+    let opts = BuildOptions {
+        level: 3,
+        ..Default::default()
+    };
+    let st = build(&pa, &pb, &pd, &opts).unwrap();
+    assert!(st.own_bytes >= 3_000_000, "{st:?}");
+    assert!(st.delta_size < new.len() as u64 + (64 << 10), "{st:?}");
+    let ap = apply(&pa, &pd, &po).unwrap();
+    assert_eq!(ap.to_size, b.len() as u64);
+    assert_eq!(sha(&fs::read(&po).unwrap()), sha(&b));
+}

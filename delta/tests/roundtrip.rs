@@ -107,14 +107,16 @@ fn small_opts() -> impl Strategy<Value = BuildOptions> {
         any::<bool>(),
         prop::sample::select(vec![8192usize, 4 << 20]),
         1i32..6,
+        1usize..4,
     )
         .prop_map(
-            |(block_size, rolling, rolling_max_run, level)| BuildOptions {
+            |(block_size, rolling, rolling_max_run, level, threads)| BuildOptions {
                 block_size,
                 rolling,
                 rolling_max_run,
                 level,
                 frame_size: 64 << 10,
+                threads,
             },
         )
 }
@@ -150,6 +152,32 @@ proptest! {
         bad[i] ^= mask;
         prop_assert!(apply_bytes(&a, &bad).is_err(), "flip {:#x} at {} accepted", mask, i);
         prop_assert!(apply_bytes(&a, &d[..i]).is_err(), "cut at {} accepted", i);
+    }
+
+    /// A body damaged behind a valid trailer (what a malicious or buggy builder could
+    /// send) never panics or over-allocates: the decoder's own checks (record bounds,
+    /// frame and block limits, COPY_OUT before the output position) or the output's
+    /// SHA-256 refuse it, or it still rebuilds B exactly.
+    #[test]
+    fn damaged_body_with_valid_trailer_never_panics(
+        (a, b) in image_pair(6000),
+        pos in 0.0f64..1.0,
+        mask in 1u8..=255,
+        threads in 1usize..3,
+    ) {
+        use sha2::{Digest, Sha256};
+        let opts = BuildOptions { level: 3, threads, ..Default::default() };
+        let d = build_bytes_with(&a, &b, &opts).unwrap();
+        let body_end = d.len() - bids_delta::TRAILER_LEN;
+        let span = body_end - bids_delta::HEADER_LEN;
+        let i = bids_delta::HEADER_LEN + ((span as f64 * pos) as usize).min(span - 1);
+        let mut bad = d[..body_end].to_vec();
+        bad[i] ^= mask;
+        let sum = Sha256::digest(&bad);
+        bad.extend_from_slice(&sum);
+        if let Ok(out) = apply_bytes(&a, &bad) {
+            prop_assert_eq!(out, b);
+        }
     }
 
     /// B = A with bytes inserted and deleted at unaligned offsets: correct, and the
@@ -212,4 +240,32 @@ fn rolling_search_finds_unaligned_moves() {
         "without rolling: {}",
         without.len()
     );
+}
+
+/// New data that B repeats (aligned, and shifted by a non-multiple of the block size) is
+/// carried once: later copies come from B's own earlier bytes.
+#[test]
+fn repeated_new_data_is_stored_once() {
+    let a = noise(21, 1 << 20);
+    let new = noise(22, 3 << 20);
+    let mut b = a.clone();
+    b.extend_from_slice(&new); // at a block boundary
+    b.extend_from_slice(&new); // aligned repeat
+    b.extend_from_slice(&[7u8; 1234]);
+    b.extend_from_slice(&new[..1 << 20]); // unaligned repeat
+    for threads in [1, 2] {
+        let opts = BuildOptions {
+            threads,
+            ..Default::default()
+        };
+        let d = build_bytes_with(&a, &b, &opts).unwrap();
+        assert_eq!(apply_bytes(&a, &d).unwrap(), b);
+        // Noise does not compress: the delta holds `new` once and little else.
+        assert!(
+            d.len() < new.len() + (64 << 10),
+            "{threads} threads: delta {} bytes for {} new",
+            d.len(),
+            new.len()
+        );
+    }
 }
