@@ -386,6 +386,10 @@ mod tests {
                 heartbeat_secs,
                 upload_bps,
                 download_bps,
+                wan_window_ms,
+                scrub_rate,
+                ban_secs,
+                metrics,
                 external_addr,
             } = st;
             let set = [
@@ -401,6 +405,10 @@ mod tests {
                 ("heartbeat_secs", heartbeat_secs.is_some()),
                 ("upload_bps", upload_bps.is_some()),
                 ("download_bps", download_bps.is_some()),
+                ("wan_window_ms", wan_window_ms.is_some()),
+                ("scrub_rate", scrub_rate.is_some()),
+                ("ban_secs", ban_secs.is_some()),
+                ("metrics", metrics.is_some()),
                 ("external_addr", external_addr.is_some()),
             ];
             for k in keys(file) {
@@ -424,6 +432,7 @@ mod tests {
             admin_peer,
             policy,
             heartbeat_timeout_secs,
+            metrics,
         } = st;
         let set = [
             ("key", key.is_some()),
@@ -432,6 +441,7 @@ mod tests {
             ("admin_peer", admin_peer.is_some()),
             ("policy", policy.is_some()),
             ("heartbeat_timeout_secs", heartbeat_timeout_secs.is_some()),
+            ("metrics", metrics.is_some()),
         ];
         for k in keys("gis.toml") {
             assert!(

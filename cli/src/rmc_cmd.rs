@@ -209,6 +209,7 @@ mod tests {
             rmc_password,
             rmc_sample_ms,
             rmc_cert_days,
+            metrics,
         } = st;
         let set = [
             ("gis", gis.is_some()),
@@ -217,6 +218,7 @@ mod tests {
             ("rmc_password", rmc_password.is_some()),
             ("rmc_sample_ms", rmc_sample_ms.is_some()),
             ("rmc_cert_days", rmc_cert_days.is_some()),
+            ("metrics", metrics.is_some()),
         ];
         let t: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         for k in t.keys() {
