@@ -62,6 +62,7 @@ pub struct GisArgs {
     /// The admin key the GIS under test trusts, to certify bridgeheads.
     #[arg(long)]
     admin_key: Option<std::path::PathBuf>,
+    /// Seed of the virtual hosts' choices (which images they hold, what they look up).
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Print one JSON object instead of the table.

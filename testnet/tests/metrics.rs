@@ -43,9 +43,14 @@ async fn node_metrics_count_a_real_download_and_readiness_follows_the_gis() {
     let mut addrs = Vec::new();
     for i in [host, bridgehead] {
         c.stop_node(i).await;
-        c.start_node_with(i, |cfg| cfg.metrics = Some(local))
-            .await
-            .unwrap();
+        // A warning period longer than the testnet's 90-day certificates: the bridgehead's
+        // is "expiring" from the start.
+        c.start_node_with(i, |cfg| {
+            cfg.metrics = Some(local);
+            cfg.cert_warn = Duration::from_secs(120 * 86_400);
+        })
+        .await
+        .unwrap();
         let addr = c.nodes[i].node().metrics_addr().expect("metrics address");
         assert_eq!(bids_metrics::get(addr, "/healthz").await.unwrap().0, 200);
         // Sampled every 200 ms: give it a few rounds to notice there is no GIS.
@@ -174,7 +179,7 @@ async fn node_metrics_count_a_real_download_and_readiness_follows_the_gis() {
     let st = common::status(&c, bridgehead).await;
     assert_eq!(Some(expiry as i64), st.cert_expires_at);
     assert!(expiry > bids_protocols::unix_now() as f64);
-    // The testnet's certificates last a day, inside the default 14-day warning period.
+    // The testnet's certificates last 90 days, inside the 120-day warning period set above.
     assert!(st.cert_expiring);
     assert_eq!(b.value("bids_node_cert_expiring", &[]), Some(1.0));
 
