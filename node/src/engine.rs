@@ -2538,9 +2538,14 @@ impl Engine {
             .filter(|(_, until)| **until <= now)
             .map(|(p, _)| *p)
             .collect();
+        let lifted = !expired.is_empty();
         for p in expired {
             self.bans.remove(&p);
             info!(peer = %p, "ban for corrupt chunks expired");
+        }
+        // The GIS hears of a lifted ban at once, as of a new one: it lists the peer again.
+        if lifted && self.registered {
+            self.send_heartbeat();
         }
         self.release_stuck_waiters();
         self.drive_downloads(now);

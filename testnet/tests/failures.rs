@@ -276,6 +276,108 @@ async fn corrupted_chunks_are_detected_and_fetched_elsewhere() {
     c.shutdown().await;
 }
 
+/// Issue 18 item 4: a node-wide ban has an expiry. A fetcher that banned a corrupting peer
+/// lifts the ban when it runs out, says so to the GIS at once, and the GIS lists that peer
+/// to it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_expires_and_the_gis_lists_the_peer_again() {
+    common::init_logs();
+    let (file, _guard) = image_file(4 * MIB, 43, false);
+    let mut c = Cluster::start(ClusterSpec {
+        idcs: vec![idc("A", 3, 0)],
+        policy: Policy::Bids,
+        shaped: false,
+    })
+    .await
+    .expect("cluster");
+    let (bad, honest, fetcher) = (0, 1, 2);
+    const BAN: Duration = Duration::from_secs(6);
+    c.stop_node(bad).await;
+    c.start_node_with(bad, |cfg| cfg.verify_reads = false)
+        .await
+        .expect("restarting the corrupting peer");
+    c.stop_node(fetcher).await;
+    c.start_node_with(fetcher, |cfg| cfg.ban_duration = BAN)
+        .await
+        .expect("restarting the fetcher with a short ban");
+    c.wait_registered(Duration::from_secs(10))
+        .await
+        .expect("registered");
+    let image: ImageRef = "banexpiry:1".parse().unwrap();
+    let id = seed_corrupted(&c, bad, &file, &image).await;
+    let n = c.nodes[fetcher].node().clone();
+    let q = ImageQuery::Ref(image.clone());
+    let task = tokio::spawn(async move { n.fetch_and_wait(q).await });
+    let bad_peer = c.nodes[bad].peer_id();
+    wait_for(
+        "the corrupting peer banned",
+        Duration::from_secs(15),
+        || async {
+            status(&c, fetcher)
+                .await
+                .banned_peers
+                .iter()
+                .any(|(p, _)| *p == bad_peer)
+                .then_some(())
+        },
+    )
+    .await;
+    let banned_at = Instant::now();
+    c.seed(honest, &file, &image, CHUNK)
+        .await
+        .expect("seeding the honest holder");
+    common::fetched_bit_exact(
+        &c,
+        vec![(fetcher, task)],
+        &id,
+        &file,
+        Duration::from_secs(30),
+    )
+    .await;
+    let lists_bad = |c: &Cluster| {
+        let n = c.nodes[fetcher].node().clone();
+        async move {
+            let reply = n
+                .gis_request(bids_protocols::gis::GisRequest::Lookup {
+                    image: ImageQuery::Id(id),
+                    idc: None,
+                })
+                .await
+                .expect("lookup");
+            let bids_protocols::gis::GisResponse::HostList(list) = reply else {
+                panic!("not a host list: {reply:?}")
+            };
+            list.level0.iter().any(|e| e.peer == bad_peer)
+        }
+    };
+    // Still banned: the GIS keeps the peer from the fetcher.
+    if banned_at.elapsed() < BAN - Duration::from_secs(2) {
+        assert!(!lists_bad(&c).await, "the GIS lists the banned peer");
+    }
+    // The ban runs out: the node forgets it and the GIS lists the peer again (it is still
+    // listed as a holder: it never learnt its copy is bad).
+    wait_for("the ban lifted", BAN + Duration::from_secs(5), || async {
+        status(&c, fetcher)
+            .await
+            .banned_peers
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        banned_at.elapsed() >= BAN - Duration::from_secs(1),
+        "the ban was lifted after {:?}, before its {BAN:?}",
+        banned_at.elapsed()
+    );
+    wait_for(
+        "the GIS listing the peer again",
+        Duration::from_secs(5),
+        || async { lists_bad(&c).await.then_some(()) },
+    )
+    .await;
+    c.shutdown().await;
+}
+
 /// Flips one byte in each of `chunks` of image `id` in node `i`'s store, behind its back.
 fn rot(c: &Cluster, i: usize, id: &ImageId, chunks: &[u32]) {
     let store = c.nodes[i].node().store();
