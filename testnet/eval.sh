@@ -25,7 +25,8 @@
 #            LAN, 34 Mbit/s WAN, a 32 MiB image; BIDS and Baseline             (~15 min)
 #   --faults ordinary faults (run.sh --faults 1): during each BIDS distribution (16 MB,
 #            20 Mbit/s WAN, 6 hosts) the GIS, a provider's bridgehead and a host are
-#            SIGKILLed and restarted, a provider host's copy rots and a host's disk fills;
+#            SIGKILLed and restarted, a provider host's copy rots, a provider's bridgehead
+#            serves rotten chunks unchecked (a corrupting peer) and a host's disk fills;
 #            20 seeds, each also run without faults for the overhead       (~25 min)
 #            With --smoke: one pair on a small testnet                          (~1 min)
 set -euo pipefail

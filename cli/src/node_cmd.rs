@@ -67,6 +67,12 @@ pub struct NodeArgs {
     /// How long a peer that served corrupt chunks stays banned, node-wide (default 3600).
     #[arg(long)]
     ban_secs: Option<u64>,
+    /// Serve chunks without re-hashing them as they are read (saves the CPU of one SHA-256
+    /// per chunk sent; a chunk rotted at rest then reaches the receivers, which check it,
+    /// ban this node and fetch it elsewhere). Off by default: each chunk is re-hashed and
+    /// one found bad is withdrawn.
+    #[arg(long)]
+    no_verify_reads: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and /readyz beside
     /// them (IP:PORT, e.g. 127.0.0.1:9100; off by default).
     #[arg(long, value_name = "ADDR")]
@@ -91,6 +97,7 @@ struct NodeSettings {
     external_addr: Option<String>,
     scrub_rate: Option<f64>,
     ban_secs: Option<u64>,
+    verify_reads: Option<bool>,
     metrics: Option<String>,
 }
 
@@ -116,6 +123,10 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
             ("wan_window_ms", a.wan_window_ms.map(|v| v.to_string())),
             ("scrub_rate", a.scrub_rate.map(|v| v.to_string())),
             ("ban_secs", a.ban_secs.map(|v| v.to_string())),
+            (
+                "verify_reads",
+                a.no_verify_reads.then(|| "false".to_string()),
+            ),
             ("metrics", a.metrics.clone()),
         ],
     )?;
@@ -162,6 +173,9 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     }
     if let Some(b) = st.ban_secs {
         cfg.ban_duration = Duration::from_secs(b);
+    }
+    if let Some(v) = st.verify_reads {
+        cfg.verify_reads = v;
     }
     cfg.upload_bps = st.upload_bps.unwrap_or(0);
     cfg.download_bps = st.download_bps.unwrap_or(0);
@@ -389,6 +403,7 @@ mod tests {
                 wan_window_ms,
                 scrub_rate,
                 ban_secs,
+                verify_reads,
                 metrics,
                 external_addr,
             } = st;
@@ -408,6 +423,7 @@ mod tests {
                 ("wan_window_ms", wan_window_ms.is_some()),
                 ("scrub_rate", scrub_rate.is_some()),
                 ("ban_secs", ban_secs.is_some()),
+                ("verify_reads", verify_reads.is_some()),
                 ("metrics", metrics.is_some()),
                 ("external_addr", external_addr.is_some()),
             ];

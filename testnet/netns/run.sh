@@ -15,8 +15,10 @@
 #
 # --faults 1: ordinary faults at random times (seeded by --seed) while the hosts fetch: the
 # GIS, one provider IDC's bridgehead and one requesting host are SIGKILLed and restarted a
-# few seconds later (same keys, stores and addresses); one provider host's stored copy rots
-# (one flipped byte in each of several chunks); one requesting host's store sits on its own
+# few seconds later (same keys, stores and addresses); one provider IDC's stored copies rot
+# (one flipped byte in each of several chunks) at host 2, which re-hashes what it serves and
+# scrubs, and at its bridgehead, a corrupting peer that serves them unchecked (the
+# requester's bridgehead must ban it and fetch elsewhere); one requesting host's store sits on its own
 # tmpfs, which fills up for a few seconds mid-download. A fetch that fails is started again
 # until it succeeds or --timeout-s passes. Afterwards every copy listed complete by the GIS
 # is checked against its store (`bids image verify`). The faults injected go to the CSV
@@ -197,15 +199,24 @@ fi
 # Nodes. spawn_node K J NAME: host J of IDC K (again, after a fault: same key, store and
 # address).
 NODE_EXTRA=()
-((FAULTS)) && NODE_EXTRA=(--scrub-rate 64)
 [[ -n $WAN_WINDOW_MS ]] && NODE_EXTRA+=(--wan-window-ms "$WAN_WINDOW_MS")
+# With faults, the bridgehead of provider IDC ROT_K is the corrupting peer: its copy rots
+# like host 2's of that IDC, but it serves without re-hashing (--no-verify-reads) and
+# scrubs slowly (2 MB/s), so rotten chunks reach the requester's bridgehead until its own
+# scrub finds them.
+ROT_K=$((SEED % PROVIDERS + 1))
 spawn_node() {
-	local k=$1 j=$2 cert=()
+	local k=$1 j=$2 cert=() extra=("${NODE_EXTRA[@]}")
 	((j == 1)) && cert=(--cert "$K/$k-$j.cert")
+	if ((FAULTS && k == ROT_K && j == 1)); then
+		extra+=(--no-verify-reads --scrub-rate 2)
+	elif ((FAULTS)); then
+		extra+=(--scrub-rate 64)
+	fi
 	bn_spawn "$(bn_host_ns "$k" "$j")" "$3" "$BIN" node \
 		--key "$K/$k-$j.key" "${cert[@]}" --idc "idc$k" --gis "$GIS_ADDR" \
 		--store "$BN_WORK/s$k-$j" --admin-peer "$ADMIN" --policy "$MODE" \
-		--listen "/ip4/$(bn_host_ip "$k" "$j")/tcp/4001" "${NODE_EXTRA[@]}"
+		--listen "/ip4/$(bn_host_ip "$k" "$j")/tcp/4001" "${extra[@]}"
 }
 declare -A NODE_PID
 for ((k = 1; k <= R; k++)); do
@@ -290,7 +301,7 @@ inject_faults() {
 	rnd "$lo" "$hi"; t_bh=$R_; rnd 2000 5000; d_bh=$R_; rnd 1 "$PROVIDERS"; k_bh=$R_
 	rnd "$lo" "$hi"; t_host=$R_; rnd 1000 3000; d_host=$R_; rnd 2 $((HOSTS + 1)); j_host=$R_
 	((j_host == DISK_HOST)) && j_host=$((j_host == HOSTS + 1 ? 2 : j_host + 1))
-	rnd 0 "$hi"; t_rot=$R_; rnd 1 "$PROVIDERS"; k_rot=$R_
+	rnd 0 "$hi"; t_rot=$R_; k_rot=$ROT_K
 	rnd "$lo" "$hi"; t_disk=$R_; rnd 3000 6000; d_disk=$R_
 	# Bit rot: one byte in each of up to 8 chunks, spread over the image.
 	nch=$(((SIZE + CHUNK - 1) / CHUNK))
@@ -327,17 +338,24 @@ inject_faults() {
 		flog "restarted host $j_host of idc$R"
 	} &
 	{
-		# At a provider host that is not a bridgehead (that one may be killed), under its
-		# running node.
+		# Under the running nodes: host 2 of the IDC (the rot found by re-hashing reads and
+		# the scrub), then its bridgehead (the corrupting peer).
 		nap_ms "$t_rot"
-		img=$(find "$BN_WORK/s$k_rot-2/images" -name '*.img' | head -1)
-		for c in "${offs[@]}"; do
-			# The byte read, inverted.
-			b=$(od -An -tu1 -j "$c" -N1 "$img" | tr -d ' ')
-			printf "\\x$(printf %02x $((255 - b)))" |
-				dd of="$img" bs=1 seek="$c" conv=notrunc status=none && f=$((f + 1))
+		for j in 2 1; do
+			img=$(find "$BN_WORK/s$k_rot-$j/images" -name '*.img' | head -1)
+			f=0
+			for c in "${offs[@]}"; do
+				# The byte read, inverted.
+				b=$(od -An -tu1 -j "$c" -N1 "$img" | tr -d ' ')
+				printf "\\x$(printf %02x $((255 - b)))" |
+					dd of="$img" bs=1 seek="$c" conv=notrunc status=none && f=$((f + 1))
+			done
+			if ((j == 2)); then
+				flog "bit rot: $f bytes flipped in $f chunks of host 2 of idc$k_rot"
+			else
+				flog "corrupting peer: $f chunks rotted at the bridgehead of idc$k_rot, which serves them unchecked"
+			fi
 		done
-		flog "bit rot: $f bytes flipped in $f chunks of host 2 of idc$k_rot"
 	} &
 	{
 		# The disk of one requesting host fills for a few seconds: a file takes all but
@@ -487,6 +505,10 @@ if ((FAULTS)); then
 	done
 	listed_not_held=${#bad[@]}
 	for b in "${bad[@]}"; do fail+=("listed complete by the GIS but not held whole: host $b"); done
+	# What the corrupting peer achieved: corrupt chunks that reached the requester's
+	# bridgehead (each checked, penalised and fetched again elsewhere).
+	bc=$("$BIN" image status "$REF" --store "$BN_WORK/s$R-1" --json 2>/dev/null | json_num bad_chunks || echo 0)
+	echo "$(calc "$(date +%s.%N) - $T0") effect: the bridgehead of idc$R received ${bc:-0} corrupt chunks" >>"$BN_WORK/faults.log"
 	mapfile -t flines <"$BN_WORK/faults.log"
 	faults_json=$(json_strings "${flines[@]}")
 	bn_log "faults injected: $(printf '%s; ' "${flines[@]}")"
@@ -515,7 +537,7 @@ printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,
 	"$bound" "$k_off" "$k_pk" "$drops" "$wall" "$PROVIDERS" "$verified" "$idle_bps" "$prov_out" \
 	"$makespan" "$LAN_MBIT" "$BH_RANDOM" "$bh_tx" "${bh_sent:-0}" "$(calc "$bh_tx / $SIZE")" \
 	"$(calc "${bh_sent:-0} / $SIZE")" "$lan_min" "$lan_mean" \
-	"$(((FAULTS)) && grep -cE 'SIGKILL|bit rot|disk full' "$BN_WORK/faults.log" || echo 0)" \
+	"$(((FAULTS)) && grep -cE 'SIGKILL|bit rot|corrupting peer|disk full' "$BN_WORK/faults.log" || echo 0)" \
 	"$listed_not_held" "${last_done:-0}" "$SEED" "$fb_mean" "$fb_max" "$av_min" "$av_mean" >>"$CSV"
 {
 	printf '{"mode":"%s","image_bytes":%s,"wan_mbit":%s,"delay_ms":%s,"hosts":%s,"providers":%s,' \
