@@ -55,6 +55,10 @@ pub struct DemoArgs {
     /// with the GIS before holding, to see the console with thousands of hosts.
     #[arg(long, default_value_t = 0, requires = "hold")]
     extra_hosts: usize,
+    /// The console flags bridgehead certificates that end within this many days (default
+    /// 14; the demo's certificates last 90 days, so more than 90 shows the warning).
+    #[arg(long, requires = "rmc")]
+    cert_warn_days: Option<u64>,
 }
 
 /// `log_file`: where `--log-file` keeps the full log, told to the reader at the end.
@@ -84,9 +88,9 @@ pub async fn run(a: DemoArgs, log_file: Option<&std::path::Path>) -> Result<()> 
             eprintln!("{s}");
         }
     };
-    let console = a
-        .rmc
-        .map(|addr| crate::rmc_cmd::DemoConsole::new(addr, a.hold, a.extra_hosts));
+    let console = a.rmc.map(|addr| {
+        crate::rmc_cmd::DemoConsole::new(addr, a.hold, a.extra_hosts, a.cert_warn_days)
+    });
     let hook = console.as_ref().map(|c| c as &dyn demo::DemoHook);
     let report = demo::run_with(&o, &mut log, hook).await?;
     if a.json {

@@ -29,6 +29,10 @@ pub struct RmcArgs {
     /// listens beyond loopback.
     #[arg(long)]
     listen: Option<String>,
+    /// Flag bridgehead certificates that end within this many days (default 14, as the
+    /// nodes' --cert-warn-days).
+    #[arg(long)]
+    cert_warn_days: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and /readyz beside
     /// them (IP:PORT, e.g. 127.0.0.1:9100; off by default).
     #[arg(long, value_name = "ADDR")]
@@ -43,6 +47,7 @@ struct RmcSettings {
     rmc_password: Option<String>,
     rmc_sample_ms: Option<u64>,
     rmc_cert_days: Option<u64>,
+    cert_warn_days: Option<u64>,
     metrics: Option<String>,
 }
 
@@ -64,6 +69,7 @@ pub async fn run(a: RmcArgs) -> Result<()> {
                 a.admin_key.as_ref().map(|p| p.display().to_string()),
             ),
             ("listen", a.listen.clone()),
+            ("cert_warn_days", a.cert_warn_days.map(|d| d.to_string())),
             ("metrics", a.metrics.clone()),
         ],
     )?;
@@ -89,6 +95,9 @@ pub async fn run(a: RmcArgs) -> Result<()> {
     }
     if let Some(d) = st.rmc_cert_days {
         cfg.cert_validity = Duration::from_secs(d.max(1) * 86_400);
+    }
+    if let Some(d) = st.cert_warn_days {
+        cfg.cert_warn = Duration::from_secs(d.saturating_mul(86_400));
     }
     let link = bids_rmc::gis_link::connect(gis.clone(), admin)
         .await
@@ -116,15 +125,23 @@ pub fn announce(addr: SocketAddr, password: &str, generated: bool) -> String {
 pub struct DemoConsole {
     addr: SocketAddr,
     hold: bool,
+    /// Certificates ending within this long are flagged.
+    cert_warn: Option<Duration>,
     /// Idle hosts to register with the GIS before holding.
     extra_hosts: usize,
 }
 
 impl DemoConsole {
-    pub fn new(addr: SocketAddr, hold: bool, extra_hosts: usize) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        hold: bool,
+        extra_hosts: usize,
+        cert_warn_days: Option<u64>,
+    ) -> Self {
         DemoConsole {
             addr,
             hold,
+            cert_warn: cert_warn_days.map(|d| Duration::from_secs(d.saturating_mul(86_400))),
             extra_hosts,
         }
     }
@@ -141,6 +158,9 @@ impl bids_testnet::demo::DemoHook for DemoConsole {
             let mut cfg = bids_rmc::RmcConfig::new(c.admin.clone(), password.clone());
             cfg.auth.single_use = generated;
             cfg.listen = self.addr;
+            if let Some(w) = self.cert_warn {
+                cfg.cert_warn = w;
+            }
             let link = bids_rmc::gis_link::connect(c.gis_addr.clone(), c.admin.clone())
                 .await
                 .context("connecting the console to the demo's GIS")?;
@@ -209,6 +229,7 @@ mod tests {
             rmc_password,
             rmc_sample_ms,
             rmc_cert_days,
+            cert_warn_days,
             metrics,
         } = st;
         let set = [
@@ -218,6 +239,7 @@ mod tests {
             ("rmc_password", rmc_password.is_some()),
             ("rmc_sample_ms", rmc_sample_ms.is_some()),
             ("rmc_cert_days", rmc_cert_days.is_some()),
+            ("cert_warn_days", cert_warn_days.is_some()),
             ("metrics", metrics.is_some()),
         ];
         let t: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

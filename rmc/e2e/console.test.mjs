@@ -68,7 +68,7 @@ test("console: policy, charts, 2,000 hosts, validation, transfers, narrow screen
   const log = [];
   const started = Date.now();
   const demo = spawn(BIDS, [
-    "demo", "--rmc", `127.0.0.1:${port}`, "--hold", "--mode", "bids", "--extra-hosts", String(EXTRA_HOSTS),
+    "demo", "--rmc", `127.0.0.1:${port}`, "--hold", "--mode", "bids", "--extra-hosts", String(EXTRA_HOSTS), "--cert-warn-days", "120",
     "--idcs", "3", "--hosts", "2", "--size", "24MiB", "--wan-mbit", "80", "--lan-mbit", "400",
   ], { env: { ...process.env, BIDS_RMC_PASSWORD: PASSWORD, RUST_LOG: "warn" }, stdio: ["ignore", "pipe", "pipe"] });
   demo.stdout.on("data", (d) => log.push(d.toString()));
@@ -154,7 +154,8 @@ test("console: policy, charts, 2,000 hosts, validation, transfers, narrow screen
     const live = await page.$$eval("#hosts-table tbody tr[data-peer]", (rows) => rows.slice(0, 8).map((r) => ({ peer: r.dataset.peer, idc: r.dataset.idc, role: r.querySelector("td[class^=role-]").className })));
     assert.deepEqual([...new Set(live.map((r) => r.idc))].sort(), ["A", "B", "C"]);
     assert.equal(live.filter((r) => r.role === "role-bridgehead").length, 3);
-    // The demo's bridgehead certificates last a day: each is flagged as expiring soon.
+    // The demo's bridgehead certificates last 90 days, within the 120-day warning period the
+    // demo was started with: each is flagged as expiring soon.
     assert.equal(await page.locator("#hosts-table tr[data-peer] .cert-warning", { hasText: "certificate expires in" }).count(), 3);
 
     // Search: one idle host by a piece of its peer id, then by IDC and role filters.
