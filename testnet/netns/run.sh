@@ -292,7 +292,7 @@ nap_ms() { sleep "$(printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)))"; }
 rnd() { R_=$(($1 + RANDOM % ($2 - $1 + 1))); }
 inject_faults() {
 	local b_ms lo hi k j img nch c f=0
-	local t_gis d_gis t_bh d_bh k_bh t_host d_host j_host t_rot k_rot t_disk d_disk offs=()
+	local t_gis d_gis t_bh d_bh k_bh t_host d_host j_host t_rot k_rot t_disk d_disk offs=() all=()
 	RANDOM=$((SEED * 31 + 5))
 	b_ms=$(awk "BEGIN { printf \"%d\", $SIZE * 8 / ($WAN_MBIT * 1000) }")
 	# Each fault at its own random time within the first 60 % of the bound S/B_wan.
@@ -308,6 +308,11 @@ inject_faults() {
 	for ((c = 0; c < nch && ${#offs[@]} < 8; c += 1 + nch / 8)); do
 		rnd 0 $(((c + 1) * CHUNK > SIZE ? SIZE - c * CHUNK - 1 : CHUNK - 1))
 		offs+=($((c * CHUNK + R_)))
+	done
+	# The corrupting peer's whole copy goes bad: one byte in every chunk.
+	for ((c = 0; c < nch; c++)); do
+		rnd 0 $(((c + 1) * CHUNK > SIZE ? SIZE - c * CHUNK - 1 : CHUNK - 1))
+		all+=($((c * CHUNK + R_)))
 	done
 	flog() { echo "$(calc "$(date +%s.%N) - $T0") $*" >>"$BN_WORK/faults.log"; }
 	{
@@ -344,7 +349,8 @@ inject_faults() {
 		for j in 2 1; do
 			img=$(find "$BN_WORK/s$k_rot-$j/images" -name '*.img' | head -1)
 			f=0
-			for c in "${offs[@]}"; do
+			if ((j == 2)); then at=("${offs[@]}"); else at=("${all[@]}"); fi
+			for c in "${at[@]}"; do
 				# The byte read, inverted.
 				b=$(od -An -tu1 -j "$c" -N1 "$img" | tr -d ' ')
 				printf "\\x$(printf %02x $((255 - b)))" |
@@ -508,7 +514,8 @@ if ((FAULTS)); then
 	# What the corrupting peer achieved: corrupt chunks that reached the requester's
 	# bridgehead (each checked, penalised and fetched again elsewhere).
 	bc=$("$BIN" image status "$REF" --store "$BN_WORK/s$R-1" --json 2>/dev/null | json_num bad_chunks || echo 0)
-	echo "$(calc "$(date +%s.%N) - $T0") effect: the bridgehead of idc$R received ${bc:-0} corrupt chunks" >>"$BN_WORK/faults.log"
+	bans=$(grep -c "banned node-wide" "$BN_WORK/node-$R-1.log" 2>/dev/null || true)
+	echo "$(calc "$(date +%s.%N) - $T0") effect: the bridgehead of idc$R received ${bc:-0} corrupt chunks and banned ${bans:-0} peer(s) node-wide" >>"$BN_WORK/faults.log"
 	mapfile -t flines <"$BN_WORK/faults.log"
 	faults_json=$(json_strings "${flines[@]}")
 	bn_log "faults injected: $(printf '%s; ' "${flines[@]}")"
