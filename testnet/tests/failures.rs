@@ -233,18 +233,7 @@ async fn corrupted_chunks_are_detected_and_fetched_elsewhere() {
         .await
         .expect("seeding the honest holder");
     for &i in &fetchers {
-        let reply = c.nodes[i]
-            .node()
-            .gis_request(bids_protocols::gis::GisRequest::Lookup {
-                image: ImageQuery::Id(id2),
-                idc: None,
-            })
-            .await
-            .expect("lookup");
-        let bids_protocols::gis::GisResponse::HostList(list) = reply else {
-            panic!("not a host list: {reply:?}")
-        };
-        let listed: Vec<_> = list.level0.iter().map(|e| e.peer).collect();
+        let listed = listed_to(&c, i, id2).await;
         assert!(
             !listed.contains(&bad_peer),
             "the GIS still lists the banned peer to node {i}: {listed:?}"
@@ -334,25 +323,12 @@ async fn a_ban_expires_and_the_gis_lists_the_peer_again() {
         Duration::from_secs(30),
     )
     .await;
-    let lists_bad = |c: &Cluster| {
-        let n = c.nodes[fetcher].node().clone();
-        async move {
-            let reply = n
-                .gis_request(bids_protocols::gis::GisRequest::Lookup {
-                    image: ImageQuery::Id(id),
-                    idc: None,
-                })
-                .await
-                .expect("lookup");
-            let bids_protocols::gis::GisResponse::HostList(list) = reply else {
-                panic!("not a host list: {reply:?}")
-            };
-            list.level0.iter().any(|e| e.peer == bad_peer)
-        }
-    };
     // Still banned: the GIS keeps the peer from the fetcher.
     if banned_at.elapsed() < BAN - Duration::from_secs(2) {
-        assert!(!lists_bad(&c).await, "the GIS lists the banned peer");
+        assert!(
+            !listed_to(&c, fetcher, id).await.contains(&bad_peer),
+            "the GIS lists the banned peer"
+        );
     }
     // The ban runs out: the node forgets it and the GIS lists the peer again (it is still
     // listed as a holder: it never learnt its copy is bad).
@@ -372,10 +348,31 @@ async fn a_ban_expires_and_the_gis_lists_the_peer_again() {
     wait_for(
         "the GIS listing the peer again",
         Duration::from_secs(5),
-        || async { lists_bad(&c).await.then_some(()) },
+        || async {
+            listed_to(&c, fetcher, id)
+                .await
+                .contains(&bad_peer)
+                .then_some(())
+        },
     )
     .await;
     c.shutdown().await;
+}
+
+/// The hosts of its own IDC that the GIS lists to node `i` as holders of image `id`.
+async fn listed_to(c: &Cluster, i: usize, id: ImageId) -> Vec<libp2p::PeerId> {
+    let reply = c.nodes[i]
+        .node()
+        .gis_request(bids_protocols::gis::GisRequest::Lookup {
+            image: ImageQuery::Id(id),
+            idc: None,
+        })
+        .await
+        .expect("lookup");
+    let bids_protocols::gis::GisResponse::HostList(list) = reply else {
+        panic!("not a host list: {reply:?}")
+    };
+    list.level0.iter().map(|e| e.peer).collect()
 }
 
 /// Flips one byte in each of `chunks` of image `id` in node `i`'s store, behind its back.
