@@ -23,6 +23,7 @@ async fn readyz(addr: SocketAddr) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_metrics_count_a_real_download_and_readiness_follows_the_gis() {
+    common::init_logs();
     let spec = ClusterSpec {
         idcs: vec![idc("A", 1, 1), idc("B", 1, 1)],
         policy: Policy::Bids,
@@ -156,8 +157,21 @@ async fn node_metrics_count_a_real_download_and_readiness_follows_the_gis() {
     );
     assert!(h.types.keys().any(|k| k.starts_with("libp2p_gossipsub_")));
 
-    // B's bridgehead pulled the image over the WAN and passed it into its LAN.
-    let b = scrape(bh_m).await;
+    // B's bridgehead pulled the image over the WAN and passed it into its LAN. It met A's
+    // bridgehead moments ago (the whole transfer can fit in one 200 ms sampling period):
+    // wait for a sample that has seen it.
+    let b = wait_for(
+        "the bridgehead's remote peer in a sample",
+        Duration::from_secs(5),
+        || async move {
+            let s = scrape(bh_m).await;
+            (s.value("bids_node_peers", &[("kind", "remote")])
+                .unwrap_or(0.0)
+                >= 1.0)
+                .then_some(s)
+        },
+    )
+    .await;
     let wan_in = b.sum(
         "bids_node_transfer_bytes_total",
         &[("image", &img), ("link", "wan"), ("direction", "in")],
@@ -172,7 +186,6 @@ async fn node_metrics_count_a_real_download_and_readiness_follows_the_gis() {
             &[("image", &img), ("link", "lan"), ("direction", "out")]
         ) > 0.0
     );
-    assert!(b.value("bids_node_peers", &[("kind", "remote")]).unwrap() >= 1.0);
     let expiry = b
         .value("bids_node_cert_expiry_timestamp_seconds", &[])
         .unwrap();
