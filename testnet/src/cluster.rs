@@ -253,6 +253,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops node `i` gracefully and starts it again, same identity, store and address, with
+    /// a modified configuration (tests: a corrupting peer, a short ban, a scrub, …).
+    pub async fn restart_node_with(
+        &mut self,
+        i: usize,
+        f: impl FnOnce(&mut NodeConfig),
+    ) -> Result<()> {
+        self.stop_node(i).await;
+        self.start_node_with(i, f).await
+    }
+
     /// Stops node `i` gracefully.
     pub async fn stop_node(&mut self, i: usize) {
         if let Some(h) = self.nodes[i].handle.take() {

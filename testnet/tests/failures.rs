@@ -156,8 +156,7 @@ async fn corrupted_chunks_are_detected_and_fetched_elsewhere() {
     .await
     .expect("cluster");
     let (bad, honest, fetchers) = (0, 1, vec![2, 3, 4]);
-    c.stop_node(bad).await;
-    c.start_node_with(bad, |cfg| cfg.verify_reads = false)
+    c.restart_node_with(bad, |cfg| cfg.verify_reads = false)
         .await
         .expect("restarting the corrupting peer");
     c.wait_registered(Duration::from_secs(10))
@@ -281,12 +280,10 @@ async fn a_ban_expires_and_the_gis_lists_the_peer_again() {
     .expect("cluster");
     let (bad, honest, fetcher) = (0, 1, 2);
     const BAN: Duration = Duration::from_secs(6);
-    c.stop_node(bad).await;
-    c.start_node_with(bad, |cfg| cfg.verify_reads = false)
+    c.restart_node_with(bad, |cfg| cfg.verify_reads = false)
         .await
         .expect("restarting the corrupting peer");
-    c.stop_node(fetcher).await;
-    c.start_node_with(fetcher, |cfg| cfg.ban_duration = BAN)
+    c.restart_node_with(fetcher, |cfg| cfg.ban_duration = BAN)
         .await
         .expect("restarting the fetcher with a short ban");
     c.wait_registered(Duration::from_secs(10))
@@ -509,8 +506,7 @@ async fn background_scrub_finds_rot_at_rest() {
     .await
     .expect("cluster");
     let (scrubbing, idle) = (0, 1);
-    c.stop_node(scrubbing).await;
-    c.start_node_with(scrubbing, |cfg| cfg.scrub_bps = 20_000_000)
+    c.restart_node_with(scrubbing, |cfg| cfg.scrub_bps = 20_000_000)
         .await
         .expect("restart with a scrub");
     c.wait_registered(Duration::from_secs(10))
@@ -786,9 +782,8 @@ async fn full_disk_stops_the_download_without_blaming_the_senders() {
     }
     let id = id.unwrap();
     let store_dir = tmpfs.path().join("store");
-    c.stop_node(host).await;
     let sd = store_dir.clone();
-    c.start_node_with(host, move |cfg| cfg.store_dir = sd)
+    c.restart_node_with(host, move |cfg| cfg.store_dir = sd)
         .await
         .expect("restart on the tmpfs");
     c.wait_registered(Duration::from_secs(10))

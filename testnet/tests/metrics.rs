@@ -43,10 +43,9 @@ async fn node_metrics_count_a_real_download_and_readiness_follows_the_gis() {
     let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut addrs = Vec::new();
     for i in [host, bridgehead] {
-        c.stop_node(i).await;
         // A warning period longer than the testnet's 90-day certificates: the bridgehead's
         // is "expiring" from the start.
-        c.start_node_with(i, |cfg| {
+        c.restart_node_with(i, |cfg| {
             cfg.metrics = Some(local);
             cfg.cert_warn = Duration::from_secs(120 * 86_400);
         })
