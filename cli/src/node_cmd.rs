@@ -157,7 +157,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         cfg.cert = Some(cert_cmd::read_cert(c)?);
     }
     if let Some(d) = st.cert_warn_days {
-        cfg.cert_warn = Duration::from_secs(d.saturating_mul(86_400));
+        cfg.cert_warn = settings::days(d);
     }
     if let Some(p) = st.policy {
         cfg.policy = p.parse::<Policy>().map_err(anyhow::Error::msg)?;

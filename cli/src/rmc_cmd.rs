@@ -94,10 +94,10 @@ pub async fn run(a: RmcArgs) -> Result<()> {
         cfg.sample_interval = Duration::from_millis(ms.max(100));
     }
     if let Some(d) = st.rmc_cert_days {
-        cfg.cert_validity = Duration::from_secs(d.max(1) * 86_400);
+        cfg.cert_validity = settings::days(d.max(1));
     }
     if let Some(d) = st.cert_warn_days {
-        cfg.cert_warn = Duration::from_secs(d.saturating_mul(86_400));
+        cfg.cert_warn = settings::days(d);
     }
     let link = bids_rmc::gis_link::connect(gis.clone(), admin)
         .await
@@ -141,7 +141,7 @@ impl DemoConsole {
         DemoConsole {
             addr,
             hold,
-            cert_warn: cert_warn_days.map(|d| Duration::from_secs(d.saturating_mul(86_400))),
+            cert_warn: cert_warn_days.map(settings::days),
             extra_hosts,
         }
     }

@@ -30,6 +30,11 @@ pub fn load<T: DeserializeOwned>(
         .context("invalid configuration (file, BIDS_ environment or flags)")
 }
 
+/// A setting given in days (certificate validity and warning periods).
+pub fn days(n: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(n.saturating_mul(86_400))
+}
+
 /// Turns a missing required setting into a clear error.
 pub fn required<T>(v: Option<T>, name: &str, flag: &str) -> Result<T> {
     v.ok_or_else(|| {
