@@ -290,8 +290,24 @@ nap_ms() { sleep "$(printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)))"; }
 # rnd LO HI: a number in [LO, HI] into R_ (no subshell: bash reseeds $RANDOM in subshells,
 # and every draw here comes from the run's seed).
 rnd() { R_=$(($1 + RANDOM % ($2 - $1 + 1))); }
+# rnd_in_chunk C: a random byte offset inside chunk C of the image into R_.
+rnd_in_chunk() {
+	rnd 0 $((($1 + 1) * CHUNK > SIZE ? SIZE - $1 * CHUNK - 1 : CHUNK - 1))
+	R_=$(($1 * CHUNK + R_))
+}
+# flip FILE OFFSET…: inverts the byte at each offset of FILE in place; prints how many.
+flip() {
+	local img=$1 c b n=0
+	shift
+	for c; do
+		b=$(od -An -tu1 -j "$c" -N1 "$img" | tr -d ' ')
+		printf "\\x$(printf %02x $((255 - b)))" |
+			dd of="$img" bs=1 seek="$c" conv=notrunc status=none && n=$((n + 1))
+	done
+	echo "$n"
+}
 inject_faults() {
-	local b_ms lo hi k j img nch c f=0
+	local b_ms lo hi k nch c f=0
 	local t_gis d_gis t_bh d_bh k_bh t_host d_host j_host t_rot k_rot t_disk d_disk offs=() all=()
 	RANDOM=$((SEED * 31 + 5))
 	b_ms=$(awk "BEGIN { printf \"%d\", $SIZE * 8 / ($WAN_MBIT * 1000) }")
@@ -306,13 +322,13 @@ inject_faults() {
 	# Bit rot: one byte in each of up to 8 chunks, spread over the image.
 	nch=$(((SIZE + CHUNK - 1) / CHUNK))
 	for ((c = 0; c < nch && ${#offs[@]} < 8; c += 1 + nch / 8)); do
-		rnd 0 $(((c + 1) * CHUNK > SIZE ? SIZE - c * CHUNK - 1 : CHUNK - 1))
-		offs+=($((c * CHUNK + R_)))
+		rnd_in_chunk "$c"
+		offs+=("$R_")
 	done
 	# The corrupting peer's whole copy goes bad: one byte in every chunk.
 	for ((c = 0; c < nch; c++)); do
-		rnd 0 $(((c + 1) * CHUNK > SIZE ? SIZE - c * CHUNK - 1 : CHUNK - 1))
-		all+=($((c * CHUNK + R_)))
+		rnd_in_chunk "$c"
+		all+=("$R_")
 	done
 	flog() { echo "$(calc "$(date +%s.%N) - $T0") $*" >>"$BN_WORK/faults.log"; }
 	{
@@ -346,22 +362,10 @@ inject_faults() {
 		# Under the running nodes: host 2 of the IDC (the rot found by re-hashing reads and
 		# the scrub), then its bridgehead (the corrupting peer).
 		nap_ms "$t_rot"
-		for j in 2 1; do
-			img=$(find "$BN_WORK/s$k_rot-$j/images" -name '*.img' | head -1)
-			f=0
-			if ((j == 2)); then at=("${offs[@]}"); else at=("${all[@]}"); fi
-			for c in "${at[@]}"; do
-				# The byte read, inverted.
-				b=$(od -An -tu1 -j "$c" -N1 "$img" | tr -d ' ')
-				printf "\\x$(printf %02x $((255 - b)))" |
-					dd of="$img" bs=1 seek="$c" conv=notrunc status=none && f=$((f + 1))
-			done
-			if ((j == 2)); then
-				flog "bit rot: $f bytes flipped in $f chunks of host 2 of idc$k_rot"
-			else
-				flog "corrupting peer: $f chunks rotted at the bridgehead of idc$k_rot, which serves them unchecked"
-			fi
-		done
+		f=$(flip "$(find "$BN_WORK/s$k_rot-2/images" -name '*.img' | head -1)" "${offs[@]}")
+		flog "bit rot: $f bytes flipped in $f chunks of host 2 of idc$k_rot"
+		f=$(flip "$(find "$BN_WORK/s$k_rot-1/images" -name '*.img' | head -1)" "${all[@]}")
+		flog "corrupting peer: $f chunks rotted at the bridgehead of idc$k_rot, which serves them unchecked"
 	} &
 	{
 		# The disk of one requesting host fills for a few seconds: a file takes all but
