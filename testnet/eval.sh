@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's §4 evaluation on real processes in Linux network namespaces (needs root):
 #   testnet/eval.sh --smoke | --quick | --full | --delay | --pairs | --lan | --hosts
-#                   | --faults [--smoke] [--out DIR] [--bin PATH]
+#                   | --faults [--smoke] | --ab --bin-b PATH [--seeds N]
+#                   [--out DIR] [--bin PATH]
 # Each run builds a fresh netns testnet (testnet/netns/run.sh): 4 provider IDCs hold the
 # image, a requester IDC of 8 hosts and one bridgehead asks for it; BIDS and Baseline. Writes
 # DIR/runs.csv (one row per run), DIR/runs.jsonl (per-host details), DIR/summary.md (tables
@@ -29,13 +30,17 @@
 #            serves rotten chunks unchecked (a corrupting peer) and a host's disk fills;
 #            20 seeds, each also run without faults for the overhead       (~25 min)
 #            With --smoke: one pair on a small testnet                          (~1 min)
+#   --ab     two binaries (--bin, default the release build, and --bin-b) on --lan's
+#            setup at 100 Mbit/s WAN, LAN 200 and 100 Mbit/s: per seed (default 6) one run
+#            of each, back to back, the first alternating, so both meet the same machine
+#            state; prints each pair and the mean of each (20 s a run: ~4 min for 6 seeds)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NETNS=$ROOT/testnet/netns
 # shellcheck source=netns/lib.sh
 . "$NETNS/lib.sh"
 
-PROFILE="" OUT="" BIN="" SMOKE=0
+PROFILE="" OUT="" BIN="" BIN_B="" SEEDS=6 SMOKE=0
 while (($#)); do
 	case $1 in
 	--smoke)
@@ -43,7 +48,15 @@ while (($#)); do
 		[[ $PROFILE == faults ]] || PROFILE=smoke
 		;;
 	--faults) PROFILE=faults ;;
-	--quick | --full | --delay | --pairs | --lan | --hosts) PROFILE=${1#--} ;;
+	--quick | --full | --delay | --pairs | --lan | --hosts | --ab) PROFILE=${1#--} ;;
+	--bin-b)
+		BIN_B=$2
+		shift
+		;;
+	--seeds)
+		SEEDS=$2
+		shift
+		;;
 	--out)
 		OUT=$2
 		shift
@@ -53,14 +66,16 @@ while (($#)); do
 		shift
 		;;
 	-h | --help)
-		sed -n '2,30p' "$0"
+		sed -n '2,34p' "$0"
 		exit 0
 		;;
-	*) bn_die "unknown option $1 (use --smoke, --quick, --full, --delay, --pairs, --lan, --hosts or --faults, and --out DIR)" ;;
+	*) bn_die "unknown option $1 (use --smoke, --quick, --full, --delay, --pairs, --lan, --hosts, --faults or --ab, and --out DIR)" ;;
 	esac
 	shift
 done
-[[ -n $PROFILE ]] || bn_die "choose --smoke, --quick, --full, --delay, --pairs, --lan, --hosts or --faults"
+[[ -n $PROFILE ]] || bn_die "choose --smoke, --quick, --full, --delay, --pairs, --lan, --hosts, --faults or --ab"
+[[ $PROFILE != ab || -x $BIN_B ]] || bn_die "--ab needs --bin-b PATH, the second bids binary"
+[[ $SEEDS =~ ^[1-9][0-9]*$ ]] || bn_die "--seeds takes a positive number"
 ((EUID == 0)) || bn_die "network namespaces need root"
 command -v ip >/dev/null && command -v tc >/dev/null || bn_die "iproute2 (ip, tc) is needed"
 
@@ -111,7 +126,7 @@ run() {
 	shift 5
 	img=$WORK/image-$size.raw
 	[[ -f $img ]] || make_image "$size" "$img"
-	"$NETNS/run.sh" --bin "$BIN" --image "$img" --mode "$mode" --csv "$CSV" \
+	"$NETNS/run.sh" --bin "${RUN_BIN:-$BIN}" --image "$img" --mode "$mode" --csv "$CSV" \
 		--wan-mbit "$wan" --delay-ms "$delay" --sweep "$sweep" --chunk-bytes 258048 \
 		--keep-logs "" "$@" &
 	RUN_PID=$!
@@ -186,6 +201,20 @@ hosts)
 		done
 	done
 	;;
+ab)
+	# Label A's rows "ab-a" and B's "ab-b" (the sweep column); the first of each pair alternates.
+	for seed in $(seq 1 "$SEEDS"); do
+		for lan in 200 100; do
+			if ((seed % 2)); then pair=(a b); else pair=(b a); fi
+			for w in "${pair[@]}"; do
+				if [[ $w == a ]]; then RUN_BIN=$BIN; else RUN_BIN=$BIN_B; fi
+				run bids $((32 << 20)) 100 15 "ab-$w" --chunk-bytes 1048576 --jitter-ms 3000 \
+					--lan-mbit "$lan" --seed "$seed"
+			done
+		done
+	done
+	RUN_BIN=""
+	;;
 full | delay)
 	for size in 4500000 16000000 40000000; do
 		if [[ $PROFILE == full ]]; then
@@ -218,7 +247,11 @@ if ! "$BIN" testnet eval-plot --csv "$CSV" --out "$OUT" >/dev/null 2>"$WORK/plot
 fi
 
 # Summary: the tables and the issue's goals, from runs.csv.
-"$NETNS/summary.sh" "$CSV" >"$OUT/summary.md"
+if [[ $PROFILE == ab ]]; then
+	"$NETNS/ab-summary.sh" "$CSV" "$BIN" "$BIN_B" >"$OUT/summary.md"
+else
+	"$NETNS/summary.sh" "$CSV" >"$OUT/summary.md"
+fi
 cat "$OUT/summary.md"
 bn_log "results in $OUT"
 ((FAILED == 0)) || bn_die "$FAILED run(s) failed"

@@ -261,9 +261,13 @@ bh_tx0=$(bn_counter "$BH_NS" eth0 tx_bytes)
 
 # The requester's bridgehead starts at once (it pulls the image into the IDC); the hosts in
 # random order, each after a random delay of up to JITTER_MS.
+# Every draw is made in this shell, not in a subshell (which bash reseeds), so a seed gives
+# the same order and delays every time.
 RANDOM=$SEED
 first=$((BH_RANDOM ? 1 : 2))
-order=$(for ((j = first; j <= HOSTS + 1; j++)); do echo "$RANDOM $j"; done | sort -n | cut -d' ' -f2)
+keys=()
+for ((j = first; j <= HOSTS + 1; j++)); do keys+=("$RANDOM $j"); done
+order=$(printf '%s\n' "${keys[@]}" | sort -n | cut -d' ' -f2)
 fetch() { # fetch J START_DELAY_MS
 	local j=$1 d=$2 t0 t1 rc=0 tries=1 end
 	sleep "$(printf '%d.%03d' $((d / 1000)) $((d % 1000)))"
@@ -403,7 +407,8 @@ if ((!BH_RANDOM)); then
 	FETCH_PIDS+=($!)
 fi
 for j in $order; do
-	fetch "$j" $((RANDOM % (JITTER_MS + 1))) &
+	rnd 0 "$JITTER_MS"
+	fetch "$j" "$R_" &
 	FETCH_PIDS+=($!)
 done
 for p in "${FETCH_PIDS[@]}"; do wait "$p" || true; done
