@@ -66,7 +66,7 @@ while (($#)); do
 		shift
 		;;
 	-h | --help)
-		sed -n '2,34p' "$0"
+		sed -n '2,36p' "$0"
 		exit 0
 		;;
 	*) bn_die "unknown option $1 (use --smoke, --quick, --full, --delay, --pairs, --lan, --hosts, --faults or --ab, and --out DIR)" ;;
