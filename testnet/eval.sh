@@ -120,6 +120,9 @@ make_image() { # make_image BYTES FILE
 }
 
 FAILED=0
+# The issue's LAN-swarming setup (--lan, --hosts, --ab): 1 MiB chunks, all fetches started
+# within 3 s.
+LAN_SETUP=(--chunk-bytes 1048576 --jitter-ms 3000)
 # run MODE SIZE WAN DELAY SWEEP [extra run.sh options]
 run() {
 	local mode=$1 size=$2 wan=$3 delay=$4 sweep=$5 img
@@ -167,14 +170,12 @@ pairs)
 	done
 	;;
 lan)
-	# The issue's LAN-swarming setup: 1 MiB chunks, all fetches started within 3 s.
 	for bh in 0 1; do
 		for wan in 10 34 100; do
-			run bids $((32 << 20)) "$wan" 15 lan --chunk-bytes 1048576 --jitter-ms 3000 \
-				--bridgehead-random "$bh"
+			run bids $((32 << 20)) "$wan" 15 lan "${LAN_SETUP[@]}" --bridgehead-random "$bh"
 		done
-		run bids $((32 << 20)) 100 15 lan --chunk-bytes 1048576 --jitter-ms 3000 \
-			--bridgehead-random "$bh" --lan-mbit 100
+		run bids $((32 << 20)) 100 15 lan "${LAN_SETUP[@]}" --bridgehead-random "$bh" \
+			--lan-mbit 100
 	done
 	;;
 faults)
@@ -196,8 +197,8 @@ faults)
 hosts)
 	for hosts in 8 16 32 64; do
 		for mode in bids baseline; do
-			run "$mode" $((32 << 20)) 34 15 hosts --chunk-bytes 1048576 --jitter-ms 3000 \
-				--hosts "$hosts" --timeout-s 300
+			run "$mode" $((32 << 20)) 34 15 hosts "${LAN_SETUP[@]}" --hosts "$hosts" \
+				--timeout-s 300
 		done
 	done
 	;;
@@ -208,8 +209,8 @@ ab)
 			if ((seed % 2)); then pair=(a b); else pair=(b a); fi
 			for w in "${pair[@]}"; do
 				if [[ $w == a ]]; then RUN_BIN=$BIN; else RUN_BIN=$BIN_B; fi
-				run bids $((32 << 20)) 100 15 "ab-$w" --chunk-bytes 1048576 --jitter-ms 3000 \
-					--lan-mbit "$lan" --seed "$seed"
+				run bids $((32 << 20)) 100 15 "ab-$w" "${LAN_SETUP[@]}" --lan-mbit "$lan" \
+					--seed "$seed"
 			done
 		done
 	done

@@ -51,6 +51,7 @@ END {
 		m = sd[lan] / n[lan]
 		var = n[lan] > 1 ? (sdd[lan] - n[lan] * m * m) / (n[lan] - 1) : 0
 		if (var < 0) var = 0
-		printf "| %s | %d | %.2f | %.2f | %+.3f (%.3f) | %d of %d | %.2f | %.2f |\n", lan, n[lan], sa[lan] / n[lan], sb[lan] / n[lan], m, sqrt(var), better[lan], n[lan], ma[lan] / n[lan], mb[lan] / n[lan]
+		printf "| %s | %d | %.2f | %.2f | %+.3f (%.3f) | %d of %d | %.2f | %.2f |\n", lan, n[lan], sa[lan] / n[lan], sb[lan] / n[lan], m, sqrt(var), better[lan], n[lan], ma[lan] / n[lan], mb[lan] / n[lan] | sorter
 	}
+	close(sorter)
 }' "$CSV"
