@@ -56,10 +56,17 @@ pub struct NodeConfig {
     pub verify_reads: bool,
     /// Serve Prometheus metrics, `/healthz` and `/readyz` on this address (off by default).
     pub metrics: Option<std::net::SocketAddr>,
+    /// An ordinary host's download asks the GIS for a fresh host list this often (sooner
+    /// when a LAN peer it cannot reach announces chunks; a bridgehead asks sooner early in a
+    /// download). Each lookup is one GIS request per downloading host.
+    pub lookup_refresh: Duration,
 }
 
 /// Default of [`NodeConfig::ban_duration`]: one hour.
 pub const DEFAULT_BAN: Duration = Duration::from_secs(3600);
+
+/// Default of [`NodeConfig::lookup_refresh`]: 3 s.
+pub const DEFAULT_LOOKUP_REFRESH: Duration = Duration::from_secs(3);
 
 /// Default of [`NodeConfig::cert_warn`]: 14 days.
 pub const DEFAULT_CERT_WARN: Duration = Duration::from_secs(14 * 86_400);
@@ -97,6 +104,7 @@ impl NodeConfig {
             scrub_bps: 0,
             verify_reads: true,
             metrics: None,
+            lookup_refresh: DEFAULT_LOOKUP_REFRESH,
         }
     }
 

@@ -62,8 +62,10 @@ const MAX_GIS_BACKLOG: usize = 256;
 const CERT_WARN_EVERY: Duration = Duration::from_secs(86_400);
 /// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
 const FULL_ANNOUNCE_AFTER_CONNECT: Duration = Duration::from_millis(100);
-/// A download asks the GIS for fresh host lists this often.
-const LOOKUP_REFRESH: Duration = Duration::from_secs(3);
+/// A download that heard an announcement from a LAN peer it cannot reach (no address: the
+/// peer started after our last host list) asks the GIS again this soon after its last
+/// lookup instead of waiting for `NodeConfig::lookup_refresh`.
+const LOOKUP_UNKNOWN_PEER: Duration = Duration::from_millis(250);
 /// Progress is published to the GIS this often during a download.
 const PUBLISH_PROGRESS: Duration = Duration::from_secs(5);
 /// A peer that has not said hello by then is disconnected.
@@ -288,6 +290,9 @@ struct DownloadState {
     last_lookup: Option<Instant>,
     lookups: u32,
     lookup_inflight: bool,
+    /// A peer announced chunks of this image that we can neither use nor dial (its address
+    /// is in no host list yet): the next lookup comes after `LOOKUP_UNKNOWN_PEER`.
+    unknown_announcer: bool,
     last_publish: Instant,
     no_source_since: Option<Instant>,
     /// Chunks gained since the last announcement.
@@ -2181,6 +2186,7 @@ impl Engine {
                     last_lookup: Some(Instant::now()),
                     lookups: 1,
                     lookup_inflight: false,
+                    unknown_announcer: false,
                     last_publish: Instant::now(),
                     no_source_since: None,
                     fresh: Vec::new(),
@@ -2312,6 +2318,9 @@ impl Engine {
                 if self.swarm.dial(opts).is_ok() {
                     self.dialing.insert(*peer);
                 }
+            } else if let Some(d) = self.downloads.get_mut(image) {
+                // Known only from an announcement: the GIS has its address.
+                d.unknown_announcer = true;
             }
         }
     }
@@ -2792,20 +2801,26 @@ impl Engine {
             };
             // Early in a download a bridgehead's host list changes fast (other IDCs start
             // fetching too, and the sooner fetching bridgeheads find each other the sooner
-            // they trade): it asks again after 0.2, 0.5, 1 and 2 s. Ordinary hosts learn
-            // their LAN peers from gossip, so they refresh only every LOOKUP_REFRESH (a new
-            // bridgehead after a failure, say); host lists cross the WAN when the GIS is in
-            // another IDC.
-            let every = match (self.role, d.lookups) {
+            // they trade): it asks again after 0.2, 0.5, 1 and 2 s. Ordinary hosts refresh
+            // every `lookup_refresh` (a new bridgehead after a failure, say; host lists cross
+            // the WAN when the GIS is in another IDC), except that a LAN peer whose
+            // announcement named chunks we cannot fetch (gossip carries no address: it
+            // started after our last host list, as all hosts of an IDC that start together
+            // do) is asked for after LOOKUP_UNKNOWN_PEER.
+            let mut every = match (self.role, d.lookups) {
                 (Role::Bridgehead, 0 | 1) => Duration::from_millis(200),
                 (Role::Bridgehead, 2) => Duration::from_millis(500),
                 (Role::Bridgehead, 3) => Duration::from_secs(1),
                 (Role::Bridgehead, 4) => Duration::from_secs(2),
-                _ => LOOKUP_REFRESH,
+                _ => self.cfg.lookup_refresh,
             };
+            if d.unknown_announcer {
+                every = every.min(LOOKUP_UNKNOWN_PEER);
+            }
             let refresh = d.last_lookup.is_none_or(|t| now.duration_since(t) >= every);
             if refresh && !d.lookup_inflight {
                 d.lookup_inflight = true;
+                d.unknown_announcer = false;
                 d.last_lookup = Some(now);
                 d.lookups += 1;
                 lookup = true;

@@ -106,3 +106,67 @@ async fn bridgehead_sends_each_chunk_into_its_lan_about_once() {
     );
     c.shutdown().await;
 }
+
+/// Hosts of one IDC that start fetching together are in none of each other's first host
+/// lists (each asks the GIS before the others have said they are fetching), and gossip names
+/// an announcing peer but not its address. A host that hears a LAN peer it cannot reach
+/// asks the GIS again at once: here the hosts refresh their host lists only every 10
+/// minutes, and still every host of B ends up linked to every other node of B and takes
+/// chunks from the other hosts, not only from its bridgehead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_that_start_together_find_each_other() {
+    common::init_logs();
+    let size = 4 * MIB;
+    let (file, _guard) = image_file(size, 72, false);
+    let wan = 2_000_000;
+    let shaped = |spec: IdcSpec| IdcSpec {
+        wan_bps: wan,
+        wan_delay: Duration::from_millis(5),
+        lan_bps: 4 * wan,
+        ..spec
+    };
+    let mut c = Cluster::start(ClusterSpec {
+        idcs: vec![shaped(idc("A", 1, 1)), shaped(idc("B", 8, 1))],
+        policy: Policy::Bids,
+        shaped: true,
+    })
+    .await
+    .expect("cluster");
+    let b = c.idc_nodes("B");
+    let hosts = ordinary(&c, &b);
+    for &i in &hosts {
+        c.restart_node_with(i, |cfg| cfg.lookup_refresh = Duration::from_secs(600))
+            .await
+            .expect("restarting a host");
+    }
+    c.wait_registered(Duration::from_secs(20))
+        .await
+        .expect("registered");
+    let holder = ordinary(&c, &c.idc_nodes("A"))[0];
+    let image: ImageRef = "together:1".parse().unwrap();
+    let m = c.seed(holder, &file, &image, CHUNK).await.expect("seeding");
+    c.fetch_all(&b, &image, Duration::from_secs(60))
+        .await
+        .expect("every node of B fetches");
+    let want = file_hash(&file);
+    for &i in &hosts {
+        assert_eq!(
+            file_hash(&c.nodes[i].node().store().image_path(&m.id())),
+            want,
+            "host {i} of B is not bit-exact"
+        );
+        let st = status(&c, i).await;
+        assert_eq!(
+            st.connected_peers,
+            b.len() - 1,
+            "host {i} is linked to {} of the {} other nodes of B",
+            st.connected_peers,
+            b.len() - 1
+        );
+        assert!(
+            st.total.hosts_recv_bytes > 0,
+            "host {i} took nothing from the other hosts of B"
+        );
+    }
+    c.shutdown().await;
+}
