@@ -120,9 +120,10 @@ make_image() { # make_image BYTES FILE
 }
 
 FAILED=0
-# The LAN-swarming setup (--lan, --hosts, --ab): 1 MiB chunks, all fetches started
+# The LAN-swarming setup (--lan, --hosts, --ab): the image cut at the chunk size
+# `bids image add` picks by default (with --ab, each binary's own), all fetches started
 # within 3 s.
-LAN_SETUP=(--chunk-bytes 1048576 --jitter-ms 3000)
+LAN_SETUP=(--chunk-bytes default --jitter-ms 3000)
 # run MODE SIZE WAN DELAY SWEEP [extra run.sh options]
 run() {
 	local mode=$1 size=$2 wan=$3 delay=$4 sweep=$5 img

@@ -19,15 +19,15 @@ function v(name) { return (name in c) ? $(c[name]) : "" }
 	if (w != "ab-a" && w != "ab-b" || b <= 0) next
 	k = lan SUBSEP s SUBSEP w
 	last[k] = v("provision_s_max") / b; mean[k] = v("provision_s_mean") / b
-	up[k] = v("bridgehead_up_x_image_kernel"); ok[k] = v("verified")
+	up[k] = v("bridgehead_up_x_image_kernel"); ok[k] = v("verified"); cb[w] = v("chunk_bytes")
 	lans[lan] = 1; seeds[s] = 1
 }
 END {
 	sorter = "sort -t\"|\" -k2,2nr -k3,3n"
-	print "# A/B on the LAN-swarming setup (32 MiB, 1 MiB chunks, 8 hosts, WAN 100 Mbit/s)"
+	print "# A/B on the LAN-swarming setup (32 MiB, 8 hosts, WAN 100 Mbit/s)"
 	print ""
-	print "A: `" A "`  "
-	print "B: `" B "`"
+	print "A: `" A "`, chunks of " cb["ab-a"] " bytes  "
+	print "B: `" B "`, chunks of " cb["ab-b"] " bytes"
 	print ""
 	print "Last host and host mean / (S/B_wan); bridgehead upload / S (kernel); every copy verified (1)."
 	print ""

@@ -6,7 +6,7 @@
 #
 #   run.sh --bin target/release/bids --image FILE --mode bids|baseline --csv runs.csv \
 #          [--providers 4] [--provider-hosts 2] [--hosts 8] [--wan-mbit 10] [--delay-ms 15]
-#          [--lan-mbit 200] [--chunk-bytes 258048] [--jitter-ms 2000] [--seed 1]
+#          [--lan-mbit 200] [--chunk-bytes 258048|default] [--jitter-ms 2000] [--seed 1]
 #          [--sweep bw|delay|lan|hosts] [--bridgehead-random 0|1] [--timeout-s 600]
 #          [--faults 0|1] [--wan-window-ms MS] [--keep-logs DIR]
 #
@@ -172,16 +172,23 @@ bn_check_reachability "$GIS_PORT"
 NAME=evalimg
 REF=$NAME:1
 ADD_PIDS=()
+# --chunk-bytes default: the chunk size `bids image add` picks for the image's size.
+CHUNK_ARGS=(--chunk-size "$CHUNK")
+[[ $CHUNK == default ]] && CHUNK_ARGS=()
 for ((k = 1; k <= PROVIDERS; k++)); do
 	for ((j = 1; j <= PROVIDER_HOSTS; j++)); do
 		"$BIN" image add "$IMAGE" --name "$NAME" --version 1 --store "$BN_WORK/s$k-$j" \
-			--chunk-size "$CHUNK" >"$BN_WORK/add-$k-$j.log" 2>&1 &
+			"${CHUNK_ARGS[@]}" >"$BN_WORK/add-$k-$j.log" 2>&1 &
 		ADD_PIDS+=($!)
 	done
 done
 for p in "${ADD_PIDS[@]}"; do
 	wait "$p" || bn_die "importing the image failed: $(cat "$BN_WORK"/add-*.log | tail -3)"
 done
+if [[ $CHUNK == default ]]; then
+	CHUNK=$("$BIN" image status "$REF" --store "$BN_WORK/s1-1" --json | json_num chunk_size)
+	[[ $CHUNK =~ ^[0-9]+$ ]] || bn_die "could not read the image's chunk size"
+fi
 
 SIZE=$(stat -c %s "$IMAGE")
 # With faults, one requesting host's store has a tmpfs of its own, with room for the image
