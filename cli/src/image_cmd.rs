@@ -6,7 +6,7 @@ use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use bids_node::control::{self, ControlReply, ControlRequest};
 use bids_node::store::Store;
-use bids_protocols::{ImageRef, ObjectKind};
+use bids_protocols::{ImageRef, ObjectKind, DEFAULT_CHUNK_SIZE};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
 
@@ -25,8 +25,7 @@ pub enum ImageCmd {
         /// Chunk store directory (the one a `bids node --store` runs on, if any).
         #[arg(long)]
         store: PathBuf,
-        /// Chunk size (bytes, or with KiB/MiB suffix); a multiple of 4 KiB. By default 252
-        /// KiB, doubled until the image has at most 4096 chunks (about 1 MiB at 4 GiB).
+        /// Chunk size (bytes, or with KiB/MiB suffix); a multiple of 4 KiB.
         #[arg(long, value_parser = crate::parse_size)]
         chunk_size: Option<u64>,
         /// The version this one derives from (NAME:VERSION).
@@ -158,9 +157,8 @@ pub async fn run(cmd: ImageCmd) -> Result<()> {
         } => {
             let image = ImageRef::new(&name, &version).map_err(anyhow::Error::msg)?;
             let base = base.as_deref().map(image_ref).transpose()?;
-            // 0: the store picks one by the image's size.
-            let chunk_size =
-                u32::try_from(chunk_size.unwrap_or(0)).context("--chunk-size is too large")?;
+            let chunk_size = u32::try_from(chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE as u64))
+                .context("--chunk-size is too large")?;
             let file = std::fs::canonicalize(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             if control::node_running(&store).await {

@@ -33,21 +33,18 @@ impl Inner {
             b.validate()
                 .map_err(|e| StoreError::Invalid(format!("base: {e}")))?;
         }
-        if chunk_size != 0
-            && (!(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
-                || !chunk_size.is_multiple_of(4096))
-        {
-            return Err(StoreError::Invalid(format!(
-                "chunk size {chunk_size} must be a multiple of 4096 between {MIN_CHUNK_SIZE} \
-                 and {MAX_CHUNK_SIZE}"
-            )));
-        }
-        let (src, size) = open_source(path)?;
         let cs = if chunk_size == 0 {
-            default_chunk_size(size)
+            DEFAULT_CHUNK_SIZE
         } else {
             chunk_size
         };
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) || cs % 4096 != 0 {
+            return Err(StoreError::Invalid(format!(
+                "chunk size {cs} must be a multiple of 4096 between {MIN_CHUNK_SIZE} and \
+                 {MAX_CHUNK_SIZE}"
+            )));
+        }
+        let (src, size) = open_source(path)?;
         let count = size.div_ceil(cs as u64);
         if count > MAX_CHUNKS as u64 {
             let need = size.div_ceil(MAX_CHUNKS as u64).next_multiple_of(4096);

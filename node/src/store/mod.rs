@@ -28,7 +28,7 @@ mod region;
 use bids_protocols::gis::Counters;
 use bids_protocols::manifest::{chunk_info, is_zero, sha256, ChunkInfo, Manifest, ObjectKind};
 use bids_protocols::{
-    default_chunk_size, ChunkIndex, ImageId, ImageRef, MAX_CHUNKS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    ChunkIndex, ImageId, ImageRef, DEFAULT_CHUNK_SIZE, MAX_CHUNKS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 use bits::{packed_get, packed_len, packed_set, AtomicBits};
 use md5::Digest;
@@ -464,8 +464,8 @@ impl Store {
         &self.inner.dir
     }
 
-    /// Streams `file` in: one pass, chunk by chunk (`chunk_size` 0 picks one by the file's
-    /// size, [`default_chunk_size`]), SHA-256 + MD5 per chunk, all-zero chunks marked and left as
+    /// Streams `file` in: one pass, chunk by chunk (`chunk_size` 0 means
+    /// [`DEFAULT_CHUNK_SIZE`]), SHA-256 + MD5 per chunk, all-zero chunks marked and left as
     /// holes, the others written into a sparse image file (with `pwrite`, or through maps
     /// with [`StoreOptions::mmap_writes`]). Holes of a sparse source are skipped without
     /// reading. Calls `progress(bytes_done, total)`. The image is complete on return; its
