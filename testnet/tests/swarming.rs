@@ -10,6 +10,24 @@ use bids_testnet::cluster::{Cluster, ClusterSpec, IdcSpec};
 use common::{file_hash, idc, image_file, ordinary, status, CHUNK, MIB};
 use std::time::Duration;
 
+/// A (one holder, one bridgehead) and B (`hosts` hosts and one bridgehead) under BIDS, every
+/// WAN uplink `wan` bytes/s each way with 5 ms of delay, every host link `lan`.
+async fn two_idcs(wan: u64, lan: u64, hosts: usize) -> Cluster {
+    let shaped = |spec: IdcSpec| IdcSpec {
+        wan_bps: wan,
+        wan_delay: Duration::from_millis(5),
+        lan_bps: lan,
+        ..spec
+    };
+    Cluster::start(ClusterSpec {
+        idcs: vec![shaped(idc("A", 1, 1)), shaped(idc("B", hosts, 1))],
+        policy: Policy::Bids,
+        shaped: true,
+    })
+    .await
+    .expect("cluster")
+}
+
 /// Issue 17, test: A (one holder, one bridgehead) serves B (one bridgehead and 12 hosts) over
 /// a 2 MB/s WAN; every B link is 4 MB/s each way. All of B fetches at once. Every copy is
 /// bit-exact and B's bridgehead uploads at most 1.5 × the image into its LAN.
@@ -19,19 +37,7 @@ async fn bridgehead_sends_each_chunk_into_its_lan_about_once() {
     let size = 8 * MIB;
     let (file, _guard) = image_file(size, 71, false);
     let wan = 2_000_000;
-    let shaped = |spec: IdcSpec| IdcSpec {
-        wan_bps: wan,
-        wan_delay: Duration::from_millis(5),
-        lan_bps: 2 * wan,
-        ..spec
-    };
-    let c = Cluster::start(ClusterSpec {
-        idcs: vec![shaped(idc("A", 1, 1)), shaped(idc("B", 12, 1))],
-        policy: Policy::Bids,
-        shaped: true,
-    })
-    .await
-    .expect("cluster");
+    let c = two_idcs(wan, 2 * wan, 12).await;
     let holder = ordinary(&c, &c.idc_nodes("A"))[0];
     let image: ImageRef = "swarm:1".parse().unwrap();
     let m = c.seed(holder, &file, &image, CHUNK).await.expect("seeding");
@@ -119,19 +125,7 @@ async fn hosts_that_start_together_find_each_other() {
     let size = 4 * MIB;
     let (file, _guard) = image_file(size, 72, false);
     let wan = 2_000_000;
-    let shaped = |spec: IdcSpec| IdcSpec {
-        wan_bps: wan,
-        wan_delay: Duration::from_millis(5),
-        lan_bps: 4 * wan,
-        ..spec
-    };
-    let mut c = Cluster::start(ClusterSpec {
-        idcs: vec![shaped(idc("A", 1, 1)), shaped(idc("B", 8, 1))],
-        policy: Policy::Bids,
-        shaped: true,
-    })
-    .await
-    .expect("cluster");
+    let mut c = two_idcs(wan, 4 * wan, 8).await;
     let b = c.idc_nodes("B");
     let hosts = ordinary(&c, &b);
     for &i in &hosts {
