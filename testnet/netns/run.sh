@@ -172,7 +172,7 @@ bn_check_reachability "$GIS_PORT"
 NAME=evalimg
 REF=$NAME:1
 ADD_PIDS=()
-# --chunk-bytes default: the chunk size `bids image add` picks for the image's size.
+# --chunk-bytes default: no --chunk-size, so `bids image add` cuts the image at its own default.
 CHUNK_ARGS=(--chunk-size "$CHUNK")
 [[ $CHUNK == default ]] && CHUNK_ARGS=()
 for ((k = 1; k <= PROVIDERS; k++)); do
