@@ -35,7 +35,7 @@ pub enum DeltaCmd {
         #[arg(long, value_parser = crate::parse_size)]
         block_size: Option<u64>,
         /// zstd level of the literal data (1..=22): higher is smaller and slower
-        /// (default 9).
+        /// (default 18).
         #[arg(long)]
         level: Option<i32>,
         /// Threads compressing the literal data in parallel (default 2).
@@ -241,6 +241,8 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
                         "zero_bytes": st.zero_bytes,
                         "literal_bytes": st.literal_bytes,
                         "literal_stored_bytes": st.literal_stored_bytes,
+                        "referenced_frames": st.referenced_frames,
+                        "reference_bytes": st.reference_bytes,
                         "ops": st.ops,
                         "elapsed_ms": st.elapsed.as_millis() as u64,
                     })

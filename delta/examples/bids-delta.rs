@@ -30,7 +30,7 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
         /// Uncompressed size of a literal frame.
-        #[arg(long, default_value_t = 16 << 20)]
+        #[arg(long, default_value_t = bids_delta::BuildOptions::default().frame_size)]
         frame_size: usize,
         /// Block size A is indexed by.
         #[arg(long, default_value_t = 4096)]
@@ -41,6 +41,9 @@ enum Cmd {
         /// Longest literal run searched byte-wise.
         #[arg(long, default_value_t = 4 << 20)]
         rolling_max_run: usize,
+        /// Most bytes of FROM a literal frame is compressed against (0: none).
+        #[arg(long, default_value_t = bids_delta::BuildOptions::default().reference_max)]
+        reference_max: usize,
     },
     /// Rebuild the target from BASE and DELTA into OUT.
     Apply {
@@ -68,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             rolling_max_run,
             threads,
             frame_size,
+            reference_max,
         } => {
             let opts = bids_delta::BuildOptions {
                 level,
@@ -76,6 +80,7 @@ fn main() -> anyhow::Result<()> {
                 block_size,
                 rolling: !no_rolling,
                 rolling_max_run,
+                reference_max,
             };
             let st = bids_delta::build(&from, &to, &out, &opts)
                 .with_context(|| format!("building {} -> {}", from.display(), to.display()))?;

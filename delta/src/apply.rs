@@ -10,10 +10,11 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use crate::filter::x86_decode;
 use crate::format::{
-    BodyReader, DeltaHeader, HEADER_LEN, MAX_FRAME, MAX_FRAME_V2, MAX_OPS_BLOCK, TAG_COPY,
-    TAG_COPY_OUT, TAG_DATA, TAG_END, TAG_LIT_RAW, TAG_LIT_ZSTD, TAG_OPS_ZSTD, TAG_ZERO,
-    TRAILER_LEN,
+    BodyReader, DeltaHeader, HEADER_LEN, LIT_FLAG_REFERENCE, LIT_FLAG_X86, MAX_FRAME, MAX_FRAME_V2,
+    MAX_OPS_BLOCK, MAX_REFERENCE, MAX_REFERENCE_RANGES, TAG_COPY, TAG_COPY_OUT, TAG_DATA, TAG_END,
+    TAG_LIT_RAW, TAG_LIT_ZSTD, TAG_LIT_ZSTD_EX, TAG_OPS_ZSTD, TAG_ZERO, TRAILER_LEN,
 };
 use crate::image::{hash_zeros, Image};
 use crate::DeltaError;
@@ -74,11 +75,12 @@ pub(crate) fn check_delta(bytes: &[u8], what: &str) -> Result<DeltaHeader, Delta
 /// Replays the body of a delta of format `version`. Every length and offset is checked
 /// against the base, the declared output size and the current frame before it is used;
 /// frames and instruction blocks are decompressed into buffers of at most `MAX_FRAME(_V2)`
-/// and `MAX_OPS_BLOCK` bytes whatever the delta claims.
+/// and `MAX_OPS_BLOCK` bytes, references assembled from at most `MAX_REFERENCE` bytes of
+/// `base`, whatever the delta claims.
 pub(crate) fn decode<S: Sink>(
     body: &[u8],
     version: u8,
-    base_len: usize,
+    base: &[u8],
     to_size: u64,
     sink: &mut S,
 ) -> Result<DecodeStats, DeltaError> {
@@ -86,7 +88,7 @@ pub(crate) fn decode<S: Sink>(
     let mut dec = zstd::bulk::Decompressor::new()
         .map_err(|source| DeltaError::Zstd { op: "init", source })?;
     let mut st = Replay {
-        base_len: base_len as u64,
+        base_len: base.len() as u64,
         to_size,
         out_pos: 0,
         frame: Arc::new(Vec::new()),
@@ -153,7 +155,9 @@ pub(crate) fn decode<S: Sink>(
                     }
                 }
             }
-            TAG_LIT_ZSTD | TAG_LIT_RAW => {
+            TAG_LIT_ZSTD | TAG_LIT_RAW | TAG_LIT_ZSTD_EX
+                if tag != TAG_LIT_ZSTD_EX || version >= 3 =>
+            {
                 if st.frame_pos != st.frame.len() {
                     return Err(DeltaError::corrupt(
                         rec,
@@ -168,12 +172,34 @@ pub(crate) fn decode<S: Sink>(
                     ));
                 }
                 let raw_len = raw_len as usize;
-                let data = if tag == TAG_LIT_ZSTD {
-                    let comp_len = r.varint()?;
-                    let packed = r.bytes(comp_len)?;
-                    unpack(&mut dec, packed, raw_len, rec, "literal frame")?
-                } else {
-                    r.bytes(raw_len as u64)?.to_vec()
+                let data = match tag {
+                    TAG_LIT_ZSTD => {
+                        let comp_len = r.varint()?;
+                        let packed = r.bytes(comp_len)?;
+                        unpack(&mut dec, packed, raw_len, rec, "literal frame")?
+                    }
+                    TAG_LIT_ZSTD_EX => {
+                        let flags = r.varint()?;
+                        if flags & !(LIT_FLAG_X86 | LIT_FLAG_REFERENCE) != 0 {
+                            return Err(DeltaError::corrupt(
+                                rec,
+                                format!("unknown literal frame flags {flags:#x}"),
+                            ));
+                        }
+                        let reference = if flags & LIT_FLAG_REFERENCE != 0 {
+                            read_reference(&mut r, base, rec)?
+                        } else {
+                            Vec::new()
+                        };
+                        let comp_len = r.varint()?;
+                        let packed = r.bytes(comp_len)?;
+                        let mut v = unpack_with_reference(&reference, packed, raw_len, rec)?;
+                        if flags & LIT_FLAG_X86 != 0 {
+                            x86_decode(&mut v);
+                        }
+                        v
+                    }
+                    _ => r.bytes(raw_len as u64)?.to_vec(),
                 };
                 sink.new_frame()?;
                 st.frame = Arc::new(data);
@@ -188,6 +214,94 @@ pub(crate) fn decode<S: Sink>(
         }
     }
 }
+
+/// Reads a reference's ranges of the base (count, then `src`, `len` each) and assembles
+/// its bytes, checking every range against the base and the total against
+/// `MAX_REFERENCE` before anything is allocated.
+fn read_reference(r: &mut BodyReader<'_>, base: &[u8], rec: u64) -> Result<Vec<u8>, DeltaError> {
+    let n = r.varint()?;
+    if n == 0 || n > MAX_REFERENCE_RANGES {
+        return Err(DeltaError::corrupt(
+            rec,
+            format!("reference of {n} ranges (1 to {MAX_REFERENCE_RANGES})"),
+        ));
+    }
+    let mut ranges = Vec::with_capacity(n as usize);
+    let mut total = 0u64;
+    for _ in 0..n {
+        let (src, len) = (r.varint()?, r.varint()?);
+        let end = src.checked_add(len).filter(|&e| e <= base.len() as u64);
+        if len == 0 || end.is_none() {
+            return Err(DeltaError::corrupt(
+                rec,
+                format!(
+                    "reference range {src}+{len} outside the base of {} bytes",
+                    base.len()
+                ),
+            ));
+        }
+        total += len;
+        if total > MAX_REFERENCE as u64 {
+            return Err(DeltaError::corrupt(
+                rec,
+                format!("reference of more than {MAX_REFERENCE} bytes"),
+            ));
+        }
+        ranges.push((src as usize, len as usize));
+    }
+    let mut reference = Vec::new();
+    reference
+        .try_reserve_exact(total as usize)
+        .map_err(|e| DeltaError::Internal(format!("cannot allocate a reference: {e}")))?;
+    for (src, len) in ranges {
+        reference.extend_from_slice(&base[src..src + len]);
+    }
+    Ok(reference)
+}
+
+/// Decompresses one zstd frame compressed against `reference` (zstd's reference
+/// prefix; none if empty); it must hold exactly `raw_len` bytes.
+fn unpack_with_reference(
+    reference: &[u8],
+    packed: &[u8],
+    raw_len: usize,
+    rec: u64,
+) -> Result<Vec<u8>, DeltaError> {
+    use zstd::zstd_safe::{get_error_name, DCtx, DParameter};
+    let fail = |what: &str, code| {
+        DeltaError::corrupt(
+            rec,
+            format!("literal frame {what}: {}", get_error_name(code)),
+        )
+    };
+    let mut dctx = DCtx::try_create()
+        .ok_or_else(|| DeltaError::Internal("cannot create a zstd decoder".into()))?;
+    dctx.set_parameter(DParameter::WindowLogMax(REFERENCE_WINDOW_LOG_MAX))
+        .map_err(|c| fail("decoder setup", c))?;
+    if !reference.is_empty() {
+        dctx.ref_prefix(reference)
+            .map_err(|c| fail("reference", c))?;
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(raw_len)
+        .map_err(|e| DeltaError::Internal(format!("cannot allocate a literal frame: {e}")))?;
+    dctx.decompress(&mut v, packed)
+        .map_err(|c| fail("does not decompress", c))?;
+    if v.len() != raw_len {
+        return Err(DeltaError::corrupt(
+            rec,
+            format!(
+                "literal frame decompresses to {} bytes, not {raw_len}",
+                v.len()
+            ),
+        ));
+    }
+    Ok(v)
+}
+
+/// Largest zstd window a frame with a reference may declare: the reference and the
+/// frame together (`MAX_REFERENCE` + `MAX_FRAME_V2` = 2^27).
+pub(crate) const REFERENCE_WINDOW_LOG_MAX: u32 = 27;
 
 /// Decompresses one zstd frame that must hold exactly `raw_len` bytes.
 fn unpack(
@@ -521,4 +635,124 @@ impl Sink for FileSink<'_> {
 /// Hashes the output bytes: used by the in-memory path and tests.
 pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::put_varint;
+
+    /// A body of one LIT_ZSTD_EX frame (`flags`, `ranges`) holding `lit` compressed
+    /// against those ranges of `base`, one DATA record for it, END.
+    fn ex_body(base: &[u8], lit: &[u8], flags: u64, ranges: &[(u64, u64)]) -> Vec<u8> {
+        use zstd::zstd_safe::CCtx;
+        let mut reference = Vec::new();
+        for &(s, l) in ranges {
+            if let Some(e) = s.checked_add(l).filter(|&e| e <= base.len() as u64) {
+                reference.extend_from_slice(&base[s as usize..e as usize]);
+            }
+        }
+        let mut filtered = lit.to_vec();
+        if flags & LIT_FLAG_X86 != 0 {
+            crate::filter::x86_encode(&mut filtered);
+        }
+        let mut c = CCtx::create();
+        if !reference.is_empty() {
+            c.ref_prefix(&reference).unwrap();
+        }
+        let mut packed = Vec::with_capacity(zstd::zstd_safe::compress_bound(lit.len()));
+        c.compress2(&mut packed, &filtered).unwrap();
+        let mut body = vec![TAG_LIT_ZSTD_EX];
+        put_varint(&mut body, lit.len() as u64);
+        put_varint(&mut body, flags);
+        if flags & LIT_FLAG_REFERENCE != 0 {
+            put_varint(&mut body, ranges.len() as u64);
+            for &(s, l) in ranges {
+                put_varint(&mut body, s);
+                put_varint(&mut body, l);
+            }
+        }
+        put_varint(&mut body, packed.len() as u64);
+        body.extend_from_slice(&packed);
+        body.push(TAG_DATA);
+        put_varint(&mut body, lit.len() as u64);
+        body.push(TAG_END);
+        body
+    }
+
+    fn run(body: &[u8], version: u8, base: &[u8], to_size: u64) -> Result<Vec<u8>, DeltaError> {
+        let mut sink = VecSink {
+            base,
+            out: Vec::new(),
+        };
+        decode(body, version, base, to_size, &mut sink)?;
+        Ok(sink.out)
+    }
+
+    fn corrupt_reason(r: Result<Vec<u8>, DeltaError>) -> String {
+        match r {
+            Err(DeltaError::Corrupt { reason, .. }) => reason,
+            other => panic!("expected a corrupt error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn frames_with_a_reference_and_the_x86_filter_decode() {
+        let base: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut lit = base[30_000..50_000].to_vec();
+        lit[5] = 0xE8;
+        let flags = LIT_FLAG_X86 | LIT_FLAG_REFERENCE;
+        let body = ex_body(&base, &lit, flags, &[(29_000, 10_000), (40_000, 20_000)]);
+        assert_eq!(run(&body, 3, &base, lit.len() as u64).unwrap(), lit);
+        // Without a reference, too.
+        let body = ex_body(&base, &lit, LIT_FLAG_X86, &[]);
+        assert_eq!(run(&body, 3, &base, lit.len() as u64).unwrap(), lit);
+    }
+
+    #[test]
+    fn bad_frame_records_are_refused() {
+        let base = vec![1u8; 50_000];
+        let lit = vec![1u8; 1000];
+        let n = lit.len() as u64;
+        // The record is not known before version 3.
+        let body = ex_body(&base, &lit, LIT_FLAG_REFERENCE, &[(0, 1000)]);
+        assert!(corrupt_reason(run(&body, 2, &base, n)).contains("unknown record tag"));
+        // A range past the end of the base.
+        let body = ex_body(&base, &lit, LIT_FLAG_REFERENCE, &[(49_999, 2)]);
+        assert!(corrupt_reason(run(&body, 3, &base, n)).contains("outside the base"));
+        // An empty range, and a range whose end overflows.
+        let body = ex_body(&base, &lit, LIT_FLAG_REFERENCE, &[(0, 0)]);
+        assert!(corrupt_reason(run(&body, 3, &base, n)).contains("outside the base"));
+        let body = ex_body(&base, &lit, LIT_FLAG_REFERENCE, &[(u64::MAX, 2)]);
+        assert!(corrupt_reason(run(&body, 3, &base, n)).contains("outside the base"));
+        // Unknown flags.
+        let body = ex_body(&base, &lit, 4, &[]);
+        assert!(corrupt_reason(run(&body, 3, &base, n)).contains("flags"));
+        // More ranges than allowed, checked before anything is read or allocated.
+        let mut body = vec![TAG_LIT_ZSTD_EX];
+        put_varint(&mut body, n);
+        put_varint(&mut body, LIT_FLAG_REFERENCE);
+        put_varint(&mut body, MAX_REFERENCE_RANGES + 1);
+        assert!(corrupt_reason(run(&body, 3, &base, n)).contains("ranges"));
+        // A reference larger than MAX_REFERENCE in total.
+        let big = vec![0u8; MAX_REFERENCE + 2];
+        let mut body = vec![TAG_LIT_ZSTD_EX];
+        put_varint(&mut body, n);
+        put_varint(&mut body, LIT_FLAG_REFERENCE);
+        put_varint(&mut body, 2);
+        for _ in 0..2 {
+            put_varint(&mut body, 0);
+            put_varint(&mut body, (MAX_REFERENCE / 2 + 1) as u64);
+        }
+        assert!(corrupt_reason(run(&body, 3, &big, n)).contains("more than"));
+        // A frame compressed against other bytes than the reference it names.
+        let other: Vec<u8> = (0..50_000u32).map(|i| (i % 13) as u8).collect();
+        let lit2 = other[1000..9000].to_vec();
+        let good = ex_body(&other, &lit2, LIT_FLAG_REFERENCE, &[(0, 20_000)]);
+        let r = run(&good, 3, &base, lit2.len() as u64);
+        assert!(
+            r.map_or(true, |out| out != lit2),
+            "decoded against the wrong reference"
+        );
+    }
 }

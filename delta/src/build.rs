@@ -13,18 +13,21 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::ops::Range;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::apply::REFERENCE_WINDOW_LOG_MAX;
+use crate::filter::{x86_decode, x86_encode};
 use crate::format::{
-    put_varint, TAG_COPY, TAG_COPY_OUT, TAG_DATA, TAG_END, TAG_LIT_RAW, TAG_LIT_ZSTD, TAG_OPS_ZSTD,
-    TAG_ZERO,
+    put_varint, LIT_FLAG_REFERENCE, LIT_FLAG_X86, TAG_COPY, TAG_COPY_OUT, TAG_DATA, TAG_END,
+    TAG_LIT_RAW, TAG_LIT_ZSTD_EX, TAG_OPS_ZSTD, TAG_ZERO,
 };
 use crate::image::Image;
 use crate::index::{
     common_prefix, common_suffix, is_zero, zero_prefix, zero_suffix, BlockIndex, PolyHash,
 };
-use crate::{DeltaError, MAX_FRAME_V2};
+use crate::similar::{AnchorIndex, OwnAnchors};
+use crate::{DeltaError, MAX_FRAME_V2, MAX_REFERENCE};
 
 /// How to build a delta. `Default` is what `bids delta build` uses.
 #[derive(Debug, Clone)]
@@ -41,14 +44,18 @@ pub struct BuildOptions {
     /// Literal runs longer than this are not searched byte-wise (long runs of new bytes
     /// are new files, where the search costs time and finds nothing); default 4 MiB.
     pub rolling_max_run: usize,
-    /// Uncompressed size of one literal frame, 64 KiB ..= 64 MiB; default 16 MiB.
+    /// Uncompressed size of one literal frame, 64 KiB ..= 64 MiB; default 24 MiB.
     pub frame_size: usize,
     /// Threads compressing literal frames in parallel (1..=64); default 2.
     pub threads: usize,
+    /// Most bytes of A a literal frame is compressed against (the regions of A its bytes
+    /// resemble, found by content-defined anchors; zstd's reference prefix), 0 ..=
+    /// `MAX_REFERENCE`; 0 compresses every frame alone. Default 16 MiB.
+    pub reference_max: usize,
 }
 
 /// Default zstd level of literal frames.
-pub const DEFAULT_LEVEL: i32 = 9;
+pub const DEFAULT_LEVEL: i32 = 18;
 
 impl Default for BuildOptions {
     fn default() -> Self {
@@ -57,8 +64,9 @@ impl Default for BuildOptions {
             level: DEFAULT_LEVEL,
             rolling: true,
             rolling_max_run: 4 << 20,
-            frame_size: 16 << 20,
+            frame_size: 24 << 20,
             threads: 2,
+            reference_max: 16 << 20,
         }
     }
 }
@@ -81,6 +89,12 @@ impl BuildOptions {
             return Err(DeltaError::InvalidOptions(format!(
                 "frame size {} must be from 65536 to {MAX_FRAME_V2}",
                 self.frame_size
+            )));
+        }
+        if self.reference_max > MAX_REFERENCE {
+            return Err(DeltaError::InvalidOptions(format!(
+                "reference of {} bytes: at most {MAX_REFERENCE}",
+                self.reference_max
             )));
         }
         if !(1..=64).contains(&self.threads) {
@@ -115,6 +129,10 @@ pub struct DeltaStats {
     pub literal_bytes: u64,
     /// Bytes the literal frames take in the delta.
     pub literal_stored_bytes: u64,
+    /// Literal frames compressed against a reference (regions of A they resemble).
+    pub referenced_frames: u64,
+    /// Bytes of A those references hold, summed over the frames.
+    pub reference_bytes: u64,
     /// Of the copied bytes, those found byte-wise (copy extension, rolling search).
     pub shifted_match_bytes: u64,
     /// Operations in the body (COPY, ZERO, DATA).
@@ -151,7 +169,7 @@ pub(crate) enum Op {
 }
 
 /// Appends `op`, merging it into the previous op when both describe one contiguous run.
-fn push_op(ops: &mut Vec<Op>, op: Op) {
+pub(crate) fn push_op(ops: &mut Vec<Op>, op: Op) {
     let empty = match op {
         Op::Copy { len, .. } | Op::Own { len, .. } | Op::Zero { len } | Op::Data { len, .. } => {
             len == 0
@@ -197,6 +215,8 @@ struct Scanner<'s> {
     /// scanned: later copies of new data (a file installed twice, metadata and the
     /// journal's copy of it) become copies from the output instead of literals.
     own: BlockIndex,
+    /// Anchors of B's literal runs already scanned, for repeats at any alignment.
+    own_anchors: OwnAnchors,
     poly: &'s PolyHash,
     block_size: usize,
     rolling: bool,
@@ -207,7 +227,19 @@ impl Scanner<'_> {
     /// Ops for `seg` (block-aligned start) and the number of bytes matched byte-wise.
     fn scan(&mut self, seg: Range<usize>) -> (Vec<Op>, u64) {
         let (coarse, new_blocks) = self.classify(seg);
-        let r = self.refine(coarse);
+        let (refined, shifted) = self.refine(coarse);
+        // Literal runs that repeat earlier literal bytes at any alignment and distance.
+        let b = self.b.bytes();
+        let mut r = (Vec::with_capacity(refined.len()), shifted);
+        for op in refined {
+            match op {
+                Op::Data { start, len } => {
+                    let (s, e) = (start as usize, (start + len) as usize);
+                    self.own_anchors.split_run(b, s, e, &mut r.0);
+                }
+                op => push_op(&mut r.0, op),
+            }
+        }
         // Indexed only now, so every source found in `own` lies before the segment.
         let b = self.b.bytes();
         for (h, k) in new_blocks {
@@ -560,50 +592,76 @@ struct EncStats {
     zero: u64,
     literal: u64,
     literal_stored: u64,
+    referenced_frames: u64,
+    reference_bytes: u64,
     ops: u64,
     frames: u64,
 }
 
 /// One literal frame and the encoded records that consume it, ready to be compressed.
+/// The frame is named by where its bytes lie in B (`(start, len)` runs, in order): the
+/// worker copies them when it starts, so only the frames being compressed are in memory.
 struct Group {
-    lit: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+    lit_len: usize,
     ops: Vec<u8>,
 }
 
-/// A compressed group: its records, and how many of its bytes are the literal frame.
+/// A compressed group: its records, how many of its bytes are the literal frame, and
+/// how many bytes of A the frame was compressed against (0: none).
 struct Packed {
     bytes: Vec<u8>,
     lit_stored: u64,
+    reference: u64,
 }
 
-/// The literal frames' compressor: level `level`, a window as large as the frame (at
-/// most 2^26), and zstd's long-distance matcher for the far repeats inside a frame.
-fn literal_compressor(opts: &BuildOptions) -> Result<zstd::bulk::Compressor<'static>, DeltaError> {
-    use zstd::zstd_safe::CParameter;
-    let zerr = |source| DeltaError::Zstd { op: "init", source };
-    let mut c = zstd::bulk::Compressor::new(opts.level).map_err(zerr)?;
-    let wlog = opts
-        .frame_size
+/// What a compression worker needs to compress frames against A.
+#[derive(Clone)]
+struct RefSource<'a> {
+    a: &'a [u8],
+    b: &'a Image<'a>,
+    anchors: Arc<AnchorIndex>,
+    budget: usize,
+}
+
+/// Compresses a literal frame at `level`, with `reference` (if any) as zstd's reference
+/// prefix: the window spans both (at least the frame, at most
+/// 2^`REFERENCE_WINDOW_LOG_MAX`), long-distance matching on from `LONG_FROM_LEVEL`.
+fn compress_literal(lit: &[u8], reference: &[u8], level: i32) -> Result<Vec<u8>, DeltaError> {
+    use zstd::zstd_safe::{get_error_name, CCtx, CParameter};
+    let fail = |code| DeltaError::Internal(format!("zstd: {}", get_error_name(code)));
+    let mut c = CCtx::try_create()
+        .ok_or_else(|| DeltaError::Internal("cannot create a zstd compressor".into()))?;
+    let wlog = (reference.len() + lit.len())
         .next_power_of_two()
         .trailing_zeros()
-        .clamp(20, 26);
-    c.set_parameter(CParameter::WindowLog(wlog)).map_err(zerr)?;
-    if opts.level >= LONG_FROM_LEVEL {
+        .clamp(20, REFERENCE_WINDOW_LOG_MAX);
+    c.set_parameter(CParameter::CompressionLevel(level))
+        .map_err(fail)?;
+    c.set_parameter(CParameter::WindowLog(wlog)).map_err(fail)?;
+    if level >= LONG_FROM_LEVEL {
         c.set_parameter(CParameter::EnableLongDistanceMatching(true))
-            .map_err(zerr)?;
+            .map_err(fail)?;
     }
-    Ok(c)
+    if !reference.is_empty() {
+        c.ref_prefix(reference).map_err(fail)?;
+    }
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(lit.len()));
+    c.compress2(&mut out, lit).map_err(fail)?;
+    Ok(out)
 }
 
 /// Levels from which literal frames also use zstd's long-distance matcher.
 const LONG_FROM_LEVEL: i32 = 3;
 
-/// Compresses one group into its records: LIT_ZSTD (or LIT_RAW when zstd does not help)
-/// with the frame, then OPS_ZSTD with the instruction block.
+/// Compresses one group into its records: the literal frame (LIT_ZSTD_EX: x86 branch
+/// filter, and the regions of A it resembles as reference; LIT_RAW when zstd does not
+/// make it smaller), then OPS_ZSTD with the instruction block.
 fn pack(
-    lit_comp: &mut zstd::bulk::Compressor<'static>,
     ops_comp: &mut zstd::bulk::Compressor<'static>,
-    g: &Group,
+    refs: &RefSource<'_>,
+    level: i32,
+    g: Group,
 ) -> Result<Packed, DeltaError> {
     let zerr = |source| DeltaError::Zstd {
         op: "compress",
@@ -611,17 +669,54 @@ fn pack(
     };
     let mut out = Vec::new();
     let mut lit_stored = 0;
-    if !g.lit.is_empty() {
-        let packed = lit_comp.compress(&g.lit).map_err(zerr)?;
-        if packed.len() < g.lit.len() {
-            out.push(TAG_LIT_ZSTD);
-            put_varint(&mut out, g.lit.len() as u64);
+    let mut reference_len = 0;
+    if g.lit_len > 0 {
+        let mut lit: Vec<u8> = Vec::new();
+        lit.try_reserve_exact(g.lit_len)
+            .map_err(|e| DeltaError::Internal(format!("cannot allocate a literal frame: {e}")))?;
+        let b = refs.b.bytes();
+        for &(s, l) in &g.spans {
+            lit.extend_from_slice(&b[s..s + l]);
+        }
+        // The encoder and the scanner are past these pages.
+        if let (Some(first), Some(last)) = (g.spans.first(), g.spans.last()) {
+            refs.b.release(first.0, last.0 + last.1);
+        }
+        let ranges = if refs.budget > 0 {
+            refs.anchors
+                .reference(&lit, refs.a.len() as u64, refs.budget)
+        } else {
+            Vec::new()
+        };
+        let mut reference = Vec::new();
+        for &(src, len) in &ranges {
+            reference.extend_from_slice(&refs.a[src as usize..(src + len) as usize]);
+        }
+        x86_encode(&mut lit);
+        let packed = compress_literal(&lit, &reference, level)?;
+        if packed.len() < lit.len() {
+            let mut flags = LIT_FLAG_X86;
+            if !ranges.is_empty() {
+                flags |= LIT_FLAG_REFERENCE;
+            }
+            out.push(TAG_LIT_ZSTD_EX);
+            put_varint(&mut out, lit.len() as u64);
+            put_varint(&mut out, flags);
+            if !ranges.is_empty() {
+                put_varint(&mut out, ranges.len() as u64);
+                for &(src, len) in &ranges {
+                    put_varint(&mut out, src);
+                    put_varint(&mut out, len);
+                }
+            }
             put_varint(&mut out, packed.len() as u64);
             out.extend_from_slice(&packed);
+            reference_len = reference.len() as u64;
         } else {
+            x86_decode(&mut lit);
             out.push(TAG_LIT_RAW);
-            put_varint(&mut out, g.lit.len() as u64);
-            out.extend_from_slice(&g.lit);
+            put_varint(&mut out, lit.len() as u64);
+            out.extend_from_slice(&lit);
         }
         lit_stored = out.len() as u64;
     }
@@ -635,6 +730,7 @@ fn pack(
     Ok(Packed {
         bytes: out,
         lit_stored,
+        reference: reference_len,
     })
 }
 
@@ -646,8 +742,9 @@ type Job = (Group, SyncSender<Result<Packed, DeltaError>>);
 /// instruction block written right after it, so a decoder holds one frame at a time.
 struct Encoder<'b, W: Write> {
     w: W,
-    b: &'b [u8],
-    lit: Vec<u8>,
+    _b: std::marker::PhantomData<&'b ()>,
+    spans: Vec<(usize, usize)>,
+    lit_len: usize,
     pending: Vec<Op>,
     frame_size: usize,
     jobs: SyncSender<Job>,
@@ -662,14 +759,18 @@ impl<'b, W: Write> Encoder<'b, W> {
         match op {
             Op::Data { mut start, mut len } => {
                 while len > 0 {
-                    let room = (self.frame_size - self.lit.len()) as u64;
+                    let room = (self.frame_size - self.lit_len) as u64;
                     let take = room.min(len);
                     let (s, t) = (start as usize, take as usize);
-                    self.lit.extend_from_slice(&self.b[s..s + t]);
+                    match self.spans.last_mut() {
+                        Some((s0, l0)) if *s0 + *l0 == s => *l0 += t,
+                        _ => self.spans.push((s, t)),
+                    }
+                    self.lit_len += t;
                     push_op(&mut self.pending, Op::Data { start, len: take });
                     start += take;
                     len -= take;
-                    if self.lit.len() >= self.frame_size {
+                    if self.lit_len >= self.frame_size {
                         self.close_group()?;
                     }
                 }
@@ -687,20 +788,24 @@ impl<'b, W: Write> Encoder<'b, W> {
     /// Encodes the pending ops, hands the group to a worker, and writes finished groups
     /// while too many are in flight.
     fn close_group(&mut self) -> Result<(), DeltaError> {
-        if self.lit.is_empty() && self.pending.is_empty() {
+        if self.lit_len == 0 && self.pending.is_empty() {
             return Ok(());
         }
         let mut ops = Vec::with_capacity(self.pending.len() * 8);
         for op in std::mem::take(&mut self.pending) {
             self.encode_op(op, &mut ops);
         }
-        if !self.lit.is_empty() {
+        if self.lit_len > 0 {
             self.st.frames += 1;
         }
-        let lit = std::mem::replace(&mut self.lit, Vec::with_capacity(self.frame_size));
+        let group = Group {
+            spans: std::mem::take(&mut self.spans),
+            lit_len: std::mem::take(&mut self.lit_len),
+            ops,
+        };
         let (tx, rx) = sync_channel(1);
         self.jobs
-            .send((Group { lit, ops }, tx))
+            .send((group, tx))
             .map_err(|_| DeltaError::Internal("delta compression workers stopped".into()))?;
         self.in_flight.push_back(rx);
         while self.in_flight.len() > self.max_in_flight {
@@ -717,6 +822,10 @@ impl<'b, W: Write> Encoder<'b, W> {
             .recv()
             .map_err(|_| DeltaError::Internal("a delta compression worker died".into()))??;
         self.st.literal_stored += packed.lit_stored;
+        if packed.reference > 0 {
+            self.st.referenced_frames += 1;
+            self.st.reference_bytes += packed.reference;
+        }
         self.st.body_len += packed.bytes.len() as u64;
         write(&mut self.w, &packed.bytes)
     }
@@ -773,8 +882,11 @@ impl<'b, W: Write> Encoder<'b, W> {
 }
 
 /// A compression worker: takes groups from the shared queue until it closes.
-fn compress_worker(jobs: &Mutex<Receiver<Job>>, opts: &BuildOptions) -> Result<(), DeltaError> {
-    let mut lit_comp = literal_compressor(opts)?;
+fn compress_worker(
+    jobs: &Mutex<Receiver<Job>>,
+    opts: &BuildOptions,
+    refs: &RefSource<'_>,
+) -> Result<(), DeltaError> {
     let mut ops_comp = zstd::bulk::Compressor::new(OPS_LEVEL)
         .map_err(|source| DeltaError::Zstd { op: "init", source })?;
     loop {
@@ -786,7 +898,7 @@ fn compress_worker(jobs: &Mutex<Receiver<Job>>, opts: &BuildOptions) -> Result<(
             return Ok(());
         };
         // The encoder may have stopped on an error; then nobody waits for this reply.
-        let _ = reply.send(pack(&mut lit_comp, &mut ops_comp, &group));
+        let _ = reply.send(pack(&mut ops_comp, refs, opts.level, group));
     }
 }
 
@@ -828,21 +940,42 @@ pub(crate) fn build_body<W: Write + Send>(
         let poly = PolyHash::new(bs);
         let index = BlockIndex::build(a, &poly, bs, |done| a.release(0, done));
         a.release_all();
-        tracing::debug!(blocks = index.len(), bytes = index.memory(), "base indexed");
+        let anchors = if opts.reference_max > 0 {
+            AnchorIndex::build(a, |done| a.release(0, done))
+        } else {
+            AnchorIndex::empty()
+        };
+        a.release_all();
+        let own_anchors = OwnAnchors::new(b.bytes().len());
+        tracing::debug!(
+            own_anchor_bytes = own_anchors.memory(),
+            blocks = index.len(),
+            bytes = index.memory(),
+            anchors = anchors.len(),
+            anchor_bytes = anchors.memory(),
+            "base indexed"
+        );
+        let refs = RefSource {
+            a: a.bytes(),
+            b,
+            anchors: Arc::new(anchors),
+            budget: opts.reference_max,
+        };
 
         let (tx, rx) = sync_channel::<Vec<Op>>(2);
         let b_bytes = b.bytes();
         let workers: Vec<_> = (0..opts.threads)
             .map(|_| {
-                let job_rx = &job_rx;
-                scope.spawn(move || compress_worker(job_rx, opts))
+                let (job_rx, refs) = (&job_rx, refs.clone());
+                scope.spawn(move || compress_worker(job_rx, opts, &refs))
             })
             .collect();
         let encoder = scope.spawn(move || -> Result<(W, EncStats), DeltaError> {
             let mut enc = Encoder {
                 w,
-                b: b_bytes,
-                lit: Vec::with_capacity(opts.frame_size),
+                _b: std::marker::PhantomData,
+                spans: Vec::new(),
+                lit_len: 0,
                 pending: Vec::new(),
                 frame_size: opts.frame_size,
                 jobs: job_tx,
@@ -865,6 +998,7 @@ pub(crate) fn build_body<W: Write + Send>(
             b,
             index: &index,
             own: BlockIndex::with_capacity(b.bytes().len() / bs, bs),
+            own_anchors,
             poly: &poly,
             block_size: bs,
             rolling: opts.rolling,
@@ -915,6 +1049,8 @@ pub(crate) fn build_body<W: Write + Send>(
             zero_bytes: st.zero,
             literal_bytes: st.literal,
             literal_stored_bytes: st.literal_stored,
+            referenced_frames: st.referenced_frames,
+            reference_bytes: st.reference_bytes,
             shifted_match_bytes: shifted,
             ops: st.ops,
             frames: st.frames,

@@ -6,7 +6,7 @@ use crate::DeltaError;
 /// First seven bytes of every delta file.
 pub const MAGIC: &[u8; 7] = b"BIDSDLT";
 /// Format version written by this build. It reads every version from 1 to this one.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Oldest format version this build still reads.
 pub const MIN_VERSION: u8 = 1;
 /// Size of the fixed header in bytes.
@@ -17,10 +17,15 @@ pub const TRAILER_LEN: usize = 32;
 /// decoder's memory whatever the delta claims.
 pub const MAX_FRAME: usize = 16 << 20;
 /// Largest literal frame (uncompressed) in a version 2 delta: bigger frames let the
-/// literal compressor see more of the new data at once (builders default to 16 MiB).
+/// literal compressor see more of the new data at once (builders default to 24 MiB).
 pub const MAX_FRAME_V2: usize = 64 << 20;
 /// Largest decompressed instruction block (`OPS_ZSTD`) a decoder accepts.
 pub const MAX_OPS_BLOCK: usize = 4 << 20;
+/// Largest reference (bytes of the base a `LIT_ZSTD_REF` frame is compressed against) a
+/// decoder assembles, version 3.
+pub const MAX_REFERENCE: usize = 64 << 20;
+/// Most base ranges one reference may list, version 3.
+pub const MAX_REFERENCE_RANGES: u64 = 1 << 16;
 
 /// Record tags of the body.
 pub(crate) const TAG_END: u8 = 0x00;
@@ -33,11 +38,18 @@ pub(crate) const TAG_LIT_RAW: u8 = 0x05;
 pub(crate) const TAG_COPY_OUT: u8 = 0x06;
 /// Version 2: a zstd-compressed block of COPY, COPY_OUT, ZERO and DATA records.
 pub(crate) const TAG_OPS_ZSTD: u8 = 0x07;
+/// Version 3: a literal frame compressed with zstd, with flags: its bytes went through
+/// the x86 branch filter, and/or ranges of the base are zstd's reference prefix.
+pub(crate) const TAG_LIT_ZSTD_EX: u8 = 0x08;
+/// LIT_ZSTD_EX flag: undo the x86 branch filter after decompressing.
+pub(crate) const LIT_FLAG_X86: u64 = 1;
+/// LIT_ZSTD_EX flag: a reference (ranges of the base) follows the flags.
+pub(crate) const LIT_FLAG_REFERENCE: u64 = 2;
 
 /// The fixed header of a delta file: what it turns into what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaHeader {
-    /// Format version (1 or 2).
+    /// Format version (1 to 3).
     pub version: u8,
     /// Block size the builder indexed the base with (informational: apply does not need it).
     pub block_size: u32,

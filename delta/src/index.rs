@@ -136,7 +136,7 @@ impl BlockIndex {
             block_size,
             entries: 0,
         };
-        const STEP: usize = 64 << 20;
+        const STEP: usize = 8 << 20;
         for j in 0..full_blocks {
             let start = j * block_size;
             let end = start + block_size;
@@ -330,10 +330,11 @@ pub(crate) fn common_suffix(x: &[u8], y: &[u8]) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    /// xorshift bytes, the same for a seed everywhere (shared by the crate's unit tests).
+    pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|_| {

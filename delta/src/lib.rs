@@ -15,23 +15,33 @@
 //! searched rsync-style with the rolling hash at every byte offset, against A and against
 //! B's earlier new blocks (bit filters reject most offsets without touching the tables).
 //! The search costs about 4 ns a searched byte, so only literal runs of at most 4 MiB are
-//! searched: long literal runs are new files where it finds nothing. Adjacent ops are
-//! coalesced; literal bytes go into 16 MiB frames compressed with zstd (level 9, a
-//! frame-sized window, long-distance matching) by two worker threads in parallel, each
-//! frame followed by the zstd-compressed block of records that consume it. See
-//! `delta/FORMAT.md` for the byte layout (version 2; version 1 files still apply).
+//! searched: long literal runs are new files where it finds nothing. What is still
+//! literal is checked against B's own earlier literal bytes at any alignment and distance
+//! (content-defined anchors; repeats of 128 bytes or more become COPY_OUT). Adjacent ops
+//! are coalesced; literal bytes go into 24 MiB frames compressed with zstd (level 18, a
+//! window over the frame and its reference, long-distance matching) by two worker
+//! threads in parallel. Before compression a frame goes through an x86 branch filter
+//! (CALL/JMP offsets made absolute, so calls of one function repeat), and the regions of
+//! A its bytes resemble (anchors shared with A, voted per 16 KiB of A, up to 16 MiB) are
+//! zstd's reference prefix, so an edited file costs its edits. Each frame is followed by
+//! the zstd-compressed block of records that consume it. See `delta/FORMAT.md` for the
+//! byte layout (version 3; versions 1 and 2 still apply).
 //!
-//! Memory: inputs are memory-mapped and their pages released behind each pass; the index
-//! is about 16 bytes per block of A (a 4 GiB base: 24 MiB at most) plus as much for B's
-//! new blocks; the encoder holds a few literal frames and one zstd context per worker,
-//! the decoder a few frames. Nothing is proportional to the image size otherwise.
+//! Memory: inputs are memory-mapped and their pages released behind each pass; the block
+//! index is about 16 bytes per block of A (a 4 GiB base: 24 MiB at most) plus as much for
+//! B's new blocks; A's anchors take 8 bytes per 256 allocated bytes of A on average, B's
+//! an 8-byte slot per KiB of B (at most 32 MiB); each compression worker holds one frame,
+//! its reference and a zstd context (about 60 MiB at level 18), the decoder a few frames
+//! and one reference. Nothing else is proportional to the image size.
 
 mod apply;
 mod build;
 mod error;
+mod filter;
 mod format;
 mod image;
 mod index;
+mod similar;
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -45,8 +55,8 @@ use sha2::{Digest, Sha256};
 pub use build::{BuildOptions, DeltaStats, DEFAULT_LEVEL};
 pub use error::DeltaError;
 pub use format::{
-    DeltaHeader, HEADER_LEN, MAGIC, MAX_FRAME, MAX_FRAME_V2, MAX_OPS_BLOCK, MIN_VERSION,
-    TRAILER_LEN, VERSION,
+    DeltaHeader, HEADER_LEN, MAGIC, MAX_FRAME, MAX_FRAME_V2, MAX_OPS_BLOCK, MAX_REFERENCE,
+    MAX_REFERENCE_RANGES, MIN_VERSION, TRAILER_LEN, VERSION,
 };
 
 use apply::{check_delta, decode, hash_jobs, FileSink, VecSink};
@@ -194,13 +204,7 @@ pub fn apply_with(
         let hasher = s.spawn(move || hash_jobs(base_bytes, rx));
         let (decoded, written) = {
             let mut sink = FileSink::new(file, tmp.path().to_path_buf(), &b_img, tx);
-            let r = decode(
-                body,
-                header.version,
-                base_bytes.len(),
-                header.to_size,
-                &mut sink,
-            );
+            let r = decode(body, header.version, base_bytes, header.to_size, &mut sink);
             let f = sink.finish();
             (r.and_then(|st| f.map(|()| st)), sink.written)
             // `sink` (and with it the sender) is dropped here, so the hasher ends.
@@ -301,7 +305,7 @@ pub fn apply_bytes(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
         base,
         out: Vec::new(),
     };
-    decode(body, header.version, base.len(), header.to_size, &mut sink)?;
+    decode(body, header.version, base, header.to_size, &mut sink)?;
     let digest = apply::sha256(&sink.out);
     if digest != header.to_sha256 {
         return Err(DeltaError::OutputMismatch {

@@ -1,6 +1,7 @@
 //! Old delta files keep applying: `data/v1-small.delta` was written by the version 1
-//! encoder (before format version 2) for the pair `pair()` rebuilds here, and every later
-//! build must still apply it bit-exactly, through the in-memory and the file API.
+//! encoder (before format version 2) and `data/v2-small.delta` by the version 2 encoder
+//! (before version 3) for the pair `pair()` rebuilds here, and every later build must
+//! still apply them bit-exactly, through the in-memory and the file API.
 
 use std::fs;
 
@@ -54,12 +55,15 @@ fn pair() -> (Vec<u8>, Vec<u8>) {
 }
 
 const V1_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/v1-small.delta");
+const V2_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/v2-small.delta");
 
-#[test]
-fn version_1_delta_still_applies() {
+fn fixture_applies(path: &str, version: u8) {
     let (a, b) = pair();
-    let delta = fs::read(V1_FIXTURE).unwrap();
-    assert_eq!(delta[7], 1, "the fixture is a version 1 delta");
+    let delta = fs::read(path).unwrap();
+    assert_eq!(
+        delta[7], version,
+        "the fixture is a version {version} delta"
+    );
     assert_eq!(apply_bytes(&a, &delta).unwrap(), b);
 
     let dir = tempfile::tempdir().unwrap();
@@ -71,7 +75,7 @@ fn version_1_delta_still_applies() {
     fs::write(&pa, &a).unwrap();
     fs::write(&pd, &delta).unwrap();
     let h = verify(&pd).unwrap();
-    assert_eq!(h.version, 1);
+    assert_eq!(h.version, version);
     assert_eq!(read_header(&pd).unwrap(), h);
     let st = apply(&pa, &pd, &po).unwrap();
     assert_eq!(st.to_size, b.len() as u64);
@@ -80,4 +84,14 @@ fn version_1_delta_still_applies() {
         "{st:?}"
     );
     assert_eq!(fs::read(&po).unwrap(), b);
+}
+
+#[test]
+fn version_1_delta_still_applies() {
+    fixture_applies(V1_FIXTURE, 1);
+}
+
+#[test]
+fn version_2_delta_still_applies() {
+    fixture_applies(V2_FIXTURE, 2);
 }

@@ -108,15 +108,17 @@ fn small_opts() -> impl Strategy<Value = BuildOptions> {
         prop::sample::select(vec![8192usize, 4 << 20]),
         1i32..6,
         1usize..4,
+        prop::sample::select(vec![0usize, 1 << 20]),
     )
         .prop_map(
-            |(block_size, rolling, rolling_max_run, level, threads)| BuildOptions {
+            |(block_size, rolling, rolling_max_run, level, threads, reference_max)| BuildOptions {
                 block_size,
                 rolling,
                 rolling_max_run,
                 level,
                 frame_size: 64 << 10,
                 threads,
+                reference_max,
             },
         )
 }
@@ -228,6 +230,8 @@ fn rolling_search_finds_unaligned_moves() {
         &b,
         &BuildOptions {
             rolling: false,
+            // The frame's reference would find the shifted bytes too.
+            reference_max: 0,
             ..Default::default()
         },
     )
@@ -268,4 +272,58 @@ fn repeated_new_data_is_stored_once() {
             new.len()
         );
     }
+}
+
+/// B holds an edited copy of a region of A at another, unaligned place: no block of it
+/// equals a block of A (an edit every 997 bytes), so only the literal frame's reference
+/// (the regions of A it resembles) keeps it cheap.
+#[test]
+fn edited_copy_of_the_base_is_compressed_against_it() {
+    let a = noise(31, 4 << 20);
+    let mut b = noise(32, 1 << 20);
+    let mut edited = a[(1 << 20) + 100..(1 << 20) + 100 + (512 << 10)].to_vec();
+    for i in (0..edited.len()).step_by(997) {
+        edited[i] ^= 0x5A;
+    }
+    b.extend_from_slice(&edited);
+    b.extend(noise(33, 777));
+    let level = |reference_max| BuildOptions {
+        level: 3,
+        reference_max,
+        ..Default::default()
+    };
+    let with = build_bytes_with(&a, &b, &level(16 << 20)).unwrap();
+    let without = build_bytes_with(&a, &b, &level(0)).unwrap();
+    assert_eq!(apply_bytes(&a, &with).unwrap(), b);
+    assert_eq!(apply_bytes(&a, &without).unwrap(), b);
+    // Without: the new 1 MiB and the edited 512 KiB, both noise. With: the edits cost a
+    // few bytes each.
+    assert!(without.len() > (1 << 20) + (500 << 10), "{}", without.len());
+    assert!(with.len() < (1 << 20) + (64 << 10), "{}", with.len());
+}
+
+/// New data repeated far away (past the frame and the rolling search's run limit) at an
+/// unaligned offset is carried once.
+#[test]
+fn far_unaligned_repeat_of_new_data_is_carried_once() {
+    let a = noise(41, 1 << 20);
+    let new = noise(42, 2 << 20);
+    let mut b = a.clone();
+    b.extend_from_slice(&new);
+    b.extend(noise(43, (6 << 20) + 1234));
+    b.extend_from_slice(&new[..1 << 20]);
+    let opts = BuildOptions {
+        level: 3,
+        frame_size: 1 << 20,
+        ..Default::default()
+    };
+    let d = build_bytes_with(&a, &b, &opts).unwrap();
+    assert_eq!(apply_bytes(&a, &d).unwrap(), b);
+    let fresh = new.len() + (6 << 20) + 1234;
+    assert!(
+        d.len() < fresh + (64 << 10),
+        "delta {} bytes for {} new",
+        d.len(),
+        fresh
+    );
 }
