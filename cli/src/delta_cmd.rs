@@ -212,6 +212,7 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
                 opts.threads = t;
             }
             opts.rolling = !no_rolling;
+            bids_delta::keep_large_buffers_out_of_malloc_arenas();
             eprintln!("building the delta {} → {} …", a.label, b.label);
             let st =
                 tokio::task::block_in_place(|| bids_delta::build(&a.path, &b.path, &out, &opts))

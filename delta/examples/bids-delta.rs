@@ -82,6 +82,7 @@ fn main() -> anyhow::Result<()> {
                 rolling_max_run,
                 reference_max,
             };
+            bids_delta::keep_large_buffers_out_of_malloc_arenas();
             let st = bids_delta::build(&from, &to, &out, &opts)
                 .with_context(|| format!("building {} -> {}", from.display(), to.display()))?;
             println!("{st:#?}");

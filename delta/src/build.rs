@@ -639,6 +639,10 @@ fn compress_literal(lit: &[u8], reference: &[u8], level: i32) -> Result<Vec<u8>,
     c.set_parameter(CParameter::CompressionLevel(level))
         .map_err(fail)?;
     c.set_parameter(CParameter::WindowLog(wlog)).map_err(fail)?;
+    if CAPPED_CHAIN_LEVELS.contains(&level) {
+        c.set_parameter(CParameter::ChainLog(CAPPED_CHAIN_LOG))
+            .map_err(fail)?;
+    }
     if level >= LONG_FROM_LEVEL {
         c.set_parameter(CParameter::EnableLongDistanceMatching(true))
             .map_err(fail)?;
@@ -650,6 +654,12 @@ fn compress_literal(lit: &[u8], reference: &[u8], level: i32) -> Result<Vec<u8>,
     c.compress2(&mut out, lit).map_err(fail)?;
     Ok(out)
 }
+
+/// At these levels zstd's chain table has 2^23 entries (32 MiB a worker); capped at
+/// 2^`CAPPED_CHAIN_LOG`: on the real images of issue 22 at level 18 that cost 0.5 % in
+/// size and saved 13 % of the build time and 32 MiB of peak memory with two workers.
+const CAPPED_CHAIN_LEVELS: std::ops::RangeInclusive<i32> = 17..=19;
+const CAPPED_CHAIN_LOG: u32 = 22;
 
 /// Levels from which literal frames also use zstd's long-distance matcher.
 const LONG_FROM_LEVEL: i32 = 3;

@@ -51,13 +51,18 @@ const GEAR: [u64; 256] = {
 
 /// Calls `f(position, key)` for each anchor of `data`, in order. A run of one key (a
 /// run of equal bytes soon hashes to one value) yields one anchor.
-pub(crate) fn anchors(data: &[u8], mut f: impl FnMut(usize, u32)) {
+pub(crate) fn anchors(data: &[u8], f: impl FnMut(usize, u32)) {
+    anchors_with(data, ANCHOR_BITS, f);
+}
+
+/// `anchors` with one position in 2^`bits` on average.
+fn anchors_with(data: &[u8], bits: u32, mut f: impl FnMut(usize, u32)) {
     let mut h = 0u64;
     let mut last_key = None;
     let mut next = 0usize;
     for (i, &b) in data.iter().enumerate() {
         h = (h << 1).wrapping_add(GEAR[b as usize]);
-        if h >> (64 - ANCHOR_BITS) == 0 {
+        if h >> (64 - bits) == 0 {
             let key = (h >> 24) as u32;
             if i >= next && last_key != Some(key) {
                 f(i, key);
@@ -176,13 +181,23 @@ impl AnchorIndex {
     }
 }
 
+/// B's own literal runs are searched at one anchor in 2^OWN_ANCHOR_BITS positions: more
+/// repeats found than at A's density, for a table of the same size.
+const OWN_ANCHOR_BITS: u32 = 6;
+/// A slot of `OwnAnchors`: 24 check bits of the key, then position + 1 in 40 bits (later
+/// positions, past 1 TiB, are not indexed).
+const POS_BITS: u32 = 40;
+const POS_MASK: u64 = (1 << POS_BITS) - 1;
+const CHECK_MASK: u32 = (1 << 24) - 1;
 /// Repeats shorter than this stay literal (zstd codes them about as well as a copy).
 const MIN_OWN_MATCH: usize = 128;
 
 /// B's own literal bytes already scanned, by anchor: a repeat of new data at any
 /// distance and alignment (a file installed twice, a binary shipped in two packages)
 /// becomes a copy from the output instead of literal bytes, wherever the literal frames
-/// and zstd's window fall. A lossy table: slot by key, the newest position wins.
+/// and zstd's window fall. A lossy table: slot by key, the newest position wins; a slot
+/// keeps 24 bits of its key beside the position, so a collision is rejected without
+/// reading B (candidates that are read map B's pages).
 pub(crate) struct OwnAnchors {
     slots: Vec<u64>,
     shift: u32,
@@ -211,7 +226,7 @@ impl OwnAnchors {
     /// copied.
     pub(crate) fn split_run(&mut self, b: &[u8], s: usize, e: usize, out: &mut Vec<Op>) -> u64 {
         let mut found: Vec<(usize, u32)> = Vec::new();
-        anchors(&b[s..e], |i, key| found.push((s + i, key)));
+        anchors_with(&b[s..e], OWN_ANCHOR_BITS, |i, key| found.push((s + i, key)));
         let mut pos = s;
         let mut copied = 0u64;
         for &(q, key) in &found {
@@ -219,10 +234,10 @@ impl OwnAnchors {
                 continue;
             }
             let slot = self.slots[(key >> self.shift) as usize];
-            if slot == 0 {
+            if slot == 0 || slot >> POS_BITS != u64::from(key & CHECK_MASK) {
                 continue;
             }
-            let src = (slot - 1) as usize;
+            let src = ((slot & POS_MASK) - 1) as usize;
             if src >= q {
                 continue;
             }
@@ -258,7 +273,10 @@ impl OwnAnchors {
             },
         );
         for (q, key) in found {
-            self.slots[(key >> self.shift) as usize] = q as u64 + 1;
+            if (q as u64) < POS_MASK {
+                self.slots[(key >> self.shift) as usize] =
+                    (u64::from(key & CHECK_MASK) << POS_BITS) | (q as u64 + 1);
+            }
         }
         copied
     }
