@@ -661,6 +661,19 @@ fn compress_literal(lit: &[u8], reference: &[u8], level: i32) -> Result<Vec<u8>,
 const CAPPED_CHAIN_LEVELS: std::ops::RangeInclusive<i32> = 17..=19;
 const CAPPED_CHAIN_LOG: u32 = 22;
 
+/// The compressor of the x86 filter's trial: zstd level 3 with a window over the frame
+/// and long-distance matching (whether the filter helps depends on far repeats).
+fn trial_compressor(frame_size: usize) -> Result<zstd::bulk::Compressor<'static>, DeltaError> {
+    use zstd::zstd_safe::CParameter;
+    let zerr = |source| DeltaError::Zstd { op: "init", source };
+    let mut c = zstd::bulk::Compressor::new(3).map_err(zerr)?;
+    let wlog = frame_size.next_power_of_two().trailing_zeros().clamp(20, 26);
+    c.set_parameter(CParameter::WindowLog(wlog)).map_err(zerr)?;
+    c.set_parameter(CParameter::EnableLongDistanceMatching(true))
+        .map_err(zerr)?;
+    Ok(c)
+}
+
 /// Levels from which literal frames also use zstd's long-distance matcher.
 const LONG_FROM_LEVEL: i32 = 3;
 
@@ -669,6 +682,7 @@ const LONG_FROM_LEVEL: i32 = 3;
 /// make it smaller), then OPS_ZSTD with the instruction block.
 fn pack(
     ops_comp: &mut zstd::bulk::Compressor<'static>,
+    trial: &mut zstd::bulk::Compressor<'static>,
     refs: &RefSource<'_>,
     level: i32,
     g: Group,
@@ -702,10 +716,20 @@ fn pack(
         for &(src, len) in &ranges {
             reference.extend_from_slice(&refs.a[src as usize..(src + len) as usize]);
         }
+        // The x86 filter makes the calls of one function alike, but it also makes two
+        // copies of one code at different places differ (their absolute targets
+        // differ), which costs more on some frames (git's programs share much code):
+        // a fast trial compression with and without it decides.
+        let plain = trial.compress(&lit).map_err(zerr)?.len();
         x86_encode(&mut lit);
+        let filtered = trial.compress(&lit).map_err(zerr)?.len();
+        let x86 = filtered < plain;
+        if !x86 {
+            x86_decode(&mut lit);
+        }
         let packed = compress_literal(&lit, &reference, level)?;
         if packed.len() < lit.len() {
-            let mut flags = LIT_FLAG_X86;
+            let mut flags = if x86 { LIT_FLAG_X86 } else { 0 };
             if !ranges.is_empty() {
                 flags |= LIT_FLAG_REFERENCE;
             }
@@ -723,7 +747,9 @@ fn pack(
             out.extend_from_slice(&packed);
             reference_len = reference.len() as u64;
         } else {
-            x86_decode(&mut lit);
+            if x86 {
+                x86_decode(&mut lit);
+            }
             out.push(TAG_LIT_RAW);
             put_varint(&mut out, lit.len() as u64);
             out.extend_from_slice(&lit);
@@ -899,6 +925,7 @@ fn compress_worker(
 ) -> Result<(), DeltaError> {
     let mut ops_comp = zstd::bulk::Compressor::new(OPS_LEVEL)
         .map_err(|source| DeltaError::Zstd { op: "init", source })?;
+    let mut trial = trial_compressor(opts.frame_size)?;
     loop {
         let job = match jobs.lock() {
             Ok(rx) => rx.recv(),
@@ -908,7 +935,7 @@ fn compress_worker(
             return Ok(());
         };
         // The encoder may have stopped on an error; then nobody waits for this reply.
-        let _ = reply.send(pack(&mut ops_comp, refs, opts.level, group));
+        let _ = reply.send(pack(&mut ops_comp, &mut trial, refs, opts.level, group));
     }
 }
 
