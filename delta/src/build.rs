@@ -619,6 +619,7 @@ struct Packed {
 #[derive(Clone)]
 struct RefSource<'a> {
     a: &'a [u8],
+    a_img: &'a Image<'a>,
     b: &'a Image<'a>,
     anchors: Arc<AnchorIndex>,
     budget: usize,
@@ -667,7 +668,10 @@ fn trial_compressor(frame_size: usize) -> Result<zstd::bulk::Compressor<'static>
     use zstd::zstd_safe::CParameter;
     let zerr = |source| DeltaError::Zstd { op: "init", source };
     let mut c = zstd::bulk::Compressor::new(3).map_err(zerr)?;
-    let wlog = frame_size.next_power_of_two().trailing_zeros().clamp(20, 26);
+    let wlog = frame_size
+        .next_power_of_two()
+        .trailing_zeros()
+        .clamp(20, 26);
     c.set_parameter(CParameter::WindowLog(wlog)).map_err(zerr)?;
     c.set_parameter(CParameter::EnableLongDistanceMatching(true))
         .map_err(zerr)?;
@@ -714,7 +718,9 @@ fn pack(
         };
         let mut reference = Vec::new();
         for &(src, len) in &ranges {
-            reference.extend_from_slice(&refs.a[src as usize..(src + len) as usize]);
+            let (s, e) = (src as usize, (src + len) as usize);
+            reference.extend_from_slice(&refs.a[s..e]);
+            refs.a_img.release(s, e);
         }
         // The x86 filter makes the calls of one function alike, but it also makes two
         // copies of one code at different places differ (their absolute targets
@@ -994,6 +1000,7 @@ pub(crate) fn build_body<W: Write + Send>(
         );
         let refs = RefSource {
             a: a.bytes(),
+            a_img: a,
             b,
             anchors: Arc::new(anchors),
             budget: opts.reference_max,
@@ -1051,10 +1058,10 @@ pub(crate) fn build_body<W: Write + Send>(
             if tx.send(ops).is_err() {
                 break; // the encoder stopped; its error is reported below
             }
-            // Pages of B the encoder may still copy literals from are kept for the
-            // segments in flight (if it lags further, it maps them back in); A's pages
+            // The scan is done with B's pages before this segment (the workers map the
+            // literal bytes back in when they copy them, and drop them after); A's pages
             // were touched at random and are all dropped.
-            b.release(0, seg_start.saturating_sub(2 * SEGMENT));
+            b.release(0, seg_start);
             a.release_all();
             seg_start = seg_end;
         }

@@ -17,13 +17,13 @@
 //! The search costs about 4 ns a searched byte, so only literal runs of at most 4 MiB are
 //! searched: long literal runs are new files where it finds nothing. What is still
 //! literal is checked against B's own earlier literal bytes at any alignment and distance
-//! (content-defined anchors; repeats of 128 bytes or more become COPY_OUT). Adjacent ops
+//! (content-defined anchors; repeats of 256 bytes or more become COPY_OUT). Adjacent ops
 //! are coalesced; literal bytes go into 24 MiB frames compressed with zstd (level 18, a
 //! window over the frame and its reference, long-distance matching) by two worker
-//! threads in parallel. Before compression a frame goes through an x86 branch filter
-//! (CALL/JMP offsets made absolute, so calls of one function repeat), and the regions of
-//! A its bytes resemble (anchors shared with A, voted per 16 KiB of A, up to 16 MiB) are
-//! zstd's reference prefix, so an edited file costs its edits. Each frame is followed by
+//! threads in parallel. A frame goes through an x86 branch filter (CALL/JMP offsets made
+//! absolute, so calls of one function repeat) when a fast trial says it helps, and the
+//! regions of A its bytes resemble (anchors shared with A, voted per 16 KiB of A, up to
+//! 16 MiB) are zstd's reference prefix, so an edited file costs its edits. Each frame is followed by
 //! the zstd-compressed block of records that consume it. See `delta/FORMAT.md` for the
 //! byte layout (version 3; versions 1 and 2 still apply).
 //!

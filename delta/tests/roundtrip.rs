@@ -327,3 +327,35 @@ fn far_unaligned_repeat_of_new_data_is_carried_once() {
         fresh
     );
 }
+
+/// Code-like new data (a CALL every 16 bytes) twice, at different offsets, the second
+/// copy edited every 200 bytes (so it is no exact repeat): the x86 filter would make
+/// the copies' call targets differ, so the frame is compressed without it, and the
+/// second copy costs little.
+#[test]
+fn x86_filter_is_not_used_where_it_hurts() {
+    let a = noise(51, 1 << 20);
+    let r = noise(52, 256 << 10);
+    let mut code = Vec::with_capacity(256 << 10);
+    for unit in r.chunks(16) {
+        code.push(0xE8);
+        code.extend_from_slice(&[unit[0], unit[1], 0x0F & unit[2], 0x00]);
+        code.extend_from_slice(&unit[5..]);
+    }
+    let mut edited = code.clone();
+    for i in (0..edited.len()).step_by(200) {
+        edited[i] ^= 0x01;
+    }
+    let mut b = a.clone();
+    b.extend_from_slice(&code);
+    b.extend(noise(53, 1000));
+    b.extend_from_slice(&edited);
+    let d = build_bytes(&a, &b).unwrap();
+    assert_eq!(apply_bytes(&a, &d).unwrap(), b);
+    assert!(
+        d.len() < code.len() + code.len() / 16,
+        "delta {} bytes for {} bytes of code twice",
+        d.len(),
+        code.len()
+    );
+}
