@@ -296,6 +296,77 @@ fn image_store_round_trip_without_a_node() {
 /// Issue 18 item 4: `bids image verify` re-hashes every chunk in one pass, reports all bad
 /// ones (JSON with --json), marks them missing and exits non-zero without --repair; on a
 /// store without a node, --repair says what fetches them.
+/// `bids delta build --json` / `info --json` / `apply` on files: a version 3 delta whose
+/// frame is compressed against the old version (the new file holds an edited copy of
+/// old bytes at another offset), rebuilt bit-exactly; a wrong base is refused.
+#[test]
+fn delta_build_info_apply_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_random(&d.join("v1"), 2 << 20, 7);
+    write_random(&d.join("other"), 2 << 20, 8);
+    let v1 = std::fs::read(d.join("v1")).unwrap();
+    let mut v2 = std::fs::read(d.join("other")).unwrap()[..1 << 20].to_vec();
+    let mut edited = v1[100_000..100_000 + (256 << 10)].to_vec();
+    for i in (0..edited.len()).step_by(1000) {
+        edited[i] ^= 0x33;
+    }
+    v2.extend_from_slice(&edited);
+    std::fs::write(d.join("v2"), &v2).unwrap();
+    let out = ok(&[
+        "delta",
+        "build",
+        "--from",
+        &p(d, "v1"),
+        "--to",
+        &p(d, "v2"),
+        "--out",
+        &p(d, "v1-v2.delta"),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in [
+        "delta_size",
+        "literal_bytes",
+        "literal_stored_bytes",
+        "own_bytes",
+        "referenced_frames",
+        "reference_bytes",
+    ] {
+        assert!(v[key].is_u64(), "{key} missing in {out}");
+    }
+    assert!(v["referenced_frames"].as_u64().unwrap() >= 1, "{out}");
+    // The edited copy costs its edits, not its 256 KiB.
+    let size = v["delta_size"].as_u64().unwrap();
+    assert!(size < (1 << 20) + (64 << 10), "{out}");
+    let info = ok(&["delta", "info", &p(d, "v1-v2.delta"), "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["version"], 3, "{info}");
+    ok(&[
+        "delta",
+        "apply",
+        "--base",
+        &p(d, "v1"),
+        "--delta",
+        &p(d, "v1-v2.delta"),
+        "--out",
+        &p(d, "v2-again"),
+    ]);
+    assert_eq!(std::fs::read(d.join("v2-again")).unwrap(), v2);
+    let err = fails(&[
+        "delta",
+        "apply",
+        "--base",
+        &p(d, "other"),
+        "--delta",
+        &p(d, "v1-v2.delta"),
+        "--out",
+        &p(d, "wrong"),
+    ]);
+    assert!(err.contains("base"), "{err}");
+    assert!(!d.join("wrong").exists());
+}
+
 #[test]
 fn image_verify_finds_every_bad_chunk_without_a_node() {
     use std::os::unix::fs::FileExt;
