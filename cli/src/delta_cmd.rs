@@ -382,6 +382,8 @@ pub async fn publish(a: PublishArgs) -> Result<()> {
         Store::open(&a.store).with_context(|| format!("opening store {}", a.store.display()))?;
     // The store measures the source and refuses what is no image (see `image add`).
     let mut p = Progress::new(&format!("importing {image}"), 0, true);
+    // This process's main job is now the delta build.
+    bids_delta::keep_large_buffers_out_of_malloc_arenas();
     let nv = tokio::task::block_in_place(|| {
         versions::import_version(
             &store,
