@@ -293,9 +293,6 @@ fn image_store_round_trip_without_a_node() {
     .contains("nonexistent"));
 }
 
-/// Issue 18 item 4: `bids image verify` re-hashes every chunk in one pass, reports all bad
-/// ones (JSON with --json), marks them missing and exits non-zero without --repair; on a
-/// store without a node, --repair says what fetches them.
 /// `bids delta build --json` / `info --json` / `apply` on files: a version 3 delta whose
 /// frame is compressed against the old version (the new file holds an edited copy of
 /// old bytes at another offset), rebuilt bit-exactly; a wrong base is refused.
@@ -367,6 +364,9 @@ fn delta_build_info_apply_from_the_command_line() {
     assert!(!d.join("wrong").exists());
 }
 
+/// Issue 18 item 4: `bids image verify` re-hashes every chunk in one pass, reports all bad
+/// ones (JSON with --json), marks them missing and exits non-zero without --repair; on a
+/// store without a node, --repair says what fetches them.
 #[test]
 fn image_verify_finds_every_bad_chunk_without_a_node() {
     use std::os::unix::fs::FileExt;

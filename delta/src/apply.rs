@@ -282,21 +282,11 @@ fn unpack_with_reference(
         dctx.ref_prefix(reference)
             .map_err(|c| fail("reference", c))?;
     }
-    let mut v = Vec::new();
-    v.try_reserve_exact(raw_len)
-        .map_err(|e| DeltaError::Internal(format!("cannot allocate a literal frame: {e}")))?;
-    dctx.decompress(&mut v, packed)
-        .map_err(|c| fail("does not decompress", c))?;
-    if v.len() != raw_len {
-        return Err(DeltaError::corrupt(
-            rec,
-            format!(
-                "literal frame decompresses to {} bytes, not {raw_len}",
-                v.len()
-            ),
-        ));
-    }
-    Ok(v)
+    exact_frame(raw_len, rec, "literal frame", |v| {
+        dctx.decompress(v, packed)
+            .map(|_| ())
+            .map_err(|c| get_error_name(c).to_string())
+    })
 }
 
 /// Largest zstd window a frame with a reference may declare: the reference and the
@@ -311,10 +301,25 @@ fn unpack(
     rec: u64,
     what: &str,
 ) -> Result<Vec<u8>, DeltaError> {
+    exact_frame(raw_len, rec, what, |v| {
+        dec.decompress_to_buffer(packed, v)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Runs `decompress` into a buffer of exactly `raw_len` bytes' capacity; the result must
+/// fill it (a zstd frame cannot write past the capacity it is given).
+fn exact_frame(
+    raw_len: usize,
+    rec: u64,
+    what: &str,
+    decompress: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
+) -> Result<Vec<u8>, DeltaError> {
     let mut v = Vec::new();
     v.try_reserve_exact(raw_len)
         .map_err(|e| DeltaError::Internal(format!("cannot allocate a {what}: {e}")))?;
-    dec.decompress_to_buffer(packed, &mut v)
+    decompress(&mut v)
         .map_err(|e| DeltaError::corrupt(rec, format!("{what} does not decompress: {e}")))?;
     if v.len() != raw_len {
         return Err(DeltaError::corrupt(

@@ -24,7 +24,7 @@ use crate::format::{
 };
 use crate::image::Image;
 use crate::index::{
-    common_prefix, common_suffix, is_zero, zero_prefix, zero_suffix, BlockIndex, PolyHash,
+    bits_for, common_prefix, common_suffix, is_zero, zero_prefix, zero_suffix, BlockIndex, PolyHash,
 };
 use crate::similar::{AnchorIndex, OwnAnchors};
 use crate::{DeltaError, MAX_FRAME_V2, MAX_REFERENCE};
@@ -241,7 +241,6 @@ impl Scanner<'_> {
             }
         }
         // Indexed only now, so every source found in `own` lies before the segment.
-        let b = self.b.bytes();
         for (h, k) in new_blocks {
             self.own.add(h, k / self.block_size, b);
         }
@@ -618,8 +617,7 @@ struct Packed {
 /// What a compression worker needs to compress frames against A.
 #[derive(Clone)]
 struct RefSource<'a> {
-    a: &'a [u8],
-    a_img: &'a Image<'a>,
+    a: &'a Image<'a>,
     b: &'a Image<'a>,
     anchors: Arc<AnchorIndex>,
     budget: usize,
@@ -633,10 +631,7 @@ fn compress_literal(lit: &[u8], reference: &[u8], level: i32) -> Result<Vec<u8>,
     let fail = |code| DeltaError::Internal(format!("zstd: {}", get_error_name(code)));
     let mut c = CCtx::try_create()
         .ok_or_else(|| DeltaError::Internal("cannot create a zstd compressor".into()))?;
-    let wlog = (reference.len() + lit.len())
-        .next_power_of_two()
-        .trailing_zeros()
-        .clamp(20, REFERENCE_WINDOW_LOG_MAX);
+    let wlog = bits_for(reference.len() + lit.len(), 20).min(REFERENCE_WINDOW_LOG_MAX);
     c.set_parameter(CParameter::CompressionLevel(level))
         .map_err(fail)?;
     c.set_parameter(CParameter::WindowLog(wlog)).map_err(fail)?;
@@ -668,10 +663,7 @@ fn trial_compressor(frame_size: usize) -> Result<zstd::bulk::Compressor<'static>
     use zstd::zstd_safe::CParameter;
     let zerr = |source| DeltaError::Zstd { op: "init", source };
     let mut c = zstd::bulk::Compressor::new(3).map_err(zerr)?;
-    let wlog = frame_size
-        .next_power_of_two()
-        .trailing_zeros()
-        .clamp(20, 26);
+    let wlog = bits_for(frame_size, 20).min(26);
     c.set_parameter(CParameter::WindowLog(wlog)).map_err(zerr)?;
     c.set_parameter(CParameter::EnableLongDistanceMatching(true))
         .map_err(zerr)?;
@@ -712,15 +704,15 @@ fn pack(
         }
         let ranges = if refs.budget > 0 {
             refs.anchors
-                .reference(&lit, refs.a.len() as u64, refs.budget)
+                .reference(&lit, refs.a.bytes().len() as u64, refs.budget)
         } else {
             Vec::new()
         };
         let mut reference = Vec::new();
         for &(src, len) in &ranges {
             let (s, e) = (src as usize, (src + len) as usize);
-            reference.extend_from_slice(&refs.a[s..e]);
-            refs.a_img.release(s, e);
+            reference.extend_from_slice(&refs.a.bytes()[s..e]);
+            refs.a.release(s, e);
         }
         // The x86 filter makes the calls of one function alike, but it also makes two
         // copies of one code at different places differ (their absolute targets
@@ -782,9 +774,8 @@ type Job = (Group, SyncSender<Result<Packed, DeltaError>>);
 /// Turns ops into groups, has the workers compress them, and writes the results in
 /// order. Literal bytes collect in a frame; the records that consume a frame go into the
 /// instruction block written right after it, so a decoder holds one frame at a time.
-struct Encoder<'b, W: Write> {
+struct Encoder<W: Write> {
     w: W,
-    _b: std::marker::PhantomData<&'b ()>,
     spans: Vec<(usize, usize)>,
     lit_len: usize,
     pending: Vec<Op>,
@@ -796,7 +787,7 @@ struct Encoder<'b, W: Write> {
     st: EncStats,
 }
 
-impl<'b, W: Write> Encoder<'b, W> {
+impl<W: Write> Encoder<W> {
     fn push(&mut self, op: Op) -> Result<(), DeltaError> {
         match op {
             Op::Data { mut start, mut len } => {
@@ -999,8 +990,7 @@ pub(crate) fn build_body<W: Write + Send>(
             "base indexed"
         );
         let refs = RefSource {
-            a: a.bytes(),
-            a_img: a,
+            a,
             b,
             anchors: Arc::new(anchors),
             budget: opts.reference_max,
@@ -1017,7 +1007,6 @@ pub(crate) fn build_body<W: Write + Send>(
         let encoder = scope.spawn(move || -> Result<(W, EncStats), DeltaError> {
             let mut enc = Encoder {
                 w,
-                _b: std::marker::PhantomData,
                 spans: Vec::new(),
                 lit_len: 0,
                 pending: Vec::new(),

@@ -98,7 +98,7 @@ fn select_dot() -> fn(&[u8], &[u32]) -> u32 {
 }
 
 /// Number of bits needed to index `n` slots as a power of two (at least `min_bits`).
-fn bits_for(n: usize, min_bits: u32) -> u32 {
+pub(crate) fn bits_for(n: usize, min_bits: u32) -> u32 {
     let n = n.max(1).next_power_of_two();
     n.trailing_zeros().clamp(min_bits, 32)
 }

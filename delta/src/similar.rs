@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use crate::build::{push_op, Op};
 use crate::image::Image;
-use crate::index::{common_prefix, common_suffix};
+use crate::index::{bits_for, common_prefix, common_suffix};
 
 /// An anchor is a position where the hash has this many top bits zero.
 const ANCHOR_BITS: u32 = 8;
@@ -210,8 +210,7 @@ impl OwnAnchors {
     /// A table for a target of `bytes` bytes: a slot for each 1 KiB (about four times
     /// the anchors of its literal runs when a tenth of it is new), from 32 KiB to 32 MiB.
     pub(crate) fn new(bytes: usize) -> Self {
-        let want = (bytes >> 10).clamp(1 << 12, 1 << 22);
-        let bits = want.next_power_of_two().trailing_zeros();
+        let bits = bits_for((bytes >> 10).min(1 << 22), 12);
         OwnAnchors {
             slots: vec![0; 1 << bits],
             shift: 32 - bits,
