@@ -623,15 +623,21 @@ struct RefSource<'a> {
     budget: usize,
 }
 
-/// Compresses a literal frame at `level`, with `reference` (if any) as zstd's reference
-/// prefix: the window spans both (at least the frame, at most
+/// Compresses a literal frame at `level` against a reference: `buf` holds the reference
+/// (possibly empty), then the frame (`buf[..ref_len]`, `buf[ref_len..]`); the reference
+/// is zstd's reference prefix, the window spans both (at least the frame, at most
 /// 2^`REFERENCE_WINDOW_LOG_MAX`), long-distance matching on from `LONG_FROM_LEVEL`.
-fn compress_literal(lit: &[u8], reference: &[u8], level: i32) -> Result<Vec<u8>, DeltaError> {
+///
+/// With the prefix right before the frame in memory, zstd searches one contiguous
+/// window instead of two segments: on issue 22's v1→v2 images that took the build from
+/// 27.7 to 25.5 CPU seconds, with the same delta to a few bytes.
+fn compress_literal(buf: &[u8], ref_len: usize, level: i32) -> Result<Vec<u8>, DeltaError> {
     use zstd::zstd_safe::{get_error_name, CCtx, CParameter};
     let fail = |code| DeltaError::Internal(format!("zstd: {}", get_error_name(code)));
     let mut c = CCtx::try_create()
         .ok_or_else(|| DeltaError::Internal("cannot create a zstd compressor".into()))?;
-    let wlog = bits_for(reference.len() + lit.len(), 20).min(REFERENCE_WINDOW_LOG_MAX);
+    let (reference, lit) = buf.split_at(ref_len);
+    let wlog = bits_for(buf.len(), 20).min(REFERENCE_WINDOW_LOG_MAX);
     c.set_parameter(CParameter::CompressionLevel(level))
         .map_err(fail)?;
     c.set_parameter(CParameter::WindowLog(wlog)).map_err(fail)?;
@@ -691,12 +697,12 @@ fn pack(
     let mut lit_stored = 0;
     let mut reference_len = 0;
     if g.lit_len > 0 {
-        let mut lit: Vec<u8> = Vec::new();
-        lit.try_reserve_exact(g.lit_len)
+        let mut buf: Vec<u8> = Vec::new();
+        buf.try_reserve_exact(g.lit_len)
             .map_err(|e| DeltaError::Internal(format!("cannot allocate a literal frame: {e}")))?;
         let b = refs.b.bytes();
         for &(s, l) in &g.spans {
-            lit.extend_from_slice(&b[s..s + l]);
+            buf.extend_from_slice(&b[s..s + l]);
         }
         // The encoder and the scanner are past these pages.
         if let (Some(first), Some(last)) = (g.spans.first(), g.spans.last()) {
@@ -704,28 +710,40 @@ fn pack(
         }
         let ranges = if refs.budget > 0 {
             refs.anchors
-                .reference(&lit, refs.a.bytes().len() as u64, refs.budget)
+                .reference(&buf, refs.a.bytes().len() as u64, refs.budget)
         } else {
             Vec::new()
         };
-        let mut reference = Vec::new();
-        for &(src, len) in &ranges {
-            let (s, e) = (src as usize, (src + len) as usize);
-            reference.extend_from_slice(&refs.a.bytes()[s..e]);
-            refs.a.release(s, e);
+        // The reference goes in front of the frame, in the same buffer (see
+        // `compress_literal`): the frame moves up, the reference is copied below it.
+        let ref_len: usize = ranges.iter().map(|&(_, len)| len as usize).sum();
+        if ref_len > 0 {
+            buf.try_reserve_exact(ref_len)
+                .map_err(|e| DeltaError::Internal(format!("cannot allocate a reference: {e}")))?;
+            buf.resize(ref_len + g.lit_len, 0);
+            buf.copy_within(..g.lit_len, ref_len);
+            let mut at = 0;
+            for &(src, len) in &ranges {
+                let (s, e) = (src as usize, (src + len) as usize);
+                buf[at..at + (e - s)].copy_from_slice(&refs.a.bytes()[s..e]);
+                refs.a.release(s, e);
+                at += e - s;
+            }
         }
+        let lit = &mut buf[ref_len..];
         // The x86 filter makes the calls of one function alike, but it also makes two
         // copies of one code at different places differ (their absolute targets
         // differ), which costs more on some frames (git's programs share much code):
         // a fast trial compression with and without it decides.
-        let plain = trial.compress(&lit).map_err(zerr)?.len();
-        x86_encode(&mut lit);
-        let filtered = trial.compress(&lit).map_err(zerr)?.len();
+        let plain = trial.compress(lit).map_err(zerr)?.len();
+        x86_encode(lit);
+        let filtered = trial.compress(lit).map_err(zerr)?.len();
         let x86 = filtered < plain;
         if !x86 {
-            x86_decode(&mut lit);
+            x86_decode(lit);
         }
-        let packed = compress_literal(&lit, &reference, level)?;
+        let packed = compress_literal(&buf, ref_len, level)?;
+        let lit = &mut buf[ref_len..];
         if packed.len() < lit.len() {
             let mut flags = if x86 { LIT_FLAG_X86 } else { 0 };
             if !ranges.is_empty() {
@@ -743,14 +761,14 @@ fn pack(
             }
             put_varint(&mut out, packed.len() as u64);
             out.extend_from_slice(&packed);
-            reference_len = reference.len() as u64;
+            reference_len = ref_len as u64;
         } else {
             if x86 {
-                x86_decode(&mut lit);
+                x86_decode(lit);
             }
             out.push(TAG_LIT_RAW);
             put_varint(&mut out, lit.len() as u64);
-            out.extend_from_slice(&lit);
+            out.extend_from_slice(lit);
         }
         lit_stored = out.len() as u64;
     }
