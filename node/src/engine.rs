@@ -5,6 +5,7 @@
 //! blocking pool; their results come back as internal events.
 
 use crate::accounting::{Accounting, PeerKind};
+use crate::admin_gate::AdminGate;
 use crate::backoff::Backoff;
 use crate::config::NodeConfig;
 use crate::gate::{self, Link, RefusalReason};
@@ -16,7 +17,7 @@ use crate::seeding::{LanSeeder, Verdict};
 use crate::startup::{Startup, StartupReport};
 use crate::store::{Store, StoreError};
 use crate::transport::{self, TransportOptions};
-use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse};
+use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse, HostCommand};
 use bids_protocols::cert::{BridgeheadCert, Revocations};
 use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse, Encoding};
 use bids_protocols::gis::{
@@ -213,7 +214,7 @@ pub(crate) enum Command {
 
 /// Results of work done off the loop.
 enum Internal {
-    /// An admin command was carried out (`crate::admin::execute`): answer the GIS.
+    /// An admin command was carried out (by the executor above the engine): answer the GIS.
     AdminDone {
         channel: ResponseChannel<AdminResponse>,
         response: AdminResponse,
@@ -330,6 +331,40 @@ struct PendingGis {
     resend: Option<(GisRequest, u32)>,
 }
 
+/// An admin command the engine admitted, for the executor above it (`crate::admin`); the
+/// answer goes back on `reply` and from there to the GIS.
+pub(crate) struct AdminJob {
+    pub(crate) cmd: HostCommand,
+    pub(crate) reply: oneshot::Sender<AdminResponse>,
+}
+
+/// Admitted admin commands waiting for the executor; more are answered "failed, busy".
+pub(crate) const ADMIN_QUEUE: usize = 64;
+
+/// A handle that keeps neither the node running (its command channel closes when the last
+/// `NodeHandle` goes) nor its store open (a restarted node reopens the same directory).
+#[derive(Clone)]
+pub(crate) struct WeakNodeHandle {
+    tx: mpsc::WeakSender<Command>,
+    peer: PeerId,
+    listen: Vec<Multiaddr>,
+    store: std::sync::Weak<Store>,
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl WeakNodeHandle {
+    /// The node, if it still has a handle somewhere.
+    pub(crate) fn upgrade(&self) -> Option<NodeHandle> {
+        Some(NodeHandle {
+            tx: self.tx.upgrade()?,
+            peer: self.peer,
+            listen: self.listen.clone(),
+            store: self.store.upgrade()?,
+            metrics_addr: self.metrics_addr,
+        })
+    }
+}
+
 /// A running node: a cheap handle to its event loop.
 #[derive(Clone)]
 pub struct NodeHandle {
@@ -341,6 +376,16 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
+    pub(crate) fn downgrade(&self) -> WeakNodeHandle {
+        WeakNodeHandle {
+            tx: self.tx.downgrade(),
+            peer: self.peer,
+            listen: self.listen.clone(),
+            store: Arc::downgrade(&self.store),
+            metrics_addr: self.metrics_addr,
+        }
+    }
+
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`NodeConfig::metrics`).
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics_addr
@@ -476,8 +521,13 @@ fn tune_allocator() {
     }
 }
 
-/// Starts a node: opens the store, binds, connects to the GIS; returns once listening.
-pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::JoinHandle<()>)> {
+/// Starts a node's event loop: opens the store, binds, connects to the GIS; returns once
+/// listening. Admitted admin commands go out on `admin_jobs` (`crate::start` wires them to
+/// their executor).
+pub(crate) async fn start(
+    cfg: NodeConfig,
+    admin_jobs: mpsc::Sender<AdminJob>,
+) -> anyhow::Result<(NodeHandle, tokio::task::JoinHandle<()>)> {
     use anyhow::Context;
     cfg.validate().map_err(anyhow::Error::msg)?;
     tune_allocator();
@@ -625,11 +675,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
     let download = DownloadBudget::new(cfg.download_bps, Instant::now());
     let sharing = cfg.sharing;
     let cfg_scrub_bps = cfg.scrub_bps;
-    let admin_gate = crate::admin::AdminGate::new(cfg.admin_peer, gis_peer, me);
-    let self_tx = handle.tx.downgrade();
+    let admin_gate = AdminGate::new(cfg.admin_peer, gis_peer, me);
     let engine = Engine {
         admin_gate,
-        self_tx,
+        admin_jobs,
         swarm,
         store,
         me,
@@ -637,6 +686,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         topic,
         bridgehead_topic: gossipsub::IdentTopic::new(BRIDGEHEAD_TOPIC),
         role: Role::Host,
+        cert: cfg.cert.clone(),
         gis_connected: false,
         registered: false,
         gis_redial: Backoff::new(GIS_REDIAL_BASE, GIS_REDIAL_CAP),
@@ -681,7 +731,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
         dialing: HashSet::new(),
         seeder: LanSeeder::default(),
         metrics,
-        metrics_server,
+        _metrics_server: metrics_server,
         last_metrics_sample: Instant::now(),
         cfg,
     };
@@ -698,17 +748,21 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::
 
 struct Engine {
     swarm: Swarm<Behaviour>,
-    admin_gate: crate::admin::AdminGate,
-    /// Our own command queue, weakly (a strong sender would keep the loop alive forever):
-    /// admin commands run as tasks that drive the node through a `NodeHandle`.
-    self_tx: mpsc::WeakSender<Command>,
+    admin_gate: AdminGate,
+    /// Admitted admin commands, to their executor above the engine.
+    admin_jobs: mpsc::Sender<AdminJob>,
     store: Arc<Store>,
     cfg: NodeConfig,
     me: PeerId,
     gis_peer: PeerId,
     topic: gossipsub::IdentTopic,
     bridgehead_topic: gossipsub::IdentTopic,
+    /// The role the GIS granted at the last registration.
     role: Role,
+    /// The bridgehead certificate this node presents now. It starts as the configuration's;
+    /// an admin's `set_cert`, its expiry or the GIS refusing it change it here, and the
+    /// configuration stays as it was loaded.
+    cert: Option<BridgeheadCert>,
     gis_connected: bool,
     registered: bool,
     /// When to redial the GIS while it is unreachable (`crate::backoff`).
@@ -776,7 +830,7 @@ struct Engine {
     seeder: LanSeeder,
     metrics: Arc<NodeMetrics>,
     /// Serves `metrics` while the loop runs (`--metrics`); stops when dropped.
-    metrics_server: Option<bids_metrics::MetricsServer>,
+    _metrics_server: Option<bids_metrics::MetricsServer>,
     last_metrics_sample: Instant,
 }
 
@@ -972,7 +1026,7 @@ impl Engine {
         let req = GisRequest::Register {
             idc: self.cfg.idc.clone(),
             addrs,
-            cert: self.cfg.cert.clone(),
+            cert: self.cert.clone(),
             policy: self.cfg.policy,
         };
         self.gis_request(req, purpose);
@@ -1085,7 +1139,7 @@ impl Engine {
                 self.lookup_failed(&image, for_fetch, message);
             }
             (GisPurpose::Register, GisResponse::Error { kind, message })
-                if kind == ErrorKind::BadCert && self.cfg.cert.is_some() =>
+                if kind == ErrorKind::BadCert && self.cert.is_some() =>
             {
                 self.bridgehead_cert_refused(&message);
             }
@@ -1161,10 +1215,10 @@ impl Engine {
         // A revoked bridgehead's links close at once.
         let now = Self::now_secs();
         let mut drop_peers = Vec::new();
-        if let Some(c) = &self.cfg.cert {
+        if let Some(c) = &self.cert {
             if self.revocations.is_revoked(c.body.serial) {
                 warn!("this node's bridgehead certificate was revoked; cross-IDC links close");
-                self.cfg.cert = None;
+                self.cert = None;
                 self.role = Role::Host;
                 for (p, st) in &self.peers {
                     if matches!(
@@ -1319,7 +1373,7 @@ impl Engine {
         Hello {
             idc: self.cfg.idc.clone(),
             policy: self.cfg.policy,
-            cert: self.cfg.cert.clone(),
+            cert: self.cert.clone(),
         }
     }
 
@@ -1328,7 +1382,7 @@ impl Engine {
             peer: &self.me,
             idc: &self.cfg.idc,
             policy: self.cfg.policy,
-            cert: self.cfg.cert.as_ref(),
+            cert: self.cert.as_ref(),
             admin: &self.cfg.admin_peer,
             revocations: &self.revocations,
             now: Self::now_secs(),
@@ -1682,7 +1736,7 @@ impl Engine {
     fn may_relay(&self, peer: &PeerId) -> bool {
         self.cfg.policy == Policy::Bids
             && self.role == Role::Bridgehead
-            && self.cfg.cert.is_some()
+            && self.cert.is_some()
             && matches!(self.peers.get(peer), Some(PeerState::Accepted { .. }))
     }
 
@@ -2617,7 +2671,7 @@ impl Engine {
             gis_connected: self.gis_connected,
             registered: self.registered,
             downloads_active: self.downloads.len(),
-            cert_expires_at: self.cfg.cert.as_ref().map(|c| c.body.not_after),
+            cert_expires_at: self.cert.as_ref().map(|c| c.body.not_after),
             cert_expiring: self.cert_expiring(Self::now_secs()),
             ..Default::default()
         };
@@ -2641,12 +2695,12 @@ impl Engine {
     /// certificate about to expire is warned about at start and daily.
     fn check_cert_ends(&mut self, now: Instant) {
         let secs = Self::now_secs();
-        if let Some(c) = &self.cfg.cert {
+        if let Some(c) = &self.cert {
             let (serial, not_after) = (c.body.serial, c.body.not_after);
             let expires = bids_protocols::cert::fmt_time(not_after);
             if secs >= not_after {
                 warn!(serial, %expires, "this node's bridgehead certificate expired: cross-IDC links close and the node goes on as an ordinary host of IDC {}; ask the admin for a new certificate and reload it (SIGHUP reloads --cert)", self.cfg.idc);
-                self.cfg.cert = None;
+                self.cert = None;
                 self.cert_warned = None;
                 self.leave_bridgehead_role();
                 self.register();
@@ -2677,8 +2731,7 @@ impl Engine {
     /// Our certificate ends within the warning period.
     fn cert_expiring(&self, secs: i64) -> bool {
         let warn = i64::try_from(self.cfg.cert_warn.as_secs()).unwrap_or(i64::MAX);
-        self.cfg
-            .cert
+        self.cert
             .as_ref()
             .is_some_and(|c| secs.saturating_add(warn) >= c.body.not_after)
     }
@@ -2940,31 +2993,44 @@ impl Engine {
         else {
             return;
         };
-        let node = self.self_tx.upgrade().map(|tx| NodeHandle {
-            tx,
-            peer: self.me,
-            listen: self.listen.clone(),
-            store: self.store.clone(),
-            metrics_addr: self.metrics_server.as_ref().map(|m| m.local_addr()),
-        });
-        match (self.admin_gate.admit(peer, request, Self::now_secs()), node) {
-            (Err(refusal), _) => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .admin
-                    .send_response(channel, refusal);
+        let cmd = match self.admin_gate.admit(peer, request, Self::now_secs()) {
+            Ok(cmd) => cmd,
+            Err(refusal) => {
+                self.answer_admin(channel, refusal);
+                return;
             }
-            // Every handle is gone: the node is stopping.
-            (Ok(_), None) => {}
-            (Ok(cmd), Some(node)) => {
+        };
+        let (reply, answer) = oneshot::channel();
+        match self.admin_jobs.try_send(AdminJob { cmd, reply }) {
+            Ok(()) => {
                 let itx = self.itx.clone();
                 tokio::spawn(async move {
-                    let response = crate::admin::execute(node, cmd).await;
-                    let _ = itx.send(Internal::AdminDone { channel, response }).await;
+                    if let Ok(response) = answer.await {
+                        let _ = itx.send(Internal::AdminDone { channel, response }).await;
+                    }
                 });
             }
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                warn!(command = %job.cmd.describe(), "admin command refused: {ADMIN_QUEUE} others wait");
+                let busy = AdminResponse::Error {
+                    kind: adminp::AdminErrorKind::Failed,
+                    message: format!(
+                        "this host has {ADMIN_QUEUE} admin commands waiting; try again later"
+                    ),
+                };
+                self.answer_admin(channel, busy);
+            }
+            // The executor is gone: the node is stopping.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+
+    fn answer_admin(&mut self, channel: ResponseChannel<AdminResponse>, response: AdminResponse) {
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .admin
+            .send_response(channel, response);
     }
 
     /// Takes or drops a bridgehead certificate, then re-registers so the GIS grants the role.
@@ -2986,17 +3052,17 @@ impl Engine {
                 return;
             }
         }
-        if cert.is_none() && self.cfg.cert.is_some() {
+        if cert.is_none() && self.cert.is_some() {
             info!("bridgehead certificate dropped; cross-IDC links close");
             self.leave_bridgehead_role();
         } else if let Some(c) = &cert {
             info!(serial = c.body.serial, db_id = %c.body.db_id, not_after = %bids_protocols::cert::fmt_time(c.body.not_after), "bridgehead certificate set");
         }
-        self.cfg.cert = cert;
+        self.cert = cert;
         self.cert_warned = None;
         // Bridgeheads of other IDCs still linked to us know our old certificate's end and
         // would close then: tell them the new one.
-        if self.cfg.cert.is_some() {
+        if self.cert.is_some() {
             let wan: Vec<PeerId> = self.wan_cert_ends.keys().copied().collect();
             for p in wan {
                 let h = self.my_hello();
@@ -3039,9 +3105,9 @@ impl Engine {
     /// unregistered, so it is dropped once and the node registers as an ordinary host of its
     /// IDC: it keeps serving and fetching over the LAN.
     fn bridgehead_cert_refused(&mut self, message: &str) {
-        let serial = self.cfg.cert.as_ref().map(|c| c.body.serial);
+        let serial = self.cert.as_ref().map(|c| c.body.serial);
         warn!(?serial, %message, "the GIS refused this node's bridgehead certificate; dropping it and registering as an ordinary host");
-        self.cfg.cert = None;
+        self.cert = None;
         self.leave_bridgehead_role();
         self.register();
     }
@@ -3097,7 +3163,7 @@ impl Engine {
                     .collect()
             },
             settings: self.settings(),
-            cert_expires_at: self.cfg.cert.as_ref().map(|c| c.body.not_after),
+            cert_expires_at: self.cert.as_ref().map(|c| c.body.not_after),
             cert_expiring: self.cert_expiring(Self::now_secs()),
         }
     }

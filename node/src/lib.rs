@@ -3,6 +3,7 @@
 
 pub mod accounting;
 pub mod admin;
+pub mod admin_gate;
 pub mod backoff;
 pub mod config;
 pub mod control;
@@ -21,4 +22,14 @@ pub mod transport;
 pub mod versions;
 
 pub use config::NodeConfig;
-pub use engine::{start, FetchProgress, ImageReport, NodeHandle, NodeStatus};
+pub use engine::{FetchProgress, ImageReport, NodeHandle, NodeStatus};
+
+/// Starts a node: its event loop (`engine`), and above it the executor of the admin
+/// commands the loop admits (`admin`), which drives the node through a `NodeHandle` as any
+/// caller would. Returns once the node listens.
+pub async fn start(cfg: NodeConfig) -> anyhow::Result<(NodeHandle, tokio::task::JoinHandle<()>)> {
+    let (admin_tx, admin_rx) = tokio::sync::mpsc::channel(engine::ADMIN_QUEUE);
+    let (node, task) = engine::start(cfg, admin_tx).await?;
+    tokio::spawn(admin::serve(node.downgrade(), admin_rx));
+    Ok((node, task))
+}
