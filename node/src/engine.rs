@@ -214,6 +214,14 @@ pub(crate) enum Command {
 
 /// Results of work done off the loop.
 enum Internal {
+    /// The store is ready for a new download of `manifest` (or why not): the host lists
+    /// that waited for it are taken now.
+    Prepared {
+        manifest: Arc<Manifest>,
+        /// When the fetch was asked and when the GIS answered (the download's start-up).
+        times: (Instant, Instant),
+        result: Result<Prepared, String>,
+    },
     /// An admin command was carried out (by the executor above the engine): answer the GIS.
     AdminDone {
         channel: ResponseChannel<AdminResponse>,
@@ -252,6 +260,32 @@ enum StoreFail {
     /// The chunk verified but our store could not keep it (a full disk, an I/O error): no
     /// sender is to blame, and the download stops.
     Local(crate::store::StoreError),
+}
+
+/// What the store says about an image it just prepared for a download.
+struct Prepared {
+    held: Vec<bool>,
+    held_chunks: u32,
+}
+
+/// Where a fetch's progress is sent once its download exists (or why it does not).
+type FetchReply = oneshot::Sender<Result<watch::Receiver<FetchProgress>, String>>;
+
+/// Checks the room for `m`, creates its sparse file and records it (file create, sled
+/// transaction, flush): blocking work, run off the event loop.
+fn prepare_download(store: &Store, m: &Manifest) -> Result<Prepared, String> {
+    if let Err(e) = store.check_space(m) {
+        warn!(image = %m.image_ref(), error = %e, "not starting a download");
+        return Err(e.to_string());
+    }
+    store
+        .add_manifest(m)
+        .map_err(|e| format!("cannot prepare the store: {e}"))?;
+    let id = m.id();
+    Ok(Prepared {
+        held: store.held(&id).unwrap_or_default(),
+        held_chunks: store.status(&id).map(|s| s.held).unwrap_or(0),
+    })
 }
 
 /// A chunk response waiting for its turn to one peer.
@@ -687,6 +721,7 @@ pub(crate) async fn start(
         bridgehead_topic: gossipsub::IdentTopic::new(BRIDGEHEAD_TOPIC),
         role: Role::Host,
         cert: cfg.cert.clone(),
+        preparing: HashMap::new(),
         gis_connected: false,
         registered: false,
         gis_redial: Backoff::new(GIS_REDIAL_BASE, GIS_REDIAL_CAP),
@@ -759,6 +794,9 @@ struct Engine {
     bridgehead_topic: gossipsub::IdentTopic,
     /// The role the GIS granted at the last registration.
     role: Role,
+    /// Downloads whose store is being prepared off the loop, with the host lists (and the
+    /// fetches) that wait for it.
+    preparing: HashMap<ImageId, Vec<(HostList, Option<FetchReply>)>>,
     /// The bridgehead certificate this node presents now. It starts as the configuration's;
     /// an admin's `set_cert`, its expiry or the GIS refusing it change it here, and the
     /// configuration stays as it was loaded.
@@ -869,7 +907,9 @@ impl Engine {
         info!(peer = %self.me, "node stopped");
     }
 
-    /// Per-image counters survive a restart: saved with each heartbeat and at stop.
+    /// Per-image counters survive a restart: saved with each heartbeat and at stop. On the
+    /// loop, in order: a sled insert lands in sled's memory (its own threads write it out),
+    /// and a save that ran late off the loop could put older totals over newer ones.
     fn save_counters(&mut self) {
         for (id, c) in self.acct.take_dirty() {
             if let Err(e) = self.store.save_counters(&id, &c) {
@@ -1919,6 +1959,11 @@ impl Engine {
                 peer,
                 result,
             } => self.on_stored(image, idx, peer, result),
+            Internal::Prepared {
+                manifest,
+                times,
+                result,
+            } => self.on_prepared(manifest, times, result),
         }
     }
 
@@ -2042,7 +2087,9 @@ impl Engine {
             self.recently_completed.insert(*image, Instant::now());
             self.announce(*image, &fresh, true);
             self.publish(image, false);
-            self.store.touch(image);
+            // A sled write: off the loop.
+            let (store, id) = (self.store.clone(), *image);
+            tokio::task::spawn_blocking(move || store.touch(&id));
             // Anyone still waiting on us gets what we now hold.
             let keys: Vec<(ImageId, ChunkIndex)> = self
                 .waiters
@@ -2187,21 +2234,59 @@ impl Engine {
                 }
                 return;
             }
-            // A download that cannot fit fails now, not after filling the disk.
-            if let Err(e) = self.store.check_space(&manifest) {
-                warn!(image = %manifest.image_ref(), error = %e, "not starting a download");
-                if let Some(r) = reply {
-                    let _ = r.send(Err(e.to_string()));
+            // The store's part (a file created, a sled transaction) runs off the loop; the
+            // lists that arrive meanwhile wait with this one.
+            if let Some(waiting) = self.preparing.get_mut(&id) {
+                waiting.push((list, reply));
+                return;
+            }
+            self.preparing.insert(id, vec![(list, reply)]);
+            let (store, itx) = (self.store.clone(), self.itx.clone());
+            let times = (asked, Instant::now());
+            tokio::spawn(async move {
+                let m = manifest.clone();
+                let result = tokio::task::spawn_blocking(move || prepare_download(&store, &m))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the store task failed: {e}")));
+                let _ = itx
+                    .send(Internal::Prepared {
+                        manifest,
+                        times,
+                        result,
+                    })
+                    .await;
+            });
+            return;
+        }
+        self.take_host_list(id, list, reply);
+    }
+
+    /// The store is ready (or not) for the download of `manifest`: the download starts and
+    /// takes the host lists that waited, or each waiting fetch gets the error.
+    fn on_prepared(
+        &mut self,
+        manifest: Arc<Manifest>,
+        (asked, answered): (Instant, Instant),
+        result: Result<Prepared, String>,
+    ) {
+        let id = manifest.id();
+        let lists = self.preparing.remove(&id).unwrap_or_default();
+        let prepared = match result {
+            Ok(p) => p,
+            Err(e) => {
+                for (_, reply) in lists {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(e.clone()));
+                    }
                 }
                 return;
             }
-            if let Err(e) = self.store.add_manifest(&manifest) {
-                if let Some(r) = reply {
-                    let _ = r.send(Err(format!("cannot prepare the store: {e}")));
-                }
-                return;
-            }
-            let held: Vec<bool> = self.store.held(&id).unwrap_or_default();
+        };
+        if !self.downloads.contains_key(&id) {
+            let (level0, level1, level2) = lists.first().map_or((0, 0, 0), |(l, _)| {
+                (l.level0.len(), l.level1.len(), l.level2.len())
+            });
+            let held = prepared.held;
             let mut sched = Download::new(
                 manifest.chunk_count(),
                 |i| held.get(i as usize).copied().unwrap_or(false),
@@ -2209,24 +2294,23 @@ impl Engine {
                 rand::random(),
             );
             sched.set_identity(self.me);
-            let st = self.store.status(&id);
             let (tx, _) = watch::channel(FetchProgress {
                 image: manifest.image_ref(),
                 id,
-                held: st.as_ref().map(|s| s.held).unwrap_or(0),
+                held: prepared.held_chunks,
                 total: manifest.chunk_count(),
                 size: manifest.size,
                 done: None,
                 startup: None,
             });
             info!(image = %manifest.image_ref(), id = %id.short(), chunks = manifest.chunk_count(),
-                  level0 = list.level0.len(), level1 = list.level1.len(), level2 = list.level2.len(), "download started");
+                  level0, level1, level2, prepare_ms = answered.elapsed().as_millis() as u64, "download started");
             if self.downloads.is_empty() {
                 // No saved-up burst: the download limit holds from the first request.
                 self.download.start_fresh(Instant::now());
             }
             let mut startup = Startup::new(asked);
-            startup.lookup_answered(Instant::now());
+            startup.lookup_answered(answered);
             self.downloads.insert(
                 id,
                 DownloadState {
@@ -2250,6 +2334,13 @@ impl Engine {
             );
             self.publish(&id, true);
         }
+        for (list, reply) in lists {
+            self.take_host_list(id, list, reply);
+        }
+    }
+
+    /// Takes a host list into the running download of `id`: its peers become candidates.
+    fn take_host_list(&mut self, id: ImageId, list: HostList, reply: Option<FetchReply>) {
         let Some(d) = self.downloads.get_mut(&id) else {
             return;
         };

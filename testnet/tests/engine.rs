@@ -42,6 +42,17 @@ async fn seed(
     (image, m.id(), file, dir)
 }
 
+/// Waits for every fetch (60 s at most each); each must succeed.
+async fn wait_fetches(tasks: Vec<tokio::task::JoinHandle<Result<f64, String>>>) {
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("fetch timed out")
+            .unwrap();
+        r.expect("fetch failed");
+    }
+}
+
 fn file_hash(p: &std::path::Path) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(std::fs::read(p).unwrap()).to_vec()
@@ -69,13 +80,7 @@ async fn bids_distributes_through_bridgeheads() {
         let q = ImageQuery::Ref(image.clone());
         tasks.push(tokio::spawn(async move { n.fetch_and_wait(q).await }));
     }
-    for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(60), t)
-            .await
-            .expect("fetch timed out")
-            .unwrap();
-        r.expect("fetch failed");
-    }
+    wait_fetches(tasks).await;
     let mut wan = 0;
     for i in c.idc_nodes("B") {
         let n = c.nodes[i].node();
@@ -100,6 +105,43 @@ async fn bids_distributes_through_bridgeheads() {
     assert!(
         wan as f64 >= 0.99 * size as f64,
         "WAN bytes into B: {wan} for an image of {size}"
+    );
+    c.shutdown().await;
+}
+
+/// Several fetches of one image on one node at the same moment: the store is prepared for
+/// the download once, off the event loop, and every fetch (those whose host lists arrived
+/// while it was being prepared too) follows the same download to the same bit-exact copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_that_arrive_while_the_store_is_prepared_share_one_download() {
+    let spec = ClusterSpec {
+        idcs: vec![idc("A", 3, 0)],
+        policy: Policy::Bids,
+        shaped: false,
+    };
+    let c = Cluster::start(spec).await.unwrap();
+    let a = c.idc_nodes("A");
+    let size = 3 * 1024 * 1024 + 7;
+    let (image, id, file, _d) = seed(&c, a[0], size, 256 * 1024, false).await;
+    let want = file_hash(&file);
+    let n = c.nodes[a[1]].node().clone();
+    let mut tasks = Vec::new();
+    for k in 0..4 {
+        let n = n.clone();
+        let q = if k % 2 == 0 {
+            ImageQuery::Ref(image.clone())
+        } else {
+            ImageQuery::Id(id)
+        };
+        tasks.push(tokio::spawn(async move { n.fetch_and_wait(q).await }));
+    }
+    wait_fetches(tasks).await;
+    assert_eq!(file_hash(&n.store().image_path(&id)), want);
+    let st = n.status().await.unwrap();
+    assert!(
+        st.total.lan_recv_bytes <= size + size / 50,
+        "one download, not several: {} bytes received for an image of {size}",
+        st.total.lan_recv_bytes
     );
     c.shutdown().await;
 }
