@@ -6,9 +6,9 @@
 
 use crate::accounting::{Accounting, PeerKind};
 use crate::admin_gate::AdminGate;
-use crate::backoff::Backoff;
 use crate::config::NodeConfig;
 use crate::gate::{self, Link, RefusalReason};
+use crate::gis_session::{self, Connected, GisSession, Step, Unreachable};
 use crate::metrics::NodeMetrics;
 use crate::payload_cache::PayloadCache;
 use crate::ratelimit::{DownloadBudget, RateLimiter};
@@ -46,19 +46,6 @@ const TICK: Duration = Duration::from_millis(20);
 const ANNOUNCE_BATCH: Duration = Duration::from_millis(100);
 /// Full have-state of images in progress is re-announced this often (late joiners).
 const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
-/// How often a failed GIS lookup (or caller's request) is sent again before it fails.
-const GIS_RESENDS: u32 = 2;
-/// After the GIS connection is lost (or a dial fails) the GIS is redialled after a delay
-/// that starts here and doubles per failure, drawn at random in its upper half.
-const GIS_REDIAL_BASE: Duration = Duration::from_millis(250);
-/// ... up to this: a node is back at most this long (plus a tick) after the GIS is, and the
-/// hosts of a large IDC spread their redials over the upper half of it.
-const GIS_REDIAL_CAP: Duration = Duration::from_millis(2500);
-/// Requests someone waits for (a caller's, a fetch's first lookup) wait at most this long
-/// for the GIS to be reachable and registered with again; then they fail.
-const GIS_BACKLOG_WAIT: Duration = Duration::from_secs(15);
-/// At most this many such requests wait; more fail at once.
-const MAX_GIS_BACKLOG: usize = 256;
 /// While this node's bridgehead certificate is about to expire, the warning repeats this often.
 const CERT_WARN_EVERY: Duration = Duration::from_secs(86_400);
 /// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
@@ -356,13 +343,27 @@ enum GisPurpose {
     Caller(oneshot::Sender<Result<GisResponse, String>>),
 }
 
-/// A GIS request awaiting its answer: what the answer is for and, for lookups and
-/// callers' requests, the request itself and its attempt, to send it again if it fails
-/// (on a slow or saturated link an answer can time out; one lost answer must not fail a
-/// download).
-struct PendingGis {
-    purpose: GisPurpose,
-    resend: Option<(GisRequest, u32)>,
+impl gis_session::Purpose for GisPurpose {
+    /// While the GIS is unreachable nothing is sent to it (each request would make the
+    /// swarm dial it again). What repeats on its own is dropped (registering again
+    /// re-publishes everything); a download's refresh fails (it asks again later); what
+    /// someone waits for is held.
+    fn when_unreachable(&self) -> Unreachable {
+        match self {
+            GisPurpose::Register | GisPurpose::Heartbeat | GisPurpose::Publish => Unreachable::Drop,
+            GisPurpose::Lookup {
+                for_fetch: None, ..
+            } => Unreachable::Fail,
+            _ => Unreachable::Hold,
+        }
+    }
+
+    /// Lookups and callers' requests: on a slow or saturated link a GIS answer can time
+    /// out, and one lost answer must not fail a download (registrations, heartbeats and
+    /// publications repeat on their own).
+    fn resent(&self) -> bool {
+        matches!(self, GisPurpose::Lookup { .. } | GisPurpose::Caller(_))
+    }
 }
 
 /// An admin command the engine admitted, for the executor above it (`crate::admin`); the
@@ -722,13 +723,7 @@ pub(crate) async fn start(
         role: Role::Host,
         cert: cfg.cert.clone(),
         preparing: HashMap::new(),
-        gis_connected: false,
-        registered: false,
-        gis_redial: Backoff::new(GIS_REDIAL_BASE, GIS_REDIAL_CAP),
-        gis_dialing: false,
-        gis_watch: crate::gis_watch::GisWatch::default(),
-        gis_lost: false,
-        gis_backlog: VecDeque::new(),
+        gis: GisSession::new(cfg.gis.to_string(), Instant::now()),
         revocations: Revocations::default(),
         wan_cert_ends: HashMap::new(),
         cert_warned: None,
@@ -738,7 +733,6 @@ pub(crate) async fn start(
         waiters: HashMap::new(),
         early: HashMap::new(),
         inflight: HashMap::new(),
-        gis_pending: HashMap::new(),
         acct: Accounting::restore(handle.store.saved_counters()),
         cmd_rx: rx,
         itx,
@@ -801,19 +795,8 @@ struct Engine {
     /// an admin's `set_cert`, its expiry or the GIS refusing it change it here, and the
     /// configuration stays as it was loaded.
     cert: Option<BridgeheadCert>,
-    gis_connected: bool,
-    registered: bool,
-    /// When to redial the GIS while it is unreachable (`crate::backoff`).
-    gis_redial: Backoff,
-    /// A dial of ours to the GIS is under way.
-    gis_dialing: bool,
-    /// When to warn that the GIS is out of reach (`crate::gis_watch`).
-    gis_watch: crate::gis_watch::GisWatch,
-    /// The GIS connection was up once and was lost: the next one is a reconnection.
-    gis_lost: bool,
-    /// GIS requests someone waits for, held while the GIS is unreachable or has not yet
-    /// registered us again: since when, the request, its purpose and attempt.
-    gis_backlog: VecDeque<(Instant, GisRequest, GisPurpose, u32)>,
+    /// Connected and registered or not, redials, held and pending requests.
+    gis: GisSession<GisPurpose, OutboundRequestId>,
     revocations: Revocations,
     /// When the certificates of the bridgeheads of other IDCs we accepted end (unix seconds,
     /// from their hellos): their connections close then.
@@ -831,7 +814,6 @@ struct Engine {
     /// welcome is judged, refused if the peer is.
     early: HashMap<PeerId, Vec<(ChunkRequest, ResponseChannel<ChunkResponse>)>>,
     inflight: HashMap<OutboundRequestId, (ImageId, ChunkIndex, PeerId)>,
-    gis_pending: HashMap<OutboundRequestId, PendingGis>,
     acct: Accounting,
     cmd_rx: mpsc::Receiver<Command>,
     itx: mpsc::Sender<Internal>,
@@ -876,7 +858,6 @@ impl Engine {
     async fn run(mut self) {
         info!(peer = %self.me, idc = %self.cfg.idc, policy = %self.cfg.policy, "node started");
         // Registration follows once the connection is up (`on_gis_connected`).
-        self.gis_watch.down(Instant::now());
         self.dial_gis();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -928,66 +909,29 @@ impl Engine {
         self.gis_request_attempt(req, purpose, 0);
     }
 
-    /// Sends a GIS request. Lookups and callers' requests are kept for a resend: on a slow
-    /// or saturated link a GIS answer can time out, and one lost answer must not fail a
-    /// download (registrations, heartbeats and publications repeat on their own).
     fn gis_request_attempt(&mut self, req: GisRequest, purpose: GisPurpose, attempt: u32) {
-        if !self.gis_connected {
-            self.hold_gis_request(req, purpose, attempt);
-            return;
-        }
-        let keep = matches!(purpose, GisPurpose::Lookup { .. } | GisPurpose::Caller(_));
-        let resend = keep.then(|| (req.clone(), attempt));
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .gis
-            .send_request(&self.gis_peer, req);
-        self.gis_pending.insert(id, PendingGis { purpose, resend });
-    }
-
-    /// While the GIS is unreachable nothing is sent to it: each request would make the swarm
-    /// dial it again. What repeats on its own is dropped (registration, heartbeats,
-    /// publications: registering again re-publishes everything; a download's refresh asks
-    /// again later); what someone waits for is held, bounded in number and time, until we
-    /// are registered again.
-    fn hold_gis_request(&mut self, req: GisRequest, purpose: GisPurpose, attempt: u32) {
-        match purpose {
-            GisPurpose::Register | GisPurpose::Heartbeat | GisPurpose::Publish => {}
-            GisPurpose::Lookup {
-                image,
-                for_fetch: None,
-                ..
-            } => self.lookup_failed(&image, None, String::new()),
-            p if self.gis_backlog.len() >= MAX_GIS_BACKLOG => self.on_gis_failure(
-                p,
-                "the GIS is unreachable and too many requests wait for it".into(),
-            ),
-            p => self
-                .gis_backlog
-                .push_back((Instant::now(), req, p, attempt)),
+        if let Some(step) = self.gis.submit(req, purpose, attempt, Instant::now()) {
+            self.gis_step(step);
         }
     }
 
-    /// Sends the held requests (we are registered again), and fails those held too long.
-    fn drain_gis_backlog(&mut self, now: Instant) {
-        if self.registered && self.gis_connected {
-            for (_, req, purpose, attempt) in std::mem::take(&mut self.gis_backlog) {
-                self.gis_request_attempt(req, purpose, attempt);
+    /// Carries out what the GIS session says: a request sent, or failed to whoever waits.
+    fn gis_step(&mut self, step: Step<GisPurpose>) {
+        match step {
+            Step::Send {
+                req,
+                purpose,
+                attempt,
+            } => {
+                let kept = GisSession::<GisPurpose, OutboundRequestId>::keep(&req, &purpose);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .gis
+                    .send_request(&self.gis_peer, *req);
+                self.gis.sent(id, kept, purpose, attempt);
             }
-            return;
-        }
-        while let Some((since, ..)) = self.gis_backlog.front() {
-            if now.duration_since(*since) < GIS_BACKLOG_WAIT {
-                break;
-            }
-            if let Some((_, _, purpose, _)) = self.gis_backlog.pop_front() {
-                let why = format!(
-                    "not connected to and registered with the GIS {} for {GIS_BACKLOG_WAIT:?}",
-                    self.cfg.gis
-                );
-                self.on_gis_failure(purpose, why);
-            }
+            Step::Fail { purpose, why } => self.on_gis_failure(purpose, why),
         }
     }
 
@@ -999,49 +943,36 @@ impl Engine {
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
         match self.swarm.dial(opts) {
-            Ok(()) => self.gis_dialing = true,
+            Ok(()) => self.gis.dial_started(),
             Err(e) => self.gis_dial_failed(&crate::gis_watch::dial_cause(&e)),
         }
     }
 
     fn gis_dial_failed(&mut self, error: &str) {
-        self.gis_dialing = false;
-        let now = Instant::now();
-        let wait = self.gis_redial.failed(now, rand::random());
-        if self.gis_watch.dial_failed(now, error) {
+        let (wait, report) = self.gis.dial_failed(Instant::now(), error, rand::random());
+        if report {
             warn!(gis = %self.cfg.gis, cause = %error, "cannot reach the GIS; redialling with backoff (reminders follow while it stays out of reach)");
         } else {
-            debug!(gis = %self.cfg.gis, cause = %error, attempt = self.gis_redial.failures(), retry_in = ?wait, "cannot reach the GIS; redialling");
+            debug!(gis = %self.cfg.gis, cause = %error, attempt = self.gis.failed_dials(), retry_in = ?wait, "cannot reach the GIS; redialling");
         }
     }
 
     fn on_gis_connected(&mut self) {
-        self.gis_dialing = false;
-        if self.gis_connected {
-            return;
+        match self.gis.on_connected(Instant::now()) {
+            Connected::Already => return,
+            Connected::First => info!("connected to the GIS"),
+            Connected::Again { failed_dials } => {
+                info!(gis = %self.cfg.gis, failed_dials, "reconnected to the GIS; registering again")
+            }
         }
-        if self.gis_lost {
-            info!(gis = %self.cfg.gis, failed_dials = self.gis_redial.failures(), "reconnected to the GIS; registering again");
-        } else {
-            info!("connected to the GIS");
-        }
-        self.gis_connected = true;
-        self.gis_watch.up(Instant::now());
-        self.gis_redial.reset();
         self.register();
     }
 
     fn on_gis_disconnected(&mut self) {
-        if !self.gis_connected {
-            return;
-        }
-        self.gis_connected = false;
-        self.gis_lost = true;
         // A restarted GIS has forgotten that we are alive: register again once back.
-        self.registered = false;
-        let wait = self.gis_redial.failed(Instant::now(), rand::random());
-        self.gis_watch.down(Instant::now());
-        warn!(gis = %self.cfg.gis, retry_in = ?wait, "connection to the GIS lost; redialling with backoff (downloads go on with the peers they know)");
+        if let Some(wait) = self.gis.on_disconnected(Instant::now(), rand::random()) {
+            warn!(gis = %self.cfg.gis, retry_in = ?wait, "connection to the GIS lost; redialling with backoff (downloads go on with the peers they know)");
+        }
     }
 
     fn register(&mut self) {
@@ -1144,7 +1075,7 @@ impl Engine {
                         warn!(error = ?e, "cannot join the bridgehead topic");
                     }
                 }
-                self.registered = true;
+                self.gis.on_registered();
                 self.set_revocations(revocations);
                 self.link_bridgeheads(bridgeheads);
                 self.publish_all();
@@ -1186,7 +1117,7 @@ impl Engine {
             (p, GisResponse::Error { kind, message }) => {
                 if kind == ErrorKind::NotRegistered && !matches!(p, GisPurpose::Register) {
                     // The GIS restarted or forgot us: register again.
-                    self.registered = false;
+                    self.gis.on_unregistered();
                     self.register();
                 } else if kind == ErrorKind::BadCert {
                     // A registration sent before the certificate was dropped: already handled.
@@ -1241,7 +1172,7 @@ impl Engine {
             }
             GisPurpose::Register => {
                 debug!(%error, "register failed; retrying at next heartbeat");
-                self.registered = false;
+                self.gis.on_unregistered();
             }
             _ => debug!(%error, "GIS request failed"),
         }
@@ -1339,7 +1270,7 @@ impl Engine {
                 peer_id: Some(p),
                 error,
                 ..
-            } if p == self.gis_peer && !self.gis_connected => {
+            } if p == self.gis_peer && !self.gis.connected() => {
                 self.gis_dial_failed(&crate::gis_watch::dial_cause(&error));
             }
             SwarmEvent::OutgoingConnectionError {
@@ -1386,21 +1317,18 @@ impl Engine {
                         },
                     ..
                 } => {
-                    if let Some(p) = self.gis_pending.remove(&request_id) {
-                        self.on_gis_response(p.purpose, response);
+                    if let Some(purpose) = self.gis.answered(&request_id) {
+                        self.on_gis_response(purpose, response);
                     }
                 }
                 rr::Event::OutboundFailure {
                     request_id, error, ..
                 } => {
-                    if let Some(p) = self.gis_pending.remove(&request_id) {
-                        match p.resend {
-                            Some((req, attempt)) if attempt < GIS_RESENDS => {
-                                warn!(%error, attempt = attempt + 1, "a GIS request failed; sending it again");
-                                self.gis_request_attempt(req, p.purpose, attempt + 1);
-                            }
-                            _ => self.on_gis_failure(p.purpose, error.to_string()),
-                        }
+                    if let Some(step) =
+                        self.gis
+                            .failed(&request_id, error.to_string(), Instant::now())
+                    {
+                        self.gis_step(step);
                     }
                 }
                 _ => {}
@@ -2592,7 +2520,7 @@ impl Engine {
             d.active.remove(&peer);
             d.candidates.remove(&peer);
         }
-        if self.registered {
+        if self.gis.registered() {
             self.send_heartbeat();
         }
     }
@@ -2644,20 +2572,23 @@ impl Engine {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        if !self.gis_connected && !self.gis_dialing && self.gis_redial.due(now) {
+        let gis = self.gis.tick(now);
+        if gis.dial {
             self.dial_gis();
         }
-        if let Some(r) = self.gis_watch.due(now) {
+        if let Some(r) = gis.reminder {
             let cause = r.cause.as_deref().unwrap_or("a dial is under way, no answer yet (packets dropped on the way, or the port is not the GIS's?)");
             warn!(gis = %self.cfg.gis, down_for = ?r.down_for, %cause, next_reminder_in = ?r.next_in, "still no connection to the GIS");
         }
-        self.drain_gis_backlog(now);
+        for step in gis.steps {
+            self.gis_step(step);
+        }
         self.check_cert_ends(now);
         self.sample_metrics(now);
         if now.duration_since(self.last_heartbeat) >= self.cfg.heartbeat {
             self.last_heartbeat = now;
             self.save_counters();
-            if !self.registered {
+            if !self.gis.registered() {
                 self.register();
             } else {
                 self.send_heartbeat();
@@ -2698,7 +2629,7 @@ impl Engine {
             info!(peer = %p, "ban for corrupt chunks expired");
         }
         // The GIS hears of a lifted ban at once, as of a new one: it lists the peer again.
-        if lifted && self.registered {
+        if lifted && self.gis.registered() {
             self.send_heartbeat();
         }
         self.release_stuck_waiters();
@@ -2759,8 +2690,8 @@ impl Engine {
         }
         self.last_metrics_sample = now;
         let mut s = crate::metrics::Sample {
-            gis_connected: self.gis_connected,
-            registered: self.registered,
+            gis_connected: self.gis.connected(),
+            registered: self.gis.registered(),
             downloads_active: self.downloads.len(),
             cert_expires_at: self.cert.as_ref().map(|c| c.body.not_after),
             cert_expiring: self.cert_expiring(Self::now_secs()),
@@ -3226,8 +3157,8 @@ impl Engine {
             role: self.role,
             policy: self.cfg.policy,
             listen: self.listen.clone(),
-            gis_connected: self.gis_connected,
-            registered: self.registered,
+            gis_connected: self.gis.connected(),
+            registered: self.gis.registered(),
             connected_peers: self.peers.len(),
             wan_links: self
                 .peers

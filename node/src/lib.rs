@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod gate;
+pub mod gis_session;
 pub mod gis_watch;
 pub mod metrics;
 pub mod payload_cache;
