@@ -6,6 +6,7 @@
 
 use crate::accounting::{Accounting, PeerKind};
 use crate::admin_gate::AdminGate;
+use crate::cadence::{Cadence, Pace};
 use crate::config::NodeConfig;
 use crate::gate::{self, Link, RefusalReason};
 use crate::gis_session::{self, Connected, GisSession, Step, Unreachable};
@@ -50,12 +51,6 @@ const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
 const CERT_WARN_EVERY: Duration = Duration::from_secs(86_400);
 /// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
 const FULL_ANNOUNCE_AFTER_CONNECT: Duration = Duration::from_millis(100);
-/// A download that heard an announcement from a LAN peer it cannot reach (no address: the
-/// peer started after our last host list) asks the GIS again this soon after its last
-/// lookup instead of waiting for `NodeConfig::lookup_refresh`.
-const LOOKUP_UNKNOWN_PEER: Duration = Duration::from_millis(250);
-/// Progress is published to the GIS this often during a download.
-const PUBLISH_PROGRESS: Duration = Duration::from_secs(5);
 /// A peer that has not said hello by then is disconnected.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer whose hello we refused stays connected this long, so it can read why (closing at
@@ -309,14 +304,8 @@ struct DownloadState {
     pending_haves: HashMap<PeerId, Vec<(u32, u32)>>,
     /// Peers added to the scheduler.
     active: HashSet<PeerId>,
-    last_lookup: Option<Instant>,
-    lookups: u32,
-    lookup_inflight: bool,
-    /// A peer announced chunks of this image that we can neither use nor dial (its address
-    /// is in no host list yet): the next lookup comes after `LOOKUP_UNKNOWN_PEER`.
-    unknown_announcer: bool,
-    last_publish: Instant,
-    no_source_since: Option<Instant>,
+    /// When it asks the GIS again, publishes its progress, gives up for want of a source.
+    cadence: Cadence,
     /// Chunks gained since the last announcement.
     fresh: Vec<ChunkIndex>,
     /// Where the first second went (lookup, first source, first request, first byte).
@@ -1142,7 +1131,7 @@ impl Engine {
             ImageQuery::Ref(r) => self.store.resolve(r),
         };
         if let Some(d) = id.and_then(|id| self.downloads.get_mut(&id)) {
-            d.lookup_inflight = false;
+            d.cadence.lookup_failed();
         }
         if let Some(reply) = for_fetch {
             let _ = reply.send(Err(reason));
@@ -2090,7 +2079,7 @@ impl Engine {
         // Mark a pending id so repeated requests for it do not each start a lookup.
         if let Some(id) = known {
             if let Some(d) = self.downloads.get_mut(&id) {
-                d.lookup_inflight = true;
+                d.cadence.lookup_sent();
             }
         }
     }
@@ -2249,12 +2238,7 @@ impl Engine {
                     candidates: HashMap::new(),
                     pending_haves: HashMap::new(),
                     active: HashSet::new(),
-                    last_lookup: Some(Instant::now()),
-                    lookups: 1,
-                    lookup_inflight: false,
-                    unknown_announcer: false,
-                    last_publish: Instant::now(),
-                    no_source_since: None,
+                    cadence: Cadence::new(Instant::now()),
                     fresh: Vec::new(),
                     startup,
                     lan_available: (false, Instant::now()),
@@ -2272,8 +2256,7 @@ impl Engine {
         let Some(d) = self.downloads.get_mut(&id) else {
             return;
         };
-        d.lookup_inflight = false;
-        d.last_lookup = Some(Instant::now());
+        d.cadence.lookup_answered(Instant::now());
         if let Some(r) = reply {
             let _ = r.send(Ok(d.progress.subscribe()));
         }
@@ -2393,7 +2376,7 @@ impl Engine {
                 }
             } else if let Some(d) = self.downloads.get_mut(image) {
                 // Known only from an announcement: the GIS has its address.
-                d.unknown_announcer = true;
+                d.cadence.unknown_announcer();
             }
         }
     }
@@ -2860,9 +2843,6 @@ impl Engine {
     fn drive_downloads(&mut self, now: Instant) {
         let ids: Vec<ImageId> = self.downloads.keys().copied().collect();
         for id in ids {
-            let mut lookup = false;
-            let mut failed: Option<String> = None;
-            let mut publish = false;
             let Some(d) = self.downloads.get_mut(&id) else {
                 continue;
             };
@@ -2874,50 +2854,20 @@ impl Engine {
             let Some(d) = self.downloads.get_mut(&id) else {
                 continue;
             };
-            // Early in a download a bridgehead's host list changes fast (other IDCs start
-            // fetching too, and the sooner fetching bridgeheads find each other the sooner
-            // they trade): it asks again after 0.2, 0.5, 1 and 2 s. Ordinary hosts refresh
-            // every `lookup_refresh` (a new bridgehead after a failure, say; host lists cross
-            // the WAN when the GIS is in another IDC), except that a LAN peer whose
-            // announcement named chunks we cannot fetch (gossip carries no address: it
-            // started after our last host list, as all hosts of an IDC that start together
-            // do) is asked for after LOOKUP_UNKNOWN_PEER.
-            let mut every = match (self.role, d.lookups) {
-                (Role::Bridgehead, 0 | 1) => Duration::from_millis(200),
-                (Role::Bridgehead, 2) => Duration::from_millis(500),
-                (Role::Bridgehead, 3) => Duration::from_secs(1),
-                (Role::Bridgehead, 4) => Duration::from_secs(2),
-                _ => self.cfg.lookup_refresh,
+            let pace = Pace {
+                lookup_refresh: self.cfg.lookup_refresh,
+                no_source_timeout: self.cfg.no_source_timeout,
             };
-            if d.unknown_announcer {
-                every = every.min(LOOKUP_UNKNOWN_PEER);
-            }
-            let refresh = d.last_lookup.is_none_or(|t| now.duration_since(t) >= every);
-            if refresh && !d.lookup_inflight {
-                d.lookup_inflight = true;
-                d.unknown_announcer = false;
-                d.last_lookup = Some(now);
-                d.lookups += 1;
-                lookup = true;
-            }
-            if d.sched.is_stalled() {
-                let since = *d.no_source_since.get_or_insert(now);
-                if now.duration_since(since) >= self.cfg.no_source_timeout {
-                    failed = Some(format!(
-                        "no source for {} for {:?}: {} of {} chunks missing and no reachable host or bridgehead holds them",
-                        d.manifest.image_ref(),
-                        self.cfg.no_source_timeout,
-                        d.sched.missing(),
-                        d.manifest.chunk_count()
-                    ));
-                }
-            } else {
-                d.no_source_since = None;
-            }
-            if now.duration_since(d.last_publish) >= PUBLISH_PROGRESS {
-                d.last_publish = now;
-                publish = true;
-            }
+            let due = d.cadence.tick(now, self.role, d.sched.is_stalled(), &pace);
+            let (lookup, publish) = (due.lookup, due.publish);
+            let failed = due.no_source_for.map(|for_| {
+                format!(
+                    "no source for {} for {for_:?}: {} of {} chunks missing and no reachable host or bridgehead holds them",
+                    d.manifest.image_ref(),
+                    d.sched.missing(),
+                    d.manifest.chunk_count()
+                )
+            });
             if let Some(reason) = failed {
                 self.fail_download(id, reason);
                 continue;

@@ -5,6 +5,7 @@ pub mod accounting;
 pub mod admin;
 pub mod admin_gate;
 pub mod backoff;
+pub mod cadence;
 pub mod config;
 pub mod control;
 pub mod engine;
