@@ -12,6 +12,7 @@ use crate::gate::{self, Link, RefusalReason};
 use crate::gis_session::{self, Connected, GisSession, Step, Unreachable};
 use crate::metrics::NodeMetrics;
 use crate::payload_cache::PayloadCache;
+use crate::peers::{Early, Peers, HELLO_TIMEOUT};
 use crate::ratelimit::{DownloadBudget, RateLimiter};
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::seeding::{LanSeeder, Verdict};
@@ -51,14 +52,6 @@ const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
 const CERT_WARN_EVERY: Duration = Duration::from_secs(86_400);
 /// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
 const FULL_ANNOUNCE_AFTER_CONNECT: Duration = Duration::from_millis(100);
-/// A peer that has not said hello by then is disconnected.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// A peer whose hello we refused stays connected this long, so it can read why (closing at
-/// once loses the reply in flight); it gets no data meanwhile.
-const REFUSAL_GRACE: Duration = Duration::from_secs(1);
-/// Chunk requests held per peer whose hello is still being answered (see `early`); more are
-/// answered Busy. A requester keeps at most 16 in flight to one peer.
-const MAX_EARLY_PER_PEER: usize = 32;
 /// Chunk reads or writes in flight on the blocking pool before we answer Busy.
 const MAX_SERVING: usize = 256;
 /// The topic on which bridgeheads of all IDCs announce what they hold, so fetching IDCs can
@@ -270,27 +263,16 @@ fn prepare_download(store: &Store, m: &Manifest) -> Result<Prepared, String> {
     })
 }
 
+/// A chunk request from a peer whose hello exchange is still pending. We dialled it and
+/// sent our hello; it accepted us and asked for chunks at once (0-RTT stream negotiation),
+/// so a request can arrive just before its welcome. Served once the welcome is judged,
+/// refused if the peer is (`crate::peers`).
+type EarlyRequest = (ChunkRequest, ResponseChannel<ChunkResponse>);
+
 /// A chunk response waiting for its turn to one peer.
 type QueuedResponse = (ResponseChannel<ChunkResponse>, ImageId, ChunkResponse, Link);
 /// A deferred chunk request: the channel to answer and who asked.
 type Waiter = (ResponseChannel<ChunkResponse>, PeerId);
-
-/// The hello state of a connected peer.
-#[derive(Clone, Debug)]
-enum PeerState {
-    Pending {
-        since: Instant,
-        /// We dialled and sent our hello; its answer is on the way.
-        asked: bool,
-    },
-    Accepted {
-        link: Link,
-        /// It presented a bridgehead certificate (for the accounting by kind of peer).
-        certified: bool,
-    },
-    /// Its hello was refused; disconnected once `REFUSAL_GRACE` has passed.
-    Refused { since: Instant },
-}
 
 /// Why a download runs.
 struct DownloadState {
@@ -716,11 +698,10 @@ pub(crate) async fn start(
         revocations: Revocations::default(),
         wan_cert_ends: HashMap::new(),
         cert_warned: None,
-        peers: HashMap::new(),
+        peers: Peers::default(),
         addrs: HashMap::new(),
         downloads: HashMap::new(),
         waiters: HashMap::new(),
-        early: HashMap::new(),
         inflight: HashMap::new(),
         acct: Accounting::restore(handle.store.saved_counters()),
         cmd_rx: rx,
@@ -792,16 +773,12 @@ struct Engine {
     wan_cert_ends: HashMap<PeerId, i64>,
     /// When we last warned that our own certificate is about to expire.
     cert_warned: Option<Instant>,
-    peers: HashMap<PeerId, PeerState>,
+    /// Connected peers and where each stands in the hello exchange.
+    peers: Peers<EarlyRequest>,
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     downloads: HashMap<ImageId, DownloadState>,
     /// Deferred chunk requests (a bridgehead answers when the chunk arrives).
     waiters: HashMap<(ImageId, ChunkIndex), Vec<Waiter>>,
-    /// Chunk requests from a peer whose hello exchange is still pending. We dialled it and
-    /// sent our hello; it accepted us and asked for chunks at once (0-RTT stream
-    /// negotiation), so a request can arrive just before its welcome. Served once the
-    /// welcome is judged, refused if the peer is.
-    early: HashMap<PeerId, Vec<(ChunkRequest, ResponseChannel<ChunkResponse>)>>,
     inflight: HashMap<OutboundRequestId, (ImageId, ChunkIndex, PeerId)>,
     acct: Accounting,
     cmd_rx: mpsc::Receiver<Command>,
@@ -1180,17 +1157,8 @@ impl Engine {
                 warn!("this node's bridgehead certificate was revoked; cross-IDC links close");
                 self.cert = None;
                 self.role = Role::Host;
-                for (p, st) in &self.peers {
-                    if matches!(
-                        st,
-                        PeerState::Accepted {
-                            link: Link::Wan,
-                            ..
-                        }
-                    ) && self.cfg.policy == Policy::Bids
-                    {
-                        drop_peers.push(*p);
-                    }
+                if self.cfg.policy == Policy::Bids {
+                    drop_peers = self.peers.wan_peers();
                 }
             }
         }
@@ -1216,21 +1184,13 @@ impl Engine {
                     self.on_gis_connected();
                     return;
                 }
-                if num_established.get() == 1 && !self.peers.contains_key(&peer_id) {
-                    self.peers.insert(
-                        peer_id,
-                        PeerState::Pending {
-                            since: Instant::now(),
-                            asked: false,
-                        },
-                    );
-                }
-                if endpoint.is_dialer() {
-                    if let Some(PeerState::Pending { asked, .. }) = self.peers.get_mut(&peer_id) {
-                        *asked = true;
-                        let h = self.my_hello();
-                        self.swarm.behaviour_mut().hello.send_request(&peer_id, h);
-                    }
+                if (num_established.get() == 1 || self.peers.contains(&peer_id))
+                    && self
+                        .peers
+                        .connected(peer_id, Instant::now(), endpoint.is_dialer())
+                {
+                    let h = self.my_hello();
+                    self.swarm.behaviour_mut().hello.send_request(&peer_id, h);
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -1242,11 +1202,10 @@ impl Engine {
                     self.on_gis_disconnected();
                     return;
                 }
-                self.peers.remove(&peer_id);
+                // Requests held for it can no longer be answered, nor responses delivered.
+                self.peers.closed(&peer_id);
                 self.seeder.forget_host(&peer_id);
                 self.wan_cert_ends.remove(&peer_id);
-                // Responses queued or held for it can no longer be delivered.
-                self.early.remove(&peer_id);
                 self.sending.remove(&peer_id);
                 self.send_queue.remove(&peer_id);
                 for d in self.downloads.values_mut() {
@@ -1349,13 +1308,7 @@ impl Engine {
 
     fn accept(&mut self, peer: PeerId, h: &Hello, link: Link) {
         debug!(%peer, idc = %h.idc, ?link, "peer accepted");
-        self.peers.insert(
-            peer,
-            PeerState::Accepted {
-                link,
-                certified: h.cert.is_some(),
-            },
-        );
+        let early = self.peers.accept(peer, link, h.cert.is_some());
         if let (Link::Wan, Policy::Bids, Some(c)) = (link, self.cfg.policy, &h.cert) {
             self.wan_cert_ends.insert(peer, c.body.not_after);
         }
@@ -1373,14 +1326,14 @@ impl Engine {
         for id in ids {
             self.activate(&id, &peer);
         }
-        self.release_early(peer);
+        self.release_early(peer, early);
     }
 
     /// Chunk requests held while `peer`'s hello was pending go through the usual door now
     /// that it is settled: served if the peer was accepted, refused (and counted) if it was
     /// refused, gone, or its hello timed out.
-    fn release_early(&mut self, peer: PeerId) {
-        for (req, channel) in self.early.remove(&peer).unwrap_or_default() {
+    fn release_early(&mut self, peer: PeerId, early: Vec<EarlyRequest>) {
+        for (req, channel) in early {
             self.on_chunk_request(peer, req, channel);
         }
     }
@@ -1389,8 +1342,8 @@ impl Engine {
         warn!(%peer, %reason, "connection refused");
         self.acct.refused();
         self.metrics.refused(why);
-        self.peers.remove(&peer);
-        self.release_early(peer);
+        let early = self.peers.drop_peer(&peer);
+        self.release_early(peer, early);
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
@@ -1424,13 +1377,8 @@ impl Engine {
                     warn!(%peer, %reason, "connection refused");
                     self.acct.refused();
                     self.metrics.refused(reason.reason);
-                    self.peers.insert(
-                        peer,
-                        PeerState::Refused {
-                            since: Instant::now(),
-                        },
-                    );
-                    self.release_early(peer);
+                    let early = self.peers.refuse(peer, Instant::now());
+                    self.release_early(peer, early);
                 }
             },
             rr::Event::Message {
@@ -1449,9 +1397,9 @@ impl Engine {
             },
             rr::Event::OutboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "hello failed");
-                if matches!(self.peers.get(&peer), Some(PeerState::Pending { .. })) {
-                    self.peers.remove(&peer);
-                    self.release_early(peer);
+                if self.peers.is_pending(&peer) {
+                    let early = self.peers.drop_peer(&peer);
+                    self.release_early(peer, early);
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
             }
@@ -1461,17 +1409,11 @@ impl Engine {
 
     /// Whom bytes exchanged with an accepted peer count for.
     fn kind_of(&self, peer: &PeerId) -> Option<PeerKind> {
-        match self.peers.get(peer) {
-            Some(PeerState::Accepted { link, certified }) => Some(PeerKind::of(*link, *certified)),
-            _ => None,
-        }
+        self.peers.kind_of(peer)
     }
 
     fn link_of(&self, peer: &PeerId) -> Option<Link> {
-        match self.peers.get(peer) {
-            Some(PeerState::Accepted { link, .. }) => Some(*link),
-            _ => None,
-        }
+        self.peers.link_of(peer)
     }
 
     // ---------------------------------------------------------------- serving
@@ -1563,19 +1505,18 @@ impl Engine {
         channel: ResponseChannel<ChunkResponse>,
     ) {
         let Some(link) = self.link_of(&peer) else {
-            if matches!(
-                self.peers.get(&peer),
-                Some(PeerState::Pending { asked: true, .. })
-            ) {
-                let held = self.early.entry(peer).or_default();
-                if held.len() < MAX_EARLY_PER_PEER {
-                    debug!(%peer, idx = req.index, "holding a chunk request until the peer's hello is judged");
-                    held.push((req, channel));
-                } else {
-                    self.respond(peer, channel, ChunkResponse::Busy);
+            let idx = req.index;
+            let channel = match self.peers.early_request(&peer, (req, channel)) {
+                Early::Held => {
+                    debug!(%peer, idx, "holding a chunk request until the peer's hello is judged");
+                    return;
                 }
-                return;
-            }
+                Early::Busy((_, channel)) => {
+                    self.respond(peer, channel, ChunkResponse::Busy);
+                    return;
+                }
+                Early::Refuse((_, channel)) => channel,
+            };
             // No image data before an accepted hello.
             self.acct.refused();
             self.metrics.refused(RefusalReason::NoHello);
@@ -1694,7 +1635,7 @@ impl Engine {
         self.cfg.policy == Policy::Bids
             && self.role == Role::Bridgehead
             && self.cert.is_some()
-            && matches!(self.peers.get(peer), Some(PeerState::Accepted { .. }))
+            && self.peers.is_accepted(peer)
     }
 
     /// A bridgehead under BIDS sends each chunk into its LAN about once (super-seeding).
@@ -2344,7 +2285,7 @@ impl Engine {
         if self.bans.contains_key(peer) {
             return;
         }
-        let accepted = matches!(self.peers.get(peer), Some(PeerState::Accepted { .. }));
+        let accepted = self.peers.is_accepted(peer);
         let connected = self.swarm.is_connected(peer);
         let Some(d) = self.downloads.get_mut(image) else {
             return;
@@ -2578,19 +2519,8 @@ impl Engine {
             }
         }
         // Peers that never said hello, or were refused and had time to read why, are dropped.
-        let stale: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, s)| match s {
-                PeerState::Pending { since, .. } => now.duration_since(*since) > HELLO_TIMEOUT,
-                PeerState::Refused { since } => now.duration_since(*since) > REFUSAL_GRACE,
-                PeerState::Accepted { .. } => false,
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        for p in stale {
-            self.peers.remove(&p);
-            self.release_early(p);
+        for (p, early) in self.peers.expire(now) {
+            self.release_early(p, early);
             let _ = self.swarm.disconnect_peer_id(p);
         }
         while self.upload.available() {
@@ -2680,17 +2610,13 @@ impl Engine {
             cert_expiring: self.cert_expiring(Self::now_secs()),
             ..Default::default()
         };
-        for st in self.peers.values() {
-            match st {
-                PeerState::Accepted { link, certified } => match PeerKind::of(*link, *certified) {
-                    PeerKind::Bridgehead => s.bridgeheads += 1,
-                    PeerKind::Host => s.hosts += 1,
-                    PeerKind::Remote => s.remotes += 1,
-                },
-                PeerState::Pending { .. } => s.pending += 1,
-                PeerState::Refused { .. } => {}
-            }
-        }
+        let census = self.peers.census();
+        (s.bridgeheads, s.hosts, s.remotes, s.pending) = (
+            census.bridgeheads,
+            census.hosts,
+            census.remotes,
+            census.pending,
+        );
         self.metrics.sample(&s);
     }
 
@@ -2728,7 +2654,7 @@ impl Engine {
         for p in ended {
             self.wan_cert_ends.remove(&p);
             warn!(peer = %p, "the bridgehead certificate of this peer of another IDC expired; closing the connection");
-            self.peers.remove(&p);
+            self.peers.drop_peer(&p);
             let _ = self.swarm.disconnect_peer_id(p);
         }
     }
@@ -3051,22 +2977,8 @@ impl Engine {
             .behaviour_mut()
             .gossipsub
             .unsubscribe(&self.bridgehead_topic);
-        let wan: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, st)| {
-                matches!(
-                    st,
-                    PeerState::Accepted {
-                        link: Link::Wan,
-                        ..
-                    }
-                )
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        for p in wan {
-            self.peers.remove(&p);
+        for p in self.peers.wan_peers() {
+            self.peers.drop_peer(&p);
             self.wan_cert_ends.remove(&p);
             let _ = self.swarm.disconnect_peer_id(p);
         }
@@ -3101,6 +3013,7 @@ impl Engine {
                 complete: s.complete,
             })
             .collect();
+        let census = self.peers.census();
         NodeStatus {
             peer: self.me,
             idc: self.cfg.idc.clone(),
@@ -3109,20 +3022,8 @@ impl Engine {
             listen: self.listen.clone(),
             gis_connected: self.gis.connected(),
             registered: self.gis.registered(),
-            connected_peers: self.peers.len(),
-            wan_links: self
-                .peers
-                .values()
-                .filter(|s| {
-                    matches!(
-                        s,
-                        PeerState::Accepted {
-                            link: Link::Wan,
-                            ..
-                        }
-                    )
-                })
-                .count(),
+            connected_peers: census.connected,
+            wan_links: census.wan_links,
             images,
             total: self.acct.total(),
             refusals: self.acct.refusals(),
