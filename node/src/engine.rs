@@ -16,6 +16,7 @@ use crate::peers::{Early, Peers, HELLO_TIMEOUT};
 use crate::ratelimit::{DownloadBudget, RateLimiter};
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::seeding::{LanSeeder, Verdict};
+use crate::serving::{self, Serve};
 use crate::startup::{Startup, StartupReport};
 use crate::store::{Store, StoreError};
 use crate::transport::{self, TransportOptions};
@@ -1528,23 +1529,38 @@ impl Engine {
             );
             return;
         };
-        if !self.sharing {
-            self.respond(
-                peer,
-                channel,
-                ChunkResponse::Refused("sharing is switched off on this host".into()),
-            );
-            return;
-        }
-        if self.serving >= MAX_SERVING {
-            self.respond(peer, channel, ChunkResponse::Busy);
-            return;
-        }
-        let Some(m) = self.store.manifest(&req.image) else {
-            if self.may_relay(&peer) {
-                // A bridgehead pulls an image it lacks when its IDC (or a peer bridgehead) asks.
-                self.ensure_download(ImageQuery::Id(req.image), None);
-                debug!(%peer, idx = req.index, "deferring a request for an unknown image");
+        let facts = serving::Facts {
+            link,
+            sharing: self.sharing,
+            busy: self.serving >= MAX_SERVING,
+            chunks: self.store.manifest(&req.image).map(|m| m.chunk_count()),
+            index: req.index,
+            held: self.store.has_chunk(&req.image, req.index),
+            may_relay: self.may_relay(&peer),
+            downloading: self
+                .downloads
+                .get(&req.image)
+                .map(|d| d.sched.lan_available(req.index)),
+        };
+        match serving::decide(&facts) {
+            Serve::Read => {}
+            Serve::Refused(why) => {
+                return self.respond(peer, channel, ChunkResponse::Refused(why.into()))
+            }
+            Serve::Busy => return self.respond(peer, channel, ChunkResponse::Busy),
+            Serve::UnknownImage => return self.respond(peer, channel, ChunkResponse::UnknownImage),
+            Serve::BadIndex => return self.respond(peer, channel, ChunkResponse::BadIndex),
+            Serve::NotHeld { fetch } => {
+                if fetch {
+                    self.ensure_download(ImageQuery::Id(req.image), None);
+                }
+                return self.respond(peer, channel, ChunkResponse::NotHeld);
+            }
+            Serve::Defer { fetch } => {
+                if fetch {
+                    self.ensure_download(ImageQuery::Id(req.image), None);
+                }
+                debug!(%peer, idx = req.index, "deferring a request until the chunk arrives");
                 self.waiters
                     .entry((req.image, req.index))
                     .or_default()
@@ -1552,36 +1568,8 @@ impl Engine {
                 if let Some(d) = self.downloads.get_mut(&req.image) {
                     d.sched.prioritize(req.index);
                 }
-            } else {
-                self.respond(peer, channel, ChunkResponse::UnknownImage);
+                return;
             }
-            return;
-        };
-        if req.index >= m.chunk_count() {
-            self.respond(peer, channel, ChunkResponse::BadIndex);
-            return;
-        }
-        if !self.store.has_chunk(&req.image, req.index) {
-            if self.may_relay(&peer) {
-                if !self.downloads.contains_key(&req.image) {
-                    self.ensure_download(ImageQuery::Id(req.image), None);
-                }
-                if let Some(d) = self.downloads.get_mut(&req.image) {
-                    // A remote bridgehead waits only for chunks our own IDC can supply;
-                    // otherwise two fetching IDCs could wait on each other.
-                    if link == Link::Lan || d.sched.lan_available(req.index) {
-                        d.sched.prioritize(req.index);
-                        debug!(%peer, idx = req.index, "deferring a request until the chunk arrives");
-                        self.waiters
-                            .entry((req.image, req.index))
-                            .or_default()
-                            .push((channel, peer));
-                        return;
-                    }
-                }
-            }
-            self.respond(peer, channel, ChunkResponse::NotHeld);
-            return;
         }
         if link == Link::Lan
             && self.seeds_lan()

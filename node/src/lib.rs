@@ -19,6 +19,7 @@ pub mod ratelimit;
 pub mod repair;
 pub mod scheduler;
 pub mod seeding;
+pub mod serving;
 pub mod startup;
 pub mod store;
 pub mod transport;
