@@ -13,13 +13,14 @@ use crate::gis_session::{self, Connected, GisSession, Step, Unreachable};
 use crate::metrics::NodeMetrics;
 use crate::payload_cache::PayloadCache;
 use crate::peers::{Early, Peers, HELLO_TIMEOUT};
-use crate::ratelimit::{DownloadBudget, RateLimiter};
+use crate::ratelimit::DownloadBudget;
 use crate::scheduler::{Download, Failure, SourceKind};
 use crate::seeding::{LanSeeder, Verdict};
 use crate::serving::{self, Serve};
 use crate::startup::{Startup, StartupReport};
 use crate::store::{Store, StoreError};
 use crate::transport::{self, TransportOptions};
+use crate::uploads::Uploads;
 use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse, HostCommand};
 use bids_protocols::cert::{BridgeheadCert, Revocations};
 use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse, Encoding};
@@ -37,7 +38,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{gossipsub, identify, ping, Multiaddr, PeerId, Swarm};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -64,11 +65,6 @@ pub const MAX_WRITING: usize = 16;
 /// How long a bridgehead that starts pulling an image waits for the LAN peers the GIS listed
 /// to say hello before it tells remote bridgeheads that its IDC lacks a chunk.
 const LAN_DISCOVERY_GRACE: Duration = Duration::from_secs(2);
-/// Chunk responses written to one peer at a time, at most. Interleaving every deferred
-/// response on one connection delays each of them to the end of the batch; with a few, a
-/// chunk arrives whole soon while the others keep the link busy. Four, not one or two: a
-/// yamux stream starts with a 256 KiB window, about 3 MB/s at an 80 ms round trip.
-const MAX_SENDING_PER_PEER: usize = 4;
 /// How often the metrics' gauges are sampled from the engine's state (readiness follows).
 const METRICS_SAMPLE: Duration = Duration::from_millis(200);
 /// Compressed payloads kept for reuse (bytes) (a bridgehead serves one chunk to many hosts).
@@ -678,7 +674,6 @@ pub(crate) async fn start(
         store: store.clone(),
         metrics_addr: metrics_server.as_ref().map(|m| m.local_addr()),
     };
-    let upload = RateLimiter::new(cfg.upload_bps);
     let download = DownloadBudget::new(cfg.download_bps, Instant::now());
     let sharing = cfg.sharing;
     let cfg_scrub_bps = cfg.scrub_bps;
@@ -721,11 +716,8 @@ pub(crate) async fn start(
                     .abort_handle(),
             )
         }),
-        upload,
+        uploads: Uploads::new(cfg.upload_bps, Instant::now()),
         download,
-        upload_queue: VecDeque::new(),
-        sending: HashMap::new(),
-        send_queue: HashMap::new(),
         sharing,
         listen,
         dialing: HashSet::new(),
@@ -796,19 +788,11 @@ struct Engine {
     bans: HashMap<PeerId, Instant>,
     /// The background scrub (`--scrub-rate`), stopped with the engine.
     _scrub: Option<AbortOnDrop>,
-    upload: RateLimiter,
+    /// Chunk responses being written to each peer, those waiting for their turn or for the
+    /// upload limit (`crate::uploads`).
+    uploads: Uploads<QueuedResponse>,
     /// Charged as chunk requests leave, settled by their answers (`crate::ratelimit`).
     download: DownloadBudget<OutboundRequestId>,
-    upload_queue: VecDeque<(
-        ResponseChannel<ChunkResponse>,
-        PeerId,
-        ImageId,
-        ChunkResponse,
-        Link,
-    )>,
-    /// Chunk responses being written to each peer, and those waiting for their turn.
-    sending: HashMap<PeerId, usize>,
-    send_queue: HashMap<PeerId, VecDeque<QueuedResponse>>,
     sharing: bool,
     listen: Vec<Multiaddr>,
     dialing: HashSet<PeerId>,
@@ -1207,8 +1191,7 @@ impl Engine {
                 self.peers.closed(&peer_id);
                 self.seeder.forget_host(&peer_id);
                 self.wan_cert_ends.remove(&peer_id);
-                self.sending.remove(&peer_id);
-                self.send_queue.remove(&peer_id);
+                self.uploads.closed(&peer_id);
                 for d in self.downloads.values_mut() {
                     if d.active.remove(&peer_id) {
                         d.sched.remove_peer(&peer_id);
@@ -1473,29 +1456,14 @@ impl Engine {
             .send_response(channel, r)
             .is_ok()
         {
-            *self.sending.entry(peer).or_default() += 1;
+            self.uploads.started(peer);
         }
     }
 
-    /// A response to `peer` was written out (or failed): the next queued one may go.
+    /// A response to `peer` was written out (or failed): the next queued ones may go.
     fn response_done(&mut self, peer: PeerId) {
-        if let Some(n) = self.sending.get_mut(&peer) {
-            *n = n.saturating_sub(1);
-        }
-        while self.sending.get(&peer).copied().unwrap_or(0) < MAX_SENDING_PER_PEER {
-            let Some(q) = self.send_queue.get_mut(&peer) else {
-                break;
-            };
-            let Some((channel, image, resp, link)) = q.pop_front() else {
-                self.send_queue.remove(&peer);
-                break;
-            };
-            let before = self.sending.get(&peer).copied().unwrap_or(0);
-            self.finish_serve(channel, peer, image, resp, link);
-            if self.sending.get(&peer).copied().unwrap_or(0) == before {
-                // Held back by the upload limit: the tick sends it.
-                break;
-            }
+        for q in self.uploads.done(peer, Instant::now()) {
+            self.send_data(peer, q);
         }
     }
 
@@ -1639,27 +1607,23 @@ impl Engine {
         resp: ChunkResponse,
         link: Link,
     ) {
+        let ChunkResponse::Data { payload, .. } = &resp else {
+            return self.respond(peer, channel, resp);
+        };
+        let n = payload.len() as u64;
+        let q = (channel, image, resp, link);
+        if let Some(q) = self.uploads.offer(peer, q, n, Instant::now()) {
+            self.send_data(peer, q);
+        }
+    }
+
+    /// Writes a data response the upload queues released, and counts its bytes.
+    fn send_data(&mut self, peer: PeerId, (channel, image, resp, link): QueuedResponse) {
         if let ChunkResponse::Data { payload, .. } = &resp {
-            if self.sending.get(&peer).copied().unwrap_or(0) >= MAX_SENDING_PER_PEER {
-                // One peer's chunks go out one after another, not interleaved: each arrives
-                // whole as early as possible (the receiver relays and announces it sooner).
-                self.send_queue
-                    .entry(peer)
-                    .or_default()
-                    .push_back((channel, image, resp, link));
-                return;
-            }
-            if !self.upload.available() {
-                // Over the upload limit: the response waits its turn.
-                self.upload_queue
-                    .push_back((channel, peer, image, resp, link));
-                return;
-            }
             let n = payload.len() as u64;
             let kind = self.kind_of(&peer).unwrap_or(PeerKind::of(link, false));
             self.acct.sent(image, kind, n);
             self.metrics.sent(&image, link, n);
-            self.upload.consume(n);
         }
         self.respond(peer, channel, resp);
     }
@@ -2511,11 +2475,8 @@ impl Engine {
             self.release_early(p, early);
             let _ = self.swarm.disconnect_peer_id(p);
         }
-        while self.upload.available() {
-            let Some((channel, peer, image, resp, link)) = self.upload_queue.pop_front() else {
-                break;
-            };
-            self.finish_serve(channel, peer, image, resp, link);
+        for (peer, q) in self.uploads.tick(now) {
+            self.send_data(peer, q);
         }
         self.withdraw_lost();
         let expired: Vec<PeerId> = self
@@ -2845,7 +2806,7 @@ impl Engine {
                 download_bps,
             } => {
                 info!(upload_bps, download_bps, "rate limits changed");
-                self.upload.set_rate(upload_bps);
+                self.uploads.set_rate(upload_bps, Instant::now());
                 self.download.set_rate(download_bps, Instant::now());
             }
             Command::SetSharing { enabled } => {
@@ -2860,7 +2821,7 @@ impl Engine {
 
     fn settings(&self) -> HostSettings {
         HostSettings {
-            upload_bps: self.upload.rate(),
+            upload_bps: self.uploads.rate(),
             download_bps: self.download.rate(),
             sharing: self.sharing,
         }

@@ -23,6 +23,7 @@ pub mod serving;
 pub mod startup;
 pub mod store;
 pub mod transport;
+pub mod uploads;
 pub mod versions;
 
 pub use config::NodeConfig;
