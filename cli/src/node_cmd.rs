@@ -22,9 +22,11 @@ pub struct NodeArgs {
     #[arg(long)]
     idc: Option<String>,
     /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it,
-    /// e.g. /ip4/10.0.0.1/tcp/7000/p2p/12D3KooW….
+    /// e.g. /ip4/10.0.0.1/tcp/7000/p2p/12D3KooW…. Repeat it once per replica of a GIS Raft
+    /// group (in a config file: comma-separated): the node uses one and moves on to the
+    /// next when it stops answering.
     #[arg(long)]
-    gis: Option<String>,
+    gis: Vec<String>,
     /// Chunk store directory (images, their chunk bitmaps, the control socket); one node
     /// per store.
     #[arg(long)]
@@ -101,6 +103,22 @@ struct NodeSettings {
     metrics: Option<String>,
 }
 
+/// The `gis` setting: one address, or one per replica of a GIS Raft group (`--gis` given
+/// several times, or comma-separated in a file or `BIDS_GIS`). Returns the first and the
+/// others.
+fn gis_replicas(setting: &str) -> Result<(Multiaddr, Vec<Multiaddr>)> {
+    let mut all: Vec<Multiaddr> = setting
+        .split(',')
+        .filter(|g| !g.trim().is_empty())
+        .map(settings::gis_addr)
+        .collect::<Result<_>>()?;
+    if all.is_empty() {
+        anyhow::bail!("--gis is empty: give the GIS's address (once per replica)");
+    }
+    let first = all.remove(0);
+    Ok((first, all))
+}
+
 fn s(p: &Option<PathBuf>) -> Option<String> {
     p.as_ref().map(|p| p.display().to_string())
 }
@@ -111,7 +129,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         &[
             ("key", s(&a.key)),
             ("idc", a.idc.clone()),
-            ("gis", a.gis.clone()),
+            ("gis", (!a.gis.is_empty()).then(|| a.gis.join(","))),
             ("store", s(&a.store)),
             ("listen", a.listen.clone()),
             ("cert", s(&a.cert)),
@@ -132,7 +150,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     )?;
     let key = keys::load(&settings::required(st.key, "key", "--key")?)?;
     let idc = Idc::new(&settings::required(st.idc, "idc", "--idc")?).map_err(anyhow::Error::msg)?;
-    let gis: Multiaddr = settings::gis_addr(&settings::required(st.gis, "gis", "--gis")?)?;
+    let (gis, replicas) = gis_replicas(&settings::required(st.gis, "gis", "--gis")?)?;
     let store = settings::required(st.store, "store", "--store")?;
     let admin = keys::parse_peer(&settings::required(
         st.admin_peer,
@@ -140,6 +158,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
         "--admin-peer",
     )?)?;
     let mut cfg = bids_node::NodeConfig::new(key, idc, gis, store, admin);
+    cfg.gis_replicas = replicas;
     if let Some(l) = st.listen {
         cfg.listen = l
             .split(',')
@@ -369,6 +388,23 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gis_is_one_address_or_one_per_replica() {
+        let a = "/ip4/10.0.0.1/tcp/7000/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+        let b = "/ip4/10.0.0.2/tcp/7000/p2p/12D3KooWLRPJAA5o6P7ULCGK4kgFfXszR54LdCZzFbDPfZDnQdGq";
+        let (first, others) = gis_replicas(a).unwrap();
+        assert_eq!((first.to_string(), others.len()), (a.to_string(), 0));
+        let (first, others) = gis_replicas(&format!("{a},{b}")).unwrap();
+        assert_eq!(first.to_string(), a);
+        assert_eq!(
+            others.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            vec![b]
+        );
+        assert!(gis_replicas(",").is_err());
+        // Each replica's address needs its peer id.
+        assert!(gis_replicas(&format!("{a},/ip4/10.0.0.2/tcp/7000")).is_err());
+    }
 
     fn deploy(file: &str) -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

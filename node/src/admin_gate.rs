@@ -24,14 +24,15 @@ fn refuse(kind: AdminErrorKind, message: impl Into<String>) -> AdminResponse {
 /// Admission of admin commands: who may send them and which were already seen.
 pub(crate) struct AdminGate {
     admin: PeerId,
-    gis: PeerId,
+    /// The GIS, or each replica of its Raft group.
+    gis: Vec<PeerId>,
     me: PeerId,
     /// Nonce → issue time of commands accepted within the freshness window.
     seen: HashMap<u64, i64>,
 }
 
 impl AdminGate {
-    pub(crate) fn new(admin: PeerId, gis: PeerId, me: PeerId) -> Self {
+    pub(crate) fn new(admin: PeerId, gis: Vec<PeerId>, me: PeerId) -> Self {
         AdminGate {
             admin,
             gis,
@@ -48,13 +49,17 @@ impl AdminGate {
         req: AdminRequest,
         now: i64,
     ) -> Result<HostCommand, AdminResponse> {
-        if from != self.gis {
+        if !self.gis.contains(&from) {
             warn!(%from, "admin request that did not come from our GIS refused");
             return Err(refuse(
                 AdminErrorKind::Forbidden,
                 format!(
-                    "this host takes admin commands only through its GIS {}, not from {from}",
+                    "this host takes admin commands only through its GIS ({}), not from {from}",
                     self.gis
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
                 ),
             ));
         }
@@ -112,7 +117,7 @@ mod tests {
         let a = admin.public().to_peer_id();
         let gis = PeerId::random();
         let me = PeerId::random();
-        let mut gate = AdminGate::new(a, gis, me);
+        let mut gate = AdminGate::new(a, vec![gis], me);
         let cmd = HostCommand::SetSharing { enabled: false };
         let signed = |nonce| {
             AdminRequest::Command(

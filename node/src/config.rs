@@ -17,6 +17,9 @@ pub struct NodeConfig {
     pub idc: Idc,
     /// The GIS address, ending in `/p2p/<gis peer id>`.
     pub gis: Multiaddr,
+    /// The other replicas of the GIS's Raft group, if it has several (same form): when the
+    /// GIS in use stops answering, the node moves on to the next, in turn.
+    pub gis_replicas: Vec<Multiaddr>,
     pub store_dir: PathBuf,
     pub listen: Vec<Multiaddr>,
     /// Addresses to register with the GIS instead of the listen addresses (e.g. behind NAT).
@@ -84,6 +87,7 @@ impl NodeConfig {
             keypair,
             idc,
             gis,
+            gis_replicas: Vec::new(),
             store_dir,
             listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr")],
             external_addrs: Vec::new(),
@@ -110,18 +114,20 @@ impl NodeConfig {
 
     /// The GIS peer id, taken from the `/p2p/` suffix of its address.
     pub fn gis_peer(&self) -> Result<PeerId, String> {
-        match self.gis.iter().last() {
-            Some(libp2p::multiaddr::Protocol::P2p(p)) => Ok(p),
-            _ => Err(format!(
-                "GIS address {} must end with /p2p/<peer id> (as `bids gis` prints it)",
-                self.gis
-            )),
-        }
+        peer_of(&self.gis)
+    }
+
+    /// Every GIS replica, the configured GIS first: peer id and address.
+    pub fn gis_replicas(&self) -> Result<Vec<(PeerId, Multiaddr)>, String> {
+        std::iter::once(&self.gis)
+            .chain(&self.gis_replicas)
+            .map(|a| Ok((peer_of(a)?, a.clone())))
+            .collect()
     }
 
     /// Checks what can be checked before start-up.
     pub fn validate(&self) -> Result<(), String> {
-        self.gis_peer()?;
+        self.gis_replicas()?;
         if let Some(c) = &self.cert {
             let me = self.keypair.public().to_peer_id();
             c.verify_for(
@@ -137,5 +143,15 @@ impl NodeConfig {
             return Err("at least one listen address is needed".into());
         }
         Ok(())
+    }
+}
+
+/// The peer id at the end of a GIS address.
+fn peer_of(addr: &Multiaddr) -> Result<PeerId, String> {
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(p)) => Ok(p),
+        _ => Err(format!(
+            "GIS address {addr} must end with /p2p/<peer id> (as `bids gis` prints it)"
+        )),
     }
 }

@@ -550,7 +550,7 @@ pub(crate) async fn start(
         .context("store task")?
         .with_context(|| format!("opening store {}", cfg.store_dir.display()))?,
     );
-    let gis_peer = cfg.gis_peer().map_err(anyhow::Error::msg)?;
+    let gis_peers = cfg.gis_replicas().map_err(anyhow::Error::msg)?;
     let me = cfg.keypair.public().to_peer_id();
 
     let topic = gossipsub::IdentTopic::new(match cfg.policy {
@@ -660,7 +660,9 @@ pub(crate) async fn start(
             Err(_) => anyhow::bail!("listening on {:?} did not succeed within 10 s", cfg.listen),
         }
     }
-    swarm.add_peer_address(gis_peer, cfg.gis.clone());
+    for (peer, addr) in &gis_peers {
+        swarm.add_peer_address(*peer, addr.clone());
+    }
     let metrics_server = match cfg.metrics {
         Some(addr) => Some(bids_metrics::serve(addr, metrics.endpoint(Arc::new(registry))).await?),
         None => None,
@@ -677,20 +679,27 @@ pub(crate) async fn start(
     let download = DownloadBudget::new(cfg.download_bps, Instant::now());
     let sharing = cfg.sharing;
     let cfg_scrub_bps = cfg.scrub_bps;
-    let admin_gate = AdminGate::new(cfg.admin_peer, gis_peer, me);
+    let admin_gate = AdminGate::new(
+        cfg.admin_peer,
+        gis_peers.iter().map(|(p, _)| *p).collect(),
+        me,
+    );
     let engine = Engine {
         admin_gate,
         admin_jobs,
         swarm,
         store,
         me,
-        gis_peer,
+        gis_peers: gis_peers.clone(),
         topic,
         bridgehead_topic: gossipsub::IdentTopic::new(BRIDGEHEAD_TOPIC),
         role: Role::Host,
         cert: cfg.cert.clone(),
         preparing: HashMap::new(),
-        gis: GisSession::new(cfg.gis.to_string(), Instant::now()),
+        gis: GisSession::new(
+            gis_peers.iter().map(|(_, a)| a.to_string()).collect(),
+            Instant::now(),
+        ),
         revocations: Revocations::default(),
         wan_cert_ends: HashMap::new(),
         cert_warned: None,
@@ -746,7 +755,9 @@ struct Engine {
     store: Arc<Store>,
     cfg: NodeConfig,
     me: PeerId,
-    gis_peer: PeerId,
+    /// The GIS, or each replica of its Raft group: peer id and address (the session says
+    /// which is in use).
+    gis_peers: Vec<(PeerId, Multiaddr)>,
     topic: gossipsub::IdentTopic,
     bridgehead_topic: gossipsub::IdentTopic,
     /// The role the GIS granted at the last registration.
@@ -856,6 +867,11 @@ impl Engine {
 
     // ---------------------------------------------------------------- GIS
 
+    /// The GIS replica in use.
+    fn gis_peer(&self) -> PeerId {
+        self.gis_peers[self.gis.replica()].0
+    }
+
     fn gis_request(&mut self, req: GisRequest, purpose: GisPurpose) {
         self.gis_request_attempt(req, purpose, 0);
     }
@@ -875,11 +891,8 @@ impl Engine {
                 attempt,
             } => {
                 let kept = GisSession::<GisPurpose, OutboundRequestId>::keep(&req, &purpose);
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .gis
-                    .send_request(&self.gis_peer, *req);
+                let gis = self.gis_peer();
+                let id = self.swarm.behaviour_mut().gis.send_request(&gis, *req);
                 self.gis.sent(id, kept, purpose, attempt);
             }
             Step::Fail { purpose, why } => self.on_gis_failure(purpose, why),
@@ -889,8 +902,9 @@ impl Engine {
     /// Dials the GIS at its configured address. The address is given with every dial: the
     /// swarm forgets a peer's address after a failed dial, and the GIS is worth redialling.
     fn dial_gis(&mut self) {
-        let opts = DialOpts::peer_id(self.gis_peer)
-            .addresses(vec![self.cfg.gis.clone()])
+        let (peer, addr) = self.gis_peers[self.gis.replica()].clone();
+        let opts = DialOpts::peer_id(peer)
+            .addresses(vec![addr])
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
         match self.swarm.dial(opts) {
@@ -902,9 +916,9 @@ impl Engine {
     fn gis_dial_failed(&mut self, error: &str) {
         let (wait, report) = self.gis.dial_failed(Instant::now(), error, rand::random());
         if report {
-            warn!(gis = %self.cfg.gis, cause = %error, "cannot reach the GIS; redialling with backoff (reminders follow while it stays out of reach)");
+            warn!(gis = %self.gis.name(), cause = %error, "cannot reach the GIS; redialling with backoff (reminders follow while it stays out of reach)");
         } else {
-            debug!(gis = %self.cfg.gis, cause = %error, attempt = self.gis.failed_dials(), retry_in = ?wait, "cannot reach the GIS; redialling");
+            debug!(gis = %self.gis.name(), cause = %error, attempt = self.gis.failed_dials(), retry_in = ?wait, "cannot reach the GIS; redialling");
         }
     }
 
@@ -913,7 +927,7 @@ impl Engine {
             Connected::Already => return,
             Connected::First => info!("connected to the GIS"),
             Connected::Again { failed_dials } => {
-                info!(gis = %self.cfg.gis, failed_dials, "reconnected to the GIS; registering again")
+                info!(gis = %self.gis.name(), failed_dials, "reconnected to the GIS; registering again")
             }
         }
         self.register();
@@ -922,7 +936,7 @@ impl Engine {
     fn on_gis_disconnected(&mut self) {
         // A restarted GIS has forgotten that we are alive: register again once back.
         if let Some(wait) = self.gis.on_disconnected(Instant::now(), rand::random()) {
-            warn!(gis = %self.cfg.gis, retry_in = ?wait, "connection to the GIS lost; redialling with backoff (downloads go on with the peers they know)");
+            warn!(gis = %self.gis.name(), retry_in = ?wait, "connection to the GIS lost; redialling with backoff (downloads go on with the peers they know)");
         }
     }
 
@@ -1165,7 +1179,7 @@ impl Engine {
                 ..
             } => {
                 self.dialing.remove(&peer_id);
-                if peer_id == self.gis_peer {
+                if peer_id == self.gis_peer() {
                     self.on_gis_connected();
                     return;
                 }
@@ -1183,7 +1197,7 @@ impl Engine {
                 num_established: 0,
                 ..
             } => {
-                if peer_id == self.gis_peer {
+                if peer_id == self.gis_peer() {
                     self.on_gis_disconnected();
                     return;
                 }
@@ -1202,7 +1216,7 @@ impl Engine {
                 peer_id: Some(p),
                 error,
                 ..
-            } if p == self.gis_peer && !self.gis.connected() => {
+            } if p == self.gis_peer() && !self.gis.connected() => {
                 self.gis_dial_failed(&crate::gis_watch::dial_cause(&error));
             }
             SwarmEvent::OutgoingConnectionError {
@@ -2454,7 +2468,7 @@ impl Engine {
         }
         if let Some(r) = gis.reminder {
             let cause = r.cause.as_deref().unwrap_or("a dial is under way, no answer yet (packets dropped on the way, or the port is not the GIS's?)");
-            warn!(gis = %self.cfg.gis, down_for = ?r.down_for, %cause, next_reminder_in = ?r.next_in, "still no connection to the GIS");
+            warn!(gis = %self.gis.name(), down_for = ?r.down_for, %cause, next_reminder_in = ?r.next_in, "still no connection to the GIS");
         }
         for step in gis.steps {
             self.gis_step(step);

@@ -88,9 +88,14 @@ pub struct Tick<P> {
 }
 
 /// One node's session with its GIS. `I` names a sent request (the swarm's request id).
+///
+/// The GIS may be a Raft group of replicas: the session talks to one at a time and moves
+/// to the next, in order and round, whenever a dial fails or the connection is lost; it
+/// registers again with whichever it reaches (any replica takes writes to its leader).
 pub struct GisSession<P, I> {
-    /// The GIS's address, for messages.
-    name: String,
+    /// The replicas' addresses, for messages; `at` is the one in use.
+    names: Vec<String>,
+    at: usize,
     connected: bool,
     registered: bool,
     dialing: bool,
@@ -105,12 +110,14 @@ pub struct GisSession<P, I> {
 }
 
 impl<P: Purpose, I: Hash + Eq> GisSession<P, I> {
-    /// A session with the GIS at `name` (for messages), not connected yet, from `now`.
-    pub fn new(name: String, now: Instant) -> Self {
+    /// A session with the GIS replicas at `names` (at least one; for messages), not
+    /// connected yet, from `now`; the first is tried first.
+    pub fn new(names: Vec<String>, now: Instant) -> Self {
         let mut watch = GisWatch::default();
         watch.down(now);
         GisSession {
-            name,
+            names,
+            at: 0,
             connected: false,
             registered: false,
             dialing: false,
@@ -124,6 +131,23 @@ impl<P: Purpose, I: Hash + Eq> GisSession<P, I> {
 
     pub fn connected(&self) -> bool {
         self.connected
+    }
+
+    /// The replica in use (to dial, to send to): an index into the names given at start.
+    pub fn replica(&self) -> usize {
+        self.at
+    }
+
+    /// The address of the replica in use.
+    pub fn name(&self) -> &str {
+        self.names.get(self.at).map_or("", String::as_str)
+    }
+
+    /// The next replica takes over (the one in use failed us).
+    fn next_replica(&mut self) {
+        if !self.names.is_empty() {
+            self.at = (self.at + 1) % self.names.len();
+        }
     }
 
     pub fn registered(&self) -> bool {
@@ -213,6 +237,7 @@ impl<P: Purpose, I: Hash + Eq> GisSession<P, I> {
     /// next one, and whether to report the failure now (else a reminder will).
     pub fn dial_failed(&mut self, now: Instant, cause: &str, unit: f64) -> (Duration, bool) {
         self.dialing = false;
+        self.next_replica();
         let wait = self.redial.failed(now, unit);
         (wait, self.watch.dial_failed(now, cause))
     }
@@ -244,6 +269,7 @@ impl<P: Purpose, I: Hash + Eq> GisSession<P, I> {
         self.connected = false;
         self.lost = true;
         self.registered = false;
+        self.next_replica();
         let wait = self.redial.failed(now, unit);
         self.watch.down(now);
         Some(wait)
@@ -283,7 +309,7 @@ impl<P: Purpose, I: Hash + Eq> GisSession<P, I> {
                         purpose,
                         why: format!(
                             "not connected to and registered with the GIS {} for {BACKLOG_WAIT:?}",
-                            self.name
+                            self.names.join(" or ")
                         ),
                     });
                 }
@@ -343,7 +369,7 @@ mod tests {
     #[test]
     fn while_unreachable_requests_are_dropped_failed_or_held_by_purpose() {
         let t0 = Instant::now();
-        let mut s: GisSession<Why, u32> = GisSession::new("gis".into(), t0);
+        let mut s: GisSession<Why, u32> = GisSession::new(vec!["gis".into()], t0);
         assert!(s.submit(lookup(0), Why::Heartbeat, 0, t0).is_none());
         assert!(matches!(
             s.submit(lookup(0), Why::Refresh, 0, t0),
@@ -371,7 +397,7 @@ mod tests {
     #[test]
     fn held_requests_fail_after_the_wait_and_beyond_the_bound() {
         let t0 = Instant::now();
-        let mut s: GisSession<Why, u32> = GisSession::new("gis".into(), t0);
+        let mut s: GisSession<Why, u32> = GisSession::new(vec!["gis".into()], t0);
         for i in 0..MAX_BACKLOG {
             assert!(s.submit(lookup(1), Why::Fetch(i as u8), 0, t0).is_none());
         }
@@ -391,7 +417,7 @@ mod tests {
     #[test]
     fn failed_lookups_are_sent_again_then_fail_and_others_fail_at_once() {
         let t0 = Instant::now();
-        let mut s: GisSession<Why, u32> = GisSession::new("gis".into(), t0);
+        let mut s: GisSession<Why, u32> = GisSession::new(vec!["gis".into()], t0);
         s.on_connected(t0);
         s.on_registered();
         s.sent(1, Some(lookup(1)), Why::Fetch(1), 0);
@@ -431,9 +457,27 @@ mod tests {
     }
 
     #[test]
+    fn replicas_take_over_in_turn_when_one_fails() {
+        let t0 = Instant::now();
+        let names = vec!["a".to_string(), "b".into(), "c".into()];
+        let mut s: GisSession<Why, u32> = GisSession::new(names, t0);
+        assert_eq!((s.replica(), s.name()), (0, "a"));
+        s.dial_started();
+        s.dial_failed(t0, "refused", 0.0);
+        assert_eq!(s.name(), "b");
+        s.on_connected(t0);
+        s.on_registered();
+        // b stays in use while it answers; lost, c takes over, then a again.
+        s.on_disconnected(t0, 0.0);
+        assert_eq!(s.name(), "c");
+        s.dial_failed(t0, "refused", 0.0);
+        assert_eq!(s.name(), "a");
+    }
+
+    #[test]
     fn a_lost_connection_unregisters_redials_with_backoff_and_reconnects() {
         let t0 = Instant::now();
-        let mut s: GisSession<Why, u32> = GisSession::new("gis".into(), t0);
+        let mut s: GisSession<Why, u32> = GisSession::new(vec!["gis".into()], t0);
         assert!(s.tick(t0).dial, "the first dial is due at once");
         s.dial_started();
         assert!(!s.tick(t0).dial, "not while a dial is under way");

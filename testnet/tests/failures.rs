@@ -699,26 +699,7 @@ async fn nodes_rejoin_a_restarted_gis_and_downloads_go_on() {
     let restarted = Instant::now();
 
     // Every node is registered (alive) again, and B's hosts are listed as holders.
-    let admin = AdminClient::connect(c.gis_addr.clone(), c.admin.clone())
-        .await
-        .expect("admin client connects");
-    let everyone: BTreeSet<_> = c.nodes.iter().map(|n| n.peer_id()).collect();
-    wait_for(
-        "every node alive at the GIS again",
-        Duration::from_secs(10),
-        || async {
-            let alive: BTreeSet<_> = admin
-                .hosts()
-                .await
-                .ok()?
-                .into_iter()
-                .filter(|h| h.alive)
-                .map(|h| h.peer)
-                .collect();
-            everyone.is_subset(&alive).then_some(())
-        },
-    )
-    .await;
+    every_node_alive_at(&c, &c.gis_addr, "every node alive at the GIS again", 10).await;
     let b_peers: BTreeSet<_> = b.iter().map(|&i| c.nodes[i].peer_id()).collect();
     wait_for(
         "B's nodes listed as holders again",
@@ -875,4 +856,94 @@ async fn full_disk_stops_the_download_without_blaming_the_senders() {
     let t = tokio::spawn(async move { n.fetch_and_wait(q).await });
     common::fetched_bit_exact(&c, vec![(host, t)], &id, &file, Duration::from_secs(30)).await;
     c.shutdown().await;
+}
+
+/// Issue 19, item 3 (the node's part): nodes configured with a second GIS replica move to
+/// it when theirs is killed, register there within 5 s, and downloads started afterwards
+/// go through it (the holders published what they hold again on registering). The two GIS
+/// processes here are independent, not a Raft group: what is tested is the node's
+/// failover, which is the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_move_to_another_gis_replica_when_theirs_dies() {
+    common::init_logs();
+    let size = 3 * MIB;
+    let (file, _guard) = image_file(size, 67, false);
+    let mut c = Cluster::start(ClusterSpec {
+        idcs: vec![idc("A", 1, 1), idc("B", 2, 1)],
+        policy: Policy::Bids,
+        shaped: false,
+    })
+    .await
+    .expect("cluster");
+    let standby_dir = tempfile::tempdir().expect("a data dir");
+    let mut gcfg = bids_gis::server::GisConfig::new(
+        libp2p::identity::Keypair::generate_ed25519(),
+        "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        standby_dir.path().to_path_buf(),
+        c.admin.public().to_peer_id(),
+    );
+    gcfg.heartbeat_timeout = Duration::from_secs(4);
+    let standby = bids_gis::server::spawn(gcfg).await.expect("standby GIS");
+    let standby_addr = standby.listen_addrs()[0].clone();
+    for i in 0..c.nodes.len() {
+        let s = standby_addr.clone();
+        c.restart_node_with(i, |cfg| cfg.gis_replicas = vec![s])
+            .await
+            .expect("restarting a node with the standby GIS");
+    }
+    c.wait_registered(Duration::from_secs(10))
+        .await
+        .expect("registered with the first GIS");
+    let holder = ordinary(&c, &c.idc_nodes("A"))[0];
+    let image: ImageRef = "gis-failover:1".parse().unwrap();
+    let m = c.seed(holder, &file, &image, CHUNK).await.expect("seeding");
+
+    c.kill_gis().await;
+    let killed = Instant::now();
+    every_node_alive_at(
+        &c,
+        &standby_addr,
+        "every node registered with the standby GIS",
+        5,
+    )
+    .await;
+    eprintln!(
+        "all {} nodes registered with the standby {:?} after the GIS was killed",
+        c.nodes.len(),
+        killed.elapsed()
+    );
+
+    let b = c.idc_nodes("B");
+    c.fetch_all(&b, &image, Duration::from_secs(30))
+        .await
+        .expect("B fetches through the standby GIS");
+    for &i in &b {
+        assert_eq!(
+            file_hash(&c.nodes[i].node().store().image_path(&m.id())),
+            file_hash(&file),
+            "node {i} is not bit-exact"
+        );
+    }
+    c.shutdown().await;
+    standby.shutdown().await.expect("standby stops");
+}
+
+/// Waits (at most `secs` seconds) until the GIS at `gis` counts every node of `c` alive.
+async fn every_node_alive_at(c: &Cluster, gis: &libp2p::Multiaddr, what: &str, secs: u64) {
+    let admin = AdminClient::connect(gis.clone(), c.admin.clone())
+        .await
+        .expect("admin client connects");
+    let everyone: BTreeSet<_> = c.nodes.iter().map(|n| n.peer_id()).collect();
+    wait_for(what, Duration::from_secs(secs), || async {
+        let alive: BTreeSet<_> = admin
+            .hosts()
+            .await
+            .ok()?
+            .into_iter()
+            .filter(|h| h.alive)
+            .map(|h| h.peer)
+            .collect();
+        everyone.is_subset(&alive).then_some(())
+    })
+    .await;
 }
