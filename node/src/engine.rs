@@ -6,6 +6,7 @@
 
 use crate::accounting::{Accounting, PeerKind};
 use crate::admin_gate::AdminGate;
+use crate::announcer::Announcer;
 use crate::cadence::{Cadence, Pace};
 use crate::config::NodeConfig;
 use crate::gate::{self, Link, RefusalReason};
@@ -46,14 +47,8 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How often the loop ticks to drive schedulers, expire requests and flush announcements.
 const TICK: Duration = Duration::from_millis(20);
-/// New-chunk announcements are batched for this long.
-const ANNOUNCE_BATCH: Duration = Duration::from_millis(100);
-/// Full have-state of images in progress is re-announced this often (late joiners).
-const ANNOUNCE_FULL: Duration = Duration::from_secs(2);
 /// While this node's bridgehead certificate is about to expire, the warning repeats this often.
 const CERT_WARN_EVERY: Duration = Duration::from_secs(86_400);
-/// How soon after a bridgehead of another IDC is accepted the full announcements repeat.
-const FULL_ANNOUNCE_AFTER_CONNECT: Duration = Duration::from_millis(100);
 /// Chunk reads or writes in flight on the blocking pool before we answer Busy.
 const MAX_SERVING: usize = 256;
 /// The topic on which bridgeheads of all IDCs announce what they hold, so fetching IDCs can
@@ -285,8 +280,6 @@ struct DownloadState {
     active: HashSet<PeerId>,
     /// When it asks the GIS again, publishes its progress, gives up for want of a source.
     cadence: Cadence,
-    /// Chunks gained since the last announcement.
-    fresh: Vec<ChunkIndex>,
     /// Where the first second went (lookup, first source, first request, first byte).
     startup: Startup,
     /// Whether our IDC held a chunk we lacked at the last look, and when that was
@@ -715,9 +708,7 @@ pub(crate) async fn start(
         serving: 0,
         payload_cache: PayloadCache::new(PAYLOAD_CACHE_BYTES),
         last_heartbeat: Instant::now(),
-        last_full_announce: Instant::now(),
-        last_batch: Instant::now(),
-        recently_completed: HashMap::new(),
+        announcer: Announcer::new(Instant::now()),
         bans: HashMap::new(),
         _scrub: (cfg_scrub_bps > 0).then(|| {
             AbortOnDrop(
@@ -791,9 +782,8 @@ struct Engine {
     serving: usize,
     payload_cache: PayloadCache,
     last_heartbeat: Instant,
-    last_full_announce: Instant,
-    last_batch: Instant,
-    recently_completed: HashMap<ImageId, Instant>,
+    /// When to tell the IDC what we hold (`crate::announcer`).
+    announcer: Announcer,
     /// Peers banned node-wide for serving corrupt chunks, until when: no download asks them
     /// for anything and no chunk from them is accepted; reported to the GIS.
     bans: HashMap<PeerId, Instant>,
@@ -1314,10 +1304,7 @@ impl Engine {
             // A bridgehead of another IDC that trades with us missed our incremental
             // announcements while unconnected: repeat the full ones now (a moment later,
             // once gossipsub has swapped subscriptions), not at the next periodic round.
-            let soon = ANNOUNCE_FULL.saturating_sub(FULL_ANNOUNCE_AFTER_CONNECT);
-            if let Some(at) = Instant::now().checked_sub(soon) {
-                self.last_full_announce = self.last_full_announce.min(at);
-            }
+            self.announcer.remote_joined(Instant::now());
         }
         // Sources waiting for this peer's hello join their downloads now.
         let ids: Vec<ImageId> = self.downloads.keys().copied().collect();
@@ -1806,7 +1793,7 @@ impl Engine {
             Ok((encoding, payload)) => {
                 self.metrics.chunk_verified();
                 d.sched.on_chunk(&peer, idx, now);
-                d.fresh.push(idx);
+                self.announcer.gained(image, idx);
                 // Deferred requests for this chunk are answered now (cut-through relay),
                 // all from the one received buffer.
                 // Of the hosts of our IDC waiting, one gets it; the others take it from that
@@ -1906,9 +1893,9 @@ impl Engine {
                     completed_ms: unix_ms(),
                 },
             );
-            let fresh = std::mem::take(&mut d.fresh);
+            let fresh = self.announcer.take_fresh(image);
             self.downloads.remove(image);
-            self.recently_completed.insert(*image, Instant::now());
+            self.announcer.completed(*image, Instant::now());
             self.announce(*image, &fresh, true);
             self.publish(image, false);
             // A sled write: off the loop.
@@ -2146,7 +2133,6 @@ impl Engine {
                     pending_haves: HashMap::new(),
                     active: HashSet::new(),
                     cadence: Cadence::new(Instant::now()),
-                    fresh: Vec::new(),
                     startup,
                     lan_available: (false, Instant::now()),
                 },
@@ -2438,7 +2424,7 @@ impl Engine {
         for (id, mut idx) in by_image {
             idx.sort_unstable();
             idx.dedup();
-            self.recently_completed.remove(&id);
+            self.announcer.no_longer_complete(&id);
             if let Some(d) = self.downloads.get_mut(&id) {
                 for &i in &idx {
                     d.sched.unmark_held(i);
@@ -2510,22 +2496,13 @@ impl Engine {
         }
         self.release_stuck_waiters();
         self.drive_downloads(now);
-        if now.duration_since(self.last_batch) >= ANNOUNCE_BATCH {
-            self.last_batch = now;
-            let batch: Vec<(ImageId, Vec<ChunkIndex>)> = self
-                .downloads
-                .iter_mut()
-                .filter(|(_, d)| !d.fresh.is_empty())
-                .map(|(id, d)| (*id, std::mem::take(&mut d.fresh)))
-                .collect();
-            for (id, fresh) in batch {
+        let due = self.announcer.tick(now);
+        for (id, fresh) in due.fresh {
+            if self.downloads.contains_key(&id) {
                 self.announce(id, &fresh, false);
             }
         }
-        if now.duration_since(self.last_full_announce) >= ANNOUNCE_FULL {
-            self.last_full_announce = now;
-            self.recently_completed
-                .retain(|_, t| now.duration_since(*t) < Duration::from_secs(120));
+        if let Some(completed) = due.full {
             let mut haves = Vec::new();
             for id in self.downloads.keys() {
                 if let Some(held) = self.store.held(id) {
@@ -2545,9 +2522,9 @@ impl Engine {
                     }
                 }
             }
-            for id in self.recently_completed.keys() {
+            for id in completed {
                 haves.push(Have {
-                    image: *id,
+                    image: id,
                     ranges: Vec::new(),
                     complete: true,
                     lost: Vec::new(),

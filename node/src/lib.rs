@@ -4,6 +4,7 @@
 pub mod accounting;
 pub mod admin;
 pub mod admin_gate;
+pub mod announcer;
 pub mod backoff;
 pub mod cadence;
 pub mod config;
