@@ -709,6 +709,7 @@ pub(crate) async fn start(
         payload_cache: PayloadCache::new(PAYLOAD_CACHE_BYTES),
         last_heartbeat: Instant::now(),
         announcer: Announcer::new(Instant::now()),
+        now: Instant::now(),
         bans: HashMap::new(),
         _scrub: (cfg_scrub_bps > 0).then(|| {
             AbortOnDrop(
@@ -739,6 +740,9 @@ pub(crate) async fn start(
 }
 
 struct Engine {
+    /// The time of the event being handled: read once per event by the loop, so every
+    /// decision made for one event sees the same instant.
+    now: Instant,
     swarm: Swarm<Behaviour>,
     admin_gate: AdminGate,
     /// Admitted admin commands, to their executor above the engine.
@@ -810,23 +814,36 @@ impl Engine {
     async fn run(mut self) {
         info!(peer = %self.me, idc = %self.cfg.idc, policy = %self.cfg.policy, "node started");
         // Registration follows once the connection is up (`on_gis_connected`).
+        self.now = Instant::now();
         self.dial_gis();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                ev = self.swarm.select_next_some() => self.on_swarm(ev),
-                Some(i) = self.irx.recv() => self.on_internal(i),
-                cmd = self.cmd_rx.recv() => match cmd {
-                    Some(Command::Shutdown { reply }) => {
-                        self.stop();
-                        let _ = reply.send(());
-                        return;
+                ev = self.swarm.select_next_some() => {
+                    self.now = Instant::now();
+                    self.on_swarm(ev);
+                }
+                Some(i) = self.irx.recv() => {
+                    self.now = Instant::now();
+                    self.on_internal(i);
+                }
+                cmd = self.cmd_rx.recv() => {
+                    self.now = Instant::now();
+                    match cmd {
+                        Some(Command::Shutdown { reply }) => {
+                            self.stop();
+                            let _ = reply.send(());
+                            return;
+                        }
+                        Some(c) => self.on_command(c),
+                        None => { self.stop(); return; }
                     }
-                    Some(c) => self.on_command(c),
-                    None => { self.stop(); return; }
-                },
-                _ = tick.tick() => self.on_tick(),
+                }
+                _ = tick.tick() => {
+                    self.now = Instant::now();
+                    self.on_tick();
+                }
             }
         }
     }
@@ -867,7 +884,7 @@ impl Engine {
     }
 
     fn gis_request_attempt(&mut self, req: GisRequest, purpose: GisPurpose, attempt: u32) {
-        if let Some(step) = self.gis.submit(req, purpose, attempt, Instant::now()) {
+        if let Some(step) = self.gis.submit(req, purpose, attempt, self.now) {
             self.gis_step(step);
         }
     }
@@ -904,7 +921,7 @@ impl Engine {
     }
 
     fn gis_dial_failed(&mut self, error: &str) {
-        let (wait, report) = self.gis.dial_failed(Instant::now(), error, rand::random());
+        let (wait, report) = self.gis.dial_failed(self.now, error, rand::random());
         if report {
             warn!(gis = %self.gis.name(), cause = %error, "cannot reach the GIS; redialling with backoff (reminders follow while it stays out of reach)");
         } else {
@@ -913,7 +930,7 @@ impl Engine {
     }
 
     fn on_gis_connected(&mut self) {
-        match self.gis.on_connected(Instant::now()) {
+        match self.gis.on_connected(self.now) {
             Connected::Already => return,
             Connected::First => info!("connected to the GIS"),
             Connected::Again { failed_dials } => {
@@ -925,7 +942,7 @@ impl Engine {
 
     fn on_gis_disconnected(&mut self) {
         // A restarted GIS has forgotten that we are alive: register again once back.
-        if let Some(wait) = self.gis.on_disconnected(Instant::now(), rand::random()) {
+        if let Some(wait) = self.gis.on_disconnected(self.now, rand::random()) {
             warn!(gis = %self.gis.name(), retry_in = ?wait, "connection to the GIS lost; redialling with backoff (downloads go on with the peers they know)");
         }
     }
@@ -1176,7 +1193,7 @@ impl Engine {
                 if (num_established.get() == 1 || self.peers.contains(&peer_id))
                     && self
                         .peers
-                        .connected(peer_id, Instant::now(), endpoint.is_dialer())
+                        .connected(peer_id, self.now, endpoint.is_dialer())
                 {
                     let h = self.my_hello();
                     self.swarm.behaviour_mut().hello.send_request(&peer_id, h);
@@ -1260,10 +1277,7 @@ impl Engine {
                 rr::Event::OutboundFailure {
                     request_id, error, ..
                 } => {
-                    if let Some(step) =
-                        self.gis
-                            .failed(&request_id, error.to_string(), Instant::now())
-                    {
+                    if let Some(step) = self.gis.failed(&request_id, error.to_string(), self.now) {
                         self.gis_step(step);
                     }
                 }
@@ -1304,7 +1318,7 @@ impl Engine {
             // A bridgehead of another IDC that trades with us missed our incremental
             // announcements while unconnected: repeat the full ones now (a moment later,
             // once gossipsub has swapped subscriptions), not at the next periodic round.
-            self.announcer.remote_joined(Instant::now());
+            self.announcer.remote_joined(self.now);
         }
         // Sources waiting for this peer's hello join their downloads now.
         let ids: Vec<ImageId> = self.downloads.keys().copied().collect();
@@ -1362,7 +1376,7 @@ impl Engine {
                     warn!(%peer, %reason, "connection refused");
                     self.acct.refused();
                     self.metrics.refused(reason.reason);
-                    let early = self.peers.refuse(peer, Instant::now());
+                    let early = self.peers.refuse(peer, self.now);
                     self.release_early(peer, early);
                 }
             },
@@ -1428,7 +1442,7 @@ impl Engine {
                 error,
                 ..
             } => {
-                self.download.answered(&request_id, 0, Instant::now());
+                self.download.answered(&request_id, 0, self.now);
                 if let Some((image, idx, _)) = self.inflight.remove(&request_id) {
                     let why = match error {
                         rr::OutboundFailure::Timeout => Failure::Timeout,
@@ -1437,7 +1451,7 @@ impl Engine {
                     };
                     debug!(%peer, idx, %error, "chunk request failed");
                     if let Some(d) = self.downloads.get_mut(&image) {
-                        d.sched.on_failure(&peer, idx, why, Instant::now());
+                        d.sched.on_failure(&peer, idx, why, self.now);
                     }
                 }
             }
@@ -1463,7 +1477,7 @@ impl Engine {
 
     /// A response to `peer` was written out (or failed): the next queued ones may go.
     fn response_done(&mut self, peer: PeerId) {
-        for q in self.uploads.done(peer, Instant::now()) {
+        for q in self.uploads.done(peer, self.now) {
             self.send_data(peer, q);
         }
     }
@@ -1542,10 +1556,7 @@ impl Engine {
         }
         if link == Link::Lan
             && self.seeds_lan()
-            && self
-                .seeder
-                .on_request(req.image, req.index, peer, Instant::now())
-                == Verdict::Elsewhere
+            && self.seeder.on_request(req.image, req.index, peer, self.now) == Verdict::Elsewhere
         {
             // Another host of our IDC got it from us a moment ago: take it from there.
             self.respond(peer, channel, ChunkResponse::NotHeld);
@@ -1613,7 +1624,7 @@ impl Engine {
         };
         let n = payload.len() as u64;
         let q = (channel, image, resp, link);
-        if let Some(q) = self.uploads.offer(peer, q, n, Instant::now()) {
+        if let Some(q) = self.uploads.offer(peer, q, n, self.now) {
             self.send_data(peer, q);
         }
     }
@@ -1641,14 +1652,14 @@ impl Engine {
             ChunkResponse::Data { payload, .. } => payload.len() as u64,
             _ => 0,
         };
-        self.download.answered(&request_id, arrived, Instant::now());
+        self.download.answered(&request_id, arrived, self.now);
         let Some((image, idx, _)) = self.inflight.remove(&request_id) else {
             return;
         };
         self.handle_chunk_response(peer, image, idx, resp);
         // The answer freed a request slot (data goes on to verification without holding
         // it): fill it now.
-        self.pump(&image, Instant::now());
+        self.pump(&image, self.now);
     }
 
     fn handle_chunk_response(
@@ -1658,7 +1669,7 @@ impl Engine {
         idx: ChunkIndex,
         resp: ChunkResponse,
     ) {
-        let now = Instant::now();
+        let now = self.now;
         let kind = self.kind_of(&peer);
         let Some(d) = self.downloads.get_mut(&image) else {
             return;
@@ -1785,7 +1796,7 @@ impl Engine {
         peer: PeerId,
         result: Result<(Encoding, Bytes), StoreFail>,
     ) {
-        let now = Instant::now();
+        let now = self.now;
         let Some(d) = self.downloads.get_mut(&image) else {
             return;
         };
@@ -1895,7 +1906,7 @@ impl Engine {
             );
             let fresh = self.announcer.take_fresh(image);
             self.downloads.remove(image);
-            self.announcer.completed(*image, Instant::now());
+            self.announcer.completed(*image, self.now);
             self.announce(*image, &fresh, true);
             self.publish(image, false);
             // A sled write: off the loop.
@@ -1967,7 +1978,7 @@ impl Engine {
             GisPurpose::Lookup {
                 image,
                 for_fetch: Some(reply.unwrap_or_else(|| oneshot::channel().0)),
-                asked: Instant::now(),
+                asked: self.now,
             },
         );
         // Mark a pending id so repeated requests for it do not each start a lookup.
@@ -2053,7 +2064,7 @@ impl Engine {
             }
             self.preparing.insert(id, vec![(list, reply)]);
             let (store, itx) = (self.store.clone(), self.itx.clone());
-            let times = (asked, Instant::now());
+            let times = (asked, self.now);
             tokio::spawn(async move {
                 let m = manifest.clone();
                 let result = tokio::task::spawn_blocking(move || prepare_download(&store, &m))
@@ -2118,7 +2129,7 @@ impl Engine {
                   level0, level1, level2, prepare_ms = answered.elapsed().as_millis() as u64, "download started");
             if self.downloads.is_empty() {
                 // No saved-up burst: the download limit holds from the first request.
-                self.download.start_fresh(Instant::now());
+                self.download.start_fresh(self.now);
             }
             let mut startup = Startup::new(asked);
             startup.lookup_answered(answered);
@@ -2127,14 +2138,14 @@ impl Engine {
                 DownloadState {
                     manifest: manifest.clone(),
                     sched,
-                    started: Instant::now(),
+                    started: self.now,
                     progress: tx,
                     candidates: HashMap::new(),
                     pending_haves: HashMap::new(),
                     active: HashSet::new(),
-                    cadence: Cadence::new(Instant::now()),
+                    cadence: Cadence::new(self.now),
                     startup,
-                    lan_available: (false, Instant::now()),
+                    lan_available: (false, self.now),
                 },
             );
             self.publish(&id, true);
@@ -2149,7 +2160,7 @@ impl Engine {
         let Some(d) = self.downloads.get_mut(&id) else {
             return;
         };
-        d.cadence.lookup_answered(Instant::now());
+        d.cadence.lookup_answered(self.now);
         if let Some(r) = reply {
             let _ = r.send(Ok(d.progress.subscribe()));
         }
@@ -2247,7 +2258,7 @@ impl Engine {
         };
         if accepted {
             if d.active.insert(*peer) {
-                d.startup.source_ready(Instant::now());
+                d.startup.source_ready(self.now);
                 if kind == SourceKind::RemoteBridgehead && !complete {
                     d.sched.add_fetching_bridgehead(*peer);
                 } else {
@@ -2447,7 +2458,7 @@ impl Engine {
     // ---------------------------------------------------------------- the tick
 
     fn on_tick(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         let gis = self.gis.tick(now);
         if gis.dial {
             self.dial_gis();
@@ -2611,7 +2622,7 @@ impl Engine {
     /// for chunks no LAN peer of ours has (they fetch them elsewhere), so no two bridgeheads
     /// ever wait on each other.
     fn release_stuck_waiters(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         let mut release = Vec::new();
         for ((image, idx), ws) in &self.waiters {
             let Some(d) = self.downloads.get(image) else {
@@ -2797,8 +2808,8 @@ impl Engine {
                 download_bps,
             } => {
                 info!(upload_bps, download_bps, "rate limits changed");
-                self.uploads.set_rate(upload_bps, Instant::now());
-                self.download.set_rate(download_bps, Instant::now());
+                self.uploads.set_rate(upload_bps, self.now);
+                self.download.set_rate(download_bps, self.now);
             }
             Command::SetSharing { enabled } => {
                 info!(enabled, "sharing switched");
@@ -2969,7 +2980,7 @@ impl Engine {
             refusals: self.acct.refusals(),
             bad_chunks_served_to_us: self.acct.total().bad_chunks,
             banned_peers: {
-                let now = Instant::now();
+                let now = self.now;
                 self.bans
                     .iter()
                     .map(|(p, until)| (*p, until.saturating_duration_since(now).as_secs()))
