@@ -357,6 +357,7 @@ async fn run_with_storage(
             admin: cfg.admin_peer,
             policy: cfg.policy,
             heartbeat_timeout: cfg.heartbeat_timeout,
+            replicated_liveness: false,
         },
         snapshot,
     );
