@@ -93,7 +93,7 @@ fn start_gis(d: &Path, admin: &str) -> Daemon {
 
 fn write_random(path: &Path, size: usize, seed: u8) {
     let mut f = std::fs::File::create(path).unwrap();
-    let mut x: u32 = seed as u32 * 2654435761 + 1;
+    let mut x: u32 = (seed as u32).wrapping_mul(2654435761).wrapping_add(1);
     let mut buf = Vec::with_capacity(size);
     for _ in 0..size {
         x ^= x << 13;
