@@ -323,6 +323,7 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
         policy,
         heartbeat_timeout: Duration::from_secs(st.heartbeat_timeout_secs.unwrap_or(10)),
         metrics: metrics_addr(st.metrics.as_deref())?,
+        cluster: None,
     };
     crate::limits::raise_open_files("connected hosts (one connection each)");
     let gis = bids_gis::server::spawn(cfg).await?;

@@ -4,23 +4,27 @@
 //!
 //! - [`store`]: the Raft log and the state machine on sled (a `raft.sled` next to the
 //!   GIS's own database), with snapshots so a replaced replica joins from one.
-//! - [`net`]: Raft RPCs between replicas over TCP with length-prefixed CBOR frames.
+//! - [`net`]: Raft RPCs between replicas over TCP with length-prefixed CBOR frames, plus
+//!   writes and heartbeats a follower hands to the leader.
+//! - [`server`]: the GIS event loop of a replica: reads from the local applied state,
+//!   writes through Raft.
 //!
 //! The transport is a plain TCP listener, not the GIS's libp2p swarm: Raft heartbeats and
 //! elections then never queue behind node requests in the swarm's event loop, and a replica
 //! can be tested without a GIS server around it.
 
 pub mod net;
+pub mod server;
 pub mod store;
 
 use crate::index::{Index, IndexConfig};
 use crate::storage::Storage;
-use bids_protocols::gis::{GisRequest, GisResponse};
+use bids_protocols::gis::{GisRequest, GisResponse, HostStats};
 use bids_protocols::ImageId;
 use libp2p::PeerId;
 use openraft::{BasicNode, Raft};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -88,7 +92,7 @@ pub enum Applied {
 /// index's records. The state machine writes it; lookups read it.
 pub struct GisState {
     pub index: Index,
-    storage: Box<dyn Storage + Send>,
+    storage: Box<dyn Storage>,
     /// The last log entry applied: the index and storage reflect exactly the log up to it.
     applied: Option<openraft::LogId<NodeId>>,
     membership: openraft::StoredMembership<NodeId, BasicNode>,
@@ -98,7 +102,7 @@ impl GisState {
     /// Restores the index from `storage`, as a single GIS does at start.
     pub fn open(
         cfg: IndexConfig,
-        storage: Box<dyn Storage + Send>,
+        storage: Box<dyn Storage>,
     ) -> Result<Self, crate::storage::StorageError> {
         let snapshot = storage.load()?;
         let index = Index::restore(cfg, snapshot);
@@ -148,17 +152,73 @@ impl GisState {
 /// The applied state, shared by the state machine (writer) and the GIS server (reader).
 /// Locked only for synchronous work, never across an `.await`.
 #[derive(Clone)]
-pub struct SharedState(Arc<Mutex<GisState>>);
+pub struct SharedState {
+    state: Arc<Mutex<GisState>>,
+    /// Hosts whose liveness record this replica is proposing: one proposal per host at a
+    /// time, however many heartbeats or expiry ticks ask for it meanwhile.
+    proposing: Arc<Mutex<BTreeSet<PeerId>>>,
+}
 
 impl SharedState {
     pub fn new(state: GisState) -> Self {
-        SharedState(Arc::new(Mutex::new(state)))
+        SharedState {
+            state: Arc::new(Mutex::new(state)),
+            proposing: Arc::default(),
+        }
     }
 
     /// The state, even if a thread panicked while holding it (the index is rebuilt from
     /// the log on restart anyway; a poisoned lock must not stop the lookups).
     pub fn lock(&self) -> MutexGuard<'_, GisState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replicates that `peer` is alive or dead, unless such a proposal is under way.
+    pub fn propose_liveness(&self, raft: &GisRaft, peer: PeerId, alive: bool, now_ms: i64) {
+        {
+            let mut p = self.proposing.lock().unwrap_or_else(|p| p.into_inner());
+            if !p.insert(peer) {
+                return;
+            }
+        }
+        let raft = raft.clone();
+        let proposing = self.proposing.clone();
+        tokio::spawn(async move {
+            let cmd = Command::Liveness {
+                peer,
+                alive,
+                now_ms,
+            };
+            if let Err(e) = net::write_via_leader(&raft, cmd, WRITE_TIMEOUT).await {
+                warn!(%peer, alive, error = %e, "could not replicate a host's liveness; the next heartbeat or expiry retries");
+            }
+            proposing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&peer);
+        });
+    }
+
+    /// A heartbeat, as the leader sees it (its own or relayed by a follower). One from a
+    /// live host only refreshes the leader's clock and counters and writes nothing; one
+    /// from a host marked dead replicates that it is alive again. Unknown hosts: ignored
+    /// here (the replica they talk to refuses them).
+    pub fn heartbeat_at_leader(&self, raft: &GisRaft, peer: PeerId, stats: HostStats, now_ms: i64) {
+        let revive = {
+            let mut st = self.lock();
+            if !st.index.is_registered(&peer) {
+                return;
+            }
+            if st.index.marked_alive(&peer) {
+                let _ = st.index.heartbeat(peer, stats, now_ms);
+                false
+            } else {
+                true
+            }
+        };
+        if revive {
+            self.propose_liveness(raft, peer, true, now_ms);
+        }
     }
 }
 
@@ -236,7 +296,7 @@ impl Replica {
         cfg: &ClusterConfig,
         data_dir: &Path,
         index_cfg: IndexConfig,
-        storage: Box<dyn Storage + Send>,
+        storage: Box<dyn Storage>,
         raft_cfg: openraft::Config,
     ) -> Result<Replica, ClusterError> {
         let listener = tokio::net::TcpListener::bind(cfg.raft_listen)
@@ -257,7 +317,7 @@ impl Replica {
         cfg: &ClusterConfig,
         data_dir: &Path,
         index_cfg: IndexConfig,
-        storage: Box<dyn Storage + Send>,
+        storage: Box<dyn Storage>,
         raft_cfg: openraft::Config,
     ) -> Result<Replica, ClusterError> {
         if !cfg.members.contains_key(&cfg.node_id) {
@@ -285,7 +345,7 @@ impl Replica {
         )
         .await
         .map_err(|e| ClusterError::Fatal(e.to_string()))?;
-        let listener = tokio::spawn(net::serve(listener, raft.clone()));
+        let listener = tokio::spawn(net::serve(listener, raft.clone(), state.clone()));
         let members: BTreeMap<NodeId, BasicNode> = cfg
             .members
             .iter()
@@ -359,12 +419,23 @@ impl Replica {
     }
 
     /// Stops Raft and the listener (the sled files stay, for a restart).
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.listener.abort();
+        // Connections still open hold the Raft handle; wait for the listener task (and its
+        // connection set) to be gone before Raft is asked to stop.
+        let _ = (&mut self.listener).await;
         if let Err(e) = self.raft.shutdown().await {
             warn!(node = self.node_id, error = %e, "Raft shut down with an error");
         }
         info!(node = self.node_id, "GIS replica stopped");
+    }
+}
+
+impl Drop for Replica {
+    /// A replica dropped without `shutdown` (its task aborted) still closes its listener;
+    /// Raft stops once its last handle is gone.
+    fn drop(&mut self) {
+        self.listener.abort();
     }
 }
 

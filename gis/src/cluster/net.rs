@@ -3,9 +3,11 @@
 //! checked before anything is allocated. Also carries writes a follower forwards to the
 //! leader. Raft itself decides what to send; this module only moves it.
 
-use super::{Applied, Command, GisRaft, NodeId, TypeConfig, WriteError};
+use super::{Applied, Command, GisRaft, NodeId, SharedState, TypeConfig, WriteError};
 use bids_protocols::codec::{decode_body, encode_frame};
+use bids_protocols::gis::HostStats;
 use bids_protocols::gis::MAX_RESPONSE_BYTES;
+use libp2p::PeerId;
 use openraft::error::{
     ClientWriteError, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError,
     RemoteError, Unreachable,
@@ -39,6 +41,8 @@ pub enum RaftRpc {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A write a follower forwards to the leader.
     Write(Command),
+    /// Heartbeats a follower received, for the leader, which alone decides liveness.
+    Heartbeats(Vec<(PeerId, HostStats)>),
 }
 
 type WriteResult =
@@ -53,6 +57,7 @@ pub enum RaftReply {
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
     Write(WriteResult),
+    Heartbeats,
 }
 
 /// Reads one frame of at most `limit` bytes; the length is checked before allocating.
@@ -82,7 +87,7 @@ async fn write_frame<T: Serialize>(io: &mut TcpStream, msg: &T) -> io::Result<()
 
 /// Serves Raft RPCs on `listener` until the task is aborted; aborting it also ends every
 /// connection it accepted (they live in its `JoinSet`).
-pub async fn serve(listener: TcpListener, raft: GisRaft) {
+pub async fn serve(listener: TcpListener, raft: GisRaft, state: SharedState) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -90,8 +95,9 @@ pub async fn serve(listener: TcpListener, raft: GisRaft) {
                 Ok((stream, from)) => {
                     let _ = stream.set_nodelay(true);
                     let raft = raft.clone();
+                    let state = state.clone();
                     connections.spawn(async move {
-                        if let Err(e) = serve_connection(stream, raft).await {
+                        if let Err(e) = serve_connection(stream, raft, state).await {
                             if e.kind() != io::ErrorKind::UnexpectedEof {
                                 debug!(%from, error = %e, "Raft connection closed");
                             }
@@ -109,7 +115,11 @@ pub async fn serve(listener: TcpListener, raft: GisRaft) {
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, raft: GisRaft) -> io::Result<()> {
+async fn serve_connection(
+    mut stream: TcpStream,
+    raft: GisRaft,
+    state: SharedState,
+) -> io::Result<()> {
     loop {
         let rpc: RaftRpc = read_frame(&mut stream, MAX_FRAME).await?;
         let reply = match rpc {
@@ -119,6 +129,13 @@ async fn serve_connection(mut stream: TcpStream, raft: GisRaft) -> io::Result<()
                 RaftReply::InstallSnapshot(raft.install_snapshot(r).await)
             }
             RaftRpc::Write(cmd) => RaftReply::Write(raft.client_write(cmd).await),
+            RaftRpc::Heartbeats(beats) => {
+                let now = crate::server::unix_ms();
+                for (peer, stats) in beats {
+                    state.heartbeat_at_leader(&raft, peer, stats, now);
+                }
+                RaftReply::Heartbeats
+            }
         };
         write_frame(&mut stream, &reply).await?;
     }
@@ -281,6 +298,85 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 }
 
+/// The leader's id and Raft address as `raft` knows them.
+pub fn leader_of(raft: &GisRaft) -> Option<(NodeId, String)> {
+    let m = raft.metrics();
+    let m = m.borrow();
+    m.current_leader.and_then(|id| {
+        m.membership_config
+            .nodes()
+            .find(|(n, _)| **n == id)
+            .map(|(_, node)| (id, node.addr.clone()))
+    })
+}
+
+/// Most heartbeats relayed in one message.
+const MAX_RELAY_BATCH: usize = 1024;
+
+/// On a follower: hands the heartbeats its hosts send it to the leader, in batches over one
+/// connection. Heartbeats that arrive while no leader is known are dropped: the next ones
+/// (every few seconds per host) carry the same news.
+pub async fn relay_heartbeats(
+    raft: GisRaft,
+    state: SharedState,
+    mut rx: tokio::sync::mpsc::Receiver<(PeerId, HostStats)>,
+) {
+    let mut conn: Option<(NodeId, TcpStream)> = None;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_RELAY_BATCH {
+            match rx.try_recv() {
+                Ok(b) => batch.push(b),
+                Err(_) => break,
+            }
+        }
+        let Some((leader, addr)) = leader_of(&raft) else {
+            debug!(
+                heartbeats = batch.len(),
+                "no GIS leader known; heartbeats not relayed"
+            );
+            continue;
+        };
+        if leader == raft.metrics().borrow().id {
+            // Leadership came here meanwhile: these are the leader's own now.
+            let now = crate::server::unix_ms();
+            for (peer, stats) in batch {
+                state.heartbeat_at_leader(&raft, peer, stats, now);
+            }
+            continue;
+        }
+        if conn.as_ref().is_some_and(|(id, _)| *id != leader) {
+            conn = None;
+        }
+        let rpc = RaftRpc::Heartbeats(batch);
+        let sent = async {
+            if conn.is_none() {
+                let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+                s.set_nodelay(true)?;
+                conn = Some((leader, s));
+            }
+            let Some((_, s)) = conn.as_mut() else {
+                return Err(io::Error::other("no connection"));
+            };
+            write_frame(s, &rpc).await?;
+            read_frame::<_, RaftReply>(s, MAX_FRAME).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), sent).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                debug!(leader, %addr, error = %e, "relaying heartbeats to the GIS leader failed");
+                conn = None;
+            }
+            Err(_) => {
+                debug!(leader, %addr, "relaying heartbeats to the GIS leader timed out");
+                conn = None;
+            }
+        }
+    }
+}
+
 /// Proposes `cmd` on this replica if it leads, else forwards it to the leader; retries
 /// across an election until `timeout`.
 pub async fn write_via_leader(
@@ -291,15 +387,7 @@ pub async fn write_via_leader(
     let deadline = Instant::now() + timeout;
     let mut metrics = raft.metrics();
     loop {
-        let leader = {
-            let m = metrics.borrow();
-            m.current_leader.and_then(|id| {
-                m.membership_config
-                    .nodes()
-                    .find(|(n, _)| **n == id)
-                    .map(|(_, node)| (id, node.addr.clone()))
-            })
-        };
+        let leader = leader_of(raft);
         let outcome = match &leader {
             Some((id, _)) if *id == raft.metrics().borrow().id => {
                 Some(raft.client_write(cmd.clone()).await)
