@@ -261,6 +261,36 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
     eprintln!("replica {next} leads {failover:?} after replica {first} was killed");
     assert!(failover < ELECTION_LIMIT, "failover took {failover:?}");
 
+    // `bids lookup` with every replica's address moves past the dead one; with only the
+    // dead one it says that no GIS answered.
+    let both = bids()
+        .args([
+            "lookup",
+            "deb:1",
+            "--gis",
+            &killed.addr,
+            "--gis",
+            &replicas[0].addr,
+            "--idc",
+            "A",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        both.status.success(),
+        "{}",
+        String::from_utf8_lossy(&both.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
+    assert_eq!(v["level0"][0]["peer"], h1.as_str());
+    let dead = lookup(&killed.addr);
+    assert!(!dead.status.success());
+    assert!(
+        String::from_utf8_lossy(&dead.stderr).contains("no GIS answered"),
+        "{}",
+        String::from_utf8_lossy(&dead.stderr)
+    );
+
     // The committed registration and publication survived; the group takes new writes.
     for r in &replicas {
         wait_listed(&r.addr, std::slice::from_ref(&h1));
