@@ -30,6 +30,11 @@ pub struct ClusterArgs {
     /// a snapshot.
     #[arg(long)]
     join: bool,
+    /// With --join: the --raft-id of the lost replica this one takes the place of. The
+    /// joining replica asks the replicas given by --peer to add it; the leader adds it as a
+    /// learner, lets it catch up, then gives it the lost replica's vote.
+    #[arg(long, value_name = "ID", requires = "join")]
+    replaces: Option<NodeId>,
 }
 
 /// The `[cluster]` section of the GIS config file.
@@ -41,6 +46,7 @@ pub struct ClusterSettings {
     peers: Vec<String>,
     #[serde(default)]
     join: bool,
+    replaces: Option<NodeId>,
 }
 
 /// Parses one `ID@IP:PORT`.
@@ -93,6 +99,7 @@ pub fn config(a: &ClusterArgs, file: Option<ClusterSettings>) -> Result<Option<C
         raft_listen,
         members,
         join: a.join || file.join,
+        replaces: a.replaces.or(file.replaces),
     }))
 }
 
@@ -106,6 +113,7 @@ mod tests {
             raft_listen: listen.map(String::from),
             peers: peers.iter().map(|s| s.to_string()).collect(),
             join: false,
+            replaces: None,
         }
     }
 
@@ -123,6 +131,7 @@ mod tests {
             raft_listen: Some("127.0.0.1:9".into()),
             peers: vec!["8@127.0.0.1:8".into()],
             join: false,
+            replaces: None,
         };
         let c = config(
             &args(
@@ -146,12 +155,14 @@ mod tests {
             raft_listen: Some("127.0.0.1:7102".into()),
             peers: vec!["1@127.0.0.1:7101".into()],
             join: true,
+            replaces: Some(3),
         };
         let c = config(&ClusterArgs::default(), Some(file))
             .unwrap()
             .unwrap();
         assert_eq!(c.node_id, 2);
         assert!(c.join);
+        assert_eq!(c.replaces, Some(3));
         assert_eq!(c.members.len(), 2);
     }
 

@@ -299,4 +299,49 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
     for r in &replicas {
         wait_listed(&r.addr, &[h1.clone(), h2.clone()]);
     }
+
+    // A new replica with an empty data dir takes the killed one's place: it asks the
+    // survivors to add it, catches up, and answers lookups like them.
+    let raft4 = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    ok(&["key", "gen", "--out", &p(d, "gis4.key")]);
+    let mut args: Vec<String> = [
+        "--key",
+        &p(d, "gis4.key"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, "gis4"),
+        "--admin-peer",
+        &admin,
+        "--raft-id",
+        "4",
+        "--raft-listen",
+        &raft4,
+        "--join",
+        "--replaces",
+        &first.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for r in &replicas {
+        args.extend([
+            "--peer".to_string(),
+            format!("{}@{}", r.id, raft[r.id as usize - 1]),
+        ]);
+    }
+    let fourth = start(4, &args, &tx);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((4, line)) if line.contains("was added to the group") => break,
+            Ok(_) => {}
+            Err(e) => panic!("replica 4 was not added: {e}"),
+        }
+    }
+    wait_listed(&fourth.addr, &[h1, h2]);
 }

@@ -60,6 +60,7 @@ async fn start(
         raft_listen: m.addr,
         members: members.clone(),
         join,
+        replaces: None,
     };
     Replica::start_on(
         listener,

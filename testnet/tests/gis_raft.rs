@@ -43,6 +43,7 @@ async fn replica(
         raft_listen: members[&id],
         members: members.clone(),
         join: false,
+        replaces: None,
     });
     spawn(cfg).await.unwrap()
 }

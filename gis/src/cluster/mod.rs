@@ -237,6 +237,9 @@ pub struct ClusterConfig {
     /// which sends it a snapshot.
     #[serde(default)]
     pub join: bool,
+    /// With `join`: the lost replica this one takes the place of (its vote goes away).
+    #[serde(default)]
+    pub replaces: Option<NodeId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +290,8 @@ pub struct Replica {
     /// Where the Raft listener is bound (useful when configured with port 0).
     pub raft_addr: SocketAddr,
     listener: tokio::task::JoinHandle<()>,
+    /// A joining replica's requests to be added, until the leader added it.
+    joiner: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Replica {
@@ -356,7 +361,7 @@ impl Replica {
         match raft.is_initialized().await {
             Ok(true) => info!(node = cfg.node_id, "Raft replica restarted from its log"),
             Ok(false) if cfg.join => {
-                info!(node = cfg.node_id, %raft_addr, "Raft replica waits for the leader to add it")
+                info!(node = cfg.node_id, %raft_addr, replaces = ?cfg.replaces, "Raft replica asks the group to add it");
             }
             Ok(false) => match raft.initialize(members).await {
                 Ok(()) => info!(node = cfg.node_id, %raft_addr, "Raft group initialised"),
@@ -366,6 +371,24 @@ impl Replica {
             },
             Err(e) => return Err(ClusterError::Fatal(e.to_string())),
         }
+        let joiner = match raft.is_initialized().await {
+            Ok(false) if cfg.join => {
+                let peers: Vec<SocketAddr> = cfg
+                    .members
+                    .iter()
+                    .filter(|(id, _)| **id != cfg.node_id)
+                    .map(|(_, a)| *a)
+                    .collect();
+                Some(tokio::spawn(net::ask_to_join(
+                    raft.clone(),
+                    cfg.node_id,
+                    raft_addr,
+                    cfg.replaces,
+                    peers,
+                )))
+            }
+            _ => None,
+        };
         info!(node = cfg.node_id, %raft_addr, "GIS replica started");
         Ok(Replica {
             node_id: cfg.node_id,
@@ -373,6 +396,7 @@ impl Replica {
             state,
             raft_addr,
             listener,
+            joiner,
         })
     }
 
@@ -396,30 +420,14 @@ impl Replica {
         new: NodeId,
         addr: SocketAddr,
     ) -> Result<(), WriteError> {
-        self.raft
-            .add_learner(new, BasicNode::new(addr.to_string()), true)
-            .await
-            .map_err(|e| WriteError::Raft(e.to_string()))?;
-        let voters: std::collections::BTreeSet<NodeId> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|id| *id != old)
-            .chain([new])
-            .collect();
-        self.raft
-            .change_membership(voters.clone(), false)
-            .await
-            .map_err(|e| WriteError::Raft(e.to_string()))?;
-        info!(old, new, %addr, ?voters, "GIS replica replaced");
-        Ok(())
+        add_member(&self.raft, new, addr, Some(old)).await
     }
 
     /// Stops Raft and the listener (the sled files stay, for a restart).
     pub async fn shutdown(mut self) {
+        if let Some(j) = &self.joiner {
+            j.abort();
+        }
         self.listener.abort();
         // Connections still open hold the Raft handle; wait for the listener task (and its
         // connection set) to be gone before Raft is asked to stop.
@@ -436,7 +444,39 @@ impl Drop for Replica {
     /// Raft stops once its last handle is gone.
     fn drop(&mut self) {
         self.listener.abort();
+        if let Some(j) = &self.joiner {
+            j.abort();
+        }
     }
+}
+
+/// On the leader: adds replica `new` (its Raft listener at `addr`) as a learner, waits until
+/// it caught up (from a snapshot when the log it lacks is purged), then makes it a voter in
+/// place of `replaces` (or beside the others).
+pub async fn add_member(
+    raft: &GisRaft,
+    new: NodeId,
+    addr: SocketAddr,
+    replaces: Option<NodeId>,
+) -> Result<(), WriteError> {
+    info!(new, %addr, ?replaces, "adding a GIS replica; it catches up as a learner first");
+    raft.add_learner(new, BasicNode::new(addr.to_string()), true)
+        .await
+        .map_err(|e| WriteError::Raft(e.to_string()))?;
+    let voters: BTreeSet<NodeId> = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|id| Some(*id) != replaces)
+        .chain([new])
+        .collect();
+    raft.change_membership(voters.clone(), false)
+        .await
+        .map_err(|e| WriteError::Raft(e.to_string()))?;
+    info!(new, %addr, ?replaces, ?voters, "GIS replica added");
+    Ok(())
 }
 
 /// How long a write may wait for a leader and its commit.

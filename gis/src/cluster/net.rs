@@ -20,6 +20,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,6 +44,20 @@ pub enum RaftRpc {
     Write(Command),
     /// Heartbeats a follower received, for the leader, which alone decides liveness.
     Heartbeats(Vec<(PeerId, HostStats)>),
+    /// A new replica (started with `join`) asks to be added, in place of `replaces`.
+    Join {
+        id: NodeId,
+        addr: SocketAddr,
+        replaces: Option<NodeId>,
+    },
+}
+
+/// Why a replica did not add a joining one.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum JoinRefused {
+    /// Only the leader changes the membership; ask it (at this Raft address, when known).
+    NotLeader(Option<String>),
+    Failed(String),
 }
 
 type WriteResult =
@@ -58,6 +73,7 @@ pub enum RaftReply {
     ),
     Write(WriteResult),
     Heartbeats,
+    Joined(Result<(), JoinRefused>),
 }
 
 /// Reads one frame of at most `limit` bytes; the length is checked before allocating.
@@ -135,6 +151,17 @@ async fn serve_connection(
                     state.heartbeat_at_leader(&raft, peer, stats, now);
                 }
                 RaftReply::Heartbeats
+            }
+            RaftRpc::Join { id, addr, replaces } => {
+                let me = raft.metrics().borrow().id;
+                RaftReply::Joined(match leader_of(&raft) {
+                    Some((leader, _)) if leader == me => {
+                        super::add_member(&raft, id, addr, replaces)
+                            .await
+                            .map_err(|e| JoinRefused::Failed(e.to_string()))
+                    }
+                    other => Err(JoinRefused::NotLeader(other.map(|(_, a)| a))),
+                })
             }
         };
         write_frame(&mut stream, &reply).await?;
@@ -374,6 +401,63 @@ pub async fn relay_heartbeats(
                 conn = None;
             }
         }
+    }
+}
+
+/// How long the leader may take to add a joining replica (it first catches up, possibly
+/// from a snapshot).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Pause between rounds of asking every known replica to be added.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
+
+/// A joining replica: asks the known replicas (following the leader they name) to add it,
+/// until one added it or this replica already votes.
+pub async fn ask_to_join(
+    raft: GisRaft,
+    id: NodeId,
+    addr: SocketAddr,
+    replaces: Option<NodeId>,
+    peers: Vec<SocketAddr>,
+) {
+    let rpc = RaftRpc::Join { id, addr, replaces };
+    loop {
+        let mut candidates: Vec<String> = peers.iter().map(|a| a.to_string()).collect();
+        let mut i = 0;
+        while i < candidates.len() {
+            let target = candidates[i].clone();
+            i += 1;
+            if raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == id)
+            {
+                return;
+            }
+            match call_once(&target, &rpc, JOIN_TIMEOUT).await {
+                Ok(RaftReply::Joined(Ok(()))) => {
+                    info!(replica = id, via = %target, "this GIS replica was added to the group");
+                    return;
+                }
+                Ok(RaftReply::Joined(Err(JoinRefused::NotLeader(Some(leader)))))
+                    if candidates.len() < peers.len() + 8 =>
+                {
+                    debug!(via = %target, %leader, "asking the leader to add this replica");
+                    candidates.insert(i, leader);
+                }
+                Ok(RaftReply::Joined(Err(JoinRefused::NotLeader(_)))) => {}
+                Ok(RaftReply::Joined(Err(JoinRefused::Failed(e)))) => {
+                    warn!(via = %target, error = %e, "the GIS leader could not add this replica; retrying");
+                }
+                Ok(_) => warn!(via = %target, "unexpected answer to a join request"),
+                Err(e) => {
+                    debug!(via = %target, error = %e, "replica did not answer a join request")
+                }
+            }
+        }
+        tokio::time::sleep(JOIN_RETRY).await;
     }
 }
 
