@@ -20,7 +20,6 @@ pub mod store;
 use crate::index::{Index, IndexConfig};
 use crate::storage::Storage;
 use bids_protocols::gis::{GisRequest, GisResponse, HostStats};
-use bids_protocols::ImageId;
 use libp2p::PeerId;
 use openraft::{BasicNode, Raft};
 use serde::{Deserialize, Serialize};
@@ -69,10 +68,6 @@ pub enum Command {
     },
     /// The admin revoked a certificate serial through the admin control path.
     Revoke { requester: PeerId, serial: u64 },
-    /// A host removed for good.
-    ForgetHost(PeerId),
-    /// An image record removed for good.
-    ForgetImage(ImageId),
 }
 
 /// What applying a [`Command`] answered; the leader hands it back to whoever proposed it.
@@ -82,7 +77,7 @@ pub enum Applied {
     Nothing,
     /// The `Index`'s answer to a `Command::Request`.
     Response(GisResponse),
-    /// `Liveness`, `ForgetHost`, `ForgetImage`: whether the host or image was known.
+    /// `Liveness`: whether the host was known.
     Known(bool),
     /// `Revoke`: the hosts whose certificate carried the serial, or the refusal.
     Revoked(Result<Vec<PeerId>, String>),
@@ -129,8 +124,6 @@ impl GisState {
             Command::Revoke { requester, serial } => {
                 Applied::Revoked(self.index.revoke(requester, serial).map_err(|e| e.message))
             }
-            Command::ForgetHost(peer) => Applied::Known(self.index.forget_host(&peer)),
-            Command::ForgetImage(id) => Applied::Known(self.index.forget_image(&id)),
         }
     }
 

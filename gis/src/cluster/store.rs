@@ -395,7 +395,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         liveness_touched |= matches!(
                             cmd,
                             Command::Liveness { .. }
-                                | Command::ForgetHost(_)
                                 | Command::Request {
                                     req: GisRequest::Register { .. },
                                     ..
