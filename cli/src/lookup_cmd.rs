@@ -14,9 +14,10 @@ use std::time::Duration;
 pub struct LookupArgs {
     /// The image, NAME:VERSION.
     image: String,
-    /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it.
-    #[arg(long)]
-    gis: String,
+    /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it. Repeat it once per
+    /// replica of a GIS Raft group: they are asked in turn until one answers.
+    #[arg(long, required = true)]
+    gis: Vec<String>,
     /// Ask as a host of this IDC.
     #[arg(long)]
     idc: String,
@@ -39,7 +40,11 @@ fn entry(e: &HostEntry) -> Value {
 pub async fn run(a: LookupArgs) -> Result<()> {
     let image: ImageRef = a.image.parse().map_err(anyhow::Error::msg)?;
     let idc = Idc::new(&a.idc).map_err(anyhow::Error::msg)?;
-    let gis: Multiaddr = crate::settings::gis_addr(&a.gis)?;
+    let gis: Vec<Multiaddr> = a
+        .gis
+        .iter()
+        .map(|g| crate::settings::gis_addr(g))
+        .collect::<Result<_>>()?;
     let key = match &a.key {
         Some(k) => keys::load(k)?,
         None => libp2p::identity::Keypair::generate_ed25519(),
@@ -48,7 +53,7 @@ pub async fn run(a: LookupArgs) -> Result<()> {
         image: ImageQuery::Ref(image.clone()),
         idc: Some(idc),
     };
-    let resp = bids_gis::client::request_once(key, gis, req, Duration::from_secs(15)).await?;
+    let resp = ask_any(&key, &gis, req).await?;
     match resp {
         GisResponse::HostList(l) => {
             let out = json!({
@@ -69,4 +74,28 @@ pub async fn run(a: LookupArgs) -> Result<()> {
         GisResponse::Error { message, .. } => bail!("{message}"),
         other => bail!("unexpected answer from the GIS: {other:?}"),
     }
+}
+
+/// Asks the GIS replicas in turn until one answers (its answer, a refusal included, is
+/// final); each gets `PER_GIS` to answer.
+async fn ask_any(
+    key: &libp2p::identity::Keypair,
+    gis: &[Multiaddr],
+    req: GisRequest,
+) -> Result<GisResponse> {
+    const PER_GIS: Duration = Duration::from_secs(15);
+    let mut failures = Vec::new();
+    for g in gis {
+        match bids_gis::client::request_once(key.clone(), g.clone(), req.clone(), PER_GIS).await {
+            Ok(r) => return Ok(r),
+            Err(e) => {
+                tracing::warn!(gis = %g, error = %e, "GIS did not answer; asking the next one");
+                failures.push(format!("{g}: {e:#}"));
+            }
+        }
+    }
+    bail!(
+        "no GIS answered the lookup ({}); check that a GIS runs at one of the --gis addresses",
+        failures.join("; ")
+    )
 }

@@ -17,6 +17,7 @@ mod bench_cmd;
 mod cert_cmd;
 mod delta_cmd;
 mod demo_cmd;
+mod gis_cluster;
 mod image_cmd;
 mod keys;
 mod limits;

@@ -291,6 +291,8 @@ pub struct GisArgs {
     /// them (IP:PORT, e.g. 127.0.0.1:9100; off by default).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    #[command(flatten)]
+    cluster: crate::gis_cluster::ClusterArgs,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -302,6 +304,8 @@ struct GisSettings {
     policy: Option<String>,
     heartbeat_timeout_secs: Option<u64>,
     metrics: Option<String>,
+    /// Replica settings (`[cluster]`); see `crate::gis_cluster`.
+    cluster: Option<crate::gis_cluster::ClusterSettings>,
 }
 
 pub async fn run_gis(a: GisArgs) -> Result<()> {
@@ -342,6 +346,7 @@ pub async fn run_gis(a: GisArgs) -> Result<()> {
         policy,
         heartbeat_timeout: Duration::from_secs(st.heartbeat_timeout_secs.unwrap_or(10)),
         metrics: metrics_addr(st.metrics.as_deref())?,
+        cluster: crate::gis_cluster::config(&a.cluster, st.cluster)?,
     };
     crate::limits::raise_open_files("connected hosts (one connection each)");
     let gis = bids_gis::server::spawn(cfg).await?;
@@ -485,6 +490,7 @@ mod tests {
             policy,
             heartbeat_timeout_secs,
             metrics,
+            cluster,
         } = st;
         let set = [
             ("key", key.is_some()),
@@ -494,6 +500,7 @@ mod tests {
             ("policy", policy.is_some()),
             ("heartbeat_timeout_secs", heartbeat_timeout_secs.is_some()),
             ("metrics", metrics.is_some()),
+            ("cluster", cluster.is_some()),
         ];
         for k in keys("gis.toml") {
             assert!(

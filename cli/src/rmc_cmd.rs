@@ -18,9 +18,11 @@ pub struct RmcArgs {
     /// BIDS_… variables in between).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it.
+    /// GIS address ending in /p2p/<peer id>, as `bids gis` prints it. Repeat it once per
+    /// replica of a GIS Raft group: the console uses the first that answers and moves to
+    /// another when it stops answering. Replaces `gis` of the config file.
     #[arg(long)]
-    gis: Option<String>,
+    gis: Vec<String>,
     /// The admin keypair (the one whose peer id the GIS got as --admin-peer): the console
     /// speaks to the GIS as the admin and signs commands and certificates with it.
     #[arg(long)]
@@ -39,9 +41,17 @@ pub struct RmcArgs {
     metrics: Option<String>,
 }
 
+/// `gis` in the config file: one address, or a list of the replicas' addresses.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum GisSetting {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Deserialize, Debug, Default)]
 struct RmcSettings {
-    gis: Option<String>,
+    gis: Option<GisSetting>,
     admin_key: Option<PathBuf>,
     listen: Option<String>,
     rmc_password: Option<String>,
@@ -63,7 +73,6 @@ pub async fn run(a: RmcArgs) -> Result<()> {
     let st: RmcSettings = settings::load(
         a.config.as_deref(),
         &[
-            ("gis", a.gis.clone()),
             (
                 "admin_key",
                 a.admin_key.as_ref().map(|p| p.display().to_string()),
@@ -73,7 +82,24 @@ pub async fn run(a: RmcArgs) -> Result<()> {
             ("metrics", a.metrics.clone()),
         ],
     )?;
-    let gis: Multiaddr = settings::gis_addr(&settings::required(st.gis, "gis", "--gis")?)?;
+    let gis: Vec<String> = match (a.gis.is_empty(), st.gis) {
+        (false, _) => a.gis.clone(),
+        (true, Some(GisSetting::One(g))) => vec![g],
+        (true, Some(GisSetting::Many(gs))) => gs,
+        (true, None) => Vec::new(),
+    };
+    if gis.is_empty() {
+        settings::required(None::<String>, "gis", "--gis")?;
+    }
+    let gis: Vec<Multiaddr> = gis
+        .iter()
+        .map(|g| settings::gis_addr(g))
+        .collect::<Result<_>>()?;
+    let gis_list = gis
+        .iter()
+        .map(|g| g.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     let admin = keys::load(&settings::required(
         st.admin_key,
         "admin_key",
@@ -99,9 +125,9 @@ pub async fn run(a: RmcArgs) -> Result<()> {
     if let Some(d) = st.cert_warn_days {
         cfg.cert_warn = settings::days(d);
     }
-    let link = bids_rmc::gis_link::connect(gis.clone(), admin)
+    let link = bids_rmc::gis_link::connect_any(gis, admin)
         .await
-        .with_context(|| format!("connecting to the GIS at {gis} as the admin"))?;
+        .with_context(|| format!("connecting to the GIS at {gis_list} as the admin"))?;
     let rmc = bids_rmc::start(cfg, link).await?;
     crate::output::announce(&announce(rmc.local_addr(), &password, generated));
     node_cmd::announce_metrics(rmc.metrics_addr());
@@ -249,6 +275,25 @@ mod tests {
                 "rmc.toml: `{k}` is no console setting"
             );
         }
+    }
+
+    #[test]
+    fn gis_may_be_one_address_or_a_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("rmc.toml");
+        std::fs::write(
+            &f,
+            "gis = [\"/ip4/127.0.0.1/tcp/1\", \"/ip4/127.0.0.1/tcp/2\"]\n",
+        )
+        .unwrap();
+        let st: RmcSettings = settings::load(Some(&f), &[]).unwrap();
+        assert!(
+            matches!(st.gis, Some(GisSetting::Many(ref g)) if g.len() == 2),
+            "{st:?}"
+        );
+        std::fs::write(&f, "gis = \"/ip4/127.0.0.1/tcp/1\"\n").unwrap();
+        let st: RmcSettings = settings::load(Some(&f), &[]).unwrap();
+        assert!(matches!(st.gis, Some(GisSetting::One(_))), "{st:?}");
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub struct IndexConfig {
     pub admin: PeerId,
     pub policy: Policy,
     pub heartbeat_timeout: Duration,
+    /// Set on the replicas of a GIS cluster: a host is alive exactly while the last replicated
+    /// liveness record says so (`set_liveness`), not by this replica's clock, because only the
+    /// leader sees heartbeats and every replica must answer lookups alike.
+    pub replicated_liveness: bool,
 }
 
 impl IndexConfig {
@@ -36,6 +40,7 @@ impl IndexConfig {
             admin,
             policy,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            replicated_liveness: false,
         }
     }
 }
@@ -785,11 +790,74 @@ impl Index {
         died
     }
 
+    /// Cluster mode, on the leader: live hosts whose last register/heartbeat here is older
+    /// than the timeout. Changes nothing; the leader replicates `set_liveness(.., false)`.
+    pub fn overdue(&self, now_ms: i64) -> Vec<PeerId> {
+        let timeout = self.timeout_ms();
+        self.hosts
+            .values()
+            .filter(|h| !h.reported_dead)
+            .filter(|h| {
+                h.last_seen_ms
+                    .is_none_or(|t| now_ms.saturating_sub(t) > timeout)
+            })
+            .map(|h| h.rec.peer)
+            .collect()
+    }
+
+    /// Whether the host is registered and not marked dead (cluster mode: the replicated
+    /// liveness). A heartbeat from such a host changes no replicated state.
+    pub fn marked_alive(&self, peer: &PeerId) -> bool {
+        self.hosts.get(peer).is_some_and(|h| !h.reported_dead)
+    }
+
+    /// Applies a liveness decision (cluster mode: a replicated record). Returns whether the
+    /// host is known. Deterministic: the leader's clock comes in `now_ms`.
+    pub fn set_liveness(&mut self, peer: &PeerId, alive: bool, now_ms: i64) -> bool {
+        let Some(h) = self.hosts.get_mut(peer) else {
+            return false;
+        };
+        if alive {
+            if h.reported_dead {
+                info!(%peer, idc = %h.rec.idc, "host is alive again");
+            }
+            h.last_seen_ms = Some(now_ms);
+            h.reported_dead = false;
+        } else {
+            if !h.reported_dead {
+                info!(%peer, idc = %h.rec.idc, "host marked dead");
+            }
+            h.reported_dead = true;
+        }
+        true
+    }
+
+    /// The hosts not marked dead with their last-seen time: the liveness part of a cluster
+    /// snapshot (the stored records hold the rest).
+    pub fn live_hosts(&self) -> Vec<(PeerId, i64)> {
+        self.hosts
+            .values()
+            .filter(|h| !h.reported_dead)
+            .filter_map(|h| h.last_seen_ms.map(|t| (h.rec.peer, t)))
+            .collect()
+    }
+
+    /// A replica that just became leader has seen no heartbeats: give every live host a full
+    /// timeout from now before `overdue` reports it.
+    pub fn restart_liveness_clock(&mut self, now_ms: i64) {
+        for h in self.hosts.values_mut().filter(|h| !h.reported_dead) {
+            h.last_seen_ms = Some(now_ms);
+        }
+    }
+
     fn timeout_ms(&self) -> i64 {
         i64::try_from(self.cfg.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX)
     }
 
     fn is_alive(&self, h: &HostState, now_ms: i64) -> bool {
+        if self.cfg.replicated_liveness {
+            return !h.reported_dead && h.last_seen_ms.is_some();
+        }
         h.last_seen_ms
             .is_some_and(|t| now_ms.saturating_sub(t) <= self.timeout_ms())
     }

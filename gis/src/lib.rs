@@ -4,6 +4,7 @@
 //! - [`index`]: the pure, deterministic `Index` (sans-IO; the caller passes the time).
 //! - [`storage`]: the `Storage` trait that makes the index's changes durable (sled by default).
 //! - [`server`]: the libp2p peer; one event loop owns the swarm, the index and the storage.
+//! - [`cluster`]: several GIS replicas as one Raft group (openraft), optional.
 //! - [`client`]: a one-shot client for tools and tests.
 //! - [`loadgen`]: `bids bench gis`, thousands of virtual hosts on the real protocol.
 //! - [`admin`]: the admin control path at the GIS: queries, revocations, command relay.
@@ -25,6 +26,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod client;
+pub mod cluster;
 pub mod index;
 pub mod loadgen;
 pub mod metrics;

@@ -6,6 +6,7 @@
 //! slow disk delays writers only. What the answers mean is the index's business.
 
 use crate::admin::{AdminDesk, AdminReply, HOST_COMMAND_TIMEOUT};
+use crate::cluster::ClusterConfig;
 use crate::index::{Index, IndexConfig, DEFAULT_HEARTBEAT_TIMEOUT};
 use crate::metrics::{self as gis_metrics, GisMetrics};
 use crate::storage::{Change, SledStorage, Storage, StorageError};
@@ -35,12 +36,12 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How often the GIS pings each connected host (it answers their pings whatever this is).
 const GIS_PING_EVERY: Duration = Duration::from_secs(300);
 /// How often dead hosts are looked for.
-const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// Most swarm events handled in one go before replies go out: bounds how long a reply waits.
-const MAX_BATCH: usize = 256;
+pub(crate) const MAX_BATCH: usize = 256;
 /// At most one listener-error warning per this long. Out of file descriptors, libp2p-tcp
 /// reports a failed accept every 100 ms for as long as it lasts.
-const LISTENER_WARN_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const LISTENER_WARN_EVERY: Duration = Duration::from_secs(10);
 /// sled's directory inside the GIS data dir.
 const DB_DIR: &str = "gis.sled";
 
@@ -57,6 +58,8 @@ pub struct GisConfig {
     pub heartbeat_timeout: Duration,
     /// Serve Prometheus metrics, `/healthz` and `/readyz` on this address (off by default).
     pub metrics: Option<SocketAddr>,
+    /// Run as one replica of a Raft group (`crate::cluster`); `None`: a single GIS.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl GisConfig {
@@ -70,15 +73,16 @@ impl GisConfig {
             policy: Policy::Bids,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             metrics: None,
+            cluster: None,
         }
     }
 }
 
 #[derive(NetworkBehaviour)]
-struct GisBehaviour {
-    gis: request_response::Behaviour<gis::Codec>,
+pub(crate) struct GisBehaviour {
+    pub(crate) gis: request_response::Behaviour<gis::Codec>,
     /// The admin control path: queries from the admin, commands relayed to hosts.
-    admin: request_response::Behaviour<admin::Codec>,
+    pub(crate) admin: request_response::Behaviour<admin::Codec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -94,7 +98,7 @@ pub fn unix_ms() -> i64 {
 /// Runs the GIS until `shutdown` completes, storing its state in sled under `data_dir`.
 pub async fn run(cfg: GisConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let storage = open_sled(&cfg)?;
-    run_with_storage(cfg, Box::new(storage), shutdown, None, None).await
+    run_inner(cfg, Box::new(storage), shutdown, None, None, None).await
 }
 
 /// Starts the GIS on the current tokio runtime and returns once it listens.
@@ -113,14 +117,16 @@ pub async fn spawn_with_storage(
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (addrs_tx, mut addrs_rx) = watch::channel(Vec::new());
     let metrics_at = Arc::new(OnceLock::new());
+    let raft_at = Arc::new(OnceLock::new());
     // A dropped sender also means stop, so dropping the handle stops the server.
     let shutdown = stop_rx.map(|_| ());
-    let mut task = tokio::spawn(run_with_storage(
+    let mut task = tokio::spawn(run_inner(
         cfg,
         storage,
         shutdown,
         Some(addrs_tx),
         Some(metrics_at.clone()),
+        Some(raft_at.clone()),
     ));
     tokio::select! {
         ready = addrs_rx.wait_for(|a| !a.is_empty()) => {
@@ -143,6 +149,7 @@ pub async fn spawn_with_storage(
     }
     Ok(GisHandle {
         peer_id,
+        raft: raft_at.get().cloned(),
         metrics_addr: metrics_at.get().copied(),
         addrs: addrs_rx,
         stop: Some(stop_tx),
@@ -153,6 +160,8 @@ pub async fn spawn_with_storage(
 /// A GIS running in the background. Dropping it stops the server.
 pub struct GisHandle {
     peer_id: PeerId,
+    /// A cluster replica's Raft node (for its leader and metrics).
+    raft: Option<crate::cluster::GisRaft>,
     metrics_addr: Option<SocketAddr>,
     addrs: watch::Receiver<Vec<Multiaddr>>,
     stop: Option<oneshot::Sender<()>>,
@@ -162,6 +171,11 @@ pub struct GisHandle {
 impl GisHandle {
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// A cluster replica's Raft node: who leads, what is applied. `None` for a single GIS.
+    pub fn raft(&self) -> Option<&crate::cluster::GisRaft> {
+        self.raft.as_ref()
     }
 
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`GisConfig::metrics`).
@@ -206,7 +220,7 @@ impl Drop for GisHandle {
     }
 }
 
-fn open_sled(cfg: &GisConfig) -> anyhow::Result<SledStorage> {
+pub(crate) fn open_sled(cfg: &GisConfig) -> anyhow::Result<SledStorage> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating GIS data dir {}", cfg.data_dir.display()))?;
     let path = cfg.data_dir.join(DB_DIR);
@@ -218,7 +232,7 @@ fn open_sled(cfg: &GisConfig) -> anyhow::Result<SledStorage> {
     })
 }
 
-fn build_swarm(
+pub(crate) fn build_swarm(
     keypair: &Keypair,
     registry: &mut prometheus_client::registry::Registry,
 ) -> anyhow::Result<Swarm<GisBehaviour>> {
@@ -342,6 +356,25 @@ impl WarnThrottle {
     }
 }
 
+/// A single GIS, or a cluster replica when `cfg.cluster` is set (`raft_at` then receives
+/// its Raft node before it listens).
+async fn run_inner(
+    cfg: GisConfig,
+    storage: Box<dyn Storage>,
+    shutdown: impl Future<Output = ()>,
+    addrs: Option<watch::Sender<Vec<Multiaddr>>>,
+    metrics_at: Option<Arc<OnceLock<SocketAddr>>>,
+    raft_at: Option<Arc<OnceLock<crate::cluster::GisRaft>>>,
+) -> anyhow::Result<()> {
+    match cfg.cluster.clone() {
+        Some(cluster) => {
+            crate::cluster::server::run(cfg, cluster, storage, shutdown, addrs, metrics_at, raft_at)
+                .await
+        }
+        None => run_with_storage(cfg, storage, shutdown, addrs, metrics_at).await,
+    }
+}
+
 /// The event loop. `addrs` (if given) receives the listen addresses as they appear;
 /// `metrics_at` the address of the metrics listener, before them.
 async fn run_with_storage(
@@ -357,6 +390,7 @@ async fn run_with_storage(
             admin: cfg.admin_peer,
             policy: cfg.policy,
             heartbeat_timeout: cfg.heartbeat_timeout,
+            replicated_liveness: false,
         },
         snapshot,
     );
@@ -414,7 +448,7 @@ async fn run_with_storage(
                 send_replies(&mut swarm, released);
             }
             event = swarm.select_next_some() => {
-                let mut ctx = Ctx { index: &mut index, replies: &mut replies, waiting: &mut waiting, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn, metrics: &metrics };
+                let mut ctx = Ctx { index: &mut index, collect: None, replies: &mut replies, waiting: &mut waiting, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn, metrics: &metrics };
                 ctx.on_event(event);
                 // Take whatever else is ready: one commit for all of it.
                 for _ in 1..MAX_BATCH {
@@ -454,9 +488,9 @@ async fn run_with_storage(
 
 /// Replies held until the changes made before them are durable.
 #[derive(Default)]
-struct Released {
-    gis: Vec<(ResponseChannel<GisResponse>, GisResponse)>,
-    admin: Vec<AdminReply>,
+pub(crate) struct Released {
+    pub(crate) gis: Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    pub(crate) admin: Vec<AdminReply>,
 }
 
 impl Released {
@@ -466,7 +500,7 @@ impl Released {
     }
 }
 
-fn send_replies(swarm: &mut Swarm<GisBehaviour>, r: Released) {
+pub(crate) fn send_replies(swarm: &mut Swarm<GisBehaviour>, r: Released) {
     for (channel, response) in r.gis {
         if swarm
             .behaviour_mut()
@@ -609,24 +643,29 @@ impl Committer {
     }
 }
 
+/// A GIS request taken out of the swarm for the caller to answer (cluster replicas).
+pub(crate) type Collected = (PeerId, GisRequest, ResponseChannel<GisResponse>);
+
 /// What handling one swarm event may touch.
-struct Ctx<'a> {
-    index: &'a mut Index,
+pub(crate) struct Ctx<'a> {
+    pub(crate) index: &'a mut Index,
+    /// Set on a cluster replica: GIS requests go here instead of to `index`.
+    pub(crate) collect: Option<&'a mut Vec<Collected>>,
     /// Answers to requests that changed nothing: sent at the end of the batch.
-    replies: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    pub(crate) replies: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
     /// Answers to requests that changed the index: sent once the changes are durable.
-    waiting: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    pub(crate) waiting: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
     /// Handled after the batch, where the admin behaviour is at hand.
-    admin_events: &'a mut Vec<request_response::Event<AdminRequest, AdminResponse>>,
-    listening: &'a mut Vec<Multiaddr>,
-    addrs: Option<&'a watch::Sender<Vec<Multiaddr>>>,
-    local: PeerId,
-    listener_warn: &'a mut WarnThrottle,
-    metrics: &'a GisMetrics,
+    pub(crate) admin_events: &'a mut Vec<request_response::Event<AdminRequest, AdminResponse>>,
+    pub(crate) listening: &'a mut Vec<Multiaddr>,
+    pub(crate) addrs: Option<&'a watch::Sender<Vec<Multiaddr>>>,
+    pub(crate) local: PeerId,
+    pub(crate) listener_warn: &'a mut WarnThrottle,
+    pub(crate) metrics: &'a GisMetrics,
 }
 
 impl Ctx<'_> {
-    fn on_event(&mut self, event: SwarmEvent<GisBehaviourEvent>) {
+    pub(crate) fn on_event(&mut self, event: SwarmEvent<GisBehaviourEvent>) {
         self.record(&event);
         match event {
             SwarmEvent::Behaviour(GisBehaviourEvent::Gis(ev)) => self.on_gis(ev),
@@ -708,6 +747,10 @@ impl Ctx<'_> {
                     },
                 ..
             } => {
+                if let Some(collect) = self.collect.as_mut() {
+                    collect.push((peer, request, channel));
+                    return;
+                }
                 let kind = gis_metrics::request_kind(&request);
                 let started = Instant::now();
                 let before = self.index.pending_changes();

@@ -113,11 +113,33 @@ pub fn issue_cert(
 impl Cluster {
     /// Starts the GIS and every node, and waits until all have registered.
     pub async fn start(spec: ClusterSpec) -> Result<Cluster> {
+        Self::start_inner(spec, None).await
+    }
+
+    /// Starts every node against a GIS that runs elsewhere (say, the replicas of a GIS Raft
+    /// group) at `gis_addr`, with `admin` as its admin, and waits until all registered. The
+    /// cluster then has no GIS of its own: `gis` stays `None`, and the GIS restart and kill
+    /// helpers are not for it.
+    pub async fn start_with_gis(
+        spec: ClusterSpec,
+        admin: Keypair,
+        gis_addr: Multiaddr,
+    ) -> Result<Cluster> {
+        Self::start_inner(spec, Some((admin, gis_addr))).await
+    }
+
+    async fn start_inner(
+        spec: ClusterSpec,
+        external_gis: Option<(Keypair, Multiaddr)>,
+    ) -> Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix("bids-testnet-")
             .tempdir()
             .context("temp dir")?;
-        let admin = Keypair::generate_ed25519();
+        let (admin, external_addr) = match external_gis {
+            Some((admin, addr)) => (admin, Some(addr)),
+            None => (Keypair::generate_ed25519(), None),
+        };
         let gis_key = Keypair::generate_ed25519();
         let gis_dir = dir.path().join("gis");
         let mut topo = Topology::new();
@@ -146,12 +168,18 @@ impl Cluster {
         );
         gcfg.policy = spec.policy;
         gcfg.heartbeat_timeout = Duration::from_secs(4);
-        let gis = bids_gis::server::spawn(gcfg).await?;
-        let gis_addr = gis
-            .listen_addrs()
-            .into_iter()
-            .next()
-            .context("GIS has no address")?;
+        let (gis, gis_addr) = match external_addr {
+            Some(addr) => (None, addr),
+            None => {
+                let gis = bids_gis::server::spawn(gcfg).await?;
+                let addr = gis
+                    .listen_addrs()
+                    .into_iter()
+                    .next()
+                    .context("GIS has no address")?;
+                (Some(gis), addr)
+            }
+        };
         let mut nodes = Vec::new();
         let mut serial = 1000;
         for (k, idc) in spec.idcs.iter().enumerate() {
@@ -189,7 +217,7 @@ impl Cluster {
         let mut c = Cluster {
             spec,
             admin,
-            gis: Some(gis),
+            gis,
             gis_addr,
             nodes,
             topology,

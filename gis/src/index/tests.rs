@@ -1142,3 +1142,36 @@ fn peers_a_host_banned_are_not_listed_to_it() {
         .unwrap();
     assert!(peers(&s.w.lookup(&s.a_host, x).level0).contains(&s.a_full.peer));
 }
+
+#[test]
+fn replicated_liveness_follows_the_records_not_the_clock() {
+    let admin = Keypair::generate_ed25519();
+    let mut cfg = IndexConfig::new(admin.public().to_peer_id(), Policy::Bids);
+    cfg.replicated_liveness = true;
+    let mut ix = Index::new(cfg);
+    let peer = PeerId::random();
+    let addrs = vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()];
+    ix.register(peer, idc("east"), addrs, None, Policy::Bids, T0)
+        .unwrap();
+    let timeout = DEFAULT_HEARTBEAT_TIMEOUT.as_millis() as i64;
+    let later = T0 + 10 * timeout;
+    // A replica that sees no heartbeats still lists the host: no record said it died.
+    assert!(ix.hosts(later)[0].alive);
+    // The leader, which does see them, finds it overdue without changing anything ...
+    assert_eq!(ix.overdue(later), vec![peer]);
+    assert!(ix.marked_alive(&peer));
+    // ... and the replicated record is what kills it.
+    assert!(ix.set_liveness(&peer, false, later));
+    assert!(!ix.hosts(later)[0].alive);
+    assert!(ix.overdue(later).is_empty());
+    assert_eq!(ix.live_hosts(), vec![]);
+    assert!(ix.set_liveness(&peer, true, later));
+    assert_eq!(ix.live_hosts(), vec![(peer, later)]);
+    // A new leader gives every live host a full timeout from now.
+    ix.restart_liveness_clock(later + 5 * timeout);
+    assert!(ix.overdue(later + 5 * timeout).is_empty());
+    assert!(
+        !ix.set_liveness(&PeerId::random(), true, later),
+        "unknown hosts are refused"
+    );
+}

@@ -1,0 +1,347 @@
+//! `bids gis` as three replicas of one Raft group, as real processes on 127.0.0.1: a host
+//! registers and publishes through a follower, the leader is killed with SIGKILL, another
+//! replica leads within 5 s, and what was committed before the kill is still answered by
+//! `bids lookup` from the survivors, which keep accepting writes.
+
+use bids_protocols::gis::{GisRequest, GisResponse, Holding};
+use bids_protocols::manifest::chunk_info;
+use bids_protocols::{Idc, Manifest, ObjectKind, Policy};
+use libp2p::identity::Keypair;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const LEADER_LINE: &str = "this GIS replica is now the leader";
+const ELECTION_LIMIT: Duration = Duration::from_secs(5);
+
+fn bids() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bids"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = bids().args(args).output().expect("bids runs");
+    assert!(
+        o.status.success(),
+        "bids {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("utf-8 output")
+}
+
+fn p(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+/// One `bids gis` replica; killed (SIGKILL) when dropped.
+struct Replica {
+    id: u64,
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts replica `id` with `args` after `bids gis`; its log lines go to `logs`, tagged.
+fn start(id: u64, args: &[String], logs: &mpsc::Sender<(u64, String)>) -> Replica {
+    let mut c = bids();
+    c.arg("gis")
+        .args(args)
+        .env("RUST_LOG", "warn,bids_gis=info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("bids gis starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let tx = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send((id, line)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    let addr = line.trim().to_string();
+    assert!(addr.contains("/p2p/"), "replica {id} printed {addr:?}");
+    Replica { id, child, addr }
+}
+
+/// The first replica (not `except`) to log that it leads, within `within`.
+fn leader(logs: &mpsc::Receiver<(u64, String)>, except: Option<u64>, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match logs.recv_timeout(left) {
+            Ok((id, line)) if line.contains(LEADER_LINE) && Some(id) != except => return id,
+            Ok(_) => {}
+            Err(e) => panic!("no replica became leader within {within:?}: {e}"),
+        }
+    }
+}
+
+fn lookup(gis: &str) -> Output {
+    bids()
+        .args(["lookup", "deb:1", "--gis", gis, "--idc", "A"])
+        .output()
+        .expect("bids lookup runs")
+}
+
+/// Waits until `bids lookup` at `gis` lists exactly `holders` (complete holders' peer ids).
+fn wait_listed(gis: &str, holders: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = lookup(gis);
+        if o.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let mut listed: Vec<String> = v["level0"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["peer"].as_str().unwrap().to_string())
+                .collect();
+            listed.sort();
+            let mut want = holders.to_vec();
+            want.sort();
+            if listed == want {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{gis} never listed {holders:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A host registers in IDC A and publishes a whole image, through `gis`.
+fn host_publishes(rt: &tokio::runtime::Runtime, gis: &str, m: &Manifest) -> String {
+    let key = Keypair::generate_ed25519();
+    let peer = key.public().to_peer_id().to_string();
+    let chunks = m.chunk_count();
+    let rs = rt
+        .block_on(bids_gis::client::request_many(
+            key,
+            gis.parse().unwrap(),
+            vec![
+                GisRequest::Register {
+                    idc: Idc::new("A").unwrap(),
+                    addrs: vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()],
+                    cert: None,
+                    policy: Policy::Bids,
+                },
+                GisRequest::Publish {
+                    holding: Holding {
+                        image: m.id(),
+                        chunks_held: chunks,
+                        complete: true,
+                        fetching: false,
+                    },
+                    manifest: m.to_bytes(),
+                },
+            ],
+            Duration::from_secs(15),
+        ))
+        .expect("the GIS answers");
+    assert!(
+        matches!(rs[0], GisResponse::Registered { .. }),
+        "{:?}",
+        rs[0]
+    );
+    assert!(matches!(rs[1], GisResponse::Ack { .. }), "{:?}", rs[1]);
+    peer
+}
+
+#[test]
+fn three_gis_processes_survive_a_sigkilled_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin = ok(&["key", "gen", "--out", &p(d, "admin.key")])
+        .trim()
+        .to_string();
+    // Free loopback ports for the Raft listeners: every replica names the others'.
+    let raft: Vec<String> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let (tx, logs) = mpsc::channel();
+    let mut replicas: Vec<Replica> = Vec::new();
+    for id in 1..=3u64 {
+        ok(&["key", "gen", "--out", &p(d, &format!("gis{id}.key"))]);
+        let mut args: Vec<String> = [
+            "--key",
+            &p(d, &format!("gis{id}.key")),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data",
+            &p(d, &format!("gis{id}")),
+            "--admin-peer",
+            &admin,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let others: Vec<String> = (1..=3u64)
+            .filter(|o| *o != id)
+            .map(|o| format!("{o}@{}", raft[o as usize - 1]))
+            .collect();
+        if id == 3 {
+            // The third replica takes its place in the group from its config file.
+            let conf = d.join("gis3.toml");
+            let peers: Vec<String> = others.iter().map(|o| format!("\"{o}\"")).collect();
+            std::fs::write(
+                &conf,
+                format!(
+                    "[cluster]\nnode_id = 3\nraft_listen = \"{}\"\npeers = [{}]\n",
+                    raft[2],
+                    peers.join(", ")
+                ),
+            )
+            .unwrap();
+            args.extend(["--config".to_string(), conf.display().to_string()]);
+        } else {
+            args.extend([
+                "--raft-id".to_string(),
+                id.to_string(),
+                "--raft-listen".to_string(),
+                raft[id as usize - 1].clone(),
+            ]);
+            for o in &others {
+                args.extend(["--peer".to_string(), o.clone()]);
+            }
+        }
+        replicas.push(start(id, &args, &tx));
+    }
+    let first = leader(&logs, None, Duration::from_secs(15));
+    let follower = replicas
+        .iter()
+        .find(|r| r.id != first)
+        .unwrap()
+        .addr
+        .clone();
+
+    // Before the kill: a host registers and publishes through a follower.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = Manifest {
+        name: "deb".into(),
+        version: "1".into(),
+        base: None,
+        kind: ObjectKind::Image,
+        size: 4 * 4096,
+        chunk_size: 4096,
+        chunks: (0..4u8).map(|i| chunk_info(&[i + 1; 4096])).collect(),
+    };
+    let h1 = host_publishes(&rt, &follower, &m);
+    for r in &replicas {
+        wait_listed(&r.addr, std::slice::from_ref(&h1));
+    }
+
+    // SIGKILL the leader.
+    let pos = replicas.iter().position(|r| r.id == first).unwrap();
+    let mut killed = replicas.remove(pos);
+    let at = Instant::now();
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    let next = leader(&logs, Some(first), ELECTION_LIMIT);
+    let failover = at.elapsed();
+    eprintln!("replica {next} leads {failover:?} after replica {first} was killed");
+    assert!(failover < ELECTION_LIMIT, "failover took {failover:?}");
+
+    // `bids lookup` with every replica's address moves past the dead one; with only the
+    // dead one it says that no GIS answered.
+    let both = bids()
+        .args([
+            "lookup",
+            "deb:1",
+            "--gis",
+            &killed.addr,
+            "--gis",
+            &replicas[0].addr,
+            "--idc",
+            "A",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        both.status.success(),
+        "{}",
+        String::from_utf8_lossy(&both.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
+    assert_eq!(v["level0"][0]["peer"], h1.as_str());
+    let dead = lookup(&killed.addr);
+    assert!(!dead.status.success());
+    assert!(
+        String::from_utf8_lossy(&dead.stderr).contains("no GIS answered"),
+        "{}",
+        String::from_utf8_lossy(&dead.stderr)
+    );
+
+    // The committed registration and publication survived; the group takes new writes.
+    for r in &replicas {
+        wait_listed(&r.addr, std::slice::from_ref(&h1));
+    }
+    let h2 = host_publishes(&rt, &replicas[0].addr, &m);
+    for r in &replicas {
+        wait_listed(&r.addr, &[h1.clone(), h2.clone()]);
+    }
+
+    // A new replica with an empty data dir takes the killed one's place: it asks the
+    // survivors to add it, catches up, and answers lookups like them.
+    let raft4 = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    ok(&["key", "gen", "--out", &p(d, "gis4.key")]);
+    let mut args: Vec<String> = [
+        "--key",
+        &p(d, "gis4.key"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, "gis4"),
+        "--admin-peer",
+        &admin,
+        "--raft-id",
+        "4",
+        "--raft-listen",
+        &raft4,
+        "--join",
+        "--replaces",
+        &first.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for r in &replicas {
+        args.extend([
+            "--peer".to_string(),
+            format!("{}@{}", r.id, raft[r.id as usize - 1]),
+        ]);
+    }
+    let fourth = start(4, &args, &tx);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((4, line)) if line.contains("was added to the group") => break,
+            Ok(_) => {}
+            Err(e) => panic!("replica 4 was not added: {e}"),
+        }
+    }
+    wait_listed(&fourth.addr, &[h1, h2]);
+}

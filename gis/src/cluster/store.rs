@@ -1,0 +1,538 @@
+//! The Raft log and state machine of a GIS replica, on sled (`raft.sled/` in the data dir:
+//! tree `log` for entries by index, tree `meta` for the vote, commit, purge point, applied
+//! position, membership, liveness and the latest snapshot). Applying an entry is the
+//! `Index`'s business (`GisState`); this module only orders, persists and snapshots.
+// openraft's trait methods return its `StorageError` by value; the helpers here return the
+// same type so `?` needs no conversion. Boxing it would only add an allocation per error.
+#![allow(clippy::result_large_err)]
+
+use super::{Applied, Command, GisState, NodeId, SharedState, TypeConfig};
+use crate::index::{Index, IndexConfig};
+use crate::storage::{StoredHolding, StoredHost, StoredImage};
+use bids_protocols::gis::GisRequest;
+use libp2p::PeerId;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use tracing::{info, warn};
+
+/// The Raft database's directory inside the GIS data dir.
+pub const RAFT_DIR: &str = "raft.sled";
+/// Largest snapshot a replica accepts: the GIS's state is records of hosts, images and
+/// holdings, far below this for any real site.
+pub const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const PURGED: &[u8] = b"purged";
+const APPLIED: &[u8] = b"applied";
+const MEMBERSHIP: &[u8] = b"membership";
+const LIVE: &[u8] = b"live";
+const SNAPSHOT: &[u8] = b"snapshot";
+
+type Membership = StoredMembership<NodeId, BasicNode>;
+type Result<T> = std::result::Result<T, StorageError<NodeId>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("Raft database error: {0}; check the data dir's disk and permissions")]
+    Sled(#[from] sled::Error),
+    #[error("Raft database record {key} does not decode: {message}; the replica's raft.sled is damaged, remove the data dir and let the replica join again from a snapshot")]
+    Decode { key: String, message: String },
+}
+
+/// The replicated GIS state at one log position: what a snapshot carries.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SnapshotData {
+    hosts: Vec<StoredHost>,
+    images: Vec<StoredImage>,
+    holdings: Vec<StoredHolding>,
+    revocations: Vec<u64>,
+    /// Hosts not marked dead, with the last-seen time the leader replicated.
+    live: Vec<(PeerId, i64)>,
+}
+
+/// A snapshot as kept in `meta`: its Raft metadata and its bytes.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+}
+
+fn encode<T: Serialize>(v: &T) -> std::result::Result<Vec<u8>, AnyError> {
+    serde_cbor::to_vec(v).map_err(|e| AnyError::new(&e))
+}
+
+fn get<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> std::result::Result<Option<T>, StoreError> {
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(v) => serde_cbor::from_slice(&v)
+            .map(Some)
+            .map_err(|e| StoreError::Decode {
+                key: String::from_utf8_lossy(key).into_owned(),
+                message: e.to_string(),
+            }),
+    }
+}
+
+fn read_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::read(AnyError::new(&e)).into()
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// Opens the Raft database at `path` and the state machine over `state`. The state's index
+/// was restored from the GIS storage; the liveness replicated before the last stop is put
+/// back here (the GIS storage keeps no liveness).
+pub fn open(
+    path: &Path,
+    index_cfg: IndexConfig,
+    state: SharedState,
+) -> std::result::Result<(LogStore, StateMachine), StoreError> {
+    let db = sled::open(path)?;
+    let log = db.open_tree("log")?;
+    let meta = db.open_tree("meta")?;
+    let applied: Option<LogId<NodeId>> = get(&meta, APPLIED)?.flatten();
+    let membership: Membership = get(&meta, MEMBERSHIP)?.unwrap_or_default();
+    let live: Vec<(PeerId, i64)> = get(&meta, LIVE)?.unwrap_or_default();
+    {
+        let mut st = state.lock();
+        for (peer, at) in &live {
+            st.index.set_liveness(peer, true, *at);
+        }
+        st.applied = applied;
+        st.membership = membership;
+    }
+    info!(path = %path.display(), applied = ?applied.map(|l| l.index), live = live.len(), "Raft store opened");
+    Ok((
+        LogStore {
+            db: db.clone(),
+            log,
+            meta: meta.clone(),
+        },
+        StateMachine {
+            db,
+            meta,
+            state,
+            index_cfg,
+        },
+    ))
+}
+
+/// The Raft log: entries by index in tree `log`, vote and purge point in `meta`.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    async fn put_meta<T: Serialize>(&self, key: &[u8], v: &T) -> std::result::Result<(), AnyError> {
+        self.meta
+            .insert(key, encode(v)?)
+            .map_err(|e| AnyError::new(&e))?;
+        self.db.flush_async().await.map_err(|e| AnyError::new(&e))?;
+        Ok(())
+    }
+
+    fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry<TypeConfig>> {
+        serde_cbor::from_slice(value).map_err(|e| {
+            StorageIOError::read_logs(AnyError::error(format!(
+                "log entry {} does not decode: {e}",
+                hex::encode(key)
+            )))
+            .into()
+        })
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range(index_key(start)..) {
+            let (k, v) = item.map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
+            let entry = Self::decode_entry(&k, &v)?;
+            if !range.contains(&entry.log_id.index) {
+                break;
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<NodeId>> =
+            get(&self.meta, PURGED).map_err(read_err)?.flatten();
+        let last = match self
+            .log
+            .last()
+            .map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?
+        {
+            Some((k, v)) => Some(Self::decode_entry(&k, &v)?.log_id),
+            None => None,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<()> {
+        self.put_meta(VOTE, vote)
+            .await
+            .map_err(|e| StorageIOError::write_vote(e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>> {
+        get(&self.meta, VOTE).map_err(read_err)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
+        self.put_meta(COMMITTED, &committed)
+            .await
+            .map_err(|e| StorageIOError::write(e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>> {
+        Ok(get(&self.meta, COMMITTED).map_err(read_err)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = encode(&entry).map_err(StorageIOError::write_logs)?;
+            batch.insert(&index_key(entry.log_id.index), bytes);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        // Raft may count the entries only once they are on disk.
+        let flushed = self.db.flush_async().await;
+        callback.log_io_completed(flushed.map(|_| ()).map_err(std::io::Error::other));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(index_key(log_id.index)..) {
+            let (k, _) = item.map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<()> {
+        // The purge point first: a crash between the two leaves entries Raft will purge
+        // again, never a hole it does not know of.
+        self.put_meta(PURGED, &Some(log_id))
+            .await
+            .map_err(StorageIOError::write_logs)?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=index_key(log_id.index)) {
+            let (k, _) = item.map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        Ok(())
+    }
+}
+
+/// Applies committed entries to the replica's `GisState` and keeps its snapshots.
+pub struct StateMachine {
+    db: sled::Db,
+    meta: sled::Tree,
+    state: SharedState,
+    index_cfg: IndexConfig,
+}
+
+impl StateMachine {
+    /// Persists the applied position, membership and (when it may have changed) liveness.
+    async fn save_applied(
+        &self,
+        applied: Option<LogId<NodeId>>,
+        membership: &Membership,
+        live: Option<Vec<(PeerId, i64)>>,
+    ) -> std::result::Result<(), AnyError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(APPLIED, encode(&applied)?);
+        batch.insert(MEMBERSHIP, encode(membership)?);
+        if let Some(live) = live {
+            batch.insert(LIVE, encode(&live)?);
+        }
+        self.meta
+            .apply_batch(batch)
+            .map_err(|e| AnyError::new(&e))?;
+        self.db.flush_async().await.map_err(|e| AnyError::new(&e))?;
+        Ok(())
+    }
+
+    fn current_snapshot(&self) -> Result<Option<StoredSnapshot>> {
+        get(&self.meta, SNAPSHOT).map_err(read_err)
+    }
+}
+
+/// Builds a snapshot of the state at its applied position.
+pub struct SnapshotBuilder {
+    db: sled::Db,
+    meta: sled::Tree,
+    state: SharedState,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
+        // One lock: the records, liveness and position all describe the same instant.
+        let (data, applied, membership) = {
+            let st = self.state.lock();
+            let stored = st
+                .storage
+                .load()
+                .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
+            let data = SnapshotData {
+                hosts: stored.hosts,
+                images: stored.images,
+                holdings: stored.holdings,
+                revocations: stored.revocations.into_iter().collect(),
+                live: st.index.live_hosts(),
+            };
+            (data, st.applied, st.membership.clone())
+        };
+        let bytes = encode(&data).map_err(StorageIOError::read_state_machine)?;
+        let snapshot_id = match applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, bytes.len()),
+            None => format!("empty-{}", bytes.len()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        };
+        let enc = encode(&stored)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        self.meta.insert(SNAPSHOT, enc).map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
+        self.db.flush_async().await.map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
+        info!(id = %meta.snapshot_id, hosts = data.hosts.len(), images = data.images.len(), "Raft snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership)> {
+        let st = self.state.lock();
+        Ok((st.applied, st.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        let (applied, membership, live) = {
+            let mut st = self.state.lock();
+            let mut liveness_touched = false;
+            for entry in entries {
+                st.applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => out.push(Applied::Nothing),
+                    EntryPayload::Normal(cmd) => {
+                        liveness_touched |= matches!(
+                            cmd,
+                            Command::Liveness { .. }
+                                | Command::Request {
+                                    req: GisRequest::Register { .. },
+                                    ..
+                                }
+                        );
+                        out.push(st.apply(cmd));
+                    }
+                    EntryPayload::Membership(m) => {
+                        st.membership = StoredMembership::new(Some(entry.log_id), m);
+                        out.push(Applied::Nothing);
+                    }
+                }
+            }
+            st.persist()
+                .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+            let live = liveness_touched.then(|| st.index.live_hosts());
+            (st.applied, st.membership.clone(), live)
+        };
+        self.save_applied(applied, &membership, live)
+            .await
+            .map_err(StorageIOError::write_state_machine)?;
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+            meta: self.meta.clone(),
+            state: self.state.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<()> {
+        let sig = || Some(meta.signature());
+        let bytes = snapshot.into_inner();
+        if bytes.len() > MAX_SNAPSHOT_BYTES {
+            return Err(StorageIOError::read_snapshot(
+                sig(),
+                AnyError::error(format!(
+                    "snapshot of {} bytes exceeds the limit of {MAX_SNAPSHOT_BYTES}",
+                    bytes.len()
+                )),
+            )
+            .into());
+        }
+        let data: SnapshotData = serde_cbor::from_slice(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(sig(), AnyError::new(&e)))?;
+        let live = data.live.clone();
+        {
+            let mut st = self.state.lock();
+            replace_storage(&mut st, &data)
+                .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+            let mut index = Index::restore(
+                self.index_cfg.clone(),
+                crate::storage::Snapshot {
+                    hosts: data.hosts,
+                    images: data.images,
+                    holdings: data.holdings,
+                    revocations: data.revocations.into_iter().collect(),
+                    skipped: 0,
+                },
+            );
+            for (peer, at) in &live {
+                index.set_liveness(peer, true, *at);
+            }
+            // Restoring queues no changes; the storage already holds the snapshot's records.
+            let _ = index.take_changes();
+            st.index = index;
+            st.applied = meta.last_log_id;
+            st.membership = meta.last_membership.clone();
+        }
+        self.save_applied(meta.last_log_id, &meta.last_membership, Some(live))
+            .await
+            .map_err(StorageIOError::write_state_machine)?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        };
+        let enc = encode(&stored).map_err(|e| StorageIOError::write_snapshot(sig(), e))?;
+        self.meta
+            .insert(SNAPSHOT, enc)
+            .map_err(|e| StorageIOError::write_snapshot(sig(), AnyError::new(&e)))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(sig(), AnyError::new(&e)))?;
+        info!(id = %meta.snapshot_id, "Raft snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
+        Ok(self.current_snapshot()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+/// Makes the GIS storage hold exactly the snapshot's records.
+fn replace_storage(
+    st: &mut GisState,
+    data: &SnapshotData,
+) -> std::result::Result<(), crate::storage::StorageError> {
+    let old = st.storage.load()?;
+    if old.skipped > 0 {
+        warn!(
+            skipped = old.skipped,
+            "undecodable GIS records are replaced by the snapshot's"
+        );
+    }
+    for h in &old.holdings {
+        st.storage.delete_holding(&h.peer, &h.holding.image)?;
+    }
+    for i in &old.images {
+        st.storage.delete_image(&i.id)?;
+    }
+    for h in &old.hosts {
+        st.storage.delete_host(&h.peer)?;
+    }
+    for h in &data.hosts {
+        st.storage.put_host(h)?;
+    }
+    for i in &data.images {
+        st.storage.put_image(i)?;
+    }
+    for h in &data.holdings {
+        st.storage.put_holding(h)?;
+    }
+    for s in &data.revocations {
+        st.storage.put_revocation(*s)?;
+    }
+    st.storage.flush()
+}
