@@ -73,6 +73,8 @@ pub struct Cluster {
     pub admin: Keypair,
     pub gis: Option<GisHandle>,
     pub gis_addr: Multiaddr,
+    /// Further GIS replicas the nodes are given (after `gis_addr`).
+    pub gis_replicas: Vec<Multiaddr>,
     pub nodes: Vec<ClusterNode>,
     pub topology: Arc<Topology>,
     gis_key: Keypair,
@@ -125,12 +127,23 @@ impl Cluster {
         admin: Keypair,
         gis_addr: Multiaddr,
     ) -> Result<Cluster> {
-        Self::start_inner(spec, Some((admin, gis_addr))).await
+        Self::start_inner(spec, Some((admin, vec![gis_addr]))).await
+    }
+
+    /// As [`Cluster::start_with_gis`], with every node given all the replicas of a GIS
+    /// Raft group (`--gis` once per replica), the first in use first.
+    pub async fn start_with_gis_replicas(
+        spec: ClusterSpec,
+        admin: Keypair,
+        replicas: Vec<Multiaddr>,
+    ) -> Result<Cluster> {
+        anyhow::ensure!(!replicas.is_empty(), "no GIS replica given");
+        Self::start_inner(spec, Some((admin, replicas))).await
     }
 
     async fn start_inner(
         spec: ClusterSpec,
-        external_gis: Option<(Keypair, Multiaddr)>,
+        external_gis: Option<(Keypair, Vec<Multiaddr>)>,
     ) -> Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix("bids-testnet-")
@@ -168,8 +181,11 @@ impl Cluster {
         );
         gcfg.policy = spec.policy;
         gcfg.heartbeat_timeout = Duration::from_secs(4);
-        let (gis, gis_addr) = match external_addr {
-            Some(addr) => (None, addr),
+        let (gis, gis_addr, gis_replicas) = match external_addr {
+            Some(mut addrs) => {
+                let first = addrs.remove(0);
+                (None, first, addrs)
+            }
             None => {
                 let gis = bids_gis::server::spawn(gcfg).await?;
                 let addr = gis
@@ -177,7 +193,7 @@ impl Cluster {
                     .into_iter()
                     .next()
                     .context("GIS has no address")?;
-                (Some(gis), addr)
+                (Some(gis), addr, Vec::new())
             }
         };
         let mut nodes = Vec::new();
@@ -219,6 +235,7 @@ impl Cluster {
             admin,
             gis,
             gis_addr,
+            gis_replicas,
             nodes,
             topology,
             gis_key,
@@ -243,6 +260,7 @@ impl Cluster {
             n.store_dir.clone(),
             self.admin.public().to_peer_id(),
         );
+        cfg.gis_replicas = self.gis_replicas.clone();
         cfg.listen = vec![format!("/ip4/{}/tcp/0", n.ip).parse()?];
         cfg.bind_ip = Some(n.ip);
         cfg.cert = n.cert.clone();

@@ -1,8 +1,9 @@
 //! A multi-IDC distribution with the GIS run as three Raft replicas, in process: every node
-//! talks to one follower replica, the leader is stopped in the middle of the distribution,
-//! a new leader is elected within 5 s, every copy is bit-exact, no committed registration,
-//! publication or revocation is lost, and the old leader restarts from its data dir and
-//! catches up.
+//! is given all three (`--gis` once per replica) and talks to the leader, the leader is
+//! stopped in the middle of the distribution, a new leader is elected within 5 s, the nodes
+//! move on to a surviving replica and register there, every copy is bit-exact, no committed
+//! registration, publication or revocation is lost, and the old leader restarts from its
+//! data dir and catches up.
 
 mod common;
 
@@ -141,13 +142,14 @@ async fn leader_lost_mid_distribution_loses_nothing() {
         .find(|id| **id != leader && **id != follower)
         .unwrap();
 
-    // Every node registers, heartbeats and publishes through the follower.
+    // Every node registers, heartbeats and publishes through the leader, and knows the
+    // follower and the other replica to move on to.
     let wan = |spec: IdcSpec| IdcSpec {
         wan_bps: 3_000_000,
         wan_delay: Duration::from_millis(5),
         ..spec
     };
-    let c = Cluster::start_with_gis(
+    let c = Cluster::start_with_gis_replicas(
         ClusterSpec {
             idcs: vec![
                 wan(idc("A", 1, 1)),
@@ -158,7 +160,7 @@ async fn leader_lost_mid_distribution_loses_nothing() {
             shaped: true,
         },
         admin.clone(),
-        addr(&gs[&follower]),
+        vec![addr(&gs[&leader]), addr(&gs[&follower]), addr(&gs[&other])],
     )
     .await
     .expect("cluster");
@@ -225,6 +227,24 @@ async fn leader_lost_mid_distribution_loses_nothing() {
     let failover = stopped.elapsed();
     eprintln!("replica {new_leader} leads {failover:?} after the leader {leader} stopped mid-distribution");
     assert!(failover < ELECTION_LIMIT, "failover took {failover:?}");
+    // The nodes lost their GIS with the leader: each moves on and registers again.
+    wait_for(
+        "every node registered with a surviving replica",
+        ELECTION_LIMIT,
+        || async {
+            for i in 0..c.nodes.len() {
+                if !status(&c, i).await.registered {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "every node registered again {:?} after the leader stopped",
+        stopped.elapsed()
+    );
 
     // Every copy bit-exact; every publication committed on both survivors.
     fetched_bit_exact(&c, tasks, &m.id(), &file, Duration::from_secs(60)).await;
