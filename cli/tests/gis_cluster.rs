@@ -345,3 +345,176 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
     }
     wait_listed(&fourth.addr, &[h1, h2]);
 }
+
+/// The flags of replica `id` of a group whose Raft addresses are `raft` (ids from 1).
+fn replica_args(d: &Path, admin: &str, id: u64, raft: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--key",
+        &p(d, &format!("gis{id}.key")),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data",
+        &p(d, &format!("gis{id}")),
+        "--admin-peer",
+        admin,
+        "--raft-id",
+        &id.to_string(),
+        "--raft-listen",
+        &raft[id as usize - 1],
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for o in (1..=raft.len() as u64).filter(|o| *o != id) {
+        args.extend([
+            "--peer".to_string(),
+            format!("{o}@{}", raft[o as usize - 1]),
+        ]);
+    }
+    args
+}
+
+/// The last replica to log that it leads, among the lines logged so far (`current` if none).
+fn latest_leader(logs: &mpsc::Receiver<(u64, String)>, current: u64) -> u64 {
+    let mut leader = current;
+    while let Ok((id, line)) = logs.try_recv() {
+        if line.contains(LEADER_LINE) {
+            leader = id;
+        }
+    }
+    leader
+}
+
+/// Waits until the replica at `gis` has every host of `hosts` registered and listed as a
+/// complete holder of `image` (dead or alive: they stopped heartbeating long ago).
+fn wait_committed(
+    rt: &tokio::runtime::Runtime,
+    gis: &str,
+    admin: &Keypair,
+    image: bids_protocols::ImageId,
+    hosts: &[String],
+) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = rt.block_on(async {
+            let c = bids_gis::admin_client::AdminClient::connect(gis.parse().ok()?, admin.clone())
+                .await
+                .ok()?;
+            let registered: Vec<String> = c
+                .hosts()
+                .await
+                .ok()?
+                .iter()
+                .map(|h| h.peer.to_string())
+                .collect();
+            let holders: Vec<String> = c
+                .images()
+                .await
+                .ok()?
+                .into_iter()
+                .filter(|i| i.info.id == image)
+                .flat_map(|i| i.holders.into_values().flatten())
+                .filter(|h| h.complete)
+                .map(|h| h.peer.to_string())
+                .collect();
+            Some(
+                hosts
+                    .iter()
+                    .all(|h| registered.contains(h) && holders.contains(h)),
+            )
+        });
+        if seen == Some(true) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{gis} lacks some of the committed hosts {hosts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kill-the-leader trials (issue 19: zero records lost over 20): in each, a new host
+/// registers and publishes through a follower, the leader gets SIGKILL, another replica
+/// leads within 5 s, every survivor still has every host and publication committed so far,
+/// and the killed replica restarts from its data dir and catches up before the next trial.
+/// `BIDS_GIS_KILL_TRIALS` sets the number of trials (3 by default, to keep the suite fast).
+#[test]
+fn repeated_sigkills_of_the_leader_lose_no_committed_write() {
+    let trials: usize = std::env::var("BIDS_GIS_KILL_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin_key = p(d, "admin.key");
+    let admin = ok(&["key", "gen", "--out", &admin_key]).trim().to_string();
+    // A key file is the keypair in libp2p's protobuf encoding (`bids key gen`).
+    let admin_kp = Keypair::from_protobuf_encoding(&std::fs::read(&admin_key).unwrap()).unwrap();
+    let raft: Vec<String> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let (tx, logs) = mpsc::channel();
+    let mut replicas: Vec<Replica> = Vec::new();
+    for id in 1..=3u64 {
+        ok(&["key", "gen", "--out", &p(d, &format!("gis{id}.key"))]);
+        replicas.push(start(id, &replica_args(d, &admin, id, &raft), &tx));
+    }
+    let mut current = leader(&logs, None, Duration::from_secs(15));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = Manifest {
+        name: "deb".into(),
+        version: "1".into(),
+        base: None,
+        kind: ObjectKind::Image,
+        size: 4 * 4096,
+        chunk_size: 4096,
+        chunks: (0..4u8).map(|i| chunk_info(&[i + 1; 4096])).collect(),
+    };
+    let mut hosts = Vec::new();
+    let mut failovers = Vec::new();
+    for trial in 0..trials {
+        current = latest_leader(&logs, current);
+        let follower = replicas
+            .iter()
+            .find(|r| r.id != current)
+            .unwrap()
+            .addr
+            .clone();
+        hosts.push(host_publishes(&rt, &follower, &m));
+        let pos = replicas.iter().position(|r| r.id == current).unwrap();
+        let mut killed = replicas.remove(pos);
+        let at = Instant::now();
+        killed.child.kill().unwrap();
+        killed.child.wait().unwrap();
+        let next = leader(&logs, Some(current), ELECTION_LIMIT);
+        failovers.push(at.elapsed());
+        for r in &replicas {
+            wait_committed(&rt, &r.addr, &admin_kp, m.id(), &hosts);
+        }
+        let back = start(killed.id, &replica_args(d, &admin, killed.id, &raft), &tx);
+        wait_committed(&rt, &back.addr, &admin_kp, m.id(), &hosts);
+        replicas.push(back);
+        eprintln!(
+            "trial {}: replica {next} leads {:?} after replica {current} was killed; {} hosts committed, none lost",
+            trial + 1,
+            failovers[trial],
+            hosts.len()
+        );
+        current = next;
+    }
+    failovers.sort();
+    eprintln!(
+        "{trials} kill-the-leader trials: failover min {:?}, median {:?}, max {:?}; 0 records lost",
+        failovers[0],
+        failovers[failovers.len() / 2],
+        failovers[failovers.len() - 1]
+    );
+    assert!(
+        failovers.iter().all(|f| *f < ELECTION_LIMIT),
+        "{failovers:?}"
+    );
+}
