@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 const LEADER_LINE: &str = "this GIS replica is now the leader";
 const ELECTION_LIMIT: Duration = Duration::from_secs(5);
+/// How long the repeated-kill test lets a restarted replica follow before the next kill.
+const REJOIN_SETTLE: Duration = Duration::from_secs(2);
 
 fn bids() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_bids"));
@@ -437,9 +439,9 @@ fn wait_committed(
 /// Kill-the-leader trials (issue 19: zero records lost over 20): in each, a new host
 /// registers and publishes through a follower, the leader gets SIGKILL, another replica
 /// leads, every survivor still has every host and publication committed so far, and the
-/// killed replica restarts from its data dir and catches up before the next trial. The
-/// failover times are printed against the 5 s goal, not asserted (the first kill's is, in
-/// the test above). `BIDS_GIS_KILL_TRIALS` sets the number of trials (3 by default).
+/// killed replica restarts from its data dir and catches up before the next trial; every
+/// failover takes under 5 s. `BIDS_GIS_KILL_TRIALS` sets the number of trials (3 by
+/// default).
 #[test]
 fn repeated_sigkills_of_the_leader_lose_no_committed_write() {
     let trials: usize = std::env::var("BIDS_GIS_KILL_TRIALS")
@@ -491,9 +493,7 @@ fn repeated_sigkills_of_the_leader_lose_no_committed_write() {
         let at = Instant::now();
         killed.child.kill().unwrap();
         killed.child.wait().unwrap();
-        // Waited for longer than the 5 s goal: the figures are reported (the issue's
-        // failover goal), what this test asserts is that nothing committed is lost.
-        let next = leader(&logs, Some(current), Duration::from_secs(20));
+        let next = leader(&logs, Some(current), ELECTION_LIMIT);
         failovers.push(at.elapsed());
         for r in &replicas {
             wait_committed(&rt, &r.addr, &admin_kp, m.id(), &hosts);
@@ -501,6 +501,9 @@ fn repeated_sigkills_of_the_leader_lose_no_committed_write() {
         let back = start(killed.id, &replica_args(d, &admin, killed.id, &raft), &tx);
         wait_committed(&rt, &back.addr, &admin_kp, m.id(), &hosts);
         replicas.push(back);
+        // The group at rest before the next kill: the rejoined replica follows the leader
+        // for a few heartbeats (a kill right after a rejoin is a different fault).
+        std::thread::sleep(REJOIN_SETTLE);
         eprintln!(
             "trial {}: replica {next} leads {:?} after replica {current} was killed; {} hosts committed, none lost",
             trial + 1,
@@ -510,10 +513,8 @@ fn repeated_sigkills_of_the_leader_lose_no_committed_write() {
         current = next;
     }
     failovers.sort();
-    let within = failovers.iter().filter(|f| **f < ELECTION_LIMIT).count();
     eprintln!(
-        "{trials} kill-the-leader trials: failover min {:?}, median {:?}, max {:?}, {within} of \
-         {trials} within {ELECTION_LIMIT:?}; 0 records lost",
+        "{trials} kill-the-leader trials: failover min {:?}, median {:?}, max {:?}; 0 records lost",
         failovers[0],
         failovers[failovers.len() / 2],
         failovers[failovers.len() - 1]
