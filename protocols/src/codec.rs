@@ -58,6 +58,19 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8], limit: usize) -> io::Result
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed CBOR: {e}")))
 }
 
+/// The body length a frame's 4-byte prefix announces, refused above `limit` (before anything
+/// is allocated for it); `what` names the message in the error.
+pub fn frame_len(prefix: [u8; 4], limit: usize, what: &str) -> io::Result<usize> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("peer announced a {len}-byte {what}, the limit is {limit}"),
+        ));
+    }
+    Ok(len)
+}
+
 /// Reads one length-prefixed frame, refusing lengths above `limit` before allocating.
 pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     io: &mut R,
@@ -65,13 +78,7 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
 ) -> io::Result<T> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("peer announced a {len}-byte message, the limit is {limit}"),
-        ));
-    }
+    let len = frame_len(len, limit, "message")?;
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
     decode_body(&buf, limit)

@@ -4,7 +4,7 @@
 //! leader. Raft itself decides what to send; this module only moves it.
 
 use super::{Applied, Command, GisRaft, NodeId, SharedState, TypeConfig, WriteError};
-use bids_protocols::codec::{decode_body, encode_frame};
+use bids_protocols::codec::{decode_body, encode_frame, frame_len};
 use bids_protocols::gis::HostStats;
 use bids_protocols::gis::MAX_RESPONSE_BYTES;
 use libp2p::PeerId;
@@ -76,20 +76,16 @@ pub enum RaftReply {
     Joined(Result<(), JoinRefused>),
 }
 
-/// Reads one frame of at most `limit` bytes; the length is checked before allocating.
+/// Reads one frame of at most `limit` bytes; the length is checked before allocating. The
+/// framing is `bids_protocols::codec`'s, over tokio's reader (the codec's own `read_frame`
+/// takes a futures reader).
 pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     io: &mut R,
     limit: usize,
 ) -> io::Result<T> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("peer replica announced a {len}-byte Raft message, the limit is {limit}"),
-        ));
-    }
+    let len = frame_len(len, limit, "Raft message")?;
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
     decode_body(&buf, limit)
