@@ -184,25 +184,13 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
     let mut replicas: Vec<Replica> = Vec::new();
     for id in 1..=3u64 {
         ok(&["key", "gen", "--out", &p(d, &format!("gis{id}.key"))]);
-        let mut args: Vec<String> = [
-            "--key",
-            &p(d, &format!("gis{id}.key")),
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--data",
-            &p(d, &format!("gis{id}")),
-            "--admin-peer",
-            &admin,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let others: Vec<String> = (1..=3u64)
-            .filter(|o| *o != id)
-            .map(|o| format!("{o}@{}", raft[o as usize - 1]))
-            .collect();
-        if id == 3 {
+        let args = if id == 3 {
             // The third replica takes its place in the group from its config file.
+            let mut args = base_args(d, &admin, id);
+            let others: Vec<String> = (1..=3u64)
+                .filter(|o| *o != id)
+                .map(|o| format!("{o}@{}", raft[o as usize - 1]))
+                .collect();
             let conf = d.join("gis3.toml");
             let peers: Vec<String> = others.iter().map(|o| format!("\"{o}\"")).collect();
             std::fs::write(
@@ -215,17 +203,10 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
             )
             .unwrap();
             args.extend(["--config".to_string(), conf.display().to_string()]);
+            args
         } else {
-            args.extend([
-                "--raft-id".to_string(),
-                id.to_string(),
-                "--raft-listen".to_string(),
-                raft[id as usize - 1].clone(),
-            ]);
-            for o in &others {
-                args.extend(["--peer".to_string(), o.clone()]);
-            }
-        }
+            replica_args(d, &admin, id, &raft)
+        };
         replicas.push(start(id, &args, &tx));
     }
     let first = leader(&logs, None, Duration::from_secs(15));
@@ -310,26 +291,19 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
         .unwrap()
         .to_string();
     ok(&["key", "gen", "--out", &p(d, "gis4.key")]);
-    let mut args: Vec<String> = [
-        "--key",
-        &p(d, "gis4.key"),
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data",
-        &p(d, "gis4"),
-        "--admin-peer",
-        &admin,
-        "--raft-id",
-        "4",
-        "--raft-listen",
-        &raft4,
-        "--join",
-        "--replaces",
-        &first.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = base_args(d, &admin, 4);
+    args.extend(
+        [
+            "--raft-id",
+            "4",
+            "--raft-listen",
+            &raft4,
+            "--join",
+            "--replaces",
+            &first.to_string(),
+        ]
+        .map(String::from),
+    );
     for r in &replicas {
         args.extend([
             "--peer".to_string(),
@@ -348,9 +322,9 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
     wait_listed(&fourth.addr, &[h1, h2]);
 }
 
-/// The flags of replica `id` of a group whose Raft addresses are `raft` (ids from 1).
-fn replica_args(d: &Path, admin: &str, id: u64, raft: &[String]) -> Vec<String> {
-    let mut args: Vec<String> = [
+/// The flags every replica `id` takes: its key, data dir (both under `d`) and admin.
+fn base_args(d: &Path, admin: &str, id: u64) -> Vec<String> {
+    [
         "--key",
         &p(d, &format!("gis{id}.key")),
         "--listen",
@@ -359,14 +333,21 @@ fn replica_args(d: &Path, admin: &str, id: u64, raft: &[String]) -> Vec<String> 
         &p(d, &format!("gis{id}")),
         "--admin-peer",
         admin,
-        "--raft-id",
-        &id.to_string(),
-        "--raft-listen",
-        &raft[id as usize - 1],
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect();
+    .collect()
+}
+
+/// The flags of replica `id` of a group whose Raft addresses are `raft` (ids from 1).
+fn replica_args(d: &Path, admin: &str, id: u64, raft: &[String]) -> Vec<String> {
+    let mut args = base_args(d, admin, id);
+    args.extend([
+        "--raft-id".to_string(),
+        id.to_string(),
+        "--raft-listen".to_string(),
+        raft[id as usize - 1].clone(),
+    ]);
     for o in (1..=raft.len() as u64).filter(|o| *o != id) {
         args.extend([
             "--peer".to_string(),
