@@ -232,6 +232,37 @@ pub(crate) fn open_sled(cfg: &GisConfig) -> anyhow::Result<SledStorage> {
     })
 }
 
+/// The GIS's swarm, listening on `cfg.listen`, with its metrics registered and served on
+/// `cfg.metrics` if set (its address also put in `metrics_at`); the same for a lone GIS
+/// and a Raft replica. The metrics server stops when the returned handle is dropped.
+pub(crate) async fn open_swarm(
+    cfg: &GisConfig,
+    metrics_at: &Option<Arc<OnceLock<SocketAddr>>>,
+) -> anyhow::Result<(
+    Swarm<GisBehaviour>,
+    Arc<GisMetrics>,
+    Option<bids_metrics::MetricsServer>,
+)> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(GisMetrics::new(&mut registry));
+    let mut swarm = build_swarm(&cfg.keypair, &mut registry)?;
+    ensure_port_free(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
+    swarm
+        .listen_on(cfg.listen.clone())
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let server = match cfg.metrics {
+        Some(addr) => {
+            let srv = bids_metrics::serve(addr, metrics.endpoint(Arc::new(registry))).await?;
+            if let Some(at) = metrics_at {
+                let _ = at.set(srv.local_addr());
+            }
+            Some(srv)
+        }
+        None => None,
+    };
+    Ok((swarm, metrics, server))
+}
+
 pub(crate) fn build_swarm(
     keypair: &Keypair,
     registry: &mut prometheus_client::registry::Registry,
@@ -394,24 +425,8 @@ async fn run_with_storage(
         },
         snapshot,
     );
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Arc::new(GisMetrics::new(&mut registry));
-    let mut swarm = build_swarm(&cfg.keypair, &mut registry)?;
+    let (mut swarm, metrics, _metrics_server) = open_swarm(&cfg, &metrics_at).await?;
     let local = *swarm.local_peer_id();
-    ensure_port_free(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
-    swarm
-        .listen_on(cfg.listen.clone())
-        .with_context(|| format!("listening on {}", cfg.listen))?;
-    let _metrics_server = match cfg.metrics {
-        Some(addr) => {
-            let srv = bids_metrics::serve(addr, metrics.endpoint(Arc::new(registry))).await?;
-            if let Some(at) = &metrics_at {
-                let _ = at.set(srv.local_addr());
-            }
-            Some(srv)
-        }
-        None => None,
-    };
     metrics.sample(&index, unix_ms());
     metrics.set_open(true);
     info!(peer = %local, listen = %cfg.listen, policy = %cfg.policy, admin = %cfg.admin_peer, "GIS starting");

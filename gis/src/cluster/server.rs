@@ -14,8 +14,8 @@ use crate::admin::{AdminDesk, AdminReply};
 use crate::index::IndexConfig;
 use crate::metrics::{self as gis_metrics, GisMetrics};
 use crate::server::{
-    build_swarm, ensure_port_free, send_replies, unix_ms, Collected, Ctx, GisConfig, Released,
-    WarnThrottle, EXPIRE_EVERY, LISTENER_WARN_EVERY, MAX_BATCH,
+    open_swarm, send_replies, unix_ms, Collected, Ctx, GisConfig, Released, WarnThrottle,
+    EXPIRE_EVERY, LISTENER_WARN_EVERY, MAX_BATCH,
 };
 use crate::storage::Storage;
 use anyhow::Context;
@@ -93,24 +93,8 @@ async fn serve(
     let raft = replica.raft.clone();
     let state = replica.state.clone();
     let me = replica.node_id;
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Arc::new(GisMetrics::new(&mut registry));
-    let mut swarm = build_swarm(&cfg.keypair, &mut registry)?;
+    let (mut swarm, metrics, _metrics_server) = open_swarm(cfg, &metrics_at).await?;
     let local = *swarm.local_peer_id();
-    ensure_port_free(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
-    swarm
-        .listen_on(cfg.listen.clone())
-        .with_context(|| format!("listening on {}", cfg.listen))?;
-    let _metrics_server = match cfg.metrics {
-        Some(addr) => {
-            let srv = bids_metrics::serve(addr, metrics.endpoint(Arc::new(registry))).await?;
-            if let Some(at) = &metrics_at {
-                let _ = at.set(srv.local_addr());
-            }
-            Some(srv)
-        }
-        None => None,
-    };
     metrics.sample(&state.lock().index, unix_ms());
     metrics.set_open(true);
     info!(peer = %local, listen = %cfg.listen, replica = me, raft = %replica.raft_addr, policy = %cfg.policy, admin = %cfg.admin_peer, "GIS replica starting");
