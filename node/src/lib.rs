@@ -14,6 +14,7 @@ pub mod gate;
 pub mod gis_session;
 pub mod gis_watch;
 pub mod metrics;
+pub mod nodecore;
 pub mod payload_cache;
 pub mod peers;
 pub mod ratelimit;

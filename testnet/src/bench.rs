@@ -10,7 +10,7 @@ use crate::cluster::{Cluster, ClusterSpec, IdcSpec};
 use crate::demo::make_image;
 use anyhow::{bail, Context, Result};
 use bids_node::control::{self, ControlReply, ControlRequest};
-use bids_node::engine::MAX_WRITING;
+use bids_node::nodecore::MAX_WRITING;
 use bids_node::scheduler::SchedulerConfig;
 use bids_node::store::Store;
 use bids_node::transport::{self, TransportOptions};
