@@ -20,10 +20,18 @@
 //! [`StoreOptions::commit_interval`], when [`StoreOptions::commit_batch`] chunks wait, when
 //! an image completes, on [`Store::flush`] and when the store is dropped. A crash loses at
 //! most the uncommitted marks (those chunks are fetched again), never correctness.
+//!
+//! The data path the node uses is the [`ChunkStore`] trait, implemented here and by the
+//! in-memory [`MemStore`] for tests and simulations.
 
+mod api;
 mod bits;
 mod import;
+mod mem;
 mod region;
+
+pub use api::ChunkStore;
+pub use mem::MemStore;
 
 use bids_protocols::gis::Counters;
 use bids_protocols::manifest::{chunk_info, is_zero, sha256, ChunkInfo, Manifest, ObjectKind};
@@ -1352,5 +1360,7 @@ fn write_skipping_zero_pages(out: &File, data: &[u8], off: u64) -> io::Result<()
     Ok(())
 }
 
+#[cfg(test)]
+mod contract_tests;
 #[cfg(test)]
 mod tests;
