@@ -786,6 +786,21 @@ fn verify_and_store(
     }
     store
         .write_verified_chunk(image, idx, &raw)
-        .map_err(StoreFail::Local)?;
+        .map_err(|e| StoreFail::Local(room_for_the_rest(store, m, e)))?;
     Ok((encoding, payload))
+}
+
+/// A full disk is reported with how much the rest of the image needs and how much is free.
+fn room_for_the_rest(store: &Store, m: &Manifest, e: StoreError) -> StoreError {
+    let StoreError::DiskFull { .. } = e else {
+        return e;
+    };
+    match store.free_space() {
+        Ok(free) => StoreError::NoSpace {
+            dir: store.dir().to_path_buf(),
+            needed: store.bytes_needed(m),
+            free,
+        },
+        Err(_) => e,
+    }
 }

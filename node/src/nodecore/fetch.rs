@@ -178,18 +178,8 @@ impl NodeCore {
                 // Our disk, not the sender: nobody is penalised, and fetching more only
                 // fails the same way, so the download stops (the chunk stays missing).
                 let reason = match e {
-                    StoreError::DiskFull { .. } => {
-                        let needed = self.store.bytes_needed(&d.manifest);
-                        match self.store.free_space() {
-                            Ok(free) => StoreError::NoSpace {
-                                dir: self.store.dir().to_path_buf(),
-                                needed,
-                                free,
-                            }
-                            .to_string(),
-                            Err(_) => e.to_string(),
-                        }
-                    }
+                    // The driver says how much room the rest needs and how much is free.
+                    StoreError::NoSpace { .. } | StoreError::DiskFull { .. } => e.to_string(),
                     e => format!(
                         "storing chunk {idx} of {} failed: {e} (a local fault; no sender is blamed)",
                         d.manifest.image_ref()

@@ -35,7 +35,7 @@ use crate::ratelimit::DownloadBudget;
 use crate::scheduler::{Download, SchedulerConfig, SourceKind};
 use crate::seeding::LanSeeder;
 use crate::startup::Startup;
-use crate::store::{Store, StoreError};
+use crate::store::{ChunkStore, StoreError};
 use crate::uploads::Uploads;
 use crate::FetchProgress;
 use bids_protocols::admin::{AdminResponse, HostCommand};
@@ -346,7 +346,7 @@ pub struct NodeCore {
     wall: (Instant, i64),
     rng: StdRng,
     /// Queried for what it holds (memory reads); reads and writes go out as actions.
-    store: Arc<Store>,
+    store: Arc<dyn ChunkStore>,
     metrics: Arc<NodeMetrics>,
     /// The role the GIS granted at the last registration.
     role: Role,
@@ -408,7 +408,7 @@ impl NodeCore {
     /// next.
     pub fn new(
         cfg: CoreConfig,
-        store: Arc<Store>,
+        store: Arc<dyn ChunkStore>,
         metrics: Arc<NodeMetrics>,
         now: Instant,
         wall_ms: i64,
