@@ -27,6 +27,7 @@ mod output;
 mod progress;
 mod rmc_cmd;
 mod settings;
+mod sim_cmd;
 mod testnet_cmd;
 
 use anyhow::{Context, Result};
@@ -80,6 +81,9 @@ enum Cmd {
     /// Benchmarks: loopback transfer against raw TCP and bare libp2p; a node's peak memory.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
+    /// Simulate a distribution over a modelled network with the node's real logic and the
+    /// real GIS index (thousands of hosts, in seconds); --validate compares with netns runs.
+    Sim(Box<sim_cmd::SimArgs>),
     /// Helpers of the netns testnet scripts: WAN link emulator, evaluation plots.
     #[command(subcommand, hide = true)]
     Testnet(testnet_cmd::TestnetCmd),
@@ -246,6 +250,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(c) => bench_cmd::run(c).await,
         Cmd::Rmc(a) => rmc_cmd::run(a).await,
         Cmd::Testnet(c) => testnet_cmd::run(c).await,
+        Cmd::Sim(a) => sim_cmd::run(*a),
         Cmd::Completions { shell } => {
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "bids", &mut buf);

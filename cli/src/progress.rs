@@ -34,6 +34,26 @@ impl Progress {
         }
     }
 
+    /// A count of `unit` (hosts done, say) rather than bytes or chunks.
+    pub fn counting(what: &str, total: u64, unit: &str) -> Self {
+        let mut p = Progress::new(what, total, false);
+        if let Some(b) = &p.bar {
+            let tmpl = format!("{{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit} {{elapsed}}");
+            if let Ok(style) = ProgressStyle::with_template(&tmpl) {
+                b.set_style(style.progress_chars("=> "));
+            }
+        }
+        p.what = what.to_string();
+        p
+    }
+
+    /// Changes the message shown beside the bar.
+    pub fn message(&self, msg: String) {
+        if let Some(b) = &self.bar {
+            b.set_message(msg);
+        }
+    }
+
     pub fn set(&mut self, done: u64, total: u64) {
         match &self.bar {
             Some(b) => {

@@ -167,27 +167,29 @@ pub fn load_font(explicit: Option<&Path>) -> Result<PathBuf, PlotError> {
     Ok(path)
 }
 
-/// A series of one figure panel.
-struct Series {
-    label: String,
-    color: RGBColor,
-    dashed: bool,
-    points: Vec<(f64, f64)>,
+/// A series of one figure panel: a line through its points (dashed for a reference).
+pub struct Series {
+    pub label: String,
+    pub color: RGBColor,
+    pub dashed: bool,
+    pub points: Vec<(f64, f64)>,
 }
 
-struct Panel {
-    title: String,
-    x_label: &'static str,
-    y_label: &'static str,
-    log_x: bool,
-    series: Vec<Series>,
+/// One panel of a figure.
+pub struct Panel {
+    pub title: String,
+    pub x_label: &'static str,
+    pub y_label: &'static str,
+    pub log_x: bool,
+    pub series: Vec<Series>,
 }
 
-const BIDS_COLOR: RGBColor = RGBColor(31, 119, 180);
-const BASE_COLOR: RGBColor = RGBColor(214, 39, 40);
-const REF_COLOR: RGBColor = RGBColor(110, 110, 110);
+pub const BIDS_COLOR: RGBColor = RGBColor(31, 119, 180);
+pub const BASE_COLOR: RGBColor = RGBColor(214, 39, 40);
+pub const REF_COLOR: RGBColor = RGBColor(110, 110, 110);
 
-fn mode_color(mode: &str) -> RGBColor {
+/// The colour of a mode's series (`bids` or `baseline`).
+pub fn mode_color(mode: &str) -> RGBColor {
     if mode.eq_ignore_ascii_case("bids") {
         BIDS_COLOR
     } else {
@@ -195,7 +197,8 @@ fn mode_color(mode: &str) -> RGBColor {
     }
 }
 
-fn mode_label(mode: &str) -> String {
+/// How a mode is named in legends.
+pub fn mode_label(mode: &str) -> String {
     if mode.eq_ignore_ascii_case("bids") {
         "BIDS".into()
     } else if mode.eq_ignore_ascii_case("baseline") {
@@ -473,7 +476,9 @@ fn draw_series<'a, DB: DrawingBackend + 'a, X: Ranged<ValueType = f64>>(
     Ok(())
 }
 
-fn draw_figure(path: &Path, title: &str, panels: &[Panel]) -> Result<(), PlotError> {
+/// Draws `panels` side by side into the PNG `path`, under `title`. A font must have been
+/// registered with [`load_font`] first.
+pub fn draw_figure(path: &Path, title: &str, panels: &[Panel]) -> Result<(), PlotError> {
     let derr = |e: String| PlotError::Draw {
         path: path.to_path_buf(),
         why: e,

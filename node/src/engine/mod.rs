@@ -156,7 +156,7 @@ pub(crate) async fn start(
     let core = NodeCore::new(
         CoreConfig::of(&cfg, listen).map_err(anyhow::Error::msg)?,
         store.clone(),
-        metrics.clone(),
+        Some(metrics.clone()),
         now,
         bids_protocols::unix_now().saturating_mul(1000),
         rand::random(),

@@ -403,7 +403,9 @@ impl NodeCore {
                 // closes the connection after REFUSAL_GRACE. It gets no data meanwhile.
                 warn!(%peer, %reason, "connection refused");
                 self.acct.refused();
-                self.metrics.refused(reason.reason);
+                if let Some(m) = &self.metrics {
+                    m.refused(reason.reason);
+                }
                 let early = self.peers.refuse(peer, now);
                 self.release_early(peer, early);
             }
@@ -446,7 +448,9 @@ impl NodeCore {
     fn refuse(&mut self, peer: PeerId, why: RefusalReason, reason: &str) {
         warn!(%peer, %reason, "connection refused");
         self.acct.refused();
-        self.metrics.refused(why);
+        if let Some(m) = &self.metrics {
+            m.refused(why);
+        }
         let early = self.peers.drop_peer(&peer);
         self.release_early(peer, early);
         self.push(Action::Disconnect(peer));
@@ -630,6 +634,8 @@ impl NodeCore {
             census.remotes,
             census.pending,
         );
-        self.metrics.sample(&s);
+        if let Some(m) = &self.metrics {
+            m.sample(&s);
+        }
     }
 }

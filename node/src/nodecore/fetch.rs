@@ -79,7 +79,9 @@ impl NodeCore {
             }
             ChunkResponse::Data { encoding, payload } => {
                 if let Some(kind) = kind {
-                    self.metrics.received(&image, kind, payload.len() as u64);
+                    if let Some(m) = &self.metrics {
+                        m.received(&image, kind, payload.len() as u64);
+                    }
                 }
                 let stored = self.store.has_chunk(&image, idx);
                 if stored || d.sched.is_verifying(idx) {
@@ -153,7 +155,9 @@ impl NodeCore {
         };
         match result {
             Ok((encoding, payload)) => {
-                self.metrics.chunk_verified();
+                if let Some(m) = &self.metrics {
+                    m.chunk_verified();
+                }
                 d.sched.on_chunk(&peer, idx, now);
                 self.announcer.gained(image, idx);
                 self.answer_waiters(image, idx, encoding, &payload);
@@ -168,7 +172,9 @@ impl NodeCore {
             Err(StoreFail::Corrupt(e)) => {
                 warn!(%peer, image = %image.short(), idx, error = %e, "chunk failed verification; penalising the sender");
                 self.acct.bad_chunk(image);
-                self.metrics.chunk_failed();
+                if let Some(m) = &self.metrics {
+                    m.chunk_failed();
+                }
                 d.sched.on_failure(&peer, idx, Failure::Corrupt, now);
                 if d.sched.is_banned(&peer) && !self.bans.contains_key(&peer) {
                     self.ban(peer, now);
@@ -204,7 +210,9 @@ impl NodeCore {
             let secs = took.as_secs_f64();
             info!(image = %d.manifest.image_ref(), id = %image.short(), secs = format!("{secs:.2}"), "download complete and verified");
             // Counted before watchers learn of it: what they scrape then includes it.
-            self.metrics.download_done(took);
+            if let Some(m) = &self.metrics {
+                m.download_done(took);
+            }
             d.progress.send_modify(|p| p.done = Some(Ok(secs)));
             // The host's own measure of the provision time, for the GIS and the console.
             self.acct.provisioned(
@@ -673,7 +681,9 @@ impl NodeCore {
     /// Ends a download with `reason`: its watchers learn why, requests deferred on it are
     /// answered NotHeld, and the GIS learns what we hold now.
     pub(super) fn fail_download(&mut self, id: ImageId, reason: String) {
-        self.metrics.download_failed();
+        if let Some(m) = &self.metrics {
+            m.download_failed();
+        }
         warn!(image = %id.short(), %reason, "download failed");
         if let Some(d) = self.downloads.remove(&id) {
             d.progress

@@ -347,7 +347,8 @@ pub struct NodeCore {
     rng: StdRng,
     /// Queried for what it holds (memory reads); reads and writes go out as actions.
     store: Arc<dyn ChunkStore>,
-    metrics: Arc<NodeMetrics>,
+    /// The node's Prometheus metrics (none in a simulation).
+    metrics: Option<Arc<NodeMetrics>>,
     /// The role the GIS granted at the last registration.
     role: Role,
     actions: VecDeque<Action>,
@@ -409,7 +410,7 @@ impl NodeCore {
     pub fn new(
         cfg: CoreConfig,
         store: Arc<dyn ChunkStore>,
-        metrics: Arc<NodeMetrics>,
+        metrics: Option<Arc<NodeMetrics>>,
         now: Instant,
         wall_ms: i64,
         seed: u64,

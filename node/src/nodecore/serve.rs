@@ -40,7 +40,9 @@ impl NodeCore {
             };
             // No image data before an accepted hello.
             self.acct.refused();
-            self.metrics.refused(RefusalReason::NoHello);
+            if let Some(m) = &self.metrics {
+                m.refused(RefusalReason::NoHello);
+            }
             warn!(%peer, "chunk request before an accepted hello refused");
             self.respond(
                 peer,
@@ -187,7 +189,9 @@ impl NodeCore {
             let n = payload.len() as u64;
             let kind = self.kind_of(&peer).unwrap_or(PeerKind::of(link, false));
             self.acct.sent(image, kind, n);
-            self.metrics.sent(&image, link, n);
+            if let Some(m) = &self.metrics {
+                m.sent(&image, link, n);
+            }
         }
         self.respond(peer, token, resp);
     }
