@@ -1,16 +1,22 @@
 //! A flow-level network: links with a capacity, transfers (flows) that each cross a few of
-//! them, and rates shared max-min fairly (progressive filling: every flow grows at the same
-//! pace until a link it crosses is full; the flows of that link keep that rate, the others
-//! grow on). Time is a number of seconds the caller advances; nothing here reads a clock,
-//! so the same calls give the same answers.
+//! them, and rates shared max-min fairly (water-filling: every flow grows at the same pace
+//! until a link it crosses is full; the flows of that link keep that rate, the others grow
+//! on). Time is a number of seconds the caller advances; nothing here reads a clock, so the
+//! same calls give the same answers.
 //!
 //! A transfer is modelled as a fluid: it moves its bytes at its current rate, and the rates
 //! change only when a flow starts, ends or is cancelled. That is what a TCP connection
-//! averages to over a few round trips, and it lets 10,000 hosts be simulated without a
-//! packet each. Every change shares all rates again (progressive filling over every link);
-//! at 10,000 hosts the simulator will want to share only the flows a change can reach.
+//! averages to over a few round trips, and it lets thousands of hosts be simulated without a
+//! packet each.
+//!
+//! Cost: a change shares again only the flows connected to it through common links (its
+//! component), by water-filling with a heap of link fill levels (O(F log L) for F flows
+//! over L links of the component). A flow's progress is kept as bytes left at a time and
+//! brought up to date only when its rate changes; the next flow to end comes from a heap of
+//! end times.
 
-use std::collections::BTreeMap;
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BinaryHeap};
 
 /// A link (a host's LAN up or down direction, an IDC's WAN up or down direction).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,10 +32,50 @@ const DONE_EPSILON: f64 = 1e-6;
 #[derive(Debug)]
 struct Flow {
     links: Vec<LinkId>,
-    /// Bytes still to move.
+    /// Bytes still to move at `at`.
     left: f64,
+    at: f64,
     /// Bytes per second, as last shared.
     rate: f64,
+    /// Bumped at every new rate: older entries of the end heap are stale.
+    version: u64,
+}
+
+impl Flow {
+    fn left_at(&self, t: f64) -> f64 {
+        if self.rate.is_infinite() {
+            return 0.0;
+        }
+        (self.left - self.rate * (t - self.at).max(0.0)).max(0.0)
+    }
+
+    fn end(&self) -> Option<f64> {
+        if self.left <= DONE_EPSILON || self.rate.is_infinite() {
+            Some(self.at)
+        } else if self.rate > 0.0 {
+            Some(self.at + self.left / self.rate)
+        } else {
+            None
+        }
+    }
+}
+
+/// An f64 ordered totally (end times are never NaN).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Time(f64);
+
+impl Eq for Time {}
+
+impl PartialOrd for Time {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Time {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
 }
 
 /// The network's links and the flows crossing them.
@@ -37,10 +83,19 @@ struct Flow {
 pub struct FlowNet {
     /// Capacity of each link in bytes per second (`f64::INFINITY`: unlimited).
     capacity: Vec<f64>,
+    /// The flows crossing each link.
+    on_link: Vec<Vec<FlowId>>,
     flows: BTreeMap<FlowId, Flow>,
+    /// End times by flow, with the version they were computed for.
+    ends: BinaryHeap<Reverse<(Time, FlowId, u64)>>,
     next_id: u64,
-    /// The time the flows' progress is counted to.
+    /// The latest time the caller moved to.
     now: f64,
+    /// Per link, reused by `share` (and left zeroed): capacity taken by frozen flows,
+    /// unfrozen flows crossing it, whether the component search reached it.
+    used: Vec<f64>,
+    unfrozen: Vec<usize>,
+    seen: Vec<bool>,
 }
 
 impl FlowNet {
@@ -56,6 +111,10 @@ impl FlowNet {
             f64::INFINITY
         };
         self.capacity.push(cap);
+        self.on_link.push(Vec::new());
+        self.used.push(0.0);
+        self.unfrozen.push(0);
+        self.seen.push(false);
         LinkId((self.capacity.len() - 1) as u32)
     }
 
@@ -80,159 +139,250 @@ impl FlowNet {
 
     /// Bytes a flow still has to move (as of `now`).
     pub fn left(&self, id: FlowId) -> Option<f64> {
-        self.flows.get(&id).map(|f| f.left)
+        self.flows.get(&id).map(|f| f.left_at(self.now))
     }
 
-    /// Starts a transfer of `bytes` over `links` at `at` (not before `now`); the rates of
-    /// every flow are shared again. A transfer over no link, or of nothing, ends at the
-    /// next `advance`.
+    /// Starts a transfer of `bytes` over `links` at `at` (not before `now`); the flows it
+    /// shares links with share again. A transfer over no limited link, or of nothing, ends
+    /// at the next `advance`.
     pub fn start(&mut self, at: f64, links: &[LinkId], bytes: u64) -> FlowId {
-        self.progress_to(at);
+        self.now = self.now.max(at);
         let id = FlowId(self.next_id);
         self.next_id += 1;
         let mut links = links.to_vec();
         links.sort_unstable();
         links.dedup();
+        links.retain(|l| (l.0 as usize) < self.capacity.len());
+        for l in &links {
+            self.on_link[l.0 as usize].push(id);
+        }
+        let seeds = links.clone();
         self.flows.insert(
             id,
             Flow {
                 links,
                 left: bytes as f64,
+                at: self.now,
                 rate: 0.0,
+                version: 0,
             },
         );
-        self.share();
+        self.share(&seeds, Some(id));
         id
     }
 
-    /// Stops a flow at `at` (its peer went away); the others share again. Returns the bytes
-    /// it had left.
+    /// Stops a flow at `at` (its peer went away); the flows it shared links with share
+    /// again. Returns the bytes it had left.
     pub fn cancel(&mut self, at: f64, id: FlowId) -> Option<f64> {
-        self.progress_to(at);
+        self.now = self.now.max(at);
+        let f = self.remove(id)?;
+        let left = f.left_at(self.now);
+        self.share(&f.links, None);
+        Some(left)
+    }
+
+    fn remove(&mut self, id: FlowId) -> Option<Flow> {
         let f = self.flows.remove(&id)?;
-        self.share();
-        Some(f.left)
+        for l in &f.links {
+            let on = &mut self.on_link[l.0 as usize];
+            if let Some(k) = on.iter().position(|x| *x == id) {
+                on.swap_remove(k);
+            }
+        }
+        Some(f)
     }
 
     /// When the next flow ends at the current rates, and which (the lowest id on a tie).
-    pub fn next_end(&self) -> Option<(f64, FlowId)> {
-        let mut best: Option<(f64, FlowId)> = None;
-        for (&id, f) in &self.flows {
-            let t = if f.left <= DONE_EPSILON {
-                self.now
-            } else if f.rate > 0.0 {
-                self.now + f.left / f.rate
-            } else {
-                continue;
-            };
-            if best.is_none_or(|(bt, _)| t < bt) {
-                best = Some((t, id));
+    pub fn next_end(&mut self) -> Option<(f64, FlowId)> {
+        while let Some(Reverse((t, id, v))) = self.ends.peek().copied() {
+            match self.flows.get(&id) {
+                Some(f) if f.version == v => return Some((t.0.max(self.now), id)),
+                _ => {
+                    self.ends.pop();
+                }
             }
         }
-        best
+        None
     }
 
-    /// Moves time to `to`: every flow progresses at its rate; the flows done by then are
-    /// removed and returned (in id order), and the rest share again.
+    /// Moves time to `to`: the flows done by then are removed and returned (in id order),
+    /// and the flows they shared links with share again.
     pub fn advance(&mut self, to: f64) -> Vec<FlowId> {
-        self.progress_to(to);
-        let done: Vec<FlowId> = self
-            .flows
-            .iter()
-            .filter(|(_, f)| f.left <= DONE_EPSILON)
-            .map(|(&id, _)| id)
-            .collect();
-        if !done.is_empty() {
-            for id in &done {
-                self.flows.remove(id);
+        self.now = self.now.max(to);
+        let mut done = Vec::new();
+        while let Some((t, id)) = self.next_end() {
+            let Some(f) = self.flows.get(&id) else {
+                self.ends.pop();
+                continue;
+            };
+            if t > self.now && f.left_at(self.now) > DONE_EPSILON {
+                break;
             }
-            self.share();
+            self.ends.pop();
+            done.push(id);
+        }
+        done.sort_unstable();
+        let mut seeds = Vec::new();
+        for id in &done {
+            if let Some(f) = self.remove(*id) {
+                seeds.extend(f.links);
+            }
+        }
+        if !seeds.is_empty() {
+            self.share(&seeds, None);
         }
         done
     }
 
-    fn progress_to(&mut self, to: f64) {
-        let dt = to - self.now;
-        if dt <= 0.0 {
-            return;
-        }
-        for f in self.flows.values_mut() {
-            if f.rate.is_finite() {
-                f.left = (f.left - f.rate * dt).max(0.0);
-            } else {
-                f.left = 0.0;
+    /// The flows connected to `seeds` through common links, and those links.
+    fn component(&mut self, seeds: &[LinkId], extra: Option<FlowId>) -> (Vec<FlowId>, Vec<usize>) {
+        let mut link_seen = std::mem::take(&mut self.seen);
+        let mut links: Vec<usize> = Vec::new();
+        let mut flows: Vec<FlowId> = Vec::new();
+        let mut flow_seen = std::collections::HashSet::new();
+        let mut stack: Vec<usize> = seeds.iter().map(|l| l.0 as usize).collect();
+        if let Some(id) = extra {
+            if flow_seen.insert(id) {
+                flows.push(id);
             }
         }
-        self.now = to;
-    }
-
-    /// Max-min fair rates by progressive filling.
-    fn share(&mut self) {
-        let n_links = self.capacity.len();
-        let mut residual = self.capacity.clone();
-        let mut crossing = vec![0usize; n_links];
-        let mut unfrozen: Vec<FlowId> = Vec::with_capacity(self.flows.len());
-        for (&id, f) in self.flows.iter_mut() {
-            if f.links
-                .iter()
-                .all(|l| self.capacity[l.0 as usize].is_infinite())
-            {
-                // Crosses no limited link: done as soon as it starts.
-                f.rate = f64::INFINITY;
-                f.left = 0.0;
+        while let Some(l) = stack.pop() {
+            if l >= link_seen.len() || link_seen[l] {
                 continue;
             }
-            f.rate = 0.0;
-            for l in &f.links {
-                crossing[l.0 as usize] += 1;
+            link_seen[l] = true;
+            links.push(l);
+            // An unlimited link couples nothing.
+            if self.capacity[l].is_infinite() {
+                continue;
             }
-            unfrozen.push(id);
+            for id in &self.on_link[l] {
+                if flow_seen.insert(*id) {
+                    flows.push(*id);
+                    if let Some(f) = self.flows.get(id) {
+                        stack.extend(f.links.iter().map(|m| m.0 as usize));
+                    }
+                }
+            }
         }
-        while !unfrozen.is_empty() {
-            // The link that fills first: the least residual per unfrozen flow.
-            let mut fair = f64::INFINITY;
-            for (l, &n) in crossing.iter().enumerate() {
-                if n > 0 && residual[l].is_finite() {
-                    fair = fair.min(residual[l] / n as f64);
+        for &l in &links {
+            link_seen[l] = false;
+        }
+        self.seen = link_seen;
+        flows.sort_unstable();
+        links.sort_unstable();
+        (flows, links)
+    }
+
+    /// Max-min fair rates for the component of `seeds` (and flow `extra`), by
+    /// water-filling: the link whose fill level (what is left of it per unfrozen flow) is
+    /// lowest fills first and freezes its flows at that level.
+    fn share(&mut self, seeds: &[LinkId], extra: Option<FlowId>) {
+        let (ids, links) = self.component(seeds, extra);
+        let now = self.now;
+        // Progress so far is kept before the rates change.
+        for id in &ids {
+            if let Some(f) = self.flows.get_mut(id) {
+                f.left = f.left_at(now);
+                f.at = now;
+            }
+        }
+        let mut used = std::mem::take(&mut self.used);
+        let mut unfrozen = std::mem::take(&mut self.unfrozen);
+        let mut rates: BTreeMap<FlowId, f64> = BTreeMap::new();
+        for id in &ids {
+            let Some(f) = self.flows.get(id) else {
+                continue;
+            };
+            let mut limited = false;
+            for l in &f.links {
+                let l = l.0 as usize;
+                if self.capacity[l].is_finite() {
+                    unfrozen[l] += 1;
+                    limited = true;
                 }
             }
-            if !fair.is_finite() {
-                break;
+            if !limited {
+                // Crosses no limited link: done as soon as it starts.
+                rates.insert(*id, f64::INFINITY);
             }
-            let fair = fair.max(0.0);
-            // Every unfrozen flow grows by `fair`; those on a link now full freeze.
-            let mut still = Vec::with_capacity(unfrozen.len());
-            for &id in &unfrozen {
-                if let Some(f) = self.flows.get_mut(&id) {
-                    f.rate += fair;
+        }
+        let cap = &self.capacity;
+        let level_of = |l: usize, used: &[f64], n: usize| (cap[l] - used[l]).max(0.0) / n as f64;
+        let mut heap: BinaryHeap<Reverse<(Time, usize, usize)>> = BinaryHeap::new();
+        for &l in &links {
+            if unfrozen[l] > 0 {
+                heap.push(Reverse((
+                    Time(level_of(l, &used, unfrozen[l])),
+                    l,
+                    unfrozen[l],
+                )));
+            }
+        }
+        while let Some(Reverse((level, l, n))) = heap.pop() {
+            // Stale: the link's count changed since this entry was pushed.
+            if unfrozen[l] != n || n == 0 {
+                continue;
+            }
+            let level = level.0;
+            for id in &self.on_link[l] {
+                if rates.contains_key(id) {
+                    continue;
                 }
-            }
-            for (l, &n) in crossing.iter().enumerate() {
-                if n > 0 && residual[l].is_finite() {
-                    residual[l] -= fair * n as f64;
-                }
-            }
-            for &id in &unfrozen {
-                let Some(f) = self.flows.get(&id) else {
+                rates.insert(*id, level);
+                let Some(f) = self.flows.get(id) else {
                     continue;
                 };
-                let full = f.links.iter().any(|l| {
-                    let l = l.0 as usize;
-                    residual[l].is_finite() && residual[l] <= 1e-9 * self.capacity[l].max(1.0)
-                });
-                if full {
-                    for l in &f.links {
-                        crossing[l.0 as usize] -= 1;
+                for m in &f.links {
+                    let m = m.0 as usize;
+                    if !cap[m].is_finite() {
+                        continue;
                     }
-                } else {
-                    still.push(id);
+                    used[m] += level;
+                    unfrozen[m] = unfrozen[m].saturating_sub(1);
+                    if m != l && unfrozen[m] > 0 {
+                        heap.push(Reverse((
+                            Time(level_of(m, &used, unfrozen[m])),
+                            m,
+                            unfrozen[m],
+                        )));
+                    }
                 }
             }
-            if still.len() == unfrozen.len() {
-                // Rounding left no link exactly full: nothing more to share.
-                break;
+            unfrozen[l] = 0;
+        }
+        for &l in &links {
+            used[l] = 0.0;
+            unfrozen[l] = 0;
+        }
+        self.used = used;
+        self.unfrozen = unfrozen;
+        for id in ids {
+            let Some(f) = self.flows.get_mut(&id) else {
+                continue;
+            };
+            let rate = rates.get(&id).copied().unwrap_or(0.0);
+            if rate == f.rate && f.version > 0 {
+                // Same rate, same end: its heap entry stands.
+                continue;
             }
-            unfrozen = still;
+            f.rate = rate;
+            if rate.is_infinite() {
+                f.left = 0.0;
+            }
+            f.version += 1;
+            if let Some(t) = f.end() {
+                self.ends.push(Reverse((Time(t), id, f.version)));
+            }
+        }
+        // Stale entries are dropped lazily; rebuild when they crowd the heap.
+        if self.ends.len() > 4 * self.flows.len() + 1024 {
+            let live: Vec<_> = self
+                .ends
+                .drain()
+                .filter(|Reverse((_, id, v))| self.flows.get(id).is_some_and(|f| f.version == *v))
+                .collect();
+            self.ends = live.into_iter().collect();
         }
     }
 }
