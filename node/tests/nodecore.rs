@@ -1,0 +1,394 @@
+//! The node core without a network: three cores of one IDC and the GIS's real `Index`,
+//! driven by a loop in this test that carries their actions (messages delivered at once,
+//! stores in memory). Real bytes: every copy is read back and compared.
+
+use bids_gis::{Index, IndexConfig};
+use bids_node::nodecore::{Action, CoreConfig, NodeCore, Prepared, ReqKey, StoreFail, Token};
+use bids_node::store::{ChunkStore, MemStore};
+use bids_node::{FetchProgress, NodeConfig};
+use bids_protocols::chunk::{self, ChunkResponse};
+use bids_protocols::gis::ImageQuery;
+use bids_protocols::manifest::{chunk_info, Manifest, ObjectKind};
+use bids_protocols::{Idc, Policy};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+
+const CHUNK: usize = 64 * 1024;
+
+struct Node {
+    core: NodeCore,
+    store: Arc<MemStore>,
+    peer: PeerId,
+}
+
+/// What is on its way between the cores.
+enum Msg {
+    Connected {
+        a: usize,
+        b: usize,
+    },
+    Hello {
+        to: usize,
+        from: usize,
+        hello: bids_protocols::hello::Hello,
+    },
+    HelloReply {
+        to: usize,
+        from: usize,
+        reply: bids_protocols::hello::HelloReply,
+    },
+    Request {
+        to: usize,
+        from: usize,
+        req: chunk::ChunkRequest,
+        key: ReqKey,
+    },
+    Response {
+        to: usize,
+        from: usize,
+        key: ReqKey,
+        resp: ChunkResponse,
+    },
+    Gossip {
+        to: usize,
+        from: usize,
+        bytes: Vec<u8>,
+    },
+}
+
+struct Net {
+    nodes: Vec<Node>,
+    index: Index,
+    base: Instant,
+    ms: u64,
+    queue: VecDeque<Msg>,
+    tokens: BTreeMap<Token, (usize, ReqKey)>,
+    hellos: BTreeMap<Token, usize>,
+    next: u64,
+}
+
+impl Net {
+    fn now(&self) -> Instant {
+        self.base + Duration::from_millis(self.ms)
+    }
+
+    fn of(&self, peer: &PeerId) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.peer == *peer)
+            .expect("a known peer")
+    }
+
+    fn token(&mut self) -> Token {
+        self.next += 1;
+        Token(self.next)
+    }
+
+    /// Carries out node `n`'s actions.
+    fn drain(&mut self, n: usize) {
+        let now = self.now();
+        while let Some(a) = self.nodes[n].core.poll_action() {
+            match a {
+                Action::DialGis { .. } => self.nodes[n].core.handle_gis_connected(now),
+                Action::GisSend { key, req, .. } => {
+                    let peer = self.nodes[n].peer;
+                    let resp = self
+                        .index
+                        .handle(peer, *req, 1_800_000_000_000 + self.ms as i64);
+                    self.nodes[n].core.handle_gis_response(now, key, resp);
+                }
+                Action::Dial { peer, .. } => {
+                    let b = self.of(&peer);
+                    self.queue.push_back(Msg::Connected { a: n, b });
+                }
+                Action::Hello { peer, hello } => {
+                    let to = self.of(&peer);
+                    self.queue.push_back(Msg::Hello { to, from: n, hello });
+                }
+                Action::HelloReply { token, reply } => {
+                    let to = self.hellos.remove(&token).expect("a hello to answer");
+                    self.queue.push_back(Msg::HelloReply { to, from: n, reply });
+                }
+                Action::Request { key, peer, req } => {
+                    let to = self.of(&peer);
+                    self.queue.push_back(Msg::Request {
+                        to,
+                        from: n,
+                        req,
+                        key,
+                    });
+                }
+                Action::Respond { token, peer, resp } => {
+                    let (to, key) = self.tokens.remove(&token).expect("a request to answer");
+                    self.nodes[n].core.handle_response_done(now, peer);
+                    self.queue.push_back(Msg::Response {
+                        to,
+                        from: n,
+                        key,
+                        resp,
+                    });
+                }
+                Action::Read { token, peer, req } => {
+                    let resp = match self.nodes[n].store.read_chunk(&req.image, req.index) {
+                        Ok(raw) => {
+                            let (encoding, payload) = chunk::encode_payload(raw);
+                            ChunkResponse::Data { encoding, payload }
+                        }
+                        Err(_) => ChunkResponse::NotHeld,
+                    };
+                    self.nodes[n].core.handle_read(now, token, peer, req, resp);
+                }
+                Action::Store {
+                    manifest,
+                    image,
+                    idx,
+                    peer,
+                    encoding,
+                    payload,
+                } => {
+                    let want = manifest.chunk_len(idx);
+                    let result = chunk::decode_payload(encoding, payload.clone(), want)
+                        .map_err(|e| StoreFail::Corrupt(e.to_string()))
+                        .and_then(|raw| {
+                            self.nodes[n]
+                                .store
+                                .write_chunk(&image, idx, &raw)
+                                .map_err(|e| StoreFail::Corrupt(e.to_string()))
+                        })
+                        .map(|_| (encoding, payload));
+                    self.nodes[n]
+                        .core
+                        .handle_stored(now, image, idx, peer, result);
+                }
+                Action::Prepare { manifest, times } => {
+                    let store = &self.nodes[n].store;
+                    let result = store
+                        .add_manifest(&manifest)
+                        .map(|()| Prepared {
+                            held: store.held(&manifest.id()).unwrap_or_default(),
+                            held_chunks: store.status(&manifest.id()).map_or(0, |s| s.held),
+                        })
+                        .map_err(|e| e.to_string());
+                    self.nodes[n]
+                        .core
+                        .handle_prepared(now, manifest, times, result);
+                }
+                Action::Gossip { bytes, .. } => {
+                    for to in (0..self.nodes.len()).filter(|&m| m != n) {
+                        let bytes = bytes.clone();
+                        self.queue.push_back(Msg::Gossip { to, from: n, bytes });
+                    }
+                }
+                Action::Disconnect(_)
+                | Action::Touch(_)
+                | Action::SaveCounters(_)
+                | Action::JoinBridgeheads
+                | Action::LeaveBridgeheads
+                | Action::Admin { .. }
+                | Action::AdminAnswer { .. } => {}
+            }
+        }
+    }
+
+    fn deliver(&mut self, m: Msg) {
+        let now = self.now();
+        let n = match m {
+            Msg::Connected { a, b } => {
+                let (pa, pb) = (self.nodes[a].peer, self.nodes[b].peer);
+                if self.nodes[a].core.handle_connected(now, pb, true, true) {
+                    let hello = self.nodes[a].core.my_hello();
+                    self.queue.push_back(Msg::Hello {
+                        to: b,
+                        from: a,
+                        hello,
+                    });
+                }
+                self.drain(a);
+                self.nodes[b].core.handle_connected(now, pa, false, true);
+                b
+            }
+            Msg::Hello { to, from, hello } => {
+                let token = self.token();
+                self.hellos.insert(token, from);
+                let pf = self.nodes[from].peer;
+                self.nodes[to].core.handle_hello(now, pf, hello, token);
+                to
+            }
+            Msg::HelloReply { to, from, reply } => {
+                let pf = self.nodes[from].peer;
+                self.nodes[to].core.handle_hello_reply(now, pf, reply);
+                to
+            }
+            Msg::Request { to, from, req, key } => {
+                let token = self.token();
+                self.tokens.insert(token, (from, key));
+                let pf = self.nodes[from].peer;
+                self.nodes[to]
+                    .core
+                    .handle_chunk_request(now, pf, req, token);
+                to
+            }
+            Msg::Response {
+                to,
+                from,
+                key,
+                resp,
+            } => {
+                let pf = self.nodes[from].peer;
+                self.nodes[to]
+                    .core
+                    .handle_chunk_response(now, pf, key, resp);
+                to
+            }
+            Msg::Gossip { to, from, bytes } => {
+                let pf = self.nodes[from].peer;
+                self.nodes[to]
+                    .core
+                    .handle_announcement(now, pf, &bytes, false);
+                to
+            }
+        };
+        self.drain(n);
+    }
+
+    /// Delivers everything on its way, then ticks every core 20 ms later.
+    fn step(&mut self) {
+        while let Some(m) = self.queue.pop_front() {
+            self.deliver(m);
+        }
+        self.ms += 20;
+        let now = self.now();
+        for n in 0..self.nodes.len() {
+            self.nodes[n].core.handle_tick(now);
+            self.drain(n);
+        }
+    }
+}
+
+fn keypair(n: u8) -> Keypair {
+    Keypair::ed25519_from_bytes([n; 32]).expect("32 bytes")
+}
+
+fn image(chunks: usize) -> (Manifest, Vec<u8>) {
+    let data: Vec<u8> = (0..chunks * CHUNK)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1])
+        .collect();
+    let m = Manifest {
+        name: "core-test".into(),
+        version: "1".into(),
+        base: None,
+        kind: ObjectKind::Image,
+        size: data.len() as u64,
+        chunk_size: CHUNK as u32,
+        chunks: data.chunks(CHUNK).map(chunk_info).collect(),
+    };
+    (m, data)
+}
+
+#[test]
+fn three_cores_and_the_real_index_distribute_an_image_without_a_network() {
+    let admin = keypair(1);
+    let gis = keypair(2).public().to_peer_id();
+    let gis_addr: Multiaddr = format!("/ip4/10.0.0.1/tcp/1/p2p/{gis}").parse().unwrap();
+    let idc = Idc::new("x").unwrap();
+    let (m, data) = image(12);
+    let base = Instant::now();
+    let mut nodes = Vec::new();
+    for k in 0..3u8 {
+        let key = keypair(10 + k);
+        let peer = key.public().to_peer_id();
+        let cfg = NodeConfig::new(
+            key,
+            idc.clone(),
+            gis_addr.clone(),
+            "unused".into(),
+            admin.public().to_peer_id(),
+        );
+        let listen: Multiaddr = format!("/ip4/10.0.1.{}/tcp/1/p2p/{peer}", k + 1)
+            .parse()
+            .unwrap();
+        let store = Arc::new(MemStore::new(1 << 30));
+        if k == 0 {
+            store.add_manifest(&m).unwrap();
+            for (i, c) in data.chunks(CHUNK).enumerate() {
+                store.write_chunk(&m.id(), i as u32, c).unwrap();
+            }
+        }
+        let core_cfg = CoreConfig::of(&cfg, vec![listen]).unwrap();
+        let core = NodeCore::new(
+            core_cfg,
+            store.clone(),
+            None,
+            base,
+            1_800_000_000_000,
+            k as u64,
+        )
+        .unwrap();
+        nodes.push(Node { core, store, peer });
+    }
+    let mut net = Net {
+        nodes,
+        index: Index::new(IndexConfig::new(admin.public().to_peer_id(), Policy::Bids)),
+        base,
+        ms: 0,
+        queue: VecDeque::new(),
+        tokens: BTreeMap::new(),
+        hellos: BTreeMap::new(),
+        next: 0,
+    };
+    for n in 0..3 {
+        let now = net.now();
+        net.nodes[n].core.start(now);
+        net.drain(n);
+    }
+    net.step();
+    // Both others fetch at once.
+    let mut fetches: Vec<oneshot::Receiver<Result<watch::Receiver<FetchProgress>, String>>> =
+        Vec::new();
+    for n in 1..3 {
+        let (tx, rx) = oneshot::channel();
+        let now = net.now();
+        net.nodes[n]
+            .core
+            .handle_fetch(now, ImageQuery::Id(m.id()), Some(tx));
+        net.drain(n);
+        fetches.push(rx);
+    }
+    let mut progress: Vec<Option<watch::Receiver<FetchProgress>>> = vec![None, None];
+    for _ in 0..500 {
+        net.step();
+        for (k, rx) in fetches.iter_mut().enumerate() {
+            if let Ok(r) = rx.try_recv() {
+                progress[k] = Some(r.expect("the fetch started"));
+            }
+        }
+        let done = progress
+            .iter()
+            .all(|p| p.as_ref().is_some_and(|p| p.borrow().done.is_some()));
+        if done {
+            break;
+        }
+    }
+    for (k, p) in progress.iter().enumerate() {
+        let p = p.as_ref().expect("the fetch started");
+        assert!(
+            matches!(p.borrow().done, Some(Ok(_))),
+            "node {}: {:?}",
+            k + 1,
+            p.borrow()
+        );
+        let store = &net.nodes[k + 1].store;
+        for (i, c) in data.chunks(CHUNK).enumerate() {
+            assert_eq!(store.read_chunk(&m.id(), i as u32).unwrap(), c, "chunk {i}");
+        }
+    }
+    // The holder served each chunk at least once; the GIS saw both register.
+    let served = net.nodes[0].core.accounting().image(&m.id()).lan_sent_chunks;
+    assert!(served >= 12, "{served}");
+    let status = net.nodes[1].core.status();
+    assert!(status.registered && status.gis_connected, "{status:?}");
+}
