@@ -237,6 +237,9 @@ pub struct Index {
     images: BTreeMap<ImageId, ImageState>,
     by_ref: BTreeMap<ImageRef, ImageId>,
     holders: BTreeMap<ImageId, BTreeMap<PeerId, Holding>>,
+    /// The same holders grouped by their host's IDC: a lookup reads the requester's IDC
+    /// and each other IDC's, not every holder of the image (kept by `hold`, `unhold`).
+    holders_by_idc: BTreeMap<ImageId, BTreeMap<Idc, BTreeSet<PeerId>>>,
     /// Delta files by the version they start from: `from` → delta ids (see `versions`).
     deltas: BTreeMap<ImageId, BTreeSet<ImageId>>,
     revocations: Revocations,
@@ -253,6 +256,7 @@ impl Index {
             images: BTreeMap::new(),
             by_ref: BTreeMap::new(),
             holders: BTreeMap::new(),
+            holders_by_idc: BTreeMap::new(),
             deltas: BTreeMap::new(),
             revocations: Revocations::default(),
             changes: Vec::new(),
@@ -323,10 +327,9 @@ impl Index {
                 warn!(%peer, image = %holding.image.short(), "dropping stored holding of an unknown host or image");
                 continue;
             }
-            ix.holders
-                .entry(holding.image)
-                .or_default()
-                .insert(peer, holding);
+            let image = holding.image;
+            ix.holders.entry(image).or_default().insert(peer, holding);
+            ix.hold(image, peer);
         }
         info!(
             hosts = ix.hosts.len(),
@@ -476,6 +479,65 @@ impl Index {
         }
     }
 
+    /// Files `peer` among the holders of `image` of its IDC.
+    fn hold(&mut self, image: ImageId, peer: PeerId) {
+        let Some(h) = self.hosts.get(&peer) else {
+            return;
+        };
+        self.holders_by_idc
+            .entry(image)
+            .or_default()
+            .entry(h.rec.idc.clone())
+            .or_default()
+            .insert(peer);
+    }
+
+    /// Takes `peer` (of `idc`) out of the holders of `image` of its IDC.
+    fn unhold(&mut self, image: &ImageId, peer: &PeerId, idc: &Idc) {
+        let Some(by_idc) = self.holders_by_idc.get_mut(image) else {
+            return;
+        };
+        if let Some(set) = by_idc.get_mut(idc) {
+            set.remove(peer);
+            if set.is_empty() {
+                by_idc.remove(idc);
+            }
+        }
+        if by_idc.is_empty() {
+            self.holders_by_idc.remove(image);
+        }
+    }
+
+    /// Of `holders`, the listable ones not banned by the requester whose hosts are alive,
+    /// with their host records.
+    fn live_holders<'a>(
+        &'a self,
+        holders: impl Iterator<Item = (&'a PeerId, &'a Holding)>,
+        banned: &[PeerId],
+        now_ms: i64,
+    ) -> Vec<(&'a HostState, &'a Holding)> {
+        holders
+            .filter(|(p, hd)| listable(hd) && !banned.contains(p))
+            .filter_map(|(p, hd)| self.hosts.get(p).map(|h| (h, hd)))
+            .filter(|(h, _)| self.is_listable_host(h, now_ms))
+            .collect()
+    }
+
+    /// The holders of `image` in `idc`, with their holdings.
+    fn holders_in<'a>(
+        &'a self,
+        image: &ImageId,
+        idc: &Idc,
+    ) -> impl Iterator<Item = (&'a PeerId, &'a Holding)> + 'a {
+        let holders = self.holders.get(image);
+        self.holders_by_idc
+            .get(image)
+            .and_then(|m| m.get(idc))
+            .into_iter()
+            .flatten()
+            .filter_map(move |p| holders.and_then(|h| h.get(p)).map(|hd| (p, hd)))
+    }
+
     fn require_host(&self, peer: &PeerId) -> Result<&HostState, GisError> {
         self.hosts.get(peer).ok_or_else(|| {
             GisError::new(
@@ -534,8 +596,21 @@ impl Index {
         };
         let previous = self.hosts.remove(&peer);
         let registered_ms = previous.as_ref().map_or(now_ms, |p| p.rec.registered_ms);
+        let mut moved: Vec<ImageId> = Vec::new();
         if let Some(p) = &previous {
             self.unindex_host(&p.rec);
+            if p.rec.idc != idc {
+                // Its holdings now count for its new IDC.
+                moved = self
+                    .holders
+                    .iter()
+                    .filter(|(_, hs)| hs.contains_key(&peer))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in &moved {
+                    self.unhold(id, &peer, &p.rec.idc);
+                }
+            }
         }
         let rec = StoredHost {
             peer,
@@ -556,6 +631,9 @@ impl Index {
                 stats: previous.map(|p| p.stats).unwrap_or_default(),
             },
         );
+        for id in moved {
+            self.hold(id, peer);
+        }
         Ok(role)
     }
 
@@ -663,9 +741,12 @@ impl Index {
         let holders = self.holders.entry(id).or_default();
         if holders.get(&peer) != Some(&holding) {
             debug!(%peer, id = %id.short(), chunks = holding.chunks_held, complete = holding.complete, fetching = holding.fetching, "holding updated");
-            holders.insert(peer, holding.clone());
+            let new_holder = holders.insert(peer, holding.clone()).is_none();
             self.changes
                 .push(Change::PutHolding(StoredHolding { peer, holding }));
+            if new_holder {
+                self.hold(id, peer);
+            }
         }
         let info = self
             .images
@@ -688,6 +769,9 @@ impl Index {
             if h.remove(&peer).is_some() {
                 if h.is_empty() {
                     self.holders.remove(&image);
+                }
+                if let Some(idc) = self.hosts.get(&peer).map(|h| h.rec.idc.clone()) {
+                    self.unhold(&image, &peer, &idc);
                 }
                 info!(%peer, id = %image.short(), "image unpublished");
                 self.changes.push(Change::DeleteHolding { peer, image });
@@ -729,12 +813,14 @@ impl Index {
         };
         self.unindex_host(&h.rec);
         let mut emptied = Vec::new();
+        let mut dropped = Vec::new();
         for (image, holders) in self.holders.iter_mut() {
             if holders.remove(peer).is_some() {
                 self.changes.push(Change::DeleteHolding {
                     peer: *peer,
                     image: *image,
                 });
+                dropped.push(*image);
                 if holders.is_empty() {
                     emptied.push(*image);
                 }
@@ -742,6 +828,9 @@ impl Index {
         }
         for image in emptied {
             self.holders.remove(&image);
+        }
+        for image in dropped {
+            self.unhold(&image, peer, &h.rec.idc);
         }
         self.changes.push(Change::DeleteHost(*peer));
         info!(%peer, idc = %h.rec.idc, "host forgotten");
@@ -761,6 +850,7 @@ impl Index {
         if self.by_ref.get(&r) == Some(id) {
             self.by_ref.remove(&r);
         }
+        self.holders_by_idc.remove(id);
         for peer in self.holders.remove(id).unwrap_or_default().into_keys() {
             self.changes
                 .push(Change::DeleteHolding { peer, image: *id });
@@ -997,13 +1087,6 @@ impl Index {
         let banned: &[PeerId] = requester
             .and_then(|r| self.hosts.get(&r))
             .map_or(&[], |h| h.stats.banned.as_slice());
-        // Live, listable holders with their host records.
-        let live: Vec<(&HostState, &Holding)> = holders
-            .iter()
-            .filter(|(p, hd)| listable(hd) && !banned.contains(p))
-            .filter_map(|(p, hd)| self.hosts.get(p).map(|h| (h, hd)))
-            .filter(|(h, _)| self.is_listable_host(h, now_ms))
-            .collect();
         let best_first = |a: &(&HostState, &Holding), b: &(&HostState, &Holding)| {
             b.1.complete
                 .cmp(&a.1.complete)
@@ -1015,6 +1098,7 @@ impl Index {
         let mut level2 = Vec::new();
         match self.cfg.policy {
             Policy::Baseline => {
+                let live = self.live_holders(holders.iter(), banned, now_ms);
                 level0 = live
                     .iter()
                     .filter(|(h, _)| Some(h.rec.peer) != requester)
@@ -1027,15 +1111,15 @@ impl Index {
                 });
             }
             Policy::Bids => {
-                level0 = live
+                // Only this IDC's holders and, below, each other IDC's are read.
+                let mine = self.live_holders(self.holders_in(&id, my_idc), banned, now_ms);
+                level0 = mine
                     .iter()
-                    .filter(|(h, _)| h.rec.idc == *my_idc && Some(h.rec.peer) != requester)
+                    .filter(|(h, _)| Some(h.rec.peer) != requester)
                     .copied()
                     .collect();
                 level0.sort_by(best_first);
-                let complete_here = live
-                    .iter()
-                    .any(|(h, hd)| h.rec.idc == *my_idc && hd.complete);
+                let complete_here = mine.iter().any(|(_, hd)| hd.complete);
                 if !complete_here {
                     let chosen = self.chosen_bridgehead(my_idc, &id, now_ms);
                     match chosen {
@@ -1047,7 +1131,7 @@ impl Index {
                         // Only the chosen bridgehead crosses the WAN for this image; any
                         // other bridgehead behaves as an ordinary host for it.
                         Some(_) => {
-                            level2 = self.remote_bridgeheads(my_idc, &id, holders, &live, now_ms)
+                            level2 = self.remote_bridgeheads(my_idc, &id, holders, banned, now_ms)
                         }
                         None => {}
                     }
@@ -1077,7 +1161,7 @@ impl Index {
         my_idc: &Idc,
         id: &ImageId,
         holders: &BTreeMap<PeerId, Holding>,
-        live: &[(&HostState, &Holding)],
+        banned: &[PeerId],
         now_ms: i64,
     ) -> Vec<HostEntry> {
         let mut found = Vec::new();
@@ -1085,9 +1169,8 @@ impl Index {
             let Some(db) = self.chosen_bridgehead(idc, id, now_ms) else {
                 continue;
             };
-            let in_idc = live
-                .iter()
-                .filter(|(h, hd)| h.rec.idc == *idc && has_data(hd));
+            let live = self.live_holders(self.holders_in(id, idc), banned, now_ms);
+            let in_idc = live.iter().filter(|(_, hd)| has_data(hd));
             let complete = in_idc.clone().any(|(_, hd)| hd.complete);
             let most = in_idc.map(|(_, hd)| hd.chunks_held).max();
             let db_holding = holders.get(&db);

@@ -1175,3 +1175,70 @@ fn replicated_liveness_follows_the_records_not_the_clock() {
         "unknown hosts are refused"
     );
 }
+
+/// The per-IDC holder index says exactly what grouping `holders` by each host's IDC says.
+fn assert_holder_index_consistent(ix: &Index) {
+    let mut want: BTreeMap<ImageId, BTreeMap<Idc, BTreeSet<PeerId>>> = BTreeMap::new();
+    for (image, hs) in &ix.holders {
+        for p in hs.keys() {
+            let idc = ix.hosts[p].rec.idc.clone();
+            want.entry(*image)
+                .or_default()
+                .entry(idc)
+                .or_default()
+                .insert(*p);
+        }
+    }
+    assert_eq!(ix.holders_by_idc, want);
+}
+
+proptest::proptest! {
+    /// Whatever hosts register (again, elsewhere), publish, unpublish and are forgotten,
+    /// and whatever images are forgotten, lookups read the per-IDC holder index, so it
+    /// must stay what the holders say.
+    #[test]
+    fn the_per_idc_holder_index_follows_every_change(
+        ops in proptest::collection::vec((0u8..6, 0usize..6, 0usize..3, 0usize..2), 1..60)
+    ) {
+        let mut w = World::new(Policy::Bids);
+        let images = [manifest("a", "1", 3), manifest("b", "1", 2)];
+        let peers: Vec<PeerId> = (0..6)
+            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+            .collect();
+        let idcs = ["A", "B", "C"];
+        for (op, who, place, img) in ops {
+            let peer = peers[who];
+            let (bytes, id) = &images[img];
+            match op {
+                0 | 1 => {
+                    let _ = w.ix.register(peer, idc(idcs[place]), vec![], None, Policy::Bids, w.now);
+                }
+                2 | 3 => {
+                    let holding = Holding { image: *id, chunks_held: 1, complete: op == 3, fetching: op == 2 };
+                    let _ = w.ix.publish(peer, holding, bytes, w.now);
+                }
+                4 => {
+                    let _ = w.ix.unpublish(peer, *id);
+                }
+                _ => {
+                    if place == 0 {
+                        w.ix.forget_image(id);
+                    } else {
+                        w.ix.forget_host(&peer);
+                    }
+                }
+            }
+            assert_holder_index_consistent(&w.ix);
+            // A lookup from any registered host agrees with the holders too.
+            if w.ix.is_registered(&peer) && w.ix.images.contains_key(id) {
+                let list = w.ix.lookup(peer, &ImageQuery::Id(*id), w.now);
+                if let Ok(l) = list {
+                    let my = w.ix.hosts[&peer].rec.idc.clone();
+                    for e in &l.level0 {
+                        proptest::prop_assert_eq!(&e.idc, &my);
+                    }
+                }
+            }
+        }
+    }
+}
