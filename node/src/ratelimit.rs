@@ -20,10 +20,6 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(rate: u64) -> Self {
-        Self::new_at(rate, Instant::now())
-    }
-
     /// A bucket that starts empty at `now`: a fresh limit grants no burst up front.
     pub fn new_at(rate: u64, now: Instant) -> Self {
         RateLimiter {
@@ -35,10 +31,6 @@ impl RateLimiter {
 
     pub fn rate(&self) -> u64 {
         self.rate
-    }
-
-    pub fn set_rate(&mut self, rate: u64) {
-        self.set_rate_at(rate, Instant::now());
     }
 
     pub fn set_rate_at(&mut self, rate: u64, now: Instant) {
@@ -60,11 +52,7 @@ impl RateLimiter {
         self.last = self.last.max(now);
     }
 
-    /// True if a transfer may start now.
-    pub fn available(&mut self) -> bool {
-        self.available_at(Instant::now())
-    }
-
+    /// True if a transfer may start at `now`.
     pub fn available_at(&mut self, now: Instant) -> bool {
         if self.rate == 0 {
             return true;
@@ -74,10 +62,6 @@ impl RateLimiter {
     }
 
     /// Charges `bytes` (may leave the bucket in debt).
-    pub fn consume(&mut self, bytes: u64) {
-        self.consume_at(bytes, Instant::now());
-    }
-
     pub fn consume_at(&mut self, bytes: u64, now: Instant) {
         self.settle_at(0, bytes, now);
     }
@@ -170,9 +154,10 @@ mod tests {
 
     #[test]
     fn unlimited_is_always_available() {
-        let mut r = RateLimiter::new(0);
-        r.consume(1 << 30);
-        assert!(r.available());
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new_at(0, t0);
+        r.consume_at(1 << 30, t0);
+        assert!(r.available_at(t0));
     }
 
     #[test]

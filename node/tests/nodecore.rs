@@ -387,7 +387,11 @@ fn three_cores_and_the_real_index_distribute_an_image_without_a_network() {
         }
     }
     // The holder served each chunk at least once; the GIS saw both register.
-    let served = net.nodes[0].core.accounting().image(&m.id()).lan_sent_chunks;
+    let served = net.nodes[0]
+        .core
+        .accounting()
+        .image(&m.id())
+        .lan_sent_chunks;
     assert!(served >= 12, "{served}");
     let status = net.nodes[1].core.status();
     assert!(status.registered && status.gis_connected, "{status:?}");

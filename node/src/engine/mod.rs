@@ -4,6 +4,7 @@
 //! out the actions the core gives back. Disk work and hashing run on the blocking pool;
 //! their results come back as internal events.
 
+mod disk;
 mod handle;
 mod swarm;
 
@@ -15,14 +16,15 @@ use crate::config::NodeConfig;
 use crate::metrics::NodeMetrics;
 use crate::nodecore::{Action, CoreConfig, GisKey, NodeCore, Prepared, ReqKey, StoreFail, Token};
 use crate::scheduler::Failure;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse};
-use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse, Encoding};
+use bids_protocols::chunk::{ChunkRequest, ChunkResponse, Encoding};
 use bids_protocols::gis::{self as gisp};
 use bids_protocols::gossip;
 use bids_protocols::hello::{Hello, HelloReply};
 use bids_protocols::{ChunkIndex, Idc, ImageId, Manifest, Policy};
 use bytes::Bytes;
+use disk::{counter_saver, prepare_download, verify_and_store, Counters};
 use futures::StreamExt;
 use libp2p::request_response::{self as rr, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -163,6 +165,7 @@ pub(crate) async fn start(
     )
     .map_err(anyhow::Error::msg)?;
     let scrub_bps = cfg.scrub_bps;
+    let saver = counter_saver(store.clone()).context("starting the counters' saver")?;
     let engine = Engine {
         admin_jobs,
         swarm,
@@ -181,6 +184,7 @@ pub(crate) async fn start(
                 tokio::spawn(crate::repair::scrub(handle.store.clone(), scrub_bps)).abort_handle(),
             )
         }),
+        saver: Some(saver),
         metrics,
         _metrics_server: metrics_server,
         idc: cfg.idc.clone(),
@@ -219,6 +223,11 @@ struct Engine {
     irx: mpsc::Receiver<Internal>,
     /// The background scrub (`--scrub-rate`), stopped with the engine.
     _scrub: Option<AbortOnDrop>,
+    /// The thread that saves transfer counters (`save_counters`), and its queue.
+    saver: Option<(
+        std::sync::mpsc::Sender<Counters>,
+        std::thread::JoinHandle<()>,
+    )>,
     metrics: Arc<NodeMetrics>,
     /// Serves `metrics` while the loop runs (`--metrics`); stops when dropped.
     _metrics_server: Option<bids_metrics::MetricsServer>,
@@ -268,21 +277,31 @@ impl Engine {
         self.metrics.stopped();
         let dirty = self.core.take_counters();
         self.save_counters(dirty);
+        // The saver writes what it was sent, in order, and ends; the store is flushed after.
+        if let Some((tx, saver)) = self.saver.take() {
+            drop(tx);
+            if saver.join().is_err() {
+                warn!("the transfer counters' saver panicked");
+            }
+        }
         if let Err(e) = self.store.flush() {
             warn!(error = %e, "flushing the store at shutdown failed");
         }
         info!(peer = %self.me, "node stopped");
     }
 
-    /// Per-image counters survive a restart. On the loop, in order: a sled insert lands in
-    /// sled's memory (its own threads write it out), and a save that ran late off the loop
-    /// could put older totals over newer ones.
+    /// Per-image counters survive a restart. They are saved off the loop by one thread, in
+    /// the order they were taken, so a late save never puts older totals over newer ones.
     fn save_counters(&mut self, dirty: Vec<(ImageId, gisp::Counters)>) {
-        for (id, c) in dirty {
-            if let Err(e) = self.store.save_counters(&id, &c) {
-                warn!(image = %id.short(), error = %e, "could not save the transfer counters");
+        if dirty.is_empty() {
+            return;
+        }
+        if let Some((tx, _)) = &self.saver {
+            if tx.send(dirty).is_ok() {
+                return;
             }
         }
+        warn!("the transfer counters' saver is gone; these counters are not saved");
     }
 
     // ---------------------------------------------------------------- the core's actions
@@ -389,18 +408,7 @@ impl Engine {
     fn read(&mut self, token: Token, peer: PeerId, req: ChunkRequest) {
         let (store, itx) = (self.store.clone(), self.itx.clone());
         tokio::task::spawn_blocking(move || {
-            let response = match store.read_chunk(&req.image, req.index) {
-                Ok(raw) => {
-                    let (encoding, payload) = chunk::encode_payload(raw);
-                    ChunkResponse::Data { encoding, payload }
-                }
-                // Found corrupt at rest: the store logged it and marked it missing.
-                Err(StoreError::Corrupt { .. }) => ChunkResponse::NotHeld,
-                Err(e) => {
-                    warn!(image = %req.image.short(), idx = req.index, error = %e, "reading a chunk failed");
-                    ChunkResponse::NotHeld
-                }
-            };
+            let response = disk::read_response(&store, &req);
             let _ = itx.blocking_send(Internal::Read {
                 token,
                 peer,
@@ -731,76 +739,5 @@ impl Engine {
             }
             _ => {}
         }
-    }
-}
-
-/// Checks the room for `m`, creates its sparse file and records it (file create, sled
-/// transaction, flush): blocking work, run off the event loop.
-fn prepare_download(store: &Store, m: &Manifest) -> Result<Prepared, String> {
-    if let Err(e) = store.check_space(m) {
-        warn!(image = %m.image_ref(), error = %e, "not starting a download");
-        return Err(e.to_string());
-    }
-    store
-        .add_manifest(m)
-        .map_err(|e| format!("cannot prepare the store: {e}"))?;
-    let id = m.id();
-    Ok(Prepared {
-        held: store.held(&id).unwrap_or_default(),
-        held_chunks: store.status(&id).map(|s| s.held).unwrap_or(0),
-    })
-}
-
-/// Decodes, verifies (SHA-256 of the raw chunk, once) and stores a received chunk. Returns the
-/// encoded payload for relaying.
-fn verify_and_store(
-    store: &Store,
-    m: &Manifest,
-    image: &ImageId,
-    idx: ChunkIndex,
-    encoding: Encoding,
-    payload: Bytes,
-) -> Result<(Encoding, Bytes), StoreFail> {
-    let info = m
-        .chunks
-        .get(idx as usize)
-        .ok_or_else(|| StoreFail::Corrupt(format!("chunk {idx} is past the end")))?;
-    let want = m.chunk_len(idx);
-    let raw = match encoding {
-        Encoding::Raw => {
-            if payload.len() != want {
-                return Err(StoreFail::Corrupt(format!(
-                    "chunk {idx} is {} bytes, expected {want}",
-                    payload.len()
-                )));
-            }
-            payload.clone()
-        }
-        Encoding::Zstd => chunk::decode_payload(encoding, payload.clone(), want)
-            .map_err(|e| StoreFail::Corrupt(e.to_string()))?,
-    };
-    if bids_protocols::manifest::sha256(&raw) != info.sha256 {
-        return Err(StoreFail::Corrupt(format!(
-            "chunk {idx} does not match its SHA-256"
-        )));
-    }
-    store
-        .write_verified_chunk(image, idx, &raw)
-        .map_err(|e| StoreFail::Local(room_for_the_rest(store, m, e)))?;
-    Ok((encoding, payload))
-}
-
-/// A full disk is reported with how much the rest of the image needs and how much is free.
-fn room_for_the_rest(store: &Store, m: &Manifest, e: StoreError) -> StoreError {
-    let StoreError::DiskFull { .. } = e else {
-        return e;
-    };
-    match store.free_space() {
-        Ok(free) => StoreError::NoSpace {
-            dir: store.dir().to_path_buf(),
-            needed: store.bytes_needed(m),
-            free,
-        },
-        Err(_) => e,
     }
 }
