@@ -22,9 +22,10 @@ pub struct SimArgs {
     /// each (the plot of the last host against hosts per IDC needs several).
     #[arg(long, default_value = "100", value_delimiter = ',')]
     hosts_per_idc: Vec<usize>,
-    /// IDCs that hold the image from the start, and hosts in each.
+    /// IDCs that hold the image from the start.
     #[arg(long, default_value_t = 1)]
     providers: usize,
+    /// Hosts in each of those IDCs (every one holds the image; the first is certified).
     #[arg(long, default_value_t = 1)]
     provider_hosts: usize,
     /// Image size (KiB, MiB, GiB suffixes).
@@ -48,6 +49,8 @@ pub struct SimArgs {
     /// bids or baseline; a comma-separated list runs each.
     #[arg(long, default_value = "bids", value_delimiter = ',')]
     mode: Vec<String>,
+    /// Seeds the start times, the order of ties and every core's random draws: the same
+    /// seed gives the same report.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Fetches start at random times within this span (the bridgeheads at once).
