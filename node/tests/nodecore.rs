@@ -3,7 +3,9 @@
 //! stores in memory). Real bytes: every copy is read back and compared.
 
 use bids_gis::{Index, IndexConfig};
-use bids_node::nodecore::{Action, CoreConfig, NodeCore, Prepared, ReqKey, StoreFail, Token};
+use bids_node::nodecore::{
+    prepare_download, verify_and_store, Action, CoreConfig, NodeCore, ReqKey, Token,
+};
 use bids_node::store::{ChunkStore, MemStore};
 use bids_node::{FetchProgress, NodeConfig};
 use bids_protocols::chunk::{self, ChunkResponse};
@@ -150,29 +152,14 @@ impl Net {
                     encoding,
                     payload,
                 } => {
-                    let want = manifest.chunk_len(idx);
-                    let result = chunk::decode_payload(encoding, payload.clone(), want)
-                        .map_err(|e| StoreFail::Corrupt(e.to_string()))
-                        .and_then(|raw| {
-                            self.nodes[n]
-                                .store
-                                .write_chunk(&image, idx, &raw)
-                                .map_err(|e| StoreFail::Corrupt(e.to_string()))
-                        })
-                        .map(|_| (encoding, payload));
+                    let store = &*self.nodes[n].store;
+                    let result = verify_and_store(store, &manifest, &image, idx, encoding, payload);
                     self.nodes[n]
                         .core
                         .handle_stored(now, image, idx, peer, result);
                 }
                 Action::Prepare { manifest, times } => {
-                    let store = &self.nodes[n].store;
-                    let result = store
-                        .add_manifest(&manifest)
-                        .map(|()| Prepared {
-                            held: store.held(&manifest.id()).unwrap_or_default(),
-                            held_chunks: store.status(&manifest.id()).map_or(0, |s| s.held),
-                        })
-                        .map_err(|e| e.to_string());
+                    let result = prepare_download(&*self.nodes[n].store, &manifest);
                     self.nodes[n]
                         .core
                         .handle_prepared(now, manifest, times, result);

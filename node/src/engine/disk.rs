@@ -2,7 +2,7 @@
 //! event loop: reading a chunk to serve, verifying and storing a received one, preparing a
 //! download, saving transfer counters.
 
-use crate::nodecore::{Prepared, StoreFail};
+use crate::nodecore::StoreFail;
 use crate::store::{Store, StoreError};
 use bids_protocols::chunk::{self, ChunkRequest, ChunkResponse, Encoding};
 use bids_protocols::gis as gisp;
@@ -53,25 +53,8 @@ pub(super) fn counter_saver(
     Ok((tx, saver))
 }
 
-/// Checks the room for `m`, creates its sparse file and records it (file create, sled
-/// transaction, flush): blocking work, run off the event loop.
-pub(super) fn prepare_download(store: &Store, m: &Manifest) -> Result<Prepared, String> {
-    if let Err(e) = store.check_space(m) {
-        warn!(image = %m.image_ref(), error = %e, "not starting a download");
-        return Err(e.to_string());
-    }
-    store
-        .add_manifest(m)
-        .map_err(|e| format!("cannot prepare the store: {e}"))?;
-    let id = m.id();
-    Ok(Prepared {
-        held: store.held(&id).unwrap_or_default(),
-        held_chunks: store.status(&id).map(|s| s.held).unwrap_or(0),
-    })
-}
-
-/// Decodes, verifies (SHA-256 of the raw chunk, once) and stores a received chunk. Returns the
-/// encoded payload for relaying.
+/// The core's [`crate::nodecore::verify_and_store`], a full disk reported with how much
+/// the rest of the image needs and how much is free.
 pub(super) fn verify_and_store(
     store: &Store,
     m: &Manifest,
@@ -80,33 +63,12 @@ pub(super) fn verify_and_store(
     encoding: Encoding,
     payload: Bytes,
 ) -> Result<(Encoding, Bytes), StoreFail> {
-    let info = m
-        .chunks
-        .get(idx as usize)
-        .ok_or_else(|| StoreFail::Corrupt(format!("chunk {idx} is past the end")))?;
-    let want = m.chunk_len(idx);
-    let raw = match encoding {
-        Encoding::Raw => {
-            if payload.len() != want {
-                return Err(StoreFail::Corrupt(format!(
-                    "chunk {idx} is {} bytes, expected {want}",
-                    payload.len()
-                )));
-            }
-            payload.clone()
-        }
-        Encoding::Zstd => chunk::decode_payload(encoding, payload.clone(), want)
-            .map_err(|e| StoreFail::Corrupt(e.to_string()))?,
-    };
-    if bids_protocols::manifest::sha256(&raw) != info.sha256 {
-        return Err(StoreFail::Corrupt(format!(
-            "chunk {idx} does not match its SHA-256"
-        )));
-    }
-    store
-        .write_verified_chunk(image, idx, &raw)
-        .map_err(|e| StoreFail::Local(room_for_the_rest(store, m, e)))?;
-    Ok((encoding, payload))
+    crate::nodecore::verify_and_store(store, m, image, idx, encoding, payload).map_err(
+        |f| match f {
+            StoreFail::Local(e) => StoreFail::Local(room_for_the_rest(store, m, e)),
+            corrupt => corrupt,
+        },
+    )
 }
 
 /// A full disk is reported with how much the rest of the image needs and how much is free.

@@ -14,6 +14,7 @@ pub(crate) use swarm::{Behaviour, BehaviourEvent};
 
 use crate::config::NodeConfig;
 use crate::metrics::NodeMetrics;
+use crate::nodecore::prepare_download;
 use crate::nodecore::{Action, CoreConfig, GisKey, NodeCore, Prepared, ReqKey, StoreFail, Token};
 use crate::scheduler::Failure;
 use crate::store::Store;
@@ -24,7 +25,7 @@ use bids_protocols::gossip;
 use bids_protocols::hello::{Hello, HelloReply};
 use bids_protocols::{ChunkIndex, Idc, ImageId, Manifest, Policy};
 use bytes::Bytes;
-use disk::{counter_saver, prepare_download, verify_and_store, Counters};
+use disk::{counter_saver, verify_and_store, Counters};
 use futures::StreamExt;
 use libp2p::request_response::{self as rr, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -423,7 +424,7 @@ impl Engine {
         let (store, itx) = (self.store.clone(), self.itx.clone());
         tokio::spawn(async move {
             let m = manifest.clone();
-            let result = tokio::task::spawn_blocking(move || prepare_download(&store, &m))
+            let result = tokio::task::spawn_blocking(move || prepare_download(&*store, &m))
                 .await
                 .unwrap_or_else(|e| Err(format!("the store task failed: {e}")));
             let _ = itx

@@ -18,9 +18,12 @@
 //! announces holdings and runs the periodic work.
 
 mod control;
+mod duties;
 mod fetch;
 mod gossip;
 mod serve;
+
+pub use duties::{prepare_download, verify_and_store};
 
 use crate::accounting::{Accounting, PeerKind};
 use crate::admin_gate::AdminGate;

@@ -25,7 +25,7 @@ mod report;
 use crate::flow::{FlowId, FlowNet, LinkId};
 use crate::store::SimStore;
 use bids_gis::{Index, IndexConfig};
-use bids_node::nodecore::{Action, CoreConfig, GisKey, NodeCore, Prepared, ReqKey, Token};
+use bids_node::nodecore::{prepare_download, Action, CoreConfig, GisKey, NodeCore, ReqKey, Token};
 use bids_node::scheduler::Failure;
 use bids_node::store::ChunkStore;
 use bids_node::{FetchProgress, NodeConfig};
@@ -846,14 +846,7 @@ impl World {
                     return;
                 }
                 // The engine's preparation: the store records the manifest.
-                let store = &self.nodes[node].store;
-                let result = store
-                    .add_manifest(&manifest)
-                    .map(|()| Prepared {
-                        held: store.held(&manifest.id()).unwrap_or_default(),
-                        held_chunks: store.status(&manifest.id()).map_or(0, |s| s.held),
-                    })
-                    .map_err(|e| e.to_string());
+                let result = prepare_download(&*self.nodes[node].store, &manifest);
                 self.nodes[node]
                     .core
                     .handle_prepared(now, manifest, times, result);
