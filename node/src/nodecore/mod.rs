@@ -485,10 +485,6 @@ impl NodeCore {
 
     // ---------------------------------------------------------------- role and settings
 
-    pub fn role(&self) -> Role {
-        self.role
-    }
-
     pub fn set_limits(&mut self, now: Instant, upload_bps: u64, download_bps: u64) {
         self.at(now);
         self.uploads.set_rate(upload_bps, now);
@@ -517,15 +513,6 @@ impl NodeCore {
         self.acct.take_dirty()
     }
 
-    /// Whether a download of `id` runs.
-    pub fn is_fetching(&self, id: &ImageId) -> bool {
-        self.downloads.contains_key(id)
-    }
-
-    pub fn downloads_running(&self) -> usize {
-        self.downloads.len()
-    }
-
     /// Banned peers and how long each ban still lasts.
     pub fn bans(&self) -> Vec<(PeerId, Duration)> {
         self.bans
@@ -534,12 +521,7 @@ impl NodeCore {
             .collect()
     }
 
-    /// Connected peers and where each stands in the hello exchange.
-    pub fn peers(&self) -> &Peers<(ChunkRequest, Token)> {
-        &self.peers
-    }
-
-    pub fn link_of(&self, peer: &PeerId) -> Option<Link> {
+    fn link_of(&self, peer: &PeerId) -> Option<Link> {
         self.peers.link_of(peer)
     }
 
