@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's §4 evaluation on real processes in Linux network namespaces (needs root):
 #   testnet/eval.sh --smoke | --quick | --full | --delay | --pairs | --lan | --hosts
-#                   | --faults [--smoke] | --ab --bin-b PATH [--seeds N]
+#                   | --faults [--smoke] | --ab | --ab-idcs --bin-b PATH [--seeds N]
 #                   [--out DIR] [--bin PATH]
 # Each run builds a fresh netns testnet (testnet/netns/run.sh): 4 provider IDCs hold the
 # image, a requester IDC of 8 hosts and one bridgehead asks for it; BIDS and Baseline. Writes
@@ -34,6 +34,9 @@
 #            setup at 100 Mbit/s WAN, LAN 200 and 100 Mbit/s: per seed (default 6) one run
 #            of each, back to back, the first alternating, so both meet the same machine
 #            state; prints each pair and the mean of each (20 s a run: ~4 min for 6 seeds)
+#   --ab-idcs the same pairing on several requesting IDCs at once: one origin host, 3 IDCs
+#            of a bridgehead and 3 hosts fetching a 32 MiB image (WAN 34 Mbit/s, LAN 200),
+#            so the bridgeheads trade chunks over the WAN                (~30 s a run)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NETNS=$ROOT/testnet/netns
@@ -48,7 +51,7 @@ while (($#)); do
 		[[ $PROFILE == faults ]] || PROFILE=smoke
 		;;
 	--faults) PROFILE=faults ;;
-	--quick | --full | --delay | --pairs | --lan | --hosts | --ab) PROFILE=${1#--} ;;
+	--quick | --full | --delay | --pairs | --lan | --hosts | --ab | --ab-idcs) PROFILE=${1#--} ;;
 	--bin-b)
 		BIN_B=$2
 		shift
@@ -66,7 +69,7 @@ while (($#)); do
 		shift
 		;;
 	-h | --help)
-		sed -n '2,36p' "$0"
+		sed -n '2,39p' "$0"
 		exit 0
 		;;
 	*) bn_die "unknown option $1 (use --smoke, --quick, --full, --delay, --pairs, --lan, --hosts, --faults or --ab, and --out DIR)" ;;
@@ -74,7 +77,7 @@ while (($#)); do
 	shift
 done
 [[ -n $PROFILE ]] || bn_die "choose --smoke, --quick, --full, --delay, --pairs, --lan, --hosts, --faults or --ab"
-[[ $PROFILE != ab || -x $BIN_B ]] || bn_die "--ab needs --bin-b PATH, the second bids binary"
+[[ $PROFILE != ab* || -x $BIN_B ]] || bn_die "--$PROFILE needs --bin-b PATH, the second bids binary"
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || bn_die "--seeds takes a positive number"
 ((EUID == 0)) || bn_die "network namespaces need root"
 command -v ip >/dev/null && command -v tc >/dev/null || bn_die "iproute2 (ip, tc) is needed"
@@ -217,6 +220,17 @@ ab)
 	done
 	RUN_BIN=""
 	;;
+ab-idcs)
+	for seed in $(seq 1 "$SEEDS"); do
+		if ((seed % 2)); then pair=(a b); else pair=(b a); fi
+		for w in "${pair[@]}"; do
+			if [[ $w == a ]]; then RUN_BIN=$BIN; else RUN_BIN=$BIN_B; fi
+			run bids $((32 << 20)) 34 15 "ab-$w" --providers 1 --provider-hosts 1 \
+				--requesters 3 --hosts 3 --lan-mbit 200 --seed "$seed" --timeout-s 300
+		done
+	done
+	RUN_BIN=""
+	;;
 full | delay)
 	for size in 4500000 16000000 40000000; do
 		if [[ $PROFILE == full ]]; then
@@ -245,12 +259,15 @@ if [[ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] && command -v apt-
 fi
 if ! "$BIN" testnet eval-plot --csv "$CSV" --out "$OUT" >/dev/null 2>"$WORK/plot.err"; then
 	bn_log "plots failed: $(cat "$WORK/plot.err")"
-	[[ $PROFILE == smoke || $PROFILE == delay || $PROFILE == pairs || $PROFILE == faults ]] || FAILED=$((FAILED + 1))
+	[[ $PROFILE == smoke || $PROFILE == delay || $PROFILE == pairs || $PROFILE == faults || $PROFILE == ab-idcs ]] || FAILED=$((FAILED + 1))
 fi
 
 # Summary: the tables and the issue's goals, from runs.csv.
 if [[ $PROFILE == ab ]]; then
 	"$NETNS/ab-summary.sh" "$CSV" "$BIN" "$BIN_B" >"$OUT/summary.md"
+elif [[ $PROFILE == ab-idcs ]]; then
+	"$NETNS/ab-summary.sh" "$CSV" "$BIN" "$BIN_B" \
+		"3 requesting IDCs of 4 hosts, one origin host, 32 MiB, WAN 34 Mbit/s" >"$OUT/summary.md"
 else
 	"$NETNS/summary.sh" "$CSV" >"$OUT/summary.md"
 fi

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One experiment run on a fresh netns testnet: PROVIDERS IDCs hold the image, one requester
-# IDC with HOSTS hosts (plus its bridgehead) asks for it in random order with small random
-# starts, under BIDS or Baseline. Appends one row to a CSV, writes details as JSON, checks
+# One experiment run on a fresh netns testnet: PROVIDERS IDCs hold the image, REQUESTERS
+# IDCs (one by default) with HOSTS hosts each (plus their bridgehead) ask for it in random
+# order with small random starts, under BIDS or Baseline. Appends one row to a CSV, writes details as JSON, checks
 # every copy bit-exact, and tears everything down (trap) whatever happens.
 #
 #   run.sh --bin target/release/bids --image FILE --mode bids|baseline --csv runs.csv \
 #          [--providers 4] [--provider-hosts 2] [--hosts 8] [--wan-mbit 10] [--delay-ms 15]
 #          [--lan-mbit 200] [--chunk-bytes 258048|default] [--jitter-ms 2000] [--seed 1]
 #          [--sweep bw|delay|lan|hosts] [--bridgehead-random 0|1] [--timeout-s 600]
-#          [--faults 0|1] [--wan-window-ms MS] [--keep-logs DIR]
+#          [--faults 0|1] [--wan-window-ms MS] [--keep-logs DIR] [--requesters 1]
+#
+# --requesters N: N IDCs fetch the image at once (their bridgeheads trade chunks over the
+# WAN). The CSV's WAN figures are then those of the IDC that took the most, its times
+# those of all requesting hosts; the bridgehead-upload figures are the first requester's.
 #
 # --bridgehead-random 1: the requester's bridgehead is one of the hosts started in random
 # order with a random delay (by default it starts first, at once).
@@ -32,7 +36,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 BIN="" IMAGE="" MODE="bids" CSV="" PROVIDERS=4 PROVIDER_HOSTS=2 HOSTS=8 WAN_MBIT=10
 DELAY_MS=15 LAN_MBIT=200 CHUNK=258048 JITTER_MS=2000 SEED=1 SWEEP="" TIMEOUT_S=600
-KEEP_LOGS="" BH_RANDOM=0 FAULTS=0 WAN_WINDOW_MS=""
+KEEP_LOGS="" BH_RANDOM=0 FAULTS=0 WAN_WINDOW_MS="" REQUESTERS=1
 while (($#)); do
 	case $1 in
 	--bin) BIN=$2 ;;
@@ -54,6 +58,7 @@ while (($#)); do
 	--bridgehead-random) BH_RANDOM=$2 ;;
 	--faults) FAULTS=$2 ;;
 	--wan-window-ms) WAN_WINDOW_MS=$2 ;;
+	--requesters) REQUESTERS=$2 ;;
 	*) bn_die "unknown option $1" ;;
 	esac
 	shift 2
@@ -63,6 +68,8 @@ done
 [[ -n $CSV ]] || bn_die "--csv is required"
 mkdir -p "$(dirname "$CSV")"
 [[ $MODE == bids || $MODE == baseline ]] || bn_die "--mode is bids or baseline"
+[[ $REQUESTERS =~ ^[1-9][0-9]*$ ]] || bn_die "--requesters must be a positive number"
+((FAULTS && REQUESTERS > 1)) && bn_die "--faults 1 runs with one requesting IDC (--requesters 1)"
 BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
 IMAGE=$(cd "$(dirname "$IMAGE")" && pwd)/$(basename "$IMAGE")
 
@@ -117,9 +124,10 @@ json_strings() {
 	done
 }
 
-# IDC k = 1..PROVIDERS hold the image; IDC R = PROVIDERS+1 requests it. Host 1 of every
-# IDC is its certified bridgehead.
+# IDC k = 1..PROVIDERS hold the image; IDCs R = PROVIDERS+1 .. RL request it. Host 1 of
+# every IDC is its certified bridgehead.
 R=$((PROVIDERS + 1))
+RL=$((PROVIDERS + REQUESTERS))
 # DELAY_MS is the one-way delay between two IDCs (the paper's "WAN delay"); a path crosses
 # two IDC links (the sender's and the receiver's), so each link carries half of it.
 LINK_DELAY_MS=$(awk "BEGIN { print $DELAY_MS / 2 }")
@@ -129,9 +137,11 @@ for ((k = 1; k <= PROVIDERS; k++)); do
 	BN_WAN_MBIT+=("$WAN_MBIT")
 	BN_DELAY_MS+=("$LINK_DELAY_MS")
 done
-BN_HOSTS+=($((HOSTS + 1)))
-BN_WAN_MBIT+=("$WAN_MBIT")
-BN_DELAY_MS+=("$LINK_DELAY_MS")
+for ((k = R; k <= RL; k++)); do
+	BN_HOSTS+=($((HOSTS + 1)))
+	BN_WAN_MBIT+=("$WAN_MBIT")
+	BN_DELAY_MS+=("$LINK_DELAY_MS")
+done
 BN_BIN=$BIN
 BN_LAN_MBIT=$LAN_MBIT
 bn_up
@@ -142,7 +152,7 @@ mkdir -p "$K"
 ADMIN=$("$BIN" key gen --out "$K/admin.key")
 "$BIN" key gen --out "$K/gis.key" >/dev/null
 declare -A PEER_OF
-for ((k = 1; k <= R; k++)); do
+for ((k = 1; k <= RL; k++)); do
 	for ((j = 1; j <= BN_HOSTS[k - 1]; j++)); do
 		peer=$("$BIN" key gen --out "$K/$k-$j.key")
 		PEER_OF[$k-$j]=$peer
@@ -226,7 +236,7 @@ spawn_node() {
 		--listen "/ip4/$(bn_host_ip "$k" "$j")/tcp/4001" "${extra[@]}"
 }
 declare -A NODE_PID
-for ((k = 1; k <= R; k++)); do
+for ((k = 1; k <= RL; k++)); do
 	for ((j = 1; j <= BN_HOSTS[k - 1]; j++)); do
 		spawn_node "$k" "$j" "node-$k-$j"
 		NODE_PID[$k-$j]=$BN_LAST_PID
@@ -257,42 +267,49 @@ idle0=$(bn_counter "$RNS" wan rx_bytes)
 sleep 3
 idle_bps=$((($(bn_counter "$RNS" wan rx_bytes) - idle0) / 3))
 
-bn_log "$MODE: $HOSTS hosts of idc$R fetch $((SIZE >> 10)) KiB; WAN $WAN_MBIT Mbit/s, IDC-to-IDC delay $DELAY_MS ms"
-k_in0=$(bn_counter "$RNS" wan rx_bytes)
-k_off0=$(bn_counter "$BN_ROUTER_NS" "wan$R" tx_bytes)
-k_pk0=$(bn_counter "$RNS" wan rx_packets)
+bn_log "$MODE: $HOSTS hosts of idc$R..idc$RL fetch $((SIZE >> 10)) KiB; WAN $WAN_MBIT Mbit/s, IDC-to-IDC delay $DELAY_MS ms"
+# Per requesting IDC: bytes (and packets) into it, by its own side and by the router's.
+declare -A K_IN0 K_OFF0 K_PK0
+for ((k = R; k <= RL; k++)); do
+	K_IN0[$k]=$(bn_counter "$(bn_idc_ns "$k")" wan rx_bytes)
+	K_OFF0[$k]=$(bn_counter "$BN_ROUTER_NS" "wan$k" tx_bytes)
+	K_PK0[$k]=$(bn_counter "$(bn_idc_ns "$k")" wan rx_packets)
+done
 # The requester's bridgehead's upload, counted on its own veth (its LAN upload, plus the small
 # WAN-bound traffic of its pull: requests and TCP acknowledgements).
 BH_NS=$(bn_host_ns "$R" 1)
 bh_tx0=$(bn_counter "$BH_NS" eth0 tx_bytes)
 
-# The requester's bridgehead starts at once (it pulls the image into the IDC); the hosts in
+# Each requester's bridgehead starts at once (it pulls the image into the IDC); the hosts in
 # random order, each after a random delay of up to JITTER_MS.
 # Every draw is made in this shell, not in a subshell (which bash reseeds), so a seed gives
 # the same order and delays every time.
 RANDOM=$SEED
 first=$((BH_RANDOM ? 1 : 2))
-keys=()
-for ((j = first; j <= HOSTS + 1; j++)); do keys+=("$RANDOM $j"); done
-order=$(printf '%s\n' "${keys[@]}" | sort -n | cut -d' ' -f2)
-fetch() { # fetch J START_DELAY_MS
-	local j=$1 d=$2 t0 t1 rc=0 tries=1 end
+declare -A ORDER
+for ((k = R; k <= RL; k++)); do
+	keys=()
+	for ((j = first; j <= HOSTS + 1; j++)); do keys+=("$RANDOM $j"); done
+	ORDER[$k]=$(printf '%s\n' "${keys[@]}" | sort -n | cut -d' ' -f2)
+done
+fetch() { # fetch K J START_DELAY_MS: host J of requesting IDC K
+	local k=$1 j=$2 d=$3 t0 t1 rc=0 tries=1 end
 	sleep "$(printf '%d.%03d' $((d / 1000)) $((d % 1000)))"
 	t0=$(date +%s.%N)
 	end=$((SECONDS + TIMEOUT_S))
 	while :; do
 		rc=0
-		timeout "$((end - SECONDS))" "$BIN" image fetch "$REF" --store "$BN_WORK/s$R-$j" \
-			--out "$BN_WORK/out-$j.raw" >>"$BN_WORK/fetch-$j.log" 2>&1 || rc=$?
+		timeout "$((end - SECONDS))" "$BIN" image fetch "$REF" --store "$BN_WORK/s$k-$j" \
+			--out "$BN_WORK/out-$k-$j.raw" >>"$BN_WORK/fetch-$k-$j.log" 2>&1 || rc=$?
 		# With faults, a fetch that failed (its node was killed, its disk was full) is
 		# started again, as an operator's script would, until the run's time is up.
 		((rc == 0 || !FAULTS || SECONDS + 2 >= end)) && break
-		echo "[attempt $tries failed with exit $rc; starting the fetch again]" >>"$BN_WORK/fetch-$j.log"
+		echo "[attempt $tries failed with exit $rc; starting the fetch again]" >>"$BN_WORK/fetch-$k-$j.log"
 		tries=$((tries + 1))
 		sleep 1
 	done
 	t1=$(date +%s.%N)
-	echo "$j $rc $t0 $t1 $d $tries" >"$BN_WORK/fetch-$j.res"
+	echo "$j $rc $t0 $t1 $d $tries" >"$BN_WORK/fetch-$k-$j.res"
 }
 # The fault injector (with --faults 1), a background job of its own: it logs each fault to
 # faults.log ("<s since the fetches started> <fault>") and each process it started again to
@@ -409,14 +426,16 @@ if ((FAULTS)); then
 	inject_faults &
 	INJECTOR_PID=$!
 fi
-if ((!BH_RANDOM)); then
-	fetch 1 0 &
-	FETCH_PIDS+=($!)
-fi
-for j in $order; do
-	rnd 0 "$JITTER_MS"
-	fetch "$j" "$R_" &
-	FETCH_PIDS+=($!)
+for ((k = R; k <= RL; k++)); do
+	if ((!BH_RANDOM)); then
+		fetch "$k" 1 0 &
+		FETCH_PIDS+=($!)
+	fi
+	for j in ${ORDER[$k]}; do
+		rnd 0 "$JITTER_MS"
+		fetch "$k" "$j" "$R_" &
+		FETCH_PIDS+=($!)
+	done
 done
 for p in "${FETCH_PIDS[@]}"; do wait "$p" || true; done
 T1=$(date +%s.%N)
@@ -428,9 +447,16 @@ if [[ -n $INJECTOR_PID ]]; then
 	done <"$BN_WORK/respawned"
 fi
 
-k_in=$(($(bn_counter "$RNS" wan rx_bytes) - k_in0))
-k_off=$(($(bn_counter "$BN_ROUTER_NS" "wan$R" tx_bytes) - k_off0))
-k_pk=$(($(bn_counter "$RNS" wan rx_packets) - k_pk0))
+# The IDC that took the most over the WAN stands for all (one requester: that one).
+k_in=0 k_off=0 k_pk=0
+for ((k = R; k <= RL; k++)); do
+	v=$(($(bn_counter "$(bn_idc_ns "$k")" wan rx_bytes) - K_IN0[$k]))
+	((v > k_in)) && k_in=$v
+	v=$(($(bn_counter "$BN_ROUTER_NS" "wan$k" tx_bytes) - K_OFF0[$k]))
+	((v > k_off)) && k_off=$v
+	v=$(($(bn_counter "$(bn_idc_ns "$k")" wan rx_packets) - K_PK0[$k]))
+	((v > k_pk)) && k_pk=$v
+done
 bh_tx=$(($(bn_counter "$BH_NS" eth0 tx_bytes) - bh_tx0))
 
 # Results: a host's provision time is what its node reports for the fetch (request to
@@ -444,45 +470,49 @@ bh_sent=0
 nodes_in=0
 makespan=0
 hosts_json=()
-for ((j = 1; j <= HOSTS + 1; j++)); do
-	read -r _ rc t0 t1 d tries <"$BN_WORK/fetch-$j.res" || { rc=99 t0=0 t1=0 d=0 tries=0; }
-	secs=$(sed -nE 's/.*complete and verified in ([0-9.]+) s.*/\1/p' "$BN_WORK/fetch-$j.log" | tail -1)
-	# Where its start-up went (ms from the fetch being asked): the node's own marks.
-	su=$(sed -nE 's/.*start-up: lookup ([0-9-]+)( ms)?, first source ([0-9-]+)( ms)?, first request ([0-9-]+)( ms)?, first byte ([0-9-]+)( ms)?.*/\1 \3 \5 \7/p' "$BN_WORK/fetch-$j.log" | tail -1)
-	read -r su_lookup su_source su_request su_byte <<<"${su:-- - - -}"
-	[[ $su_byte =~ ^[0-9]+$ ]] && first_bytes+=("$su_byte")
-	# A fetch started again after a fault took from its first start to its last end.
-	((tries > 1)) && [[ -n $secs ]] && secs=$(calc "$t1 - $t0")
-	last_done=$(awk "BEGIN { e = $t1 - $T0; print (e > ${last_done:-0}) ? e : ${last_done:-0} }")
-	if ((rc != 0)) || [[ -z $secs ]]; then
-		fail+=("host $j of idc$R: fetch failed (exit $rc): $(tail -2 "$BN_WORK/fetch-$j.log" | tr '\n' ' ')")
-		secs=0
-	elif ! cmp -s "$IMAGE" "$BN_WORK/out-$j.raw"; then
-		fail+=("host $j of idc$R: copy is not bit-exact")
-	fi
-	rm -f "$BN_WORK/out-$j.raw"
-	st=""
-	if kill -0 "${NODE_PID[$R-$j]}" 2>/dev/null; then
-		st=$("$BIN" image status "$REF" --store "$BN_WORK/s$R-$j" --json 2>/dev/null || true)
-	fi
-	w=$(json_num wan_recv_bytes <<<"$st")
-	lan_in=$(json_num lan_recv_bytes <<<"$st")
-	((j == 1)) && bh_sent=$(json_num lan_sent_bytes <<<"$st")
-	# The host's mean LAN download rate over its provision time (Mbit/s), and over the time
-	# its IDC held chunks it lacked (the node's own measure).
-	lan_rate=$(awk "BEGIN { print ($secs > 0) ? ${lan_in:-0} * 8 / $secs / 1e6 : 0 }")
-	av_ms=$(json_num lan_available_ms <<<"$st")
-	av_b=$(json_num lan_available_recv_bytes <<<"$st")
-	av_rate=$(awk "BEGIN { print (${av_ms:-0} > 0) ? ${av_b:-0} * 8 / ${av_ms:-0} / 1e3 : -1 }")
-	nodes_in=$((nodes_in + ${w:-0}))
-	((j > 1)) && ptimes+=("$secs")
-	# Completion since the bridgehead's start: the host's start delay plus its provision time.
-	makespan=$(awk "BEGIN { e = $d / 1000 + $secs; print (e > $makespan) ? e : $makespan }")
-	hosts_json+=("{\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"fetch_attempts\":${tries:-0},\"startup_ms\":{\"lookup\":\"$su_lookup\",\"first_source\":\"$su_source\",\"first_request\":\"$su_request\",\"first_byte\":\"$su_byte\"},\"wan_recv_bytes\":${w:-0},\"lan_recv_bytes\":${lan_in:-0},\"lan_recv_mbit_per_s\":$(printf '%.1f' "$lan_rate"),\"lan_available_s\":$(calc "${av_ms:-0} / 1000"),\"lan_mbit_while_available\":$(printf '%.1f' "$av_rate")}")
-	if ((j > 1)); then
-		lan_rates+=("$lan_rate")
-		[[ $av_rate != -1 ]] && av_rates+=("$av_rate")
-	fi
+for ((k = R; k <= RL; k++)); do
+	idc_in=0
+	for ((j = 1; j <= HOSTS + 1; j++)); do
+		read -r _ rc t0 t1 d tries <"$BN_WORK/fetch-$k-$j.res" || { rc=99 t0=0 t1=0 d=0 tries=0; }
+		secs=$(sed -nE 's/.*complete and verified in ([0-9.]+) s.*/\1/p' "$BN_WORK/fetch-$k-$j.log" | tail -1)
+		# Where its start-up went (ms from the fetch being asked): the node's own marks.
+		su=$(sed -nE 's/.*start-up: lookup ([0-9-]+)( ms)?, first source ([0-9-]+)( ms)?, first request ([0-9-]+)( ms)?, first byte ([0-9-]+)( ms)?.*/\1 \3 \5 \7/p' "$BN_WORK/fetch-$k-$j.log" | tail -1)
+		read -r su_lookup su_source su_request su_byte <<<"${su:-- - - -}"
+		[[ $su_byte =~ ^[0-9]+$ ]] && first_bytes+=("$su_byte")
+		# A fetch started again after a fault took from its first start to its last end.
+		((tries > 1)) && [[ -n $secs ]] && secs=$(calc "$t1 - $t0")
+		last_done=$(awk "BEGIN { e = $t1 - $T0; print (e > ${last_done:-0}) ? e : ${last_done:-0} }")
+		if ((rc != 0)) || [[ -z $secs ]]; then
+			fail+=("host $j of idc$k: fetch failed (exit $rc): $(tail -2 "$BN_WORK/fetch-$k-$j.log" | tr '\n' ' ')")
+			secs=0
+		elif ! cmp -s "$IMAGE" "$BN_WORK/out-$k-$j.raw"; then
+			fail+=("host $j of idc$k: copy is not bit-exact")
+		fi
+		rm -f "$BN_WORK/out-$k-$j.raw"
+		st=""
+		if kill -0 "${NODE_PID[$k-$j]}" 2>/dev/null; then
+			st=$("$BIN" image status "$REF" --store "$BN_WORK/s$k-$j" --json 2>/dev/null || true)
+		fi
+		w=$(json_num wan_recv_bytes <<<"$st")
+		lan_in=$(json_num lan_recv_bytes <<<"$st")
+		((k == R && j == 1)) && bh_sent=$(json_num lan_sent_bytes <<<"$st")
+		# The host's mean LAN download rate over its provision time (Mbit/s), and over the time
+		# its IDC held chunks it lacked (the node's own measure).
+		lan_rate=$(awk "BEGIN { print ($secs > 0) ? ${lan_in:-0} * 8 / $secs / 1e6 : 0 }")
+		av_ms=$(json_num lan_available_ms <<<"$st")
+		av_b=$(json_num lan_available_recv_bytes <<<"$st")
+		av_rate=$(awk "BEGIN { print (${av_ms:-0} > 0) ? ${av_b:-0} * 8 / ${av_ms:-0} / 1e3 : -1 }")
+		idc_in=$((idc_in + ${w:-0}))
+		((j > 1)) && ptimes+=("$secs")
+		# Completion since the bridgehead's start: the host's start delay plus its provision time.
+		makespan=$(awk "BEGIN { e = $d / 1000 + $secs; print (e > $makespan) ? e : $makespan }")
+		hosts_json+=("{\"idc\":\"idc$k\",\"host\":$j,\"bridgehead\":$([[ $j == 1 ]] && echo true || echo false),\"start_delay_ms\":$d,\"provision_s\":$secs,\"wall_s\":$(calc "$t1 - $t0"),\"fetch_attempts\":${tries:-0},\"startup_ms\":{\"lookup\":\"$su_lookup\",\"first_source\":\"$su_source\",\"first_request\":\"$su_request\",\"first_byte\":\"$su_byte\"},\"wan_recv_bytes\":${w:-0},\"lan_recv_bytes\":${lan_in:-0},\"lan_recv_mbit_per_s\":$(printf '%.1f' "$lan_rate"),\"lan_available_s\":$(calc "${av_ms:-0} / 1000"),\"lan_mbit_while_available\":$(printf '%.1f' "$av_rate")}")
+		if ((j > 1)); then
+			lan_rates+=("$lan_rate")
+			[[ $av_rate != -1 ]] && av_rates+=("$av_rate")
+		fi
+	done
+	((idc_in > nodes_in)) && nodes_in=$idc_in
 done
 # What the provider IDCs' nodes say they sent over the WAN.
 prov_out=0
@@ -511,7 +541,7 @@ if ((FAULTS)); then
 	deadline=$((SECONDS + 20))
 	while :; do
 		bad=()
-		for ((k = 1; k <= R; k++)); do
+		for ((k = 1; k <= RL; k++)); do
 			listed=$({ ip netns exec "$BN_GIS_NS" "$BIN" lookup "$REF" --gis "$GIS_ADDR" --idc "idc$k" 2>/dev/null || true; } |
 				tr -d ' \n' | tr '{}' '\n\n' | awk -v idc="\"idc\":\"idc$k\"" '/"complete":true/ && index($0, idc) && match($0, /"peer":"[^"]*"/) {
 					print substr($0, RSTART + 8, RLENGTH - 9) }' | sort -u)
@@ -553,18 +583,18 @@ kill -TERM "$BN_LINKEMU_PID" 2>/dev/null || true
 for _ in $(seq 30); do kill -0 "$BN_LINKEMU_PID" 2>/dev/null || break; sleep 0.1; done
 drops=$(grep -oE '"(up|down)_dropped":[0-9]+' "$BN_WORK/linkemu.out" | awk -F: '{ s += $2 } END { print s + 0 }')
 
-HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean,faults,gis_listed_not_held,last_done_s,seed,first_byte_ms_mean,first_byte_ms_max,host_lan_mbit_available_min,host_lan_mbit_available_mean"
+HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean,faults,gis_listed_not_held,last_done_s,seed,first_byte_ms_mean,first_byte_ms_max,host_lan_mbit_available_min,host_lan_mbit_available_mean,requesters"
 [[ -s $CSV ]] || echo "$HEADER" >"$CSV"
-printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s\n' "$MODE" "$SIZE" \
+printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s\n' "$MODE" "$SIZE" \
 	"$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$mean" "$max" "$k_in" "$nodes_in" "$SWEEP" "$CHUNK" "$min" \
 	"$bound" "$k_off" "$k_pk" "$drops" "$wall" "$PROVIDERS" "$verified" "$idle_bps" "$prov_out" \
 	"$makespan" "$LAN_MBIT" "$BH_RANDOM" "$bh_tx" "${bh_sent:-0}" "$(calc "$bh_tx / $SIZE")" \
 	"$(calc "${bh_sent:-0} / $SIZE")" "$lan_min" "$lan_mean" \
 	"$(((FAULTS)) && grep -cE 'SIGKILL|bit rot|corrupting peer|disk full' "$BN_WORK/faults.log" || echo 0)" \
-	"$listed_not_held" "${last_done:-0}" "$SEED" "$fb_mean" "$fb_max" "$av_min" "$av_mean" >>"$CSV"
+	"$listed_not_held" "${last_done:-0}" "$SEED" "$fb_mean" "$fb_max" "$av_min" "$av_mean" "$REQUESTERS" >>"$CSV"
 {
-	printf '{"mode":"%s","image_bytes":%s,"wan_mbit":%s,"delay_ms":%s,"hosts":%s,"providers":%s,' \
-		"$MODE" "$SIZE" "$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$PROVIDERS"
+	printf '{"mode":"%s","image_bytes":%s,"wan_mbit":%s,"delay_ms":%s,"hosts":%s,"providers":%s,"requesters":%s,' \
+		"$MODE" "$SIZE" "$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$PROVIDERS" "$REQUESTERS"
 	printf '"wan_in_bytes_kernel":%s,"wan_offered_bytes_kernel":%s,"wan_in_bytes_nodes":%s,' "$k_in" "$k_off" "$nodes_in"
 	printf '"faults":[%s],"failures":[%s],"hosts_detail":[%s]}\n' "$faults_json" "$(json_strings "${fail[@]}")" \
 		"$(
