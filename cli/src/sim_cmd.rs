@@ -62,6 +62,11 @@ pub struct SimArgs {
     /// How often each node's core ticks (the engine's is 20 ms).
     #[arg(long, default_value_t = 20.0)]
     tick_ms: f64,
+    /// Share the links' rates again at most once per this many ms (0: at every transfer
+    /// that starts or ends, exact but slow with thousands of concurrent transfers); a new
+    /// transfer waits up to this long for its share
+    #[arg(long, default_value_t = 1.0)]
+    share_quantum_ms: f64,
     /// Wire bytes per payload byte beyond the payload (TCP/IP, noise and yamux framing).
     #[arg(long, default_value_t = 0.04)]
     wire_overhead: f64,
@@ -173,6 +178,7 @@ pub fn run(a: SimArgs) -> Result<()> {
                 jitter_ms: a.jitter_ms,
                 bridgehead_random: a.bridgehead_random,
                 tick_ms: a.tick_ms,
+                share_quantum_ms: a.share_quantum_ms,
                 wire_overhead: a.wire_overhead,
                 time_limit_s: a.time_limit_s,
                 faults: faults.clone(),

@@ -13,10 +13,12 @@
 //! component), by water-filling with a heap of link fill levels (O(F log L) for F flows
 //! over L links of the component). A flow's progress is kept as bytes left at a time and
 //! brought up to date only when its rate changes; the next flow to end comes from a heap of
-//! end times.
+//! end times. With a quantum (`set_quantum`), changes that come within it of each other are
+//! shared in one round: where thousands of transfers cross one component (bridgeheads of
+//! many IDCs trading over the WAN), that is what keeps a run within minutes.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 /// A link (a host's LAN up or down direction, an IDC's WAN up or down direction).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,6 +41,9 @@ struct Flow {
     rate: f64,
     /// Bumped at every new rate: older entries of the end heap are stale.
     version: u64,
+    /// The sharing round that froze this flow's rate at `new_rate`.
+    frozen_in: u64,
+    new_rate: f64,
 }
 
 impl Flow {
@@ -85,7 +90,7 @@ pub struct FlowNet {
     capacity: Vec<f64>,
     /// The flows crossing each link.
     on_link: Vec<Vec<FlowId>>,
-    flows: BTreeMap<FlowId, Flow>,
+    flows: HashMap<FlowId, Flow>,
     /// End times by flow, with the version they were computed for.
     ends: BinaryHeap<Reverse<(Time, FlowId, u64)>>,
     next_id: u64,
@@ -96,11 +101,77 @@ pub struct FlowNet {
     used: Vec<f64>,
     unfrozen: Vec<usize>,
     seen: Vec<bool>,
+    /// Sharing rounds so far (marks the flows each round froze).
+    round: u64,
+    /// Changes within this many seconds of each other are shared once (0: at once).
+    quantum: f64,
+    /// Links whose flows changed since the rates were last shared, and new flows.
+    pending: Vec<LinkId>,
+    pending_new: Vec<FlowId>,
+    /// When the pending changes are shared.
+    due: Option<f64>,
 }
 
 impl FlowNet {
     pub fn new() -> Self {
         FlowNet::default()
+    }
+
+    /// Shares the rates again at most once per `seconds` (0, the default: at every change).
+    /// Until then a new flow waits at rate 0 and what an ended flow freed stays unused: an
+    /// error of about `seconds` per change, for far fewer sharing rounds when many flows
+    /// start and end close together (each round costs the whole component).
+    pub fn set_quantum(&mut self, seconds: f64) {
+        self.quantum = seconds.max(0.0);
+    }
+
+    /// Shares now what changed on `seeds` (and new flow `extra`), or marks it for the
+    /// next round.
+    fn changed(&mut self, seeds: &[LinkId], extra: Option<FlowId>) {
+        if self.quantum <= 0.0 {
+            self.share(seeds, extra);
+            return;
+        }
+        if self.flows.is_empty() {
+            // Nothing left to share.
+            self.pending.clear();
+            self.pending_new.clear();
+            self.due = None;
+            return;
+        }
+        self.pending.extend_from_slice(seeds);
+        self.pending_new.extend(extra);
+        if self.due.is_none() {
+            self.due = Some(self.now + self.quantum);
+        }
+    }
+
+    /// Shares the pending changes if they are due by `now`.
+    fn share_due(&mut self) {
+        if self.due.is_some_and(|d| d <= self.now) {
+            self.due = None;
+            let seeds = std::mem::take(&mut self.pending);
+            let news = std::mem::take(&mut self.pending_new);
+            let mut all = seeds;
+            for id in &news {
+                if let Some(f) = self.flows.get(id) {
+                    all.extend_from_slice(&f.links);
+                }
+            }
+            all.sort_unstable();
+            all.dedup();
+            self.share_with(&all, &news);
+        }
+    }
+
+    /// The time of the next change: a flow ending at the current rates, or a sharing round
+    /// due.
+    pub fn next_time(&mut self) -> Option<f64> {
+        let end = self.next_end().map(|(t, _)| t);
+        match (end, self.due) {
+            (Some(e), Some(d)) => Some(e.min(d.max(self.now))),
+            (e, d) => e.or(d.map(|d| d.max(self.now))),
+        }
     }
 
     /// A link of `bytes_per_s` (0 or less: unlimited).
@@ -165,9 +236,11 @@ impl FlowNet {
                 at: self.now,
                 rate: 0.0,
                 version: 0,
+                frozen_in: 0,
+                new_rate: 0.0,
             },
         );
-        self.share(&seeds, Some(id));
+        self.changed(&seeds, Some(id));
         id
     }
 
@@ -177,7 +250,7 @@ impl FlowNet {
         self.now = self.now.max(at);
         let f = self.remove(id)?;
         let left = f.left_at(self.now);
-        self.share(&f.links, None);
+        self.changed(&f.links, None);
         Some(left)
     }
 
@@ -206,9 +279,11 @@ impl FlowNet {
     }
 
     /// Moves time to `to`: the flows done by then are removed and returned (in id order),
-    /// and the flows they shared links with share again.
+    /// and the flows they shared links with share again (with a quantum: sharing rounds
+    /// due by then happen).
     pub fn advance(&mut self, to: f64) -> Vec<FlowId> {
         self.now = self.now.max(to);
+        self.share_due();
         let mut done = Vec::new();
         while let Some((t, id)) = self.next_end() {
             let Some(f) = self.flows.get(&id) else {
@@ -229,20 +304,20 @@ impl FlowNet {
             }
         }
         if !seeds.is_empty() {
-            self.share(&seeds, None);
+            self.changed(&seeds, None);
         }
         done
     }
 
     /// The flows connected to `seeds` through common links, and those links.
-    fn component(&mut self, seeds: &[LinkId], extra: Option<FlowId>) -> (Vec<FlowId>, Vec<usize>) {
+    fn component(&mut self, seeds: &[LinkId], extra: &[FlowId]) -> (Vec<FlowId>, Vec<usize>) {
         let mut link_seen = std::mem::take(&mut self.seen);
         let mut links: Vec<usize> = Vec::new();
         let mut flows: Vec<FlowId> = Vec::new();
-        let mut flow_seen = std::collections::HashSet::new();
+        let mut flow_seen = HashSet::new();
         let mut stack: Vec<usize> = seeds.iter().map(|l| l.0 as usize).collect();
-        if let Some(id) = extra {
-            if flow_seen.insert(id) {
+        for &id in extra {
+            if self.flows.contains_key(&id) && flow_seen.insert(id) {
                 flows.push(id);
             }
         }
@@ -278,7 +353,15 @@ impl FlowNet {
     /// water-filling: the link whose fill level (what is left of it per unfrozen flow) is
     /// lowest fills first and freezes its flows at that level.
     fn share(&mut self, seeds: &[LinkId], extra: Option<FlowId>) {
+        let extra: Vec<FlowId> = extra.into_iter().collect();
+        self.share_with(seeds, &extra);
+    }
+
+    /// `share` for the flows connected to `seeds` and to the new flows `extra`.
+    fn share_with(&mut self, seeds: &[LinkId], extra: &[FlowId]) {
         let (ids, links) = self.component(seeds, extra);
+        self.round += 1;
+        let round = self.round;
         let now = self.now;
         // Progress so far is kept before the rates change.
         for id in &ids {
@@ -289,9 +372,8 @@ impl FlowNet {
         }
         let mut used = std::mem::take(&mut self.used);
         let mut unfrozen = std::mem::take(&mut self.unfrozen);
-        let mut rates: BTreeMap<FlowId, f64> = BTreeMap::new();
         for id in &ids {
-            let Some(f) = self.flows.get(id) else {
+            let Some(f) = self.flows.get_mut(id) else {
                 continue;
             };
             let mut limited = false;
@@ -304,7 +386,8 @@ impl FlowNet {
             }
             if !limited {
                 // Crosses no limited link: done as soon as it starts.
-                rates.insert(*id, f64::INFINITY);
+                f.frozen_in = round;
+                f.new_rate = f64::INFINITY;
             }
         }
         let cap = &self.capacity;
@@ -326,13 +409,14 @@ impl FlowNet {
             }
             let level = level.0;
             for id in &self.on_link[l] {
-                if rates.contains_key(id) {
-                    continue;
-                }
-                rates.insert(*id, level);
-                let Some(f) = self.flows.get(id) else {
+                let Some(f) = self.flows.get_mut(id) else {
                     continue;
                 };
+                if f.frozen_in == round {
+                    continue;
+                }
+                f.frozen_in = round;
+                f.new_rate = level;
                 for m in &f.links {
                     let m = m.0 as usize;
                     if !cap[m].is_finite() {
@@ -361,7 +445,11 @@ impl FlowNet {
             let Some(f) = self.flows.get_mut(&id) else {
                 continue;
             };
-            let rate = rates.get(&id).copied().unwrap_or(0.0);
+            let rate = if f.frozen_in == round {
+                f.new_rate
+            } else {
+                0.0
+            };
             if rate == f.rate && f.version > 0 {
                 // Same rate, same end: its heap entry stands.
                 continue;
@@ -413,6 +501,36 @@ mod tests {
         assert!(close(t, 4.0));
         assert_eq!(n.advance(t), vec![b]);
         assert!(n.is_empty());
+    }
+
+    #[test]
+    fn with_a_quantum_changes_close_together_are_shared_once() {
+        let mut n = FlowNet::new();
+        n.set_quantum(0.5);
+        let l = n.add_link(100.0);
+        let a = n.start(0.0, &[l], 100);
+        let b = n.start(0.2, &[l], 300);
+        // Nothing moves until the round due half a second after the first change.
+        assert_eq!(n.rate(a), Some(0.0));
+        assert_eq!(n.rate(b), Some(0.0));
+        let t = n.next_time().unwrap();
+        assert!(close(t, 0.5));
+        assert!(n.advance(t).is_empty());
+        assert!(close(n.rate(a).unwrap(), 50.0) && close(n.rate(b).unwrap(), 50.0));
+        // a ends at 0.5 + 2 s; b keeps 50 B/s until the round after that, 0.5 s later.
+        let t = n.next_time().unwrap();
+        assert!(close(t, 2.5));
+        assert_eq!(n.advance(t), vec![a]);
+        assert!(close(n.rate(b).unwrap(), 50.0));
+        let t = n.next_time().unwrap();
+        assert!(close(t, 3.0));
+        assert!(n.advance(t).is_empty());
+        assert!(close(n.rate(b).unwrap(), 100.0));
+        // 300 - 50 x 2.5 = 175 bytes left at 3.0 s, at 100 B/s.
+        let t = n.next_time().unwrap();
+        assert!(close(t, 4.75));
+        assert_eq!(n.advance(t), vec![b]);
+        assert!(n.is_empty() && n.next_time().is_none());
     }
 
     #[test]

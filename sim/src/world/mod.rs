@@ -80,6 +80,10 @@ pub struct Params {
     pub bridgehead_random: bool,
     /// How often each core ticks.
     pub tick_ms: f64,
+    /// The flow model shares the links' rates again at most once per this many ms (0: at
+    /// every flow that starts or ends; see `FlowNet::set_quantum`). 1 ms moved the results
+    /// of a 30-IDC run by under 0.1 % and made it 2.6 x faster.
+    pub share_quantum_ms: f64,
     /// Bytes on the wire per payload byte beyond the payload: TCP/IP headers, noise and
     /// yamux framing (the netns runs' kernel counters saw 1.04 x the image on the WAN).
     pub wire_overhead: f64,
@@ -107,6 +111,7 @@ impl Default for Params {
             jitter_ms: 2000.0,
             bridgehead_random: false,
             tick_ms: 20.0,
+            share_quantum_ms: 1.0,
             wire_overhead: 0.04,
             time_limit_s: 3600.0,
             faults: Vec::new(),
@@ -427,6 +432,10 @@ impl World {
         let index = Index::new(index_cfg);
         let base = Instant::now();
         let mut net = FlowNet::new();
+        if p.share_quantum_ms.is_nan() || p.share_quantum_ms < 0.0 {
+            return Err("the sharing quantum must be 0 ms or more".into());
+        }
+        net.set_quantum(p.share_quantum_ms / 1000.0);
         let wan = p.wan_mbit * 1e6 / 8.0;
         let lan = p.lan_mbit * 1e6 / 8.0;
         let zeros = Bytes::from(vec![0u8; p.chunk_size as usize]);
@@ -617,14 +626,14 @@ impl World {
         let mut last_report = 0.0;
         loop {
             let next_ev = self.queue.peek().map(|Reverse((ns, _))| *ns as f64 / 1e9);
-            let next_flow = self.net.next_end();
+            let next_flow = self.net.next_time();
             let flow_first = match (next_ev, next_flow) {
                 (_, None) => false,
                 (None, Some(_)) => true,
-                (Some(te), Some((tf, _))) => tf <= te,
+                (Some(te), Some(tf)) => tf <= te,
             };
             if flow_first {
-                let Some((tf, _)) = next_flow else { break };
+                let Some(tf) = next_flow else { break };
                 self.now = tf.max(self.now);
                 for f in self.net.advance(self.now) {
                     self.flow_done(f);
