@@ -33,13 +33,34 @@ struct ImageSeeding {
     per_host: HashMap<PeerId, u32>,
 }
 
-/// What a bridgehead has relayed into its LAN, per image.
-#[derive(Default)]
+/// A chunk a holder of the whole image sent to one fetching IDC's bridgehead is sent to
+/// another after this long at the earliest: by then the first has stored and announced it
+/// to the other bridgeheads, who take it from there. Longer than on the LAN: the chunk
+/// crosses a WAN link that the taker shares with everything it fetches.
+pub const WAN_RESEND_AFTER: Duration = Duration::from_secs(5);
+
+/// What a bridgehead has relayed into its LAN (or a holder of the whole image has sent to
+/// the fetching IDCs' bridgeheads), per image.
 pub struct LanSeeder {
     images: HashMap<ImageId, ImageSeeding>,
+    resend: Duration,
+}
+
+impl Default for LanSeeder {
+    fn default() -> Self {
+        LanSeeder::with_resend(RESEND_AFTER)
+    }
 }
 
 impl LanSeeder {
+    /// A seeder that gives a chunk to another asker `resend` after it last gave it.
+    pub fn with_resend(resend: Duration) -> Self {
+        LanSeeder {
+            images: HashMap::new(),
+            resend,
+        }
+    }
+
     /// Decides a request from LAN host `peer` for a chunk we hold, and records a `Serve`.
     pub fn on_request(
         &mut self,
@@ -50,7 +71,7 @@ impl LanSeeder {
     ) -> Verdict {
         let s = self.images.entry(image).or_default();
         match s.given.get(&idx) {
-            Some((to, at)) if *to != peer && now.saturating_duration_since(*at) < RESEND_AFTER => {
+            Some((to, at)) if *to != peer && now.saturating_duration_since(*at) < self.resend => {
                 Verdict::Elsewhere
             }
             _ => {
@@ -73,7 +94,7 @@ impl LanSeeder {
     ) -> Option<usize> {
         let s = self.images.entry(image).or_default();
         if let Some((to, at)) = s.given.get(&idx) {
-            if now.saturating_duration_since(*at) < RESEND_AFTER {
+            if now.saturating_duration_since(*at) < self.resend {
                 // Already given (e.g. answered while these waited): only its taker again.
                 return waiters.iter().position(|p| p == to);
             }
@@ -142,6 +163,21 @@ mod tests {
         // Other chunks and images are independent.
         assert_eq!(s.on_request(IMG, 4, pid(2), t), Verdict::Serve);
         assert_eq!(s.on_request(ImageId([8; 32]), 3, pid(2), t), Verdict::Serve);
+    }
+
+    #[test]
+    fn the_wan_seeder_waits_longer_before_sending_a_chunk_again() {
+        let mut s = LanSeeder::with_resend(WAN_RESEND_AFTER);
+        let t = Instant::now();
+        assert_eq!(s.on_request(IMG, 1, pid(1), t), Verdict::Serve);
+        assert_eq!(
+            s.on_request(IMG, 1, pid(2), t + RESEND_AFTER),
+            Verdict::Elsewhere
+        );
+        assert_eq!(
+            s.on_request(IMG, 1, pid(2), t + WAN_RESEND_AFTER),
+            Verdict::Serve
+        );
     }
 
     #[test]

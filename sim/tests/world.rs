@@ -143,3 +143,40 @@ fn bad_parameters_are_refused_with_a_reason() {
         assert!(e.contains(why), "{e}");
     }
 }
+
+#[test]
+fn the_origin_sends_each_chunk_about_once_to_many_fetching_idcs() {
+    // Ten IDCs start fetching at once from one origin host: without WAN super-seeding
+    // their bridgeheads all asked it for the first chunks before they knew of each other,
+    // and the origin sent the image 2.38 times over its uplink; with it, 1.75 times (a
+    // chunk is sent again when its first taker has not passed it on within 5 s).
+    let p = Params {
+        idcs: 10,
+        hosts_per_idc: 2,
+        providers: 1,
+        provider_hosts: 1,
+        size: 64 << 20,
+        chunk_size: 4 << 20,
+        wan_mbit: 100.0,
+        lan_mbit: 1000.0,
+        tick_ms: 50.0,
+        ..Params::default()
+    };
+    let size = p.size as f64;
+    let r = run(p);
+    assert_eq!(r.done_hosts, r.fetching_hosts);
+    let origin: u64 = r
+        .hosts
+        .iter()
+        .filter(|h| !h.fetching)
+        .map(|h| h.wan_sent_bytes)
+        .sum();
+    assert!(
+        (origin as f64) <= 2.0 * size,
+        "the origin sent {:.2} x the image",
+        origin as f64 / size
+    );
+    for i in fetching(&r) {
+        assert!(i.wan_in_over_size <= 1.0 + 1e-9, "{i:?}");
+    }
+}

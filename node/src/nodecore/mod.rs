@@ -404,6 +404,9 @@ pub struct NodeCore {
     /// Which host of our IDC each chunk we relayed went to (a bridgehead sends each chunk
     /// into its LAN about once; see `crate::seeding`).
     seeder: LanSeeder,
+    /// WAN super-seeding: which fetching IDC's bridgehead got each chunk of an image we
+    /// hold whole.
+    wan_seeder: LanSeeder,
 }
 
 impl NodeCore {
@@ -458,6 +461,7 @@ impl NodeCore {
             payload_cache: PayloadCache::new(PAYLOAD_CACHE_BYTES),
             bans: HashMap::new(),
             seeder: LanSeeder::default(),
+            wan_seeder: LanSeeder::with_resend(crate::seeding::WAN_RESEND_AFTER),
             cfg,
         })
     }
@@ -556,6 +560,7 @@ impl NodeCore {
         self.peers.closed(&peer);
         self.wan_cert_ends.remove(&peer);
         self.seeder.forget_host(&peer);
+        self.wan_seeder.forget_host(&peer);
         self.uploads.closed(&peer);
         for d in self.downloads.values_mut() {
             if d.active.remove(&peer) {
@@ -623,6 +628,7 @@ impl NodeCore {
         self.downloads.remove(&id);
         self.acct.forget(&id);
         self.seeder.forget(&id);
+        self.wan_seeder.forget(&id);
         self.payload_cache.forget(&id);
         self.gis_request(GisRequest::Unpublish { image: id }, GisPurpose::Unpublish);
     }

@@ -101,6 +101,16 @@ impl NodeCore {
             self.respond(peer, token, ChunkResponse::NotHeld);
             return;
         }
+        if link == Link::Wan
+            && self.seeds_wan(&req.image)
+            && self.wan_seeder.on_request(req.image, req.index, peer, now) == Verdict::Elsewhere
+        {
+            // Another fetching IDC's bridgehead got it from us a moment ago: the fetching
+            // IDCs take it from each other, so our uplink carries each chunk about once.
+            debug!(%peer, idx = req.index, "chunk just sent to another IDC: not held here for now");
+            self.respond(peer, token, ChunkResponse::NotHeld);
+            return;
+        }
         // A payload compressed before is served again without recompressing it.
         if let Some(p) = self.payload_cache.get(&req.image, req.index) {
             let resp = ChunkResponse::Data {
@@ -163,6 +173,12 @@ impl NodeCore {
     /// A bridgehead under BIDS sends each chunk into its LAN about once (super-seeding).
     pub(super) fn seeds_lan(&self) -> bool {
         self.cfg.policy == Policy::Bids && self.role == Role::Bridgehead
+    }
+
+    /// A bridgehead under BIDS that holds `image` whole (it is not fetching it) sends each
+    /// chunk to the fetching IDCs' bridgeheads about once.
+    fn seeds_wan(&self, image: &ImageId) -> bool {
+        self.seeds_lan() && !self.downloads.contains_key(image)
     }
 
     pub(super) fn finish_serve(
