@@ -129,7 +129,7 @@ impl FlowNet {
     /// next round.
     fn changed(&mut self, seeds: &[LinkId], extra: Option<FlowId>) {
         if self.quantum <= 0.0 {
-            self.share(seeds, extra);
+            self.share(seeds, extra.as_slice());
             return;
         }
         if self.flows.is_empty() {
@@ -150,17 +150,12 @@ impl FlowNet {
     fn share_due(&mut self) {
         if self.due.is_some_and(|d| d <= self.now) {
             self.due = None;
-            let seeds = std::mem::take(&mut self.pending);
+            // A new flow's links were marked when it started.
+            let mut seeds = std::mem::take(&mut self.pending);
             let news = std::mem::take(&mut self.pending_new);
-            let mut all = seeds;
-            for id in &news {
-                if let Some(f) = self.flows.get(id) {
-                    all.extend_from_slice(&f.links);
-                }
-            }
-            all.sort_unstable();
-            all.dedup();
-            self.share_with(&all, &news);
+            seeds.sort_unstable();
+            seeds.dedup();
+            self.share(&seeds, &news);
         }
     }
 
@@ -349,16 +344,10 @@ impl FlowNet {
         (flows, links)
     }
 
-    /// Max-min fair rates for the component of `seeds` (and flow `extra`), by
+    /// Max-min fair rates for the component of `seeds` (and new flows `extra`), by
     /// water-filling: the link whose fill level (what is left of it per unfrozen flow) is
     /// lowest fills first and freezes its flows at that level.
-    fn share(&mut self, seeds: &[LinkId], extra: Option<FlowId>) {
-        let extra: Vec<FlowId> = extra.into_iter().collect();
-        self.share_with(seeds, &extra);
-    }
-
-    /// `share` for the flows connected to `seeds` and to the new flows `extra`.
-    fn share_with(&mut self, seeds: &[LinkId], extra: &[FlowId]) {
+    fn share(&mut self, seeds: &[LinkId], extra: &[FlowId]) {
         let (ids, links) = self.component(seeds, extra);
         self.round += 1;
         let round = self.round;
