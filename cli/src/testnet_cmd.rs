@@ -2,9 +2,10 @@
 //! link emulator that runs in the router namespace and the plots of the evaluation.
 
 use anyhow::{bail, Context, Result};
-use bids_testnet::{evalplot, linkemu};
+use bids_testnet::{evalplot, linkemu, tcpref};
 use clap::Subcommand;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]
@@ -29,6 +30,21 @@ pub enum TestnetCmd {
         /// TrueType font for the text (default: DejaVu Sans from the usual places).
         #[arg(long)]
         font: Option<PathBuf>,
+    },
+    /// The raw-TCP reference of an evaluation run: plain TCP transfers over the same path as
+    /// a fetch, with no encryption, hashing or disk. `--serve` answers each connection with
+    /// the number of bytes it asks for; `--fetch` pulls `--bytes` split evenly over the
+    /// servers given, all at once, and prints the time taken (JSON).
+    TcpRef {
+        /// Serve on this address until stopped (prints `ready` once listening).
+        #[arg(long, conflicts_with = "fetch")]
+        serve: Option<SocketAddr>,
+        /// A server to pull from (repeat for several; the bytes are split evenly).
+        #[arg(long, requires = "bytes")]
+        fetch: Vec<SocketAddr>,
+        /// Bytes to pull in all (with --fetch).
+        #[arg(long)]
+        bytes: Option<u64>,
     },
 }
 
@@ -56,6 +72,29 @@ pub async fn run(cmd: TestnetCmd) -> Result<()> {
                 Some(Ok(Err(e))) => Err(e).context("link emulator"),
                 Some(Err(e)) => Err(e).context("link pump task"),
             }
+        }
+        TestnetCmd::TcpRef {
+            serve,
+            fetch,
+            bytes,
+        } => {
+            if let Some(addr) = serve {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                crate::output::announce("ready");
+                std::io::stdout().flush()?;
+                return tokio::select! {
+                    _ = crate::node_cmd::shutdown_signal() => Ok(()),
+                    r = tcpref::serve(listener) => r,
+                };
+            }
+            let Some(bytes) = bytes else {
+                bail!("give --serve ADDR, or --fetch ADDR... with --bytes N");
+            };
+            let t = tcpref::fetch(&fetch, bytes).await?;
+            outln!("{}", serde_json::to_string(&t)?);
+            Ok(())
         }
         TestnetCmd::EvalPlot { csv, out, font } => {
             let runs = evalplot::read_runs(&csv)?;

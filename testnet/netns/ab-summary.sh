@@ -22,6 +22,7 @@ function v(name) { return (name in c) ? $(c[name]) : "" }
 	last[k] = v("provision_s_max") / b; mean[k] = v("provision_s_mean") / b
 	up[k] = v("bridgehead_up_x_image_kernel"); ok[k] = v("verified"); cb[w] = v("chunk_bytes")
 	win[k] = v("wan_in_bytes_kernel") / v("image_bytes")
+	t = v("raw_tcp_s"); tcp[k] = (t > 0) ? sprintf("%.2f", v("provision_s_max") / t) : "-"
 	lans[lan] = 1; seeds[s] = 1
 }
 END {
@@ -31,15 +32,15 @@ END {
 	print "A: `" A "`, chunks of " cb["ab-a"] " bytes  "
 	print "B: `" B "`, chunks of " cb["ab-b"] " bytes"
 	print ""
-	print "Last host and host mean / (S/B_wan); bridgehead upload / S and WAN bytes into the IDC / S (kernel counters; with several requesting IDCs, the bridgehead of the first and the IDC that took the most); every copy verified (1)."
+	print "Last host and host mean / (S/B_wan); last host / the raw-TCP reference of the same run (the image pulled by plain TCP over the same WAN path, `run.sh --raw-tcp`; "-" when not measured); bridgehead upload / S and WAN bytes into the IDC / S (kernel counters; with several requesting IDCs, the bridgehead of the first and the IDC that took the most); every copy verified (1)."
 	print ""
-	print "| LAN Mbit/s | seed | A last | B last | B - A | A mean | B mean | A upload | B upload | A WAN in | B WAN in | verified A/B |"
-	print "|---|---|---|---|---|---|---|---|---|---|---|---|"
+	print "| LAN Mbit/s | seed | A last | B last | B - A | A last / TCP | B last / TCP | A mean | B mean | A upload | B upload | A WAN in | B WAN in | verified A/B |"
+	print "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 	for (lan in lans) for (s in seeds) {
 		ka = lan SUBSEP s SUBSEP "ab-a"; kb = lan SUBSEP s SUBSEP "ab-b"
 		if (!(ka in last) || !(kb in last)) continue
 		d = last[kb] - last[ka]
-		printf "| %s | %s | %.2f | %.2f | %+.2f | %.2f | %.2f | %s | %s | %.3f | %.3f | %s/%s |\n", lan, s, last[ka], last[kb], d, mean[ka], mean[kb], up[ka], up[kb], win[ka], win[kb], ok[ka], ok[kb] | sorter
+		printf "| %s | %s | %.2f | %.2f | %+.2f | %s | %s | %.2f | %.2f | %s | %s | %.3f | %.3f | %s/%s |\n", lan, s, last[ka], last[kb], d, tcp[ka], tcp[kb], mean[ka], mean[kb], up[ka], up[kb], win[ka], win[kb], ok[ka], ok[kb] | sorter
 		n[lan]++; sa[lan] += last[ka]; sb[lan] += last[kb]; sd[lan] += d; sdd[lan] += d * d
 		ma[lan] += mean[ka]; mb[lan] += mean[kb]
 		if (d < 0) better[lan]++

@@ -9,10 +9,17 @@
 #          [--lan-mbit 200] [--chunk-bytes 258048|default] [--jitter-ms 2000] [--seed 1]
 #          [--sweep bw|delay|lan|hosts] [--bridgehead-random 0|1] [--timeout-s 600]
 #          [--faults 0|1] [--wan-window-ms MS] [--keep-logs DIR] [--requesters 1]
+#          [--raw-tcp 1|0]
 #
 # --requesters N: N IDCs fetch the image at once (their bridgeheads trade chunks over the
 # WAN). The CSV's WAN figures are then those of the IDC that took the most, its times
 # those of all requesting hosts; the bridgehead-upload figures are the first requester's.
+#
+# --raw-tcp 1 (the default): before the fetches, the image's size is pulled by plain TCP
+# (`bids testnet tcp-ref`) from the providers' first hosts into the requester's bridgehead
+# host, split over them, all at once: the same WAN path and sources as the bridgehead's pull.
+# Its time goes to the CSV (`raw_tcp_s`); a fetch's time over it is what BIDS costs on top
+# of what TCP gets out of the link, which the bound S/B_wan leaves out.
 #
 # --bridgehead-random 1: the requester's bridgehead is one of the hosts started in random
 # order with a random delay (by default it starts first, at once).
@@ -36,7 +43,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 BIN="" IMAGE="" MODE="bids" CSV="" PROVIDERS=4 PROVIDER_HOSTS=2 HOSTS=8 WAN_MBIT=10
 DELAY_MS=15 LAN_MBIT=200 CHUNK=258048 JITTER_MS=2000 SEED=1 SWEEP="" TIMEOUT_S=600
-KEEP_LOGS="" BH_RANDOM=0 FAULTS=0 WAN_WINDOW_MS="" REQUESTERS=1
+KEEP_LOGS="" BH_RANDOM=0 FAULTS=0 WAN_WINDOW_MS="" REQUESTERS=1 RAW_TCP=1
 while (($#)); do
 	case $1 in
 	--bin) BIN=$2 ;;
@@ -59,6 +66,7 @@ while (($#)); do
 	--faults) FAULTS=$2 ;;
 	--wan-window-ms) WAN_WINDOW_MS=$2 ;;
 	--requesters) REQUESTERS=$2 ;;
+	--raw-tcp) RAW_TCP=$2 ;;
 	*) bn_die "unknown option $1" ;;
 	esac
 	shift 2
@@ -267,6 +275,25 @@ idle0=$(bn_counter "$RNS" wan rx_bytes)
 sleep 3
 idle_bps=$((($(bn_counter "$RNS" wan rx_bytes) - idle0) / 3))
 
+# The raw-TCP reference (--raw-tcp 1), before any counter of the fetch is read.
+RAW_TCP_S=""
+if ((RAW_TCP)); then
+	srcs=() tcpref_pids=()
+	for ((k = 1; k <= PROVIDERS; k++)); do
+		bn_spawn "$(bn_host_ns "$k" 1)" "tcpref-$k" "$BIN" testnet tcp-ref \
+			--serve "$(bn_host_ip "$k" 1):4109"
+		tcpref_pids+=("$BN_LAST_PID")
+		bn_wait_line "$BN_WORK/tcpref-$k.out" '^ready$' "$BN_LAST_PID" 10 ||
+			bn_die "the raw-TCP reference server of idc$k did not start: $(tail -3 "$BN_WORK/tcpref-$k.log")"
+		srcs+=(--fetch "$(bn_host_ip "$k" 1):4109")
+	done
+	ref=$(ip netns exec "$(bn_host_ns "$R" 1)" "$BIN" testnet tcp-ref "${srcs[@]}" --bytes "$SIZE") ||
+		bn_die "the raw-TCP reference transfer failed"
+	RAW_TCP_S=$(grep -oE '"secs":[0-9.]+' <<<"$ref" | cut -d: -f2)
+	kill -TERM "${tcpref_pids[@]}" 2>/dev/null || true
+	bn_log "raw TCP reference: $SIZE B from $PROVIDERS source(s) in $RAW_TCP_S s ($(calc "$RAW_TCP_S * $WAN_MBIT * 1000000 / ($SIZE * 8)") x S/B_wan)"
+	sleep 1
+fi
 bn_log "$MODE: $HOSTS hosts of idc$R..idc$RL fetch $((SIZE >> 10)) KiB; WAN $WAN_MBIT Mbit/s, IDC-to-IDC delay $DELAY_MS ms"
 # Per requesting IDC: bytes (and packets) into it, by its own side and by the router's.
 declare -A K_IN0 K_OFF0 K_PK0
@@ -583,19 +610,20 @@ kill -TERM "$BN_LINKEMU_PID" 2>/dev/null || true
 for _ in $(seq 30); do kill -0 "$BN_LINKEMU_PID" 2>/dev/null || break; sleep 0.1; done
 drops=$(grep -oE '"(up|down)_dropped":[0-9]+' "$BN_WORK/linkemu.out" | awk -F: '{ s += $2 } END { print s + 0 }')
 
-HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean,faults,gis_listed_not_held,last_done_s,seed,first_byte_ms_mean,first_byte_ms_max,host_lan_mbit_available_min,host_lan_mbit_available_mean,requesters"
+HEADER="mode,image_bytes,wan_mbit,delay_ms,hosts,provision_s_mean,provision_s_max,wan_in_bytes_kernel,wan_in_bytes_nodes,sweep,chunk_bytes,provision_s_min,bound_s,wan_offered_bytes_kernel,wan_in_packets_kernel,emu_drops,wall_s,providers,verified,wan_in_idle_bytes_per_s,provider_wan_sent_bytes_nodes,makespan_s,lan_mbit,bridgehead_random,bridgehead_up_bytes_kernel,bridgehead_lan_sent_bytes_nodes,bridgehead_up_x_image_kernel,bridgehead_lan_sent_x_image_nodes,host_lan_mbit_min,host_lan_mbit_mean,faults,gis_listed_not_held,last_done_s,seed,first_byte_ms_mean,first_byte_ms_max,host_lan_mbit_available_min,host_lan_mbit_available_mean,requesters,raw_tcp_s"
 [[ -s $CSV ]] || echo "$HEADER" >"$CSV"
-printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s\n' "$MODE" "$SIZE" \
+printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%s,%s,%s,%s\n' "$MODE" "$SIZE" \
 	"$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$mean" "$max" "$k_in" "$nodes_in" "$SWEEP" "$CHUNK" "$min" \
 	"$bound" "$k_off" "$k_pk" "$drops" "$wall" "$PROVIDERS" "$verified" "$idle_bps" "$prov_out" \
 	"$makespan" "$LAN_MBIT" "$BH_RANDOM" "$bh_tx" "${bh_sent:-0}" "$(calc "$bh_tx / $SIZE")" \
 	"$(calc "${bh_sent:-0} / $SIZE")" "$lan_min" "$lan_mean" \
 	"$(((FAULTS)) && grep -cE 'SIGKILL|bit rot|corrupting peer|disk full' "$BN_WORK/faults.log" || echo 0)" \
-	"$listed_not_held" "${last_done:-0}" "$SEED" "$fb_mean" "$fb_max" "$av_min" "$av_mean" "$REQUESTERS" >>"$CSV"
+	"$listed_not_held" "${last_done:-0}" "$SEED" "$fb_mean" "$fb_max" "$av_min" "$av_mean" "$REQUESTERS" "$RAW_TCP_S" >>"$CSV"
 {
 	printf '{"mode":"%s","image_bytes":%s,"wan_mbit":%s,"delay_ms":%s,"hosts":%s,"providers":%s,"requesters":%s,' \
 		"$MODE" "$SIZE" "$WAN_MBIT" "$DELAY_MS" "$HOSTS" "$PROVIDERS" "$REQUESTERS"
 	printf '"wan_in_bytes_kernel":%s,"wan_offered_bytes_kernel":%s,"wan_in_bytes_nodes":%s,' "$k_in" "$k_off" "$nodes_in"
+	printf '"raw_tcp_s":%s,' "${RAW_TCP_S:-null}"
 	printf '"faults":[%s],"failures":[%s],"hosts_detail":[%s]}\n' "$faults_json" "$(json_strings "${fail[@]}")" \
 		"$(
 			IFS=,
@@ -603,7 +631,7 @@ printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%.3f,%s,%s,%s,%.3f,%s,%s,%s,%s,%.3f,
 		)"
 } >>"${CSV%.csv}.jsonl"
 
-bn_log "$MODE done: mean $mean s, last $max s (S/B $(printf '%.2f' "$bound") s); WAN in: kernel $k_in B, nodes $nodes_in B (image $SIZE B); drops $drops; bridgehead upload: kernel $(calc "$bh_tx / $SIZE") x image, node $(calc "${bh_sent:-0} / $SIZE") x image; hosts' LAN download $lan_min-$lan_mean Mbit/s (min-mean), $av_min-$av_mean Mbit/s while their IDC held chunks they lacked"
+bn_log "$MODE done: mean $mean s, last $max s (S/B $(printf '%.2f' "$bound") s); WAN in: kernel $k_in B, nodes $nodes_in B (image $SIZE B); drops $drops; bridgehead upload: kernel $(calc "$bh_tx / $SIZE") x image, node $(calc "${bh_sent:-0} / $SIZE") x image; hosts' LAN download $lan_min-$lan_mean Mbit/s (min-mean), $av_min-$av_mean Mbit/s while their IDC held chunks they lacked${RAW_TCP_S:+; last host $(calc "$max / $RAW_TCP_S") x the raw-TCP reference}"
 if ((${#fail[@]})); then
 	for f in "${fail[@]}"; do bn_log "FAIL: $f"; done
 	exit 1

@@ -8,3 +8,4 @@ pub mod demo;
 pub mod evalplot;
 pub mod linkemu;
 pub mod shaping;
+pub mod tcpref;
