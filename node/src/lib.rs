@@ -13,6 +13,7 @@ pub mod engine;
 pub mod gate;
 pub mod gis_session;
 pub mod gis_watch;
+pub mod heard;
 pub mod metrics;
 pub mod nodecore;
 pub mod payload_cache;

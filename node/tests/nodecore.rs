@@ -71,6 +71,11 @@ struct Net {
     tokens: BTreeMap<Token, (usize, ReqKey)>,
     hellos: BTreeMap<Token, usize>,
     next: u64,
+    /// Every chunk request sent: (from, to, chunk, ms).
+    requests: Vec<(usize, usize, u32, u64)>,
+    /// Chunk answers to this core are delivered one per this many ms (a slow download).
+    slow: Option<(usize, u64)>,
+    held_back: VecDeque<Msg>,
 }
 
 impl Net {
@@ -117,6 +122,7 @@ impl Net {
                 }
                 Action::Request { key, peer, req } => {
                     let to = self.of(&peer);
+                    self.requests.push((n, to, req.index, self.ms));
                     self.queue.push_back(Msg::Request {
                         to,
                         from: n,
@@ -245,7 +251,19 @@ impl Net {
     /// Delivers everything on its way, then ticks every core 20 ms later.
     fn step(&mut self) {
         while let Some(m) = self.queue.pop_front() {
-            self.deliver(m);
+            match (&m, self.slow) {
+                (Msg::Response { to, .. }, Some((slow, _))) if *to == slow => {
+                    self.held_back.push_back(m)
+                }
+                _ => self.deliver(m),
+            }
+        }
+        if let Some((_, period)) = self.slow {
+            if self.ms.is_multiple_of(period) {
+                if let Some(m) = self.held_back.pop_front() {
+                    self.deliver(m);
+                }
+            }
         }
         self.ms += 20;
         let now = self.now();
@@ -276,16 +294,15 @@ fn image(chunks: usize) -> (Manifest, Vec<u8>) {
     (m, data)
 }
 
-#[test]
-fn three_cores_and_the_real_index_distribute_an_image_without_a_network() {
+/// `count` cores of one IDC and the GIS's index, started; core 0 holds `m` whole.
+fn build_net(m: &Manifest, data: &[u8], count: u8) -> Net {
     let admin = keypair(1);
     let gis = keypair(2).public().to_peer_id();
     let gis_addr: Multiaddr = format!("/ip4/10.0.0.1/tcp/1/p2p/{gis}").parse().unwrap();
     let idc = Idc::new("x").unwrap();
-    let (m, data) = image(12);
     let base = Instant::now();
     let mut nodes = Vec::new();
-    for k in 0..3u8 {
+    for k in 0..count {
         let key = keypair(10 + k);
         let peer = key.public().to_peer_id();
         let cfg = NodeConfig::new(
@@ -300,7 +317,7 @@ fn three_cores_and_the_real_index_distribute_an_image_without_a_network() {
             .unwrap();
         let store = Arc::new(MemStore::new(1 << 30));
         if k == 0 {
-            store.add_manifest(&m).unwrap();
+            store.add_manifest(m).unwrap();
             for (i, c) in data.chunks(CHUNK).enumerate() {
                 store.write_chunk(&m.id(), i as u32, c).unwrap();
             }
@@ -326,25 +343,38 @@ fn three_cores_and_the_real_index_distribute_an_image_without_a_network() {
         tokens: BTreeMap::new(),
         hellos: BTreeMap::new(),
         next: 0,
+        requests: Vec::new(),
+        slow: None,
+        held_back: VecDeque::new(),
     };
-    for n in 0..3 {
+    for n in 0..net.nodes.len() {
         let now = net.now();
         net.nodes[n].core.start(now);
         net.drain(n);
     }
     net.step();
+    net
+}
+
+type Started = oneshot::Receiver<Result<watch::Receiver<FetchProgress>, String>>;
+
+/// Core `n` is asked to fetch `m`.
+fn fetch(net: &mut Net, n: usize, m: &Manifest) -> Started {
+    let (tx, rx) = oneshot::channel();
+    let now = net.now();
+    net.nodes[n]
+        .core
+        .handle_fetch(now, ImageQuery::Id(m.id()), Some(tx));
+    net.drain(n);
+    rx
+}
+
+#[test]
+fn three_cores_and_the_real_index_distribute_an_image_without_a_network() {
+    let (m, data) = image(12);
+    let mut net = build_net(&m, &data, 3);
     // Both others fetch at once.
-    let mut fetches: Vec<oneshot::Receiver<Result<watch::Receiver<FetchProgress>, String>>> =
-        Vec::new();
-    for n in 1..3 {
-        let (tx, rx) = oneshot::channel();
-        let now = net.now();
-        net.nodes[n]
-            .core
-            .handle_fetch(now, ImageQuery::Id(m.id()), Some(tx));
-        net.drain(n);
-        fetches.push(rx);
-    }
+    let mut fetches: Vec<Started> = (1..3).map(|n| fetch(&mut net, n, &m)).collect();
     let mut progress: Vec<Option<watch::Receiver<FetchProgress>>> = vec![None, None];
     for _ in 0..500 {
         net.step();
@@ -382,4 +412,55 @@ fn three_cores_and_the_real_index_distribute_an_image_without_a_network() {
     assert!(served >= 12, "{served}");
     let status = net.nodes[1].core.status();
     assert!(status.registered && status.gis_connected, "{status:?}");
+}
+
+#[test]
+fn a_host_that_starts_late_asks_the_peers_that_announced_chunks_at_once() {
+    let (m, data) = image(24);
+    // Core 1 downloads slowly (a chunk every 100 ms): a third done when core 2 starts.
+    let mut net = build_net(&m, &data, 3);
+    net.slow = Some((1, 100));
+    let mut first = fetch(&mut net, 1, &m);
+    let mut progress = None;
+    for _ in 0..150 {
+        net.step();
+        if let Ok(r) = first.try_recv() {
+            progress = Some(r.expect("the fetch started"));
+        }
+        let held = progress.as_ref().map_or(0, |p| p.borrow().held);
+        if held >= 8 {
+            break;
+        }
+    }
+    let held = progress.as_ref().map_or(0, |p| p.borrow().held);
+    assert!((8..24).contains(&held), "core 1 holds {held} of 24");
+    // Core 2 starts 300 ms later. What core 1 announced so far was heard by core 2 before it had a
+    // download to give it to; it must still know at once which chunks core 1 holds, and
+    // spread its requests over both holders from the start (not only after the next full
+    // announcement round, 2 s later).
+    // The chunks it holds now were announced (in a batch) well before core 2 starts.
+    let old: Vec<u32> = (0..24u32)
+        .filter(|&i| net.nodes[1].store.read_chunk(&m.id(), i).is_ok())
+        .collect();
+    for _ in 0..15 {
+        net.step();
+    }
+    let since = net.ms;
+    let _late = fetch(&mut net, 2, &m);
+    for _ in 0..10 {
+        net.step();
+    }
+    let asked = |to: usize| -> Vec<u32> {
+        net.requests
+            .iter()
+            .filter(|&&(f, t, _, ms)| f == 2 && t == to && ms >= since)
+            .map(|&(_, _, idx, _)| idx)
+            .collect()
+    };
+    let (of_core0, of_core1) = (asked(0), asked(1));
+    assert!(
+        of_core1.iter().any(|i| old.contains(i)),
+        "in its first 200 ms core 2 asked core 1 for none of the chunks {old:?} it held before \
+         (asked core 1 for {of_core1:?}, core 0 for {of_core0:?})"
+    );
 }

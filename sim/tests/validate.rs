@@ -1,5 +1,6 @@
 //! Issue 20's validation: the simulator against the netns evaluation's recorded runs at 8
-//! hosts (testnet/results/full-2/runs.csv: 21 BIDS and 12 Baseline parameter sets).
+//! hosts (testnet/results/full-3/runs.csv: the 21 BIDS parameter sets of `eval.sh --full`,
+//! recorded with the code whose core the simulator drives; full-2 holds the Baseline sets).
 //!
 //! Asserted: for BIDS, WAN bytes within 2 % in every set, and mean and last-host provision
 //! times within 15 % in every set with WAN up to 34 Mbit/s. Not asserted, because they miss
@@ -12,7 +13,7 @@ use bids_sim::validate::compare;
 fn the_simulator_matches_the_recorded_netns_runs_of_bids() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../testnet/results/full-2/runs.csv"
+        "/../testnet/results/full-3/runs.csv"
     );
     let csv = std::fs::read_to_string(path).expect("the recorded netns runs");
     let cs = compare(&csv, 8, 3, |_| {}).expect("every set simulates");

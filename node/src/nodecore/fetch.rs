@@ -445,6 +445,16 @@ impl NodeCore {
         for (list, reply) in lists {
             self.take_host_list(id, list, reply);
         }
+        self.take_heard(id);
+    }
+
+    /// What the IDC's peers announced of `id` before its download started goes to the
+    /// download, as if announced now: a host that starts late takes the chunks the IDC
+    /// already holds from the peers that hold them at once (`crate::heard`).
+    fn take_heard(&mut self, id: ImageId) {
+        for (peer, have) in self.heard.take(&id) {
+            self.take_have(id, peer, have.remote, &have.ranges, have.complete);
+        }
     }
 
     /// Takes a host list into the running download of `id`: its peers become candidates.

@@ -32,6 +32,8 @@ impl NodeCore {
         };
         for h in a.haves {
             let Some(d) = self.downloads.get_mut(&h.image) else {
+                // Kept for a download of it that may start (`crate::heard`).
+                self.heard.heard(src, remote, &h, now);
                 continue;
             };
             if !h.lost.is_empty() {
@@ -40,30 +42,45 @@ impl NodeCore {
                     c.1 = false;
                 }
             }
-            if d.active.contains(&src) {
-                if h.complete {
-                    d.sched.peer_complete(&src);
-                } else {
-                    d.sched.peer_has(&src, &h.ranges);
-                }
-                continue;
-            }
-            let kind = if remote {
-                SourceKind::RemoteBridgehead
-            } else {
-                SourceKind::Lan
-            };
-            let entry = d.candidates.entry(src).or_insert((kind, false));
-            if h.complete {
-                entry.1 = true;
-            }
-            d.pending_haves
-                .entry(src)
-                .or_default()
-                .extend(h.ranges.iter().copied());
-            let image = h.image;
-            self.activate(&image, &src);
+            self.take_have(h.image, src, remote, &h.ranges, h.complete);
         }
+    }
+
+    /// `src` holds `ranges` of `image` (or all of it): news for the running download of
+    /// it, whose source `src` becomes if it is not one yet.
+    pub(super) fn take_have(
+        &mut self,
+        image: ImageId,
+        src: PeerId,
+        remote: bool,
+        ranges: &[(ChunkIndex, ChunkIndex)],
+        complete: bool,
+    ) {
+        let Some(d) = self.downloads.get_mut(&image) else {
+            return;
+        };
+        if d.active.contains(&src) {
+            if complete {
+                d.sched.peer_complete(&src);
+            } else {
+                d.sched.peer_has(&src, ranges);
+            }
+            return;
+        }
+        let kind = if remote {
+            SourceKind::RemoteBridgehead
+        } else {
+            SourceKind::Lan
+        };
+        let entry = d.candidates.entry(src).or_insert((kind, false));
+        if complete {
+            entry.1 = true;
+        }
+        d.pending_haves
+            .entry(src)
+            .or_default()
+            .extend(ranges.iter().copied());
+        self.activate(&image, &src);
     }
 
     pub(super) fn announce(&mut self, image: ImageId, fresh: &[ChunkIndex], complete: bool) {

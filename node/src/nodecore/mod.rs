@@ -407,6 +407,8 @@ pub struct NodeCore {
     /// WAN super-seeding: which fetching IDC's bridgehead got each chunk of an image we
     /// hold whole.
     wan_seeder: LanSeeder,
+    /// What peers announced of images we are not downloading (a download starts with it).
+    heard: crate::heard::Heard,
 }
 
 impl NodeCore {
@@ -462,6 +464,7 @@ impl NodeCore {
             bans: HashMap::new(),
             seeder: LanSeeder::default(),
             wan_seeder: LanSeeder::with_resend(crate::seeding::WAN_RESEND_AFTER),
+            heard: crate::heard::Heard::default(),
             cfg,
         })
     }
@@ -561,6 +564,7 @@ impl NodeCore {
         self.wan_cert_ends.remove(&peer);
         self.seeder.forget_host(&peer);
         self.wan_seeder.forget_host(&peer);
+        self.heard.forget_peer(&peer);
         self.uploads.closed(&peer);
         for d in self.downloads.values_mut() {
             if d.active.remove(&peer) {
