@@ -32,7 +32,7 @@ END {
 	print "A: `" A "`, chunks of " cb["ab-a"] " bytes  "
 	print "B: `" B "`, chunks of " cb["ab-b"] " bytes"
 	print ""
-	print "Last host and host mean / (S/B_wan); last host / the raw-TCP reference of the same run (the image pulled by plain TCP over the same WAN path, `run.sh --raw-tcp`; "-" when not measured); bridgehead upload / S and WAN bytes into the IDC / S (kernel counters; with several requesting IDCs, the bridgehead of the first and the IDC that took the most); every copy verified (1)."
+	print "Last host and host mean / (S/B_wan); last host / the raw-TCP reference of the same run (the image pulled by plain TCP over the same WAN path, `run.sh --raw-tcp`; a dash when not measured); bridgehead upload / S and WAN bytes into the IDC / S (kernel counters; with several requesting IDCs, the bridgehead of the first and the IDC that took the most); every copy verified (1)."
 	print ""
 	print "| LAN Mbit/s | seed | A last | B last | B - A | A last / TCP | B last / TCP | A mean | B mean | A upload | B upload | A WAN in | B WAN in | verified A/B |"
 	print "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
