@@ -6,9 +6,10 @@
 //! bridgehead's LAN link (which carries the fresh chunks of the WAN pull) and left its idle
 //! peers idle.
 //!
-//! Bounded: at most [`MAX_RANGES`] ranges over all images and peers; the image heard of
-//! least recently goes first. A peer whose ranges grow past [`MAX_RANGES_PER_PEER`], or
-//! that lost chunks at rest, is forgotten for that image (its next full round says it all
+//! Bounded: at most [`MAX_RANGES`] ranges and [`MAX_PEER_ENTRIES`] peer entries over all
+//! images (a peer that holds an image whole keeps no ranges but is still an entry); the image
+//! heard of least recently goes first. A peer whose ranges grow past [`MAX_RANGES_PER_PEER`],
+//! or that lost chunks at rest, is forgotten for that image (its next full round says it all
 //! again).
 
 use bids_protocols::gossip::Have;
@@ -21,6 +22,8 @@ use std::time::Instant;
 pub const MAX_RANGES: usize = 1 << 18;
 /// Ranges kept for one peer and image.
 pub const MAX_RANGES_PER_PEER: usize = 4096;
+/// (image, peer) entries kept over all images.
+pub const MAX_PEER_ENTRIES: usize = 1 << 16;
 
 /// What one peer said it holds of one image.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,6 +53,7 @@ impl ImageHeard {
 pub struct Heard {
     images: HashMap<ImageId, ImageHeard>,
     ranges: usize,
+    entries: usize,
 }
 
 impl Heard {
@@ -58,12 +62,7 @@ impl Heard {
         let (ranges, complete, lost) = (&have.ranges, have.complete, !have.lost.is_empty());
         let entry = self.images.entry(have.image).or_default();
         entry.last = Some(now);
-        let before = entry.peers.get(&peer).map_or(0, |p| p.ranges.len());
-        if lost {
-            entry.peers.remove(&peer);
-            self.ranges -= before;
-            return;
-        }
+        let before = entry.peers.get(&peer).map(|p| p.ranges.len());
         let p = entry.peers.entry(peer).or_default();
         p.remote = remote;
         p.complete |= complete;
@@ -75,21 +74,27 @@ impl Heard {
             p.ranges.clear();
         }
         let after = p.ranges.len();
-        if after > MAX_RANGES_PER_PEER {
+        if lost || after > MAX_RANGES_PER_PEER {
             entry.peers.remove(&peer);
-            self.ranges -= before;
+            if entry.peers.is_empty() {
+                self.images.remove(&have.image);
+            }
+            if let Some(before) = before {
+                self.ranges -= before;
+                self.entries -= 1;
+            }
         } else {
-            self.ranges = self.ranges - before + after;
+            self.ranges = self.ranges - before.unwrap_or(0) + after;
+            self.entries += usize::from(before.is_none());
         }
         self.evict();
     }
 
     /// Everything heard of `image`, forgotten here (its download takes it over).
     pub fn take(&mut self, image: &ImageId) -> Vec<(PeerId, PeerHave)> {
-        let Some(entry) = self.images.remove(image) else {
+        let Some(entry) = self.drop_image(image) else {
             return Vec::new();
         };
-        self.ranges -= entry.ranges();
         let mut out: Vec<(PeerId, PeerHave)> = entry.peers.into_iter().collect();
         out.sort_unstable_by_key(|(p, _)| *p);
         out
@@ -100,6 +105,7 @@ impl Heard {
         for entry in self.images.values_mut() {
             if let Some(p) = entry.peers.remove(peer) {
                 self.ranges -= p.ranges.len();
+                self.entries -= 1;
             }
         }
         self.images.retain(|_, e| !e.peers.is_empty());
@@ -110,8 +116,20 @@ impl Heard {
         self.ranges
     }
 
+    /// (image, peer) entries kept now.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    fn drop_image(&mut self, image: &ImageId) -> Option<ImageHeard> {
+        let e = self.images.remove(image)?;
+        self.ranges -= e.ranges();
+        self.entries -= e.peers.len();
+        Some(e)
+    }
+
     fn evict(&mut self) {
-        while self.ranges > MAX_RANGES {
+        while self.ranges > MAX_RANGES || self.entries > MAX_PEER_ENTRIES {
             let Some(oldest) = self
                 .images
                 .iter()
@@ -120,9 +138,7 @@ impl Heard {
             else {
                 return;
             };
-            if let Some(e) = self.images.remove(&oldest) {
-                self.ranges -= e.ranges();
-            }
+            self.drop_image(&oldest);
         }
     }
 }
@@ -234,6 +250,36 @@ mod tests {
         assert_eq!(h.ranges(), 0);
     }
 
+    #[test]
+    fn peers_that_hold_images_whole_are_bounded_too() {
+        let mut h = Heard::default();
+        let t = Instant::now();
+        let peers: Vec<PeerId> = (1..=64u8).map(pid).collect();
+        let images = MAX_PEER_ENTRIES / peers.len() + 1;
+        for i in 0..images {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let at = t + std::time::Duration::from_millis(i as u64);
+            for p in &peers {
+                h.heard(*p, false, &have(ImageId(id), &[], true, false), at);
+            }
+        }
+        assert_eq!(h.ranges(), 0);
+        assert!(h.entries() <= MAX_PEER_ENTRIES, "{}", h.entries());
+        assert!(
+            h.take(&ImageId([0; 32])).is_empty(),
+            "the oldest image was evicted"
+        );
+    }
+
+    #[test]
+    fn a_loss_heard_of_an_unknown_peer_keeps_nothing() {
+        let mut h = Heard::default();
+        h.heard(pid(1), false, &have(A, &[], false, true), Instant::now());
+        assert_eq!((h.ranges(), h.entries()), (0, 0));
+        assert!(h.images.is_empty());
+    }
+
     proptest! {
         /// Whatever arrives, the count stays exact, within bounds, and the ranges sorted
         /// and disjoint.
@@ -251,7 +297,9 @@ mod tests {
                 h.heard(pid(peer), false, &have(ImageId([img; 32]), &ranges, complete, lost && peer == 0), t);
             }
             let counted = h.ranges();
+            let counted_entries = h.entries();
             let mut total = 0;
+            let mut total_entries = 0;
             for img in 0..3u8 {
                 for (_, p) in h.take(&ImageId([img; 32])) {
                     prop_assert!(p.ranges.len() <= MAX_RANGES_PER_PEER);
@@ -259,10 +307,13 @@ mod tests {
                         prop_assert!(w[0].1 < w[1].0);
                     }
                     total += p.ranges.len();
+                    total_entries += 1;
                 }
             }
             prop_assert_eq!(counted, total);
+            prop_assert_eq!(counted_entries, total_entries);
             prop_assert_eq!(h.ranges(), 0);
+            prop_assert_eq!(h.entries(), 0);
         }
     }
 }
