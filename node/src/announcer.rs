@@ -33,6 +33,8 @@ pub struct Due {
 pub struct Announcer {
     fresh: BTreeMap<ImageId, Vec<ChunkIndex>>,
     last_batch: Instant,
+    /// A chunk gained is awaited by the IDC: the batch goes out at the next tick.
+    urgent: bool,
     last_full: Instant,
     completed: HashMap<ImageId, Instant>,
 }
@@ -42,6 +44,7 @@ impl Announcer {
         Announcer {
             fresh: BTreeMap::new(),
             last_batch: now,
+            urgent: false,
             last_full: now,
             completed: HashMap::new(),
         }
@@ -50,6 +53,14 @@ impl Announcer {
     /// Chunk `idx` of `image` was stored and verified.
     pub fn gained(&mut self, image: ImageId, idx: ChunkIndex) {
         self.fresh.entry(image).or_default().push(idx);
+    }
+
+    /// Chunk `idx` of `image` was stored, and the IDC's other hosts wait for it: our
+    /// bridgehead relayed it to us alone (super-seeding), so until we announce it they have
+    /// nowhere to take it from. It goes out at the next tick, with the batch so far.
+    pub fn gained_awaited(&mut self, image: ImageId, idx: ChunkIndex) {
+        self.gained(image, idx);
+        self.urgent = true;
     }
 
     /// The chunks of `image` not announced yet (the download ended: the caller announces
@@ -80,8 +91,9 @@ impl Announcer {
     /// What is due at `now`.
     pub fn tick(&mut self, now: Instant) -> Due {
         let mut due = Due::default();
-        if now.duration_since(self.last_batch) >= ANNOUNCE_BATCH {
+        if self.urgent || now.duration_since(self.last_batch) >= ANNOUNCE_BATCH {
             self.last_batch = now;
+            self.urgent = false;
             due.fresh = std::mem::take(&mut self.fresh)
                 .into_iter()
                 .filter(|(_, idx)| !idx.is_empty())
@@ -123,6 +135,21 @@ mod tests {
         // Complete for two minutes, then no longer repeated.
         let late = t0 + 300 * MS + COMPLETED_FOR;
         assert_eq!(a.tick(late).full, Some(vec![]));
+    }
+
+    #[test]
+    fn an_awaited_chunk_goes_out_at_the_next_tick_with_the_batch() {
+        let t0 = Instant::now();
+        let mut a = Announcer::new(t0);
+        let x = ImageId([1; 32]);
+        a.gained(x, 1);
+        assert_eq!(a.tick(t0 + 10 * MS), Due::default());
+        a.gained_awaited(x, 7);
+        assert_eq!(a.tick(t0 + 20 * MS).fresh, vec![(x, vec![1, 7])]);
+        // Then batching as before, from that tick.
+        a.gained(x, 2);
+        assert_eq!(a.tick(t0 + 100 * MS), Due::default());
+        assert_eq!(a.tick(t0 + 120 * MS).fresh, vec![(x, vec![2])]);
     }
 
     #[test]

@@ -1009,6 +1009,17 @@ impl Download {
         self.chunk_count - self.held_count
     }
 
+    /// How many chunks a LAN peer lacks as far as its announcements tell (all of them for a
+    /// peer we never heard of).
+    pub fn peer_missing(&self, peer: &PeerId) -> u32 {
+        let ones = self
+            .slots
+            .get(peer)
+            .and_then(|&s| self.peers.get(s))
+            .map_or(0, |p| p.have.ones);
+        self.chunk_count.saturating_sub(ones)
+    }
+
     /// Requests in flight (endgame copies included).
     pub fn inflight(&self) -> usize {
         self.requests.len()
@@ -1492,6 +1503,22 @@ mod tests {
                 d.on_chunk(&p, i, now);
             }
         }
+    }
+
+    #[test]
+    fn what_a_lan_peer_lacks_follows_its_announcements() {
+        let mut d = dl(40);
+        assert_eq!(
+            d.peer_missing(&pid(1)),
+            40,
+            "never heard of: lacks everything"
+        );
+        d.peer_has(&pid(1), &[(0, 10), (5, 15), (38, 99)]);
+        assert_eq!(d.peer_missing(&pid(1)), 40 - 17);
+        d.peer_lost(&pid(1), &[(0, 2)]);
+        assert_eq!(d.peer_missing(&pid(1)), 40 - 15);
+        d.peer_complete(&pid(2));
+        assert_eq!(d.peer_missing(&pid(2)), 0);
     }
 
     #[test]

@@ -15,6 +15,20 @@ use std::time::{Duration, Instant};
 /// announcement or the taker failed. Bounds what a lost taker costs the others.
 pub const RESEND_AFTER: Duration = Duration::from_secs(2);
 
+/// A waiter lacking more than `CATCHING_UP` times as many chunks as the furthest waiter
+/// (plus [`CATCHING_UP_SLACK`]) is catching up: it is not given fresh chunks while a host
+/// further along waits for them too.
+pub const CATCHING_UP: u32 = 2;
+/// See [`CATCHING_UP`]: the chunks a host keeping pace may lack besides those in flight.
+pub const CATCHING_UP_SLACK: u32 = 4;
+
+fn catching_up(lacks: u32, furthest: u32) -> bool {
+    lacks
+        > furthest
+            .saturating_mul(CATCHING_UP)
+            .saturating_add(CATCHING_UP_SLACK)
+}
+
 /// Whether to serve a chunk to a LAN host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -29,8 +43,11 @@ pub enum Verdict {
 struct ImageSeeding {
     /// Per chunk: the host it last went to and when.
     given: HashMap<ChunkIndex, (PeerId, Instant)>,
-    /// Chunks given to each host, to spread fresh chunks over distinct hosts.
-    per_host: HashMap<PeerId, u32>,
+    /// When each host was last given a chunk (a count of gives, not a clock), to spread fresh
+    /// chunks over distinct hosts in turn.
+    per_host: HashMap<PeerId, u64>,
+    /// Chunks given so far.
+    gives: u64,
 }
 
 /// A chunk a holder of the whole image sent to one fetching IDC's bridgehead is sent to
@@ -82,14 +99,22 @@ impl LanSeeder {
     }
 
     /// A chunk several LAN hosts wait for has arrived: the one of `waiters` (not empty) that
-    /// gets it, the one given the fewest chunks so far (the first among equals). The others
-    /// are answered [`Verdict::Elsewhere`]. `None` when the chunk went to one of them a moment
-    /// ago and none of the others is due a copy yet (see [`RESEND_AFTER`]).
+    /// gets it. `missing[k]` is how many chunks `waiters[k]` lacks as far as we know. The
+    /// taker is a host about as far along as the furthest of them (see [`CATCHING_UP`]): a
+    /// host still catching up has its download link full of chunks its peers already hold, so
+    /// a fresh chunk would reach it, and through it the others, late. Among those, the one
+    /// given a chunk least recently (one never given first; the first among equals), so
+    /// consecutive fresh chunks go to distinct hosts in turn: a host that joins late is not
+    /// handed a run of them, whose copies its upload alone would then serve to every other
+    /// host. The others are answered [`Verdict::Elsewhere`]. `None` when the chunk went to
+    /// one of them a moment ago and none of the others is due a copy yet (see
+    /// [`RESEND_AFTER`]).
     pub fn pick_taker(
         &mut self,
         image: ImageId,
         idx: ChunkIndex,
         waiters: &[PeerId],
+        missing: &[u32],
         now: Instant,
     ) -> Option<usize> {
         let s = self.images.entry(image).or_default();
@@ -99,10 +124,13 @@ impl LanSeeder {
                 return waiters.iter().position(|p| p == to);
             }
         }
+        let lacks = |k: usize| missing.get(k).copied().unwrap_or(u32::MAX);
+        let furthest = (0..waiters.len()).map(lacks).min()?;
         let (pos, peer) = waiters
             .iter()
             .enumerate()
-            .min_by_key(|(k, p)| (s.per_host.get(*p).copied().unwrap_or(0), *k))?;
+            .filter(|(k, _)| !catching_up(lacks(*k), furthest))
+            .min_by_key(|(k, p)| (s.per_host.get(*p).copied(), *k))?;
         s.give(idx, *peer, now);
         Some(pos)
     }
@@ -124,10 +152,9 @@ impl LanSeeder {
 
 impl ImageSeeding {
     fn give(&mut self, idx: ChunkIndex, peer: PeerId, now: Instant) {
-        let before = self.given.insert(idx, (peer, now));
-        if before.is_none_or(|(to, _)| to != peer) {
-            *self.per_host.entry(peer).or_default() += 1;
-        }
+        self.given.insert(idx, (peer, now));
+        self.gives += 1;
+        self.per_host.insert(peer, self.gives);
     }
 }
 
@@ -187,13 +214,43 @@ mod tests {
         let hosts: Vec<PeerId> = (1..=4).map(pid).collect();
         let mut got = HashMap::new();
         for idx in 0..40 {
-            let k = s.pick_taker(IMG, idx, &hosts, t).expect("a taker");
+            let k = s
+                .pick_taker(IMG, idx, &hosts, &[3, 0, 4, 1], t)
+                .expect("a taker");
             *got.entry(k).or_insert(0) += 1;
         }
-        // Every host waited for every chunk: each gets a quarter.
+        // Every host waited for every chunk: each gets a quarter, in turn.
         assert!(got.values().all(|&n| n == 10), "{got:?}");
         // A chunk just given is not given to another waiter.
-        assert_eq!(s.pick_taker(IMG, 0, &hosts[1..2], t), None);
+        assert_eq!(s.pick_taker(IMG, 0, &hosts[1..2], &[0], t), None);
+        // A host that joins now gets one fresh chunk, then waits its turn like the others.
+        let mut late = hosts.clone();
+        late.push(pid(5));
+        let takers: Vec<usize> = (40..45)
+            .map(|idx| s.pick_taker(IMG, idx, &late, &[0; 5], t).expect("a taker"))
+            .collect();
+        assert_eq!(takers, [4, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_host_catching_up_takes_no_fresh_chunk_while_one_keeping_pace_waits() {
+        let mut s = LanSeeder::default();
+        let t = Instant::now();
+        // Host 1 started late and lacks nearly everything; hosts 2 and 3 keep pace.
+        let hosts: Vec<PeerId> = (1..=3).map(pid).collect();
+        let missing = [120, 3, 6];
+        let mut got = HashMap::new();
+        for idx in 0..20 {
+            let k = s
+                .pick_taker(IMG, idx, &hosts, &missing, t)
+                .expect("a taker");
+            *got.entry(k).or_insert(0) += 1;
+        }
+        assert_eq!(got.get(&0), None, "{got:?}");
+        assert_eq!((got.get(&1), got.get(&2)), (Some(&10), Some(&10)));
+        // Alone, or with an unknown neighbour, it is the taker.
+        assert_eq!(s.pick_taker(IMG, 30, &hosts[..1], &[120], t), Some(0));
+        assert_eq!(s.pick_taker(IMG, 31, &hosts[..2], &[120], t), Some(0));
     }
 
     #[test]

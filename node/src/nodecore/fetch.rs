@@ -158,8 +158,13 @@ impl NodeCore {
                 if let Some(m) = &self.metrics {
                     m.chunk_verified();
                 }
+                let from_bridgehead = d.sched.peer_kind(&peer) == Some(SourceKind::LocalBridgehead);
                 d.sched.on_chunk(&peer, idx, now);
-                self.announcer.gained(image, idx);
+                if from_bridgehead {
+                    self.announcer.gained_awaited(image, idx);
+                } else {
+                    self.announcer.gained(image, idx);
+                }
                 self.answer_waiters(image, idx, encoding, &payload);
                 self.payload_cache.insert(image, idx, (encoding, payload));
                 self.update_progress(&image);

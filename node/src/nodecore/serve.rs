@@ -233,8 +233,12 @@ impl NodeCore {
             .filter(|p| self.link_of(p) == Some(Link::Lan))
             .collect();
         let taker = if seeds && !lan.is_empty() {
+            let missing: Vec<u32> = match self.downloads.get(&image) {
+                Some(d) => lan.iter().map(|p| d.sched.peer_missing(p)).collect(),
+                None => Vec::new(),
+            };
             self.seeder
-                .pick_taker(image, idx, &lan, self.now)
+                .pick_taker(image, idx, &lan, &missing, self.now)
                 .and_then(|k| lan.get(k).copied())
         } else {
             None
