@@ -65,6 +65,10 @@ pub struct GisArgs {
     /// Seed of the virtual hosts' choices (which images they hold, what they look up).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Send each request on a stream of its own (the protocol nodes fall back to with a GIS
+    /// that has no sessions) instead of one GIS session per host, as nodes do: to compare.
+    #[arg(long)]
+    per_request_streams: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -146,6 +150,7 @@ async fn gis(a: GisArgs) -> Result<()> {
         bridgeheads_per_idc: a.bridgeheads_per_idc,
         admin,
         seed: a.seed,
+        per_request_streams: a.per_request_streams,
     };
     let quiet = a.json;
     let mut log = |s: &str| {

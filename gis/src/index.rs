@@ -20,6 +20,11 @@ use tracing::{debug, info, warn};
 
 /// Default time after the last register/heartbeat when a host counts as dead.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default heartbeats per second the GIS asks of all its hosts together: up to 4,000 live
+/// hosts heartbeat every 2 s (a fifth of the default timeout); beyond, the interval grows
+/// with the number of live hosts (20,000 hosts: 10 s, 100,000: 50 s) and the timeout with
+/// it, so the heartbeat load stays flat as the cloud grows.
+pub const DEFAULT_HEARTBEATS_PER_S: u32 = 2000;
 
 /// GIS-wide settings the index needs.
 #[derive(Clone, Debug)]
@@ -27,7 +32,11 @@ pub struct IndexConfig {
     /// The admin identity: signs bridgehead certificates and alone may revoke them.
     pub admin: PeerId,
     pub policy: Policy,
+    /// The timeout with few hosts; a fifth of it is the shortest heartbeat interval.
     pub heartbeat_timeout: Duration,
+    /// Heartbeats per second from all hosts together that the announced interval aims at
+    /// (0: the interval stays a fifth of `heartbeat_timeout` however many hosts there are).
+    pub heartbeats_per_s: u32,
     /// Set on the replicas of a GIS cluster: a host is alive exactly while the last replicated
     /// liveness record says so (`set_liveness`), not by this replica's clock, because only the
     /// leader sees heartbeats and every replica must answer lookups alike.
@@ -40,9 +49,21 @@ impl IndexConfig {
             admin,
             policy,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            heartbeats_per_s: DEFAULT_HEARTBEATS_PER_S,
             replicated_liveness: false,
         }
     }
+}
+
+/// The heartbeat interval the index announces, and the longest one announced lately, which
+/// sets the timeout: a host told a long interval keeps it until its next answer tells it
+/// otherwise, so the timeout shrinks only once every such host has heard the shorter one.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    interval_ms: u64,
+    longest_ms: u64,
+    /// When `longest_ms` was last announced, plus the timeout it implies.
+    longest_until_ms: i64,
 }
 
 /// A refused request: the wire error kind plus a message that says what to do.
@@ -244,11 +265,18 @@ pub struct Index {
     deltas: BTreeMap<ImageId, BTreeSet<ImageId>>,
     revocations: Revocations,
     changes: Vec<Change>,
+    pace: Pace,
 }
 
 impl Index {
     pub fn new(cfg: IndexConfig) -> Self {
+        let base = Self::base_interval_ms(&cfg);
         Index {
+            pace: Pace {
+                interval_ms: base,
+                longest_ms: base,
+                longest_until_ms: i64::MIN,
+            },
             cfg,
             hosts: BTreeMap::new(),
             idcs: BTreeMap::new(),
@@ -359,10 +387,43 @@ impl Index {
         &self.revocations
     }
 
-    /// How often hosts should heartbeat: a fifth of the timeout, so a host survives a few
-    /// lost heartbeats.
+    /// How often hosts should heartbeat: a fifth of the timeout with few hosts (a host
+    /// survives a few lost heartbeats), longer with many (see [`Index::pace`]).
     pub fn heartbeat_secs(&self) -> u32 {
-        (self.cfg.heartbeat_timeout.as_secs() / 5).clamp(1, u32::MAX as u64) as u32
+        (self.pace.interval_ms / 1000).clamp(1, u32::MAX as u64) as u32
+    }
+
+    fn base_interval_ms(cfg: &IndexConfig) -> u64 {
+        (cfg.heartbeat_timeout.as_secs() / 5).max(1) * 1000
+    }
+
+    /// Sets the heartbeat interval from the number of live hosts, so that all of them
+    /// together send about `heartbeats_per_s` (never shorter than a fifth of the configured
+    /// timeout; whole seconds). Called once a second by the server, before `expire`.
+    pub fn pace(&mut self, now_ms: i64) {
+        let base = Self::base_interval_ms(&self.cfg);
+        let want = match u64::from(self.cfg.heartbeats_per_s) {
+            0 => base,
+            per_s => {
+                let live = self.hosts.values().filter(|h| !h.reported_dead).count() as u64;
+                base.max(live.div_ceil(per_s) * 1000)
+            }
+        };
+        if want != self.pace.interval_ms {
+            info!(
+                interval_s = want / 1000,
+                timeout_s = 5 * want.max(self.pace.longest_ms) / 1000,
+                "heartbeat interval changed with the number of live hosts"
+            );
+        }
+        self.pace.interval_ms = want;
+        if want >= self.pace.longest_ms || now_ms > self.pace.longest_until_ms {
+            self.pace.longest_ms = want;
+        }
+        if want == self.pace.longest_ms {
+            let timeout = i64::try_from(5 * want).unwrap_or(i64::MAX);
+            self.pace.longest_until_ms = now_ms.saturating_add(timeout);
+        }
     }
 
     pub fn is_registered(&self, peer: &PeerId) -> bool {
@@ -391,6 +452,7 @@ impl Index {
                     .map(|()| GisResponse::Ack {
                         revocations: self.revocations.clone(),
                         bridgeheads: self.other_bridgeheads(&peer, now_ms),
+                        heartbeat_secs: self.heartbeat_secs(),
                     })
             }
             GisRequest::Publish { holding, manifest } => self
@@ -427,6 +489,7 @@ impl Index {
         GisResponse::Ack {
             revocations: self.revocations.clone(),
             bridgeheads: Vec::new(),
+            heartbeat_secs: self.heartbeat_secs(),
         }
     }
 
@@ -940,8 +1003,11 @@ impl Index {
         }
     }
 
+    /// The configured timeout, or five of the longest interval announced lately if longer.
     fn timeout_ms(&self) -> i64 {
-        i64::try_from(self.cfg.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX)
+        let configured = self.cfg.heartbeat_timeout.as_millis();
+        let paced = u128::from(5 * self.pace.longest_ms);
+        i64::try_from(configured.max(paced)).unwrap_or(i64::MAX)
     }
 
     fn is_alive(&self, h: &HostState, now_ms: i64) -> bool {

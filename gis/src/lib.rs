@@ -4,6 +4,7 @@
 //! - [`index`]: the pure, deterministic `Index` (sans-IO; the caller passes the time).
 //! - [`storage`]: the `Storage` trait that makes the index's changes durable (sled by default).
 //! - [`server`]: the libp2p peer; one event loop owns the swarm, the index and the storage.
+//! - `session`: hosts' long-lived GIS sessions, read and written by a task each.
 //! - [`cluster`]: several GIS replicas as one Raft group (openraft), optional.
 //! - [`client`]: a one-shot client for tools and tests.
 //! - [`loadgen`]: `bids bench gis`, thousands of virtual hosts on the real protocol.
@@ -31,6 +32,7 @@ pub mod index;
 pub mod loadgen;
 pub mod metrics;
 pub mod server;
+mod session;
 pub mod storage;
 
 pub use index::{GisError, Index, IndexConfig};

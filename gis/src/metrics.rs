@@ -26,6 +26,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HostLabels {
     idc: String,
     role: &'static str,
@@ -41,6 +46,8 @@ pub struct GisMetrics {
     images: Gauge,
     commit_seconds: Histogram,
     index_open: Gauge,
+    by_transport: Family<TransportLabels, Counter>,
+    sessions: Gauge,
 }
 
 impl GisMetrics {
@@ -56,6 +63,8 @@ impl GisMetrics {
             // 100 µs .. about 3.3 s.
             commit_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
             index_open: Gauge::default(),
+            by_transport: Family::default(),
+            sessions: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("bids_gis");
         r.register(
@@ -80,6 +89,16 @@ impl GisMetrics {
             m.commit_seconds.clone(),
         );
         r.register(
+            "requests_by_transport",
+            "GIS requests received, by how they came: session (a host's long-lived GIS session) or stream (a stream per request: tools, and nodes while their session opens or with a GIS without sessions)",
+            m.by_transport.clone(),
+        );
+        r.register(
+            "sessions",
+            "GIS sessions open now (one per connected node)",
+            m.sessions.clone(),
+        );
+        r.register(
             "index_open",
             "1 while the index and its storage are open",
             m.index_open.clone(),
@@ -101,6 +120,23 @@ impl GisMetrics {
             registry,
             ready,
             refresh: None,
+        }
+    }
+
+    /// A request arrived on a session (`true`) or a stream of its own.
+    pub fn received(&self, on_session: bool) {
+        let transport = if on_session { "session" } else { "stream" };
+        self.by_transport
+            .get_or_create(&TransportLabels { transport })
+            .inc();
+    }
+
+    /// A session opened (`true`) or ended.
+    pub fn session(&self, opened: bool) {
+        if opened {
+            self.sessions.inc();
+        } else {
+            self.sessions.dec();
         }
     }
 

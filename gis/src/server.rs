@@ -1,14 +1,16 @@
 //! The GIS as a libp2p peer: tcp + noise + yamux, identify, ping and the GIS
-//! request-response protocol. One event loop owns the swarm and the `Index`; it turns each
-//! request into an `Index` call. A committer thread owns the `Storage`: a request that changed
+//! request-response protocol, and GIS sessions (a long-lived stream per host carrying all its
+//! requests, `crate::session`). One event loop owns the swarm and the `Index`; it turns each
+//! request, however it came, into an `Index` call. A committer thread owns the `Storage`: a request that changed
 //! the index is answered once its changes are durable (group commit: while one flush runs, the
 //! next batch gathers), a request that changed nothing (lookups, heartbeats) at once, so a
 //! slow disk delays writers only. What the answers mean is the index's business.
 
 use crate::admin::{AdminDesk, AdminReply, HOST_COMMAND_TIMEOUT};
 use crate::cluster::ClusterConfig;
-use crate::index::{Index, IndexConfig, DEFAULT_HEARTBEAT_TIMEOUT};
+use crate::index::{Index, IndexConfig, DEFAULT_HEARTBEATS_PER_S, DEFAULT_HEARTBEAT_TIMEOUT};
 use crate::metrics::{self as gis_metrics, GisMetrics};
+use crate::session::{Inbox, Incoming, Reply, Sessions};
 use crate::storage::{Change, SledStorage, Storage, StorageError};
 use anyhow::Context;
 use bids_protocols::admin::{self, AdminRequest, AdminResponse};
@@ -17,7 +19,7 @@ use bids_protocols::Policy;
 use futures::{FutureExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, ping, Multiaddr, PeerId, Swarm};
 use std::future::Future;
@@ -55,7 +57,12 @@ pub struct GisConfig {
     /// The admin identity: its key signs bridgehead certificates; only it may revoke.
     pub admin_peer: PeerId,
     pub policy: Policy,
+    /// How long after its last heartbeat a host counts as dead, with few hosts.
     pub heartbeat_timeout: Duration,
+    /// Heartbeats per second the GIS asks of all hosts together: the interval (and the
+    /// timeout) grow with the number of live hosts beyond `heartbeats_per_s` × a fifth of
+    /// `heartbeat_timeout`. 0: fixed.
+    pub heartbeats_per_s: u32,
     /// Serve Prometheus metrics, `/healthz` and `/readyz` on this address (off by default).
     pub metrics: Option<SocketAddr>,
     /// Run as one replica of a Raft group (`crate::cluster`); `None`: a single GIS.
@@ -72,6 +79,7 @@ impl GisConfig {
             admin_peer,
             policy: Policy::Bids,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            heartbeats_per_s: DEFAULT_HEARTBEATS_PER_S,
             metrics: None,
             cluster: None,
         }
@@ -85,6 +93,8 @@ pub(crate) struct GisBehaviour {
     pub(crate) admin: request_response::Behaviour<admin::Codec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    /// GIS sessions (`crate::session`).
+    session: bids_protocols::gis_session::Behaviour,
 }
 
 /// Unix milliseconds now: the index's clock, read only here.
@@ -232,20 +242,27 @@ pub(crate) fn open_sled(cfg: &GisConfig) -> anyhow::Result<SledStorage> {
     })
 }
 
+/// What the event loop of a lone GIS or of a Raft replica serves.
+pub(crate) struct Opened {
+    pub(crate) swarm: Swarm<GisBehaviour>,
+    pub(crate) metrics: Arc<GisMetrics>,
+    /// The metrics server; it stops when dropped.
+    pub(crate) metrics_server: Option<bids_metrics::MetricsServer>,
+    /// Requests arriving on GIS sessions.
+    pub(crate) inbox: Inbox,
+}
+
 /// The GIS's swarm, listening on `cfg.listen`, with its metrics registered and served on
-/// `cfg.metrics` if set (its address also put in `metrics_at`); the same for a lone GIS
-/// and a Raft replica. The metrics server stops when the returned handle is dropped.
+/// `cfg.metrics` if set (its address also put in `metrics_at`), accepting GIS sessions; the
+/// same for a lone GIS and a Raft replica.
 pub(crate) async fn open_swarm(
     cfg: &GisConfig,
     metrics_at: &Option<Arc<OnceLock<SocketAddr>>>,
-) -> anyhow::Result<(
-    Swarm<GisBehaviour>,
-    Arc<GisMetrics>,
-    Option<bids_metrics::MetricsServer>,
-)> {
+) -> anyhow::Result<Opened> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(GisMetrics::new(&mut registry));
     let mut swarm = build_swarm(&cfg.keypair, &mut registry)?;
+    let inbox = Inbox::new();
     ensure_port_free(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
     swarm
         .listen_on(cfg.listen.clone())
@@ -260,7 +277,12 @@ pub(crate) async fn open_swarm(
         }
         None => None,
     };
-    Ok((swarm, metrics, server))
+    Ok(Opened {
+        swarm,
+        metrics,
+        metrics_server: server,
+        inbox,
+    })
 }
 
 pub(crate) fn build_swarm(
@@ -295,6 +317,7 @@ pub(crate) fn build_swarm(
             // rarely itself: at the default 15 s, 20,000 hosts cost it 1,300 stream exchanges
             // a second, as much as 2,600 hosts' heartbeats.
             ping: ping::Behaviour::new(ping::Config::new().with_interval(GIS_PING_EVERY)),
+            session: bids_protocols::gis_session::Behaviour::new(true),
         })
         .context("building the GIS behaviour")?
         // Host commands open streams to nodes: 0-RTT negotiation, as the nodes do.
@@ -421,11 +444,18 @@ async fn run_with_storage(
             admin: cfg.admin_peer,
             policy: cfg.policy,
             heartbeat_timeout: cfg.heartbeat_timeout,
+            heartbeats_per_s: cfg.heartbeats_per_s,
             replicated_liveness: false,
         },
         snapshot,
     );
-    let (mut swarm, metrics, _metrics_server) = open_swarm(&cfg, &metrics_at).await?;
+    let Opened {
+        mut swarm,
+        metrics,
+        metrics_server: _metrics_server,
+        mut inbox,
+    } = open_swarm(&cfg, &metrics_at).await?;
+    let sessions = inbox.sessions(metrics.clone());
     let local = *swarm.local_peer_id();
     metrics.sample(&index, unix_ms());
     metrics.set_open(true);
@@ -435,8 +465,8 @@ async fn run_with_storage(
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut replies: Vec<(ResponseChannel<GisResponse>, GisResponse)> = Vec::new();
-    let mut waiting: Vec<(ResponseChannel<GisResponse>, GisResponse)> = Vec::new();
+    let mut replies: Vec<(Reply, GisResponse)> = Vec::new();
+    let mut waiting: Vec<(Reply, GisResponse)> = Vec::new();
     let mut desk = AdminDesk::new();
     let mut admin_events: Vec<request_response::Event<AdminRequest, AdminResponse>> = Vec::new();
     let mut admin_replies: Vec<AdminReply> = Vec::new();
@@ -444,13 +474,15 @@ async fn run_with_storage(
     let mut committer = Committer::start(storage, metrics.clone());
 
     loop {
-        tokio::select! {
+        let first = tokio::select! {
             _ = &mut shutdown => break,
             _ = expire.tick() => {
+                index.pace(unix_ms());
                 for peer in index.expire(unix_ms()) {
-                    info!(%peer, "host went dead (no heartbeat within {:?})", cfg.heartbeat_timeout);
+                    info!(%peer, "host went dead (no heartbeat within the timeout)");
                 }
                 metrics.sample(&index, unix_ms());
+                None
             }
             done = committer.done() => {
                 let released = match done {
@@ -461,33 +493,61 @@ async fn run_with_storage(
                     }
                 };
                 send_replies(&mut swarm, released);
+                None
             }
-            event = swarm.select_next_some() => {
-                let mut ctx = Ctx { index: &mut index, collect: None, replies: &mut replies, waiting: &mut waiting, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn, metrics: &metrics };
-                ctx.on_event(event);
-                // Take whatever else is ready: one commit for all of it.
-                for _ in 1..MAX_BATCH {
-                    match swarm.next().now_or_never() {
-                        Some(Some(event)) => ctx.on_event(event),
-                        _ => break,
-                    }
-                }
-                // Admin requests may change the index (revocations): before the commit.
-                for ev in admin_events.drain(..) {
-                    desk.on_event(ev, &mut index, &mut swarm.behaviour_mut().admin, unix_ms(), &mut admin_replies);
-                }
-                let changes = index.take_changes();
-                if changes.is_empty() && committer.idle() {
-                    // Nothing waits for the disk: admin replies go out with the rest.
-                    send_replies(&mut swarm, Released { gis: std::mem::take(&mut waiting), admin: std::mem::take(&mut admin_replies) });
-                } else {
-                    committer.add(changes, Released { gis: std::mem::take(&mut waiting), admin: std::mem::take(&mut admin_replies) });
-                }
-                // Requests that changed nothing are answered now, from the index as it is.
-                for (channel, response) in replies.drain(..) {
-                    if swarm.behaviour_mut().gis.send_response(channel, response).is_err() {
-                        debug!("requester went away before its reply");
-                    }
+            event = swarm.select_next_some() => Some(Input::Swarm(event)),
+            Some(incoming) = inbox.recv() => Some(Input::Session(incoming)),
+        };
+        if let Some(first) = first {
+            let mut ctx = Ctx {
+                index: &mut index,
+                collect: None,
+                replies: &mut replies,
+                waiting: &mut waiting,
+                admin_events: &mut admin_events,
+                listening: &mut listening,
+                addrs: addrs.as_ref(),
+                local,
+                listener_warn: &mut listener_warn,
+                metrics: &metrics,
+                sessions: &sessions,
+            };
+            ctx.on_input(first);
+            // Take whatever else is ready: one commit for all of it.
+            ctx.take_ready(&mut swarm, &mut inbox);
+            // Admin requests may change the index (revocations): before the commit.
+            for ev in admin_events.drain(..) {
+                desk.on_event(
+                    ev,
+                    &mut index,
+                    &mut swarm.behaviour_mut().admin,
+                    unix_ms(),
+                    &mut admin_replies,
+                );
+            }
+            let changes = index.take_changes();
+            if changes.is_empty() && committer.idle() {
+                // Nothing waits for the disk: admin replies go out with the rest.
+                send_replies(
+                    &mut swarm,
+                    Released {
+                        gis: std::mem::take(&mut waiting),
+                        admin: std::mem::take(&mut admin_replies),
+                    },
+                );
+            } else {
+                committer.add(
+                    changes,
+                    Released {
+                        gis: std::mem::take(&mut waiting),
+                        admin: std::mem::take(&mut admin_replies),
+                    },
+                );
+            }
+            // Requests that changed nothing are answered now, from the index as it is.
+            for (reply, response) in replies.drain(..) {
+                if !reply.send(&mut swarm.behaviour_mut().gis, response) {
+                    debug!("requester went away before its reply");
                 }
             }
         }
@@ -504,7 +564,7 @@ async fn run_with_storage(
 /// Replies held until the changes made before them are durable.
 #[derive(Default)]
 pub(crate) struct Released {
-    pub(crate) gis: Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    pub(crate) gis: Vec<(Reply, GisResponse)>,
     pub(crate) admin: Vec<AdminReply>,
 }
 
@@ -516,13 +576,8 @@ impl Released {
 }
 
 pub(crate) fn send_replies(swarm: &mut Swarm<GisBehaviour>, r: Released) {
-    for (channel, response) in r.gis {
-        if swarm
-            .behaviour_mut()
-            .gis
-            .send_response(channel, response)
-            .is_err()
-        {
+    for (reply, response) in r.gis {
+        if !reply.send(&mut swarm.behaviour_mut().gis, response) {
             debug!("requester went away before its reply");
         }
     }
@@ -658,8 +713,17 @@ impl Committer {
     }
 }
 
-/// A GIS request taken out of the swarm for the caller to answer (cluster replicas).
-pub(crate) type Collected = (PeerId, GisRequest, ResponseChannel<GisResponse>);
+/// A GIS request taken out of the swarm or a session for the caller to answer (cluster
+/// replicas).
+pub(crate) type Collected = (PeerId, GisRequest, Reply);
+
+/// What woke the event loop with work for `Ctx`. Short-lived, one at a time: boxing the
+/// swarm event would cost an allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Input {
+    Swarm(SwarmEvent<GisBehaviourEvent>),
+    Session(Incoming),
+}
 
 /// What handling one swarm event may touch.
 pub(crate) struct Ctx<'a> {
@@ -667,9 +731,9 @@ pub(crate) struct Ctx<'a> {
     /// Set on a cluster replica: GIS requests go here instead of to `index`.
     pub(crate) collect: Option<&'a mut Vec<Collected>>,
     /// Answers to requests that changed nothing: sent at the end of the batch.
-    pub(crate) replies: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    pub(crate) replies: &'a mut Vec<(Reply, GisResponse)>,
     /// Answers to requests that changed the index: sent once the changes are durable.
-    pub(crate) waiting: &'a mut Vec<(ResponseChannel<GisResponse>, GisResponse)>,
+    pub(crate) waiting: &'a mut Vec<(Reply, GisResponse)>,
     /// Handled after the batch, where the admin behaviour is at hand.
     pub(crate) admin_events: &'a mut Vec<request_response::Event<AdminRequest, AdminResponse>>,
     pub(crate) listening: &'a mut Vec<Multiaddr>,
@@ -677,14 +741,47 @@ pub(crate) struct Ctx<'a> {
     pub(crate) local: PeerId,
     pub(crate) listener_warn: &'a mut WarnThrottle,
     pub(crate) metrics: &'a GisMetrics,
+    /// Where sessions hosts open are started.
+    pub(crate) sessions: &'a Sessions,
 }
 
 impl Ctx<'_> {
+    pub(crate) fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Swarm(event) => self.on_event(event),
+            Input::Session(Incoming {
+                peer,
+                request,
+                reply,
+            }) => self.on_request(peer, request, reply),
+        }
+    }
+
+    /// Handles what else is ready in the swarm and the sessions, at most `MAX_BATCH` of
+    /// each, so replies do not wait long for the end of the batch.
+    pub(crate) fn take_ready(&mut self, swarm: &mut Swarm<GisBehaviour>, inbox: &mut Inbox) {
+        for _ in 1..MAX_BATCH {
+            match swarm.next().now_or_never() {
+                Some(Some(event)) => self.on_event(event),
+                _ => break,
+            }
+        }
+        for _ in 1..MAX_BATCH {
+            match inbox.try_recv() {
+                Some(incoming) => self.on_input(Input::Session(incoming)),
+                None => break,
+            }
+        }
+    }
+
     pub(crate) fn on_event(&mut self, event: SwarmEvent<GisBehaviourEvent>) {
         self.record(&event);
         match event {
             SwarmEvent::Behaviour(GisBehaviourEvent::Gis(ev)) => self.on_gis(ev),
             SwarmEvent::Behaviour(GisBehaviourEvent::Admin(ev)) => self.admin_events.push(ev),
+            SwarmEvent::Behaviour(GisBehaviourEvent::Session(
+                bids_protocols::gis_session::Event::Inbound { peer, stream },
+            )) => self.sessions.start(peer, stream),
             SwarmEvent::Behaviour(GisBehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -752,6 +849,25 @@ impl Ctx<'_> {
         }
     }
 
+    /// A GIS request, from its own stream or a session.
+    fn on_request(&mut self, peer: PeerId, request: GisRequest, reply: Reply) {
+        self.metrics.received(matches!(reply, Reply::Session(_)));
+        if let Some(collect) = self.collect.as_mut() {
+            collect.push((peer, request, reply));
+            return;
+        }
+        let kind = gis_metrics::request_kind(&request);
+        let started = Instant::now();
+        let before = self.index.pending_changes();
+        let response = self.index.handle(peer, request, unix_ms());
+        self.metrics.request(kind, &response, started.elapsed());
+        if self.index.pending_changes() > before {
+            self.waiting.push((reply, response));
+        } else {
+            self.replies.push((reply, response));
+        }
+    }
+
     fn on_gis(&mut self, ev: request_response::Event<GisRequest, GisResponse>) {
         match ev {
             request_response::Event::Message {
@@ -761,22 +877,7 @@ impl Ctx<'_> {
                         request, channel, ..
                     },
                 ..
-            } => {
-                if let Some(collect) = self.collect.as_mut() {
-                    collect.push((peer, request, channel));
-                    return;
-                }
-                let kind = gis_metrics::request_kind(&request);
-                let started = Instant::now();
-                let before = self.index.pending_changes();
-                let response = self.index.handle(peer, request, unix_ms());
-                self.metrics.request(kind, &response, started.elapsed());
-                if self.index.pending_changes() > before {
-                    self.waiting.push((channel, response));
-                } else {
-                    self.replies.push((channel, response));
-                }
-            }
+            } => self.on_request(peer, request, Reply::Stream(channel)),
             request_response::Event::Message {
                 peer,
                 message: request_response::Message::Response { .. },

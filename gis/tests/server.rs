@@ -525,3 +525,125 @@ async fn shutdown_then_restart_on_the_same_data_dir() {
     };
     assert_eq!(l.image.name, "img");
 }
+
+/// Opens a GIS session as nodes do (the session behaviour of `bids_protocols`), with its
+/// own identity; the swarm must stay alive while the stream is used.
+async fn open_session(
+    key: Keypair,
+    gis_addr: &Multiaddr,
+    gis_peer: PeerId,
+) -> (
+    libp2p::Swarm<bids_protocols::gis_session::Behaviour>,
+    libp2p::Stream,
+) {
+    use bids_protocols::gis_session::{Behaviour, Event};
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| Behaviour::new(false))
+        .unwrap()
+        .build();
+    swarm.dial(gis_addr.clone()).unwrap();
+    let work = async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    assert_eq!(peer_id, gis_peer);
+                    swarm.behaviour_mut().open(gis_peer);
+                }
+                SwarmEvent::Behaviour(Event::Opened { stream, .. }) => return stream,
+                SwarmEvent::Behaviour(Event::OpenFailed { error, .. }) => panic!("{error}"),
+                _ => {}
+            }
+        }
+    };
+    let stream = tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .expect("no session within 10 s");
+    (swarm, stream)
+}
+
+/// A session carries pipelined requests, each answered under its id; a session that sends
+/// a bad frame is closed, and only it: the host's other session goes on.
+#[tokio::test]
+async fn sessions_carry_pipelined_requests_and_a_bad_one_closes_only_itself() {
+    use bids_protocols::codec::{read_frame, write_frame};
+    use bids_protocols::gis_session::{
+        SessionRequest, SessionResponse, MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let g = gis(dir.path(), PeerId::random()).await;
+    let addr = g.listen_addrs()[0].clone();
+    let key = Keypair::generate_ed25519();
+    let (_swarm, good) = open_session(key.clone(), &addr, g.peer_id()).await;
+    let (mut rd, mut wr) = good.split();
+    let heartbeat = GisRequest::Heartbeat {
+        stats: Default::default(),
+    };
+    // Three requests before any answer.
+    for (id, req) in [
+        (7, register("A", None)),
+        (
+            8,
+            GisRequest::Lookup {
+                image: ImageQuery::Ref("nothing:1".parse().unwrap()),
+                idc: None,
+            },
+        ),
+        (9, heartbeat.clone()),
+    ] {
+        write_frame(&mut wr, &SessionRequest(id, req), MAX_REQUEST_FRAME)
+            .await
+            .unwrap();
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    for _ in 0..3 {
+        let SessionResponse(id, resp) = read_frame(&mut rd, MAX_RESPONSE_FRAME).await.unwrap();
+        answers.insert(id, resp);
+    }
+    assert!(
+        matches!(answers[&7], GisResponse::Registered { .. }),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(
+            answers[&8],
+            GisResponse::Error {
+                kind: ErrorKind::UnknownImage,
+                ..
+            }
+        ),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[&9], GisResponse::Ack { .. }),
+        "{answers:?}"
+    );
+
+    // A second session of the same host sends a frame above the limit: the GIS closes it.
+    let (_swarm2, bad) = open_session(key, &addr, g.peer_id()).await;
+    let (mut brd, mut bwr) = bad.split();
+    bwr.write_all(&((MAX_REQUEST_FRAME + 1) as u32).to_be_bytes())
+        .await
+        .unwrap();
+    bwr.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), brd.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the bad session was not closed: {closed:?}"
+    );
+    // The first session still answers.
+    write_frame(&mut wr, &SessionRequest(10, heartbeat), MAX_REQUEST_FRAME)
+        .await
+        .unwrap();
+    let SessionResponse(id, resp) = read_frame(&mut rd, MAX_RESPONSE_FRAME).await.unwrap();
+    assert_eq!(id, 10);
+    assert!(matches!(resp, GisResponse::Ack { .. }), "{resp:?}");
+    g.shutdown().await.unwrap();
+}

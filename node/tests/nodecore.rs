@@ -76,6 +76,8 @@ struct Net {
     /// Chunk answers to this core are delivered one per this many ms (a slow download).
     slow: Option<(usize, u64)>,
     held_back: VecDeque<Msg>,
+    /// Every heartbeat the index got: (from, ms).
+    heartbeats: Vec<(usize, u64)>,
 }
 
 impl Net {
@@ -102,6 +104,9 @@ impl Net {
             match a {
                 Action::DialGis { .. } => self.nodes[n].core.handle_gis_connected(now),
                 Action::GisSend { key, req, .. } => {
+                    if matches!(*req, bids_protocols::gis::GisRequest::Heartbeat { .. }) {
+                        self.heartbeats.push((n, self.ms));
+                    }
                     let peer = self.nodes[n].peer;
                     let resp = self
                         .index
@@ -346,6 +351,7 @@ fn build_net(m: &Manifest, data: &[u8], count: u8) -> Net {
         requests: Vec::new(),
         slow: None,
         held_back: VecDeque::new(),
+        heartbeats: Vec::new(),
     };
     for n in 0..net.nodes.len() {
         let now = net.now();
@@ -412,6 +418,65 @@ fn three_cores_and_the_real_index_distribute_an_image_without_a_network() {
     assert!(served >= 12, "{served}");
     let status = net.nodes[1].core.status();
     assert!(status.registered && status.gis_connected, "{status:?}");
+}
+
+/// The GIS lengthens the heartbeat interval as its hosts grow in number; registered cores
+/// follow what its answers say, and go back to their own pace when it shortens again.
+#[test]
+fn cores_heartbeat_at_the_pace_the_gis_asks() {
+    let (m, data) = image(2);
+    let mut net = build_net(&m, &data, 3);
+    let admin = keypair(1).public().to_peer_id();
+    // One heartbeat a second for the whole GIS: three hosts heartbeat every 3 s, not 2.
+    let mut cfg = IndexConfig::new(admin, Policy::Bids);
+    cfg.heartbeats_per_s = 1;
+    net.index = Index::new(cfg);
+    for n in 0..3 {
+        // Registered with the new index (the old one is gone): next tick registers again.
+        let now = net.now();
+        net.nodes[n].core.handle_gis_disconnected(now);
+        net.drain(n);
+    }
+    let run = |net: &mut Net, secs: u64| {
+        let until = net.ms + secs * 1000;
+        while net.ms < until {
+            if net.ms.is_multiple_of(1000) {
+                let now_ms = 1_800_000_000_000 + net.ms as i64;
+                net.index.pace(now_ms);
+            }
+            net.step();
+        }
+    };
+    run(&mut net, 10);
+    assert_eq!(net.index.heartbeat_secs(), 3);
+    let from = net.ms;
+    run(&mut net, 30);
+    let beats = |net: &Net, from: u64| {
+        net.heartbeats
+            .iter()
+            .filter(|(n, ms)| *n == 0 && *ms >= from)
+            .count()
+    };
+    let paced = beats(&net, from);
+    assert!((9..=11).contains(&paced), "{paced} heartbeats in 30 s");
+    // The budget goes up: the interval comes back to the node's own 2 s.
+    let mut cfg = net.index.config().clone();
+    cfg.heartbeats_per_s = 1000;
+    let registered: Vec<_> = (0..3).map(|n| net.nodes[n].peer).collect();
+    let mut index = Index::new(cfg);
+    std::mem::swap(&mut net.index, &mut index);
+    for n in 0..3 {
+        let now = net.now();
+        net.nodes[n].core.handle_gis_disconnected(now);
+        net.drain(n);
+    }
+    run(&mut net, 10);
+    assert_eq!(net.index.heartbeat_secs(), 2);
+    let from = net.ms;
+    run(&mut net, 30);
+    let own = beats(&net, from);
+    assert!((14..=16).contains(&own), "{own} heartbeats in 30 s");
+    assert!(registered.iter().all(|p| net.index.is_registered(p)));
 }
 
 #[test]

@@ -268,6 +268,10 @@ pub enum GisResponse {
         /// Empty for ordinary hosts and for other requests.
         #[serde(default)]
         bridgeheads: Vec<HostEntry>,
+        /// How often to heartbeat from now on (it grows with the number of hosts the GIS
+        /// serves, see `Registered::heartbeat_secs`); 0 from older GISes: no change.
+        #[serde(default)]
+        heartbeat_secs: u32,
     },
     HostList(Box<HostList>),
     UpgradePath(Box<UpgradePath>),

@@ -8,6 +8,7 @@ pub mod cert;
 pub mod chunk;
 pub mod codec;
 pub mod gis;
+pub mod gis_session;
 pub mod gossip;
 pub mod hello;
 pub mod ids;

@@ -14,15 +14,16 @@ use crate::admin::{AdminDesk, AdminReply};
 use crate::index::IndexConfig;
 use crate::metrics::{self as gis_metrics, GisMetrics};
 use crate::server::{
-    open_swarm, send_replies, unix_ms, Collected, Ctx, GisConfig, Released, WarnThrottle,
-    EXPIRE_EVERY, LISTENER_WARN_EVERY, MAX_BATCH,
+    open_swarm, send_replies, unix_ms, Collected, Ctx, GisConfig, Input, Opened, Released,
+    WarnThrottle, EXPIRE_EVERY, LISTENER_WARN_EVERY,
 };
+use crate::session::Reply;
 use crate::storage::Storage;
 use anyhow::Context;
 use bids_protocols::admin::{AdminErrorKind, AdminRequest, AdminResponse};
 use bids_protocols::gis::{ErrorKind, GisRequest, GisResponse, HostStats};
-use futures::{FutureExt, StreamExt};
-use libp2p::request_response::{self, ResponseChannel};
+use futures::StreamExt;
+use libp2p::request_response;
 use libp2p::{Multiaddr, PeerId};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,7 +40,7 @@ const MAX_WRITES_IN_FLIGHT: usize = 4096;
 
 /// A finished write, back to the loop that owns the swarm.
 enum Done {
-    Gis(ResponseChannel<GisResponse>, GisResponse),
+    Gis(Reply, GisResponse),
     Admin(AdminReply),
 }
 
@@ -65,6 +66,7 @@ pub(crate) async fn run(
         admin: cfg.admin_peer,
         policy: cfg.policy,
         heartbeat_timeout: cfg.heartbeat_timeout,
+        heartbeats_per_s: cfg.heartbeats_per_s,
         replicated_liveness: true,
     };
     let replica = Replica::start(&cluster, &cfg.data_dir, index_cfg, storage, raft_config())
@@ -93,7 +95,13 @@ async fn serve(
     let raft = replica.raft.clone();
     let state = replica.state.clone();
     let me = replica.node_id;
-    let (mut swarm, metrics, _metrics_server) = open_swarm(cfg, &metrics_at).await?;
+    let Opened {
+        mut swarm,
+        metrics,
+        metrics_server: _metrics_server,
+        mut inbox,
+    } = open_swarm(cfg, &metrics_at).await?;
+    let sessions = inbox.sessions(metrics.clone());
     let local = *swarm.local_peer_id();
     metrics.sample(&state.lock().index, unix_ms());
     metrics.set_open(true);
@@ -116,8 +124,8 @@ async fn serve(
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut replies: Vec<(ResponseChannel<GisResponse>, GisResponse)> = Vec::new();
-    let mut waiting: Vec<(ResponseChannel<GisResponse>, GisResponse)> = Vec::new();
+    let mut replies: Vec<(Reply, GisResponse)> = Vec::new();
+    let mut waiting: Vec<(Reply, GisResponse)> = Vec::new();
     let mut collected: Vec<Collected> = Vec::new();
     let mut desk = AdminDesk::new();
     let mut admin_events: Vec<request_response::Event<AdminRequest, AdminResponse>> = Vec::new();
@@ -137,10 +145,11 @@ async fn serve(
             _ = &mut shutdown => break,
             _ = expire.tick() => {
                 let now = unix_ms();
+                state.lock().index.pace(now);
                 if leading {
                     let overdue = state.lock().index.overdue(now);
                     for peer in overdue {
-                        info!(%peer, "host went dead (no heartbeat within {:?}); replicating", cfg.heartbeat_timeout);
+                        info!(%peer, "host went dead (no heartbeat within the timeout); replicating");
                         state.propose_liveness(&raft, peer, false, now);
                     }
                 }
@@ -170,21 +179,16 @@ async fn serve(
                 }
                 send_replies(&mut swarm, released);
             }
-            event = swarm.select_next_some() => {
+            input = next_input(&mut swarm, &mut inbox) => {
                 {
                     let mut st = state.lock();
-                    let mut ctx = Ctx { index: &mut st.index, collect: Some(&mut collected), replies: &mut replies, waiting: &mut waiting, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn, metrics: &metrics };
-                    ctx.on_event(event);
-                    for _ in 1..MAX_BATCH {
-                        match swarm.next().now_or_never() {
-                            Some(Some(event)) => ctx.on_event(event),
-                            _ => break,
-                        }
-                    }
+                    let mut ctx = Ctx { index: &mut st.index, collect: Some(&mut collected), replies: &mut replies, waiting: &mut waiting, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn, metrics: &metrics, sessions: &sessions };
+                    ctx.on_input(input);
+                    ctx.take_ready(&mut swarm, &mut inbox);
                 }
                 let now = unix_ms();
-                for (peer, req, channel) in collected.drain(..) {
-                    if let Some(resp) = r.gis_request(peer, req, channel, now, leading) {
+                for (peer, req, reply) in collected.drain(..) {
+                    if let Some(resp) = r.gis_request(peer, req, reply, now, leading) {
                         replies.push(resp);
                     }
                 }
@@ -207,6 +211,17 @@ async fn serve(
     metrics.set_open(false);
     info!(peer = %local, replica = me, "GIS replica stopped");
     Ok(())
+}
+
+/// The next swarm event or session request, whichever comes first.
+async fn next_input(
+    swarm: &mut libp2p::Swarm<crate::server::GisBehaviour>,
+    inbox: &mut crate::session::Inbox,
+) -> Input {
+    tokio::select! {
+        event = swarm.select_next_some() => Input::Swarm(event),
+        Some(incoming) = inbox.recv() => Input::Session(incoming),
+    }
 }
 
 /// Ends a background task when the loop that owns it ends, however it ends.
@@ -234,10 +249,10 @@ impl Routes<'_> {
         &self,
         peer: PeerId,
         req: GisRequest,
-        channel: ResponseChannel<GisResponse>,
+        channel: Reply,
         now: i64,
         leading: bool,
-    ) -> Option<(ResponseChannel<GisResponse>, GisResponse)> {
+    ) -> Option<(Reply, GisResponse)> {
         let kind = gis_metrics::request_kind(&req);
         let started = Instant::now();
         match req {
@@ -298,6 +313,7 @@ impl Routes<'_> {
             GisResponse::Ack {
                 revocations: st.index.revocations().clone(),
                 bridgeheads: st.index.other_bridgeheads(&peer, now),
+                heartbeat_secs: st.index.heartbeat_secs(),
             }
         };
         if leading {

@@ -1242,3 +1242,68 @@ proptest::proptest! {
         }
     }
 }
+
+/// With more live hosts than the heartbeat budget covers at the base interval, the interval
+/// grows with them and the timeout with it; when hosts die the interval shrinks at once,
+/// but the timeout only once every host has had time to hear the shorter interval.
+#[test]
+fn the_heartbeat_interval_grows_with_the_live_hosts_and_the_timeout_follows_it() {
+    let mut w = World::new(Policy::Bids);
+    w.ix.cfg.heartbeats_per_s = 10;
+    // Base: a fifth of the 10 s default timeout.
+    w.ix.pace(w.now);
+    assert_eq!(w.ix.heartbeat_secs(), 2);
+    let hosts: Vec<Node> = (0..50).map(|_| w.host("A")).collect();
+    // Second by second, as the server does: pace, then expire. `alive` heartbeat each
+    // second; the others are silent. Returns who died.
+    let run = |w: &mut World, secs: u32, alive: &[Node]| {
+        let mut died = Vec::new();
+        for _ in 0..secs {
+            w.advance(1000, &alive.iter().collect::<Vec<_>>());
+            w.ix.pace(w.now);
+            died.extend(w.ix.expire(w.now));
+        }
+        died
+    };
+    assert!(run(&mut w, 1, &hosts).is_empty());
+    // 50 hosts at 10 heartbeats/s: every 5 s; dead after 25 s.
+    assert_eq!(w.ix.heartbeat_secs(), 5);
+    let ack = w.ix.handle(
+        hosts[0].peer,
+        GisRequest::Heartbeat {
+            stats: Default::default(),
+        },
+        w.now,
+    );
+    assert!(
+        matches!(
+            ack,
+            GisResponse::Ack {
+                heartbeat_secs: 5,
+                ..
+            }
+        ),
+        "{ack:?}"
+    );
+    // Forty fall silent: 20 s is no death at this pace, 26 s is.
+    assert!(run(&mut w, 20, &hosts[..10]).is_empty());
+    assert_eq!(run(&mut w, 6, &hosts[..10]).len(), 40);
+    w.ix.pace(w.now);
+    assert_eq!(
+        w.ix.heartbeat_secs(),
+        2,
+        "ten hosts: back to the base interval"
+    );
+    // The ten last heard "5 s" a moment ago: they may stay silent 25 s more...
+    assert!(run(&mut w, 24, &[]).is_empty());
+    // ...after which the timeout is the configured 10 s again.
+    assert_eq!(run(&mut w, 2, &[]).len(), 10);
+    // Fixed pace: no budget, no change.
+    let mut w = World::new(Policy::Bids);
+    w.ix.cfg.heartbeats_per_s = 0;
+    for _ in 0..50 {
+        w.host("A");
+    }
+    w.ix.pace(w.now);
+    assert_eq!(w.ix.heartbeat_secs(), 2);
+}

@@ -1,11 +1,15 @@
 //! One virtual host's connection to the GIS: its own identity, its own TCP connection from
 //! its own loopback source address, upgraded with noise and yamux exactly as a node's swarm
-//! does, then one yamux stream per GIS request (multistream-select, the CBOR codec). No
-//! `Swarm`: tens of thousands of swarms would cost the generator more than the GIS it
-//! measures. Inbound streams (the GIS's pings) are answered as a node would.
+//! does, then either one GIS session carrying every request (`gis_session`, what nodes
+//! use) or one yamux stream per GIS request (multistream-select, the CBOR codec; the
+//! protocol nodes fall back to). No `Swarm`: tens of thousands of swarms would cost the
+//! generator more than the GIS it measures. Inbound streams (the GIS's pings) are answered
+//! as a node would.
 
 use bids_protocols::codec::{read_frame, write_frame};
 use bids_protocols::gis::{self, GisRequest, GisResponse};
+use bids_protocols::gis_session::{self, SessionRequest, SessionResponse};
+use futures::channel::mpsc;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{AsyncReadExt, AsyncWriteExt, FutureExt, StreamExt};
@@ -16,7 +20,7 @@ use libp2p::core::{Endpoint, Transport};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -127,12 +131,14 @@ impl ConnError {
     }
 }
 
-/// Dials `gis` as `key` from source address `src`: tcp, then noise, then yamux.
+/// Dials `gis` as `key` from source address `src`: tcp, then noise, then yamux. With
+/// `session`, every request goes over one GIS session, opened with the first.
 pub async fn connect<T: Send + 'static>(
     key: &Keypair,
     src: IpAddr,
     gis: &Multiaddr,
     timeout: Duration,
+    session: bool,
 ) -> Result<Conn<T>, ConnError> {
     let noise = libp2p::noise::Config::new(key).map_err(|e| ConnError::Connect(e.to_string()))?;
     let mut transport = SourceBoundTcp { src }
@@ -163,7 +169,38 @@ pub async fn connect<T: Send + 'static>(
         queue: VecDeque::new(),
         inflight: FuturesUnordered::new(),
         inbound: FuturesUnordered::new(),
+        session: session.then(Session::new),
     })
+}
+
+/// A GIS session: requests wait in `requests` until the stream is open, answers come back
+/// by id.
+struct Session<T> {
+    requests: mpsc::UnboundedSender<SessionRequest>,
+    /// Taken by the driver once the stream is open.
+    requests_rx: Option<mpsc::UnboundedReceiver<SessionRequest>>,
+    answers_tx: Option<mpsc::UnboundedSender<SessionResponse>>,
+    answers: mpsc::UnboundedReceiver<SessionResponse>,
+    driver: Option<BoxFuture<'static, io::Result<()>>>,
+    /// Unanswered requests: tag, when due, when sent.
+    pending: HashMap<u64, (T, Instant, Instant)>,
+    next_id: u64,
+}
+
+impl<T> Session<T> {
+    fn new() -> Self {
+        let (requests, requests_rx) = mpsc::unbounded();
+        let (answers_tx, answers) = mpsc::unbounded();
+        Session {
+            requests,
+            requests_rx: Some(requests_rx),
+            answers_tx: Some(answers_tx),
+            answers,
+            driver: None,
+            pending: HashMap::new(),
+            next_id: 0,
+        }
+    }
 }
 
 /// One request's outcome, with the instant it was due (latency counts from then, so a
@@ -181,15 +218,51 @@ pub struct Conn<T> {
     queue: VecDeque<(T, Instant, GisRequest)>,
     inflight: FuturesUnordered<BoxFuture<'static, Done<T>>>,
     inbound: FuturesUnordered<BoxFuture<'static, ()>>,
+    session: Option<Session<T>>,
 }
 
 impl<T: Send + 'static> Conn<T> {
     pub fn send(&mut self, tag: T, due: Instant, req: GisRequest) {
-        self.queue.push_back((tag, due, req));
+        match &mut self.session {
+            Some(s) => {
+                let id = s.next_id;
+                s.next_id += 1;
+                s.pending.insert(id, (tag, due, Instant::now()));
+                // A closed channel means the session ended: `poll_done` reports it.
+                let _ = s.requests.unbounded_send(SessionRequest(id, req));
+            }
+            None => self.queue.push_back((tag, due, req)),
+        }
     }
 
     pub fn in_flight(&self) -> usize {
-        self.queue.len() + self.inflight.len()
+        self.queue.len()
+            + self.inflight.len()
+            + self.session.as_ref().map_or(0, |s| s.pending.len())
+    }
+
+    /// Session requests sent more than `timeout` ago, as failed (per-request streams time
+    /// out by themselves). Called on a timer the caller already has, so no timer per
+    /// request: a time-out is seen up to one of its periods late.
+    pub fn expired(&mut self, timeout: Duration) -> Vec<Done<T>> {
+        let Some(s) = &mut self.session else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let late: Vec<u64> = s
+            .pending
+            .iter()
+            .filter(|(_, (_, _, sent))| now.saturating_duration_since(*sent) > timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        late.into_iter()
+            .filter_map(|id| s.pending.remove(&id))
+            .map(|(tag, due, _)| Done {
+                tag,
+                due,
+                result: Err("timeout".to_string()),
+            })
+            .collect()
     }
 
     /// Drives the connection; ready with the next completed request, or an error once the
@@ -210,6 +283,53 @@ impl<T: Send + 'static> Conn<T> {
                 Poll::Pending => {}
             }
             break;
+        }
+        if let Some(s) = &mut self.session {
+            if s.driver.is_none() {
+                match self.muxer.poll_outbound_unpin(cx) {
+                    Poll::Ready(Ok(stream)) => {
+                        if let (Some(rx), Some(tx)) = (s.requests_rx.take(), s.answers_tx.take()) {
+                            s.driver = Some(
+                                async move {
+                                    let (_, io) = multistream_select::dialer_select_proto(
+                                        stream,
+                                        [gis_session::PROTOCOL.as_ref()],
+                                        Version::V1Lazy,
+                                    )
+                                    .await
+                                    .map_err(io::Error::other)?;
+                                    gis_session::run_client(io, rx, tx).await
+                                }
+                                .boxed(),
+                            );
+                        }
+                    }
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Err(ConnError::Closed(e.to_string())))
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if let Some(driver) = &mut s.driver {
+                if let Poll::Ready(r) = driver.poll_unpin(cx) {
+                    let why = match r {
+                        Ok(()) => "session ended".to_string(),
+                        Err(e) => format!("session: {}", io_kind(&e)),
+                    };
+                    return Poll::Ready(Err(ConnError::Closed(why)));
+                }
+            }
+            while let Poll::Ready(Some(SessionResponse(id, response))) =
+                s.answers.poll_next_unpin(cx)
+            {
+                if let Some((tag, due, _)) = s.pending.remove(&id) {
+                    return Poll::Ready(Ok(Done {
+                        tag,
+                        due,
+                        result: Ok(response),
+                    }));
+                }
+            }
         }
         while !self.queue.is_empty() {
             match self.muxer.poll_outbound_unpin(cx) {

@@ -69,6 +69,9 @@ pub struct LoadOptions {
     pub duration: Duration,
     /// Heartbeat interval; `None`: what the GIS says when a host registers (as nodes do).
     pub heartbeat: Option<Duration>,
+    /// One stream per request (the fallback protocol) instead of one GIS session per host
+    /// (what nodes use), to compare the two.
+    pub per_request_streams: bool,
     /// Hosts connecting and registering at the same time.
     pub register_concurrency: usize,
     /// Certified bridgeheads per IDC (needs `admin`, or a spawned GIS).
@@ -95,6 +98,7 @@ impl Default for LoadOptions {
             bridgeheads_per_idc: 2,
             admin: None,
             seed: 1,
+            per_request_streams: false,
         }
     }
 }
@@ -112,6 +116,9 @@ pub struct RegistrationReport {
     pub failed: usize,
     /// From the first dial until every host registered (`None` if some never did).
     pub all_registered_s: Option<f64>,
+    /// When the registration stretch ended: every host registered and published, or gave
+    /// up (a failed connect, a refused or timed-out registration), or the deadline passed.
+    pub ended_s: f64,
     /// Until every host also published all its holdings.
     pub all_published_s: Option<f64>,
     /// Dial + noise + yamux.
@@ -146,6 +153,9 @@ pub struct Report {
     pub holdings_per_host: usize,
     pub bridgeheads: usize,
     pub heartbeat_s: Option<f64>,
+    /// How requests travel: `session` (one GIS session per host, as nodes do) or
+    /// `per_request_streams`.
+    pub protocol: &'static str,
     pub gis_addrs: Vec<String>,
     pub gis_spawned: bool,
     pub nofile: NoFile,
@@ -228,6 +238,7 @@ struct Shared {
     rec: Mutex<Recorder>,
     images: Vec<ImageSpec>,
     heartbeat: Option<Duration>,
+    per_request_streams: bool,
     register_limit: Semaphore,
     registered: AtomicUsize,
     published: AtomicUsize,
@@ -351,7 +362,15 @@ async fn host_task(h: HostSpec, shared: Arc<Shared>, mut cmds: mpsc::Receiver<Lo
         Err(_) => return gave_up(&shared),
     };
     let dial = Instant::now();
-    let mut conn: Conn<Tag> = match conn::connect(&h.key, h.src, &h.gis, CONNECT_TIMEOUT).await {
+    let mut conn: Conn<Tag> = match conn::connect(
+        &h.key,
+        h.src,
+        &h.gis,
+        CONNECT_TIMEOUT,
+        !shared.per_request_streams,
+    )
+    .await
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(src = %h.src, error = %e, "virtual host could not connect");
@@ -373,8 +392,17 @@ async fn host_task(h: HostSpec, shared: Arc<Shared>, mut cmds: mpsc::Receiver<Lo
             policy: Policy::Bids,
         },
     );
-    // Register, then publish every holding.
-    let every = match conn.next_done(REQUEST_TIMEOUT).await {
+    // Register, then publish every holding. (Per-request streams time out by themselves;
+    // session requests by the outer timeout.)
+    let first = match tokio::time::timeout(REQUEST_TIMEOUT, conn.next_done(REQUEST_TIMEOUT)).await {
+        Ok(done) => done,
+        Err(_) => Ok(Done {
+            tag: Tag::Register,
+            due: connected,
+            result: Err("timeout".to_string()),
+        }),
+    };
+    let every = match first {
         Ok(d) => match on_done(&shared, d) {
             Some(GisResponse::Registered { heartbeat_secs, .. }) => shared
                 .heartbeat
@@ -419,17 +447,31 @@ async fn host_task(h: HostSpec, shared: Arc<Shared>, mut cmds: mpsc::Receiver<Lo
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let heartbeat = heartbeat_request(&h);
+    let mut every = every;
+    let mut on_answer = |d: Done<Tag>| {
+        let publish = matches!(d.tag, Tag::Publish);
+        let answer = on_done(&shared, d);
+        if publish {
+            publishing -= 1;
+            if publishing == 0 {
+                shared.published.fetch_add(1, Ordering::Relaxed);
+                shared.progress.notify_one();
+            }
+        }
+        answer
+    };
     loop {
         tokio::select! {
             done = conn.next_done(REQUEST_TIMEOUT) => match done {
                 Ok(d) => {
-                    let publish = matches!(d.tag, Tag::Publish);
-                    on_done(&shared, d);
-                    if publish {
-                        publishing -= 1;
-                        if publishing == 0 {
-                            shared.published.fetch_add(1, Ordering::Relaxed);
-                            shared.progress.notify_one();
+                    // The GIS may ask for another pace as hosts come and go; nodes follow.
+                    if let Some(GisResponse::Ack { heartbeat_secs, .. }) = on_answer(d) {
+                        let asked = Duration::from_secs(u64::from(heartbeat_secs));
+                        if shared.heartbeat.is_none() && heartbeat_secs > 0 && asked != every {
+                            every = asked;
+                            beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            shared.announced_heartbeat_ms.store(every.as_millis() as usize, Ordering::Relaxed);
                         }
                     }
                 }
@@ -441,7 +483,12 @@ async fn host_task(h: HostSpec, shared: Arc<Shared>, mut cmds: mpsc::Receiver<Lo
                     return gave_up(&shared);
                 }
             },
-            _ = beat.tick() => conn.send(Tag::Heartbeat, Instant::now(), heartbeat.clone()),
+            _ = beat.tick() => {
+                for d in conn.expired(REQUEST_TIMEOUT) {
+                    let _ = on_answer(d);
+                }
+                conn.send(Tag::Heartbeat, Instant::now(), heartbeat.clone());
+            }
             cmd = cmds.recv() => match cmd {
                 Some(LookupCmd { image, due }) => {
                     let r = shared.images.get(image).map(|s| s.r.clone());
@@ -679,6 +726,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
         rec: Mutex::new(Recorder::default()),
         images,
         heartbeat: o.heartbeat,
+        per_request_streams: o.per_request_streams,
         register_limit: Semaphore::new(o.register_concurrency.max(1)),
         registered: AtomicUsize::new(0),
         published: AtomicUsize::new(0),
@@ -737,6 +785,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
         registered: shared.registered.load(Ordering::Relaxed),
         failed: shared.failed.load(Ordering::Relaxed),
         all_registered_s: all_registered.map(secs),
+        ended_s: secs(started.elapsed()),
         all_published_s: all_published.map(secs),
         connect: rec.summary(Kind::Connect),
         register: rec.summary(Kind::Register),
@@ -832,6 +881,11 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
         holdings_per_host: o.holdings_per_host.min(o.images),
         bridgeheads,
         heartbeat_s: (heartbeat_ms > 0).then(|| heartbeat_ms as f64 / 1000.0),
+        protocol: if o.per_request_streams {
+            "per_request_streams"
+        } else {
+            "session"
+        },
         gis_addrs: gis_addrs.iter().map(|a| a.to_string()).collect(),
         gis_spawned: gis_pid.is_some(),
         nofile,
@@ -897,21 +951,23 @@ pub fn render(r: &Report) -> String {
     let reg = &r.registration;
     let _ = writeln!(
         s,
-        "GIS bench: {} hosts in {} IDCs ({} bridgeheads), {} images, {} holdings per host, heartbeat every {}",
+        "GIS bench: {} hosts in {} IDCs ({} bridgeheads), {} images, {} holdings per host, heartbeat every {}, requests over {}",
         r.hosts,
         r.idcs,
         r.bridgeheads,
         r.images,
         r.holdings_per_host,
-        r.heartbeat_s.map_or("?".into(), |h| format!("{h} s"))
+        r.heartbeat_s.map_or("?".into(), |h| format!("{h} s")),
+        if r.protocol == "session" { "one GIS session per host" } else { "a stream per request" }
     );
     let _ = writeln!(
         s,
-        "registration: {} of {} in {} (all published in {}); register p50 {:.2} / p99 {:.2} / p999 {:.2} ms; connect p99 {:.2} ms; publish p99 {:.2} ms",
+        "registration: {} of {} in {} (all published in {}; stretch ended after {:.1} s); register p50 {:.2} / p99 {:.2} / p999 {:.2} ms; connect p99 {:.2} ms; publish p99 {:.2} ms",
         reg.registered,
         r.hosts,
         reg.all_registered_s.map_or("(not all)".into(), |t| format!("{t:.1} s")),
         reg.all_published_s.map_or("(not all)".into(), |t| format!("{t:.1} s")),
+        reg.ended_s,
         reg.register.p50_ms,
         reg.register.p99_ms,
         reg.register.p999_ms,

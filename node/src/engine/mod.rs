@@ -5,6 +5,7 @@
 //! their results come back as internal events.
 
 mod disk;
+mod gis_link;
 mod handle;
 mod swarm;
 
@@ -21,6 +22,7 @@ use crate::store::Store;
 use bids_protocols::admin::{self as adminp, AdminRequest, AdminResponse};
 use bids_protocols::chunk::{ChunkRequest, ChunkResponse, Encoding};
 use bids_protocols::gis::{self as gisp};
+use bids_protocols::gis_session;
 use bids_protocols::gossip;
 use bids_protocols::hello::{Hello, HelloReply};
 use bids_protocols::{ChunkIndex, Idc, ImageId, Manifest, Policy};
@@ -148,6 +150,7 @@ pub(crate) async fn start(
     };
     let (tx, rx) = mpsc::channel(256);
     let (itx, irx) = mpsc::channel(1024);
+    let (ltx, lrx) = mpsc::channel(256);
     let handle = NodeHandle {
         tx,
         peer: me,
@@ -179,6 +182,9 @@ pub(crate) async fn start(
         cmd_rx: rx,
         itx,
         irx,
+        gis_links: gis_link::GisLinks::default(),
+        ltx,
+        lrx,
         now,
         _scrub: (scrub_bps > 0).then(|| {
             AbortOnDrop(
@@ -222,6 +228,10 @@ struct Engine {
     cmd_rx: mpsc::Receiver<Command>,
     itx: mpsc::Sender<Internal>,
     irx: mpsc::Receiver<Internal>,
+    /// GIS sessions, and what their tasks report.
+    gis_links: gis_link::GisLinks,
+    ltx: mpsc::Sender<gis_link::LinkEvent>,
+    lrx: mpsc::Receiver<gis_link::LinkEvent>,
     /// The background scrub (`--scrub-rate`), stopped with the engine.
     _scrub: Option<AbortOnDrop>,
     /// The thread that saves transfer counters (`save_counters`), and its queue.
@@ -253,6 +263,10 @@ impl Engine {
                     self.now = Instant::now();
                     self.on_internal(i);
                 }
+                Some(ev) = self.lrx.recv() => {
+                    self.now = Instant::now();
+                    self.on_link(ev);
+                }
                 cmd = self.cmd_rx.recv() => {
                     self.now = Instant::now();
                     match cmd {
@@ -267,6 +281,9 @@ impl Engine {
                 }
                 _ = tick.tick() => {
                     self.now = Instant::now();
+                    for key in self.gis_links.timed_out(self.now) {
+                        self.core.handle_gis_request_failed(self.now, key, "timeout".into());
+                    }
                     self.core.handle_tick(self.now);
                 }
             }
@@ -377,8 +394,13 @@ impl Engine {
                 }
                 Action::SaveCounters(dirty) => self.save_counters(dirty),
                 Action::GisSend { key, peer, req } => {
-                    let rid = self.swarm.behaviour_mut().gis.send_request(&peer, *req);
-                    self.channels.gis.insert(rid, key);
+                    if let Some((req, open)) = self.gis_links.send(peer, key, *req, self.now) {
+                        if open {
+                            self.swarm.behaviour_mut().session.open(peer);
+                        }
+                        let rid = self.swarm.behaviour_mut().gis.send_request(&peer, req);
+                        self.channels.gis.insert(rid, key);
+                    }
                 }
                 Action::Hello { peer, hello } => {
                     self.swarm.behaviour_mut().hello.send_request(&peer, hello);
@@ -494,6 +516,27 @@ impl Engine {
         }
     }
 
+    /// A GIS session's answer or end.
+    fn on_link(&mut self, ev: gis_link::LinkEvent) {
+        let now = self.now;
+        match ev {
+            gis_link::LinkEvent::Answer { peer, id, response } => {
+                if let Some(key) = self.gis_links.answer(peer, id) {
+                    self.core.handle_gis_response(now, key, response);
+                }
+            }
+            gis_link::LinkEvent::Ended {
+                peer,
+                generation,
+                error,
+            } => {
+                for key in self.gis_links.ended(peer, generation, &error) {
+                    self.core.handle_gis_request_failed(now, key, error.clone());
+                }
+            }
+        }
+    }
+
     fn on_internal(&mut self, i: Internal) {
         let now = self.now;
         match i {
@@ -576,6 +619,7 @@ impl Engine {
                 ..
             } => {
                 if self.core.is_gis(&peer_id) {
+                    self.gis_links.disconnected(peer_id);
                     return self.core.handle_gis_disconnected(now);
                 }
                 // Requests it made can no longer be answered.
@@ -600,6 +644,16 @@ impl Engine {
                 info,
                 ..
             })) => self.core.handle_addrs(peer_id, info.listen_addrs),
+            SwarmEvent::Behaviour(BehaviourEvent::Session(ev)) => match ev {
+                gis_session::Event::Opened { peer, stream } => {
+                    self.gis_links.opened(peer, stream, self.ltx.clone())
+                }
+                gis_session::Event::OpenFailed { peer, error } => {
+                    self.gis_links.open_failed(peer, &error)
+                }
+                // Nodes accept no sessions; the behaviour offers none.
+                gis_session::Event::Inbound { .. } => {}
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 message,
                 ..

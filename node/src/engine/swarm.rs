@@ -22,6 +22,8 @@ pub(crate) struct Behaviour {
     pub(super) gis: rr::Behaviour<gisp::Codec>,
     /// Signed admin commands relayed by the GIS (`crate::admin`).
     pub(super) admin: rr::Behaviour<adminp::Codec>,
+    /// GIS sessions this node opens (`super::gis_link`).
+    pub(super) session: bids_protocols::gis_session::Behaviour,
 }
 
 /// Keeps chunk-sized buffers inside glibc's malloc arenas instead of handing them back to the
@@ -127,6 +129,7 @@ pub(super) async fn build(
                     [(adminp::PROTOCOL, ProtocolSupport::Inbound)],
                     rr::Config::default().with_request_timeout(Duration::from_secs(110)),
                 ),
+                session: bids_protocols::gis_session::Behaviour::new(false),
             })
         })
         .map_err(|e| anyhow::anyhow!("building behaviours: {e}"))?

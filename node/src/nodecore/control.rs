@@ -223,10 +223,11 @@ impl NodeCore {
                     role,
                     revocations,
                     bridgeheads,
-                    ..
+                    heartbeat_secs,
                 },
             ) => {
-                info!(role = %role, "registered with the GIS");
+                info!(role = %role, heartbeat_s = heartbeat_secs, "registered with the GIS");
+                self.follow_gis_pace(heartbeat_secs);
                 self.role = role;
                 if role == Role::Bridgehead && self.cfg.policy == Policy::Bids {
                     self.push(Action::JoinBridgeheads);
@@ -241,8 +242,10 @@ impl NodeCore {
                 GisResponse::Ack {
                     revocations,
                     bridgeheads,
+                    heartbeat_secs,
                 },
             ) => {
+                self.follow_gis_pace(heartbeat_secs);
                 self.set_revocations(revocations);
                 self.link_bridgeheads(now, bridgeheads);
             }
@@ -333,6 +336,21 @@ impl NodeCore {
         }
     }
 
+    /// Heartbeats every `secs` from now on, as the GIS asks (0: an older GIS that says
+    /// nothing; the pace stays).
+    fn follow_gis_pace(&mut self, secs: u32) {
+        if secs == 0 {
+            return;
+        }
+        let pace = Duration::from_secs(u64::from(secs));
+        if pace != self.gis_heartbeat {
+            if !self.gis_heartbeat.is_zero() {
+                info!(from = ?self.gis_heartbeat, to = ?pace, "the GIS asks for another heartbeat interval");
+            }
+            self.gis_heartbeat = pace;
+        }
+    }
+
     /// The GIS's share of the periodic work: redials and reminders, held requests, our
     /// certificate's end, heartbeats; and the gauges.
     pub(super) fn control_tick(&mut self, now: Instant) {
@@ -349,7 +367,14 @@ impl NodeCore {
         }
         self.check_cert_ends(now);
         self.sample_metrics(now);
-        if now.duration_since(self.last_heartbeat) >= self.cfg.heartbeat {
+        // Registered: at the pace the GIS asks (never faster than configured); not yet:
+        // registration is retried at the configured pace.
+        let every = if self.gis.registered() {
+            self.cfg.heartbeat.max(self.gis_heartbeat)
+        } else {
+            self.cfg.heartbeat
+        };
+        if now.duration_since(self.last_heartbeat) >= every {
             self.last_heartbeat = now;
             let dirty = self.acct.take_dirty();
             if !dirty.is_empty() {

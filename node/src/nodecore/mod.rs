@@ -371,6 +371,9 @@ pub struct NodeCore {
     cert_warned: Option<Instant>,
     admin_gate: AdminGate,
     last_heartbeat: Instant,
+    /// The heartbeat interval the GIS asked for last (it grows with the hosts it serves);
+    /// heartbeats go out at this or `cfg.heartbeat`, whichever is longer.
+    gis_heartbeat: Duration,
     last_metrics_sample: Instant,
     /// Connected peers and where each stands in the hello exchange.
     peers: Peers<EarlyRequest>,
@@ -437,6 +440,7 @@ impl NodeCore {
             cert_warned: None,
             admin_gate: AdminGate::new(cfg.admin_peer, gis_ids, cfg.me),
             last_heartbeat: now,
+            gis_heartbeat: Duration::ZERO,
             last_metrics_sample: now,
             acct: Accounting::restore(store.saved_counters()),
             uploads: Uploads::new(cfg.upload_bps, now),
