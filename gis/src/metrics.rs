@@ -48,6 +48,12 @@ pub struct GisMetrics {
     index_open: Gauge,
     by_transport: Family<TransportLabels, Counter>,
     sessions: Gauge,
+    busy_seconds: Family<WorkLabels, Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkLabels {
+    work: &'static str,
 }
 
 impl GisMetrics {
@@ -65,6 +71,10 @@ impl GisMetrics {
             index_open: Gauge::default(),
             by_transport: Family::default(),
             sessions: Gauge::default(),
+            // 10 µs .. about 0.33 s.
+            busy_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1e-5, 2.0, 16))
+            }),
         };
         let r = registry.sub_registry_with_prefix("bids_gis");
         r.register(
@@ -92,6 +102,11 @@ impl GisMetrics {
             "requests_by_transport",
             "GIS requests received, by how they came: session (a host's long-lived GIS session) or stream (a stream per request: tools, and nodes while their session opens or with a GIS without sessions)",
             m.by_transport.clone(),
+        );
+        r.register(
+            "loop_busy_seconds",
+            "Time the GIS's event loop spent on one piece of work without answering anything else: a batch of requests and events (batch) or the once-a-second liveness pass (liveness)",
+            m.busy_seconds.clone(),
         );
         r.register(
             "sessions",
@@ -172,6 +187,13 @@ impl GisMetrics {
         if matches!(kind, "lookup" | "refresh") {
             self.lookup_seconds.observe(took.as_secs_f64());
         }
+    }
+
+    /// The event loop spent `took` on one piece of `work` ("batch", "liveness").
+    pub fn busy(&self, work: &'static str, took: Duration) {
+        self.busy_seconds
+            .get_or_create(&WorkLabels { work })
+            .observe(took.as_secs_f64());
     }
 
     pub fn committed(&self, took: Duration) {

@@ -477,11 +477,13 @@ async fn run_with_storage(
         let first = tokio::select! {
             _ = &mut shutdown => break,
             _ = expire.tick() => {
+                let started = Instant::now();
                 index.pace(unix_ms());
                 for peer in index.expire(unix_ms()) {
                     info!(%peer, "host went dead (no heartbeat within the timeout)");
                 }
                 metrics.sample(&index, unix_ms());
+                busy(&metrics, "liveness", started);
                 None
             }
             done = committer.done() => {
@@ -499,6 +501,7 @@ async fn run_with_storage(
             Some(incoming) = inbox.recv() => Some(Input::Session(incoming)),
         };
         if let Some(first) = first {
+            let started = Instant::now();
             let mut ctx = Ctx {
                 index: &mut index,
                 collect: None,
@@ -550,6 +553,7 @@ async fn run_with_storage(
                     debug!("requester went away before its reply");
                 }
             }
+            busy(&metrics, "batch", started);
         }
         committer.kick();
     }
@@ -559,6 +563,24 @@ async fn run_with_storage(
     send_replies(&mut swarm, rest.context("persisting GIS state")?);
     info!(peer = %local, "GIS stopped");
     Ok(())
+}
+
+/// Longest the event loop may spend on one piece of work before it says so: every request
+/// waits meanwhile.
+const SLOW_WORK: Duration = Duration::from_millis(100);
+
+/// Records how long the loop spent on `work` since `started`; warns if that held everything
+/// else up.
+pub(crate) fn busy(metrics: &GisMetrics, work: &'static str, started: Instant) {
+    let took = started.elapsed();
+    metrics.busy(work, took);
+    if took > SLOW_WORK {
+        warn!(
+            work,
+            ?took,
+            "the GIS event loop was busy this long; requests waited"
+        );
+    }
 }
 
 /// Replies held until the changes made before them are durable.

@@ -14,7 +14,7 @@ use crate::admin::{AdminDesk, AdminReply};
 use crate::index::IndexConfig;
 use crate::metrics::{self as gis_metrics, GisMetrics};
 use crate::server::{
-    open_swarm, send_replies, unix_ms, Collected, Ctx, GisConfig, Input, Opened, Released,
+    busy, open_swarm, send_replies, unix_ms, Collected, Ctx, GisConfig, Input, Opened, Released,
     WarnThrottle, EXPIRE_EVERY, LISTENER_WARN_EVERY,
 };
 use crate::session::Reply;
@@ -144,6 +144,7 @@ async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = expire.tick() => {
+                let started = Instant::now();
                 let now = unix_ms();
                 state.lock().index.pace(now);
                 if leading {
@@ -154,6 +155,7 @@ async fn serve(
                     }
                 }
                 metrics.sample(&state.lock().index, now);
+                busy(&metrics, "liveness", started);
             }
             changed = raft_metrics.changed() => {
                 if changed.is_err() {
@@ -180,6 +182,7 @@ async fn serve(
                 send_replies(&mut swarm, released);
             }
             input = next_input(&mut swarm, &mut inbox) => {
+                let started = Instant::now();
                 {
                     let mut st = state.lock();
                     let mut ctx = Ctx { index: &mut st.index, collect: Some(&mut collected), replies: &mut replies, waiting: &mut waiting, admin_events: &mut admin_events, listening: &mut listening, addrs: addrs.as_ref(), local, listener_warn: &mut listener_warn, metrics: &metrics, sessions: &sessions };
@@ -205,6 +208,7 @@ async fn serve(
                 }
                 send_replies(&mut swarm, Released { gis: std::mem::take(&mut replies), admin: std::mem::take(&mut admin_replies) });
                 debug_assert!(waiting.is_empty(), "a replica answers nothing after a local commit");
+                busy(&metrics, "batch", started);
             }
         }
     }

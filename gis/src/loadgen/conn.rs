@@ -208,6 +208,8 @@ impl<T> Session<T> {
 pub struct Done<T> {
     pub tag: T,
     pub due: Instant,
+    /// When the request was written (its stream opened, or put on the session).
+    pub sent: Instant,
     pub result: Result<GisResponse, String>,
 }
 
@@ -257,9 +259,10 @@ impl<T: Send + 'static> Conn<T> {
             .collect();
         late.into_iter()
             .filter_map(|id| s.pending.remove(&id))
-            .map(|(tag, due, _)| Done {
+            .map(|(tag, due, sent)| Done {
                 tag,
                 due,
+                sent,
                 result: Err("timeout".to_string()),
             })
             .collect()
@@ -322,10 +325,11 @@ impl<T: Send + 'static> Conn<T> {
             while let Poll::Ready(Some(SessionResponse(id, response))) =
                 s.answers.poll_next_unpin(cx)
             {
-                if let Some((tag, due, _)) = s.pending.remove(&id) {
+                if let Some((tag, due, sent)) = s.pending.remove(&id) {
                     return Poll::Ready(Ok(Done {
                         tag,
                         due,
+                        sent,
                         result: Ok(response),
                     }));
                 }
@@ -337,6 +341,7 @@ impl<T: Send + 'static> Conn<T> {
                     let Some((tag, due, req)) = self.queue.pop_front() else {
                         break;
                     };
+                    let sent = Instant::now();
                     self.inflight.push(
                         async move {
                             let result =
@@ -345,7 +350,12 @@ impl<T: Send + 'static> Conn<T> {
                                     Ok(Err(e)) => Err(format!("stream: {}", io_kind(&e))),
                                     Err(_) => Err("timeout".to_string()),
                                 };
-                            Done { tag, due, result }
+                            Done {
+                                tag,
+                                due,
+                                sent,
+                                result,
+                            }
                         }
                         .boxed(),
                     );

@@ -135,6 +135,9 @@ pub struct PhaseReport {
     /// Successful lookups over the phase (its drain included).
     pub lookups_per_s: f64,
     pub lookup: Latency,
+    /// Lookups from the moment the virtual host wrote them: `lookup` less the generator's
+    /// own lag.
+    pub lookup_sent: Latency,
     pub heartbeats_per_s: f64,
     pub heartbeat: Latency,
     pub gis_cpu_s: Option<f64>,
@@ -340,7 +343,13 @@ fn on_done(shared: &Shared, d: Done<Tag>) -> Option<GisResponse> {
             );
             if fits {
                 let took = d.due.elapsed();
-                shared.record(|r| r.ok(kind, took));
+                let wire = d.sent.elapsed();
+                shared.record(|r| {
+                    r.ok(kind, took);
+                    if kind == Kind::Lookup {
+                        r.ok(Kind::LookupSent, wire);
+                    }
+                });
                 Some(resp)
             } else {
                 shared.record(|r| r.error(format!("{}: unexpected answer", kind.name())));
@@ -399,6 +408,7 @@ async fn host_task(h: HostSpec, shared: Arc<Shared>, mut cmds: mpsc::Receiver<Lo
         Err(_) => Ok(Done {
             tag: Tag::Register,
             due: connected,
+            sent: connected,
             result: Err("timeout".to_string()),
         }),
     };
@@ -824,6 +834,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
         let gis_cpu = cpu(gis0, gis_pid.and_then(|p| proc_sample(Some(p))));
         let gen_cpu = cpu(gen0, proc_sample(None));
         let lookup = rec.summary(Kind::Lookup);
+        let lookup_sent = rec.summary(Kind::LookupSent);
         let heartbeat = rec.summary(Kind::Heartbeat);
         let p = PhaseReport {
             offered_lookups_per_s: rate,
@@ -831,6 +842,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
             lookups_per_s: lookup.count as f64 / secs(wall),
             heartbeats_per_s: heartbeat.count as f64 / secs(wall),
             lookup,
+            lookup_sent,
             heartbeat,
             gis_cpu_s: gis_cpu,
             gis_cores: gis_cpu.map(|c| c / secs(wall)),
@@ -839,11 +851,12 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
             errors: rec.errors.clone(),
         };
         log(&format!(
-            "offered {rate:>6} lookups/s: served {:>8.0}/s p50 {:>6.2} ms p99 {:>7.2} ms p999 {:>7.2} ms | heartbeats {:>6.0}/s p99 {:>7.2} ms | GIS {} cores, generator {} cores | errors {}",
+            "offered {rate:>6} lookups/s: served {:>8.0}/s p50 {:>6.2} ms p99 {:>7.2} ms p999 {:>7.2} ms (from the write: p99 {:>7.2} ms) | heartbeats {:>6.0}/s p99 {:>7.2} ms | GIS {} cores, generator {} cores | errors {}",
             p.lookups_per_s,
             p.lookup.p50_ms,
             p.lookup.p99_ms,
             p.lookup.p999_ms,
+            p.lookup_sent.p99_ms,
             p.heartbeats_per_s,
             p.heartbeat.p99_ms,
             p.gis_cores.map_or("?".into(), |c| format!("{c:.2}")),

@@ -14,15 +14,19 @@ pub enum Kind {
     Publish,
     Heartbeat,
     Lookup,
+    /// A lookup from the moment the virtual host wrote it to its answer: `Lookup` less the
+    /// time it waited in the generator (which falls behind when the machine is saturated).
+    LookupSent,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Connect,
         Kind::Register,
         Kind::Publish,
         Kind::Heartbeat,
         Kind::Lookup,
+        Kind::LookupSent,
     ];
     fn index(self) -> usize {
         self as usize
@@ -34,6 +38,7 @@ impl Kind {
             Kind::Publish => "publish",
             Kind::Heartbeat => "heartbeat",
             Kind::Lookup => "lookup",
+            Kind::LookupSent => "lookup_sent",
         }
     }
 }
@@ -42,7 +47,7 @@ impl Kind {
 #[derive(Default, Debug)]
 pub struct Recorder {
     /// Microseconds of each successful request, per kind.
-    latencies: [Vec<u32>; 5],
+    latencies: [Vec<u32>; Kind::ALL.len()],
     pub errors: BTreeMap<String, u64>,
 }
 
