@@ -548,11 +548,13 @@ async fn run_with_storage(
                 );
             }
             // Requests that changed nothing are answered now, from the index as it is.
-            for (reply, response) in replies.drain(..) {
-                if !reply.send(&mut swarm.behaviour_mut().gis, response) {
-                    debug!("requester went away before its reply");
-                }
-            }
+            send_replies(
+                &mut swarm,
+                Released {
+                    gis: std::mem::take(&mut replies),
+                    admin: Vec::new(),
+                },
+            );
             busy(&metrics, "batch", started);
         }
         committer.kick();
