@@ -244,6 +244,7 @@ pub async fn run(cmd: DeltaCmd) -> Result<()> {
                         "literal_stored_bytes": st.literal_stored_bytes,
                         "referenced_frames": st.referenced_frames,
                         "reference_bytes": st.reference_bytes,
+                        "output_reference_bytes": st.output_reference_bytes,
                         "ops": st.ops,
                         "elapsed_ms": st.elapsed.as_millis() as u64,
                     })

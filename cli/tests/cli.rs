@@ -293,7 +293,7 @@ fn image_store_round_trip_without_a_node() {
     .contains("nonexistent"));
 }
 
-/// `bids delta build --json` / `info --json` / `apply` on files: a version 3 delta whose
+/// `bids delta build --json` / `info --json` / `apply` on files: a version 4 delta whose
 /// frame is compressed against the old version (the new file holds an edited copy of
 /// old bytes at another offset), rebuilt bit-exactly; a wrong base is refused.
 #[test]
@@ -329,6 +329,7 @@ fn delta_build_info_apply_from_the_command_line() {
         "own_bytes",
         "referenced_frames",
         "reference_bytes",
+        "output_reference_bytes",
     ] {
         assert!(v[key].is_u64(), "{key} missing in {out}");
     }
@@ -338,7 +339,7 @@ fn delta_build_info_apply_from_the_command_line() {
     assert!(size < (1 << 20) + (64 << 10), "{out}");
     let info = ok(&["delta", "info", &p(d, "v1-v2.delta"), "--json"]);
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
-    assert_eq!(info["version"], 3, "{info}");
+    assert_eq!(info["version"], 4, "{info}");
     ok(&[
         "delta",
         "apply",

@@ -12,9 +12,10 @@ use sha2::{Digest, Sha256};
 
 use crate::filter::x86_decode;
 use crate::format::{
-    BodyReader, DeltaHeader, HEADER_LEN, LIT_FLAG_REFERENCE, LIT_FLAG_X86, MAX_FRAME, MAX_FRAME_V2,
-    MAX_OPS_BLOCK, MAX_REFERENCE, MAX_REFERENCE_RANGES, TAG_COPY, TAG_COPY_OUT, TAG_DATA, TAG_END,
-    TAG_LIT_RAW, TAG_LIT_ZSTD, TAG_LIT_ZSTD_EX, TAG_OPS_ZSTD, TAG_ZERO, TRAILER_LEN,
+    BodyReader, DeltaHeader, HEADER_LEN, LIT_FLAG_OUT_REFERENCE, LIT_FLAG_REFERENCE, LIT_FLAG_X86,
+    MAX_FRAME, MAX_FRAME_V2, MAX_OPS_BLOCK, MAX_REFERENCE, MAX_REFERENCE_RANGES, TAG_COPY,
+    TAG_COPY_OUT, TAG_DATA, TAG_END, TAG_LIT_RAW, TAG_LIT_ZSTD, TAG_LIT_ZSTD_EX, TAG_OPS_ZSTD,
+    TAG_ZERO, TRAILER_LEN,
 };
 use crate::image::{hash_zeros, Image};
 use crate::DeltaError;
@@ -28,6 +29,9 @@ pub(crate) trait Sink {
         -> Result<(), DeltaError>;
     /// `len` zero bytes.
     fn zero(&mut self, len: u64) -> Result<(), DeltaError>;
+    /// Appends `len` bytes of the output already written, from `src`, to `into`
+    /// (a frame's reference; the caller checked the range).
+    fn read_output(&mut self, src: u64, len: usize, into: &mut Vec<u8>) -> Result<(), DeltaError>;
     /// `len` bytes of the output already written, from offset `src` (`src + len` is at
     /// most the current output position).
     fn output(&mut self, src: u64, len: u64) -> Result<(), DeltaError>;
@@ -180,17 +184,33 @@ pub(crate) fn decode<S: Sink>(
                     }
                     TAG_LIT_ZSTD_EX => {
                         let flags = r.varint()?;
-                        if flags & !(LIT_FLAG_X86 | LIT_FLAG_REFERENCE) != 0 {
+                        let known = if version >= 4 {
+                            LIT_FLAG_X86 | LIT_FLAG_REFERENCE | LIT_FLAG_OUT_REFERENCE
+                        } else {
+                            LIT_FLAG_X86 | LIT_FLAG_REFERENCE
+                        };
+                        if flags & !known != 0 {
                             return Err(DeltaError::corrupt(
                                 rec,
                                 format!("unknown literal frame flags {flags:#x}"),
                             ));
                         }
-                        let reference = if flags & LIT_FLAG_REFERENCE != 0 {
-                            read_reference(&mut r, base, rec)?
-                        } else {
-                            Vec::new()
-                        };
+                        let mut reference = Vec::new();
+                        if flags & LIT_FLAG_REFERENCE != 0 {
+                            let ranges = read_ranges(&mut r, base.len() as u64, 0, rec, "base")?;
+                            reserve_reference(&mut reference, &ranges)?;
+                            for (src, len) in ranges {
+                                reference.extend_from_slice(&base[src..src + len]);
+                            }
+                        }
+                        if flags & LIT_FLAG_OUT_REFERENCE != 0 {
+                            let before = reference.len() as u64;
+                            let ranges = read_ranges(&mut r, st.out_pos, before, rec, "output")?;
+                            reserve_reference(&mut reference, &ranges)?;
+                            for (src, len) in ranges {
+                                sink.read_output(src as u64, len, &mut reference)?;
+                            }
+                        }
                         let comp_len = r.varint()?;
                         let packed = r.bytes(comp_len)?;
                         let mut v = unpack_with_reference(&reference, packed, raw_len, rec)?;
@@ -215,10 +235,17 @@ pub(crate) fn decode<S: Sink>(
     }
 }
 
-/// Reads a reference's ranges of the base (count, then `src`, `len` each) and assembles
-/// its bytes, checking every range against the base and the total against
-/// `MAX_REFERENCE` before anything is allocated.
-fn read_reference(r: &mut BodyReader<'_>, base: &[u8], rec: u64) -> Result<Vec<u8>, DeltaError> {
+/// Reads a list of reference ranges (count, then `src`, `len` each) that must lie
+/// within the first `limit` bytes of the `what` (the base, or the output written so
+/// far), checking every range, and the reference's total with the `before` bytes it
+/// already holds against `MAX_REFERENCE`, before anything is allocated.
+fn read_ranges(
+    r: &mut BodyReader<'_>,
+    limit: u64,
+    before: u64,
+    rec: u64,
+    what: &str,
+) -> Result<Vec<(usize, usize)>, DeltaError> {
     let n = r.varint()?;
     if n == 0 || n > MAX_REFERENCE_RANGES {
         return Err(DeltaError::corrupt(
@@ -227,17 +254,14 @@ fn read_reference(r: &mut BodyReader<'_>, base: &[u8], rec: u64) -> Result<Vec<u
         ));
     }
     let mut ranges = Vec::with_capacity(n as usize);
-    let mut total = 0u64;
+    let mut total = before;
     for _ in 0..n {
         let (src, len) = (r.varint()?, r.varint()?);
-        let end = src.checked_add(len).filter(|&e| e <= base.len() as u64);
+        let end = src.checked_add(len).filter(|&e| e <= limit);
         if len == 0 || end.is_none() {
             return Err(DeltaError::corrupt(
                 rec,
-                format!(
-                    "reference range {src}+{len} outside the base of {} bytes",
-                    base.len()
-                ),
+                format!("reference range {src}+{len} outside the {what}'s {limit} bytes"),
             ));
         }
         total += len;
@@ -249,14 +273,15 @@ fn read_reference(r: &mut BodyReader<'_>, base: &[u8], rec: u64) -> Result<Vec<u
         }
         ranges.push((src as usize, len as usize));
     }
-    let mut reference = Vec::new();
+    Ok(ranges)
+}
+
+/// Makes room in `reference` for the bytes of `ranges` (checked by `read_ranges`).
+fn reserve_reference(reference: &mut Vec<u8>, ranges: &[(usize, usize)]) -> Result<(), DeltaError> {
+    let add: usize = ranges.iter().map(|&(_, len)| len).sum();
     reference
-        .try_reserve_exact(total as usize)
-        .map_err(|e| DeltaError::Internal(format!("cannot allocate a reference: {e}")))?;
-    for (src, len) in ranges {
-        reference.extend_from_slice(&base[src..src + len]);
-    }
-    Ok(reference)
+        .try_reserve_exact(add)
+        .map_err(|e| DeltaError::Internal(format!("cannot allocate a reference: {e}")))
 }
 
 /// Decompresses one zstd frame compressed against `reference` (zstd's reference
@@ -432,6 +457,11 @@ impl VecSink<'_> {
 }
 
 impl Sink for VecSink<'_> {
+    fn read_output(&mut self, src: u64, len: usize, into: &mut Vec<u8>) -> Result<(), DeltaError> {
+        let s = src as usize;
+        into.extend_from_slice(&self.out[s..s + len]);
+        Ok(())
+    }
     fn base(&mut self, off: usize, len: usize) -> Result<(), DeltaError> {
         self.reserve(len)?;
         self.out.extend_from_slice(&self.base[off..off + len]);
@@ -572,6 +602,15 @@ impl<'a> FileSink<'a> {
 }
 
 impl Sink for FileSink<'_> {
+    fn read_output(&mut self, src: u64, len: usize, into: &mut Vec<u8>) -> Result<(), DeltaError> {
+        // Everything before the current position is in the file once the buffer is out.
+        self.flush_buf()?;
+        let at = into.len();
+        into.resize(at + len, 0);
+        self.file
+            .read_exact_at(&mut into[at..], src)
+            .map_err(|e| DeltaError::io("read back", &self.path, e))
+    }
     fn base(&mut self, off: usize, len: usize) -> Result<(), DeltaError> {
         let bytes = self.base.bytes();
         let mut done = 0;
@@ -712,6 +751,60 @@ mod tests {
         // Without a reference, too.
         let body = ex_body(&base, &lit, LIT_FLAG_X86, &[]);
         assert_eq!(run(&body, 3, &base, lit.len() as u64).unwrap(), lit);
+    }
+
+    /// A body of two frames: `first` as a raw frame, then `second` compressed against
+    /// the output ranges `out_ranges` (version 4's output reference).
+    fn out_ref_body(first: &[u8], second: &[u8], out_ranges: &[(u64, u64)]) -> Vec<u8> {
+        use zstd::zstd_safe::CCtx;
+        let mut reference = Vec::new();
+        for &(s, l) in out_ranges {
+            if let Some(e) = s.checked_add(l).filter(|&e| e <= first.len() as u64) {
+                reference.extend_from_slice(&first[s as usize..e as usize]);
+            }
+        }
+        let mut body = vec![TAG_LIT_RAW];
+        put_varint(&mut body, first.len() as u64);
+        body.extend_from_slice(first);
+        body.push(TAG_DATA);
+        put_varint(&mut body, first.len() as u64);
+        let mut c = CCtx::create();
+        c.ref_prefix(&reference).unwrap();
+        let mut packed = Vec::with_capacity(zstd::zstd_safe::compress_bound(second.len()));
+        c.compress2(&mut packed, second).unwrap();
+        body.push(TAG_LIT_ZSTD_EX);
+        put_varint(&mut body, second.len() as u64);
+        put_varint(&mut body, LIT_FLAG_OUT_REFERENCE);
+        put_varint(&mut body, out_ranges.len() as u64);
+        for &(s, l) in out_ranges {
+            put_varint(&mut body, s);
+            put_varint(&mut body, l);
+        }
+        put_varint(&mut body, packed.len() as u64);
+        body.extend_from_slice(&packed);
+        body.push(TAG_DATA);
+        put_varint(&mut body, second.len() as u64);
+        body.push(TAG_END);
+        body
+    }
+
+    #[test]
+    fn frames_with_a_reference_into_the_output_decode_and_bad_ones_are_refused() {
+        let first = crate::index::tests::pseudo_random(60_000, 9);
+        let mut second = first[10_000..40_000].to_vec();
+        second[100] ^= 1;
+        let mut want = first.clone();
+        want.extend_from_slice(&second);
+        let n = want.len() as u64;
+        let body = out_ref_body(&first, &second, &[(5_000, 20_000), (25_000, 30_000)]);
+        assert_eq!(run(&body, 4, &[], n).unwrap(), want);
+        // Before version 4 the flag is unknown.
+        assert!(corrupt_reason(run(&body, 3, &[], n)).contains("flags"));
+        // A range reaching past what has been written (the frame's own bytes, or later).
+        let body = out_ref_body(&first, &second, &[(50_000, 10_001)]);
+        assert!(corrupt_reason(run(&body, 4, &[], n)).contains("outside the output"));
+        let body = out_ref_body(&first, &second, &[(u64::MAX, 2)]);
+        assert!(corrupt_reason(run(&body, 4, &[], n)).contains("outside the output"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::DeltaError;
 /// First seven bytes of every delta file.
 pub const MAGIC: &[u8; 7] = b"BIDSDLT";
 /// Format version written by this build. It reads every version from 1 to this one.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Oldest format version this build still reads.
 pub const MIN_VERSION: u8 = 1;
 /// Size of the fixed header in bytes.
@@ -45,11 +45,14 @@ pub(crate) const TAG_LIT_ZSTD_EX: u8 = 0x08;
 pub(crate) const LIT_FLAG_X86: u64 = 1;
 /// LIT_ZSTD_EX flag: a reference (ranges of the base) follows the flags.
 pub(crate) const LIT_FLAG_REFERENCE: u64 = 2;
+/// Version 4 flag of LIT_ZSTD_EX and LIT_LZMA: ranges of the output already written
+/// follow (after the base's, if any) and end the reference.
+pub(crate) const LIT_FLAG_OUT_REFERENCE: u64 = 4;
 
 /// The fixed header of a delta file: what it turns into what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaHeader {
-    /// Format version (1 to 3).
+    /// Format version (1 to 4).
     pub version: u8,
     /// Block size the builder indexed the base with (informational: apply does not need it).
     pub block_size: u32,

@@ -23,14 +23,18 @@
 //! threads in parallel. A frame goes through an x86 branch filter (CALL/JMP offsets made
 //! absolute, so calls of one function repeat) when a fast trial says it helps, and the
 //! regions of A its bytes resemble (anchors shared with A, voted per 16 KiB of A, up to
-//! 16 MiB) are zstd's reference prefix, so an edited file costs its edits. Each frame is followed by
-//! the zstd-compressed block of records that consume it. See `delta/FORMAT.md` for the
-//! byte layout (version 3; versions 1 and 2 still apply).
+//! 16 MiB) are zstd's reference prefix, so an edited file costs its edits; so are the
+//! regions of B already written that it resembles (B's anchors, up to 2 MiB), so new data
+//! like new data of an earlier frame (programs of one package sharing code) costs its
+//! differences too. Each frame is followed by the zstd-compressed block of records that
+//! consume it. See `delta/FORMAT.md` for the
+//! byte layout (version 4; versions 1 to 3 still apply).
 //!
 //! Memory: inputs are memory-mapped and their pages released behind each pass; the block
 //! index is about 16 bytes per block of A (a 4 GiB base: 24 MiB at most) plus as much for
-//! B's new blocks; A's anchors take 8 bytes per 256 allocated bytes of A on average, B's
-//! an 8-byte slot per KiB of B (at most 32 MiB); each compression worker holds one frame,
+//! B's new blocks; A's anchors take 8 bytes per 256 allocated bytes of A on average, and
+//! as much for B's allocated bytes, B's literal anchors an 8-byte slot per KiB of B (at
+//! most 32 MiB); each compression worker holds one frame,
 //! its reference and a zstd context (about 60 MiB at level 18), the decoder a few frames
 //! and one reference. Nothing else is proportional to the image size.
 

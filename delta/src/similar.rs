@@ -9,7 +9,9 @@
 //! 32 KiB a MiB of allocated base); each anchor of a literal frame that is also an
 //! anchor of A votes for the 16 KiB chunk of A holding it, and the chunks with most votes
 //! make the reference, up to a byte budget. Anchors depend only on content, so they
-//! line up whatever the shift between the two copies.
+//! line up whatever the shift between the two copies. B's anchors are indexed the same
+//! way, and the same vote, limited to the bytes of B the decoder has already written,
+//! picks the regions of B's earlier output a frame resembles (format version 4).
 
 use std::collections::HashMap;
 
@@ -145,10 +147,12 @@ impl AnchorIndex {
         self.keys.capacity() * 4 + self.units.capacity() * 4
     }
 
-    /// The regions of A (sorted, disjoint `(start, len)`, within `a_len`) that `lit`
-    /// resembles most, `budget` bytes at most; empty when none does.
+    /// The regions of the indexed image (sorted, disjoint `(start, len)`, within its
+    /// first `a_len` bytes: anchors in later units do not vote) that `lit` resembles
+    /// most, `budget` bytes at most; empty when none does.
     pub(crate) fn reference(&self, lit: &[u8], a_len: u64, budget: usize) -> Vec<(u64, u64)> {
         let mut votes: HashMap<u32, u32> = HashMap::new();
+        let limit_unit = (a_len >> UNIT_SHIFT).min(u64::from(u32::MAX)) as u32;
         anchors(lit, |_, key| {
             let hits = self.find(key);
             if hits.is_empty() {
@@ -156,7 +160,9 @@ impl AnchorIndex {
             }
             let w = (MAX_PER_KEY / hits.len()) as u32;
             for &u in hits {
-                *votes.entry(u >> (CHUNK_SHIFT - UNIT_SHIFT)).or_default() += w;
+                if u < limit_unit {
+                    *votes.entry(u >> (CHUNK_SHIFT - UNIT_SHIFT)).or_default() += w;
+                }
             }
         });
         let mut ranked: Vec<(u32, u32)> =
@@ -346,6 +352,23 @@ mod tests {
         // The budget is kept.
         let small = idx.reference(&lit, a.len() as u64, 1 << CHUNK_SHIFT);
         assert_eq!(small.iter().map(|x| x.1).sum::<u64>(), 1 << CHUNK_SHIFT);
+    }
+
+    #[test]
+    fn reference_keeps_to_the_bytes_before_its_limit() {
+        // B's index: a frame may only reference output written before its records.
+        let data = noise(8, 4 << 20);
+        let idx = AnchorIndex::build(&Image::from_bytes(&data), |_| {});
+        let lit = data[(3 << 20) + 50..(3 << 20) + 50 + (64 << 10)].to_vec();
+        assert!(idx.reference(&lit, 3 << 20, 1 << 20).is_empty());
+        let r = idx.reference(&lit, 4 << 20, 1 << 20);
+        assert!(!r.is_empty());
+        assert!(r.iter().all(|&(s, _)| s >= 3 << 20), "{r:?}");
+        // A limit inside the copied region: only whole units before it vote, and no
+        // range reaches past it.
+        let limit = (3 << 20) + (32 << 10) + 100;
+        let r = idx.reference(&lit, limit, 1 << 20);
+        assert!(r.iter().all(|&(s, l)| s + l <= limit), "{r:?}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Old delta files keep applying: `data/v1-small.delta` was written by the version 1
-//! encoder (before format version 2) and `data/v2-small.delta` by the version 2 encoder
-//! (before version 3) for the pair `pair()` rebuilds here, and every later build must
+//! encoder (before format version 2), `data/v2-small.delta` by the version 2 encoder
+//! (before version 3) and `data/v3-small.delta` by the version 3 encoder (before
+//! version 4) for the pair `pair()` rebuilds here, and every later build must
 //! still apply them bit-exactly, through the in-memory and the file API.
 
 use std::fs;
@@ -56,6 +57,7 @@ fn pair() -> (Vec<u8>, Vec<u8>) {
 
 const V1_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/v1-small.delta");
 const V2_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/v2-small.delta");
+const V3_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/v3-small.delta");
 
 fn fixture_applies(path: &str, version: u8) {
     let (a, b) = pair();
@@ -94,4 +96,9 @@ fn version_1_delta_still_applies() {
 #[test]
 fn version_2_delta_still_applies() {
     fixture_applies(V2_FIXTURE, 2);
+}
+
+#[test]
+fn version_3_delta_still_applies() {
+    fixture_applies(V3_FIXTURE, 3);
 }
