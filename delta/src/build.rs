@@ -631,7 +631,7 @@ struct RefSource<'a> {
     anchors: Arc<AnchorIndex>,
     /// B's anchors: the output a frame's decoder has already written (B before the
     /// group's first byte) can be part of its reference too.
-    own: Arc<std::sync::OnceLock<AnchorIndex>>,
+    own: Arc<AnchorIndex>,
     budget: usize,
 }
 
@@ -738,7 +738,7 @@ fn pack(
             Vec::new()
         };
         let own_ranges = if own_budget > 0 {
-            refs.own.wait().reference(&buf, g.out_start, own_budget)
+            refs.own.reference(&buf, g.out_start, own_budget)
         } else {
             Vec::new()
         };
@@ -1045,18 +1045,15 @@ pub(crate) fn build_body<W: Write + Send>(
         let hash_a = scope.spawn(|| a.sha256());
         let hash_b = scope.spawn(|| b.sha256());
 
-        // B's anchors, for references into the output already written, in parallel
-        // with A's indexes; a worker waits for them before its first reference.
-        let own_index = Arc::new(std::sync::OnceLock::new());
-        if opts.reference_max > 0 && own_reference_budget(opts.reference_max) > 0 {
-            let cell = Arc::clone(&own_index);
-            scope.spawn(move || {
-                let _ = cell.set(AnchorIndex::build(b, |done| b.release(0, done)));
+        // B's anchors, for references into the output already written, indexed while
+        // A's indexes are built.
+        let own_index = (own_reference_budget(opts.reference_max) > 0).then(|| {
+            scope.spawn(|| {
+                let idx = AnchorIndex::build(b, |done| b.release(0, done));
                 b.release_all();
-            });
-        } else {
-            let _ = own_index.set(AnchorIndex::empty());
-        }
+                idx
+            })
+        });
         let poly = PolyHash::new(bs);
         let index = BlockIndex::build(a, &poly, bs, |done| a.release(0, done));
         a.release_all();
@@ -1075,8 +1072,14 @@ pub(crate) fn build_body<W: Write + Send>(
             anchor_bytes = anchors.memory(),
             "base indexed"
         );
+        let own = match own_index {
+            Some(h) => h
+                .join()
+                .map_err(|_| DeltaError::Internal("indexing thread panicked".into()))?,
+            None => AnchorIndex::empty(),
+        };
         let refs = RefSource {
-            own: own_index,
+            own: Arc::new(own),
             a,
             b,
             anchors: Arc::new(anchors),
