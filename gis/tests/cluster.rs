@@ -271,6 +271,7 @@ async fn leader_loss_in_a_distribution_keeps_every_committed_write() {
     let old = replicas.remove(&leader).unwrap();
     let stopped_at = Instant::now();
     let writer = replicas[&follower].raft.clone();
+    let forwarder = replicas[&follower].state.forwarder().clone();
     let writes = {
         let others = others.clone();
         tokio::spawn(async move {
@@ -280,6 +281,7 @@ async fn leader_loss_in_a_distribution_keeps_every_committed_write() {
                     let cmd = request(*p, publish(image, &[], chunks, chunks == 64));
                     let a = bids_gis::cluster::net::write_via_leader(
                         &writer,
+                        &forwarder,
                         cmd,
                         Duration::from_secs(10),
                     )

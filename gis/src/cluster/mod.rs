@@ -150,6 +150,8 @@ pub struct SharedState {
     /// Hosts whose liveness record this replica is proposing: one proposal per host at a
     /// time, however many heartbeats or expiry ticks ask for it meanwhile.
     proposing: Arc<Mutex<BTreeSet<PeerId>>>,
+    /// Connections to the leader for the writes this replica forwards.
+    forwarder: net::Forwarder,
 }
 
 impl SharedState {
@@ -157,7 +159,13 @@ impl SharedState {
         SharedState {
             state: Arc::new(Mutex::new(state)),
             proposing: Arc::default(),
+            forwarder: net::Forwarder::default(),
         }
+    }
+
+    /// Connections to the leader for the writes this replica forwards.
+    pub fn forwarder(&self) -> &net::Forwarder {
+        &self.forwarder
     }
 
     /// The state, even if a thread panicked while holding it (the index is rebuilt from
@@ -176,13 +184,14 @@ impl SharedState {
         }
         let raft = raft.clone();
         let proposing = self.proposing.clone();
+        let forwarder = self.forwarder.clone();
         tokio::spawn(async move {
             let cmd = Command::Liveness {
                 peer,
                 alive,
                 now_ms,
             };
-            if let Err(e) = net::write_via_leader(&raft, cmd, WRITE_TIMEOUT).await {
+            if let Err(e) = net::write_via_leader(&raft, &forwarder, cmd, WRITE_TIMEOUT).await {
                 warn!(%peer, alive, error = %e, "could not replicate a host's liveness; the next heartbeat or expiry retries");
             }
             proposing
@@ -406,7 +415,7 @@ impl Replica {
     /// Proposes `cmd` through the leader and returns what applying it answered. A follower
     /// forwards it to the leader's Raft listener.
     pub async fn write(&self, cmd: Command) -> Result<Applied, WriteError> {
-        net::write_via_leader(&self.raft, cmd, WRITE_TIMEOUT).await
+        net::write_via_leader(&self.raft, self.state.forwarder(), cmd, WRITE_TIMEOUT).await
     }
 
     /// On the leader: replaces the lost replica `old` by `new` (started with `join`, its Raft

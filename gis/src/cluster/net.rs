@@ -164,13 +164,31 @@ async fn serve_connection(
     }
 }
 
-/// Sends one RPC on a fresh connection and waits for its reply (used to forward writes).
+/// Sends one RPC on a fresh connection and waits for its reply.
 async fn call_once(addr: &str, rpc: &RaftRpc, ttl: Duration) -> io::Result<RaftReply> {
+    Ok(exchange(None, addr, rpc, ttl).await?.1)
+}
+
+/// Sends `rpc` on `stream` (or a new connection to `addr`) and reads the reply, within
+/// `ttl`; returns the connection for reuse.
+async fn exchange(
+    stream: Option<TcpStream>,
+    addr: &str,
+    rpc: &RaftRpc,
+    ttl: Duration,
+) -> io::Result<(TcpStream, RaftReply)> {
     tokio::time::timeout(ttl, async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        let mut stream = match stream {
+            Some(s) => s,
+            None => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                s
+            }
+        };
         write_frame(&mut stream, rpc).await?;
-        read_frame(&mut stream, MAX_FRAME).await
+        let reply = read_frame(&mut stream, MAX_FRAME).await?;
+        Ok((stream, reply))
     })
     .await
     .map_err(|_| {
@@ -179,6 +197,56 @@ async fn call_once(addr: &str, rpc: &RaftRpc, ttl: Duration) -> io::Result<RaftR
             format!("no answer from {addr} within {ttl:?}"),
         )
     })?
+}
+
+/// Idle connections to the leader a replica keeps for the writes it forwards.
+const MAX_IDLE_FORWARDS: usize = 64;
+
+/// The connections a follower keeps to the leader's Raft listener for the writes it
+/// forwards. A write takes one (or opens one) and puts it back once answered, so a
+/// registration or publication that reaches a follower does not cost a TCP connection to
+/// the leader each. Connections to an address that is no longer the leader's are dropped.
+#[derive(Clone, Default)]
+pub struct Forwarder {
+    idle: std::sync::Arc<std::sync::Mutex<(String, Vec<TcpStream>)>>,
+}
+
+impl Forwarder {
+    async fn call(&self, addr: &str, rpc: &RaftRpc, ttl: Duration) -> io::Result<RaftReply> {
+        let started = Instant::now();
+        if let Some(kept) = self.take(addr) {
+            match exchange(Some(kept), addr, rpc, ttl).await {
+                Ok((stream, reply)) => {
+                    self.put(addr, stream);
+                    return Ok(reply);
+                }
+                // The leader closed it meanwhile (a restart, say): once more on a new one.
+                // Writes are idempotent, so one that did arrive does no harm sent again.
+                Err(e) => {
+                    debug!(%addr, error = %e, "a kept connection to the leader failed; opening a new one")
+                }
+            }
+        }
+        let left = ttl.saturating_sub(started.elapsed());
+        let (stream, reply) = exchange(None, addr, rpc, left).await?;
+        self.put(addr, stream);
+        Ok(reply)
+    }
+
+    fn take(&self, addr: &str) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.0 != addr {
+            *idle = (addr.to_string(), Vec::new());
+        }
+        idle.1.pop()
+    }
+
+    fn put(&self, addr: &str, stream: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.0 == addr && idle.1.len() < MAX_IDLE_FORWARDS {
+            idle.1.push(stream);
+        }
+    }
 }
 
 /// Creates one [`PeerClient`] per peer replica.
@@ -461,6 +529,7 @@ pub async fn ask_to_join(
 /// across an election until `timeout`.
 pub async fn write_via_leader(
     raft: &GisRaft,
+    forwarder: &Forwarder,
     cmd: Command,
     timeout: Duration,
 ) -> Result<Applied, WriteError> {
@@ -474,7 +543,10 @@ pub async fn write_via_leader(
             }
             Some((id, addr)) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                match call_once(addr, &RaftRpc::Write(cmd.clone()), left).await {
+                match forwarder
+                    .call(addr, &RaftRpc::Write(cmd.clone()), left)
+                    .await
+                {
                     Ok(RaftReply::Write(r)) => Some(r),
                     Ok(_) => {
                         return Err(WriteError::Forward(format!(
@@ -490,7 +562,22 @@ pub async fn write_via_leader(
             None => None,
         };
         match outcome {
-            Some(Ok(resp)) => return Ok(resp.data),
+            Some(Ok(resp)) => {
+                // Committed. Answer once this replica has applied it too, so that what the
+                // writer asks this replica next (a heartbeat after its registration, a
+                // lookup after its publication) sees its own write. A replica that lags
+                // past the deadline answers anyway: the write is committed.
+                let index = resp.log_id.index;
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Err(e) = raft
+                    .wait(Some(left))
+                    .applied_index_at_least(Some(index), "a write made through this replica")
+                    .await
+                {
+                    debug!(index, error = %e, "answering a committed write this replica has not applied yet");
+                }
+                return Ok(resp.data);
+            }
             Some(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) | None => {}
             Some(Err(e)) => return Err(WriteError::Raft(e.to_string())),
         }
@@ -548,6 +635,64 @@ mod tests {
             RaftRpc::Write(c) => assert_eq!(c, cmd),
             other => panic!("decoded {other:?}"),
         }
+    }
+
+    /// A stand-in leader listener: answers `Heartbeats` with `Heartbeats`, counts the
+    /// connections it accepted, and closes each after `per_conn` answers.
+    async fn counting_listener(
+        per_conn: usize,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    for _ in 0..per_conn {
+                        let Ok(RaftRpc::Heartbeats(_)) = read_frame(&mut s, MAX_FRAME).await else {
+                            return;
+                        };
+                        write_frame(&mut s, &RaftReply::Heartbeats).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[test]
+    fn forwarded_writes_reuse_one_connection_and_survive_its_close() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ttl = Duration::from_secs(5);
+            let rpc = RaftRpc::Heartbeats(Vec::new());
+            // Before, every forwarded write opened a connection of its own.
+            let (addr, accepted) = counting_listener(usize::MAX).await;
+            let f = Forwarder::default();
+            for _ in 0..10 {
+                assert!(matches!(
+                    f.call(&addr, &rpc, ttl).await,
+                    Ok(RaftReply::Heartbeats)
+                ));
+            }
+            assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+            // A leader that closes the connection after each answer: the next write notices
+            // the dead kept connection and goes out on a new one.
+            let (addr, accepted) = counting_listener(1).await;
+            for _ in 0..3 {
+                assert!(matches!(
+                    f.call(&addr, &rpc, ttl).await,
+                    Ok(RaftReply::Heartbeats)
+                ));
+            }
+            assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+        });
     }
 
     proptest! {

@@ -282,6 +282,7 @@ impl Routes<'_> {
                     now_ms: now,
                 };
                 let raft = self.raft.clone();
+                let forwarder = self.state.forwarder().clone();
                 let done = self.done.clone();
                 let metrics = self.metrics.clone();
                 let writes = self.writes.clone();
@@ -289,14 +290,17 @@ impl Routes<'_> {
                     let Ok(_permit) = writes.acquire_owned().await else {
                         return;
                     };
-                    let resp = match net::write_via_leader(&raft, cmd, super::WRITE_TIMEOUT).await {
-                        Ok(Applied::Response(resp)) => resp,
-                        Ok(other) => unavailable(format!("unexpected answer {other:?}")),
-                        Err(e) => {
-                            warn!(%peer, kind, error = %e, "GIS write not committed");
-                            unavailable(e)
-                        }
-                    };
+                    let resp =
+                        match net::write_via_leader(&raft, &forwarder, cmd, super::WRITE_TIMEOUT)
+                            .await
+                        {
+                            Ok(Applied::Response(resp)) => resp,
+                            Ok(other) => unavailable(format!("unexpected answer {other:?}")),
+                            Err(e) => {
+                                warn!(%peer, kind, error = %e, "GIS write not committed");
+                                unavailable(e)
+                            }
+                        };
                     metrics.request(kind, &resp, started.elapsed());
                     let _ = done.send(Done::Gis(channel, resp)).await;
                 });
@@ -357,29 +361,33 @@ impl Routes<'_> {
             } if peer == admin => {
                 info!(admin = %peer, serial, "admin revokes a certificate; replicating");
                 let raft = self.raft.clone();
+                let forwarder = self.state.forwarder().clone();
                 let done = self.done.clone();
                 tokio::spawn(async move {
                     let cmd = Command::Revoke {
                         requester: peer,
                         serial,
                     };
-                    let resp = match net::write_via_leader(&raft, cmd, super::WRITE_TIMEOUT).await {
-                        Ok(Applied::Revoked(Ok(hosts))) => AdminResponse::Revoked { hosts },
-                        Ok(Applied::Revoked(Err(message))) => AdminResponse::Error {
-                            kind: AdminErrorKind::Forbidden,
-                            message,
-                        },
-                        Ok(other) => AdminResponse::Error {
-                            kind: AdminErrorKind::Failed,
-                            message: format!("unexpected answer to a revocation: {other:?}"),
-                        },
-                        Err(e) => AdminResponse::Error {
-                            kind: AdminErrorKind::Unreachable,
-                            message: format!(
-                                "the GIS cluster could not commit the revocation: {e}"
-                            ),
-                        },
-                    };
+                    let resp =
+                        match net::write_via_leader(&raft, &forwarder, cmd, super::WRITE_TIMEOUT)
+                            .await
+                        {
+                            Ok(Applied::Revoked(Ok(hosts))) => AdminResponse::Revoked { hosts },
+                            Ok(Applied::Revoked(Err(message))) => AdminResponse::Error {
+                                kind: AdminErrorKind::Forbidden,
+                                message,
+                            },
+                            Ok(other) => AdminResponse::Error {
+                                kind: AdminErrorKind::Failed,
+                                message: format!("unexpected answer to a revocation: {other:?}"),
+                            },
+                            Err(e) => AdminResponse::Error {
+                                kind: AdminErrorKind::Unreachable,
+                                message: format!(
+                                    "the GIS cluster could not commit the revocation: {e}"
+                                ),
+                            },
+                        };
                     let _ = done.send(Done::Admin((channel, resp))).await;
                 });
                 None
