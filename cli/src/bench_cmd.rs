@@ -43,6 +43,10 @@ pub struct GisArgs {
     /// The GIS to load (repeatable: hosts are spread over the addresses). Default: start one.
     #[arg(long)]
     gis: Vec<String>,
+    /// Without --gis: start this many `bids gis` replicas as one Raft group (on 127.0.0.1)
+    /// instead of one GIS, and spread the hosts over them. Their CPU and memory are summed.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
     /// Images each host holds.
     #[arg(long, default_value_t = 5)]
     holdings_per_host: usize,
@@ -135,6 +139,7 @@ async fn gis(a: GisArgs) -> Result<()> {
             None
         },
         gis,
+        replicas: a.replicas,
         hosts: a.hosts,
         idcs: a.idcs,
         images: a.images,

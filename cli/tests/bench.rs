@@ -143,3 +143,38 @@ fn gis_bench_registers_every_virtual_host_and_serves_lookups_over_the_real_proto
     let errors = v["errors"].as_object().expect("errors");
     assert!(errors.is_empty(), "no errors on loopback: {v}");
 }
+
+#[test]
+fn gis_bench_starts_a_raft_group_and_spreads_the_hosts_over_its_replicas() {
+    let v = bids(&[
+        "bench",
+        "gis",
+        "--replicas",
+        "3",
+        "--hosts",
+        "90",
+        "--idcs",
+        "3",
+        "--images",
+        "20",
+        "--lookups-per-s",
+        "100",
+        "--duration",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(v["gis_processes"].as_u64(), Some(3), "{v}");
+    assert_eq!(v["gis_addrs"].as_array().map(Vec::len), Some(3), "{v}");
+    let reg = &v["registration"];
+    // Registrations and publications go through the group's leader, whichever replica
+    // a host talks to; the heartbeat that follows a registration is accepted at once.
+    assert_eq!(reg["registered"].as_u64(), Some(90), "{v}");
+    assert_eq!(reg["publish"]["count"].as_u64(), Some(450), "{v}");
+    let served = v["lookups_per_s"].as_f64().expect("lookups_per_s");
+    assert!(served > 50.0, "served {served} of 100/s: {v}");
+    // CPU and memory are those of the three processes together.
+    assert!(v["gis"]["cpu_s"].as_f64().is_some_and(|c| c > 0.0), "{v}");
+    assert!(v["gis"]["peak_rss_bytes"].as_u64() > Some(3 << 20), "{v}");
+    let errors = v["errors"].as_object().expect("errors");
+    assert!(errors.is_empty(), "no errors on loopback: {v}");
+}

@@ -56,6 +56,9 @@ pub struct LoadOptions {
     pub gis: Vec<Multiaddr>,
     /// The `bids` executable, to start a GIS (`bids gis`) as a child when `gis` is empty.
     pub spawn_program: Option<PathBuf>,
+    /// GIS processes to start when `gis` is empty: 1, a lone GIS; more, the replicas of one
+    /// Raft group on 127.0.0.1, with the hosts spread over them.
+    pub replicas: usize,
     pub hosts: usize,
     pub idcs: usize,
     pub images: usize,
@@ -86,6 +89,7 @@ impl Default for LoadOptions {
         LoadOptions {
             gis: Vec::new(),
             spawn_program: None,
+            replicas: 1,
             hosts: 1000,
             idcs: 10,
             images: 100,
@@ -161,6 +165,9 @@ pub struct Report {
     pub protocol: &'static str,
     pub gis_addrs: Vec<String>,
     pub gis_spawned: bool,
+    /// GIS processes started for the run (0 with `--gis`): 1, or the replicas of a Raft
+    /// group. `gis` and each phase's GIS CPU are summed over them.
+    pub gis_processes: usize,
     pub nofile: NoFile,
     pub registration: RegistrationReport,
     pub phases: Vec<PhaseReport>,
@@ -556,19 +563,36 @@ struct ChildGis {
 }
 
 impl ChildGis {
-    async fn start(program: &std::path::Path, admin: &Keypair) -> anyhow::Result<ChildGis> {
+    /// Starts `bids gis`; `raft`: this replica's id and every replica's Raft address, by
+    /// id from 1.
+    async fn start(
+        program: &std::path::Path,
+        admin: &Keypair,
+        raft: Option<(usize, &[std::net::SocketAddr])>,
+    ) -> anyhow::Result<ChildGis> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let dir =
-            std::env::temp_dir().join(format!("bids-bench-gis-{}-{nanos}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "bids-bench-gis-{}-{nanos}-{}",
+            std::process::id(),
+            raft.map_or(0, |(id, _)| id)
+        ));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let key = dir.join("gis.key");
         let bytes = Keypair::generate_ed25519()
             .to_protobuf_encoding()
             .context("encoding the GIS key")?;
         std::fs::write(&key, bytes).with_context(|| format!("writing {}", key.display()))?;
+        let mut raft_args = Vec::new();
+        if let Some((id, addrs)) = raft {
+            raft_args.extend(["--raft-id".to_string(), id.to_string()]);
+            raft_args.extend(["--raft-listen".to_string(), addrs[id - 1].to_string()]);
+            for (i, a) in addrs.iter().enumerate().filter(|(i, _)| i + 1 != id) {
+                raft_args.extend(["--peer".to_string(), format!("{}@{a}", i + 1)]);
+            }
+        }
         let log = std::fs::File::create(dir.join("gis.log")).context("creating the GIS log")?;
         let mut child = tokio::process::Command::new(program)
             .arg("gis")
@@ -578,6 +602,7 @@ impl ChildGis {
             .arg(admin.public().to_peer_id().to_string())
             .arg("--data")
             .arg(dir.join("data"))
+            .args(&raft_args)
             .env(
                 "RUST_LOG",
                 std::env::var("BIDS_BENCH_GIS_LOG").unwrap_or("warn".into()),
@@ -615,6 +640,49 @@ impl Drop for ChildGis {
     }
 }
 
+/// Starts one GIS, or `replicas` of them as one Raft group (Raft listeners on free
+/// 127.0.0.1 ports).
+async fn start_gis(
+    program: &std::path::Path,
+    admin: &Keypair,
+    replicas: usize,
+) -> anyhow::Result<Vec<ChildGis>> {
+    if replicas <= 1 {
+        return Ok(vec![ChildGis::start(program, admin, None).await?]);
+    }
+    let raft: Vec<std::net::SocketAddr> = {
+        let ls = (0..replicas)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("finding free ports for the Raft listeners")?;
+        ls.iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<_>>()
+            .context("finding free ports for the Raft listeners")?
+    };
+    let mut children = Vec::with_capacity(replicas);
+    for id in 1..=replicas {
+        children.push(ChildGis::start(program, admin, Some((id, &raft))).await?);
+    }
+    Ok(children)
+}
+
+/// The GIS processes together: CPU seconds, resident and peak resident bytes summed
+/// (`None` if there are none or one is unreadable).
+fn sum_samples(pids: &[u32]) -> Option<ProcSample> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold(ProcSample::default(), |acc, p| {
+        let s = proc_sample(Some(*p))?;
+        Some(ProcSample {
+            cpu_s: acc.cpu_s + s.cpu_s,
+            rss_bytes: acc.rss_bytes + s.rss_bytes,
+            peak_rss_bytes: acc.peak_rss_bytes + s.peak_rss_bytes,
+        })
+    })
+}
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -630,13 +698,19 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
             254 * 65536
         );
     }
+    if !o.gis.is_empty() && o.replicas > 1 {
+        bail!("--replicas starts a GIS group of its own; leave --gis out, or give every replica's address with --gis");
+    }
+    if o.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
     let needed = o.hosts as u64 + RESERVED_FDS;
     let nofile = raise_nofile(needed);
     log(&format!(
         "open files: need {} (one per virtual host + {RESERVED_FDS}){}, limit {}",
         nofile.needed,
         if o.gis.is_empty() {
-            ", the same again for the GIS child"
+            ", the same again for the GIS children together"
         } else {
             ""
         },
@@ -648,27 +722,27 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
             nofile.limit
         ));
     }
-    let (admin, child) = if o.gis.is_empty() {
+    let (admin, children) = if o.gis.is_empty() {
         let program = o
             .spawn_program
             .as_ref()
             .context("no --gis given and no bids executable to start one")?;
         let admin = o.admin.clone().unwrap_or_else(Keypair::generate_ed25519);
-        let child = ChildGis::start(program, &admin).await?;
-        log(&format!(
-            "started a GIS at {} (pid {:?})",
-            child.addr,
-            child.pid()
-        ));
-        (Some(admin), Some(child))
+        let children = start_gis(program, &admin, o.replicas).await?;
+        for c in &children {
+            log(&format!("started a GIS at {} (pid {:?})", c.addr, c.pid()));
+        }
+        (Some(admin), children)
     } else {
-        (o.admin.clone(), None)
+        (o.admin.clone(), Vec::new())
     };
-    let gis_addrs: Vec<Multiaddr> = match &child {
-        Some(c) => vec![c.addr.clone()],
-        None => o.gis.clone(),
+    let gis_addrs: Vec<Multiaddr> = if children.is_empty() {
+        o.gis.clone()
+    } else {
+        children.iter().map(|c| c.addr.clone()).collect()
     };
-    let gis_pid = child.as_ref().and_then(ChildGis::pid);
+    let gis_pids: Vec<u32> = children.iter().filter_map(ChildGis::pid).collect();
+    let gis_sample = || sum_samples(&gis_pids);
 
     let images: Vec<ImageSpec> = (0..o.images)
         .map(|i| synthetic_image(i, o.chunks_per_image.max(1)))
@@ -745,7 +819,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
         announced_heartbeat_ms: AtomicUsize::new(0),
         progress: Notify::new(),
     });
-    let gis_start = gis_pid.and_then(|p| proc_sample(Some(p)));
+    let gis_start = gis_sample();
     let gen_start = proc_sample(None);
 
     // Registration from cold.
@@ -817,7 +891,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
     // One phase per lookup rate.
     let mut phases = Vec::new();
     for &rate in &o.lookup_rates {
-        let gis0 = gis_pid.and_then(|p| proc_sample(Some(p)));
+        let gis0 = gis_sample();
         let gen0 = proc_sample(None);
         let t0 = Instant::now();
         drive_lookups(&shared, &senders, rate, o.duration, o.seed ^ rate).await;
@@ -831,7 +905,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
             (Some(a), Some(b)) => Some(b.cpu_s - a.cpu_s),
             _ => None,
         };
-        let gis_cpu = cpu(gis0, gis_pid.and_then(|p| proc_sample(Some(p))));
+        let gis_cpu = cpu(gis0, gis_sample());
         let gen_cpu = cpu(gen0, proc_sample(None));
         let lookup = rec.summary(Kind::Lookup);
         let lookup_sent = rec.summary(Kind::LookupSent);
@@ -869,7 +943,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
         phases.push(p);
     }
 
-    let gis_end = gis_pid.and_then(|p| proc_sample(Some(p)));
+    let gis_end = gis_sample();
     let gen_end = proc_sample(None);
     // Stop: closing the command channels ends every virtual host.
     drop(senders);
@@ -878,7 +952,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
     })
     .await;
     tasks.abort_all();
-    drop(child);
+    drop(children);
     let whole = |a: Option<ProcSample>, b: Option<ProcSample>| match (a, b) {
         (Some(a), Some(b)) => Some(ProcSample {
             cpu_s: b.cpu_s - a.cpu_s,
@@ -900,7 +974,8 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
             "session"
         },
         gis_addrs: gis_addrs.iter().map(|a| a.to_string()).collect(),
-        gis_spawned: gis_pid.is_some(),
+        gis_spawned: !gis_pids.is_empty(),
+        gis_processes: gis_pids.len(),
         nofile,
         lookups_per_s: last.map_or(0.0, |p| p.lookups_per_s),
         lookup: last.map(|p| p.lookup.clone()).unwrap_or_default(),
@@ -1019,7 +1094,12 @@ pub fn render(r: &Report) -> String {
         Some(g) => {
             let _ = writeln!(
                 s,
-                "GIS process: {:.1} CPU s over the run, peak RSS {:.1} MiB",
+                "{}: {:.1} CPU s over the run, peak RSS {:.1} MiB",
+                if r.gis_processes > 1 {
+                    format!("GIS processes ({} replicas, summed)", r.gis_processes)
+                } else {
+                    "GIS process".to_string()
+                },
                 g.cpu_s,
                 g.peak_rss_bytes as f64 / (1 << 20) as f64
             );
