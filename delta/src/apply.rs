@@ -684,7 +684,7 @@ pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::put_varint;
+    use crate::format::{put_ranges, put_varint};
 
     /// A body of one LIT_ZSTD_EX frame (`flags`, `ranges`) holding `lit` compressed
     /// against those ranges of `base`, one DATA record for it, END.
@@ -710,11 +710,7 @@ mod tests {
         put_varint(&mut body, lit.len() as u64);
         put_varint(&mut body, flags);
         if flags & LIT_FLAG_REFERENCE != 0 {
-            put_varint(&mut body, ranges.len() as u64);
-            for &(s, l) in ranges {
-                put_varint(&mut body, s);
-                put_varint(&mut body, l);
-            }
+            put_ranges(&mut body, ranges);
         }
         put_varint(&mut body, packed.len() as u64);
         body.extend_from_slice(&packed);
@@ -775,11 +771,7 @@ mod tests {
         body.push(TAG_LIT_ZSTD_EX);
         put_varint(&mut body, second.len() as u64);
         put_varint(&mut body, LIT_FLAG_OUT_REFERENCE);
-        put_varint(&mut body, out_ranges.len() as u64);
-        for &(s, l) in out_ranges {
-            put_varint(&mut body, s);
-            put_varint(&mut body, l);
-        }
+        put_ranges(&mut body, out_ranges);
         put_varint(&mut body, packed.len() as u64);
         body.extend_from_slice(&packed);
         body.push(TAG_DATA);

@@ -19,8 +19,8 @@ use std::time::Duration;
 use crate::apply::REFERENCE_WINDOW_LOG_MAX;
 use crate::filter::{x86_decode, x86_encode};
 use crate::format::{
-    put_varint, LIT_FLAG_OUT_REFERENCE, LIT_FLAG_REFERENCE, LIT_FLAG_X86, TAG_COPY, TAG_COPY_OUT,
-    TAG_DATA, TAG_END, TAG_LIT_RAW, TAG_LIT_ZSTD_EX, TAG_OPS_ZSTD, TAG_ZERO,
+    put_ranges, put_varint, LIT_FLAG_OUT_REFERENCE, LIT_FLAG_REFERENCE, LIT_FLAG_X86, TAG_COPY,
+    TAG_COPY_OUT, TAG_DATA, TAG_END, TAG_LIT_RAW, TAG_LIT_ZSTD_EX, TAG_OPS_ZSTD, TAG_ZERO,
 };
 use crate::image::Image;
 use crate::index::{
@@ -803,11 +803,7 @@ fn pack(
             put_varint(&mut out, flags);
             for list in [&ranges, &own_ranges] {
                 if !list.is_empty() {
-                    put_varint(&mut out, list.len() as u64);
-                    for &(src, len) in list {
-                        put_varint(&mut out, src);
-                        put_varint(&mut out, len);
-                    }
+                    put_ranges(&mut out, list);
                 }
             }
             put_varint(&mut out, packed.len() as u64);

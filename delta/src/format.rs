@@ -162,6 +162,16 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// Appends a reference range list of a `LIT_ZSTD_EX` frame: the count, then each range's
+/// start and length.
+pub(crate) fn put_ranges(out: &mut Vec<u8>, ranges: &[(u64, u64)]) {
+    put_varint(out, ranges.len() as u64);
+    for &(start, len) in ranges {
+        put_varint(out, start);
+        put_varint(out, len);
+    }
+}
+
 /// A cursor over the body that turns every short read or malformed value into a
 /// `Corrupt` error carrying the absolute file offset.
 pub(crate) struct BodyReader<'a> {
