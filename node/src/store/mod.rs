@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// Errors of the chunk store. Each says what failed, on what, and what to do.
@@ -407,6 +407,37 @@ fn tx_err(e: TransactionError<()>) -> StoreError {
     }
 }
 
+/// How long an open waits for the index's lock. sled gives its lock file back only when
+/// the last of its internal references goes, and some of them live on in its background
+/// threads for a moment after a `Store` in this process is dropped; a lock held by
+/// another running node stays held and is reported after this wait.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Opens the sled index, waiting up to [`LOCK_WAIT`] for its lock.
+fn open_index(dir: &Path, db_path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let start = Instant::now();
+    loop {
+        match sled::Config::new()
+            .path(db_path)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            // sled's text ends in the raw `Os { code: 11, … }`: say it in words.
+            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                if start.elapsed() >= LOCK_WAIT {
+                    return Err(StoreError::Locked {
+                        dir: dir.to_path_buf(),
+                        detail: format!("its index {} is locked", db_path.display()),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(other) => return Err(StoreError::Db(other)),
+        }
+    }
+}
+
 fn ref_key(r: &ImageRef) -> Vec<u8> {
     r.to_string().into_bytes()
 }
@@ -422,20 +453,7 @@ impl Store {
         let images_dir = dir.join("images");
         fs::create_dir_all(&images_dir).map_err(|e| io_err(&images_dir, e))?;
         let db_path = dir.join("index.sled");
-        let db = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(opts.cache_bytes)
-            .open()
-            .map_err(|e| match e {
-                // sled's text ends in the raw `Os { code: 11, … }`: say it in words.
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked {
-                        dir: dir.to_path_buf(),
-                        detail: format!("its index {} is locked", db_path.display()),
-                    }
-                }
-                other => StoreError::Db(other),
-            })?;
+        let db = open_index(dir, &db_path, opts.cache_bytes)?;
         let (nudge, rx) = mpsc::sync_channel(1);
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),

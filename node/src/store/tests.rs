@@ -168,6 +168,27 @@ fn second_open_of_the_same_dir_is_refused() {
     assert!(err.to_string().contains("already running"), "{err}");
 }
 
+/// A lock that is given back a moment after the open starts (as sled does when its
+/// background threads still hold the index of a store this process just dropped) is
+/// waited for, not reported as another running node.
+#[test]
+fn reopen_waits_for_a_lock_given_back_late() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    let db = fs::File::open(dir.path().join("index.sled").join("db")).unwrap();
+    // SAFETY: flock on a file descriptor this test owns.
+    let rc = unsafe { libc::flock(db.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0, "the test could not take the lock itself");
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(db);
+    });
+    let store = Store::open(dir.path()).expect("the open waits for the lock");
+    holder.join().unwrap();
+    drop(store);
+}
+
 #[test]
 fn corrupt_chunk_found_on_export_is_marked_missing() {
     let dir = tempfile::tempdir().unwrap();
