@@ -369,6 +369,28 @@ impl Index {
         ix
     }
 
+    /// The records the index holds, as `restore` takes them: what storage holds once every
+    /// change is written. Copied from memory, so a replica's snapshot does not read the
+    /// database while its state is locked.
+    pub fn records(&self) -> Snapshot {
+        Snapshot {
+            hosts: self.hosts.values().map(|h| h.rec.clone()).collect(),
+            images: self.images.values().map(|i| i.stored.clone()).collect(),
+            holdings: self
+                .holders
+                .values()
+                .flat_map(|by_peer| {
+                    by_peer.iter().map(|(peer, holding)| StoredHolding {
+                        peer: *peer,
+                        holding: holding.clone(),
+                    })
+                })
+                .collect(),
+            revocations: self.revocations.serials.clone(),
+            skipped: 0,
+        }
+    }
+
     pub fn config(&self) -> &IndexConfig {
         &self.cfg
     }

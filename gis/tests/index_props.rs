@@ -284,6 +284,15 @@ proptest! {
             }
             store.commit(&ix.take_changes()).expect("mem storage");
         }
+        // The records copied from memory (what a replica's snapshot carries) are exactly
+        // what was persisted.
+        let sorted = |mut s: bids_gis::storage::Snapshot| {
+            s.hosts.sort_by_key(|h| h.peer.to_bytes());
+            s.images.sort_by_key(|i| i.id);
+            s.holdings.sort_by_key(|h| (h.peer.to_bytes(), h.holding.image));
+            (s.hosts, s.images, s.holdings, s.revocations)
+        };
+        prop_assert_eq!(sorted(ix.records()), sorted(store.load().expect("load")));
         // What was persisted rebuilds the same index, except liveness.
         let restored = Index::restore(cfg, store.load().expect("load"));
         let dead = |mut v: Vec<bids_gis::index::ImageView>| {
