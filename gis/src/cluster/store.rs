@@ -95,6 +95,12 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
+/// sled's page cache for the Raft database (its default is 1 GiB). The log is appended and
+/// read near its end, and a snapshot is read whole once in a while: with the 10,000 entries
+/// kept behind a snapshot (`raft_config`), the default made the peak RSS of three replicas
+/// registering 19,400 hosts 3.67-3.72 GiB in all; with this cache, 3.35 GiB.
+const RAFT_DB_CACHE_BYTES: u64 = 64 << 20;
+
 /// Opens the Raft database at `path` and the state machine over `state`. The state's index
 /// was restored from the GIS storage; the liveness replicated before the last stop is put
 /// back here (the GIS storage keeps no liveness).
@@ -103,7 +109,10 @@ pub fn open(
     index_cfg: IndexConfig,
     state: SharedState,
 ) -> std::result::Result<(LogStore, StateMachine), StoreError> {
-    let db = sled::open(path)?;
+    let db = sled::Config::new()
+        .path(path)
+        .cache_capacity(RAFT_DB_CACHE_BYTES)
+        .open()?;
     let log = db.open_tree("log")?;
     let meta = db.open_tree("meta")?;
     let applied: Option<LogId<NodeId>> = get(&meta, APPLIED)?.flatten();
