@@ -283,10 +283,11 @@ pub fn raft_config() -> openraft::Config {
         // Snapshot after this many applied entries, so a replaced replica catches up from
         // a snapshot instead of an endless log; and keep as many behind it, so a follower
         // that lagged (restarted, or busy) catches up from the log. Installing a snapshot
-        // of 19,400 hosts stops a replica for 2-3 s, during which a registration storm
-        // (about 600 entries a second through three replicas) commits more than the 1,000
-        // entries that were kept: the follower was sent snapshot after snapshot. 10,000
-        // entries are about 40 MB of log on disk at most (publications carry manifests).
+        // of 19,400 hosts took a replica 2-3 s, during which a registration storm (about
+        // 600 entries a second through three replicas) committed more than the 1,000
+        // entries then kept: the follower was sent snapshot after snapshot (gis/RESULTS.md,
+        // "Snapshots during a registration storm"). The cost is disk: 10,000 entries of
+        // registrations and publications, a few KB each where a manifest travels.
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 10_000,
         snapshot_max_chunk_size: 1024 * 1024,
