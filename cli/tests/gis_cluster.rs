@@ -180,11 +180,17 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
         .iter()
         .map(|l| l.local_addr().unwrap().to_string())
         .collect();
+    let metrics: Vec<std::net::SocketAddr> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap())
+        .collect();
     let (tx, logs) = mpsc::channel();
     let mut replicas: Vec<Replica> = Vec::new();
     for id in 1..=3u64 {
         ok(&["key", "gen", "--out", &p(d, &format!("gis{id}.key"))]);
-        let args = if id == 3 {
+        let mut args = if id == 3 {
             // The third replica takes its place in the group from its config file.
             let mut args = base_args(d, &admin, id);
             let others: Vec<String> = (1..=3u64)
@@ -207,6 +213,10 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
         } else {
             replica_args(d, &admin, id, &raft)
         };
+        args.extend([
+            "--metrics".to_string(),
+            metrics[id as usize - 1].to_string(),
+        ]);
         replicas.push(start(id, &args, &tx));
     }
     let first = leader(&logs, None, Duration::from_secs(15));
@@ -232,6 +242,7 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
     for r in &replicas {
         wait_listed(&r.addr, std::slice::from_ref(&h1));
     }
+    raft_metrics_agree(&rt, &metrics, first);
 
     // SIGKILL the leader.
     let pos = replicas.iter().position(|r| r.id == first).unwrap();
@@ -320,6 +331,55 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
         }
     }
     wait_listed(&fourth.addr, &[h1, h2]);
+}
+
+/// Each replica's `/metrics` shows the group as it is: `leader` leads (1) and counts each
+/// follower's lag, the others say 0, every replica has applied what the leader logged
+/// (the registration and publication before this) in the same term. Waits for the
+/// once-a-second sample.
+fn raft_metrics_agree(rt: &tokio::runtime::Runtime, metrics: &[std::net::SocketAddr], leader: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrapes: Vec<_> = metrics
+            .iter()
+            .map(|a| {
+                let (code, body) = rt.block_on(bids_metrics::get(*a, "/metrics")).unwrap();
+                assert_eq!(code, 200);
+                bids_metrics::text::parse(&body).unwrap()
+            })
+            .collect();
+        let value = |i: usize, name: &str| scrapes[i].value(name, &[]).unwrap_or(-1.0);
+        let l = leader as usize - 1;
+        let last = value(l, "bids_gis_raft_last_log_index");
+        let agree = (0..3).all(|i| {
+            value(i, "bids_gis_raft_leader") == f64::from(u8::from(i == l))
+                && value(i, "bids_gis_raft_term") == value(l, "bids_gis_raft_term")
+                && value(i, "bids_gis_raft_applied_index") == last
+        }) && last >= 2.0
+            && (0..3).filter(|i| *i != l).all(|i| {
+                let replica = (i + 1).to_string();
+                scrapes[l].value(
+                    "bids_gis_raft_follower_lag_entries",
+                    &[("replica", replica.as_str())],
+                ) == Some(0.0)
+            });
+        if agree {
+            return;
+        }
+        let shown: Vec<Vec<f64>> = (0..3)
+            .map(|i| {
+                ["leader", "term", "last_log_index", "applied_index"]
+                    .map(|g| value(i, &format!("bids_gis_raft_{g}")))
+                    .to_vec()
+            })
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "the replicas' Raft metrics (leader, term, last log, applied) do not agree \
+             with replica {leader} leading: {shown:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The flags every replica `id` takes: its key, data dir (both under `d`) and admin.

@@ -91,6 +91,8 @@ async fn gis_serves_metrics_and_counts_lookups() {
     assert_eq!(code, 200);
     let s = bids_metrics::text::parse(&body).unwrap();
     assert_eq!(s.value("bids_gis_index_open", &[]), Some(1.0));
+    // A lone GIS has no Raft group to report.
+    assert_eq!(s.value("bids_gis_raft_term", &[]), None);
     assert_eq!(
         s.value(
             "bids_gis_requests_total",

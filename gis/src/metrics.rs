@@ -49,6 +49,23 @@ pub struct GisMetrics {
     by_transport: Family<TransportLabels, Counter>,
     sessions: Gauge,
     busy_seconds: Family<WorkLabels, Histogram>,
+    /// Only a Raft replica registers these.
+    raft: Option<RaftGauges>,
+}
+
+/// A replica's view of its Raft group.
+struct RaftGauges {
+    term: Gauge,
+    leader: Gauge,
+    last_log_index: Gauge,
+    applied_index: Gauge,
+    snapshot_index: Gauge,
+    follower_lag: Family<ReplicaLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    replica: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,8 +74,9 @@ struct WorkLabels {
 }
 
 impl GisMetrics {
-    /// Registers the GIS's metrics (prefix `bids_gis_`) and libp2p's (prefix `libp2p_`).
-    pub fn new(registry: &mut Registry) -> Self {
+    /// Registers the GIS's metrics (prefix `bids_gis_`) and libp2p's (prefix `libp2p_`);
+    /// a Raft replica (`replicated`) also its group's (`bids_gis_raft_`).
+    pub fn new(registry: &mut Registry, replicated: bool) -> Self {
         let m = GisMetrics {
             p2p: libp2p::metrics::Metrics::new(registry),
             requests: Family::default(),
@@ -75,8 +93,45 @@ impl GisMetrics {
             busy_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(1e-5, 2.0, 16))
             }),
+            raft: replicated.then(|| RaftGauges {
+                term: Gauge::default(),
+                leader: Gauge::default(),
+                last_log_index: Gauge::default(),
+                applied_index: Gauge::default(),
+                snapshot_index: Gauge::default(),
+                follower_lag: Family::default(),
+            }),
         };
         let r = registry.sub_registry_with_prefix("bids_gis");
+        if let Some(g) = &m.raft {
+            let r = r.sub_registry_with_prefix("raft");
+            r.register("term", "This replica's current Raft term", g.term.clone());
+            r.register(
+                "leader",
+                "1 while this replica is the group's leader (writes go through it), else 0",
+                g.leader.clone(),
+            );
+            r.register(
+                "last_log_index",
+                "Index of the last entry in this replica's Raft log",
+                g.last_log_index.clone(),
+            );
+            r.register(
+                "applied_index",
+                "Index of the last entry applied to this replica's index (what its lookups answer from)",
+                g.applied_index.clone(),
+            );
+            r.register(
+                "snapshot_index",
+                "Last entry covered by this replica's latest snapshot (0: none)",
+                g.snapshot_index.clone(),
+            );
+            r.register(
+                "follower_lag_entries",
+                "On the leader: entries of its log each other replica has not yet acknowledged",
+                g.follower_lag.clone(),
+            );
+        }
         r.register(
             "requests",
             "GIS requests handled, by kind (register, heartbeat, publish, unpublish, lookup, refresh, revoke, upgrade_path) and outcome (ok, error)",
@@ -198,6 +253,34 @@ impl GisMetrics {
 
     pub fn committed(&self, took: Duration) {
         self.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Samples a replica's Raft metrics (no-op for a lone GIS).
+    pub fn sample_raft(
+        &self,
+        m: &openraft::RaftMetrics<crate::cluster::NodeId, openraft::BasicNode>,
+    ) {
+        let Some(g) = &self.raft else { return };
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        g.term.set(int(m.current_term));
+        let leading = m.current_leader == Some(m.id);
+        g.leader.set(i64::from(leading));
+        let last = m.last_log_index.unwrap_or(0);
+        g.last_log_index.set(int(last));
+        g.applied_index
+            .set(int(m.last_applied.map_or(0, |l| l.index)));
+        g.snapshot_index.set(int(m.snapshot.map_or(0, |l| l.index)));
+        g.follower_lag.clear();
+        if let (true, Some(replication)) = (leading, &m.replication) {
+            for (id, matched) in replication.iter().filter(|(id, _)| **id != m.id) {
+                let acked = matched.map_or(0, |l| l.index);
+                g.follower_lag
+                    .get_or_create(&ReplicaLabels {
+                        replica: id.to_string(),
+                    })
+                    .set(int(last.saturating_sub(acked)));
+            }
+        }
     }
 
     /// Samples the index: hosts per IDC, role and state; images.

@@ -258,9 +258,10 @@ pub(crate) struct Opened {
 pub(crate) async fn open_swarm(
     cfg: &GisConfig,
     metrics_at: &Option<Arc<OnceLock<SocketAddr>>>,
+    replicated: bool,
 ) -> anyhow::Result<Opened> {
     let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Arc::new(GisMetrics::new(&mut registry));
+    let metrics = Arc::new(GisMetrics::new(&mut registry, replicated));
     let mut swarm = build_swarm(&cfg.keypair, &mut registry)?;
     let inbox = Inbox::new();
     ensure_port_free(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
@@ -454,7 +455,7 @@ async fn run_with_storage(
         metrics,
         metrics_server: _metrics_server,
         mut inbox,
-    } = open_swarm(&cfg, &metrics_at).await?;
+    } = open_swarm(&cfg, &metrics_at, false).await?;
     let sessions = inbox.sessions(metrics.clone());
     let local = *swarm.local_peer_id();
     metrics.sample(&index, unix_ms());

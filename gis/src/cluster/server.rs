@@ -100,7 +100,7 @@ async fn serve(
         metrics,
         metrics_server: _metrics_server,
         mut inbox,
-    } = open_swarm(cfg, &metrics_at).await?;
+    } = open_swarm(cfg, &metrics_at, true).await?;
     let sessions = inbox.sessions(metrics.clone());
     let local = *swarm.local_peer_id();
     metrics.sample(&state.lock().index, unix_ms());
@@ -155,6 +155,7 @@ async fn serve(
                     }
                 }
                 metrics.sample(&state.lock().index, now);
+                metrics.sample_raft(&raft.metrics().borrow());
                 busy(&metrics, "liveness", started);
             }
             changed = raft_metrics.changed() => {
