@@ -1,9 +1,11 @@
 //! The GIS's Prometheus metrics: requests by kind and outcome, lookups and their latency,
-//! hosts by IDC, role and liveness, images known, state commits; plus libp2p's own swarm,
+//! hosts by IDC, role and liveness, images known, state commits, a replica's Raft group
+//! (term, leader, log and applied positions, followers' lag); plus libp2p's own swarm,
 //! identify, ping and transport-bandwidth metrics in the same registry. The server loop
 //! calls one method per event; serving them is `bids_metrics`' business.
 //!
-//! Labels stay bounded: request kinds, outcomes, IDC names, roles; never a peer id.
+//! Labels stay bounded: request kinds, outcomes, IDC names, roles, Raft replica ids (the
+//! group's members); never a peer id.
 
 use crate::index::{IdcView, Index};
 use bids_metrics::{Endpoint, ReadyFn};
