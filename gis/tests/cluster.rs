@@ -85,6 +85,36 @@ async fn start_with(
     .unwrap()
 }
 
+/// Three replicas of one group on 127.0.0.1, each with a data dir under `dir`, started
+/// with `raft`: their members, the group's addresses, and the running replicas.
+async fn three_replicas(
+    dir: &Path,
+    admin: PeerId,
+    raft: openraft::Config,
+) -> (
+    Vec<Member>,
+    BTreeMap<NodeId, SocketAddr>,
+    BTreeMap<NodeId, Replica>,
+) {
+    let mut listeners = Vec::new();
+    let mut members_v = Vec::new();
+    for id in 1..=3u64 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let dir = dir.join(format!("gis{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        members_v.push(Member { id, addr, dir });
+        listeners.push(l);
+    }
+    let members: BTreeMap<NodeId, SocketAddr> = members_v.iter().map(|m| (m.id, m.addr)).collect();
+    let mut replicas = BTreeMap::new();
+    for (m, l) in members_v.iter().zip(listeners) {
+        let r = start_with(m, l, &members, admin, false, raft.clone()).await;
+        replicas.insert(m.id, r);
+    }
+    (members_v, members, replicas)
+}
+
 /// sled locks its files; a stopped replica's handles may take a moment to be dropped by the
 /// tasks that held them.
 async fn open_storage(path: &Path) -> SledStorage {
@@ -205,21 +235,8 @@ async fn leader_loss_in_a_distribution_keeps_every_committed_write() {
     let admin = Keypair::generate_ed25519();
     let admin_peer = peer_of(&admin);
 
-    let mut listeners = Vec::new();
-    let mut members_v = Vec::new();
-    for id in 1..=3u64 {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let dir = tmp.path().join(format!("gis{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        members_v.push(Member { id, addr, dir });
-        listeners.push(l);
-    }
-    let members: BTreeMap<NodeId, SocketAddr> = members_v.iter().map(|m| (m.id, m.addr)).collect();
-    let mut replicas: BTreeMap<NodeId, Replica> = BTreeMap::new();
-    for (m, l) in members_v.iter().zip(listeners) {
-        replicas.insert(m.id, start(m, l, &members, admin_peer, false).await);
-    }
+    let (members_v, members, mut replicas) =
+        three_replicas(tmp.path(), admin_peer, test_raft_config()).await;
     let all: Vec<&Replica> = replicas.values().collect();
     let leader = agreed_leader(&all, ELECTION_LIMIT).await;
     let follower = *replicas.keys().find(|id| **id != leader).unwrap();
@@ -452,22 +469,8 @@ async fn a_follower_away_for_thousands_of_writes_catches_up_from_the_log() {
     let tmp = tempfile::tempdir().unwrap();
     let admin = Keypair::generate_ed25519();
     let admin_peer = peer_of(&admin);
-    let mut listeners = Vec::new();
-    let mut members_v = Vec::new();
-    for id in 1..=3u64 {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let dir = tmp.path().join(format!("gis{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        members_v.push(Member { id, addr, dir });
-        listeners.push(l);
-    }
-    let members: BTreeMap<NodeId, SocketAddr> = members_v.iter().map(|m| (m.id, m.addr)).collect();
-    let mut replicas: BTreeMap<NodeId, Replica> = BTreeMap::new();
-    for (m, l) in members_v.iter().zip(listeners) {
-        let r = start_with(m, l, &members, admin_peer, false, raft_config()).await;
-        replicas.insert(m.id, r);
-    }
+    let (members_v, members, mut replicas) =
+        three_replicas(tmp.path(), admin_peer, raft_config()).await;
     let all: Vec<&Replica> = replicas.values().collect();
     let leader = agreed_leader(&all, ELECTION_LIMIT).await;
     let away = *replicas.keys().find(|id| **id != leader).unwrap();
