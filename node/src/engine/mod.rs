@@ -196,6 +196,11 @@ pub(crate) async fn start(
         _metrics_server: metrics_server,
         idc: cfg.idc.clone(),
         policy: cfg.policy,
+        keypair: cfg.keypair.clone(),
+        // Above any number a previous run of this node used (one a nanosecond at most).
+        gossip_seq: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
     };
     // Every line this node logs names it: many nodes share one process in testnets.
     let me = engine.me.to_string();
@@ -225,6 +230,10 @@ struct Engine {
     policy: Policy,
     topic: gossipsub::IdentTopic,
     bridgehead_topic: gossipsub::IdentTopic,
+    /// Signs our announcements (`gossip::seal`).
+    keypair: libp2p::identity::Keypair,
+    /// The sequence number of our next announcement.
+    gossip_seq: u64,
     cmd_rx: mpsc::Receiver<Command>,
     itx: mpsc::Sender<Internal>,
     irx: mpsc::Receiver<Internal>,
@@ -460,14 +469,27 @@ impl Engine {
     }
 
     fn gossip(&mut self, bytes: Vec<u8>, bridgeheads: bool) {
-        let g = &mut self.swarm.behaviour_mut().gossipsub;
-        if bridgeheads {
-            if let Err(e) = g.publish(self.bridgehead_topic.clone(), bytes.clone()) {
-                debug!(error = %e, "bridgehead announcement not sent");
+        let topics = [
+            bridgeheads.then(|| self.bridgehead_topic.clone()),
+            Some(self.topic.clone()),
+        ];
+        for topic in topics.into_iter().flatten() {
+            self.gossip_seq = self.gossip_seq.wrapping_add(1);
+            let sealed = gossip::seal(
+                &self.keypair,
+                &topic.to_string(),
+                self.gossip_seq,
+                bytes.clone(),
+            );
+            let sent = sealed.and_then(|m| {
+                let g = &mut self.swarm.behaviour_mut().gossipsub;
+                g.publish(topic.clone(), m)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = sent {
+                debug!(%topic, error = %e, "announcement not sent");
             }
-        }
-        if let Err(e) = g.publish(self.topic.clone(), bytes) {
-            debug!(error = %e, "announcement not sent");
         }
     }
 
@@ -655,13 +677,19 @@ impl Engine {
                 gis_session::Event::Inbound { .. } => {}
             },
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
                 message,
                 ..
             })) => {
-                if let Some(src) = message.source {
-                    let remote = message.topic == self.bridgehead_topic.hash();
-                    self.core
-                        .handle_announcement(now, src, &message.data, remote);
+                let Some(src) = message.source else { return };
+                let remote = message.topic == self.bridgehead_topic.hash();
+                // Checked only when passed on by someone else than its author.
+                let direct = propagation_source == src;
+                match gossip::open(&message.data, message.topic.as_str(), &src, direct) {
+                    Ok(body) => self.core.handle_announcement(now, src, &body, remote),
+                    Err(e) => {
+                        debug!(peer = %src, via = %propagation_source, error = %e, "announcement refused")
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Hello(ev)) => self.on_hello(ev),

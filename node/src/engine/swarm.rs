@@ -89,16 +89,24 @@ pub(super) async fn build(
                 .mesh_n_high(12)
                 .mesh_outbound_min(0)
                 .flood_publish(true)
-                .max_transmit_size(gossip::MAX_ANNOUNCE_BYTES)
-                .validation_mode(gossipsub::ValidationMode::Strict)
+                .max_transmit_size(gossip::MAX_SEALED_BYTES)
+                // Our announcements carry their own signature, checked only on a copy not
+                // delivered by its author (`gossip::open`): gossipsub's would be checked on
+                // every copy. Permissive: a message needs no gossipsub signature.
+                .validation_mode(gossipsub::ValidationMode::Permissive)
+                .message_id_fn(|m| {
+                    gossipsub::MessageId::from(gossip::message_id(m.source.as_ref(), &m.data))
+                })
                 .build()
                 .map_err(|e| format!("gossipsub config: {e}"))?;
-            let gossipsub =
-                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(k.clone()), gcfg)?
-                    .with_metrics(
-                        registry.sub_registry_with_prefix("libp2p_gossipsub"),
-                        Default::default(),
-                    );
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Author(k.public().to_peer_id()),
+                gcfg,
+            )?
+            .with_metrics(
+                registry.sub_registry_with_prefix("libp2p_gossipsub"),
+                Default::default(),
+            );
             let chunk_cfg = rr::Config::default()
                 .with_request_timeout(Duration::from_secs(180))
                 .with_max_concurrent_streams(1024);
