@@ -63,7 +63,8 @@ pub const MAX_WRITING: usize = 16;
 /// How long a bridgehead that starts pulling an image waits for the LAN peers the GIS listed
 /// to say hello before it tells remote bridgeheads that its IDC lacks a chunk.
 const LAN_DISCOVERY_GRACE: Duration = Duration::from_secs(2);
-/// Compressed payloads kept for reuse (bytes) (a bridgehead serves one chunk to many hosts).
+/// Payloads kept for reuse (bytes): a chunk is asked of its holder mostly in the moments
+/// after it landed (`crate::payload_cache`).
 const PAYLOAD_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// An inbound chunk request, as the driver names it: the core answers it with

@@ -111,7 +111,7 @@ impl NodeCore {
             self.respond(peer, token, ChunkResponse::NotHeld);
             return;
         }
-        // A payload compressed before is served again without recompressing it.
+        // A payload sent or received a moment ago is served again as it was.
         if let Some(p) = self.payload_cache.get(&req.image, req.index) {
             let resp = ChunkResponse::Data {
                 encoding: p.0,
@@ -136,13 +136,9 @@ impl NodeCore {
     ) {
         self.at(now);
         self.serving = self.serving.saturating_sub(1);
-        if let ChunkResponse::Data {
-            encoding: Encoding::Zstd,
-            payload,
-        } = &response
-        {
+        if let ChunkResponse::Data { encoding, payload } = &response {
             self.payload_cache
-                .insert(req.image, req.index, (Encoding::Zstd, payload.clone()));
+                .insert(req.image, req.index, (*encoding, payload.clone()));
         }
         let link = self.link_of(&peer).unwrap_or(Link::Lan);
         self.finish_serve(token, peer, req.image, response, link);
