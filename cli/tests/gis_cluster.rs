@@ -174,18 +174,8 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
         .trim()
         .to_string();
     // Free loopback ports for the Raft listeners: every replica names the others'.
-    let raft: Vec<String> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    let metrics: Vec<std::net::SocketAddr> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap())
-        .collect();
+    let raft: Vec<String> = free_addrs(3).iter().map(|a| a.to_string()).collect();
+    let metrics = free_addrs(3);
     let (tx, logs) = mpsc::channel();
     let mut replicas: Vec<Replica> = Vec::new();
     for id in 1..=3u64 {
@@ -380,6 +370,15 @@ fn raft_metrics_agree(rt: &tokio::runtime::Runtime, metrics: &[std::net::SocketA
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `n` free loopback addresses (bound, then let go), for listeners whose address others
+/// must know before they start.
+fn free_addrs(n: usize) -> Vec<std::net::SocketAddr> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap()).collect()
 }
 
 /// The flags every replica `id` takes: its key, data dir (both under `d`) and admin.

@@ -155,7 +155,7 @@ async fn serve(
                     }
                 }
                 metrics.sample(&state.lock().index, now);
-                metrics.sample_raft(&raft.metrics().borrow());
+                metrics.sample_raft(&raft_metrics.borrow());
                 busy(&metrics, "liveness", started);
             }
             changed = raft_metrics.changed() => {
