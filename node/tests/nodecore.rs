@@ -9,7 +9,7 @@ use bids_node::nodecore::{
 use bids_node::store::{ChunkStore, MemStore};
 use bids_node::{FetchProgress, NodeConfig};
 use bids_protocols::chunk::{self, ChunkResponse};
-use bids_protocols::gis::ImageQuery;
+use bids_protocols::gis::{GisRequest, GisResponse, ImageQuery};
 use bids_protocols::manifest::{chunk_info, Manifest, ObjectKind};
 use bids_protocols::{Idc, Policy};
 use libp2p::identity::Keypair;
@@ -78,6 +78,18 @@ struct Net {
     held_back: VecDeque<Msg>,
     /// Every heartbeat the index got: (from, ms).
     heartbeats: Vec<(usize, u64)>,
+    /// Every refresh the index got and what it answered.
+    refreshes: Vec<Refresh>,
+}
+
+/// A refresh of a host list and its answer.
+#[derive(Debug)]
+struct Refresh {
+    from: usize,
+    ms: u64,
+    known: Option<u64>,
+    /// `None`: answered "unchanged"; otherwise the hosts listed.
+    listed: Option<Vec<PeerId>>,
 }
 
 impl Net {
@@ -104,13 +116,32 @@ impl Net {
             match a {
                 Action::DialGis { .. } => self.nodes[n].core.handle_gis_connected(now),
                 Action::GisSend { key, req, .. } => {
-                    if matches!(*req, bids_protocols::gis::GisRequest::Heartbeat { .. }) {
+                    if matches!(*req, GisRequest::Heartbeat { .. }) {
                         self.heartbeats.push((n, self.ms));
                     }
                     let peer = self.nodes[n].peer;
+                    let known = match &*req {
+                        GisRequest::Refresh { known, .. } => Some(*known),
+                        _ => None,
+                    };
                     let resp = self
                         .index
                         .handle(peer, *req, 1_800_000_000_000 + self.ms as i64);
+                    if let Some(known) = known {
+                        let listed = match &resp {
+                            GisResponse::Unchanged => None,
+                            GisResponse::HostList(l) => {
+                                Some(l.level0.iter().chain(&l.level1).map(|e| e.peer).collect())
+                            }
+                            other => panic!("a refresh answered {other:?}"),
+                        };
+                        self.refreshes.push(Refresh {
+                            from: n,
+                            ms: self.ms,
+                            known,
+                            listed,
+                        });
+                    }
                     self.nodes[n].core.handle_gis_response(now, key, resp);
                 }
                 Action::Dial { peer, .. } => {
@@ -352,6 +383,7 @@ fn build_net(m: &Manifest, data: &[u8], count: u8) -> Net {
         slow: None,
         held_back: VecDeque::new(),
         heartbeats: Vec::new(),
+        refreshes: Vec::new(),
     };
     for n in 0..net.nodes.len() {
         let now = net.now();
@@ -528,4 +560,73 @@ fn a_host_that_starts_late_asks_the_peers_that_announced_chunks_at_once() {
         "in its first 200 ms core 2 asked core 1 for none of the chunks {old:?} it held before \
          (asked core 1 for {of_core1:?}, core 0 for {of_core0:?})"
     );
+}
+
+/// A download refreshes its host list every few seconds; while the hosts it could use stay
+/// the same, the GIS answers "unchanged" instead of the list (at 64 hosts an IDC's lists
+/// were most of the WAN bytes besides chunks). A host that starts holding the image is
+/// news: the next refresh gets the whole list, and the download takes it.
+#[test]
+fn refreshes_get_unchanged_until_the_hosts_change() {
+    let (m, data) = image(24);
+    let mut net = build_net(&m, &data, 3);
+    // Core 1 gets a chunk every 800 ms: about 19 s for the image, so it refreshes often.
+    net.slow = Some((1, 800));
+    let mut first = fetch(&mut net, 1, &m);
+    let mut progress = None;
+    let run = |net: &mut Net,
+               progress: &mut Option<watch::Receiver<FetchProgress>>,
+               first: &mut Started,
+               ms: u64| {
+        let until = net.ms + ms;
+        while net.ms < until {
+            net.step();
+            if let Ok(r) = first.try_recv() {
+                *progress = Some(r.expect("the fetch started"));
+            }
+        }
+    };
+    run(&mut net, &mut progress, &mut first, 7_000);
+    let before: Vec<&Refresh> = net.refreshes.iter().filter(|r| r.from == 1).collect();
+    assert!(before.len() >= 2, "{before:?}");
+    assert!(
+        before
+            .iter()
+            .all(|r| r.known.is_some() && r.listed.is_none()),
+        "nothing changed, yet: {before:?}"
+    );
+    // Core 2 starts fetching: it publishes a holding, so core 1's list changes.
+    let since = net.ms;
+    let _second = fetch(&mut net, 2, &m);
+    let core2 = net.nodes[2].peer;
+    run(&mut net, &mut progress, &mut first, 8_000);
+    let after: Vec<&Refresh> = net
+        .refreshes
+        .iter()
+        .filter(|r| r.from == 1 && r.ms >= since)
+        .collect();
+    let full = after
+        .iter()
+        .position(|r| r.listed.as_ref().is_some_and(|l| l.contains(&core2)));
+    let Some(full) = full else {
+        panic!("core 1 never got a list naming core 2: {after:?}")
+    };
+    // Core 2 completes soon (it is not slow): one list more at most, then "unchanged"
+    // again, with the new list's digest.
+    let lists = after[full + 1..]
+        .iter()
+        .filter(|r| r.listed.is_some())
+        .count();
+    assert!(lists <= 1, "{after:?}");
+    assert!(
+        after[full + 1..].iter().any(|r| r.listed.is_none()),
+        "{after:?}"
+    );
+    run(&mut net, &mut progress, &mut first, 20_000);
+    let p = progress.expect("the fetch started");
+    assert!(matches!(p.borrow().done, Some(Ok(_))), "{:?}", p.borrow());
+    for (i, c) in data.chunks(CHUNK).enumerate() {
+        let got = net.nodes[1].store.read_chunk(&m.id(), i as u32).unwrap();
+        assert_eq!(got, c, "chunk {i}");
+    }
 }

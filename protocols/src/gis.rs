@@ -158,7 +158,14 @@ pub enum GisRequest {
     /// `Lookup` by id, but with an empty `manifest` (the host has it; a manifest is ~0.1 %
     /// of its image and a download refreshes every few seconds, over the WAN when the GIS
     /// is in another IDC).
-    Refresh { image: ImageId },
+    Refresh {
+        image: ImageId,
+        /// `HostList::digest` of the last host list the host took for this download: if
+        /// the answer would have the same digest, the GIS answers `Unchanged` instead of
+        /// sending the list again. Absent from older hosts (they always get the list).
+        #[serde(default)]
+        known: Option<u64>,
+    },
     /// Admin only: revoke a certificate serial.
     Revoke { serial: u64 },
     /// The cheapest way for a host holding the versions `have` to get `want`: a chain of
@@ -218,6 +225,46 @@ pub struct HostList {
     pub level2: Vec<HostEntry>,
 }
 
+impl HostList {
+    /// What a host acts on in this list, as one number: for each level, its hosts' peer
+    /// id, IDC, role, addresses, `complete` and `idc_complete`, taken in peer-id order.
+    /// Left out: `chunks_held` and the order within a level (they move with every
+    /// progress report, and a host does not act on them), the image and the manifest (a
+    /// refresh names its image). Equal digests: a refresh has nothing new to tell.
+    pub fn digest(&self) -> u64 {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"bids host list digest v1");
+        for level in [&self.level0, &self.level1, &self.level2] {
+            let mut hosts: Vec<&HostEntry> = level.iter().collect();
+            hosts.sort_by(|a, b| a.peer.cmp(&b.peer));
+            h.update((hosts.len() as u64).to_le_bytes());
+            for e in hosts {
+                let peer = e.peer.to_bytes();
+                h.update((peer.len() as u64).to_le_bytes());
+                h.update(&peer);
+                h.update((e.idc.0.len() as u64).to_le_bytes());
+                h.update(e.idc.0.as_bytes());
+                h.update([
+                    matches!(e.role, Role::Bridgehead) as u8,
+                    e.complete as u8,
+                    e.idc_complete as u8,
+                ]);
+                h.update((e.addrs.len() as u64).to_le_bytes());
+                for a in &e.addrs {
+                    let a = a.as_ref();
+                    h.update((a.len() as u64).to_le_bytes());
+                    h.update(a);
+                }
+            }
+        }
+        let d = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
 /// How a host gets image `target` (the answer to `GisRequest::UpgradePath`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpgradePath {
@@ -274,6 +321,9 @@ pub enum GisResponse {
         heartbeat_secs: u32,
     },
     HostList(Box<HostList>),
+    /// Answer to a `Refresh` whose `known` digest is that of the host list it would get:
+    /// the host keeps the list it has.
+    Unchanged,
     UpgradePath(Box<UpgradePath>),
     Error {
         kind: ErrorKind,
@@ -301,12 +351,117 @@ mod tests {
         let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
         let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();
         assert_eq!(back, r);
-        let r = GisRequest::Refresh {
-            image: ImageId([7; 32]),
+        for known in [None, Some(u64::MAX)] {
+            let r = GisRequest::Refresh {
+                image: ImageId([7; 32]),
+                known,
+            };
+            let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
+            let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();
+            assert_eq!(back, r);
+        }
+        let f = crate::codec::encode_frame(&GisResponse::Unchanged, MAX_RESPONSE_BYTES).unwrap();
+        let back: GisResponse = crate::codec::decode_body(&f[4..], MAX_RESPONSE_BYTES).unwrap();
+        assert_eq!(back, GisResponse::Unchanged);
+    }
+
+    #[test]
+    fn refreshes_of_older_hosts_still_decode_and_ask_for_the_list() {
+        /// A refresh as hosts sent it before the digest existed.
+        #[derive(Serialize)]
+        enum OldRequest {
+            #[allow(dead_code)]
+            Lookup,
+            Refresh {
+                image: ImageId,
+            },
+        }
+        let old = OldRequest::Refresh {
+            image: ImageId([5; 32]),
         };
-        let f = crate::codec::encode_frame(&r, MAX_REQUEST_BYTES).unwrap();
+        let f = crate::codec::encode_frame(&old, MAX_REQUEST_BYTES).unwrap();
         let back: GisRequest = crate::codec::decode_body(&f[4..], MAX_REQUEST_BYTES).unwrap();
-        assert_eq!(back, r);
+        assert_eq!(
+            back,
+            GisRequest::Refresh {
+                image: ImageId([5; 32]),
+                known: None
+            }
+        );
+    }
+
+    fn entry(seed: u8, held: u32) -> HostEntry {
+        HostEntry {
+            peer: libp2p::identity::Keypair::ed25519_from_bytes([seed; 32])
+                .unwrap()
+                .public()
+                .to_peer_id(),
+            idc: Idc("idc-a".into()),
+            role: Role::Host,
+            addrs: vec![format!("/ip4/10.0.0.{seed}/tcp/4001").parse().unwrap()],
+            chunks_held: held,
+            complete: false,
+            idc_complete: false,
+        }
+    }
+
+    fn list(level0: Vec<HostEntry>, level1: Vec<HostEntry>) -> HostList {
+        HostList {
+            image: ImageInfo {
+                name: "a".into(),
+                version: "1".into(),
+                id: ImageId([1; 32]),
+                size: 1 << 20,
+                chunk_size: 4096,
+            },
+            manifest: vec![1, 2, 3],
+            level0,
+            level1,
+            level2: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn digest_ignores_progress_order_and_manifest() {
+        let a = list(vec![entry(1, 3), entry(2, 9)], vec![entry(3, 0)]);
+        let mut b = list(vec![entry(2, 30), entry(1, 4)], vec![entry(3, 7)]);
+        b.manifest.clear();
+        assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn digest_sees_what_a_host_acts_on() {
+        let base = list(vec![entry(1, 3), entry(2, 9)], vec![entry(3, 0)]);
+        let d = base.digest();
+        let mut changes: Vec<HostList> = Vec::new();
+        // A host more, a host less, a host moved from one level to another.
+        changes.push(list(
+            vec![entry(1, 3), entry(2, 9), entry(4, 0)],
+            vec![entry(3, 0)],
+        ));
+        changes.push(list(vec![entry(1, 3)], vec![entry(3, 0)]));
+        changes.push(list(vec![entry(1, 3), entry(2, 9), entry(3, 0)], vec![]));
+        // Each field of one entry.
+        let edits: [fn(&mut HostEntry); 5] = [
+            |e| e.complete = true,
+            |e| e.idc_complete = true,
+            |e| e.role = Role::Bridgehead,
+            |e| e.idc = Idc("idc-b".into()),
+            |e| e.addrs[0] = "/ip4/10.0.0.99/tcp/4001".parse().unwrap(),
+        ];
+        for edit in edits {
+            let mut l = base.clone();
+            edit(&mut l.level0[1]);
+            changes.push(l);
+        }
+        let mut l = base.clone();
+        l.level0[0]
+            .addrs
+            .push("/ip4/10.0.1.1/tcp/4001".parse().unwrap());
+        changes.push(l);
+        for (i, c) in changes.iter().enumerate() {
+            assert_ne!(c.digest(), d, "change {i} not seen");
+        }
     }
 
     #[test]

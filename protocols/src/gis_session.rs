@@ -335,6 +335,7 @@ mod tests {
             7,
             GisRequest::Refresh {
                 image: ImageId([3; 32]),
+                known: Some(9),
             },
         );
         let f = encode_frame(&r, MAX_REQUEST_FRAME).unwrap();

@@ -273,11 +273,14 @@ fn refresh_is_the_lookup_by_id_without_the_manifest() {
     for peer in [chosen, b_host] {
         let full = s.w.ix.lookup(peer, &ImageQuery::Id(x), s.w.now).unwrap();
         assert!(!full.manifest.is_empty());
-        match s
-            .w
-            .ix
-            .handle(peer, GisRequest::Refresh { image: x }, s.w.now)
-        {
+        match s.w.ix.handle(
+            peer,
+            GisRequest::Refresh {
+                image: x,
+                known: None,
+            },
+            s.w.now,
+        ) {
             GisResponse::HostList(l) => {
                 assert!(l.manifest.is_empty(), "a refresh carries no manifest");
                 assert_eq!(l.image, full.image);
@@ -296,8 +299,14 @@ fn refresh_is_the_lookup_by_id_without_the_manifest() {
     // Only registered hosts refresh; unknown images are refused as by a lookup.
     let stranger = PeerId::random();
     assert!(matches!(
-        s.w.ix
-            .handle(stranger, GisRequest::Refresh { image: x }, s.w.now),
+        s.w.ix.handle(
+            stranger,
+            GisRequest::Refresh {
+                image: x,
+                known: None
+            },
+            s.w.now
+        ),
         GisResponse::Error {
             kind: ErrorKind::NotRegistered,
             ..
@@ -307,7 +316,8 @@ fn refresh_is_the_lookup_by_id_without_the_manifest() {
         s.w.ix.handle(
             b_host,
             GisRequest::Refresh {
-                image: ImageId([9; 32])
+                image: ImageId([9; 32]),
+                known: None
             },
             s.w.now
         ),
@@ -316,6 +326,47 @@ fn refresh_is_the_lookup_by_id_without_the_manifest() {
             ..
         }
     ));
+}
+
+#[test]
+fn a_refresh_that_knows_the_list_gets_unchanged_until_what_it_acts_on_changes() {
+    let mut s = scenario();
+    let (x, a_host) = (s.x, s.a_host.peer);
+    let refresh = |s: &mut Scenario, known| {
+        s.w.ix
+            .handle(a_host, GisRequest::Refresh { image: x, known }, s.w.now)
+    };
+    let first = s.w.lookup(&s.a_host, x);
+    assert_eq!(peers(&first.level0).len(), 2);
+    let known = Some(first.digest());
+    assert_eq!(refresh(&mut s, known), GisResponse::Unchanged);
+    // Progress alone (more chunks held) is not news to the host.
+    s.w.hold(&s.a_part, x, &[], 6, false, true);
+    assert_eq!(refresh(&mut s, known), GisResponse::Unchanged);
+    // A stale or foreign digest gets the whole list, without the manifest.
+    match refresh(&mut s, known.map(|k| k ^ 1)) {
+        GisResponse::HostList(l) => {
+            assert!(l.manifest.is_empty());
+            assert_eq!(l.digest(), first.digest());
+        }
+        other => panic!("{other:?}"),
+    }
+    // A holder more, and a holder that completes: the whole list again.
+    s.w.hold(&s.a_db, x, &[], 2, false, true);
+    let GisResponse::HostList(second) = refresh(&mut s, known) else {
+        panic!("a new holder must be sent")
+    };
+    assert_eq!(peers(&second.level0).len(), 3);
+    let known = Some(second.digest());
+    assert_eq!(refresh(&mut s, known), GisResponse::Unchanged);
+    s.w.hold(&s.a_part, x, &[], 8, true, false);
+    let GisResponse::HostList(third) = refresh(&mut s, known) else {
+        panic!("a holder that completed must be sent")
+    };
+    assert!(third
+        .level0
+        .iter()
+        .any(|e| e.peer == s.a_part.peer && e.complete));
 }
 
 #[test]

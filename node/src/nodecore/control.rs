@@ -8,7 +8,7 @@ use crate::gis_session::{Connected, Step};
 use crate::NodeStatus;
 use bids_protocols::admin::AdminRequest;
 use bids_protocols::cert::{BridgeheadCert, Revocations};
-use bids_protocols::gis::{ErrorKind, GisRequest, GisResponse};
+use bids_protocols::gis::{ErrorKind, GisRequest, GisResponse, ImageQuery};
 use bids_protocols::hello::{Hello, HelloReply};
 use bids_protocols::{Policy, Role};
 use libp2p::PeerId;
@@ -259,6 +259,13 @@ impl NodeCore {
             ) => {
                 self.handle_host_list(now, image, *list, for_fetch, asked);
             }
+            (
+                GisPurpose::Lookup {
+                    image: ImageQuery::Id(id),
+                    ..
+                },
+                GisResponse::Unchanged,
+            ) => self.handle_host_list_unchanged(now, id),
             (
                 GisPurpose::Lookup {
                     image, for_fetch, ..

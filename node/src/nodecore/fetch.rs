@@ -441,6 +441,7 @@ impl NodeCore {
                     pending_haves: HashMap::new(),
                     active: HashSet::new(),
                     cadence: Cadence::new(self.now),
+                    list_digest: None,
                     startup,
                     lan_available: (false, self.now),
                 },
@@ -473,6 +474,7 @@ impl NodeCore {
             return;
         };
         d.cadence.lookup_answered(self.now);
+        d.list_digest = Some(list.digest());
         if let Some(r) = reply {
             let _ = r.send(Ok(d.progress.subscribe()));
         }
@@ -664,7 +666,7 @@ impl NodeCore {
                 no_source_timeout: self.cfg.no_source_timeout,
             };
             let due = d.cadence.tick(now, self.role, d.sched.is_stalled(), &pace);
-            let (lookup, publish) = (due.lookup, due.publish);
+            let (lookup, publish, known) = (due.lookup, due.publish, d.list_digest);
             let failed = due.no_source_for.map(|for_| {
                 format!(
                     "no source for {} for {for_:?}: {} of {} chunks missing and no reachable host or bridgehead holds them",
@@ -679,7 +681,7 @@ impl NodeCore {
             }
             if lookup {
                 self.gis_request(
-                    GisRequest::Refresh { image: id },
+                    GisRequest::Refresh { image: id, known },
                     GisPurpose::Lookup {
                         image: ImageQuery::Id(id),
                         for_fetch: None,
@@ -718,7 +720,9 @@ impl NodeCore {
         for d in self.downloads.values_mut() {
             d.sched.ban(&peer);
             d.active.remove(&peer);
-            d.candidates.remove(&peer);
+            if d.candidates.remove(&peer).is_some() {
+                d.list_digest = None;
+            }
         }
         self.heartbeat_now();
     }
@@ -753,6 +757,15 @@ impl NodeCore {
         for id in ids {
             let fetching = self.downloads.contains_key(&id);
             self.publish(&id, fetching);
+        }
+    }
+
+    /// The GIS answered a refresh of `id`'s host list with "unchanged": the download keeps
+    /// its candidates and asks again when the next refresh is due.
+    pub fn handle_host_list_unchanged(&mut self, now: Instant, id: ImageId) {
+        self.at(now);
+        if let Some(d) = self.downloads.get_mut(&id) {
+            d.cadence.lookup_answered(now);
         }
     }
 

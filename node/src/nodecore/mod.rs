@@ -334,6 +334,10 @@ struct DownloadState {
     active: HashSet<PeerId>,
     /// When it asks the GIS again, publishes its progress, gives up for want of a source.
     cadence: Cadence,
+    /// `HostList::digest` of the last host list taken, sent with each refresh so the GIS
+    /// can answer "unchanged" instead of the list; `None` when a candidate was dropped
+    /// since (the next answer is a whole list that offers it again).
+    list_digest: Option<u64>,
     /// Where the first second went (lookup, first source, first request, first byte).
     startup: Startup,
     /// Whether our IDC held a chunk we lacked at the last look, and when that was
@@ -584,7 +588,9 @@ impl NodeCore {
         self.at(now);
         self.dialing.remove(&peer);
         for d in self.downloads.values_mut() {
-            d.candidates.remove(&peer);
+            if d.candidates.remove(&peer).is_some() {
+                d.list_digest = None;
+            }
         }
     }
 
