@@ -80,6 +80,8 @@ struct Net {
     heartbeats: Vec<(usize, u64)>,
     /// Every refresh the index got and what it answered.
     refreshes: Vec<Refresh>,
+    /// Every dial: (from, to, ms).
+    dials: Vec<(usize, usize, u64)>,
 }
 
 /// A refresh of a host list and its answer.
@@ -146,6 +148,7 @@ impl Net {
                 }
                 Action::Dial { peer, .. } => {
                     let b = self.of(&peer);
+                    self.dials.push((n, b, self.ms));
                     self.queue.push_back(Msg::Connected { a: n, b });
                 }
                 Action::Hello { peer, hello } => {
@@ -384,6 +387,7 @@ fn build_net(m: &Manifest, data: &[u8], count: u8) -> Net {
         held_back: VecDeque::new(),
         heartbeats: Vec::new(),
         refreshes: Vec::new(),
+        dials: Vec::new(),
     };
     for n in 0..net.nodes.len() {
         let now = net.now();
@@ -594,6 +598,33 @@ fn refreshes_get_unchanged_until_the_hosts_change() {
             .iter()
             .all(|r| r.known.is_some() && r.listed.is_none()),
         "nothing changed, yet: {before:?}"
+    );
+    // Core 1's link to core 0 closes: the next refresh, answered "unchanged", tries it
+    // again, as the whole list would have.
+    let closed = net.ms;
+    let now = net.now();
+    let (p0, p1) = (net.nodes[0].peer, net.nodes[1].peer);
+    net.nodes[0].core.handle_closed(now, p1);
+    net.nodes[1].core.handle_closed(now, p0);
+    net.drain(0);
+    net.drain(1);
+    run(&mut net, &mut progress, &mut first, 3_200);
+    let refreshed = net
+        .refreshes
+        .iter()
+        .find(|r| r.from == 1 && r.ms > closed)
+        .map(|r| (r.ms, r.listed.is_none()));
+    assert!(matches!(refreshed, Some((_, true))), "{refreshed:?}");
+    let redial = net
+        .dials
+        .iter()
+        .find(|&&(f, t, ms)| f == 1 && t == 0 && ms > closed)
+        .map(|&(_, _, ms)| ms);
+    assert_eq!(
+        redial,
+        refreshed.map(|(ms, _)| ms),
+        "dials: {:?}",
+        net.dials
     );
     // Core 2 starts fetching: it publishes a holding, so core 1's list changes.
     let since = net.ms;

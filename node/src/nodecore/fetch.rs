@@ -761,11 +761,24 @@ impl NodeCore {
     }
 
     /// The GIS answered a refresh of `id`'s host list with "unchanged": the download keeps
-    /// its candidates and asks again when the next refresh is due.
+    /// its candidates, and those not active (their link closed since, say) are tried
+    /// again, as the same list sent whole would have had it.
     pub fn handle_host_list_unchanged(&mut self, now: Instant, id: ImageId) {
         self.at(now);
-        if let Some(d) = self.downloads.get_mut(&id) {
-            d.cadence.lookup_answered(now);
+        let Some(d) = self.downloads.get_mut(&id) else {
+            return;
+        };
+        d.cadence.lookup_answered(now);
+        // Only those with an address: one known only from an announcement would have
+        // the download ask the GIS again at once, and the GIS just said it has no news.
+        let idle: Vec<PeerId> = d
+            .candidates
+            .keys()
+            .filter(|p| !d.active.contains(*p) && self.addrs.contains_key(*p))
+            .copied()
+            .collect();
+        for peer in idle {
+            self.activate(&id, &peer);
         }
     }
 
