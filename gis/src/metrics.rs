@@ -136,7 +136,7 @@ impl GisMetrics {
         }
         r.register(
             "requests",
-            "GIS requests handled, by kind (register, heartbeat, publish, unpublish, lookup, refresh, revoke, upgrade_path) and outcome (ok, error)",
+            "GIS requests handled, by kind (register, heartbeat, publish, unpublish, lookup, refresh, revoke, upgrade_path) and outcome (ok, error, or unchanged: a refresh whose host already had the list)",
             m.requests.clone(),
         );
         r.register(
@@ -233,6 +233,7 @@ impl GisMetrics {
     pub fn request(&self, kind: &'static str, resp: &GisResponse, took: Duration) {
         let outcome = match resp {
             GisResponse::Error { .. } => "error",
+            GisResponse::Unchanged => "unchanged",
             _ => "ok",
         };
         self.requests
@@ -331,5 +332,44 @@ pub fn request_kind(req: &GisRequest) -> &'static str {
         GisRequest::Refresh { .. } => "refresh",
         GisRequest::Revoke { .. } => "revoke",
         GisRequest::UpgradePath { .. } => "upgrade_path",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refreshes_answered_unchanged_are_counted_apart() {
+        let mut registry = Registry::default();
+        let m = GisMetrics::new(&mut registry, false);
+        for _ in 0..2 {
+            m.request(
+                "refresh",
+                &GisResponse::Unchanged,
+                Duration::from_micros(20),
+            );
+        }
+        m.request(
+            "refresh",
+            &GisResponse::Error {
+                kind: bids_protocols::gis::ErrorKind::UnknownImage,
+                message: "no such image".into(),
+            },
+            Duration::from_micros(20),
+        );
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry).unwrap();
+        let s = bids_metrics::text::parse(&body).unwrap();
+        let count = |outcome| {
+            s.value(
+                "bids_gis_requests_total",
+                &[("request", "refresh"), ("outcome", outcome)],
+            )
+        };
+        assert_eq!(count("unchanged"), Some(2.0));
+        assert_eq!(count("error"), Some(1.0));
+        assert_eq!(count("ok"), None);
+        assert_eq!(s.value("bids_gis_lookup_seconds_count", &[]), Some(3.0));
     }
 }

@@ -237,7 +237,7 @@ impl HostList {
         h.update(b"bids host list digest v1");
         for level in [&self.level0, &self.level1, &self.level2] {
             let mut hosts: Vec<&HostEntry> = level.iter().collect();
-            hosts.sort_by(|a, b| a.peer.cmp(&b.peer));
+            hosts.sort_by_key(|e| e.peer);
             h.update((hosts.len() as u64).to_le_bytes());
             for e in hosts {
                 let peer = e.peer.to_bytes();
