@@ -1,14 +1,15 @@
-//! `bids gis` as one replica of a Raft group: the `--raft-id`, `--raft-listen`, `--peer`
-//! and `--join` flags and the `[cluster]` section of the GIS config file, turned into the
+//! `bids gis` as one replica of a Raft group: the `--raft-id`, `--raft-listen`, `--peer`,
+//! `--cluster-key` and `--join` flags and the `[cluster]` section of the GIS config file, turned into the
 //! `ClusterConfig` the GIS runs with. Without `--raft-id` (or `cluster.node_id`) the GIS
 //! is a single process, as before.
 
 use anyhow::{bail, Context, Result};
-use bids_gis::cluster::{ClusterConfig, NodeId};
+use bids_gis::cluster::{ClusterConfig, ClusterKey, NodeId};
 use clap::Args;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 #[derive(Args, Debug, Default)]
 pub struct ClusterArgs {
@@ -17,10 +18,14 @@ pub struct ClusterArgs {
     #[arg(long, value_name = "N")]
     raft_id: Option<NodeId>,
     /// Where this replica's Raft listener binds (IP:PORT, e.g. 10.0.0.1:7100); the other
-    /// replicas reach it there. It must only be reachable from the other replicas: Raft
-    /// traffic is neither authenticated nor encrypted.
+    /// replicas reach it there. Connections must prove the --cluster-key; the traffic is
+    /// authenticated, not encrypted.
     #[arg(long, value_name = "IP:PORT")]
     raft_listen: Option<String>,
+    /// The file holding the key every replica of the group shares (from `bids key cluster
+    /// --out FILE`; copy the same file to each replica). Required with --raft-id.
+    #[arg(long, value_name = "FILE")]
+    cluster_key: Option<PathBuf>,
     /// Another replica of the group: its --raft-id and --raft-listen, as ID@IP:PORT (e.g.
     /// 2@10.0.0.2:7100). Repeat once per other replica; replaces `cluster.peers`.
     #[arg(long = "peer", value_name = "ID@IP:PORT")]
@@ -42,6 +47,8 @@ pub struct ClusterArgs {
 pub struct ClusterSettings {
     node_id: Option<NodeId>,
     raft_listen: Option<String>,
+    /// The cluster key file (`--cluster-key`).
+    key_file: Option<PathBuf>,
     #[serde(default)]
     peers: Vec<String>,
     #[serde(default)]
@@ -67,8 +74,8 @@ pub fn parse_peer(s: &str) -> Result<(NodeId, SocketAddr)> {
 pub fn config(a: &ClusterArgs, file: Option<ClusterSettings>) -> Result<Option<ClusterConfig>> {
     let file = file.unwrap_or_default();
     let Some(node_id) = a.raft_id.or(file.node_id) else {
-        if !a.peers.is_empty() || a.raft_listen.is_some() || a.join {
-            bail!("--peer, --raft-listen and --join need --raft-id (this replica's id in the GIS Raft group)");
+        if !a.peers.is_empty() || a.raft_listen.is_some() || a.join || a.cluster_key.is_some() {
+            bail!("--peer, --raft-listen, --cluster-key and --join need --raft-id (this replica's id in the GIS Raft group)");
         }
         return Ok(None);
     };
@@ -87,6 +94,10 @@ pub fn config(a: &ClusterArgs, file: Option<ClusterSettings>) -> Result<Option<C
     } else {
         a.peers.clone()
     };
+    let key_file = a.cluster_key.clone().or(file.key_file).with_context(|| {
+        format!("replica {node_id} needs --cluster-key FILE (or `key_file` in [cluster]): the key the replicas share, made once with `bids key cluster --out FILE` and copied to each")
+    })?;
+    let key = ClusterKey::read(&key_file).map_err(anyhow::Error::msg)?;
     let mut members = BTreeMap::from([(node_id, raft_listen)]);
     for p in &peers {
         let (id, addr) = parse_peer(p)?;
@@ -100,6 +111,7 @@ pub fn config(a: &ClusterArgs, file: Option<ClusterSettings>) -> Result<Option<C
         members,
         join: a.join || file.join,
         replaces: a.replaces.or(file.replaces),
+        key,
     }))
 }
 
@@ -107,10 +119,20 @@ pub fn config(a: &ClusterArgs, file: Option<ClusterSettings>) -> Result<Option<C
 mod tests {
     use super::*;
 
+    /// A key file that lives as long as the test process (each test writes its own).
+    fn key_file() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bids-cluster-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("{:x}.key", rand::random::<u64>()));
+        std::fs::write(&p, ClusterKey::generate().to_hex()).unwrap();
+        p
+    }
+
     fn args(id: Option<NodeId>, listen: Option<&str>, peers: &[&str]) -> ClusterArgs {
         ClusterArgs {
             raft_id: id,
             raft_listen: listen.map(String::from),
+            cluster_key: Some(key_file()),
             peers: peers.iter().map(|s| s.to_string()).collect(),
             join: false,
             replaces: None,
@@ -119,7 +141,9 @@ mod tests {
 
     #[test]
     fn no_id_means_a_single_gis() {
-        assert_eq!(config(&args(None, None, &[]), None).unwrap(), None);
+        let mut alone = args(None, None, &[]);
+        alone.cluster_key = None;
+        assert_eq!(config(&alone, None).unwrap(), None);
         let e = config(&args(None, None, &["2@127.0.0.1:1"]), None).unwrap_err();
         assert!(e.to_string().contains("--raft-id"), "{e}");
     }
@@ -129,6 +153,7 @@ mod tests {
         let file = ClusterSettings {
             node_id: Some(9),
             raft_listen: Some("127.0.0.1:9".into()),
+            key_file: None,
             peers: vec!["8@127.0.0.1:8".into()],
             join: false,
             replaces: None,
@@ -153,6 +178,7 @@ mod tests {
         let file = ClusterSettings {
             node_id: Some(2),
             raft_listen: Some("127.0.0.1:7102".into()),
+            key_file: Some(key_file()),
             peers: vec!["1@127.0.0.1:7101".into()],
             join: true,
             replaces: Some(3),
@@ -179,5 +205,21 @@ mod tests {
         }
         let e = config(&args(Some(1), None, &[]), None).unwrap_err();
         assert!(e.to_string().contains("--raft-listen"), "{e}");
+    }
+
+    #[test]
+    fn a_replica_needs_a_readable_key() {
+        let mut a = args(Some(1), Some("127.0.0.1:1"), &[]);
+        a.cluster_key = None;
+        let e = config(&a, None).unwrap_err();
+        assert!(e.to_string().contains("bids key cluster"), "{e}");
+        a.cluster_key = Some(std::env::temp_dir().join("bids-no-such-cluster-key"));
+        let e = config(&a, None).unwrap_err();
+        assert!(e.to_string().contains("cannot read the cluster key"), "{e}");
+        let bad = key_file();
+        std::fs::write(&bad, "not hex").unwrap();
+        a.cluster_key = Some(bad);
+        let e = config(&a, None).unwrap_err();
+        assert!(e.to_string().contains("64 hex digits"), "{e}");
     }
 }

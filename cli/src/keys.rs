@@ -14,6 +14,18 @@ pub fn generate(out: &Path) -> Result<Keypair> {
     let bytes = key
         .to_protobuf_encoding()
         .context("encoding the new keypair")?;
+    write_new(out, &bytes)?;
+    Ok(key)
+}
+
+/// Writes a new GIS cluster key (64 hex digits and a newline), mode 0600.
+pub fn generate_cluster(out: &Path) -> Result<()> {
+    let key = bids_gis::cluster::ClusterKey::generate();
+    write_new(out, format!("{}\n", key.to_hex()).as_bytes())
+}
+
+/// Creates `out` (never over an existing file), mode 0600, with `bytes`, synced.
+fn write_new(out: &Path, bytes: &[u8]) -> Result<()> {
     if out.exists() {
         bail!(
             "{} already exists; refusing to overwrite a key (remove it first)",
@@ -26,10 +38,9 @@ pub fn generate(out: &Path) -> Result<Keypair> {
         .mode(0o600)
         .open(out)
         .with_context(|| format!("creating key file {}", out.display()))?;
-    f.write_all(&bytes)
+    f.write_all(bytes)
         .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing key file {}", out.display()))?;
-    Ok(key)
+        .with_context(|| format!("writing key file {}", out.display()))
 }
 
 pub fn load(path: &Path) -> Result<Keypair> {

@@ -114,6 +114,13 @@ enum KeyCmd {
         /// The key file (from `bids key gen`).
         file: PathBuf,
     },
+    /// Generate the key the replicas of one GIS Raft group share (64 hex digits, mode
+    /// 0600); give the same file to every replica with `bids gis --cluster-key FILE`.
+    Cluster {
+        /// The key file to create; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Parses a size with an optional KiB/MiB/GiB (or K/M/G) suffix.
@@ -238,6 +245,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Key(KeyCmd::PeerId { file }) => {
             outln!("{}", keys::load(&file)?.public().to_peer_id());
+            Ok(())
+        }
+        Cmd::Key(KeyCmd::Cluster { out }) => {
+            keys::generate_cluster(&out)?;
+            outln!("{}", out.display());
             Ok(())
         }
         Cmd::Cert(c) => cert_cmd::run(c),

@@ -128,6 +128,16 @@ fn key_and_cert_commands() {
         admin
     );
     assert!(fails(&["key", "gen", "--out", &p(dir.path(), "admin.key")]).contains("already exists"));
+    // The GIS replicas' shared key: 64 hex digits, mode 0600, never overwritten.
+    let cluster = p(dir.path(), "cluster.key");
+    ok(&["key", "cluster", "--out", &cluster]);
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    assert_eq!(text.trim().len(), 64, "{text}");
+    assert!(text.trim().chars().all(|c| c.is_ascii_hexdigit()), "{text}");
+    let mode = std::fs::metadata(&cluster).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(fails(&["key", "cluster", "--out", &cluster]).contains("already exists"));
+    assert_eq!(std::fs::read_to_string(&cluster).unwrap(), text);
 
     let cert = p(dir.path(), "db.cert");
     ok(&[

@@ -192,8 +192,9 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
             std::fs::write(
                 &conf,
                 format!(
-                    "[cluster]\nnode_id = 3\nraft_listen = \"{}\"\npeers = [{}]\n",
+                    "[cluster]\nnode_id = 3\nraft_listen = \"{}\"\nkey_file = \"{}\"\npeers = [{}]\n",
                     raft[2],
+                    cluster_key(d),
                     peers.join(", ")
                 ),
             )
@@ -299,6 +300,8 @@ fn three_gis_processes_survive_a_sigkilled_leader() {
             "4",
             "--raft-listen",
             &raft4,
+            "--cluster-key",
+            &cluster_key(d),
             "--join",
             "--replaces",
             &first.to_string(),
@@ -398,6 +401,15 @@ fn base_args(d: &Path, admin: &str, id: u64) -> Vec<String> {
     .collect()
 }
 
+/// The group's cluster key file under `d`, made by `bids key cluster` the first time.
+fn cluster_key(d: &Path) -> String {
+    let key = p(d, "cluster.key");
+    if !Path::new(&key).exists() {
+        ok(&["key", "cluster", "--out", &key]);
+    }
+    key
+}
+
 /// The flags of replica `id` of a group whose Raft addresses are `raft` (ids from 1).
 fn replica_args(d: &Path, admin: &str, id: u64, raft: &[String]) -> Vec<String> {
     let mut args = base_args(d, admin, id);
@@ -406,6 +418,8 @@ fn replica_args(d: &Path, admin: &str, id: u64, raft: &[String]) -> Vec<String> 
         id.to_string(),
         "--raft-listen".to_string(),
         raft[id as usize - 1].clone(),
+        "--cluster-key".to_string(),
+        cluster_key(d),
     ]);
     for o in (1..=raft.len() as u64).filter(|o| *o != id) {
         args.extend([

@@ -6,7 +6,9 @@
 
 mod common;
 
-use bids_gis::cluster::{raft_config, Applied, ClusterConfig, Command, NodeId, Replica};
+use bids_gis::cluster::{
+    raft_config, Applied, ClusterConfig, ClusterKey, Command, NodeId, Replica,
+};
 use bids_gis::index::{HostView, ImageView};
 use bids_gis::{IndexConfig, SledStorage};
 use bids_protocols::gis::{GisRequest, GisResponse, ImageQuery};
@@ -57,6 +59,11 @@ async fn start(
     start_with(m, listener, members, admin, join, test_raft_config()).await
 }
 
+/// The key the replicas of one group share in these tests.
+fn group_key() -> ClusterKey {
+    ClusterKey::from_hex(&"5a".repeat(32)).unwrap()
+}
+
 async fn start_with(
     m: &Member,
     listener: TcpListener,
@@ -65,6 +72,18 @@ async fn start_with(
     join: bool,
     raft: openraft::Config,
 ) -> Replica {
+    start_keyed(m, listener, members, admin, join, raft, group_key()).await
+}
+
+async fn start_keyed(
+    m: &Member,
+    listener: TcpListener,
+    members: &BTreeMap<NodeId, SocketAddr>,
+    admin: PeerId,
+    join: bool,
+    raft: openraft::Config,
+    key: ClusterKey,
+) -> Replica {
     let storage = open_storage(&m.dir.join("gis.sled")).await;
     let cfg = ClusterConfig {
         node_id: m.id,
@@ -72,6 +91,7 @@ async fn start_with(
         members: members.clone(),
         join,
         replaces: None,
+        key,
     };
     Replica::start_on(
         listener,
@@ -96,6 +116,18 @@ async fn three_replicas(
     BTreeMap<NodeId, SocketAddr>,
     BTreeMap<NodeId, Replica>,
 ) {
+    let (members_v, listeners, members) = bind_members(dir).await;
+    let mut replicas = BTreeMap::new();
+    for (m, l) in members_v.iter().zip(listeners) {
+        let r = start_with(m, l, &members, admin, false, raft.clone()).await;
+        replicas.insert(m.id, r);
+    }
+    (members_v, members, replicas)
+}
+
+/// Three members on free 127.0.0.1 ports, each with a data dir under `dir`: the members,
+/// their bound listeners and the group's addresses.
+async fn bind_members(dir: &Path) -> (Vec<Member>, Vec<TcpListener>, BTreeMap<NodeId, SocketAddr>) {
     let mut listeners = Vec::new();
     let mut members_v = Vec::new();
     for id in 1..=3u64 {
@@ -106,13 +138,8 @@ async fn three_replicas(
         members_v.push(Member { id, addr, dir });
         listeners.push(l);
     }
-    let members: BTreeMap<NodeId, SocketAddr> = members_v.iter().map(|m| (m.id, m.addr)).collect();
-    let mut replicas = BTreeMap::new();
-    for (m, l) in members_v.iter().zip(listeners) {
-        let r = start_with(m, l, &members, admin, false, raft.clone()).await;
-        replicas.insert(m.id, r);
-    }
-    (members_v, members, replicas)
+    let members = members_v.iter().map(|m| (m.id, m.addr)).collect();
+    (members_v, listeners, members)
 }
 
 /// sled locks its files; a stopped replica's handles may take a moment to be dropped by the
@@ -223,6 +250,63 @@ fn holding_of(r: &Replica, image: ImageId, peer: PeerId) -> Option<u32> {
         .flatten()
         .find(|h| h.peer == peer)
         .map(|h| h.chunks_held)
+}
+
+/// A replica started with another cluster key is refused by the others both ways: it never
+/// votes, never learns a leader nor any entry, and cannot have a write committed; the two
+/// replicas with the group's key form a majority and go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_the_groups_key_gets_nothing_in_and_nothing_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let admin = Keypair::generate_ed25519();
+    let admin_peer = peer_of(&admin);
+    let (members_v, listeners, members) = bind_members(tmp.path()).await;
+    let mut replicas = Vec::new();
+    for (m, l) in members_v.iter().zip(listeners) {
+        let key = if m.id == 3 {
+            ClusterKey::generate()
+        } else {
+            group_key()
+        };
+        let r = start_keyed(m, l, &members, admin_peer, false, test_raft_config(), key).await;
+        replicas.push(r);
+    }
+    let leader = agreed_leader(&[&replicas[0], &replicas[1]], ELECTION_LIMIT).await;
+    let host = Keypair::generate_ed25519();
+    let a = replicas[leader as usize - 1]
+        .write(request(peer_of(&host), register("east", None)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(a, Applied::Response(GisResponse::Registered { .. })),
+        "{a:?}"
+    );
+    let committed = applied_of(&replicas[leader as usize - 1]);
+    for r in &replicas[..2] {
+        caught_up(r, committed).await;
+    }
+    // Long enough for several election rounds of the outsider.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outsider = &replicas[2];
+    assert_eq!(applied_of(outsider), 0, "the outsider applied entries");
+    assert_ne!(outsider.raft.metrics().borrow().current_leader, Some(3));
+    assert_ne!(
+        outsider.raft.metrics().borrow().current_leader,
+        Some(leader)
+    );
+    assert!(state_of(outsider).0.is_empty());
+    for r in &replicas[..2] {
+        assert_eq!(r.raft.metrics().borrow().current_leader, Some(leader));
+    }
+    // A write handed to the outsider finds no leader it can reach.
+    let other = Keypair::generate_ed25519();
+    assert!(tokio::time::timeout(
+        Duration::from_secs(20),
+        outsider.write(request(peer_of(&other), register("east", None)))
+    )
+    .await
+    .map_or(true, |r| r.is_err()));
+    assert!(replicas[..2].iter().all(|r| state_of(r).0.len() == 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,9 +13,12 @@
 //! elections then never queue behind node requests in the swarm's event loop, and a replica
 //! can be tested without a GIS server around it.
 
+pub mod channel;
 pub mod net;
 pub mod server;
 pub mod store;
+
+pub use channel::ClusterKey;
 
 use crate::index::{Index, IndexConfig};
 use crate::storage::Storage;
@@ -155,11 +158,12 @@ pub struct SharedState {
 }
 
 impl SharedState {
-    pub fn new(state: GisState) -> Self {
+    /// The applied state of a replica whose group shares `key`.
+    pub fn new(state: GisState, key: ClusterKey) -> Self {
         SharedState {
             state: Arc::new(Mutex::new(state)),
             proposing: Arc::default(),
-            forwarder: net::Forwarder::default(),
+            forwarder: net::Forwarder::new(key),
         }
     }
 
@@ -225,7 +229,7 @@ impl SharedState {
 }
 
 /// Where a replica sits in its group.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// This replica's id; unique in the group.
     pub node_id: NodeId,
@@ -237,11 +241,12 @@ pub struct ClusterConfig {
     /// This replica replaces a lost one (a new id, an empty data dir): it never proposes a
     /// membership of its own and waits for the leader to add it ([`Replica::replace_member`]),
     /// which sends it a snapshot.
-    #[serde(default)]
     pub join: bool,
     /// With `join`: the lost replica this one takes the place of (its vote goes away).
-    #[serde(default)]
     pub replaces: Option<NodeId>,
+    /// The secret every replica of the group holds: Raft connections prove it both ways
+    /// and every message carries a tag under it (`channel`).
+    pub key: ClusterKey,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,7 +349,7 @@ impl Replica {
                 members: cfg.members.keys().copied().collect(),
             });
         }
-        let state = SharedState::new(GisState::open(index_cfg.clone(), storage)?);
+        let state = SharedState::new(GisState::open(index_cfg.clone(), storage)?, cfg.key.clone());
         let (log_store, state_machine) =
             store::open(&data_dir.join(store::RAFT_DIR), index_cfg, state.clone())?;
         let raft_addr = listener.local_addr().map_err(|source| ClusterError::Bind {
@@ -357,7 +362,7 @@ impl Replica {
         let raft = Raft::new(
             cfg.node_id,
             Arc::new(raft_cfg),
-            net::Network,
+            net::Network(cfg.key.clone()),
             log_store,
             state_machine,
         )
@@ -394,6 +399,7 @@ impl Replica {
                     .collect();
                 Some(tokio::spawn(net::ask_to_join(
                     raft.clone(),
+                    cfg.key.clone(),
                     cfg.node_id,
                     raft_addr,
                     cfg.replaces,

@@ -1,10 +1,12 @@
 //! Raft RPCs between GIS replicas: one TCP connection per peer, each message a 4-byte
 //! big-endian length then CBOR (the `bids_protocols::codec` framing) with a size limit
-//! checked before anything is allocated. Also carries writes a follower forwards to the
-//! leader. Raft itself decides what to send; this module only moves it.
+//! checked before anything is allocated. Every connection proves the group's cluster key
+//! both ways and tags every message (`super::channel`). Also carries writes a follower
+//! forwards to the leader. Raft itself decides what to send; this module only moves it.
 
+use super::channel::{Channel, ClusterKey, HANDSHAKE_TIMEOUT};
 use super::{Applied, Command, GisRaft, NodeId, SharedState, TypeConfig, WriteError};
-use bids_protocols::codec::{decode_body, encode_frame, frame_len};
+use bids_protocols::codec::encode_frame;
 use bids_protocols::gis::HostStats;
 use bids_protocols::gis::MAX_RESPONSE_BYTES;
 use libp2p::PeerId;
@@ -18,11 +20,10 @@ use openraft::raft::{
     InstallSnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -76,30 +77,25 @@ pub enum RaftReply {
     Joined(Result<(), JoinRefused>),
 }
 
-/// Reads one frame of at most `limit` bytes; the length is checked before allocating. The
-/// framing is `bids_protocols::codec`'s, over tokio's reader (the codec's own `read_frame`
-/// takes a futures reader).
-pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
-    io: &mut R,
-    limit: usize,
-) -> io::Result<T> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = frame_len(len, limit, "Raft message")?;
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
-    decode_body(&buf, limit)
-}
+/// A connection to another replica's Raft listener.
+type Conn = Channel<TcpStream>;
 
-async fn write_frame<T: Serialize>(io: &mut TcpStream, msg: &T) -> io::Result<()> {
-    let buf = encode_frame(msg, MAX_FRAME)?;
-    io.write_all(&buf).await?;
-    io.flush().await
+/// Opens an authenticated connection to the replica at `addr`, the TCP connect within
+/// `CONNECT_TIMEOUT`.
+async fn connect(addr: &str, key: &ClusterKey) -> io::Result<Conn> {
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    Channel::client(s, key)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("Raft connection to {addr}: {e}")))
 }
 
 /// Serves Raft RPCs on `listener` until the task is aborted; aborting it also ends every
 /// connection it accepted (they live in its `JoinSet`).
 pub async fn serve(listener: TcpListener, raft: GisRaft, state: SharedState) {
+    let key = state.forwarder().key().clone();
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -108,8 +104,22 @@ pub async fn serve(listener: TcpListener, raft: GisRaft, state: SharedState) {
                     let _ = stream.set_nodelay(true);
                     let raft = raft.clone();
                     let state = state.clone();
+                    let key = key.clone();
                     connections.spawn(async move {
-                        if let Err(e) = serve_connection(stream, raft, state).await {
+                        let shaken =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, Channel::server(stream, &key))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(io::Error::new(io::ErrorKind::TimedOut, "no handshake"))
+                                });
+                        let conn = match shaken {
+                            Ok(c) => c,
+                            Err(e) => {
+                                warn!(%from, error = %e, "Raft connection refused");
+                                return;
+                            }
+                        };
+                        if let Err(e) = serve_connection(conn, raft, state).await {
                             if e.kind() != io::ErrorKind::UnexpectedEof {
                                 debug!(%from, error = %e, "Raft connection closed");
                             }
@@ -127,13 +137,9 @@ pub async fn serve(listener: TcpListener, raft: GisRaft, state: SharedState) {
     }
 }
 
-async fn serve_connection(
-    mut stream: TcpStream,
-    raft: GisRaft,
-    state: SharedState,
-) -> io::Result<()> {
+async fn serve_connection(mut conn: Conn, raft: GisRaft, state: SharedState) -> io::Result<()> {
     loop {
-        let rpc: RaftRpc = read_frame(&mut stream, MAX_FRAME).await?;
+        let rpc: RaftRpc = conn.recv(MAX_FRAME).await?;
         let reply = match rpc {
             RaftRpc::AppendEntries(r) => RaftReply::AppendEntries(raft.append_entries(r).await),
             RaftRpc::Vote(r) => RaftReply::Vote(raft.vote(r).await),
@@ -160,34 +166,36 @@ async fn serve_connection(
                 })
             }
         };
-        write_frame(&mut stream, &reply).await?;
+        conn.send(&reply, MAX_FRAME).await?;
     }
 }
 
 /// Sends one RPC on a fresh connection and waits for its reply.
-async fn call_once(addr: &str, rpc: &RaftRpc, ttl: Duration) -> io::Result<RaftReply> {
-    Ok(exchange(None, addr, rpc, ttl).await?.1)
+async fn call_once(
+    addr: &str,
+    key: &ClusterKey,
+    rpc: &RaftRpc,
+    ttl: Duration,
+) -> io::Result<RaftReply> {
+    Ok(exchange(None, addr, key, rpc, ttl).await?.1)
 }
 
 /// Sends `rpc` on `stream` (or a new connection to `addr`) and reads the reply, within
 /// `ttl`; returns the connection for reuse.
 async fn exchange(
-    stream: Option<TcpStream>,
+    stream: Option<Conn>,
     addr: &str,
+    key: &ClusterKey,
     rpc: &RaftRpc,
     ttl: Duration,
-) -> io::Result<(TcpStream, RaftReply)> {
+) -> io::Result<(Conn, RaftReply)> {
     tokio::time::timeout(ttl, async {
         let mut stream = match stream {
             Some(s) => s,
-            None => {
-                let s = TcpStream::connect(addr).await?;
-                s.set_nodelay(true)?;
-                s
-            }
+            None => connect(addr, key).await?,
         };
-        write_frame(&mut stream, rpc).await?;
-        let reply = read_frame(&mut stream, MAX_FRAME).await?;
+        stream.send(rpc, MAX_FRAME).await?;
+        let reply = stream.recv(MAX_FRAME).await?;
         Ok((stream, reply))
     })
     .await
@@ -206,16 +214,30 @@ const MAX_IDLE_FORWARDS: usize = 64;
 /// forwards. A write takes one (or opens one) and puts it back once answered, so a
 /// registration or publication that reaches a follower does not cost a TCP connection to
 /// the leader each. Connections to an address that is no longer the leader's are dropped.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Forwarder {
-    idle: std::sync::Arc<std::sync::Mutex<(String, Vec<TcpStream>)>>,
+    key: ClusterKey,
+    idle: std::sync::Arc<std::sync::Mutex<(String, Vec<Conn>)>>,
 }
 
 impl Forwarder {
+    /// Forwards over connections authenticated with `key`.
+    pub fn new(key: ClusterKey) -> Self {
+        Forwarder {
+            key,
+            idle: Default::default(),
+        }
+    }
+
+    /// The group's cluster key.
+    pub fn key(&self) -> &ClusterKey {
+        &self.key
+    }
+
     async fn call(&self, addr: &str, rpc: &RaftRpc, ttl: Duration) -> io::Result<RaftReply> {
         let started = Instant::now();
         if let Some(kept) = self.take(addr) {
-            match exchange(Some(kept), addr, rpc, ttl).await {
+            match exchange(Some(kept), addr, &self.key, rpc, ttl).await {
                 Ok((stream, reply)) => {
                     self.put(addr, stream);
                     return Ok(reply);
@@ -228,12 +250,12 @@ impl Forwarder {
             }
         }
         let left = ttl.saturating_sub(started.elapsed());
-        let (stream, reply) = exchange(None, addr, rpc, left).await?;
+        let (stream, reply) = exchange(None, addr, &self.key, rpc, left).await?;
         self.put(addr, stream);
         Ok(reply)
     }
 
-    fn take(&self, addr: &str) -> Option<TcpStream> {
+    fn take(&self, addr: &str) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.0 != addr {
             *idle = (addr.to_string(), Vec::new());
@@ -241,7 +263,7 @@ impl Forwarder {
         idle.1.pop()
     }
 
-    fn put(&self, addr: &str, stream: TcpStream) {
+    fn put(&self, addr: &str, stream: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.0 == addr && idle.1.len() < MAX_IDLE_FORWARDS {
             idle.1.push(stream);
@@ -249,8 +271,8 @@ impl Forwarder {
     }
 }
 
-/// Creates one [`PeerClient`] per peer replica.
-pub struct Network;
+/// Creates one [`PeerClient`] per peer replica, each authenticating with the group's key.
+pub struct Network(pub ClusterKey);
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
@@ -259,6 +281,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             target,
             addr: node.addr.clone(),
+            key: self.0.clone(),
             conn: None,
         }
     }
@@ -268,7 +291,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerClient {
     target: NodeId,
     addr: String,
-    conn: Option<TcpStream>,
+    key: ClusterKey,
+    conn: Option<Conn>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,17 +307,13 @@ impl PeerClient {
     async fn call(&mut self, rpc: &RaftRpc, ttl: Duration) -> io::Result<RaftReply> {
         let result = tokio::time::timeout(ttl, async {
             if self.conn.is_none() {
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-                stream.set_nodelay(true)?;
-                self.conn = Some(stream);
+                self.conn = Some(connect(&self.addr, &self.key).await?);
             }
             let Some(stream) = self.conn.as_mut() else {
                 return Err(io::Error::other("no connection"));
             };
-            write_frame(stream, rpc).await?;
-            read_frame(stream, MAX_FRAME).await
+            stream.send(rpc, MAX_FRAME).await?;
+            stream.recv(MAX_FRAME).await
         })
         .await
         .unwrap_or_else(|_| {
@@ -412,7 +432,8 @@ pub async fn relay_heartbeats(
     state: SharedState,
     mut rx: tokio::sync::mpsc::Receiver<(PeerId, HostStats)>,
 ) {
-    let mut conn: Option<(NodeId, TcpStream)> = None;
+    let key = state.forwarder().key().clone();
+    let mut conn: Option<(NodeId, Conn)> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_RELAY_BATCH {
@@ -442,17 +463,13 @@ pub async fn relay_heartbeats(
         let rpc = RaftRpc::Heartbeats(batch);
         let sent = async {
             if conn.is_none() {
-                let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-                s.set_nodelay(true)?;
-                conn = Some((leader, s));
+                conn = Some((leader, connect(&addr, &key).await?));
             }
             let Some((_, s)) = conn.as_mut() else {
                 return Err(io::Error::other("no connection"));
             };
-            write_frame(s, &rpc).await?;
-            read_frame::<_, RaftReply>(s, MAX_FRAME).await
+            s.send(&rpc, MAX_FRAME).await?;
+            s.recv::<RaftReply>(MAX_FRAME).await
         };
         match tokio::time::timeout(Duration::from_secs(5), sent).await {
             Ok(Ok(_)) => {}
@@ -478,6 +495,7 @@ const JOIN_RETRY: Duration = Duration::from_secs(1);
 /// until one added it or this replica already votes.
 pub async fn ask_to_join(
     raft: GisRaft,
+    key: ClusterKey,
     id: NodeId,
     addr: SocketAddr,
     replaces: Option<NodeId>,
@@ -500,7 +518,7 @@ pub async fn ask_to_join(
             {
                 return;
             }
-            match call_once(&target, &rpc, JOIN_TIMEOUT).await {
+            match call_once(&target, &key, &rpc, JOIN_TIMEOUT).await {
                 Ok(RaftReply::Joined(Ok(()))) => {
                     info!(replica = id, via = %target, "this GIS replica was added to the group");
                     return;
@@ -598,6 +616,23 @@ pub async fn write_via_leader(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bids_protocols::codec::{decode_body, frame_len};
+    use serde::de::DeserializeOwned;
+    use tokio::io::{AsyncRead, AsyncReadExt};
+
+    /// Reads one untagged frame (what a peer without the cluster handshake would send).
+    async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
+        io: &mut R,
+        limit: usize,
+    ) -> io::Result<T> {
+        let mut len = [0u8; 4];
+        io.read_exact(&mut len).await?;
+        let len = frame_len(len, limit, "Raft message")?;
+        let mut buf = vec![0u8; len];
+        io.read_exact(&mut buf).await?;
+        decode_body(&buf, limit)
+    }
+
     use bids_protocols::gis::HostStats;
     use libp2p::PeerId;
     use proptest::prelude::*;
@@ -641,6 +676,7 @@ mod tests {
     /// connections it accepted, and closes each after `per_conn` answers.
     async fn counting_listener(
         per_conn: usize,
+        key: ClusterKey,
     ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
@@ -648,14 +684,18 @@ mod tests {
         let count = accepted.clone();
         tokio::spawn(async move {
             loop {
-                let (mut s, _) = l.accept().await.unwrap();
+                let (s, _) = l.accept().await.unwrap();
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let key = key.clone();
                 tokio::spawn(async move {
+                    let Ok(mut s) = Channel::server(s, &key).await else {
+                        return;
+                    };
                     for _ in 0..per_conn {
-                        let Ok(RaftRpc::Heartbeats(_)) = read_frame(&mut s, MAX_FRAME).await else {
+                        let Ok(RaftRpc::Heartbeats(_)) = s.recv(MAX_FRAME).await else {
                             return;
                         };
-                        write_frame(&mut s, &RaftReply::Heartbeats).await.unwrap();
+                        s.send(&RaftReply::Heartbeats, MAX_FRAME).await.unwrap();
                     }
                 });
             }
@@ -673,8 +713,9 @@ mod tests {
             let ttl = Duration::from_secs(5);
             let rpc = RaftRpc::Heartbeats(Vec::new());
             // Before, every forwarded write opened a connection of its own.
-            let (addr, accepted) = counting_listener(usize::MAX).await;
-            let f = Forwarder::default();
+            let key = ClusterKey::generate();
+            let (addr, accepted) = counting_listener(usize::MAX, key.clone()).await;
+            let f = Forwarder::new(key.clone());
             for _ in 0..10 {
                 assert!(matches!(
                     f.call(&addr, &rpc, ttl).await,
@@ -684,7 +725,7 @@ mod tests {
             assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
             // A leader that closes the connection after each answer: the next write notices
             // the dead kept connection and goes out on a new one.
-            let (addr, accepted) = counting_listener(1).await;
+            let (addr, accepted) = counting_listener(1, key.clone()).await;
             for _ in 0..3 {
                 assert!(matches!(
                     f.call(&addr, &rpc, ttl).await,
@@ -692,6 +733,10 @@ mod tests {
                 ));
             }
             assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+            // A leader of another group (another key): refused, nothing forwarded.
+            let (addr, _) = counting_listener(usize::MAX, ClusterKey::generate()).await;
+            let e = f.call(&addr, &rpc, ttl).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         });
     }
 

@@ -563,12 +563,12 @@ struct ChildGis {
 }
 
 impl ChildGis {
-    /// Starts `bids gis`; `raft`: this replica's id and every replica's Raft address, by
-    /// id from 1.
+    /// Starts `bids gis`; `raft`: this replica's id, every replica's Raft address (by id
+    /// from 1) and the group's cluster key.
     async fn start(
         program: &std::path::Path,
         admin: &Keypair,
-        raft: Option<(usize, &[std::net::SocketAddr])>,
+        raft: Option<(usize, &[std::net::SocketAddr], &crate::cluster::ClusterKey)>,
     ) -> anyhow::Result<ChildGis> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -577,7 +577,7 @@ impl ChildGis {
         let dir = std::env::temp_dir().join(format!(
             "bids-bench-gis-{}-{nanos}-{}",
             std::process::id(),
-            raft.map_or(0, |(id, _)| id)
+            raft.map_or(0, |(id, _, _)| id)
         ));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let key = dir.join("gis.key");
@@ -586,7 +586,11 @@ impl ChildGis {
             .context("encoding the GIS key")?;
         std::fs::write(&key, bytes).with_context(|| format!("writing {}", key.display()))?;
         let mut raft_args = Vec::new();
-        if let Some((id, addrs)) = raft {
+        if let Some((id, addrs, cluster_key)) = raft {
+            let file = dir.join("cluster.key");
+            std::fs::write(&file, cluster_key.to_hex())
+                .with_context(|| format!("writing {}", file.display()))?;
+            raft_args.extend(["--cluster-key".to_string(), file.display().to_string()]);
             raft_args.extend(["--raft-id".to_string(), id.to_string()]);
             raft_args.extend(["--raft-listen".to_string(), addrs[id - 1].to_string()]);
             for (i, a) in addrs.iter().enumerate().filter(|(i, _)| i + 1 != id) {
@@ -660,9 +664,10 @@ async fn start_gis(
             .collect::<std::io::Result<_>>()
             .context("finding free ports for the Raft listeners")?
     };
+    let key = crate::cluster::ClusterKey::generate();
     let mut children = Vec::with_capacity(replicas);
     for id in 1..=replicas {
-        children.push(ChildGis::start(program, admin, Some((id, &raft))).await?);
+        children.push(ChildGis::start(program, admin, Some((id, &raft, &key))).await?);
     }
     Ok(children)
 }
