@@ -1,6 +1,6 @@
 //! `bids gis` as one replica of a Raft group: the `--raft-id`, `--raft-listen`, `--peer`,
-//! `--cluster-key` and `--join` flags and the `[cluster]` section of the GIS config file, turned into the
-//! `ClusterConfig` the GIS runs with. Without `--raft-id` (or `cluster.node_id`) the GIS
+//! `--cluster-key` and `--join` flags and the `[cluster]` section of the GIS config file,
+//! turned into the `ClusterConfig` the GIS runs with. Without `--raft-id` (or `cluster.node_id`) the GIS
 //! is a single process, as before.
 
 use anyhow::{bail, Context, Result};
@@ -119,20 +119,24 @@ pub fn config(a: &ClusterArgs, file: Option<ClusterSettings>) -> Result<Option<C
 mod tests {
     use super::*;
 
-    /// A key file that lives as long as the test process (each test writes its own).
-    fn key_file() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("bids-cluster-key-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(format!("{:x}.key", rand::random::<u64>()));
+    /// A fresh key file in a directory that goes away with the returned guard.
+    fn key_file() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cluster.key");
         std::fs::write(&p, ClusterKey::generate().to_hex()).unwrap();
-        p
+        (dir, p)
     }
 
-    fn args(id: Option<NodeId>, listen: Option<&str>, peers: &[&str]) -> ClusterArgs {
+    fn args(
+        key: &(tempfile::TempDir, PathBuf),
+        id: Option<NodeId>,
+        listen: Option<&str>,
+        peers: &[&str],
+    ) -> ClusterArgs {
         ClusterArgs {
             raft_id: id,
             raft_listen: listen.map(String::from),
-            cluster_key: Some(key_file()),
+            cluster_key: Some(key.1.clone()),
             peers: peers.iter().map(|s| s.to_string()).collect(),
             join: false,
             replaces: None,
@@ -141,15 +145,17 @@ mod tests {
 
     #[test]
     fn no_id_means_a_single_gis() {
-        let mut alone = args(None, None, &[]);
+        let key = key_file();
+        let mut alone = args(&key, None, None, &[]);
         alone.cluster_key = None;
         assert_eq!(config(&alone, None).unwrap(), None);
-        let e = config(&args(None, None, &["2@127.0.0.1:1"]), None).unwrap_err();
+        let e = config(&args(&key, None, None, &["2@127.0.0.1:1"]), None).unwrap_err();
         assert!(e.to_string().contains("--raft-id"), "{e}");
     }
 
     #[test]
     fn flags_make_the_membership_and_win_over_the_file() {
+        let key = key_file();
         let file = ClusterSettings {
             node_id: Some(9),
             raft_listen: Some("127.0.0.1:9".into()),
@@ -160,6 +166,7 @@ mod tests {
         };
         let c = config(
             &args(
+                &key,
                 Some(1),
                 Some("127.0.0.1:7101"),
                 &["2@127.0.0.1:7102", "3@127.0.0.1:7103"],
@@ -175,10 +182,11 @@ mod tests {
 
     #[test]
     fn the_file_alone_is_enough() {
+        let key = key_file();
         let file = ClusterSettings {
             node_id: Some(2),
             raft_listen: Some("127.0.0.1:7102".into()),
-            key_file: Some(key_file()),
+            key_file: Some(key.1.clone()),
             peers: vec!["1@127.0.0.1:7101".into()],
             join: true,
             replaces: Some(3),
@@ -194,31 +202,32 @@ mod tests {
 
     #[test]
     fn bad_peers_say_what_is_wrong() {
+        let key = key_file();
         for (p, says) in [
             ("2-127.0.0.1:1", "ID@IP:PORT"),
             ("x@127.0.0.1:1", "not a replica id"),
             ("2@localhost", "not IP:PORT"),
             ("1@127.0.0.1:2", "twice"),
         ] {
-            let e = config(&args(Some(1), Some("127.0.0.1:1"), &[p]), None).unwrap_err();
+            let e = config(&args(&key, Some(1), Some("127.0.0.1:1"), &[p]), None).unwrap_err();
             assert!(format!("{e:#}").contains(says), "{p}: {e:#}");
         }
-        let e = config(&args(Some(1), None, &[]), None).unwrap_err();
+        let e = config(&args(&key, Some(1), None, &[]), None).unwrap_err();
         assert!(e.to_string().contains("--raft-listen"), "{e}");
     }
 
     #[test]
     fn a_replica_needs_a_readable_key() {
-        let mut a = args(Some(1), Some("127.0.0.1:1"), &[]);
+        let key = key_file();
+        let mut a = args(&key, Some(1), Some("127.0.0.1:1"), &[]);
         a.cluster_key = None;
         let e = config(&a, None).unwrap_err();
         assert!(e.to_string().contains("bids key cluster"), "{e}");
         a.cluster_key = Some(std::env::temp_dir().join("bids-no-such-cluster-key"));
         let e = config(&a, None).unwrap_err();
         assert!(e.to_string().contains("cannot read the cluster key"), "{e}");
-        let bad = key_file();
-        std::fs::write(&bad, "not hex").unwrap();
-        a.cluster_key = Some(bad);
+        std::fs::write(&key.1, "not hex").unwrap();
+        a.cluster_key = Some(key.1.clone());
         let e = config(&a, None).unwrap_err();
         assert!(e.to_string().contains("64 hex digits"), "{e}");
     }

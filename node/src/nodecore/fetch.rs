@@ -762,7 +762,7 @@ impl NodeCore {
 
     /// The GIS answered a refresh of `id`'s host list with "unchanged": the download keeps
     /// its candidates, and those not active (their link closed since, say) are tried
-    /// again, as the same list sent whole would have had it.
+    /// again, as taking the same list whole would have done.
     pub fn handle_host_list_unchanged(&mut self, now: Instant, id: ImageId) {
         self.at(now);
         let Some(d) = self.downloads.get_mut(&id) else {
