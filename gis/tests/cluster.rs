@@ -59,11 +59,6 @@ async fn start(
     start_with(m, listener, members, admin, join, test_raft_config()).await
 }
 
-/// The key the replicas of one group share in these tests.
-fn group_key() -> ClusterKey {
-    ClusterKey::from_hex(&"5a".repeat(32)).unwrap()
-}
-
 async fn start_with(
     m: &Member,
     listener: TcpListener,

@@ -5,7 +5,7 @@
 
 mod common;
 
-use bids_gis::cluster::{ClusterConfig, ClusterKey, GisRaft, NodeId};
+use bids_gis::cluster::{ClusterConfig, GisRaft, NodeId};
 use bids_gis::server::{spawn, GisConfig, GisHandle};
 use bids_protocols::gis::{ErrorKind, GisRequest, GisResponse, HostStats, ImageQuery};
 use common::*;
@@ -50,11 +50,6 @@ async fn replica(
         key: group_key(),
     });
     spawn(cfg).await.unwrap()
-}
-
-/// The key the replicas of these tests share (one group per test, on its own ports).
-fn group_key() -> ClusterKey {
-    ClusterKey::from_hex(&"5a".repeat(32)).unwrap()
 }
 
 fn raft(g: &GisHandle) -> &GisRaft {

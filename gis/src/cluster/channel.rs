@@ -228,9 +228,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, DuplexStream};
 
     const LIMIT: usize = 1 << 20;
+
+    /// Both ends of a connection that passed the handshake with `key`.
+    async fn pair(key: &ClusterKey) -> (Channel<DuplexStream>, Channel<DuplexStream>) {
+        let (a, b) = duplex(1 << 16);
+        let (c, s) = tokio::join!(Channel::client(a, key), Channel::server(b, key));
+        (c.unwrap(), s.unwrap())
+    }
+
+    /// The tag `c` would send with `frame` as its message number `seq`.
+    fn tag(c: &Channel<DuplexStream>, seq: u64, frame: &[u8]) -> Vec<u8> {
+        let mut mac = c.send.clone();
+        mac.update(&seq.to_be_bytes());
+        mac.update(frame);
+        mac.finalize().into_bytes().to_vec()
+    }
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
@@ -264,9 +279,7 @@ mod tests {
     fn replicas_with_the_key_talk_both_ways() {
         rt().block_on(async {
             let key = ClusterKey::generate();
-            let (a, b) = duplex(1 << 16);
-            let (c, s) = tokio::join!(Channel::client(a, &key), Channel::server(b, &key));
-            let (mut c, mut s) = (c.unwrap(), s.unwrap());
+            let (mut c, mut s) = pair(&key).await;
             for i in 0..3u32 {
                 c.send(&(i, "ask".to_string()), LIMIT).await.unwrap();
                 let got: (u32, String) = s.recv(LIMIT).await.unwrap();
@@ -328,40 +341,28 @@ mod tests {
         rt().block_on(async {
             let key = ClusterKey::generate();
             // One byte of a message changed on the way.
-            let (a, b) = duplex(1 << 16);
-            let (c, s) = tokio::join!(Channel::client(a, &key), Channel::server(b, &key));
-            let (mut c, mut s) = (c.unwrap(), s.unwrap());
+            let (mut c, mut s) = pair(&key).await;
             let mut frame = encode_frame(&"revoke 7".to_string(), LIMIT).unwrap();
-            let mut mac = c.send.clone();
-            mac.update(&0u64.to_be_bytes());
-            mac.update(&frame);
-            let tag = mac.finalize().into_bytes();
+            let sent_tag = tag(&c, 0, &frame);
             let last = frame.len() - 1;
             frame[last] ^= 1;
-            frame.extend_from_slice(&tag);
+            frame.extend_from_slice(&sent_tag);
             c.io_mut().write_all(&frame).await.unwrap();
             let e = s.recv::<String>(LIMIT).await.unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidData);
 
             // A message sent again (its tag was for sequence number 0, this is number 1).
-            let (a, b) = duplex(1 << 16);
-            let (c, s) = tokio::join!(Channel::client(a, &key), Channel::server(b, &key));
-            let (mut c, mut s) = (c.unwrap(), s.unwrap());
+            let (mut c, mut s) = pair(&key).await;
             let frame = encode_frame(&"publish".to_string(), LIMIT).unwrap();
-            let mut mac = c.send.clone();
-            mac.update(&0u64.to_be_bytes());
-            mac.update(&frame);
             let mut sealed = frame.clone();
-            sealed.extend_from_slice(&mac.finalize().into_bytes());
+            sealed.extend_from_slice(&tag(&c, 0, &frame));
             c.io_mut().write_all(&sealed).await.unwrap();
             assert_eq!(s.recv::<String>(LIMIT).await.unwrap(), "publish");
             c.io_mut().write_all(&sealed).await.unwrap();
             assert!(s.recv::<String>(LIMIT).await.is_err());
 
             // A frame with no tag at all, as an outsider would inject it.
-            let (a, b) = duplex(1 << 16);
-            let (c, s) = tokio::join!(Channel::client(a, &key), Channel::server(b, &key));
-            let (mut c, mut s) = (c.unwrap(), s.unwrap());
+            let (mut c, mut s) = pair(&key).await;
             let frame = encode_frame(&"x".repeat(40), LIMIT).unwrap();
             c.io_mut().write_all(&frame).await.unwrap();
             c.io_mut().shutdown().await.unwrap();
@@ -373,9 +374,7 @@ mod tests {
     fn an_oversized_length_is_refused_before_reading_the_body() {
         rt().block_on(async {
             let key = ClusterKey::generate();
-            let (a, b) = duplex(1 << 16);
-            let (c, s) = tokio::join!(Channel::client(a, &key), Channel::server(b, &key));
-            let (mut c, mut s) = (c.unwrap(), s.unwrap());
+            let (mut c, mut s) = pair(&key).await;
             c.io_mut()
                 .write_all(&(1u32 << 30).to_be_bytes())
                 .await

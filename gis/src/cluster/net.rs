@@ -616,22 +616,7 @@ pub async fn write_via_leader(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bids_protocols::codec::{decode_body, frame_len};
-    use serde::de::DeserializeOwned;
-    use tokio::io::{AsyncRead, AsyncReadExt};
-
-    /// Reads one untagged frame (what a peer without the cluster handshake would send).
-    async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
-        io: &mut R,
-        limit: usize,
-    ) -> io::Result<T> {
-        let mut len = [0u8; 4];
-        io.read_exact(&mut len).await?;
-        let len = frame_len(len, limit, "Raft message")?;
-        let mut buf = vec![0u8; len];
-        io.read_exact(&mut buf).await?;
-        decode_body(&buf, limit)
-    }
+    use bids_protocols::codec::{decode_body, read_frame};
 
     use bids_protocols::gis::HostStats;
     use libp2p::PeerId;

@@ -101,3 +101,9 @@ pub fn assert_ack(r: &GisResponse) {
         "expected Ack, got {r:?}"
     );
 }
+
+/// The key the replicas of one group share in these tests (each test its own group, on
+/// its own ports).
+pub fn group_key() -> bids_gis::cluster::ClusterKey {
+    bids_gis::cluster::ClusterKey::from_hex(&"5a".repeat(32)).unwrap()
+}
