@@ -47,6 +47,12 @@ pub struct GisArgs {
     /// instead of one GIS, and spread the hosts over them. Their CPU and memory are summed.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Without --gis: cap each GIS process started at this many cores (a cgroup CPU quota,
+    /// at least 0.1), as if each ran on a machine of its own. With it, one GIS and a group of
+    /// replicas compare on a machine with fewer cores than they would have. Needs a writable
+    /// cgroup cpu controller (root).
+    #[arg(long)]
+    cores_per_gis: Option<f64>,
     /// Images each host holds.
     #[arg(long, default_value_t = 5)]
     holdings_per_host: usize,
@@ -140,6 +146,7 @@ async fn gis(a: GisArgs) -> Result<()> {
         },
         gis,
         replicas: a.replicas,
+        cores_per_gis: a.cores_per_gis,
         hosts: a.hosts,
         idcs: a.idcs,
         images: a.images,

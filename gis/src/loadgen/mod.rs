@@ -9,6 +9,7 @@
 //! expected shape. The GIS under test is either given (`gis`) or started as a child process.
 
 pub mod conn;
+pub mod cpucap;
 pub mod stats;
 
 use anyhow::{bail, Context};
@@ -45,6 +46,9 @@ const HOST_QUEUE: usize = 64;
 const RESERVED_FDS: u64 = 512;
 /// How long a phase waits for its last lookups to come back.
 const DRAIN: Duration = Duration::from_secs(5);
+/// Names of the GIS children's temporary directories and CPU caps, before the generator's
+/// pid.
+const CHILD_PREFIX: &str = "bids-bench-gis-";
 /// Chunk size of the synthetic images (1 MiB, the default).
 const CHUNK_SIZE: u32 = 1 << 20;
 
@@ -59,6 +63,9 @@ pub struct LoadOptions {
     /// GIS processes to start when `gis` is empty: 1, a lone GIS; more, the replicas of one
     /// Raft group on 127.0.0.1, with the hosts spread over them.
     pub replicas: usize,
+    /// Cap each GIS process started for the run at this many cores (a cgroup CPU quota), as
+    /// if each ran on a machine of its own. `None`: no cap.
+    pub cores_per_gis: Option<f64>,
     pub hosts: usize,
     pub idcs: usize,
     pub images: usize,
@@ -90,6 +97,7 @@ impl Default for LoadOptions {
             gis: Vec::new(),
             spawn_program: None,
             replicas: 1,
+            cores_per_gis: None,
             hosts: 1000,
             idcs: 10,
             images: 100,
@@ -168,6 +176,8 @@ pub struct Report {
     /// GIS processes started for the run (0 with `--gis`): 1, or the replicas of a Raft
     /// group. `gis` and each phase's GIS CPU are summed over them.
     pub gis_processes: usize,
+    /// The CPU cap of each GIS process started for the run, in cores (`None`: uncapped).
+    pub cores_per_gis: Option<f64>,
     pub nofile: NoFile,
     pub registration: RegistrationReport,
     pub phases: Vec<PhaseReport>,
@@ -560,6 +570,8 @@ struct ChildGis {
     child: tokio::process::Child,
     dir: PathBuf,
     addr: Multiaddr,
+    /// Dropped after the kill in `drop`: the cgroup goes once the process has exited.
+    _cap: Option<cpucap::CpuCap>,
 }
 
 impl ChildGis {
@@ -569,16 +581,22 @@ impl ChildGis {
         program: &std::path::Path,
         admin: &Keypair,
         raft: Option<(usize, &[std::net::SocketAddr], &crate::cluster::ClusterKey)>,
+        cores: Option<f64>,
     ) -> anyhow::Result<ChildGis> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "bids-bench-gis-{}-{nanos}-{}",
+        let name = format!(
+            "{CHILD_PREFIX}{}-{nanos}-{}",
             std::process::id(),
             raft.map_or(0, |(id, _, _)| id)
-        ));
+        );
+        let cap = cores
+            .map(|c| cpucap::CpuCap::create(&name, c))
+            .transpose()
+            .context("capping the GIS's CPU (--cores-per-gis)")?;
+        let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let key = dir.join("gis.key");
         let bytes = Keypair::generate_ed25519()
@@ -598,8 +616,8 @@ impl ChildGis {
             }
         }
         let log = std::fs::File::create(dir.join("gis.log")).context("creating the GIS log")?;
-        let mut child = tokio::process::Command::new(program)
-            .arg("gis")
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.arg("gis")
             .arg("--key")
             .arg(&key)
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--admin-peer"])
@@ -613,9 +631,26 @@ impl ChildGis {
             )
             .stdout(std::process::Stdio::piped())
             .stderr(log)
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+        // which is async-signal-safe. The GIS dies with the benchmark, even one killed by a
+        // signal, whose drops never run.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {} gis", program.display()))?;
+        if let Some(cap) = &cap {
+            let pid = child.id().context("the GIS exited at once")?;
+            cap.add(pid)
+                .context("moving the GIS into its CPU cap's cgroup")?;
+        }
         let stdout = child.stdout.take().context("the GIS's stdout")?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
@@ -629,7 +664,12 @@ impl ChildGis {
                 dir.join("gis.log").display()
             ),
         };
-        Ok(ChildGis { child, dir, addr })
+        Ok(ChildGis {
+            child,
+            dir,
+            addr,
+            _cap: cap,
+        })
     }
 
     fn pid(&self) -> Option<u32> {
@@ -650,9 +690,10 @@ async fn start_gis(
     program: &std::path::Path,
     admin: &Keypair,
     replicas: usize,
+    cores: Option<f64>,
 ) -> anyhow::Result<Vec<ChildGis>> {
     if replicas <= 1 {
-        return Ok(vec![ChildGis::start(program, admin, None).await?]);
+        return Ok(vec![ChildGis::start(program, admin, None, cores).await?]);
     }
     let raft: Vec<std::net::SocketAddr> = {
         let ls = (0..replicas)
@@ -667,7 +708,7 @@ async fn start_gis(
     let key = crate::cluster::ClusterKey::generate();
     let mut children = Vec::with_capacity(replicas);
     for id in 1..=replicas {
-        children.push(ChildGis::start(program, admin, Some((id, &raft, &key))).await?);
+        children.push(ChildGis::start(program, admin, Some((id, &raft, &key)), cores).await?);
     }
     Ok(children)
 }
@@ -709,6 +750,9 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
     if o.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
+    if !o.gis.is_empty() && o.cores_per_gis.is_some() {
+        bail!("--cores-per-gis caps the GIS processes the benchmark starts; leave --gis out");
+    }
     let needed = o.hosts as u64 + RESERVED_FDS;
     let nofile = raise_nofile(needed);
     log(&format!(
@@ -733,9 +777,23 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
             .as_ref()
             .context("no --gis given and no bids executable to start one")?;
         let admin = o.admin.clone().unwrap_or_else(Keypair::generate_ed25519);
-        let children = start_gis(program, &admin, o.replicas).await?;
+        if o.cores_per_gis.is_some() {
+            let n = cpucap::CpuCap::remove_orphans(CHILD_PREFIX);
+            if n > 0 {
+                log(&format!(
+                    "removed {n} CPU-cap cgroup(s) left by killed runs"
+                ));
+            }
+        }
+        let children = start_gis(program, &admin, o.replicas, o.cores_per_gis).await?;
         for c in &children {
-            log(&format!("started a GIS at {} (pid {:?})", c.addr, c.pid()));
+            log(&format!(
+                "started a GIS at {} (pid {:?}){}",
+                c.addr,
+                c.pid(),
+                o.cores_per_gis
+                    .map_or(String::new(), |c| format!(", capped at {c} cores"))
+            ));
         }
         (Some(admin), children)
     } else {
@@ -981,6 +1039,7 @@ pub async fn run(o: &LoadOptions, log: &mut dyn FnMut(&str)) -> anyhow::Result<R
         gis_addrs: gis_addrs.iter().map(|a| a.to_string()).collect(),
         gis_spawned: !gis_pids.is_empty(),
         gis_processes: gis_pids.len(),
+        cores_per_gis: o.cores_per_gis.filter(|_| !gis_pids.is_empty()),
         nofile,
         lookups_per_s: last.map_or(0.0, |p| p.lookups_per_s),
         lookup: last.map(|p| p.lookup.clone()).unwrap_or_default(),
@@ -1100,10 +1159,14 @@ pub fn render(r: &Report) -> String {
             let _ = writeln!(
                 s,
                 "{}: {:.1} CPU s over the run, peak RSS {:.1} MiB",
-                if r.gis_processes > 1 {
-                    format!("GIS processes ({} replicas, summed)", r.gis_processes)
-                } else {
-                    "GIS process".to_string()
+                match (r.gis_processes > 1, r.cores_per_gis) {
+                    (true, None) => format!("GIS processes ({} replicas, summed)", r.gis_processes),
+                    (true, Some(c)) => format!(
+                        "GIS processes ({} replicas, each capped at {c} cores, summed)",
+                        r.gis_processes
+                    ),
+                    (false, None) => "GIS process".to_string(),
+                    (false, Some(c)) => format!("GIS process (capped at {c} cores)"),
                 },
                 g.cpu_s,
                 g.peak_rss_bytes as f64 / (1 << 20) as f64
