@@ -1013,6 +1013,15 @@ impl Index {
         true
     }
 
+    /// The last-seen time of a host not marked dead; `None` for a dead or unknown host. One
+    /// host's part of `live_hosts`.
+    pub fn alive_since(&self, peer: &PeerId) -> Option<i64> {
+        self.hosts
+            .get(peer)
+            .filter(|h| !h.reported_dead)
+            .and_then(|h| h.last_seen_ms)
+    }
+
     /// The hosts not marked dead with their last-seen time: the liveness part of a cluster
     /// snapshot (the stored records hold the rest).
     pub fn live_hosts(&self) -> Vec<(PeerId, i64)> {

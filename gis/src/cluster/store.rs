@@ -1,6 +1,7 @@
 //! The Raft log and state machine of a GIS replica, on sled (`raft.sled/` in the data dir:
 //! tree `log` for entries by index, tree `meta` for the vote, commit, purge point, applied
-//! position, membership, liveness and the latest snapshot). Applying an entry is the
+//! position, membership and the latest snapshot, tree `live` for the replicated liveness,
+//! one record per live host). Applying an entry is the
 //! `Index`'s business (`GisState`); this module only orders, persists and snapshots.
 // openraft's trait methods return its `StorageError` by value; the helpers here return the
 // same type so `?` needs no conversion. Boxing it would only add an allocation per error.
@@ -35,7 +36,11 @@ const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
 const APPLIED: &[u8] = b"applied";
 const MEMBERSHIP: &[u8] = b"membership";
-const LIVE: &[u8] = b"live";
+/// Older stores kept every live host in one record of `meta`, written whole by each apply
+/// that registered a host: read once at open and moved into the `live` tree.
+const LEGACY_LIVE: &[u8] = b"live";
+/// The tree of live hosts: peer id bytes → the last-seen time the leader replicated.
+const LIVE_TREE: &str = "live";
 const SNAPSHOT: &[u8] = b"snapshot";
 
 type Membership = StoredMembership<NodeId, BasicNode>;
@@ -87,6 +92,31 @@ fn get<T: DeserializeOwned>(
     }
 }
 
+/// The live hosts recorded in the `live` tree.
+fn read_live(tree: &sled::Tree) -> std::result::Result<Vec<(PeerId, i64)>, StoreError> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            let bad = |message: String| StoreError::Decode {
+                key: format!("{LIVE_TREE}/{}", hex::encode(&k)),
+                message,
+            };
+            let peer = PeerId::from_bytes(&k).map_err(|e| bad(e.to_string()))?;
+            let at = <[u8; 8]>::try_from(v.as_ref())
+                .map_err(|_| bad(format!("{} bytes, not 8", v.len())))?;
+            Ok((peer, i64::from_be_bytes(at)))
+        })
+        .collect()
+}
+
+/// What an apply changed in the replicated liveness.
+enum LiveUpdate {
+    /// These hosts' records: alive since the time given, or not alive (`None`).
+    Hosts(Vec<(PeerId, Option<i64>)>),
+    /// Every live host (an installed snapshot): the tree is replaced.
+    All(Vec<(PeerId, i64)>),
+}
+
 fn read_err(e: StoreError) -> StorageError<NodeId> {
     StorageIOError::read(AnyError::new(&e)).into()
 }
@@ -115,9 +145,23 @@ pub fn open(
         .open()?;
     let log = db.open_tree("log")?;
     let meta = db.open_tree("meta")?;
+    let live_tree = db.open_tree(LIVE_TREE)?;
     let applied: Option<LogId<NodeId>> = get(&meta, APPLIED)?.flatten();
     let membership: Membership = get(&meta, MEMBERSHIP)?.unwrap_or_default();
-    let live: Vec<(PeerId, i64)> = get(&meta, LIVE)?.unwrap_or_default();
+    if let Some(legacy) = get::<Vec<(PeerId, i64)>>(&meta, LEGACY_LIVE)? {
+        let mut batch = sled::Batch::default();
+        for (peer, at) in &legacy {
+            batch.insert(peer.to_bytes(), at.to_be_bytes().to_vec());
+        }
+        live_tree.apply_batch(batch)?;
+        meta.remove(LEGACY_LIVE)?;
+        db.flush()?;
+        info!(
+            hosts = legacy.len(),
+            "Raft store: liveness moved to one record per host"
+        );
+    }
+    let live = read_live(&live_tree)?;
     {
         let mut st = state.lock();
         for (peer, at) in &live {
@@ -136,6 +180,7 @@ pub fn open(
         StateMachine {
             db,
             meta,
+            live: live_tree,
             state,
             index_cfg,
         },
@@ -294,24 +339,44 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 pub struct StateMachine {
     db: sled::Db,
     meta: sled::Tree,
+    live: sled::Tree,
     state: SharedState,
     index_cfg: IndexConfig,
 }
 
 impl StateMachine {
-    /// Persists the applied position, membership and (when it may have changed) liveness.
+    /// Persists the liveness records an apply changed, then the applied position and
+    /// membership. In that order: after a crash between the two, the entries are applied
+    /// again and write the same records.
     async fn save_applied(
         &self,
         applied: Option<LogId<NodeId>>,
         membership: &Membership,
-        live: Option<Vec<(PeerId, i64)>>,
+        live: LiveUpdate,
     ) -> std::result::Result<(), AnyError> {
+        let mut hosts = sled::Batch::default();
+        match live {
+            LiveUpdate::Hosts(changed) => {
+                for (peer, since) in changed {
+                    match since {
+                        Some(at) => hosts.insert(peer.to_bytes(), at.to_be_bytes().to_vec()),
+                        None => hosts.remove(peer.to_bytes()),
+                    }
+                }
+            }
+            LiveUpdate::All(all) => {
+                self.live.clear().map_err(|e| AnyError::new(&e))?;
+                for (peer, at) in all {
+                    hosts.insert(peer.to_bytes(), at.to_be_bytes().to_vec());
+                }
+            }
+        }
+        self.live
+            .apply_batch(hosts)
+            .map_err(|e| AnyError::new(&e))?;
         let mut batch = sled::Batch::default();
         batch.insert(APPLIED, encode(&applied)?);
         batch.insert(MEMBERSHIP, encode(membership)?);
-        if let Some(live) = live {
-            batch.insert(LIVE, encode(&live)?);
-        }
         self.meta
             .apply_batch(batch)
             .map_err(|e| AnyError::new(&e))?;
@@ -395,20 +460,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut out = Vec::new();
         let (applied, membership, live) = {
             let mut st = self.state.lock();
-            let mut liveness_touched = false;
+            // Hosts whose liveness the entries may set: registered or decided on. Only their
+            // records are written, not every live host's again.
+            let mut touched = Vec::new();
             for entry in entries {
                 st.applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => out.push(Applied::Nothing),
                     EntryPayload::Normal(cmd) => {
-                        liveness_touched |= matches!(
-                            cmd,
-                            Command::Liveness { .. }
-                                | Command::Request {
-                                    req: GisRequest::Register { .. },
-                                    ..
-                                }
-                        );
+                        match &cmd {
+                            Command::Liveness { peer, .. }
+                            | Command::Request {
+                                peer,
+                                req: GisRequest::Register { .. },
+                                ..
+                            } => touched.push(*peer),
+                            _ => {}
+                        }
                         out.push(st.apply(cmd));
                     }
                     EntryPayload::Membership(m) => {
@@ -419,8 +487,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             st.persist()
                 .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
-            let live = liveness_touched.then(|| st.index.live_hosts());
-            (st.applied, st.membership.clone(), live)
+            touched.sort_unstable();
+            touched.dedup();
+            let live = touched
+                .into_iter()
+                .map(|peer| (peer, st.index.alive_since(&peer)))
+                .collect();
+            (st.applied, st.membership.clone(), LiveUpdate::Hosts(live))
         };
         self.save_applied(applied, &membership, live)
             .await
@@ -485,9 +558,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             st.applied = meta.last_log_id;
             st.membership = meta.last_membership.clone();
         }
-        self.save_applied(meta.last_log_id, &meta.last_membership, Some(live))
-            .await
-            .map_err(StorageIOError::write_state_machine)?;
+        self.save_applied(
+            meta.last_log_id,
+            &meta.last_membership,
+            LiveUpdate::All(live),
+        )
+        .await
+        .map_err(StorageIOError::write_state_machine)?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: bytes,
@@ -546,4 +623,151 @@ fn replace_storage(
         st.storage.put_revocation(*s)?;
     }
     st.storage.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::ClusterKey;
+    use crate::storage::MemStorage;
+    use bids_protocols::{Idc, Policy};
+    use libp2p::identity::Keypair;
+
+    fn index_cfg() -> IndexConfig {
+        let mut cfg = IndexConfig::new(
+            Keypair::generate_ed25519().public().to_peer_id(),
+            Policy::Bids,
+        );
+        cfg.replicated_liveness = true;
+        cfg
+    }
+
+    fn state(cfg: &IndexConfig, storage: &MemStorage) -> SharedState {
+        let st = GisState::open(cfg.clone(), Box::new(storage.clone())).expect("state");
+        SharedState::new(st, ClusterKey::from_hex(&"5a".repeat(32)).expect("key"))
+    }
+
+    fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: openraft::testing::log_id(1, 1, index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn register(peer: PeerId, now_ms: i64) -> Command {
+        Command::Request {
+            peer,
+            req: GisRequest::Register {
+                idc: Idc::new("idc-a").expect("idc"),
+                addrs: vec!["/ip4/10.0.0.1/tcp/4001".parse().expect("addr")],
+                cert: None,
+                policy: Policy::Bids,
+            },
+            now_ms,
+        }
+    }
+
+    fn live(s: &SharedState) -> Vec<(PeerId, i64)> {
+        let mut v = s.lock().index.live_hosts();
+        v.sort();
+        v
+    }
+
+    /// Registrations and liveness decisions write one record per host, and a replica that
+    /// restarts from its data dir has exactly the liveness it had applied.
+    #[tokio::test]
+    async fn liveness_survives_a_restart_one_record_per_host() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(RAFT_DIR);
+        let cfg = index_cfg();
+        let storage = MemStorage::new();
+        let peers: Vec<PeerId> = (0..4)
+            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+            .collect();
+        let before = {
+            let s = state(&cfg, &storage);
+            let (_log, mut sm) = open(&path, cfg.clone(), s.clone()).expect("open");
+            let mut entries: Vec<_> = peers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| entry(i as u64 + 1, register(*p, 1_000 + i as i64)))
+                .collect();
+            sm.apply(entries.drain(..))
+                .await
+                .expect("apply registrations");
+            let decisions = vec![
+                entry(
+                    5,
+                    Command::Liveness {
+                        peer: peers[1],
+                        alive: false,
+                        now_ms: 2_000,
+                    },
+                ),
+                entry(
+                    6,
+                    Command::Liveness {
+                        peer: peers[2],
+                        alive: true,
+                        now_ms: 3_000,
+                    },
+                ),
+            ];
+            sm.apply(decisions).await.expect("apply liveness");
+            assert_eq!(sm.live.len(), 3, "one record per live host");
+            live(&s)
+        };
+        let mut expected = vec![(peers[0], 1_000), (peers[2], 3_000), (peers[3], 1_003)];
+        expected.sort();
+        assert_eq!(before, expected);
+        let s = state(&cfg, &storage);
+        let (_log, sm) = open(&path, cfg.clone(), s.clone()).expect("reopen");
+        assert_eq!(live(&s), expected);
+        let (applied, _) = {
+            let st = s.lock();
+            (st.applied, st.membership.clone())
+        };
+        assert_eq!(applied.map(|l| l.index), Some(6));
+        drop(sm);
+    }
+
+    /// A store written by the older code kept all live hosts in one `meta` record; it opens
+    /// with the same liveness and the record moves into the tree.
+    #[test]
+    fn the_older_single_record_is_read_and_moved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(RAFT_DIR);
+        let cfg = index_cfg();
+        let storage = MemStorage::new();
+        let peers: Vec<PeerId> = (0..2)
+            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+            .collect();
+        {
+            // The index must know the hosts for their liveness to apply.
+            let s = state(&cfg, &storage);
+            let mut st = s.lock();
+            for (i, p) in peers.iter().enumerate() {
+                let Command::Request { peer, req, now_ms } = register(*p, i as i64) else {
+                    unreachable!()
+                };
+                st.index.handle(peer, req, now_ms);
+            }
+            st.persist().expect("persist");
+        }
+        {
+            let db = sled::open(&path).expect("sled");
+            let meta = db.open_tree("meta").expect("meta");
+            let legacy = vec![(peers[0], 7_000i64), (peers[1], 8_000)];
+            meta.insert(LEGACY_LIVE, serde_cbor::to_vec(&legacy).expect("cbor"))
+                .expect("insert");
+            db.flush().expect("flush");
+        }
+        let s = state(&cfg, &storage);
+        let (_log, sm) = open(&path, cfg.clone(), s.clone()).expect("open");
+        let mut expected = vec![(peers[0], 7_000), (peers[1], 8_000)];
+        expected.sort();
+        assert_eq!(live(&s), expected);
+        assert_eq!(sm.live.len(), 2);
+        assert!(sm.meta.get(LEGACY_LIVE).expect("get").is_none());
+    }
 }
