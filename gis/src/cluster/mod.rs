@@ -90,7 +90,10 @@ pub enum Applied {
 /// index's records. The state machine writes it; lookups read it.
 pub struct GisState {
     pub index: Index,
-    storage: Box<dyn Storage>,
+    /// Written only by the state machine, which applies in log order. A lock of its own: a
+    /// commit (sled, with its flush) runs after the state is unlocked, so lookups on this
+    /// replica do not wait for the disk.
+    storage: SharedStorage,
     /// The last log entry applied: the index and storage reflect exactly the log up to it.
     applied: Option<openraft::LogId<NodeId>>,
     membership: openraft::StoredMembership<NodeId, BasicNode>,
@@ -106,7 +109,7 @@ impl GisState {
         let index = Index::restore(cfg, snapshot);
         Ok(GisState {
             index,
-            storage,
+            storage: Arc::new(Mutex::new(storage)),
             applied: None,
             membership: Default::default(),
         })
@@ -135,13 +138,42 @@ impl GisState {
         self.applied.map(|l| l.index)
     }
 
-    /// Makes the changes applied so far durable.
+    /// Takes the changes applied so far, to be made durable with [`Pending::commit`] once
+    /// the state is unlocked.
+    fn take_pending(&mut self) -> Pending {
+        Pending {
+            changes: self.index.take_changes(),
+            storage: self.storage.clone(),
+        }
+    }
+
+    /// Makes the changes applied so far durable (with the state locked; tests).
+    #[cfg(test)]
     fn persist(&mut self) -> Result<(), crate::storage::StorageError> {
-        let changes = self.index.take_changes();
-        if changes.is_empty() {
+        self.take_pending().commit()
+    }
+}
+
+type SharedStorage = Arc<Mutex<Box<dyn Storage>>>;
+
+/// Locks the storage, even if a thread panicked while holding it.
+fn lock_storage(s: &SharedStorage) -> MutexGuard<'_, Box<dyn Storage>> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Applied changes not yet written to the GIS storage.
+#[must_use = "the changes are durable only once committed"]
+struct Pending {
+    changes: Vec<crate::storage::Change>,
+    storage: SharedStorage,
+}
+
+impl Pending {
+    fn commit(self) -> Result<(), crate::storage::StorageError> {
+        if self.changes.is_empty() {
             return Ok(());
         }
-        self.storage.commit(&changes)
+        lock_storage(&self.storage).commit(&self.changes)
     }
 }
 

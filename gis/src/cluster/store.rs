@@ -7,7 +7,7 @@
 // same type so `?` needs no conversion. Boxing it would only add an allocation per error.
 #![allow(clippy::result_large_err)]
 
-use super::{Applied, Command, GisState, NodeId, SharedState, TypeConfig};
+use super::{Applied, Command, NodeId, SharedState, TypeConfig};
 use crate::index::{Index, IndexConfig};
 use crate::storage::{StoredHolding, StoredHost, StoredImage};
 use bids_protocols::gis::GisRequest;
@@ -458,7 +458,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
-        let (applied, membership, live) = {
+        let (applied, membership, live, pending) = {
             let mut st = self.state.lock();
             // Hosts whose liveness the entries may set: registered or decided on. Only their
             // records are written, not every live host's again.
@@ -485,16 +485,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
             }
-            st.persist()
-                .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+            let pending = st.take_pending();
             touched.sort_unstable();
             touched.dedup();
             let live = touched
                 .into_iter()
                 .map(|peer| (peer, st.index.alive_since(&peer)))
                 .collect();
-            (st.applied, st.membership.clone(), LiveUpdate::Hosts(live))
+            (
+                st.applied,
+                st.membership.clone(),
+                LiveUpdate::Hosts(live),
+                pending,
+            )
         };
+        // Written with the state unlocked: lookups go on meanwhile. Nothing else writes the
+        // storage, and it is read only at start.
+        pending
+            .commit()
+            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
         self.save_applied(applied, &membership, live)
             .await
             .map_err(StorageIOError::write_state_machine)?;
@@ -550,10 +559,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         // Restoring queues no changes; the storage will hold the snapshot's records.
         let _ = index.take_changes();
+        // The storage is rewritten with the state unlocked as well; only the swap holds it.
+        let storage = self.state.lock().storage.clone();
+        replace_storage(&mut **super::lock_storage(&storage), &data)
+            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
         {
             let mut st = self.state.lock();
-            replace_storage(&mut st, &data)
-                .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
             st.index = index;
             st.applied = meta.last_log_id;
             st.membership = meta.last_membership.clone();
@@ -591,10 +602,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 /// Makes the GIS storage hold exactly the snapshot's records.
 fn replace_storage(
-    st: &mut GisState,
+    storage: &mut dyn crate::storage::Storage,
     data: &SnapshotData,
 ) -> std::result::Result<(), crate::storage::StorageError> {
-    let old = st.storage.load()?;
+    let old = storage.load()?;
     if old.skipped > 0 {
         warn!(
             skipped = old.skipped,
@@ -602,33 +613,33 @@ fn replace_storage(
         );
     }
     for h in &old.holdings {
-        st.storage.delete_holding(&h.peer, &h.holding.image)?;
+        storage.delete_holding(&h.peer, &h.holding.image)?;
     }
     for i in &old.images {
-        st.storage.delete_image(&i.id)?;
+        storage.delete_image(&i.id)?;
     }
     for h in &old.hosts {
-        st.storage.delete_host(&h.peer)?;
+        storage.delete_host(&h.peer)?;
     }
     for h in &data.hosts {
-        st.storage.put_host(h)?;
+        storage.put_host(h)?;
     }
     for i in &data.images {
-        st.storage.put_image(i)?;
+        storage.put_image(i)?;
     }
     for h in &data.holdings {
-        st.storage.put_holding(h)?;
+        storage.put_holding(h)?;
     }
     for s in &data.revocations {
-        st.storage.put_revocation(*s)?;
+        storage.put_revocation(*s)?;
     }
-    st.storage.flush()
+    storage.flush()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::ClusterKey;
+    use crate::cluster::{ClusterKey, GisState};
     use crate::storage::MemStorage;
     use bids_protocols::{Idc, Policy};
     use libp2p::identity::Keypair;
