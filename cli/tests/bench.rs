@@ -178,3 +178,80 @@ fn gis_bench_starts_a_raft_group_and_spreads_the_hosts_over_its_replicas() {
     let errors = v["errors"].as_object().expect("errors");
     assert!(errors.is_empty(), "no errors on loopback: {v}");
 }
+
+/// `--cores-per-gis` puts each GIS the bench starts on a CPU quota and says so in the JSON;
+/// the cap itself is proven on a busy loop in `bids_gis::loadgen::cpucap`'s tests. Where no
+/// cgroup cpu controller is writable, the bench must refuse with a clear error instead.
+#[test]
+fn gis_bench_caps_each_gis_process_it_starts() {
+    let args = [
+        "bench",
+        "gis",
+        "--replicas",
+        "1",
+        "--cores-per-gis",
+        "0.3",
+        "--hosts",
+        "60",
+        "--idcs",
+        "3",
+        "--images",
+        "10",
+        "--lookups-per-s",
+        "200",
+        "--duration",
+        "2",
+        "--json",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_bids"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running bids");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        assert!(
+            stderr.contains("cgroup"),
+            "a failed cap must name the cgroup it needed: {stderr}"
+        );
+        eprintln!("no writable cgroup cpu controller here; checked the error");
+        return;
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("JSON");
+    assert_eq!(v["cores_per_gis"].as_f64(), Some(0.3), "{v}");
+    assert_eq!(v["registration"]["registered"].as_u64(), Some(60), "{v}");
+    assert!(
+        v["lookups_per_s"].as_f64().is_some_and(|l| l > 100.0),
+        "{v}"
+    );
+    for p in v["phases"].as_array().expect("phases") {
+        let cores = p["gis_cores"].as_f64().expect("gis_cores");
+        assert!(
+            cores <= 0.35,
+            "the GIS used {cores} cores under a 0.3 cap: {v}"
+        );
+    }
+
+    // Refused before anything starts: a cap on a GIS the bench does not start, and a cap
+    // below what the kernel accepts.
+    let gis = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWBXybYQmWJNpjD4gtfw1YiLg8GRewsTPvMZ1hsVYknVky";
+    for (cap, extra, says) in [
+        ("0.3", vec!["--gis", gis], "leave --gis out"),
+        ("0.05", vec![], "at least 0.1"),
+    ] {
+        let mut a: Vec<&str> = args
+            .iter()
+            .map(|x| if *x == "0.3" { cap } else { x })
+            .collect();
+        a.extend(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_bids"))
+            .args(&a)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running bids");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{a:?} must fail");
+        assert!(stderr.contains(says), "{a:?}: {stderr}");
+    }
+}
