@@ -365,7 +365,16 @@ impl StateMachine {
                 }
             }
             LiveUpdate::All(all) => {
-                self.live.clear().map_err(|e| AnyError::new(&e))?;
+                // One batch, so that a crash leaves the old records or the new, never none:
+                // the records of hosts not in `all` are removed in it.
+                let keep: std::collections::BTreeSet<Vec<u8>> =
+                    all.iter().map(|(peer, _)| peer.to_bytes()).collect();
+                for key in self.live.iter().keys() {
+                    let key = key.map_err(|e| AnyError::new(&e))?;
+                    if !keep.contains(key.as_ref()) {
+                        hosts.remove(key);
+                    }
+                }
                 for (peer, at) in all {
                     hosts.insert(peer.to_bytes(), at.to_be_bytes().to_vec());
                 }
@@ -740,6 +749,39 @@ mod tests {
         };
         assert_eq!(applied.map(|l| l.index), Some(6));
         drop(sm);
+    }
+
+    /// A snapshot's liveness replaces the records in one batch: hosts it does not list lose
+    /// theirs, the others get the snapshot's times.
+    #[tokio::test]
+    async fn a_snapshots_liveness_replaces_the_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = index_cfg();
+        let s = state(&cfg, &MemStorage::new());
+        let (_log, mut sm) = open(&dir.path().join(RAFT_DIR), cfg, s).expect("open");
+        let peers: Vec<PeerId> = (0..3)
+            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+            .collect();
+        let regs: Vec<_> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| entry(i as u64 + 1, register(*p, 100)))
+            .collect();
+        sm.apply(regs).await.expect("apply");
+        assert_eq!(sm.live.len(), 3);
+        let applied = Some(openraft::testing::log_id(1, 1, 3));
+        sm.save_applied(
+            applied,
+            &Membership::default(),
+            LiveUpdate::All(vec![(peers[2], 900), (peers[0], 700)]),
+        )
+        .await
+        .expect("save");
+        let mut expected = vec![(peers[0], 700), (peers[2], 900)];
+        expected.sort();
+        let mut got = read_live(&sm.live).expect("read");
+        got.sort();
+        assert_eq!(got, expected);
     }
 
     /// A store written by the older code kept all live hosts in one `meta` record; it opens
