@@ -9,7 +9,6 @@
 use bids_gis::index::{Index, IndexConfig};
 use bids_protocols::cert::{BridgeheadCert, CertBody};
 use bids_protocols::gis::{Counters, GisRequest, Holding, HostStats, ImageQuery};
-use bids_protocols::manifest::{ChunkInfo, Manifest, ObjectKind};
 use bids_protocols::{Idc, ImageId, ImageRef, Policy};
 use criterion::{criterion_group, criterion_main, Criterion};
 use libp2p::identity::Keypair;
@@ -23,26 +22,7 @@ const HOLDINGS: usize = 5;
 const CHUNKS: u32 = 64;
 
 fn manifest(i: usize) -> (ImageRef, ImageId, Vec<u8>) {
-    let m = Manifest {
-        name: format!("bench-{i:05}"),
-        version: "1".into(),
-        base: None,
-        kind: ObjectKind::Image,
-        size: u64::from(CHUNKS) << 20,
-        chunk_size: 1 << 20,
-        chunks: (0..CHUNKS)
-            .map(|c| {
-                let sha256 = bids_protocols::manifest::sha256(&[i as u8, (i >> 8) as u8, c as u8]);
-                let mut md5 = [0u8; 16];
-                md5.copy_from_slice(&sha256[..16]);
-                ChunkInfo {
-                    sha256,
-                    md5,
-                    zero: false,
-                }
-            })
-            .collect(),
-    };
+    let m = bids_gis::loadgen::synthetic_manifest(i, CHUNKS);
     (m.image_ref(), m.id(), m.to_bytes())
 }
 

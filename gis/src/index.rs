@@ -180,6 +180,13 @@ struct HostState {
     stats: HostStats,
 }
 
+impl HostState {
+    /// Its last-seen time unless it is marked dead (the replicated liveness).
+    fn alive_since(&self) -> Option<i64> {
+        self.last_seen_ms.filter(|_| !self.reported_dead)
+    }
+}
+
 #[derive(Clone, Debug)]
 struct ImageState {
     stored: StoredImage,
@@ -1016,10 +1023,7 @@ impl Index {
     /// The last-seen time of a host not marked dead; `None` for a dead or unknown host. One
     /// host's part of `live_hosts`.
     pub fn alive_since(&self, peer: &PeerId) -> Option<i64> {
-        self.hosts
-            .get(peer)
-            .filter(|h| !h.reported_dead)
-            .and_then(|h| h.last_seen_ms)
+        self.hosts.get(peer).and_then(HostState::alive_since)
     }
 
     /// The hosts not marked dead with their last-seen time: the liveness part of a cluster
@@ -1027,8 +1031,7 @@ impl Index {
     pub fn live_hosts(&self) -> Vec<(PeerId, i64)> {
         self.hosts
             .values()
-            .filter(|h| !h.reported_dead)
-            .filter_map(|h| h.last_seen_ms.map(|t| (h.rec.peer, t)))
+            .filter_map(|h| h.alive_since().map(|t| (h.rec.peer, t)))
             .collect()
     }
 

@@ -687,6 +687,12 @@ mod tests {
         }
     }
 
+    fn fresh_peers(n: usize) -> Vec<PeerId> {
+        (0..n)
+            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+            .collect()
+    }
+
     fn live(s: &SharedState) -> Vec<(PeerId, i64)> {
         let mut v = s.lock().index.live_hosts();
         v.sort();
@@ -701,9 +707,7 @@ mod tests {
         let path = dir.path().join(RAFT_DIR);
         let cfg = index_cfg();
         let storage = MemStorage::new();
-        let peers: Vec<PeerId> = (0..4)
-            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
-            .collect();
+        let peers = fresh_peers(4);
         let before = {
             let s = state(&cfg, &storage);
             let (_log, mut sm) = open(&path, cfg.clone(), s.clone()).expect("open");
@@ -759,9 +763,7 @@ mod tests {
         let cfg = index_cfg();
         let s = state(&cfg, &MemStorage::new());
         let (_log, mut sm) = open(&dir.path().join(RAFT_DIR), cfg, s).expect("open");
-        let peers: Vec<PeerId> = (0..3)
-            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
-            .collect();
+        let peers = fresh_peers(3);
         let regs: Vec<_> = peers
             .iter()
             .enumerate()
@@ -792,9 +794,7 @@ mod tests {
         let path = dir.path().join(RAFT_DIR);
         let cfg = index_cfg();
         let storage = MemStorage::new();
-        let peers: Vec<PeerId> = (0..2)
-            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
-            .collect();
+        let peers = fresh_peers(2);
         {
             // The index must know the hosts for their liveness to apply.
             let s = state(&cfg, &storage);

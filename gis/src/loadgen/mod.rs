@@ -202,8 +202,10 @@ struct ImageSpec {
     chunks: u32,
 }
 
-fn synthetic_image(i: usize, chunks: u32) -> ImageSpec {
-    let m = Manifest {
+/// The `i`-th synthetic image of the benchmark: `chunks` chunks of 1 MiB with distinct
+/// made-up hashes, named `bench-NNNNN:1`.
+pub fn synthetic_manifest(i: usize, chunks: u32) -> Manifest {
+    Manifest {
         name: format!("bench-{i:05}"),
         version: "1".into(),
         base: None,
@@ -224,7 +226,11 @@ fn synthetic_image(i: usize, chunks: u32) -> ImageSpec {
                 }
             })
             .collect(),
-    };
+    }
+}
+
+fn synthetic_image(i: usize, chunks: u32) -> ImageSpec {
+    let m = synthetic_manifest(i, chunks);
     ImageSpec {
         r: m.image_ref(),
         id: m.id(),
