@@ -8,6 +8,7 @@ use crate::gate::{Link, RefusalReason};
 use crate::peers::Early;
 use crate::seeding::Verdict;
 use crate::serving::{self, Serve};
+use crate::uploads::Lane;
 use bids_protocols::chunk::{ChunkRequest, ChunkResponse, Encoding};
 use bids_protocols::gis::ImageQuery;
 use bids_protocols::{ChunkIndex, ImageId, Policy, Role};
@@ -111,6 +112,12 @@ impl NodeCore {
             self.respond(peer, token, ChunkResponse::NotHeld);
             return;
         }
+        if link == Link::Wan && self.seeds_lan() && self.uploads.wan_full() {
+            // Our uplink to other IDCs has all it can carry soon: the asker takes this chunk
+            // from another IDC that holds it, or asks us again later.
+            debug!(%peer, idx = req.index, "WAN uploads full: not held here for now");
+            return self.respond(peer, token, ChunkResponse::NotHeld);
+        }
         // A payload sent or received a moment ago is served again as it was.
         if let Some(p) = self.payload_cache.get(&req.image, req.index) {
             let resp = ChunkResponse::Data {
@@ -147,13 +154,14 @@ impl NodeCore {
     /// A response to `peer` was written out (or failed): the next queued ones may go.
     pub fn handle_response_done(&mut self, now: Instant, peer: PeerId) {
         self.at(now);
-        for q in self.uploads.done(peer, now) {
+        for (peer, q) in self.uploads.done(peer, now) {
             self.send_data(peer, q);
         }
     }
 
     pub(super) fn respond(&mut self, peer: PeerId, token: Token, resp: ChunkResponse) {
-        self.uploads.started(peer);
+        let lane = self.lane(self.link_of(&peer));
+        self.uploads.started(peer, lane);
         self.push(Action::Respond { token, peer, resp });
     }
 
@@ -169,6 +177,16 @@ impl NodeCore {
     /// A bridgehead under BIDS sends each chunk into its LAN about once (super-seeding).
     pub(super) fn seeds_lan(&self) -> bool {
         self.cfg.policy == Policy::Bids && self.role == Role::Bridgehead
+    }
+
+    /// The upload lane of a response over `link`: a BIDS bridgehead's responses to other
+    /// IDCs share [`crate::uploads::WAN_SENDING`] writes.
+    fn lane(&self, link: Option<Link>) -> Lane {
+        if link == Some(Link::Wan) && self.seeds_lan() {
+            Lane::Wan
+        } else {
+            Lane::Open
+        }
     }
 
     /// A bridgehead under BIDS that holds `image` whole (it is not fetching it) sends each
@@ -190,7 +208,8 @@ impl NodeCore {
         };
         let n = payload.len() as u64;
         let q = (token, image, resp, link);
-        if let Some(q) = self.uploads.offer(peer, q, n, self.now) {
+        let lane = self.lane(Some(link));
+        if let Some(q) = self.uploads.offer(peer, lane, q, n, self.now) {
             self.send_data(peer, q);
         }
     }
