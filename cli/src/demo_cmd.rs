@@ -44,8 +44,9 @@ pub struct DemoArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
-    /// Attach the web console (IP:PORT) to the last mode's testnet; log in as admin with
-    /// BIDS_RMC_PASSWORD, or with the token printed at start.
+    /// Attach the web console (IP:PORT; port 0 takes a free one, printed when it starts) to
+    /// the last mode's testnet; log in as admin with BIDS_RMC_PASSWORD, or with the token
+    /// printed at start.
     #[arg(long)]
     rmc: Option<std::net::SocketAddr>,
     /// Keep the last mode's testnet (and console) running after the run, until Ctrl-C.

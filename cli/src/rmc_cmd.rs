@@ -149,7 +149,10 @@ pub fn announce(addr: SocketAddr, password: &str, generated: bool) -> String {
 /// `bids demo --rmc ADDR [--hold] [--extra-hosts N]`: a console attached to the demo's
 /// testnet, as its admin.
 pub struct DemoConsole {
+    /// Where to listen; port 0 takes a free port, announced once bound.
     addr: SocketAddr,
+    /// Where the console listens once started.
+    bound: std::sync::Mutex<Option<SocketAddr>>,
     hold: bool,
     /// Certificates ending within this long are flagged.
     cert_warn: Option<Duration>,
@@ -166,6 +169,7 @@ impl DemoConsole {
     ) -> Self {
         DemoConsole {
             addr,
+            bound: std::sync::Mutex::new(None),
             hold,
             cert_warn: cert_warn_days.map(settings::days),
             extra_hosts,
@@ -191,6 +195,9 @@ impl bids_testnet::demo::DemoHook for DemoConsole {
                 .await
                 .context("connecting the console to the demo's GIS")?;
             let rmc = bids_rmc::start(cfg, link).await?;
+            if let Ok(mut b) = self.bound.lock() {
+                *b = Some(rmc.local_addr());
+            }
             // stderr: the demo's stdout may carry its JSON report.
             eprintln!("{}", announce(rmc.local_addr(), &password, generated));
             // Dropping the handle when the cluster stops stops the console too.
@@ -229,9 +236,9 @@ impl bids_testnet::demo::DemoHook for DemoConsole {
                 }
             }
             if self.hold {
+                let addr = self.bound.lock().ok().and_then(|b| *b).unwrap_or(self.addr);
                 eprintln!(
-                    "holding the testnet with the console at http://{}/ ; Ctrl-C to stop",
-                    self.addr
+                    "holding the testnet with the console at http://{addr}/ ; Ctrl-C to stop"
                 );
                 node_cmd::shutdown_signal().await;
             }

@@ -13,7 +13,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { createServer } from "node:net";
 import { mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -24,17 +23,6 @@ const BIDS = process.env.BIDS_BIN || resolve(here, "../../target/release/bids");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const PASSWORD = "e2e-console-password";
 const OUT = join(here, "out");
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.once("error", fail);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-}
 
 // Resolves when `pattern` shows up in the child's output; fails if it exits first or after `ms`.
 function waitForOutput(child, pattern, ms, log) {
@@ -63,12 +51,12 @@ async function pageInfo(page) {
 
 test("console: policy, charts, 2,000 hosts, validation, transfers, narrow screens, stale data", { timeout: 300_000 }, async () => {
   mkdirSync(OUT, { recursive: true });
-  const port = await freePort();
-  const base = `http://127.0.0.1:${port}`;
+  // Port 0: the console takes a free port and prints it. (A port found free beforehand
+  // could be taken by one of the demo's own connections before the console bound it.)
   const log = [];
   const started = Date.now();
   const demo = spawn(BIDS, [
-    "demo", "--rmc", `127.0.0.1:${port}`, "--hold", "--mode", "bids", "--extra-hosts", String(EXTRA_HOSTS), "--cert-warn-days", "120",
+    "demo", "--rmc", "127.0.0.1:0", "--hold", "--mode", "bids", "--extra-hosts", String(EXTRA_HOSTS), "--cert-warn-days", "120",
     "--idcs", "3", "--hosts", "2", "--size", "24MiB", "--wan-mbit", "80", "--lan-mbit", "400",
   ], { env: { ...process.env, BIDS_RMC_PASSWORD: PASSWORD, RUST_LOG: "warn" }, stdio: ["ignore", "pipe", "pipe"] });
   demo.stdout.on("data", (d) => log.push(d.toString()));
@@ -76,7 +64,8 @@ test("console: policy, charts, 2,000 hosts, validation, transfers, narrow screen
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox", "--disable-gpu"] });
   const dialogs = [];
   try {
-    await waitForOutput(demo, /console: http:\/\//, 120_000, log);
+    await waitForOutput(demo, /console: http:\/\/127\.0\.0\.1:\d+\//, 120_000, log);
+    const base = log.join("").match(/console: (http:\/\/127\.0\.0\.1:\d+)\//)[1];
     const context = await browser.newContext({ viewport: { width: 1440, height: 900 } });
     const page = await context.newPage();
     page.on("pageerror", (e) => log.push(`page error: ${e}\n`));
