@@ -26,7 +26,8 @@
 //!    this host is the designated taker of among its LAN peers: it answers them at once, so
 //!    hosts keep pace with its pull), else to the least-loaded remote bridgehead (rotating
 //!    among equals, so different chunks go to different remote bridgeheads and they work in
-//!    parallel);
+//!    parallel); bridgeheads of IDCs that are themselves fetching are asked only for chunks
+//!    they announced, at most `max_inflight_fetching` requests to all of them together;
 //! 3. when every LAN holder is saturated, the local bridgehead takes LAN-available chunks only
 //!    while it has fewer than `bridgehead_spill` requests in flight: its upload relays every
 //!    chunk into the IDC, so hosts should mostly serve each other.
@@ -110,8 +111,8 @@ pub struct SchedulerConfig {
     /// its uplink; six keep our WAN link full from several of them. More share our link
     /// among more of their write slots, which then carry chunks more slowly than they
     /// could to an IDC with room (`bids sim`, 30 IDCs of 2 hosts, 1 GiB in 4 MiB chunks,
-    /// 3 seeds: last host 1.35-1.40 x S/B_wan with no limit, 1.28-1.31 with 6, 1.29-1.33
-    /// with 8, 1.40-1.41 with 4).
+    /// 3 seeds: last host 1.35-1.40 x S/B_wan with no total limit (8 to each), 1.28-1.31
+    /// with 6, 1.29-1.33 with 8, 1.40-1.41 with 4).
     pub max_inflight_fetching: usize,
     /// Requests in flight over the WAN to bridgeheads that supply every chunk (IDCs that
     /// hold the image), all together: enough to keep the WAN busy for this long at the rate
