@@ -645,12 +645,15 @@ impl Download {
         if self.is_complete() {
             return out;
         }
-        let wan_inflight = self.requests.values().filter(|r| r.windowed).count();
-        let partial_inflight = self
-            .requests
-            .values()
-            .filter(|r| r.wan && !r.windowed)
-            .count();
+        // WAN requests in flight: to whole-image holders (windowed), to fetching bridgeheads.
+        let (wan_inflight, partial_inflight) =
+            self.requests
+                .values()
+                .fold((0, 0), |(w, p), r| match (r.wan, r.windowed) {
+                    (_, true) => (w + 1, p),
+                    (true, false) => (w, p + 1),
+                    (false, false) => (w, p),
+                });
         let mut free = Free {
             wan_budget: self.wan_window(now).saturating_sub(wan_inflight),
             partial_budget: self

@@ -112,7 +112,7 @@ impl NodeCore {
             self.respond(peer, token, ChunkResponse::NotHeld);
             return;
         }
-        if link == Link::Wan && self.seeds_lan() && self.uploads.wan_full() {
+        if self.lane(Some(link)) == Lane::Wan && self.uploads.wan_full() {
             // Our uplink to other IDCs has all it can carry soon: the asker takes this chunk
             // from another IDC that holds it, or asks us again later.
             debug!(%peer, idx = req.index, "WAN uploads full: not held here for now");
